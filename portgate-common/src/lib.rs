@@ -1,0 +1,511 @@
+//! Types and constants shared by portgate's kernel programs and its userspace.
+//!
+//! Everything a map holds is declared here once, `#[repr(C)]` with explicit padding and no
+//! `bool`, `enum` or `Option` inside, so both sides agree on every byte. With the `user`
+//! feature the types implement [`aya::Pod`] for userspace.
+#![no_std]
+
+/// Names of the maps, as the kernel object declares them and as they are pinned.
+///
+/// Kernel object names hold at most 15 bytes.
+pub mod map_names {
+    /// Per-(port, proto) policy: [`crate::Policy`] keyed by [`crate::PortKey`].
+    pub const POLICY: &str = "PG_POLICY";
+    /// Allowlist prefixes: LPM trie keyed by [`crate::AddrKey`] with a prefix length.
+    pub const ALLOW: &str = "PG_ALLOW";
+    /// Authentication grants: expiry (`CLOCK_MONOTONIC` ns) keyed by [`crate::AddrKey`].
+    pub const GRANTS: &str = "PG_GRANTS";
+    /// Per-CPU [`crate::Counters`] keyed by [`crate::CounterKey`].
+    pub const COUNTERS: &str = "PG_COUNTERS";
+    /// TCP connection slots per port: [`crate::ConnSlots`] indexed by port.
+    pub const SLOTS: &str = "PG_SLOTS";
+    /// SYNs admitted whose handshake has not completed: [`crate::PendingSyn`] keyed by
+    /// [`crate::FlowKey`].
+    pub const PENDING: &str = "PG_PENDING";
+    /// Passive TCP sockets counted as active: [`crate::CountedSocket`] keyed by socket cookie.
+    pub const SOCKETS: &str = "PG_SOCKETS";
+    /// Deny events: ring buffer of [`crate::DenyEvent`].
+    pub const EVENTS: &str = "PG_EVENTS";
+    /// Per-port deny-event rate limiter: [`crate::EventRate`] keyed by [`crate::PortKey`].
+    pub const EVENT_RATE: &str = "PG_EVRATE";
+    /// The gate's configuration: one [`crate::GateConfig`] at index 0.
+    pub const CONFIG: &str = "PG_CONFIG";
+    /// Per-CPU gate-wide statistics: `u64` indexed by the [`crate::stat`] constants.
+    pub const STATS: &str = "PG_STATS";
+    /// Packets XDP passed, for `cgroup_skb` to skip: LRU map keyed by [`crate::HandoffKey`].
+    pub const HANDOFF: &str = "PG_HANDOFF";
+
+    /// Every map, in the order userspace pins, adopts and removes them.
+    pub const ALL: [&str; 12] = [
+        POLICY, ALLOW, GRANTS, COUNTERS, SLOTS, PENDING, SOCKETS, EVENTS, EVENT_RATE, CONFIG,
+        STATS, HANDOFF,
+    ];
+}
+
+/// Names of the kernel programs (their function names in the object).
+pub mod program_names {
+    /// XDP verdict, attached per interface.
+    pub const XDP: &str = "portgate_xdp";
+    /// `cgroup_skb/ingress` verdict, attached to a cgroup.
+    pub const SKB: &str = "portgate_skb";
+    /// `cgroup/bind4` bind ownership.
+    pub const BIND4: &str = "portgate_bind4";
+    /// `cgroup/bind6` bind ownership.
+    pub const BIND6: &str = "portgate_bind6";
+    /// `sock_ops` active-connection counting.
+    pub const SOCK_OPS: &str = "portgate_sockops";
+}
+
+/// Capacities of the maps.
+pub mod capacity {
+    /// Every port in both protocols.
+    pub const POLICIES: u32 = 65_536 * 2;
+    /// Allowlist prefixes over all ports.
+    pub const ALLOW_PREFIXES: u32 = 262_144;
+    /// Unexpired authentication grants over all ports.
+    pub const GRANTS: u32 = 131_072;
+    /// Counter rows: every port, both protocols, every hook.
+    pub const COUNTERS: u32 = 65_536 * 2 * super::hook::COUNT as u32;
+    /// One slot row per port number.
+    pub const SLOTS: u32 = 65_536;
+    /// Handshakes in flight over all ports.
+    pub const PENDING: u32 = 65_536;
+    /// Established passive connections tracked over all ports.
+    pub const SOCKETS: u32 = 1_048_576;
+    /// Ring buffer size in bytes (a power of two, a multiple of the page size).
+    pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Rate-limiter rows: every port in both protocols.
+    pub const EVENT_RATE: u32 = 65_536 * 2;
+    /// Packets remembered between XDP and `cgroup_skb` (an LRU map).
+    pub const HANDOFF: u32 = 16_384;
+    /// Length of the per-CPU statistics array.
+    pub const STATS: u32 = super::stat::COUNT;
+}
+
+/// IP protocol numbers of the managed protocols.
+pub mod proto {
+    /// `IPPROTO_TCP`.
+    pub const TCP: u8 = 6;
+    /// `IPPROTO_UDP`.
+    pub const UDP: u8 = 17;
+}
+
+/// Address families as stored in keys (not `AF_*`: these are the IP versions).
+pub mod family {
+    /// IPv4: the address fills the first 4 bytes of a 16-byte field, the rest is zero.
+    pub const V4: u8 = 4;
+    /// IPv6.
+    pub const V6: u8 = 6;
+}
+
+/// Port status codes in [`Policy::status`]; an absent policy means Available.
+pub mod status {
+    /// Allocated and taking new connections.
+    pub const ACTIVE: u32 = 1;
+    /// Released or expired: established connections continue, new ones are refused.
+    pub const DRAINING: u32 = 2;
+    /// No new connections; waiting for quarantine to end.
+    pub const CLOSED: u32 = 3;
+}
+
+/// Bits of [`Policy::flags`].
+pub mod policy_flags {
+    /// The port has a non-empty allowlist: sources outside it are dropped.
+    pub const ALLOWLIST: u32 = 1 << 0;
+    /// New connections need an unexpired grant for their source.
+    pub const REQUIRE_AUTH: u32 = 1 << 1;
+    /// Only the owner cgroup (or a descendant) may bind the port.
+    pub const OWNER: u32 = 1 << 2;
+}
+
+/// Drop and deny reasons. The numeric codes are stable: they appear in events, metrics and
+/// the JSON output.
+pub mod reason {
+    /// The port is managed but not allocated.
+    pub const UNALLOCATED: u8 = 1;
+    /// The port is Draining or Closed.
+    pub const DRAINING: u8 = 2;
+    /// The source is not in the port's allowlist.
+    pub const NOT_ALLOWED: u8 = 3;
+    /// The port requires authentication and the source holds no unexpired grant.
+    pub const AUTH_REQUIRED: u8 = 4;
+    /// The port already holds `max_connections`.
+    pub const CONN_LIMIT: u8 = 5;
+    /// A `bind()` by a cgroup that does not own the port (events only).
+    pub const BIND_DENIED: u8 = 6;
+
+    /// Number of packet drop reasons: the length of [`crate::Counters::dropped`].
+    pub const DROP_COUNT: usize = 5;
+
+    /// The name of a reason as the spec and the JSON output spell it.
+    #[must_use]
+    pub const fn name(code: u8) -> &'static str {
+        match code {
+            UNALLOCATED => "unallocated",
+            DRAINING => "draining",
+            NOT_ALLOWED => "not_allowed",
+            AUTH_REQUIRED => "auth_required",
+            CONN_LIMIT => "conn_limit",
+            BIND_DENIED => "bind_denied",
+            _ => "unknown",
+        }
+    }
+
+    /// Index of a packet drop reason in [`crate::Counters::dropped`].
+    #[must_use]
+    pub const fn drop_index(code: u8) -> usize {
+        (code as usize).wrapping_sub(1)
+    }
+}
+
+/// Hooks that keep their own counter rows.
+pub mod hook {
+    /// The XDP program.
+    pub const XDP: u8 = 0;
+    /// The `cgroup_skb/ingress` program.
+    pub const SKB: u8 = 1;
+    /// The `cgroup/bind4` and `cgroup/bind6` programs.
+    pub const BIND: u8 = 2;
+    /// Number of hooks.
+    pub const COUNT: u8 = 3;
+
+    /// The hook's name in output.
+    #[must_use]
+    pub const fn name(code: u8) -> &'static str {
+        match code {
+            XDP => "xdp",
+            SKB => "cgroup_skb",
+            BIND => "bind",
+            _ => "unknown",
+        }
+    }
+}
+
+/// Indexes of the per-CPU [`map_names::STATS`] array.
+pub mod stat {
+    /// Deny events lost because the ring buffer was full.
+    pub const EVENTS_LOST_FULL: u32 = 0;
+    /// Deny events suppressed by the per-port rate limit.
+    pub const EVENTS_RATE_LIMITED: u32 = 1;
+    /// SYNs refused because the pending-handshake map was full.
+    pub const PENDING_FULL: u32 = 2;
+    /// Established connections that could not be tracked (socket map full).
+    pub const SOCKETS_FULL: u32 = 3;
+    /// Sweeps of expired handshake reservations.
+    pub const PENDING_SWEEPS: u32 = 4;
+    /// Length of the array.
+    pub const COUNT: u32 = 8;
+}
+
+/// Defaults the gate runs with unless userspace configures otherwise.
+pub mod defaults {
+    /// A SYN reservation whose handshake has not completed after this long is released.
+    pub const PENDING_TTL_NS: u64 = 5_000_000_000;
+    /// Deny events per second per (port, proto) before the rest are only counted.
+    pub const EVENTS_PER_SEC: u32 = 100;
+    /// A full port's expired reservations are swept at most this often.
+    pub const SWEEP_INTERVAL_NS: u64 = 100_000_000;
+    /// The XDP-to-`cgroup_skb` hand-off is trusted for this long.
+    pub const HANDOFF_WINDOW_NS: u64 = 10_000_000;
+}
+
+/// Bits of [`GateConfig::flags`].
+pub mod config_flags {
+    /// `cgroup_skb` is attached: XDP remembers what it passed so the packet is judged once.
+    pub const SKB_ATTACHED: u32 = 1 << 0;
+}
+
+/// Key of the policy, rate-limit and slot maps: a port in one protocol.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    /// Port number, host byte order.
+    pub port: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad: u8,
+}
+
+impl PortKey {
+    /// The key of `port` in `proto`.
+    #[must_use]
+    pub const fn new(port: u16, proto: u8) -> Self {
+        Self {
+            port,
+            proto,
+            _pad: 0,
+        }
+    }
+}
+
+/// A port's policy, written by userspace, read by every hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// One of the [`status`] codes.
+    pub status: u32,
+    /// [`policy_flags`] bits.
+    pub flags: u32,
+    /// Most TCP connections established at once; 0 means unlimited.
+    pub max_connections: u32,
+    /// Level of `owner_cgroup` in the cgroup2 hierarchy (the root is level 0).
+    pub owner_level: u32,
+    /// cgroup id (the cgroup directory's inode number) of the owner; 0 when no owner.
+    pub owner_cgroup: u64,
+}
+
+/// An address in the context of a port: the data of an allowlist LPM key and the key of
+/// the grants map.
+///
+/// In the LPM trie the first 32 bits (port, proto, family) are always matched, so the
+/// prefix length of a CIDR `a/n` is `32 + n`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AddrKey {
+    /// Port number, host byte order.
+    pub port: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// [`family::V4`] or [`family::V6`].
+    pub family: u8,
+    /// The address in network byte order; IPv4 in the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
+}
+
+impl AddrKey {
+    /// Bits before the address in an LPM key.
+    pub const PREFIX_BITS: u32 = 32;
+}
+
+/// Key of the per-CPU counters map: one row per (port, proto, hook).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CounterKey {
+    /// Port number, host byte order.
+    pub port: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// One of the [`hook`] codes.
+    pub hook: u8,
+}
+
+/// Counters of one (port, proto, hook) on one CPU; userspace sums the CPUs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Packets to the port this hook judged.
+    pub packets: u64,
+    /// Bytes of those packets.
+    pub bytes: u64,
+    /// New connections (TCP SYN, UDP datagram) passed.
+    pub accepted: u64,
+    /// Drops by reason, indexed by [`reason::drop_index`].
+    pub dropped: [u64; reason::DROP_COUNT],
+    /// Refused `bind()` calls.
+    pub bind_denied: u64,
+}
+
+/// TCP connection slots of one port. Updated with atomic instructions only.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnSlots {
+    /// Established connections plus admitted handshakes: what `max_connections` bounds.
+    pub slots: u64,
+    /// Established connections counted by `sock_ops`: the port's active connections.
+    pub established: u64,
+    /// When expired reservations of this port were last swept (`CLOCK_MONOTONIC` ns).
+    pub last_sweep_ns: u64,
+}
+
+/// A TCP 4-tuple as seen by the listening side.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// Remote (source) address, as in [`AddrKey::addr`].
+    pub saddr: [u8; 16],
+    /// Local (destination) address, as in [`AddrKey::addr`].
+    pub daddr: [u8; 16],
+    /// Remote port, host byte order.
+    pub sport: u16,
+    /// Local port, host byte order.
+    pub dport: u16,
+    /// [`family::V4`] or [`family::V6`].
+    pub family: u8,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad: [u8; 3],
+}
+
+/// A SYN that took a slot and whose handshake has not completed yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingSyn {
+    /// When the reservation was made (`CLOCK_MONOTONIC` ns).
+    pub created_ns: u64,
+}
+
+/// An established passive TCP socket whose slot is held (keyed by socket cookie).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CountedSocket {
+    /// Local port, host byte order.
+    pub port: u16,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad: [u8; 6],
+}
+
+/// A deny event, read from the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DenyEvent {
+    /// `CLOCK_MONOTONIC` ns.
+    pub time_ns: u64,
+    /// For bind denials, the calling task's cgroup id; 0 otherwise.
+    pub cgroup_id: u64,
+    /// Source address of the packet (for bind denials, the address bound), as in
+    /// [`AddrKey::addr`].
+    pub addr: [u8; 16],
+    /// For bind denials, the calling task's tgid; 0 otherwise.
+    pub pid: u32,
+    /// Destination (or bound) port, host byte order.
+    pub port: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// [`family::V4`] or [`family::V6`].
+    pub family: u8,
+    /// One of the [`reason`] codes.
+    pub reason: u8,
+    /// One of the [`hook`] codes.
+    pub hook: u8,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad: [u8; 6],
+}
+
+/// Per-port deny-event rate limiter state (a one-second window).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventRate {
+    /// Start of the current window (`CLOCK_MONOTONIC` ns).
+    pub window_start_ns: u64,
+    /// Events emitted in the current window.
+    pub count: u64,
+}
+
+/// The gate's configuration, index 0 of the config array.
+///
+/// A zero `max_port` means nothing is configured: every packet passes untouched.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GateConfig {
+    /// Lowest managed port.
+    pub min_port: u16,
+    /// Highest managed port.
+    pub max_port: u16,
+    /// Deny events per second per (port, proto); 0 disables events.
+    pub events_per_sec: u32,
+    /// [`config_flags`] bits.
+    pub flags: u32,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad: u32,
+    /// A SYN reservation whose handshake has not completed after this long is released.
+    pub pending_ttl_ns: u64,
+}
+
+impl GateConfig {
+    /// Whether `port` is in the managed range.
+    #[must_use]
+    #[inline(always)]
+    pub const fn manages(&self, port: u16) -> bool {
+        self.max_port != 0 && port >= self.min_port && port <= self.max_port
+    }
+}
+
+/// A packet XDP passed, remembered so that `cgroup_skb` neither judges nor counts it again.
+///
+/// Key of the [`map_names::HANDOFF`] LRU map; the value is the time XDP passed it
+/// (`CLOCK_MONOTONIC` ns).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct HandoffKey {
+    /// Source address, as in [`AddrKey::addr`].
+    pub saddr: [u8; 16],
+    /// TCP sequence number, or UDP length and checksum, of the packet.
+    pub l4_word: u32,
+    /// Source port, host byte order.
+    pub sport: u16,
+    /// Destination port, host byte order.
+    pub dport: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// [`family::V4`] or [`family::V6`].
+    pub family: u8,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad: [u8; 2],
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{
+        AddrKey, ConnSlots, CountedSocket, CounterKey, Counters, DenyEvent, EventRate, FlowKey,
+        GateConfig, HandoffKey, PendingSyn, Policy, PortKey,
+    };
+
+    // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
+    // with explicit padding fields, so every bit pattern is valid and none is uninitialised.
+    unsafe impl aya::Pod for PortKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Policy {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CounterKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Counters {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for ConnSlots {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for FlowKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for PendingSyn {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for CountedSocket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for DenyEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for EventRate {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for GateConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for HandoffKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn pod_sizes_have_no_implicit_padding() {
+        assert_eq!(size_of::<PortKey>(), 4);
+        assert_eq!(size_of::<Policy>(), 24);
+        assert_eq!(size_of::<AddrKey>(), 20);
+        assert_eq!(size_of::<CounterKey>(), 4);
+        assert_eq!(size_of::<Counters>(), 8 * (4 + reason::DROP_COUNT));
+        assert_eq!(size_of::<ConnSlots>(), 24);
+        assert_eq!(size_of::<FlowKey>(), 40);
+        assert_eq!(size_of::<CountedSocket>(), 8);
+        assert_eq!(size_of::<DenyEvent>(), 48);
+        assert_eq!(size_of::<EventRate>(), 16);
+        assert_eq!(size_of::<GateConfig>(), 24);
+        assert_eq!(size_of::<HandoffKey>(), 28);
+    }
+
+    #[test]
+    fn reason_names_are_stable() {
+        assert_eq!(reason::name(reason::UNALLOCATED), "unallocated");
+        assert_eq!(reason::name(reason::CONN_LIMIT), "conn_limit");
+        assert_eq!(reason::drop_index(reason::UNALLOCATED), 0);
+        assert_eq!(reason::drop_index(reason::CONN_LIMIT), 4);
+    }
+}

@@ -1,0 +1,114 @@
+//! Deny events into the ring buffer, rate-limited per (port, proto) so that a flood cannot
+//! starve userspace; what is not sent is counted.
+
+use aya_ebpf::{
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_cgroup_id, bpf_get_current_pid_tgid},
+};
+use portgate_common::{DenyEvent, EventRate, GateConfig, PortKey, hook, reason, stat};
+
+use crate::{
+    maps::{EVENT_RATE, EVENTS, bump_stat},
+    parse::PacketInfo,
+};
+
+const WINDOW_NS: u64 = 1_000_000_000;
+
+/// A packet was dropped for `code` by `hook_code`.
+#[inline(always)]
+pub fn emit_packet(config: &GateConfig, info: &PacketInfo, code: u8, hook_code: u8, now: u64) {
+    emit(
+        config,
+        &DenyEvent {
+            time_ns: now,
+            cgroup_id: 0,
+            addr: info.saddr,
+            pid: 0,
+            port: info.dport,
+            proto: info.proto,
+            family: info.family,
+            reason: code,
+            hook: hook_code,
+            _pad: [0; 6],
+        },
+    );
+}
+
+/// The current task was refused `bind()` to `port` (at `addr` of `family_code`).
+#[inline(always)]
+pub fn emit_bind(
+    config: &GateConfig,
+    port: u16,
+    proto_code: u8,
+    family_code: u8,
+    addr: [u8; 16],
+    now: u64,
+) {
+    // SAFETY: the helpers have no preconditions in a cgroup sock_addr program.
+    let (cgroup_id, pid_tgid) = unsafe { (bpf_get_current_cgroup_id(), bpf_get_current_pid_tgid()) };
+    emit(
+        config,
+        &DenyEvent {
+            time_ns: now,
+            cgroup_id,
+            addr,
+            #[expect(clippy::cast_possible_truncation, reason = "the upper half is the tgid")]
+            pid: (pid_tgid >> 32) as u32,
+            port,
+            proto: proto_code,
+            family: family_code,
+            reason: reason::BIND_DENIED,
+            hook: hook::BIND,
+            _pad: [0; 6],
+        },
+    );
+}
+
+#[inline(always)]
+fn emit(config: &GateConfig, event: &DenyEvent) {
+    if config.events_per_sec == 0 {
+        return;
+    }
+    if !within_rate(config, PortKey::new(event.port, event.proto), event.time_ns) {
+        bump_stat(stat::EVENTS_RATE_LIMITED);
+        return;
+    }
+    if EVENTS.output::<DenyEvent>(event, 0).is_err() {
+        bump_stat(stat::EVENTS_LOST_FULL);
+    }
+}
+
+/// A one-second window per (port, proto). Updates race between CPUs; the limit is
+/// approximate by a few events, which is all it needs to be.
+#[inline(always)]
+fn within_rate(config: &GateConfig, key: PortKey, now: u64) -> bool {
+    let rate = match EVENT_RATE.get_ptr_mut(&key) {
+        Some(rate) => rate,
+        None => {
+            let _unused = EVENT_RATE.insert(
+                &key,
+                &EventRate {
+                    window_start_ns: now,
+                    count: 0,
+                },
+                u64::from(BPF_NOEXIST),
+            );
+            match EVENT_RATE.get_ptr_mut(&key) {
+                Some(rate) => rate,
+                None => return false,
+            }
+        }
+    };
+    // SAFETY: `rate` points at this key's value; racing writers only skew the count.
+    unsafe {
+        if now.wrapping_sub((*rate).window_start_ns) >= WINDOW_NS {
+            (*rate).window_start_ns = now;
+            (*rate).count = 0;
+        }
+        if (*rate).count >= u64::from(config.events_per_sec) {
+            return false;
+        }
+        (*rate).count += 1;
+    }
+    true
+}

@@ -1,0 +1,74 @@
+//! The maps, declared once; names, types and capacities come from portgate-common.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+};
+use portgate_common::{
+    AddrKey, ConnSlots, CountedSocket, CounterKey, Counters, EventRate, FlowKey, GateConfig,
+    HandoffKey, PendingSyn, Policy, PortKey, capacity,
+};
+
+/// Per-(port, proto) policy.
+#[map(name = "PG_POLICY")]
+pub static POLICY: HashMap<PortKey, Policy> = HashMap::with_max_entries(capacity::POLICIES, 0);
+
+/// Allowlist prefixes, longest-prefix match on (port, proto, family, address).
+#[map(name = "PG_ALLOW")]
+pub static ALLOW: LpmTrie<AddrKey, u32> =
+    LpmTrie::with_max_entries(capacity::ALLOW_PREFIXES, BPF_F_NO_PREALLOC);
+
+/// Authentication grants: expiry in `CLOCK_MONOTONIC` ns.
+#[map(name = "PG_GRANTS")]
+pub static GRANTS: HashMap<AddrKey, u64> = HashMap::with_max_entries(capacity::GRANTS, 0);
+
+/// Per-CPU counters per (port, proto, hook); rows appear on first use.
+#[map(name = "PG_COUNTERS")]
+pub static COUNTERS: PerCpuHashMap<CounterKey, Counters> =
+    PerCpuHashMap::with_max_entries(capacity::COUNTERS, BPF_F_NO_PREALLOC);
+
+/// TCP connection slots, indexed by port.
+#[map(name = "PG_SLOTS")]
+pub static SLOTS: Array<ConnSlots> = Array::with_max_entries(capacity::SLOTS, 0);
+
+/// Admitted SYNs whose handshake has not completed.
+#[map(name = "PG_PENDING")]
+pub static PENDING: HashMap<FlowKey, PendingSyn> =
+    HashMap::with_max_entries(capacity::PENDING, BPF_F_NO_PREALLOC);
+
+/// Established passive sockets holding a slot, by socket cookie.
+#[map(name = "PG_SOCKETS")]
+pub static SOCKETS: HashMap<u64, CountedSocket> =
+    HashMap::with_max_entries(capacity::SOCKETS, BPF_F_NO_PREALLOC);
+
+/// Deny events for userspace.
+#[map(name = "PG_EVENTS")]
+pub static EVENTS: RingBuf = RingBuf::with_byte_size(capacity::EVENTS_BYTES, 0);
+
+/// Per-(port, proto) deny-event rate limiter.
+#[map(name = "PG_EVRATE")]
+pub static EVENT_RATE: HashMap<PortKey, EventRate> =
+    HashMap::with_max_entries(capacity::EVENT_RATE, BPF_F_NO_PREALLOC);
+
+/// The gate's configuration at index 0.
+#[map(name = "PG_CONFIG")]
+pub static CONFIG: Array<GateConfig> = Array::with_max_entries(1, 0);
+
+/// Per-CPU gate-wide statistics.
+#[map(name = "PG_STATS")]
+pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(capacity::STATS, 0);
+
+/// Packets XDP passed, so `cgroup_skb` skips them.
+#[map(name = "PG_HANDOFF")]
+pub static HANDOFF: LruHashMap<HandoffKey, u64> =
+    LruHashMap::with_max_entries(capacity::HANDOFF, 0);
+
+/// Adds one to the per-CPU statistic `index`.
+#[inline(always)]
+pub fn bump_stat(index: u32) {
+    if let Some(value) = STATS.get_ptr_mut(index) {
+        // SAFETY: a per-CPU array slot, only this CPU writes it while the program runs.
+        unsafe { *value += 1 };
+    }
+}

@@ -1,0 +1,200 @@
+//! Header parsing shared by the packet hooks: from the L3 header to the ports.
+
+use core::mem::size_of;
+
+use portgate_common::{family, proto};
+
+/// `ETH_P_IP`.
+pub const ETH_P_IP: u16 = 0x0800;
+/// `ETH_P_IPV6`.
+pub const ETH_P_IPV6: u16 = 0x86dd;
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// IPv6 extension headers followed before giving up (the packet then passes unjudged).
+const MAX_IPV6_EXT_HEADERS: usize = 4;
+
+/// TCP SYN flag.
+pub const TCP_SYN: u8 = 0x02;
+/// TCP ACK flag.
+pub const TCP_ACK: u8 = 0x10;
+
+/// What the verdict needs from a packet.
+#[derive(Clone, Copy)]
+pub struct PacketInfo {
+    /// [`family::V4`] or [`family::V6`].
+    pub family: u8,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
+    /// Source port, host byte order.
+    pub sport: u16,
+    /// Destination port, host byte order.
+    pub dport: u16,
+    /// TCP sequence number, or UDP length and checksum: tells packets of one flow apart.
+    pub l4_word: u32,
+    /// Source address, IPv4 in the first 4 bytes.
+    pub saddr: [u8; 16],
+    /// Destination address, IPv4 in the first 4 bytes.
+    pub daddr: [u8; 16],
+}
+
+impl PacketInfo {
+    /// A TCP SYN without ACK, or any UDP datagram.
+    #[inline(always)]
+    pub fn new_connection(&self) -> bool {
+        self.proto == proto::UDP || self.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN
+    }
+}
+
+/// Reads fixed-size values at byte offsets of a packet.
+pub trait Reader {
+    /// The `T` at `offset`, or `None` past the end of the packet.
+    fn read<T: Copy>(&self, offset: usize) -> Option<T>;
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Fixed {
+    vihl: u8,
+    tos: u8,
+    tot_len: [u8; 2],
+    id: [u8; 2],
+    frags: [u8; 2],
+    ttl: u8,
+    proto: u8,
+    check: [u8; 2],
+    saddr: [u8; 4],
+    daddr: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Fixed {
+    vcf: [u8; 4],
+    payload_len: [u8; 2],
+    next_hdr: u8,
+    hop_limit: u8,
+    saddr: [u8; 16],
+    daddr: [u8; 16],
+}
+
+/// The first 16 bytes of a TCP header: ports, sequence number, flags.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpStart {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    seq: [u8; 4],
+    ack_seq: [u8; 4],
+    doff: u8,
+    flags: u8,
+    window: [u8; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Udp {
+    sport: [u8; 2],
+    dport: [u8; 2],
+    len: [u8; 2],
+    check: [u8; 2],
+}
+
+/// Parses from the L3 header at `offset` (of the given ethertype) to the L4 ports.
+///
+/// `None` for anything the gate does not judge: other protocols, non-first fragments
+/// (their reassembled packet is judged by `cgroup_skb`), or more than
+/// [`MAX_IPV6_EXT_HEADERS`] IPv6 extension headers.
+#[inline(always)]
+pub fn parse_l3<R: Reader>(reader: &R, ethertype: u16, offset: usize) -> Option<PacketInfo> {
+    let mut info = PacketInfo {
+        family: 0,
+        proto: 0,
+        tcp_flags: 0,
+        sport: 0,
+        dport: 0,
+        l4_word: 0,
+        saddr: [0; 16],
+        daddr: [0; 16],
+    };
+    let (l4_proto, l4_offset) = match ethertype {
+        ETH_P_IP => {
+            let ip: Ipv4Fixed = reader.read(offset)?;
+            let ihl = usize::from(ip.vihl & 0x0f) * 4;
+            if ip.vihl >> 4 != 4 || ihl < size_of::<Ipv4Fixed>() {
+                return None;
+            }
+            if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
+                return None;
+            }
+            info.family = family::V4;
+            info.saddr[..4].copy_from_slice(&ip.saddr);
+            info.daddr[..4].copy_from_slice(&ip.daddr);
+            (ip.proto, offset + ihl)
+        }
+        ETH_P_IPV6 => {
+            let ip: Ipv6Fixed = reader.read(offset)?;
+            if ip.vcf[0] >> 4 != 6 {
+                return None;
+            }
+            info.family = family::V6;
+            info.saddr = ip.saddr;
+            info.daddr = ip.daddr;
+            skip_ipv6_extensions(reader, ip.next_hdr, offset + size_of::<Ipv6Fixed>())?
+        }
+        _ => return None,
+    };
+    match l4_proto {
+        proto::TCP => {
+            let tcp: TcpStart = reader.read(l4_offset)?;
+            info.sport = u16::from_be_bytes(tcp.sport);
+            info.dport = u16::from_be_bytes(tcp.dport);
+            info.l4_word = u32::from_be_bytes(tcp.seq);
+            info.tcp_flags = tcp.flags;
+        }
+        proto::UDP => {
+            let udp: Udp = reader.read(l4_offset)?;
+            info.sport = u16::from_be_bytes(udp.sport);
+            info.dport = u16::from_be_bytes(udp.dport);
+            info.l4_word = u32::from_be_bytes([udp.len[0], udp.len[1], udp.check[0], udp.check[1]]);
+        }
+        _ => return None,
+    }
+    info.proto = l4_proto;
+    Some(info)
+}
+
+/// Follows up to [`MAX_IPV6_EXT_HEADERS`] extension headers to the upper-layer header.
+#[inline(always)]
+fn skip_ipv6_extensions<R: Reader>(
+    reader: &R,
+    mut next: u8,
+    mut offset: usize,
+) -> Option<(u8, usize)> {
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match next {
+            IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                let ext: [u8; 2] = reader.read(offset)?;
+                next = ext[0];
+                offset += (usize::from(ext[1]) + 1) * 8;
+            }
+            IPPROTO_FRAGMENT => {
+                let frag: [u8; 4] = reader.read(offset)?;
+                if u16::from_be_bytes([frag[2], frag[3]]) & 0xfff8 != 0 {
+                    return None;
+                }
+                next = frag[0];
+                offset += 8;
+            }
+            _ => return Some((next, offset)),
+        }
+    }
+    match next {
+        IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS | IPPROTO_FRAGMENT => None,
+        _ => Some((next, offset)),
+    }
+}

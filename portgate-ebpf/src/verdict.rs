@@ -1,0 +1,234 @@
+//! The one verdict both packet hooks call (DESIGN.md, "Verdict for traffic to a managed
+//! port"), with its counting, connection slots and deny events.
+
+use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use portgate_common::{
+    AddrKey, CounterKey, Counters, FlowKey, GateConfig, HandoffKey, PendingSyn, Policy, PortKey,
+    config_flags, defaults, hook, policy_flags, proto, reason, stat, status,
+};
+
+use crate::{
+    events,
+    maps::{ALLOW, CONFIG, COUNTERS, GRANTS, HANDOFF, PENDING, POLICY, bump_stat},
+    parse::PacketInfo,
+    slots,
+};
+
+const EEXIST: i32 = 17;
+
+/// The verdict's answer.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// Pass, not a new connection (or one already counted).
+    Pass,
+    /// Pass and count a new connection.
+    Accept,
+    /// Drop for a [`reason`] code.
+    Drop(u8),
+}
+
+/// Judges a parsed packet seen by `hook_code` ([`hook::XDP`] or [`hook::SKB`]) with `bytes`
+/// on the wire; returns whether it passes.
+#[inline(always)]
+pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
+    let Some(config) = CONFIG.get(0) else {
+        return true;
+    };
+    if !config.manages(info.dport) {
+        return true;
+    }
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    if hook_code == hook::SKB && handoff_take(info, now) {
+        return true;
+    }
+    let counters = counter_row(info.dport, info.proto, hook_code);
+    if let Some(row) = counters {
+        // SAFETY: a per-CPU row; only this CPU writes it while the program runs.
+        unsafe {
+            (*row).packets += 1;
+            (*row).bytes += bytes;
+        }
+    }
+    let outcome = decide(config, info, now);
+    match outcome {
+        Outcome::Pass => {}
+        Outcome::Accept => {
+            if let Some(row) = counters {
+                // SAFETY: as above.
+                unsafe { (*row).accepted += 1 };
+            }
+        }
+        Outcome::Drop(code) => {
+            if let Some(row) = counters {
+                let index = reason::drop_index(code);
+                if index < reason::DROP_COUNT {
+                    // SAFETY: as above; the index is bounds-checked.
+                    unsafe { (*row).dropped[index] += 1 };
+                }
+            }
+            events::emit_packet(config, info, code, hook_code, now);
+            return false;
+        }
+    }
+    if hook_code == hook::XDP && config.flags & config_flags::SKB_ATTACHED != 0 {
+        handoff_put(info, now);
+    }
+    true
+}
+
+/// First match wins: unallocated, draining, not allowed, auth required, connection limit.
+#[inline(always)]
+fn decide(config: &GateConfig, info: &PacketInfo, now: u64) -> Outcome {
+    let key = PortKey::new(info.dport, info.proto);
+    let new_connection = info.new_connection();
+    // SAFETY: the value is copied out at once; userspace replaces whole records.
+    let Some(policy) = (unsafe { POLICY.get(&key) }).copied() else {
+        return if new_connection {
+            Outcome::Drop(reason::UNALLOCATED)
+        } else {
+            Outcome::Pass
+        };
+    };
+    if new_connection && policy.status != status::ACTIVE {
+        return Outcome::Drop(reason::DRAINING);
+    }
+    if policy.flags & policy_flags::ALLOWLIST != 0 && !source_allowed(info) {
+        return Outcome::Drop(reason::NOT_ALLOWED);
+    }
+    if !new_connection {
+        return Outcome::Pass;
+    }
+    if policy.flags & policy_flags::REQUIRE_AUTH != 0 && !granted(info, now) {
+        return Outcome::Drop(reason::AUTH_REQUIRED);
+    }
+    if info.proto == proto::UDP {
+        return Outcome::Accept;
+    }
+    admit_syn(config, info, &policy, now)
+}
+
+#[inline(always)]
+fn addr_key(info: &PacketInfo) -> AddrKey {
+    AddrKey {
+        port: info.dport,
+        proto: info.proto,
+        family: info.family,
+        addr: info.saddr,
+    }
+}
+
+#[inline(always)]
+fn source_allowed(info: &PacketInfo) -> bool {
+    let address_bits = if info.family == portgate_common::family::V4 {
+        32
+    } else {
+        128
+    };
+    let key = Key::new(AddrKey::PREFIX_BITS + address_bits, addr_key(info));
+    ALLOW.get(&key).is_some()
+}
+
+#[inline(always)]
+fn granted(info: &PacketInfo, now: u64) -> bool {
+    // SAFETY: the value is copied out at once.
+    match unsafe { GRANTS.get(&addr_key(info)) } {
+        Some(expires) => now < *expires,
+        None => false,
+    }
+}
+
+/// Admits a TCP SYN that passed every other rule: reserves a connection slot keyed by the
+/// 4-tuple, so a retransmitted SYN (or the second hook) takes no second slot.
+#[inline(always)]
+fn admit_syn(config: &GateConfig, info: &PacketInfo, policy: &Policy, now: u64) -> Outcome {
+    let flow = FlowKey {
+        saddr: info.saddr,
+        daddr: info.daddr,
+        sport: info.sport,
+        dport: info.dport,
+        family: info.family,
+        _pad: [0; 3],
+    };
+    let pending = PendingSyn { created_ns: now };
+    match PENDING.insert(&flow, &pending, u64::from(BPF_NOEXIST)) {
+        Ok(()) => {}
+        Err(err) if err == -EEXIST => return Outcome::Pass,
+        Err(_) => {
+            // The map is full: free what has expired and try once more.
+            slots::sweep_expired(config, now);
+            if PENDING.insert(&flow, &pending, u64::from(BPF_NOEXIST)).is_err() {
+                bump_stat(stat::PENDING_FULL);
+                // Without a reservation the limit cannot be guaranteed, so a limited port
+                // refuses; an unlimited one admits and `sock_ops` counts the connection.
+                return if policy.max_connections == 0 {
+                    Outcome::Accept
+                } else {
+                    Outcome::Drop(reason::CONN_LIMIT)
+                };
+            }
+        }
+    }
+    if slots::take(info.dport, policy.max_connections, config, now) {
+        Outcome::Accept
+    } else {
+        // Nothing else holds this entry: it was inserted above.
+        let _unused = PENDING.remove(&flow);
+        Outcome::Drop(reason::CONN_LIMIT)
+    }
+}
+
+/// The counters row of (port, proto, hook) on this CPU, created on first use.
+#[inline(always)]
+fn counter_row(port: u16, proto_code: u8, hook_code: u8) -> Option<*mut Counters> {
+    let key = CounterKey {
+        port,
+        proto: proto_code,
+        hook: hook_code,
+    };
+    if let Some(row) = COUNTERS.get_ptr_mut(&key) {
+        return Some(row);
+    }
+    // Another CPU may create the row first; either way the lookup below finds it.
+    let _unused = COUNTERS.insert(&key, &Counters::default(), u64::from(BPF_NOEXIST));
+    COUNTERS.get_ptr_mut(&key)
+}
+
+/// Adds one bind denial to the bind hook's row of (port, proto).
+#[inline(always)]
+pub fn count_bind_denied(port: u16, proto_code: u8) {
+    if let Some(row) = counter_row(port, proto_code, hook::BIND) {
+        // SAFETY: a per-CPU row; only this CPU writes it while the program runs.
+        unsafe { (*row).bind_denied += 1 };
+    }
+}
+
+#[inline(always)]
+fn handoff_key(info: &PacketInfo) -> HandoffKey {
+    HandoffKey {
+        saddr: info.saddr,
+        l4_word: info.l4_word,
+        sport: info.sport,
+        dport: info.dport,
+        proto: info.proto,
+        family: info.family,
+        _pad: [0; 2],
+    }
+}
+
+/// Remembers a packet XDP passed, for `cgroup_skb` to skip.
+#[inline(always)]
+fn handoff_put(info: &PacketInfo, now: u64) {
+    let _unused = HANDOFF.insert(&handoff_key(info), &now, 0);
+}
+
+/// Whether XDP already judged (and counted) this packet; forgets it if so.
+#[inline(always)]
+fn handoff_take(info: &PacketInfo, now: u64) -> bool {
+    let key = handoff_key(info);
+    // SAFETY: the value is copied out at once.
+    let Some(passed_at) = (unsafe { HANDOFF.get(&key) }).copied() else {
+        return false;
+    };
+    HANDOFF.remove(&key).is_ok() && now.wrapping_sub(passed_at) < defaults::HANDOFF_WINDOW_NS
+}

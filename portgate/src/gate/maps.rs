@@ -1,0 +1,469 @@
+//! Reading and writing the gate's maps: policies, allowlists, grants, counters.
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use aya::maps::{
+    Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key, lpm_trie::LpmTrie,
+};
+use ipnet::IpNet;
+use portgate_common::{
+    AddrKey, ConnSlots, CounterKey, Counters, Policy, PortKey, capacity, hook, map_names, reason,
+    stat,
+};
+use serde::Serialize;
+
+use super::{Gate, GateError};
+use crate::policy::{PortPolicy, Protocol, addr_from_bytes, addr_key, allow_key};
+
+/// One hook's counters for a port, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HookCounters {
+    /// Packets judged.
+    pub packets: u64,
+    /// Bytes of those packets.
+    pub bytes: u64,
+    /// New connections passed.
+    pub accepted: u64,
+    /// Drops by reason, indexed by [`portgate_common::reason::drop_index`].
+    pub dropped: [u64; reason::DROP_COUNT],
+    /// Refused binds.
+    pub bind_denied: u64,
+}
+
+impl HookCounters {
+    fn add(&mut self, other: &Counters) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.accepted += other.accepted;
+        for (total, value) in self.dropped.iter_mut().zip(other.dropped) {
+            *total += value;
+        }
+        self.bind_denied += other.bind_denied;
+    }
+
+    fn add_hook(&mut self, other: &Self) {
+        self.packets += other.packets;
+        self.bytes += other.bytes;
+        self.accepted += other.accepted;
+        for (total, value) in self.dropped.iter_mut().zip(other.dropped) {
+            *total += value;
+        }
+        self.bind_denied += other.bind_denied;
+    }
+
+    /// Drops for one reason code.
+    #[must_use]
+    pub fn dropped_for(&self, code: u8) -> u64 {
+        self.dropped
+            .get(reason::drop_index(code))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// A port's counters: per hook (indexed by [`portgate_common::hook`]) and their total.
+///
+/// Each packet is counted by one hook only (XDP hands what it passed to `cgroup_skb`), so
+/// the total is the sum.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PortCounters {
+    /// Per hook: XDP, `cgroup_skb`, bind.
+    pub hooks: [HookCounters; hook::COUNT as usize],
+    /// Sum of the hooks.
+    pub total: HookCounters,
+}
+
+/// An authentication grant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct GrantRecord {
+    /// Port.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Source address granted.
+    pub addr: IpAddr,
+    /// Expiry, `CLOCK_MONOTONIC` ns.
+    pub expires_ns: u64,
+}
+
+/// Gate-wide statistics, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct GateStats {
+    /// Deny events lost because the ring buffer was full.
+    pub events_lost_full: u64,
+    /// Deny events suppressed by the per-port rate limit.
+    pub events_rate_limited: u64,
+    /// SYNs refused because the pending-handshake map was full.
+    pub pending_full: u64,
+    /// Established connections not tracked because the socket map was full.
+    pub sockets_full: u64,
+    /// Sweeps of expired handshake reservations.
+    pub pending_sweeps: u64,
+}
+
+macro_rules! open_map {
+    ($gate:expr, $kind:ident, $name:expr, $capacity:expr) => {
+        $kind::try_from($gate.map($name)?)
+            .map_err(|err| GateError::map("opening", $name, $capacity, err))?
+    };
+    (mut $gate:expr, $kind:ident, $name:expr, $capacity:expr) => {
+        $kind::try_from($gate.map_mut($name)?)
+            .map_err(|err| GateError::map("opening", $name, $capacity, err))?
+    };
+}
+
+impl Gate {
+    fn check_managed(&self, port: u16) -> Result<(), GateError> {
+        let config = self.config()?;
+        if config.manages(port) {
+            Ok(())
+        } else {
+            Err(GateError::PortOutsideRange {
+                port,
+                min: config.min_port,
+                max: config.max_port,
+            })
+        }
+    }
+
+    /// Writes the policy of (port, protocol): its allowlist first, then the policy record,
+    /// then removes prefixes no longer listed. On error nothing changes (prefixes added by
+    /// this call are taken out again). While it runs, sources in the old or the new
+    /// allowlist pass.
+    pub fn set_policy(
+        &mut self,
+        port: u16,
+        protocol: Protocol,
+        policy: &PortPolicy,
+    ) -> Result<(), GateError> {
+        self.check_managed(port)?;
+        let Some(record) = policy.to_kernel() else {
+            return self.remove_policy(port, protocol);
+        };
+        let current = self.allowlist(port, protocol)?;
+        let wanted: Vec<IpNet> = policy.allow.iter().map(IpNet::trunc).collect();
+        let added: Vec<IpNet> = wanted
+            .iter()
+            .filter(|prefix| !current.contains(prefix))
+            .copied()
+            .collect();
+        let stale: Vec<IpNet> = current
+            .iter()
+            .filter(|prefix| !wanted.contains(prefix))
+            .copied()
+            .collect();
+        self.insert_prefixes(port, protocol, &added)?;
+        if let Err(err) = self.write_policy(port, protocol, &record) {
+            self.remove_prefixes(port, protocol, &added)?;
+            return Err(err);
+        }
+        self.remove_prefixes(port, protocol, &stale)
+    }
+
+    fn write_policy(
+        &mut self,
+        port: u16,
+        protocol: Protocol,
+        record: &Policy,
+    ) -> Result<(), GateError> {
+        let mut policies: HashMap<&mut MapData, PortKey, Policy> =
+            open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
+        policies
+            .insert(PortKey::new(port, protocol.number()), record, 0)
+            .map_err(|err| GateError::map("writing", map_names::POLICY, capacity::POLICIES, err))
+    }
+
+    fn insert_prefixes(
+        &mut self,
+        port: u16,
+        protocol: Protocol,
+        prefixes: &[IpNet],
+    ) -> Result<(), GateError> {
+        let mut trie: LpmTrie<&mut MapData, AddrKey, u32> =
+            open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
+        for (done, prefix) in prefixes.iter().enumerate() {
+            let (bits, data) = allow_key(port, protocol, *prefix);
+            if let Err(err) = trie.insert(&Key::new(bits, data), 1, 0) {
+                for undo in &prefixes[..done] {
+                    let (bits, data) = allow_key(port, protocol, *undo);
+                    let _ignored = trie.remove(&Key::new(bits, data));
+                }
+                return Err(GateError::map(
+                    "adding a prefix",
+                    map_names::ALLOW,
+                    capacity::ALLOW_PREFIXES,
+                    err,
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_prefixes(
+        &mut self,
+        port: u16,
+        protocol: Protocol,
+        prefixes: &[IpNet],
+    ) -> Result<(), GateError> {
+        let mut trie: LpmTrie<&mut MapData, AddrKey, u32> =
+            open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
+        for prefix in prefixes {
+            let (bits, data) = allow_key(port, protocol, *prefix);
+            match trie.remove(&Key::new(bits, data)) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(err) => {
+                    return Err(GateError::map(
+                        "removing a prefix",
+                        map_names::ALLOW,
+                        capacity::ALLOW_PREFIXES,
+                        err,
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the policy of (port, protocol): the port becomes unallocated, then its
+    /// allowlist and grants go.
+    pub fn remove_policy(&mut self, port: u16, protocol: Protocol) -> Result<(), GateError> {
+        {
+            let mut policies: HashMap<&mut MapData, PortKey, Policy> =
+                open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
+            match policies.remove(&PortKey::new(port, protocol.number())) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(err) => {
+                    return Err(GateError::map(
+                        "removing",
+                        map_names::POLICY,
+                        capacity::POLICIES,
+                        err,
+                    ));
+                }
+            }
+        }
+        let prefixes = self.allowlist(port, protocol)?;
+        self.remove_prefixes(port, protocol, &prefixes)?;
+        for grant in self.grants()? {
+            if grant.port == port && grant.protocol == protocol {
+                self.remove_grant(port, protocol, grant.addr)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The policy record of (port, protocol), if allocated.
+    pub fn policy(&self, port: u16, protocol: Protocol) -> Result<Option<Policy>, GateError> {
+        let policies: HashMap<&MapData, PortKey, Policy> =
+            open_map!(self, HashMap, map_names::POLICY, capacity::POLICIES);
+        match policies.get(&PortKey::new(port, protocol.number()), 0) {
+            Ok(policy) => Ok(Some(policy)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(err) => Err(GateError::map(
+                "reading",
+                map_names::POLICY,
+                capacity::POLICIES,
+                err,
+            )),
+        }
+    }
+
+    /// Every policy record, by (port, protocol).
+    pub fn policies(&self) -> Result<BTreeMap<(u16, Protocol), Policy>, GateError> {
+        let policies: HashMap<&MapData, PortKey, Policy> =
+            open_map!(self, HashMap, map_names::POLICY, capacity::POLICIES);
+        let mut out = BTreeMap::new();
+        for entry in policies.iter() {
+            let (key, policy) = entry.map_err(|err| {
+                GateError::map("listing", map_names::POLICY, capacity::POLICIES, err)
+            })?;
+            if let Some(protocol) = Protocol::from_number(key.proto) {
+                out.insert((key.port, protocol), policy);
+            }
+        }
+        Ok(out)
+    }
+
+    /// The allowlist of (port, protocol).
+    pub fn allowlist(&self, port: u16, protocol: Protocol) -> Result<Vec<IpNet>, GateError> {
+        Ok(self
+            .allowlists()?
+            .remove(&(port, protocol))
+            .unwrap_or_default())
+    }
+
+    /// Every allowlist, by (port, protocol). Walks the whole trie.
+    pub fn allowlists(&self) -> Result<BTreeMap<(u16, Protocol), Vec<IpNet>>, GateError> {
+        let trie: LpmTrie<&MapData, AddrKey, u32> =
+            open_map!(self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
+        let mut out: BTreeMap<(u16, Protocol), Vec<IpNet>> = BTreeMap::new();
+        for key in trie.keys() {
+            let key = key.map_err(|err| {
+                GateError::map("listing", map_names::ALLOW, capacity::ALLOW_PREFIXES, err)
+            })?;
+            let data = key.data();
+            let Some(protocol) = Protocol::from_number(data.proto) else {
+                continue;
+            };
+            let addr = addr_from_bytes(data.family, data.addr);
+            let bits = key.prefix_len().saturating_sub(AddrKey::PREFIX_BITS);
+            if let Ok(prefix) = IpNet::new(addr, u8::try_from(bits).unwrap_or(u8::MAX)) {
+                out.entry((data.port, protocol)).or_default().push(prefix);
+            }
+        }
+        for prefixes in out.values_mut() {
+            prefixes.sort();
+        }
+        Ok(out)
+    }
+
+    /// Grants `addr` access to (port, protocol) until `expires_ns` (`CLOCK_MONOTONIC`).
+    pub fn add_grant(
+        &mut self,
+        port: u16,
+        protocol: Protocol,
+        addr: IpAddr,
+        expires_ns: u64,
+    ) -> Result<(), GateError> {
+        self.check_managed(port)?;
+        let mut grants: HashMap<&mut MapData, AddrKey, u64> =
+            open_map!(mut self, HashMap, map_names::GRANTS, capacity::GRANTS);
+        grants
+            .insert(addr_key(port, protocol, addr), expires_ns, 0)
+            .map_err(|err| GateError::map("writing", map_names::GRANTS, capacity::GRANTS, err))
+    }
+
+    /// Withdraws the grant of `addr` on (port, protocol), if any.
+    pub fn remove_grant(
+        &mut self,
+        port: u16,
+        protocol: Protocol,
+        addr: IpAddr,
+    ) -> Result<(), GateError> {
+        let mut grants: HashMap<&mut MapData, AddrKey, u64> =
+            open_map!(mut self, HashMap, map_names::GRANTS, capacity::GRANTS);
+        match grants.remove(&addr_key(port, protocol, addr)) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(err) => Err(GateError::map(
+                "removing",
+                map_names::GRANTS,
+                capacity::GRANTS,
+                err,
+            )),
+        }
+    }
+
+    /// Every grant, expired or not.
+    pub fn grants(&self) -> Result<Vec<GrantRecord>, GateError> {
+        let grants: HashMap<&MapData, AddrKey, u64> =
+            open_map!(self, HashMap, map_names::GRANTS, capacity::GRANTS);
+        let mut out = Vec::new();
+        for entry in grants.iter() {
+            let (key, expires_ns) = entry.map_err(|err| {
+                GateError::map("listing", map_names::GRANTS, capacity::GRANTS, err)
+            })?;
+            if let Some(protocol) = Protocol::from_number(key.proto) {
+                out.push(GrantRecord {
+                    port: key.port,
+                    protocol,
+                    addr: addr_from_bytes(key.family, key.addr),
+                    expires_ns,
+                });
+            }
+        }
+        out.sort_by_key(|grant| (grant.port, grant.protocol, grant.addr));
+        Ok(out)
+    }
+
+    /// Counters of every (port, protocol) that has any.
+    pub fn all_counters(&self) -> Result<BTreeMap<(u16, Protocol), PortCounters>, GateError> {
+        let counters: PerCpuHashMap<&MapData, CounterKey, Counters> =
+            open_map!(self, PerCpuHashMap, map_names::COUNTERS, capacity::COUNTERS);
+        let mut out: BTreeMap<(u16, Protocol), PortCounters> = BTreeMap::new();
+        for entry in counters.iter() {
+            let (key, per_cpu) = entry.map_err(|err| {
+                GateError::map("listing", map_names::COUNTERS, capacity::COUNTERS, err)
+            })?;
+            let (Some(protocol), Some(hook_index)) = (
+                Protocol::from_number(key.proto),
+                (key.hook < hook::COUNT).then_some(usize::from(key.hook)),
+            ) else {
+                continue;
+            };
+            let port = out.entry((key.port, protocol)).or_default();
+            for cpu in per_cpu.iter() {
+                port.hooks[hook_index].add(cpu);
+            }
+        }
+        for port in out.values_mut() {
+            let mut total = HookCounters::default();
+            for hook_counters in &port.hooks {
+                total.add_hook(hook_counters);
+            }
+            port.total = total;
+        }
+        Ok(out)
+    }
+
+    /// Counters of one (port, protocol); zero when it has none yet.
+    pub fn counters(&self, port: u16, protocol: Protocol) -> Result<PortCounters, GateError> {
+        let counters: PerCpuHashMap<&MapData, CounterKey, Counters> =
+            open_map!(self, PerCpuHashMap, map_names::COUNTERS, capacity::COUNTERS);
+        let mut out = PortCounters::default();
+        for hook_code in 0..hook::COUNT {
+            let key = CounterKey {
+                port,
+                proto: protocol.number(),
+                hook: hook_code,
+            };
+            match counters.get(&key, 0) {
+                Ok(per_cpu) => {
+                    for cpu in per_cpu.iter() {
+                        out.hooks[usize::from(hook_code)].add(cpu);
+                    }
+                }
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(err) => {
+                    return Err(GateError::map(
+                        "reading",
+                        map_names::COUNTERS,
+                        capacity::COUNTERS,
+                        err,
+                    ));
+                }
+            }
+        }
+        for hook_counters in out.hooks {
+            out.total.add_hook(&hook_counters);
+        }
+        Ok(out)
+    }
+
+    /// Connection slots of a TCP port: `established` is its active connections.
+    pub fn slots(&self, port: u16) -> Result<ConnSlots, GateError> {
+        let slots: Array<&MapData, ConnSlots> =
+            open_map!(self, Array, map_names::SLOTS, capacity::SLOTS);
+        slots
+            .get(&u32::from(port), 0)
+            .map_err(|err| GateError::map("reading", map_names::SLOTS, capacity::SLOTS, err))
+    }
+
+    /// Gate-wide statistics.
+    pub fn stats(&self) -> Result<GateStats, GateError> {
+        let stats: PerCpuArray<&MapData, u64> =
+            open_map!(self, PerCpuArray, map_names::STATS, capacity::STATS);
+        let read = |index: u32| -> Result<u64, GateError> {
+            let values = stats
+                .get(&index, 0)
+                .map_err(|err| GateError::map("reading", map_names::STATS, capacity::STATS, err))?;
+            Ok(values.iter().sum())
+        };
+        Ok(GateStats {
+            events_lost_full: read(stat::EVENTS_LOST_FULL)?,
+            events_rate_limited: read(stat::EVENTS_RATE_LIMITED)?,
+            pending_full: read(stat::PENDING_FULL)?,
+            sockets_full: read(stat::SOCKETS_FULL)?,
+            pending_sweeps: read(stat::PENDING_SWEEPS)?,
+        })
+    }
+}

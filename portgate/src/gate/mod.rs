@@ -1,0 +1,389 @@
+//! The kernel gate: loads the kernel programs, pins their maps and links under a bpffs
+//! directory, attaches them, and reads and writes the maps.
+//!
+//! Enforcement lives in the pins: the programs keep running while no process holds a
+//! [`Gate`], and [`Gate::install`] on a directory that already holds a pinned set adopts it
+//! (same maps, counters intact, attachments kept) instead of loading twice.
+//! [`uninstall`] detaches and unpins everything.
+
+mod error;
+mod events;
+mod maps;
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{Array, MapData},
+    programs::{
+        CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, Xdp, XdpMode,
+        links::FdLink,
+    },
+};
+use portgate_common::{GateConfig, config_flags, defaults, map_names, program_names};
+use serde::{Deserialize, Serialize};
+
+pub use self::{
+    error::GateError,
+    events::{DenyEventRecord, DenyEvents},
+    maps::{GateStats, GrantRecord, HookCounters, PortCounters},
+};
+use crate::{paths, system};
+
+/// The kernel programs, built by `build.rs` from the portgate-ebpf crate.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portgate"));
+
+/// How to set up the gate.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GateSettings {
+    /// bpffs directory for the pins.
+    pub pin_dir: PathBuf,
+    /// Lowest managed port.
+    pub min_port: u16,
+    /// Highest managed port.
+    pub max_port: u16,
+    /// Deny events per second per (port, protocol); 0 turns events off.
+    pub events_per_sec: u32,
+    /// How long an admitted SYN holds a connection slot before its handshake completes.
+    pub pending_ttl: Duration,
+}
+
+impl Default for GateSettings {
+    fn default() -> Self {
+        Self {
+            pin_dir: PathBuf::from(paths::DEFAULT_PIN_DIR),
+            min_port: 20_000,
+            max_port: 29_999,
+            events_per_sec: defaults::EVENTS_PER_SEC,
+            pending_ttl: Duration::from_nanos(defaults::PENDING_TTL_NS),
+        }
+    }
+}
+
+/// Where the programs are attached, recorded next to the pins.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallRecord {
+    /// cgroup2 directory the cgroup programs are attached to.
+    pub cgroup: Option<PathBuf>,
+    /// XDP attachments.
+    pub xdp: Vec<XdpAttachment>,
+}
+
+/// One XDP attachment.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XdpAttachment {
+    /// Interface name when attached.
+    pub interface: String,
+    /// Interface index in its network namespace.
+    pub ifindex: u32,
+    /// Inode of the interface's network namespace.
+    pub netns: u64,
+    /// File name of the pinned link.
+    pub link: String,
+}
+
+/// Loads program `$name` of type `$kind` (unless loaded), attaches it with `$attach`, and
+/// pins the link at `$link_path`, so it stays attached after this process lets go of it.
+macro_rules! attach_and_pin {
+    ($ebpf:expr, $name:expr, $kind:ty, $link_path:expr, |$program:ident| $attach:expr) => {{
+        let name: &'static str = $name;
+        let $program: &mut $kind = $ebpf
+            .program_mut(name)
+            .ok_or(GateError::MissingProgram { name })?
+            .try_into()
+            .map_err(|err| GateError::program("typing", name, err))?;
+        if $program.fd().is_err() {
+            $program
+                .load()
+                .map_err(|err| GateError::program("loading", name, err))?;
+        }
+        let id = $attach.map_err(|err| GateError::program("attaching", name, err))?;
+        let link = $program
+            .take_link(id)
+            .map_err(|err| GateError::program("taking the link of", name, err))?;
+        let link = FdLink::try_from(link).map_err(|source| GateError::Link {
+            name,
+            source: Box::new(source),
+        })?;
+        link.pin($link_path).map_err(|source| GateError::Pin {
+            path: $link_path.to_owned(),
+            source: Box::new(source),
+        })?;
+    }};
+}
+
+/// Handle on an installed gate: its pinned maps, and the programs this process loaded.
+pub struct Gate {
+    pin_dir: PathBuf,
+    ebpf: Ebpf,
+}
+
+/// The cgroup programs: (program, link pin name).
+const CGROUP_LINKS: [(&str, &str); 4] = [
+    (program_names::SKB, "cgroup_skb_ingress"),
+    (program_names::BIND4, "cgroup_bind4"),
+    (program_names::BIND6, "cgroup_bind6"),
+    (program_names::SOCK_OPS, "sock_ops"),
+];
+
+impl Gate {
+    /// Loads the gate into `settings.pin_dir`, or adopts the set already pinned there, and
+    /// writes the configuration (managed range, event rate, handshake TTL). Attaches
+    /// nothing: see [`Gate::attach_cgroup`] and [`Gate::attach_xdp`].
+    pub fn install(settings: &GateSettings) -> Result<Self, GateError> {
+        if settings.min_port == 0 || settings.min_port > settings.max_port {
+            return Err(GateError::InvalidRange {
+                min: settings.min_port,
+                max: settings.max_port,
+            });
+        }
+        system::raise_memlock_limit();
+        system::prepare_pin_dir(&settings.pin_dir)?;
+        for sub in [paths::MAPS_SUBDIR, paths::LINKS_SUBDIR] {
+            let dir = settings.pin_dir.join(sub);
+            fs::create_dir_all(&dir).map_err(|source| GateError::Io {
+                op: "creating",
+                path: dir,
+                source,
+            })?;
+        }
+        let mut gate = Self::load(&settings.pin_dir)?;
+        let previous = gate.config()?;
+        gate.write_config(&GateConfig {
+            min_port: settings.min_port,
+            max_port: settings.max_port,
+            events_per_sec: settings.events_per_sec,
+            flags: previous.flags,
+            _pad: 0,
+            pending_ttl_ns: u64::try_from(settings.pending_ttl.as_nanos()).unwrap_or(u64::MAX),
+        })?;
+        Ok(gate)
+    }
+
+    /// Opens an installed gate's pinned maps (for inspection and policy changes), without
+    /// creating anything.
+    pub fn open(pin_dir: &Path) -> Result<Self, GateError> {
+        let maps_dir = pin_dir.join(paths::MAPS_SUBDIR);
+        if !map_names::ALL.iter().all(|name| maps_dir.join(name).exists()) {
+            return Err(GateError::NotInstalled {
+                pin_dir: pin_dir.to_owned(),
+            });
+        }
+        Self::load(pin_dir)
+    }
+
+    /// Loads the object with every map pinned under `pin_dir/maps` (reused when present).
+    fn load(pin_dir: &Path) -> Result<Self, GateError> {
+        let maps_dir = pin_dir.join(paths::MAPS_SUBDIR);
+        let mut loader = EbpfLoader::new();
+        for name in map_names::ALL {
+            loader.map_pin_path(name, maps_dir.join(name));
+        }
+        let ebpf = loader
+            .load(EBPF_OBJECT)
+            .map_err(|err| GateError::Load(Box::new(err)))?;
+        Ok(Self {
+            pin_dir: pin_dir.to_owned(),
+            ebpf,
+        })
+    }
+
+    /// The pin directory.
+    #[must_use]
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// The gate's configuration as the kernel sees it.
+    pub fn config(&self) -> Result<GateConfig, GateError> {
+        let array: Array<&MapData, GateConfig> = Array::try_from(self.map(map_names::CONFIG)?)
+            .map_err(|err| GateError::map("opening", map_names::CONFIG, 1, err))?;
+        array
+            .get(&0, 0)
+            .map_err(|err| GateError::map("reading", map_names::CONFIG, 1, err))
+    }
+
+    fn write_config(&mut self, config: &GateConfig) -> Result<(), GateError> {
+        let mut array: Array<&mut MapData, GateConfig> =
+            Array::try_from(self.map_mut(map_names::CONFIG)?)
+                .map_err(|err| GateError::map("opening", map_names::CONFIG, 1, err))?;
+        array
+            .set(0, config, 0)
+            .map_err(|err| GateError::map("writing", map_names::CONFIG, 1, err))
+    }
+
+    fn links_dir(&self) -> PathBuf {
+        self.pin_dir.join(paths::LINKS_SUBDIR)
+    }
+
+    /// Attaches `cgroup_skb/ingress`, `cgroup/bind4`, `cgroup/bind6` and `sock_ops` to the
+    /// cgroup2 directory `cgroup` and pins their links. Attachments already pinned are kept.
+    pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), GateError> {
+        let cgroup_dir = fs::File::open(cgroup).map_err(|source| GateError::Io {
+            op: "opening cgroup",
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let links_dir = self.links_dir();
+        for (name, link_name) in CGROUP_LINKS {
+            let link_path = links_dir.join(link_name);
+            if link_path.exists() {
+                continue;
+            }
+            let ebpf = &mut self.ebpf;
+            match name {
+                program_names::SKB => attach_and_pin!(ebpf, name, CgroupSkb, &link_path, |p| p
+                    .attach(
+                        &cgroup_dir,
+                        CgroupSkbAttachType::Ingress,
+                        CgroupAttachMode::AllowMultiple
+                    )),
+                program_names::SOCK_OPS => attach_and_pin!(ebpf, name, SockOps, &link_path, |p| p
+                    .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)),
+                _ => attach_and_pin!(ebpf, name, CgroupSockAddr, &link_path, |p| p
+                    .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)),
+            }
+        }
+        let mut config = self.config()?;
+        config.flags |= config_flags::SKB_ATTACHED;
+        self.write_config(&config)?;
+        let mut record = self.record()?;
+        record.cgroup = Some(cgroup.to_owned());
+        self.write_record(&record)
+    }
+
+    /// Attaches the XDP program to interface `interface` of the calling thread's network
+    /// namespace and pins the link. An attachment already pinned is kept.
+    pub fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<(), GateError> {
+        let ifindex = nix::net::if_::if_nametoindex(interface).map_err(|_| {
+            GateError::NoSuchInterface {
+                name: interface.to_owned(),
+            }
+        })?;
+        let netns = system::current_netns_inode()?;
+        let link_name = format!("xdp-{netns}-{ifindex}");
+        let link_path = self.links_dir().join(&link_name);
+        if !link_path.exists() {
+            let ebpf = &mut self.ebpf;
+            attach_and_pin!(ebpf, program_names::XDP, Xdp, &link_path, |p| p
+                .attach_to_if_index(ifindex, mode));
+        }
+        let mut record = self.record()?;
+        if !record.xdp.iter().any(|xdp| xdp.link == link_name) {
+            record.xdp.push(XdpAttachment {
+                interface: interface.to_owned(),
+                ifindex,
+                netns,
+                link: link_name,
+            });
+        }
+        self.write_record(&record)
+    }
+
+    /// Where the programs are attached, as recorded at attach time.
+    pub fn record(&self) -> Result<InstallRecord, GateError> {
+        read_record(&self.pin_dir)
+    }
+
+    fn write_record(&self, record: &InstallRecord) -> Result<(), GateError> {
+        let path = self.pin_dir.join(paths::INSTALL_RECORD);
+        let text = serde_json::to_vec_pretty(record).map_err(|source| GateError::Record {
+            path: path.clone(),
+            source,
+        })?;
+        fs::write(&path, text).map_err(|source| GateError::Io {
+            op: "writing",
+            path,
+            source,
+        })
+    }
+
+    /// The loaded object: its programs, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
+    pub fn ebpf_mut(&mut self) -> &mut Ebpf {
+        &mut self.ebpf
+    }
+
+    fn map(&self, name: &'static str) -> Result<&aya::maps::Map, GateError> {
+        self.ebpf.map(name).ok_or(GateError::MissingMap { name })
+    }
+
+    fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, GateError> {
+        self.ebpf.map_mut(name).ok_or(GateError::MissingMap { name })
+    }
+}
+
+fn read_record(pin_dir: &Path) -> Result<InstallRecord, GateError> {
+    let path = pin_dir.join(paths::INSTALL_RECORD);
+    match fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| GateError::Record {
+            path,
+            source,
+        }),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(InstallRecord::default()),
+        Err(source) => Err(GateError::Io {
+            op: "reading",
+            path,
+            source,
+        }),
+    }
+}
+
+/// Detaches every program and unpins every map under `pin_dir`, then removes the
+/// directory. The kernel frees what no one else holds. No [`Gate`] on this directory may
+/// be in use in this process (its loaded programs would stay loaded until it is dropped).
+pub fn uninstall(pin_dir: &Path) -> Result<(), GateError> {
+    for sub in [paths::LINKS_SUBDIR, paths::MAPS_SUBDIR] {
+        let dir = pin_dir.join(sub);
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(source) => {
+                return Err(GateError::Io {
+                    op: "listing",
+                    path: dir,
+                    source,
+                });
+            }
+        };
+        for entry in entries {
+            let path = entry
+                .map_err(|source| GateError::Io {
+                    op: "listing",
+                    path: dir.clone(),
+                    source,
+                })?
+                .path();
+            fs::remove_file(&path).map_err(|source| GateError::Io {
+                op: "unpinning",
+                path,
+                source,
+            })?;
+        }
+        fs::remove_dir(&dir).map_err(|source| GateError::Io {
+            op: "removing",
+            path: dir,
+            source,
+        })?;
+    }
+    let record = pin_dir.join(paths::INSTALL_RECORD);
+    if record.exists() {
+        fs::remove_file(&record).map_err(|source| GateError::Io {
+            op: "removing",
+            path: record,
+            source,
+        })?;
+    }
+    match fs::remove_dir(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(GateError::Io {
+            op: "removing",
+            path: pin_dir.to_owned(),
+            source,
+        }),
+    }
+}

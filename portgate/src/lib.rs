@@ -1,0 +1,7 @@
+//! portgate: hands out ports to owners and enforces each port's policy in the kernel with eBPF.
+//!
+//! The library is what the daemon and the CLI call: [`gate`] loads, attaches and drives the
+//! kernel programs and their pinned maps; [`verdict`] is the same packet verdict in plain
+//! Rust; [`policy`] holds the types both speak.
+
+pub mod policy;

@@ -1,0 +1,19 @@
+//! Every path portgate uses, in one place.
+
+/// Default bpffs directory holding the pinned maps and links.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portgate";
+/// Where bpffs is mounted when it is missing.
+pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
+/// The mount table read to find the cgroup2 and bpffs mounts.
+pub const PROC_MOUNTS: &str = "/proc/self/mounts";
+/// BTF of the running kernel.
+pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// The calling thread's network namespace.
+pub const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
+
+/// Subdirectory of the pin directory holding the maps, one file per map name.
+pub const MAPS_SUBDIR: &str = "maps";
+/// Subdirectory of the pin directory holding the program links.
+pub const LINKS_SUBDIR: &str = "links";
+/// File in the pin directory recording the managed range and where programs are attached.
+pub const INSTALL_RECORD: &str = "install.json";
