@@ -19,5 +19,7 @@ fn main() -> anyhow::Result<()> {
         }],
         Toolchain::default(),
     )
-    .context("building the kernel programs failed: run `cargo xtask setup` (rust-src and bpf-linker)")
+    .context(
+        "building the kernel programs failed: run `cargo xtask setup` (rust-src and bpf-linker)",
+    )
 }

@@ -4,6 +4,10 @@
 //! `bool`, `enum` or `Option` inside, so both sides agree on every byte. With the `user`
 //! feature the types implement [`aya::Pod`] for userspace.
 #![no_std]
+#![expect(
+    clippy::pub_underscore_fields,
+    reason = "explicit `_pad` fields, so the Pod types have no implicit padding"
+)]
 
 /// Names of the maps, as the kernel object declares them and as they are pinned.
 ///
@@ -414,7 +418,7 @@ pub struct GateConfig {
 impl GateConfig {
     /// Whether `port` is in the managed range.
     #[must_use]
-    #[inline(always)]
+    #[inline]
     pub const fn manages(&self, port: u16) -> bool {
         self.max_port != 0 && port >= self.min_port && port <= self.max_port
     }

@@ -45,15 +45,16 @@ pub fn emit_bind(
     now: u64,
 ) {
     // SAFETY: the helpers have no preconditions in a cgroup sock_addr program.
-    let (cgroup_id, pid_tgid) = unsafe { (bpf_get_current_cgroup_id(), bpf_get_current_pid_tgid()) };
+    let (cgroup_id, pid_tgid) =
+        unsafe { (bpf_get_current_cgroup_id(), bpf_get_current_pid_tgid()) };
     emit(
         config,
         &DenyEvent {
             time_ns: now,
             cgroup_id,
             addr,
-            #[expect(clippy::cast_possible_truncation, reason = "the upper half is the tgid")]
-            pid: (pid_tgid >> 32) as u32,
+            // The upper half is the tgid: what user space calls the pid.
+            pid: u32::try_from(pid_tgid >> 32).unwrap_or(0),
             port,
             proto: proto_code,
             family: family_code,
@@ -82,22 +83,15 @@ fn emit(config: &GateConfig, event: &DenyEvent) {
 /// approximate by a few events, which is all it needs to be.
 #[inline(always)]
 fn within_rate(config: &GateConfig, key: PortKey, now: u64) -> bool {
-    let rate = match EVENT_RATE.get_ptr_mut(&key) {
-        Some(rate) => rate,
-        None => {
-            let _unused = EVENT_RATE.insert(
-                &key,
-                &EventRate {
-                    window_start_ns: now,
-                    count: 0,
-                },
-                u64::from(BPF_NOEXIST),
-            );
-            match EVENT_RATE.get_ptr_mut(&key) {
-                Some(rate) => rate,
-                None => return false,
-            }
-        }
+    if EVENT_RATE.get_ptr_mut(key).is_none() {
+        let fresh = EventRate {
+            window_start_ns: now,
+            count: 0,
+        };
+        let _unused = EVENT_RATE.insert(key, fresh, u64::from(BPF_NOEXIST));
+    }
+    let Some(rate) = EVENT_RATE.get_ptr_mut(key) else {
+        return false;
     };
     // SAFETY: `rate` points at this key's value; racing writers only skew the count.
     unsafe {

@@ -10,6 +10,14 @@
 #![no_std]
 #![no_main]
 #![feature(asm_experimental_arch)]
+#![expect(
+    clippy::inline_always,
+    reason = "the verifier follows pointer types through one inlined function per program"
+)]
+#![expect(
+    clippy::needless_pass_by_value,
+    reason = "aya's program macros hand each entry point its context by value"
+)]
 
 mod events;
 mod maps;
@@ -138,7 +146,10 @@ pub fn portgate_bind6(ctx: SockAddrContext) -> i32 {
 fn try_bind(ctx: &SockAddrContext, family_code: u8) -> bool {
     // SAFETY: the context pointer is the kernel's, valid for the program's run.
     let sock_addr = unsafe { &*ctx.sock_addr };
-    #[expect(clippy::cast_possible_truncation, reason = "the port is the low 16 bits")]
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the port is the low 16 bits"
+    )]
     let port = u16::from_be(sock_addr.user_port as u16);
     if port == 0 {
         return true;
@@ -155,7 +166,7 @@ fn try_bind(ctx: &SockAddrContext, family_code: u8) -> bool {
         _ => return true,
     };
     // SAFETY: the value is copied out at once.
-    let policy = unsafe { POLICY.get(&PortKey::new(port, proto_code)) }.copied();
+    let policy = unsafe { POLICY.get(PortKey::new(port, proto_code)) }.copied();
     let allowed = match policy {
         None => false,
         Some(policy) if policy.flags & policy_flags::OWNER == 0 => true,
@@ -206,13 +217,10 @@ fn on_established(ctx: &SockOpsContext) {
     }
     // SAFETY: the context pointer is the kernel's, valid for the program's run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let reserved = PENDING.remove(&flow_of(ctx, port)).is_ok();
-    let counted = CountedSocket {
-        port,
-        _pad: [0; 6],
-    };
+    let reserved = PENDING.remove(flow_of(ctx, port)).is_ok();
+    let counted = CountedSocket { port, _pad: [0; 6] };
     if SOCKETS
-        .insert(&cookie, &counted, u64::from(BPF_NOEXIST))
+        .insert(cookie, counted, u64::from(BPF_NOEXIST))
         .is_err()
     {
         // Untracked: give the reserved slot back so nothing drifts.
@@ -223,7 +231,7 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     }
     slots::establish(port, reserved);
-    let _unused = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+    let _unused = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG).cast_signed());
 }
 
 #[inline(always)]
@@ -231,11 +239,11 @@ fn on_close(ctx: &SockOpsContext) {
     // SAFETY: the context pointer is the kernel's, valid for the program's run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     // SAFETY: the value is copied out at once.
-    let Some(counted) = (unsafe { SOCKETS.get(&cookie) }).copied() else {
+    let Some(counted) = (unsafe { SOCKETS.get(cookie) }).copied() else {
         return;
     };
     // Only the caller that removes the entry gives the slot back: exactly once.
-    if SOCKETS.remove(&cookie).is_ok() {
+    if SOCKETS.remove(cookie).is_ok() {
         slots::close(counted.port);
     }
 }

@@ -161,7 +161,7 @@ extern "C" fn sweep_one(
     let (flow, created, now, ttl) =
         unsafe { (*key, (*value).created_ns, (*context).now, (*context).ttl) };
     // Only the caller that removes the entry releases its slot: exactly once.
-    if now.wrapping_sub(created) > ttl && PENDING.remove(&flow).is_ok() {
+    if now.wrapping_sub(created) > ttl && PENDING.remove(flow).is_ok() {
         release(flow.dport);
     }
     0

@@ -83,7 +83,7 @@ fn decide(config: &GateConfig, info: &PacketInfo, now: u64) -> Outcome {
     let key = PortKey::new(info.dport, info.proto);
     let new_connection = info.new_connection();
     // SAFETY: the value is copied out at once; userspace replaces whole records.
-    let Some(policy) = (unsafe { POLICY.get(&key) }).copied() else {
+    let Some(policy) = (unsafe { POLICY.get(key) }).copied() else {
         return if new_connection {
             Outcome::Drop(reason::UNALLOCATED)
         } else {
@@ -132,7 +132,7 @@ fn source_allowed(info: &PacketInfo) -> bool {
 #[inline(always)]
 fn granted(info: &PacketInfo, now: u64) -> bool {
     // SAFETY: the value is copied out at once.
-    match unsafe { GRANTS.get(&addr_key(info)) } {
+    match unsafe { GRANTS.get(addr_key(info)) } {
         Some(expires) => now < *expires,
         None => false,
     }
@@ -151,13 +151,16 @@ fn admit_syn(config: &GateConfig, info: &PacketInfo, policy: &Policy, now: u64) 
         _pad: [0; 3],
     };
     let pending = PendingSyn { created_ns: now };
-    match PENDING.insert(&flow, &pending, u64::from(BPF_NOEXIST)) {
+    match PENDING.insert(flow, pending, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
         Err(err) if err == -EEXIST => return Outcome::Pass,
         Err(_) => {
             // The map is full: free what has expired and try once more.
             slots::sweep_expired(config, now);
-            if PENDING.insert(&flow, &pending, u64::from(BPF_NOEXIST)).is_err() {
+            if PENDING
+                .insert(flow, pending, u64::from(BPF_NOEXIST))
+                .is_err()
+            {
                 bump_stat(stat::PENDING_FULL);
                 // Without a reservation the limit cannot be guaranteed, so a limited port
                 // refuses; an unlimited one admits and `sock_ops` counts the connection.
@@ -173,7 +176,7 @@ fn admit_syn(config: &GateConfig, info: &PacketInfo, policy: &Policy, now: u64) 
         Outcome::Accept
     } else {
         // Nothing else holds this entry: it was inserted above.
-        let _unused = PENDING.remove(&flow);
+        let _unused = PENDING.remove(flow);
         Outcome::Drop(reason::CONN_LIMIT)
     }
 }
@@ -186,12 +189,12 @@ fn counter_row(port: u16, proto_code: u8, hook_code: u8) -> Option<*mut Counters
         proto: proto_code,
         hook: hook_code,
     };
-    if let Some(row) = COUNTERS.get_ptr_mut(&key) {
+    if let Some(row) = COUNTERS.get_ptr_mut(key) {
         return Some(row);
     }
     // Another CPU may create the row first; either way the lookup below finds it.
-    let _unused = COUNTERS.insert(&key, &Counters::default(), u64::from(BPF_NOEXIST));
-    COUNTERS.get_ptr_mut(&key)
+    let _unused = COUNTERS.insert(key, Counters::default(), u64::from(BPF_NOEXIST));
+    COUNTERS.get_ptr_mut(key)
 }
 
 /// Adds one bind denial to the bind hook's row of (port, proto).
@@ -219,7 +222,7 @@ fn handoff_key(info: &PacketInfo) -> HandoffKey {
 /// Remembers a packet XDP passed, for `cgroup_skb` to skip.
 #[inline(always)]
 fn handoff_put(info: &PacketInfo, now: u64) {
-    let _unused = HANDOFF.insert(&handoff_key(info), &now, 0);
+    let _unused = HANDOFF.insert(handoff_key(info), now, 0);
 }
 
 /// Whether XDP already judged (and counted) this packet; forgets it if so.
@@ -227,8 +230,8 @@ fn handoff_put(info: &PacketInfo, now: u64) {
 fn handoff_take(info: &PacketInfo, now: u64) -> bool {
     let key = handoff_key(info);
     // SAFETY: the value is copied out at once.
-    let Some(passed_at) = (unsafe { HANDOFF.get(&key) }).copied() else {
+    let Some(passed_at) = (unsafe { HANDOFF.get(key) }).copied() else {
         return false;
     };
-    HANDOFF.remove(&key).is_ok() && now.wrapping_sub(passed_at) < defaults::HANDOFF_WINDOW_NS
+    HANDOFF.remove(key).is_ok() && now.wrapping_sub(passed_at) < defaults::HANDOFF_WINDOW_NS
 }

@@ -2,6 +2,11 @@
 //!
 //! The library is what the daemon and the CLI call: [`gate`] loads, attaches and drives the
 //! kernel programs and their pinned maps; [`verdict`] is the same packet verdict in plain
-//! Rust; [`policy`] holds the types both speak.
+//! Rust; [`policy`] holds the types both speak; [`system`] finds what the host provides.
 
+pub mod cli;
+pub mod gate;
+pub mod paths;
 pub mod policy;
+pub mod report;
+pub mod system;

@@ -21,7 +21,10 @@ pub enum SystemError {
         source: io::Error,
     },
     /// No cgroup2 file system is mounted.
-    #[error("no cgroup2 mount in {}: mount cgroup v2 (e.g. `mount -t cgroup2 none /sys/fs/cgroup`)", paths::PROC_MOUNTS)]
+    #[error(
+        "no cgroup2 mount in {}: mount cgroup v2 (e.g. `mount -t cgroup2 none /sys/fs/cgroup`)",
+        paths::PROC_MOUNTS
+    )]
     NoCgroup2,
     /// A path is not a directory of the cgroup2 mount.
     #[error("{path} is not a cgroup2 directory under {root}")]

@@ -21,7 +21,9 @@ pub enum GateError {
     #[error("loading the kernel object: {0}")]
     Load(#[source] Box<EbpfError>),
     /// Nothing is installed under the pin directory.
-    #[error("no portgate maps are pinned under {pin_dir}: start `portgate daemon`, or pass the --pin-dir it uses")]
+    #[error(
+        "no portgate maps are pinned under {pin_dir}: start `portgate daemon`, or pass the --pin-dir it uses"
+    )]
     NotInstalled {
         /// The directory looked in.
         pin_dir: PathBuf,
@@ -134,9 +136,17 @@ pub enum GateError {
 
 impl GateError {
     /// Wraps a map error, turning a full map into [`GateError::MapFull`].
-    pub(crate) fn map(op: &'static str, map: &'static str, capacity: u32, source: MapError) -> Self {
+    pub(crate) fn map(
+        op: &'static str,
+        map: &'static str,
+        capacity: u32,
+        source: MapError,
+    ) -> Self {
         if let MapError::SyscallError(ref err) = source
-            && matches!(err.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC))
+            && matches!(
+                err.io_error.raw_os_error(),
+                Some(libc::E2BIG | libc::ENOSPC)
+            )
         {
             return Self::MapFull { map, capacity };
         }

@@ -59,11 +59,15 @@ impl DenyEvents {
     /// The next event, waiting for one.
     pub async fn next(&mut self) -> Result<DenyEventRecord, GateError> {
         loop {
-            let mut guard = self.ring.readable_mut().await.map_err(|source| GateError::Io {
-                op: "waiting for",
-                path: map_names::EVENTS.into(),
-                source,
-            })?;
+            let mut guard = self
+                .ring
+                .readable_mut()
+                .await
+                .map_err(|source| GateError::Io {
+                    op: "waiting for",
+                    path: map_names::EVENTS.into(),
+                    source,
+                })?;
             while let Some(item) = guard.get_inner_mut().next() {
                 if item.len() < size_of::<DenyEvent>() {
                     continue;

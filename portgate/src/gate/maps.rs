@@ -273,7 +273,7 @@ impl Gate {
         let policies: HashMap<&MapData, PortKey, Policy> =
             open_map!(self, HashMap, map_names::POLICY, capacity::POLICIES);
         let mut out = BTreeMap::new();
-        for entry in policies.iter() {
+        for entry in &policies {
             let (key, policy) = entry.map_err(|err| {
                 GateError::map("listing", map_names::POLICY, capacity::POLICIES, err)
             })?;
@@ -358,7 +358,7 @@ impl Gate {
         let grants: HashMap<&MapData, AddrKey, u64> =
             open_map!(self, HashMap, map_names::GRANTS, capacity::GRANTS);
         let mut out = Vec::new();
-        for entry in grants.iter() {
+        for entry in &grants {
             let (key, expires_ns) = entry.map_err(|err| {
                 GateError::map("listing", map_names::GRANTS, capacity::GRANTS, err)
             })?;
@@ -380,7 +380,7 @@ impl Gate {
         let counters: PerCpuHashMap<&MapData, CounterKey, Counters> =
             open_map!(self, PerCpuHashMap, map_names::COUNTERS, capacity::COUNTERS);
         let mut out: BTreeMap<(u16, Protocol), PortCounters> = BTreeMap::new();
-        for entry in counters.iter() {
+        for entry in &counters {
             let (key, per_cpu) = entry.map_err(|err| {
                 GateError::map("listing", map_names::COUNTERS, capacity::COUNTERS, err)
             })?;

@@ -168,7 +168,10 @@ impl Gate {
     /// creating anything.
     pub fn open(pin_dir: &Path) -> Result<Self, GateError> {
         let maps_dir = pin_dir.join(paths::MAPS_SUBDIR);
-        if !map_names::ALL.iter().all(|name| maps_dir.join(name).exists()) {
+        if !map_names::ALL
+            .iter()
+            .all(|name| maps_dir.join(name).exists())
+        {
             return Err(GateError::NotInstalled {
                 pin_dir: pin_dir.to_owned(),
             });
@@ -259,11 +262,10 @@ impl Gate {
     /// Attaches the XDP program to interface `interface` of the calling thread's network
     /// namespace and pins the link. An attachment already pinned is kept.
     pub fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<(), GateError> {
-        let ifindex = nix::net::if_::if_nametoindex(interface).map_err(|_| {
-            GateError::NoSuchInterface {
+        let ifindex =
+            nix::net::if_::if_nametoindex(interface).map_err(|_| GateError::NoSuchInterface {
                 name: interface.to_owned(),
-            }
-        })?;
+            })?;
         let netns = system::current_netns_inode()?;
         let link_name = format!("xdp-{netns}-{ifindex}");
         let link_path = self.links_dir().join(&link_name);
@@ -312,17 +314,18 @@ impl Gate {
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, GateError> {
-        self.ebpf.map_mut(name).ok_or(GateError::MissingMap { name })
+        self.ebpf
+            .map_mut(name)
+            .ok_or(GateError::MissingMap { name })
     }
 }
 
 fn read_record(pin_dir: &Path) -> Result<InstallRecord, GateError> {
     let path = pin_dir.join(paths::INSTALL_RECORD);
     match fs::read(&path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| GateError::Record {
-            path,
-            source,
-        }),
+        Ok(bytes) => {
+            serde_json::from_slice(&bytes).map_err(|source| GateError::Record { path, source })
+        }
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(InstallRecord::default()),
         Err(source) => Err(GateError::Io {
             op: "reading",

@@ -1,0 +1,87 @@
+//! `portgate maps`: the live kernel maps, read straight from the pins.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::{OutputFormat, table::Table};
+use crate::{gate::Gate, paths, report};
+
+/// Show every managed port's policy, allowlist, grants, counters and active connections,
+/// read from the pinned maps (no daemon needed).
+#[derive(Debug, Args)]
+pub struct MapsArgs {
+    /// The bpffs directory holding portgate's pins.
+    #[arg(long, default_value = paths::DEFAULT_PIN_DIR, env = "PORTGATE_PIN_DIR")]
+    pub pin_dir: PathBuf,
+}
+
+/// Runs `portgate maps`.
+pub fn run(args: &MapsArgs, format: OutputFormat) -> anyhow::Result<()> {
+    let gate = Gate::open(&args.pin_dir)?;
+    let reports = report::port_reports(&gate)?;
+    match format {
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
+        OutputFormat::Table => {
+            let config = gate.config()?;
+            println!(
+                "managed range {}-{}  pins {}",
+                config.min_port,
+                config.max_port,
+                args.pin_dir.display()
+            );
+            let mut table = Table::new(&[
+                "PORT", "PROTO", "STATUS", "ALLOW", "MAXCONN", "AUTH", "OWNER", "ACCEPTED",
+                "ACTIVE", "UNALLOC", "DRAINING", "NOTALLOW", "AUTHREQ", "CONNLIM", "BINDDENY",
+                "PACKETS", "BYTES",
+            ]);
+            for port in &reports {
+                let allow = match port.allow.len() {
+                    0 => "any".to_owned(),
+                    1..=2 => port
+                        .allow
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    n => format!("{} +{} more", port.allow[0], n - 1),
+                };
+                table.row(vec![
+                    port.port.to_string(),
+                    port.proto.to_string(),
+                    port.status.to_string(),
+                    allow,
+                    if port.max_connections == 0 {
+                        "-".to_owned()
+                    } else {
+                        port.max_connections.to_string()
+                    },
+                    if port.require_auth {
+                        format!("yes({} grants)", port.grants.len())
+                    } else {
+                        "no".to_owned()
+                    },
+                    port.owner_cgroup
+                        .map_or_else(|| "any".to_owned(), |id| id.to_string()),
+                    port.accepted.to_string(),
+                    port.active.to_string(),
+                    port.dropped.unallocated.to_string(),
+                    port.dropped.draining.to_string(),
+                    port.dropped.not_allowed.to_string(),
+                    port.dropped.auth_required.to_string(),
+                    port.dropped.conn_limit.to_string(),
+                    port.bind_denied.to_string(),
+                    port.packets.to_string(),
+                    port.bytes.to_string(),
+                ]);
+            }
+            print!("{table}");
+            let stats = gate.stats()?;
+            println!(
+                "events lost: {} (ring full), {} (rate limited)",
+                stats.events_lost_full, stats.events_rate_limited
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! A view of every managed port's live kernel state: what `portgate maps` prints.
+
+use std::collections::BTreeSet;
+
+use ipnet::IpNet;
+use portgate_common::{policy_flags, reason};
+use serde::Serialize;
+
+use crate::{
+    gate::{Gate, GateError, PortCounters},
+    policy::{PortStatus, Protocol},
+    system,
+};
+
+/// Drops by reason, with the spec's names as keys.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct DropCounts {
+    /// No allocation.
+    pub unallocated: u64,
+    /// Draining or Closed.
+    pub draining: u64,
+    /// Source not in the allowlist.
+    pub not_allowed: u64,
+    /// No unexpired grant.
+    pub auth_required: u64,
+    /// At `max_connections`.
+    pub conn_limit: u64,
+}
+
+/// A grant as shown to a person.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct GrantView {
+    /// Source address granted.
+    pub addr: std::net::IpAddr,
+    /// Milliseconds until it expires; 0 when expired.
+    pub expires_in_ms: u64,
+}
+
+/// One (port, protocol): policy, allowlist, grants, counters and active connections.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PortReport {
+    /// Port.
+    pub port: u16,
+    /// Protocol.
+    pub proto: Protocol,
+    /// Status; `available` for a managed port without policy that still has counters.
+    pub status: PortStatus,
+    /// Allowlist prefixes; empty allows every source.
+    pub allow: Vec<IpNet>,
+    /// Connection limit; 0 is unlimited.
+    pub max_connections: u32,
+    /// Whether new connections need a grant.
+    pub require_auth: bool,
+    /// Owner cgroup id; `None` when anyone may bind.
+    pub owner_cgroup: Option<u64>,
+    /// Unexpired and expired grants.
+    pub grants: Vec<GrantView>,
+    /// New connections passed (all hooks).
+    pub accepted: u64,
+    /// Established TCP connections now.
+    pub active: u64,
+    /// Drops by reason (all hooks).
+    pub dropped: DropCounts,
+    /// Refused binds.
+    pub bind_denied: u64,
+    /// Packets judged (all hooks).
+    pub packets: u64,
+    /// Bytes judged (all hooks).
+    pub bytes: u64,
+}
+
+/// Reports for every (port, protocol) with a policy or with counters, in port order.
+pub fn port_reports(gate: &Gate) -> Result<Vec<PortReport>, GateError> {
+    let policies = gate.policies()?;
+    let allowlists = gate.allowlists()?;
+    let counters = gate.all_counters()?;
+    let grants = gate.grants()?;
+    let now = system::monotonic_now_ns();
+    let keys: BTreeSet<(u16, Protocol)> = policies
+        .keys()
+        .chain(counters.keys())
+        .chain(allowlists.keys())
+        .copied()
+        .collect();
+    let mut out = Vec::with_capacity(keys.len());
+    for (port, proto) in keys {
+        let policy = policies.get(&(port, proto));
+        let port_counters: PortCounters = counters.get(&(port, proto)).copied().unwrap_or_default();
+        let total = port_counters.total;
+        let active = if proto == Protocol::Tcp {
+            gate.slots(port)?.established
+        } else {
+            0
+        };
+        out.push(PortReport {
+            port,
+            proto,
+            status: policy
+                .and_then(|policy| PortStatus::from_code(policy.status))
+                .unwrap_or(PortStatus::Available),
+            allow: allowlists.get(&(port, proto)).cloned().unwrap_or_default(),
+            max_connections: policy.map_or(0, |policy| policy.max_connections),
+            require_auth: policy
+                .is_some_and(|policy| policy.flags & policy_flags::REQUIRE_AUTH != 0),
+            owner_cgroup: policy
+                .filter(|policy| policy.flags & policy_flags::OWNER != 0)
+                .map(|policy| policy.owner_cgroup),
+            grants: grants
+                .iter()
+                .filter(|grant| grant.port == port && grant.protocol == proto)
+                .map(|grant| GrantView {
+                    addr: grant.addr,
+                    expires_in_ms: grant.expires_ns.saturating_sub(now) / 1_000_000,
+                })
+                .collect(),
+            accepted: total.accepted,
+            active,
+            dropped: DropCounts {
+                unallocated: total.dropped_for(reason::UNALLOCATED),
+                draining: total.dropped_for(reason::DRAINING),
+                not_allowed: total.dropped_for(reason::NOT_ALLOWED),
+                auth_required: total.dropped_for(reason::AUTH_REQUIRED),
+                conn_limit: total.dropped_for(reason::CONN_LIMIT),
+            },
+            bind_denied: total.bind_denied,
+            packets: total.packets,
+            bytes: total.bytes,
+        });
+    }
+    Ok(out)
+}
