@@ -15,5 +15,3 @@ pub const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
 pub const MAPS_SUBDIR: &str = "maps";
 /// Subdirectory of the pin directory holding the program links.
 pub const LINKS_SUBDIR: &str = "links";
-/// File in the pin directory recording the managed range and where programs are attached.
-pub const INSTALL_RECORD: &str = "install.json";

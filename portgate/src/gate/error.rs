@@ -123,15 +123,6 @@ pub enum GateError {
         #[source]
         source: io::Error,
     },
-    /// The install record is unreadable.
-    #[error("reading the install record {path}: {source}")]
-    Record {
-        /// The file.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: serde_json::Error,
-    },
 }
 
 impl GateError {

@@ -25,7 +25,6 @@ use aya::{
     },
 };
 use portgate_common::{GateConfig, config_flags, defaults, map_names, program_names};
-use serde::{Deserialize, Serialize};
 
 pub use self::{
     error::GateError,
@@ -64,26 +63,22 @@ impl Default for GateSettings {
     }
 }
 
-/// Where the programs are attached, recorded next to the pins.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct InstallRecord {
-    /// cgroup2 directory the cgroup programs are attached to.
-    pub cgroup: Option<PathBuf>,
-    /// XDP attachments.
-    pub xdp: Vec<XdpAttachment>,
-}
-
-/// One XDP attachment.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct XdpAttachment {
-    /// Interface name when attached.
-    pub interface: String,
-    /// Interface index in its network namespace.
-    pub ifindex: u32,
-    /// Inode of the interface's network namespace.
-    pub netns: u64,
-    /// File name of the pinned link.
-    pub link: String,
+/// Program `$name` of type `$kind`, loaded into the kernel (once).
+macro_rules! loaded_program {
+    ($ebpf:expr, $name:expr, $kind:ty) => {{
+        let name: &'static str = $name;
+        let program: &mut $kind = $ebpf
+            .program_mut(name)
+            .ok_or(GateError::MissingProgram { name })?
+            .try_into()
+            .map_err(|err| GateError::program("typing", name, err))?;
+        if program.fd().is_err() {
+            program
+                .load()
+                .map_err(|err| GateError::program("loading", name, err))?;
+        }
+        program
+    }};
 }
 
 /// Loads program `$name` of type `$kind` (unless loaded), attaches it with `$attach`, and
@@ -91,16 +86,7 @@ pub struct XdpAttachment {
 macro_rules! attach_and_pin {
     ($ebpf:expr, $name:expr, $kind:ty, $link_path:expr, |$program:ident| $attach:expr) => {{
         let name: &'static str = $name;
-        let $program: &mut $kind = $ebpf
-            .program_mut(name)
-            .ok_or(GateError::MissingProgram { name })?
-            .try_into()
-            .map_err(|err| GateError::program("typing", name, err))?;
-        if $program.fd().is_err() {
-            $program
-                .load()
-                .map_err(|err| GateError::program("loading", name, err))?;
-        }
+        let $program = loaded_program!($ebpf, name, $kind);
         let id = $attach.map_err(|err| GateError::program("attaching", name, err))?;
         let link = $program
             .take_link(id)
@@ -243,20 +229,17 @@ impl Gate {
                     .attach(
                         &cgroup_dir,
                         CgroupSkbAttachType::Ingress,
-                        CgroupAttachMode::AllowMultiple
+                        CgroupAttachMode::Single
                     )),
                 program_names::SOCK_OPS => attach_and_pin!(ebpf, name, SockOps, &link_path, |p| p
-                    .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)),
+                    .attach(&cgroup_dir, CgroupAttachMode::Single)),
                 _ => attach_and_pin!(ebpf, name, CgroupSockAddr, &link_path, |p| p
-                    .attach(&cgroup_dir, CgroupAttachMode::AllowMultiple)),
+                    .attach(&cgroup_dir, CgroupAttachMode::Single)),
             }
         }
         let mut config = self.config()?;
         config.flags |= config_flags::SKB_ATTACHED;
-        self.write_config(&config)?;
-        let mut record = self.record()?;
-        record.cgroup = Some(cgroup.to_owned());
-        self.write_record(&record)
+        self.write_config(&config)
     }
 
     /// Attaches the XDP program to interface `interface` of the calling thread's network
@@ -274,34 +257,30 @@ impl Gate {
             attach_and_pin!(ebpf, program_names::XDP, Xdp, &link_path, |p| p
                 .attach_to_if_index(ifindex, mode));
         }
-        let mut record = self.record()?;
-        if !record.xdp.iter().any(|xdp| xdp.link == link_name) {
-            record.xdp.push(XdpAttachment {
-                interface: interface.to_owned(),
-                ifindex,
-                netns,
-                link: link_name,
-            });
-        }
-        self.write_record(&record)
+        Ok(())
     }
 
-    /// Where the programs are attached, as recorded at attach time.
-    pub fn record(&self) -> Result<InstallRecord, GateError> {
-        read_record(&self.pin_dir)
-    }
-
-    fn write_record(&self, record: &InstallRecord) -> Result<(), GateError> {
-        let path = self.pin_dir.join(paths::INSTALL_RECORD);
-        let text = serde_json::to_vec_pretty(record).map_err(|source| GateError::Record {
-            path: path.clone(),
+    /// What is attached: the names of the pinned links (`cgroup_skb_ingress`,
+    /// `cgroup_bind4`, `cgroup_bind6`, `sock_ops`, and `xdp-<netns inode>-<ifindex>` per
+    /// interface), sorted.
+    pub fn attachments(&self) -> Result<Vec<String>, GateError> {
+        let dir = self.links_dir();
+        let entries = fs::read_dir(&dir).map_err(|source| GateError::Io {
+            op: "listing",
+            path: dir.clone(),
             source,
         })?;
-        fs::write(&path, text).map_err(|source| GateError::Io {
-            op: "writing",
-            path,
-            source,
-        })
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|source| GateError::Io {
+                op: "listing",
+                path: dir.clone(),
+                source,
+            })?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        names.sort();
+        Ok(names)
     }
 
     /// The loaded object: its programs, for `BPF_PROG_TEST_RUN` in tests and benchmarks.
@@ -317,21 +296,6 @@ impl Gate {
         self.ebpf
             .map_mut(name)
             .ok_or(GateError::MissingMap { name })
-    }
-}
-
-fn read_record(pin_dir: &Path) -> Result<InstallRecord, GateError> {
-    let path = pin_dir.join(paths::INSTALL_RECORD);
-    match fs::read(&path) {
-        Ok(bytes) => {
-            serde_json::from_slice(&bytes).map_err(|source| GateError::Record { path, source })
-        }
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(InstallRecord::default()),
-        Err(source) => Err(GateError::Io {
-            op: "reading",
-            path,
-            source,
-        }),
     }
 }
 
@@ -372,14 +336,6 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), GateError> {
             source,
         })?;
     }
-    let record = pin_dir.join(paths::INSTALL_RECORD);
-    if record.exists() {
-        fs::remove_file(&record).map_err(|source| GateError::Io {
-            op: "removing",
-            path: record,
-            source,
-        })?;
-    }
     match fs::remove_dir(pin_dir) {
         Ok(()) => Ok(()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -388,5 +344,65 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), GateError> {
             path: pin_dir.to_owned(),
             source,
         }),
+    }
+}
+
+/// A packet program, for [`Gate::test_run`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PacketHook {
+    /// The XDP program.
+    Xdp,
+    /// The `cgroup_skb/ingress` program.
+    CgroupSkb,
+}
+
+/// What one `BPF_PROG_TEST_RUN` reported.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TestRunOutcome {
+    /// The program let the packet through.
+    pub passed: bool,
+    /// The kernel's average time per run.
+    pub duration: Duration,
+}
+
+impl Gate {
+    /// Runs a packet program on `packet` (from its Ethernet header, for both hooks) with
+    /// `BPF_PROG_TEST_RUN`, `repeat` times, against the live maps: the verdict counts and
+    /// reserves exactly as for real traffic. Loads the program first if needed.
+    pub fn test_run(
+        &mut self,
+        hook: PacketHook,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<TestRunOutcome, GateError> {
+        use aya::programs::{TestRun as _, TestRunOptions};
+        const XDP_PASS: u32 = 2;
+        let options = TestRunOptions {
+            data_in: Some(packet),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let ebpf = &mut self.ebpf;
+        let (passed, result) = match hook {
+            PacketHook::Xdp => {
+                let program = loaded_program!(ebpf, program_names::XDP, Xdp);
+                let result = program
+                    .test_run(options)
+                    .map_err(|err| GateError::program("test-running", program_names::XDP, err))?;
+                (result.return_value == XDP_PASS, result)
+            }
+            PacketHook::CgroupSkb => {
+                let program = loaded_program!(ebpf, program_names::SKB, CgroupSkb);
+                let result = program
+                    .test_run(options)
+                    .map_err(|err| GateError::program("test-running", program_names::SKB, err))?;
+                // Bit 0 is the verdict; higher bits carry congestion notification.
+                (result.return_value & 1 == 1, result)
+            }
+        };
+        Ok(TestRunOutcome {
+            passed,
+            duration: result.duration,
+        })
     }
 }
