@@ -8,6 +8,8 @@ pub const BPFFS_MOUNT: &str = "/sys/fs/bpf";
 pub const PROC_MOUNTS: &str = "/proc/self/mounts";
 /// BTF of the running kernel.
 pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
+/// The running kernel's release string.
+pub const OS_RELEASE: &str = "/proc/sys/kernel/osrelease";
 /// The calling thread's network namespace.
 pub const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
 

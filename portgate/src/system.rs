@@ -45,6 +45,12 @@ pub enum SystemError {
         #[source]
         source: io::Error,
     },
+    /// The kernel is older than portgate supports.
+    #[error("kernel {found} is too old: portgate needs Linux {}.{} or later", MIN_KERNEL.0, MIN_KERNEL.1)]
+    KernelTooOld {
+        /// The running kernel's release.
+        found: String,
+    },
     /// A system call failed.
     #[error("{call}: {source}")]
     Syscall {
@@ -54,6 +60,31 @@ pub enum SystemError {
         #[source]
         source: nix::Error,
     },
+}
+
+/// The oldest kernel portgate runs on: 5.15 LTS. The helpers it needs arrived earlier
+/// (ring buffer 5.8, atomic fetch-and-add and compare-and-exchange 5.12,
+/// `bpf_for_each_map_elem` 5.13, cgroup bind and `sock_ops` hooks, BPF links for cgroups 5.7);
+/// 5.15 is the oldest long-term release with all of them.
+pub const MIN_KERNEL: (u32, u32) = (5, 15);
+
+/// Fails when the running kernel is older than [`MIN_KERNEL`].
+pub fn check_kernel() -> Result<(), SystemError> {
+    let path = Path::new(paths::OS_RELEASE);
+    let release = fs::read_to_string(path).map_err(|source| SystemError::Io {
+        op: "reading",
+        path: path.to_owned(),
+        source,
+    })?;
+    let release = release.trim().to_owned();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|part| part.parse::<u32>().unwrap_or(0));
+    let version = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    if version < MIN_KERNEL {
+        return Err(SystemError::KernelTooOld { found: release });
+    }
+    Ok(())
 }
 
 /// The first mount point of file-system type `fstype` in the mount table.

@@ -1,6 +1,9 @@
 //! Reading and writing the gate's maps: policies, allowlists, grants, counters.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::IpAddr,
+};
 
 use aya::maps::{
     Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key, lpm_trie::LpmTrie,
@@ -140,24 +143,51 @@ impl Gate {
         let Some(record) = policy.to_kernel() else {
             return self.remove_policy(port, protocol);
         };
-        let current = self.allowlist(port, protocol)?;
-        let wanted: Vec<IpNet> = policy.allow.iter().map(IpNet::trunc).collect();
-        let added: Vec<IpNet> = wanted
-            .iter()
-            .filter(|prefix| !current.contains(prefix))
-            .copied()
-            .collect();
-        let stale: Vec<IpNet> = current
-            .iter()
-            .filter(|prefix| !wanted.contains(prefix))
-            .copied()
-            .collect();
+        let current = self.known_allowlist(port, protocol)?;
+        let wanted: BTreeSet<IpNet> = policy.allow.iter().map(IpNet::trunc).collect();
+        let added: Vec<IpNet> = wanted.difference(&current).copied().collect();
+        let stale: Vec<IpNet> = current.difference(&wanted).copied().collect();
         self.insert_prefixes(port, protocol, &added)?;
         if let Err(err) = self.write_policy(port, protocol, &record) {
             self.remove_prefixes(port, protocol, &added)?;
             return Err(err);
         }
-        self.remove_prefixes(port, protocol, &stale)
+        self.remove_prefixes(port, protocol, &stale)?;
+        self.remember_allowlist(port, protocol, wanted);
+        Ok(())
+    }
+
+    /// The allowlist of (port, protocol) as this handle knows it: the trie is walked once,
+    /// at the first change, and from then on this handle is taken to be the maps' only
+    /// writer (the daemon is), so a change costs what it changes, not the trie's size.
+    fn known_allowlist(
+        &mut self,
+        port: u16,
+        protocol: Protocol,
+    ) -> Result<BTreeSet<IpNet>, GateError> {
+        if self.allow_cache.is_none() {
+            let walked = self
+                .allowlists()?
+                .into_iter()
+                .map(|(key, prefixes)| (key, prefixes.into_iter().collect()))
+                .collect();
+            self.allow_cache = Some(walked);
+        }
+        Ok(self
+            .allow_cache
+            .as_ref()
+            .and_then(|cache| cache.get(&(port, protocol)).cloned())
+            .unwrap_or_default())
+    }
+
+    fn remember_allowlist(&mut self, port: u16, protocol: Protocol, prefixes: BTreeSet<IpNet>) {
+        if let Some(cache) = self.allow_cache.as_mut() {
+            if prefixes.is_empty() {
+                cache.remove(&(port, protocol));
+            } else {
+                cache.insert((port, protocol), prefixes);
+            }
+        }
     }
 
     fn write_policy(
@@ -242,8 +272,9 @@ impl Gate {
                 }
             }
         }
-        let prefixes = self.allowlist(port, protocol)?;
+        let prefixes: Vec<IpNet> = self.known_allowlist(port, protocol)?.into_iter().collect();
         self.remove_prefixes(port, protocol, &prefixes)?;
+        self.remember_allowlist(port, protocol, BTreeSet::new());
         for grant in self.grants()? {
             if grant.port == port && grant.protocol == protocol {
                 self.remove_grant(port, protocol, grant.addr)?;

@@ -11,6 +11,7 @@ mod events;
 mod maps;
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs,
     path::{Path, PathBuf},
     time::Duration,
@@ -24,6 +25,7 @@ use aya::{
         links::FdLink,
     },
 };
+use ipnet::IpNet;
 use portgate_common::{GateConfig, config_flags, defaults, map_names, program_names};
 
 pub use self::{
@@ -31,7 +33,7 @@ pub use self::{
     events::{DenyEventRecord, DenyEvents},
     maps::{GateStats, GrantRecord, HookCounters, PortCounters},
 };
-use crate::{paths, system};
+use crate::{paths, policy::Protocol, system};
 
 /// The kernel programs, built by `build.rs` from the portgate-ebpf crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portgate"));
@@ -106,7 +108,11 @@ macro_rules! attach_and_pin {
 pub struct Gate {
     pin_dir: PathBuf,
     ebpf: Ebpf,
+    /// Allowlists as last written, filled on first use (see `known_allowlist`).
+    allow_cache: Option<AllowlistCache>,
 }
+
+type AllowlistCache = BTreeMap<(u16, Protocol), BTreeSet<IpNet>>;
 
 /// The cgroup programs: (program, link pin name).
 const CGROUP_LINKS: [(&str, &str); 4] = [
@@ -127,6 +133,7 @@ impl Gate {
                 max: settings.max_port,
             });
         }
+        system::check_kernel()?;
         system::raise_memlock_limit();
         system::prepare_pin_dir(&settings.pin_dir)?;
         for sub in [paths::MAPS_SUBDIR, paths::LINKS_SUBDIR] {
@@ -178,6 +185,7 @@ impl Gate {
         Ok(Self {
             pin_dir: pin_dir.to_owned(),
             ebpf,
+            allow_cache: None,
         })
     }
 
