@@ -52,22 +52,55 @@ impl DenyEventRecord {
 
 /// The deny-event stream. Only one may exist per [`Gate`].
 pub struct DenyEvents {
-    ring: AsyncFd<RingBuf<MapData>>,
+    ring: Ring,
+}
+
+/// The ring buffer, registered with tokio on the first `next`, so that `drain` works
+/// without a runtime.
+enum Ring {
+    Plain(RingBuf<MapData>),
+    Async(AsyncFd<RingBuf<MapData>>),
+    /// Only while switching from `Plain` to `Async`.
+    Moving,
+}
+
+impl Ring {
+    fn get_mut(&mut self) -> Option<&mut RingBuf<MapData>> {
+        match self {
+            Self::Plain(ring) => Some(ring),
+            Self::Async(ring) => Some(ring.get_mut()),
+            Self::Moving => None,
+        }
+    }
 }
 
 impl DenyEvents {
     /// The next event, waiting for one.
     pub async fn next(&mut self) -> Result<DenyEventRecord, GateError> {
+        if let Ring::Plain(_) = self.ring
+            && let Ring::Plain(ring) = std::mem::replace(&mut self.ring, Ring::Moving)
+        {
+            let fd = ring.as_raw_fd();
+            // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until
+            // the `AsyncFd` (which owns the ring buffer) is dropped.
+            let registered = unsafe { AsyncFd::register(ring) }.map_err(|err| GateError::Io {
+                op: "registering",
+                path: format!("{} (fd {fd})", map_names::EVENTS).into(),
+                source: err.into(),
+            })?;
+            self.ring = Ring::Async(registered);
+        }
+        let Ring::Async(ring) = &mut self.ring else {
+            return Err(GateError::MissingMap {
+                name: map_names::EVENTS,
+            });
+        };
         loop {
-            let mut guard = self
-                .ring
-                .readable_mut()
-                .await
-                .map_err(|source| GateError::Io {
-                    op: "waiting for",
-                    path: map_names::EVENTS.into(),
-                    source,
-                })?;
+            let mut guard = ring.readable_mut().await.map_err(|source| GateError::Io {
+                op: "waiting for",
+                path: map_names::EVENTS.into(),
+                source,
+            })?;
             while let Some(item) = guard.get_inner_mut().next() {
                 if item.len() < size_of::<DenyEvent>() {
                     continue;
@@ -86,7 +119,10 @@ impl DenyEvents {
     /// Events already waiting, without blocking.
     pub fn drain(&mut self) -> Vec<DenyEventRecord> {
         let mut out = Vec::new();
-        while let Some(item) = self.ring.get_mut().next() {
+        let Some(ring) = self.ring.get_mut() else {
+            return out;
+        };
+        while let Some(item) = ring.next() {
             if item.len() < size_of::<DenyEvent>() {
                 continue;
             }
@@ -99,7 +135,8 @@ impl DenyEvents {
 }
 
 impl Gate {
-    /// Takes the deny-event stream. Needs a tokio runtime with I/O enabled.
+    /// Takes the deny-event stream. [`DenyEvents::next`] needs a tokio runtime with I/O
+    /// enabled; [`DenyEvents::drain`] does not.
     pub fn events(&mut self) -> Result<DenyEvents, GateError> {
         let name = map_names::EVENTS;
         let map = self
@@ -107,14 +144,8 @@ impl Gate {
             .take_map(name)
             .ok_or(GateError::MissingMap { name })?;
         let ring = RingBuf::try_from(map).map_err(|err| GateError::map("opening", name, 0, err))?;
-        let fd = ring.as_raw_fd();
-        // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until the
-        // `AsyncFd` (which owns the ring buffer) is dropped.
-        let ring = unsafe { AsyncFd::register(ring) }.map_err(|err| GateError::Io {
-            op: "registering",
-            path: format!("{name} (fd {fd})").into(),
-            source: err.into(),
-        })?;
-        Ok(DenyEvents { ring })
+        Ok(DenyEvents {
+            ring: Ring::Plain(ring),
+        })
     }
 }

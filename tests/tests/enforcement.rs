@@ -1,0 +1,572 @@
+//! End-to-end enforcement on the real kernel: test namespaces joined by veth pairs, child
+//! cgroups made by the test, real sockets. Needs root (`CAP_BPF`, `CAP_NET_ADMIN`,
+//! `CAP_SYS_ADMIN`), cgroup v2, bpffs, iproute2. Run on one test thread.
+
+mod common;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use common::{
+    EchoServer, NetNs, PinDir, TestCgroup, Veth, connect_from, echo, eventually,
+    require_privileges, reset,
+};
+use portgate::{
+    gate::{Gate, GateSettings},
+    policy::{OwnerCgroup, PortPolicy, PortStatus, Protocol},
+    system::monotonic_now_ns,
+};
+use portgate_common::{hook, reason};
+
+const MIN_PORT: u16 = 21_000;
+const MAX_PORT: u16 = 21_099;
+const REFUSED_WITHIN: Duration = Duration::from_millis(700);
+const CONNECT_WITHIN: Duration = Duration::from_secs(2);
+
+fn install(pins: &PinDir) -> Gate {
+    Gate::install(&GateSettings {
+        pin_dir: pins.path().to_owned(),
+        min_port: MIN_PORT,
+        max_port: MAX_PORT,
+        events_per_sec: 10_000,
+        pending_ttl: Duration::from_secs(5),
+    })
+    .expect("install the gate")
+}
+
+fn allow(prefixes: &[&str]) -> Vec<ipnet::IpNet> {
+    prefixes
+        .iter()
+        .map(|prefix| prefix.parse().expect("prefix"))
+        .collect()
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
+}
+
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const OTHER_LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+
+/// A listener made inside the cgroup (so `cgroup_skb` and `sock_ops` see its connections).
+fn listen_in(cgroup: &TestCgroup, addr: SocketAddr) -> TcpListener {
+    let _inside = cgroup.enter();
+    TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"))
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
+    if !require_privileges("allowlist_is_enforced_by_cgroup_skb_and_by_xdp") {
+        return;
+    }
+    let pins = PinDir::new();
+    let cgroup = TestCgroup::new();
+    let server_ns = NetNs::new();
+    let client_ns = NetNs::new();
+    let veth = Veth::new(&server_ns, &client_ns);
+    veth.add_v4_to_b(&client_ns, 3);
+    let mut gate = install(&pins);
+    gate.attach_cgroup(cgroup.path())
+        .expect("attach to the test cgroup");
+    let mut events = gate.events().expect("event stream");
+
+    // Port A: the server socket is in the cgroup, so cgroup_skb judges it.
+    let port_a = MIN_PORT + 1;
+    // Port B: the server socket is outside the cgroup: only XDP can refuse.
+    let port_b = MIN_PORT + 2;
+    for port in [port_a, port_b] {
+        gate.set_policy(
+            port,
+            Protocol::Tcp,
+            &PortPolicy {
+                allow: vec![
+                    ipnet::IpNet::new(veth.v4(2), 32).expect("prefix"),
+                    ipnet::IpNet::new(veth.v6(2), 128).expect("prefix"),
+                ],
+                ..PortPolicy::default()
+            },
+        )
+        .expect("set policy");
+    }
+    let (server_a, server_b) = server_ns.run(|| {
+        let a = listen_in(
+            &cgroup,
+            SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port_a),
+        );
+        let b = TcpListener::bind(SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), port_b))
+            .expect("bind outside the cgroup");
+        (EchoServer::serve(a), EchoServer::serve(b))
+    });
+
+    // cgroup_skb alone.
+    client_ns.run(|| {
+        let mut ok = connect_from(
+            veth.v4(2),
+            SocketAddr::new(veth.v4(1), port_a),
+            CONNECT_WITHIN,
+        )
+        .expect("an allowed IPv4 source connects");
+        echo(&mut ok, b"hello").expect("echo over an allowed connection");
+        let mut ok6 = connect_from(
+            veth.v6(2),
+            SocketAddr::new(veth.v6(1), port_a),
+            CONNECT_WITHIN,
+        )
+        .expect("an allowed IPv6 source connects");
+        echo(&mut ok6, b"hello6").expect("echo over IPv6");
+        assert!(
+            connect_from(
+                veth.v4(3),
+                SocketAddr::new(veth.v4(1), port_a),
+                REFUSED_WITHIN
+            )
+            .is_err(),
+            "a source outside the allowlist is dropped by cgroup_skb"
+        );
+        // Nothing but XDP could refuse port B, and XDP is not attached yet.
+        connect_from(
+            veth.v4(3),
+            SocketAddr::new(veth.v4(1), port_b),
+            CONNECT_WITHIN,
+        )
+        .expect("without XDP, port B is reachable from anywhere");
+    });
+    let counters = gate.counters(port_a, Protocol::Tcp).expect("counters");
+    let skb = counters.hooks[usize::from(hook::SKB)];
+    assert_eq!(skb.accepted, 2, "two connections accepted by cgroup_skb");
+    assert!(skb.dropped_for(reason::NOT_ALLOWED) >= 1);
+
+    // Now XDP on the server's end of the veth as well.
+    server_ns.run(|| {
+        gate.attach_xdp(&veth.a_name, aya::programs::XdpMode::default())
+            .expect("attach XDP to the test veth");
+    });
+    let before = gate.counters(port_a, Protocol::Tcp).expect("counters");
+    client_ns.run(|| {
+        assert!(
+            connect_from(
+                veth.v4(3),
+                SocketAddr::new(veth.v4(1), port_b),
+                REFUSED_WITHIN
+            )
+            .is_err(),
+            "XDP drops a source outside the allowlist"
+        );
+        let mut ok = connect_from(
+            veth.v4(2),
+            SocketAddr::new(veth.v4(1), port_a),
+            CONNECT_WITHIN,
+        )
+        .expect("an allowed source still connects through XDP and cgroup_skb");
+        echo(&mut ok, b"through both").expect("echo through both hooks");
+    });
+    let after = gate.counters(port_a, Protocol::Tcp).expect("counters");
+    assert_eq!(
+        after.total.accepted,
+        before.total.accepted + 1,
+        "a connection both hooks see is accepted once"
+    );
+    assert_eq!(
+        after.hooks[usize::from(hook::XDP)].accepted,
+        before.hooks[usize::from(hook::XDP)].accepted + 1,
+        "XDP judged it"
+    );
+    let xdp_b = gate
+        .counters(port_b, Protocol::Tcp)
+        .expect("counters")
+        .hooks[usize::from(hook::XDP)];
+    assert!(
+        xdp_b.dropped_for(reason::NOT_ALLOWED) >= 1,
+        "XDP counted its drop"
+    );
+
+    let denied = events.drain();
+    for (port, hook_name) in [(port_a, "cgroup_skb"), (port_b, "xdp")] {
+        assert!(
+            denied.iter().any(|event| event.port == port
+                && event.reason == "not_allowed"
+                && event.hook == hook_name
+                && event.addr == veth.v4(3)),
+            "a not_allowed event from {} on port {port} by {hook_name}: {denied:?}",
+            veth.v4(3)
+        );
+    }
+    drop((server_a, server_b));
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
+    const LIMIT: u32 = 20;
+    const BURST: usize = 200;
+    if !require_privileges(
+        "connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset",
+    ) {
+        return;
+    }
+    let pins = PinDir::new();
+    let cgroup = TestCgroup::new();
+    let ns = NetNs::new();
+    let mut gate = install(&pins);
+    gate.attach_cgroup(cgroup.path()).expect("attach");
+    let port = MIN_PORT + 10;
+    gate.set_policy(
+        port,
+        Protocol::Tcp,
+        &PortPolicy {
+            max_connections: LIMIT,
+            ..PortPolicy::default()
+        },
+    )
+    .expect("set policy");
+    let server = ns.run(|| EchoServer::serve(listen_in(&cgroup, loopback(port))));
+
+    // Watch the established count while the burst runs.
+    let highest = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicBool::new(false));
+    let mut held = ns.run(|| {
+        thread::scope(|scope| {
+            let watcher = {
+                let (highest, done, gate) = (highest.clone(), done.clone(), &gate);
+                scope.spawn(move || {
+                    while !done.load(Ordering::Relaxed) {
+                        let established = gate.slots(port).expect("slots").established;
+                        highest.fetch_max(established, Ordering::Relaxed);
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                })
+            };
+            let attempts: Vec<_> = (0..BURST)
+                .map(|_| {
+                    scope.spawn(move || {
+                        connect_from(LOCAL, loopback(port), Duration::from_millis(1_500)).ok()
+                    })
+                })
+                .collect();
+            let held: Vec<TcpStream> = attempts
+                .into_iter()
+                .filter_map(|attempt| attempt.join().expect("connect thread"))
+                .collect();
+            done.store(true, Ordering::Relaxed);
+            watcher.join().expect("watcher");
+            held
+        })
+    });
+    assert_eq!(
+        held.len(),
+        LIMIT as usize,
+        "exactly max_connections of {BURST} simultaneous connects succeed"
+    );
+    assert!(
+        highest.load(Ordering::Relaxed) <= u64::from(LIMIT),
+        "never more than max_connections established"
+    );
+    assert!(eventually(Duration::from_secs(2), || gate
+        .slots(port)
+        .expect("slots")
+        .established
+        == u64::from(LIMIT)));
+    let counters = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    assert_eq!(counters.accepted, u64::from(LIMIT));
+    assert!(counters.dropped_for(reason::CONN_LIMIT) >= (BURST - LIMIT as usize) as u64);
+
+    // A graceful close frees a slot.
+    drop(held.pop());
+    assert!(
+        eventually(Duration::from_secs(3), || gate
+            .slots(port)
+            .expect("slots")
+            .established
+            == u64::from(LIMIT) - 1),
+        "FIN frees the slot: {:?}",
+        gate.slots(port)
+    );
+    held.push(
+        ns.run(|| connect_from(LOCAL, loopback(port), CONNECT_WITHIN))
+            .expect("the freed slot takes a new connection"),
+    );
+    // A reset frees a slot.
+    reset(held.pop().expect("a held connection"));
+    assert!(
+        eventually(Duration::from_secs(3), || gate
+            .slots(port)
+            .expect("slots")
+            .established
+            == u64::from(LIMIT) - 1),
+        "RST frees the slot: {:?}",
+        gate.slots(port)
+    );
+    held.push(
+        ns.run(|| connect_from(LOCAL, loopback(port), CONNECT_WITHIN))
+            .expect("the slot freed by RST takes a new connection"),
+    );
+    assert!(
+        ns.run(|| connect_from(LOCAL, loopback(port), REFUSED_WITHIN))
+            .is_err(),
+        "full again"
+    );
+    drop(held);
+    drop(server);
+    assert!(
+        eventually(Duration::from_secs(3), || gate.slots(port).expect("slots")
+            == portgate_common::ConnSlots {
+                last_sweep_ns: gate.slots(port).expect("slots").last_sweep_ns,
+                ..Default::default()
+            }),
+        "every slot and established count back to 0, no drift: {:?}",
+        gate.slots(port)
+    );
+}
+
+#[test]
+fn draining_port_refuses_new_connections_and_keeps_established_ones() {
+    if !require_privileges("draining_port_refuses_new_connections_and_keeps_established_ones") {
+        return;
+    }
+    let pins = PinDir::new();
+    let cgroup = TestCgroup::new();
+    let ns = NetNs::new();
+    let mut gate = install(&pins);
+    gate.attach_cgroup(cgroup.path()).expect("attach");
+    let port = MIN_PORT + 20;
+    gate.set_policy(port, Protocol::Tcp, &PortPolicy::default())
+        .expect("set policy");
+    let server = ns.run(|| EchoServer::serve(listen_in(&cgroup, loopback(port))));
+    let mut established = ns
+        .run(|| connect_from(LOCAL, loopback(port), CONNECT_WITHIN))
+        .expect("connect while Active");
+    echo(&mut established, b"before").expect("echo while Active");
+
+    gate.set_policy(
+        port,
+        Protocol::Tcp,
+        &PortPolicy {
+            status: PortStatus::Draining,
+            ..PortPolicy::default()
+        },
+    )
+    .expect("drain");
+    assert!(
+        ns.run(|| connect_from(LOCAL, loopback(port), REFUSED_WITHIN))
+            .is_err(),
+        "a Draining port refuses new connections"
+    );
+    for round in 0..20 {
+        echo(
+            &mut established,
+            format!("while draining {round}").as_bytes(),
+        )
+        .expect("the established connection keeps exchanging data");
+    }
+    let counters = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    assert!(counters.dropped_for(reason::DRAINING) >= 1);
+    assert_eq!(gate.slots(port).expect("slots").established, 1);
+    drop(established);
+    drop(server);
+}
+
+#[test]
+fn grants_admit_until_they_expire() {
+    if !require_privileges("grants_admit_until_they_expire") {
+        return;
+    }
+    let pins = PinDir::new();
+    let cgroup = TestCgroup::new();
+    let ns = NetNs::new();
+    let mut gate = install(&pins);
+    gate.attach_cgroup(cgroup.path()).expect("attach");
+    let port = MIN_PORT + 30;
+    gate.set_policy(
+        port,
+        Protocol::Tcp,
+        &PortPolicy {
+            require_authentication: true,
+            ..PortPolicy::default()
+        },
+    )
+    .expect("set policy");
+    let server = ns.run(|| EchoServer::serve(listen_in(&cgroup, loopback(port))));
+    let connect = |from| ns.run(|| connect_from(from, loopback(port), REFUSED_WITHIN));
+
+    assert!(connect(LOCAL).is_err(), "no grant: refused");
+    let now = monotonic_now_ns();
+    gate.add_grant(port, Protocol::Tcp, LOCAL, now + 60_000_000_000)
+        .expect("grant");
+    gate.add_grant(port, Protocol::Tcp, OTHER_LOCAL, now.saturating_sub(1))
+        .expect("expired grant");
+    let mut ok = connect(LOCAL).expect("an unexpired grant admits");
+    echo(&mut ok, b"granted").expect("echo");
+    assert!(
+        connect(OTHER_LOCAL).is_err(),
+        "an expired grant does not admit"
+    );
+    gate.remove_grant(port, Protocol::Tcp, LOCAL)
+        .expect("revoke");
+    assert!(connect(LOCAL).is_err(), "a revoked grant does not admit");
+    let counters = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    assert!(counters.dropped_for(reason::AUTH_REQUIRED) >= 3);
+    assert_eq!(counters.accepted, 1);
+    drop(ok);
+    drop(server);
+}
+
+#[test]
+fn bind_follows_the_owner_cgroup_tree() {
+    if !require_privileges("bind_follows_the_owner_cgroup_tree") {
+        return;
+    }
+    let pins = PinDir::new();
+    let parent = TestCgroup::new();
+    let owner = parent.child("owner");
+    let owner_child = owner.child("worker");
+    let other = parent.child("other");
+    let ns = NetNs::new();
+    let mut gate = install(&pins);
+    gate.attach_cgroup(parent.path())
+        .expect("attach to the test cgroup");
+    let mut events = gate.events().expect("event stream");
+    let owned_port = MIN_PORT + 40;
+    let open = MIN_PORT + 41;
+    let unallocated = MIN_PORT + 42;
+    gate.set_policy(
+        owned_port,
+        Protocol::Tcp,
+        &PortPolicy {
+            owner: Some(OwnerCgroup {
+                id: owner.id(),
+                level: owner.level(),
+            }),
+            ..PortPolicy::default()
+        },
+    )
+    .expect("set owned_port policy");
+    gate.set_policy(open, Protocol::Tcp, &PortPolicy::default())
+        .expect("set open policy");
+
+    let bind_tcp = |cgroup: &TestCgroup, port: u16| {
+        ns.run(|| {
+            let _inside = cgroup.enter();
+            TcpListener::bind(loopback(port)).map(drop)
+        })
+    };
+    let bind_udp = |cgroup: &TestCgroup, port: u16| {
+        ns.run(|| {
+            let _inside = cgroup.enter();
+            std::net::UdpSocket::bind(loopback(port)).map(drop)
+        })
+    };
+    let eperm = |result: std::io::Result<()>| result.err().and_then(|err| err.raw_os_error());
+
+    bind_tcp(&owner, owned_port).expect("the owner cgroup binds its port");
+    bind_tcp(&owner_child, owned_port).expect("a child of the owner binds its port");
+    assert_eq!(
+        eperm(bind_tcp(&other, owned_port)),
+        Some(libc::EPERM),
+        "another cgroup is refused with EPERM"
+    );
+    bind_tcp(&other, open).expect("a port without owner binds from anywhere");
+    assert_eq!(
+        eperm(bind_tcp(&other, unallocated)),
+        Some(libc::EPERM),
+        "an unallocated managed port is refused"
+    );
+    assert_eq!(
+        eperm(bind_udp(&owner, owned_port)),
+        Some(libc::EPERM),
+        "the allocation is for TCP only"
+    );
+    bind_tcp(&other, MAX_PORT + 500).expect("a port outside the range is untouched");
+    bind_tcp(&other, 0).expect("port 0 is never refused");
+
+    let denied_owned = gate
+        .counters(owned_port, Protocol::Tcp)
+        .expect("counters")
+        .total;
+    assert_eq!(denied_owned.bind_denied, 1);
+    let denied_udp = gate
+        .counters(owned_port, Protocol::Udp)
+        .expect("counters")
+        .total;
+    assert_eq!(denied_udp.bind_denied, 1);
+    let binds: Vec<_> = events
+        .drain()
+        .into_iter()
+        .filter(|event| event.reason == "bind_denied")
+        .collect();
+    assert_eq!(binds.len(), 3, "one event per refused bind: {binds:?}");
+    let from_other = binds
+        .iter()
+        .find(|event| event.port == owned_port && event.protocol == Protocol::Tcp)
+        .expect("the refused bind of the owned_port port");
+    assert_eq!(from_other.cgroup_id, other.id());
+    assert_eq!(from_other.pid, std::process::id());
+}
+
+#[test]
+fn enforcement_outlives_the_handle_and_uninstall_removes_everything() {
+    if !require_privileges("enforcement_outlives_the_handle_and_uninstall_removes_everything") {
+        return;
+    }
+    let pins = PinDir::new();
+    let cgroup = TestCgroup::new();
+    let ns = NetNs::new();
+    let port = MIN_PORT + 50;
+    {
+        let mut gate = install(&pins);
+        gate.attach_cgroup(cgroup.path()).expect("attach");
+        gate.set_policy(
+            port,
+            Protocol::Tcp,
+            &PortPolicy {
+                allow: allow(&["127.0.0.1/32"]),
+                ..PortPolicy::default()
+            },
+        )
+        .expect("set policy");
+    }
+    // No handle left in this process: the pins hold everything.
+    let server = ns.run(|| EchoServer::serve(listen_in(&cgroup, loopback(port))));
+    let connect = |from| ns.run(|| connect_from(from, loopback(port), REFUSED_WITHIN));
+    let mut ok = connect(LOCAL).expect("allowed without a handle");
+    echo(&mut ok, b"pinned").expect("echo");
+    assert!(
+        connect(OTHER_LOCAL).is_err(),
+        "still enforced without a handle"
+    );
+
+    let gate = install(&pins);
+    let counters = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    assert_eq!(counters.accepted, 1, "counters survive re-adoption");
+    assert!(counters.dropped_for(reason::NOT_ALLOWED) >= 1);
+    assert_eq!(
+        gate.attachments().expect("attachments"),
+        [
+            "cgroup_bind4",
+            "cgroup_bind6",
+            "cgroup_skb_ingress",
+            "sock_ops"
+        ],
+        "adopted, not attached twice"
+    );
+    let policy = gate
+        .policy(port, Protocol::Tcp)
+        .expect("policy")
+        .expect("the policy survived");
+    assert_eq!(policy.status, portgate_common::status::ACTIVE);
+    drop(gate);
+    drop(ok);
+
+    portgate::gate::uninstall(pins.path()).expect("uninstall");
+    assert!(!pins.path().exists(), "nothing left pinned");
+    let mut free = connect(OTHER_LOCAL).expect("after uninstall nothing is enforced");
+    echo(&mut free, b"free").expect("echo");
+    drop(server);
+}
