@@ -10,3 +10,4 @@ pub mod paths;
 pub mod policy;
 pub mod report;
 pub mod system;
+pub mod verdict;

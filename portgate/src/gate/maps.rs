@@ -240,7 +240,8 @@ impl Gate {
         for prefix in prefixes {
             let (bits, data) = allow_key(port, protocol, *prefix);
             match trie.remove(&Key::new(bits, data)) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                Err(err) if is_not_found(&err) => {}
                 Err(err) => {
                     return Err(GateError::map(
                         "removing a prefix",
@@ -261,7 +262,8 @@ impl Gate {
             let mut policies: HashMap<&mut MapData, PortKey, Policy> =
                 open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
             match policies.remove(&PortKey::new(port, protocol.number())) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Ok(()) => {}
+                Err(err) if is_not_found(&err) => {}
                 Err(err) => {
                     return Err(GateError::map(
                         "removing",
@@ -289,7 +291,7 @@ impl Gate {
             open_map!(self, HashMap, map_names::POLICY, capacity::POLICIES);
         match policies.get(&PortKey::new(port, protocol.number()), 0) {
             Ok(policy) => Ok(Some(policy)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(err) if is_not_found(&err) => Ok(None),
             Err(err) => Err(GateError::map(
                 "reading",
                 map_names::POLICY,
@@ -374,7 +376,8 @@ impl Gate {
         let mut grants: HashMap<&mut MapData, AddrKey, u64> =
             open_map!(mut self, HashMap, map_names::GRANTS, capacity::GRANTS);
         match grants.remove(&addr_key(port, protocol, addr)) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Ok(()) => Ok(()),
+            Err(err) if is_not_found(&err) => Ok(()),
             Err(err) => Err(GateError::map(
                 "removing",
                 map_names::GRANTS,
@@ -453,7 +456,7 @@ impl Gate {
                         out.hooks[usize::from(hook_code)].add(cpu);
                     }
                 }
-                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(err) if is_not_found(&err) => {}
                 Err(err) => {
                     return Err(GateError::map(
                         "reading",
@@ -496,5 +499,15 @@ impl Gate {
             sockets_full: read(stat::SOCKETS_FULL)?,
             pending_sweeps: read(stat::PENDING_SWEEPS)?,
         })
+    }
+}
+
+/// Whether a map operation failed only because the key is absent (aya reports a failed
+/// lookup as `KeyNotFound` and a failed delete as the syscall's `ENOENT`).
+fn is_not_found(err: &aya::maps::MapError) -> bool {
+    match err {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(err) => err.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
     }
 }

@@ -22,6 +22,8 @@ use std::{
 
 use portgate::{gate, system};
 
+pub mod packet;
+
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// A name no other test (in this or another process) uses.
@@ -36,17 +38,23 @@ pub fn unique(prefix: &str) -> String {
 /// Whether the kernel part can run. Without it: with `CI` set the test fails, saying what
 /// is missing; otherwise it prints `SKIPPED: <test>: <why>` and the test returns.
 pub fn require_privileges(test: &str) -> bool {
-    let missing = missing_privileges();
-    match missing {
-        None => true,
-        Some(why) if std::env::var_os("CI").is_some() => {
-            panic!("{test}: the kernel test cannot run: {why} (CI is set, so this fails)")
-        }
-        Some(why) => {
-            println!("SKIPPED: {test}: {why}");
-            false
-        }
+    if let Some(why) = missing_privileges() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{test}: the kernel test cannot run: {why} (CI is set, so this fails)"
+        );
+        println!("SKIPPED: {test}: {why}");
+        return false;
     }
+    true
+}
+
+/// Pins the calling thread to CPU 0, so that consecutive `BPF_PROG_TEST_RUN` calls see the
+/// same per-CPU state.
+pub fn pin_to_cpu0() {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(0).expect("CPU 0");
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
 }
 
 fn missing_privileges() -> Option<String> {
