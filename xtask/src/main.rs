@@ -1,1 +1,40 @@
-fn main() {}
+//! portgate's developer tasks: `cargo xtask setup | test | run`.
+
+mod run;
+mod setup;
+mod test;
+
+use clap::{Parser, Subcommand};
+
+/// Developer tasks for portgate.
+#[derive(Debug, Parser)]
+#[command(name = "xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what the build needs (rust-src, bpf-linker) and check the host.
+    Setup(setup::SetupArgs),
+    /// Set up, then run the unit tests and the kernel tests.
+    Test(test::TestArgs),
+    /// Set up, build, and run the `portgate` binary with the given arguments.
+    Run(run::RunArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().command {
+        Command::Setup(args) => setup::run(&args),
+        Command::Test(args) => test::run(&args),
+        Command::Run(args) => run::run(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("xtask: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

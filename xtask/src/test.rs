@@ -1,0 +1,177 @@
+//! `cargo xtask test`: the project's one test command (CI runs exactly this).
+//!
+//! Set-up first (toolchain, host checks), then the unit tests, then the kernel tests on one
+//! thread (they share the kernel), then a summary that says how many kernel tests ran.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::{Command, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Args;
+
+use crate::setup;
+
+/// Options of `cargo xtask test`.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// Only the unit tests.
+    #[arg(long, conflicts_with = "kernel")]
+    pub unit: bool,
+    /// Only the kernel tests.
+    #[arg(long)]
+    pub kernel: bool,
+    /// Passed to the test binaries (a name filter, `--nocapture`, ...).
+    #[arg(last = true)]
+    pub passthrough: Vec<String>,
+}
+
+/// Totals over every test binary of one `cargo test` run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Tests that passed (skipped ones included: libtest counts them as passed).
+    pub passed: u64,
+    /// Tests that failed.
+    pub failed: u64,
+    /// Tests marked `#[ignore]`.
+    pub ignored: u64,
+    /// Tests that printed `SKIPPED:` (no privileges, CI unset).
+    pub skipped: u64,
+}
+
+impl Totals {
+    /// Adds what one line of libtest output says.
+    pub fn read_line(&mut self, line: &str) {
+        if line.starts_with("SKIPPED:") {
+            self.skipped += 1;
+        }
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(label), Some(count)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(count) = count.parse::<u64>() else {
+                continue;
+            };
+            match label {
+                "passed" => self.passed += count,
+                "failed" => self.failed += count,
+                "ignored" => self.ignored += count,
+                _ => {}
+            }
+        }
+    }
+
+    /// Tests that ran their kernel part.
+    #[must_use]
+    pub const fn ran(&self) -> u64 {
+        self.passed.saturating_sub(self.skipped) + self.failed
+    }
+}
+
+/// Runs `cargo xtask test`.
+pub fn run(args: &TestArgs) -> Result<()> {
+    setup::toolchain(false)?;
+    let problems = setup::host_checks(true);
+    let in_ci = std::env::var_os("CI").is_some();
+    if !problems.is_empty() {
+        let list = problems.join("\n  - ");
+        if in_ci && !args.unit {
+            bail!("CI is set and the kernel tests cannot run here:\n  - {list}");
+        }
+        println!("warning: the kernel tests will be skipped:\n  - {list}");
+    }
+
+    let mut failed = false;
+    if !args.kernel {
+        let unit = cargo_test(
+            &["-p", "portgate", "-p", "portgate-common", "-p", "xtask"],
+            &args.passthrough,
+        )?;
+        println!(
+            "unit tests: {} passed, {} failed, {} ignored",
+            unit.passed, unit.failed, unit.ignored
+        );
+        failed |= unit.failed > 0;
+    }
+    if !args.unit {
+        let mut test_args = vec!["--test-threads=1".to_owned()];
+        test_args.extend(args.passthrough.iter().cloned());
+        let kernel = cargo_test(&["-p", "portgate-tests"], &test_args)?;
+        println!(
+            "kernel tests: {} ran ({} passed, {} failed), {} skipped, {} ignored",
+            kernel.ran(),
+            kernel.passed - kernel.skipped,
+            kernel.failed,
+            kernel.skipped,
+            kernel.ignored
+        );
+        failed |= kernel.failed > 0;
+        if in_ci && kernel.ran() == 0 {
+            bail!("CI is set and no kernel test ran");
+        }
+    }
+    if failed {
+        bail!("tests failed");
+    }
+    Ok(())
+}
+
+/// Runs `cargo test <packages> -- <test_args>`, streaming its output and counting results.
+fn cargo_test(packages: &[&str], test_args: &[String]) -> Result<Totals> {
+    let mut child = Command::new(env!("CARGO"))
+        .arg("test")
+        .args(packages)
+        .arg("--")
+        .args(test_args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let stdout = child.stdout.take().context("cargo test's output")?;
+    let mut totals = Totals::default();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo test's output")?;
+        println!("{line}");
+        totals.read_line(&line);
+    }
+    let status = child.wait().context("waiting for cargo test")?;
+    if !status.success() && totals.failed == 0 {
+        bail!("cargo test {} failed ({status})", packages.join(" "));
+    }
+    Ok(totals)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Totals;
+
+    #[test]
+    fn sums_results_over_binaries_and_counts_skips() {
+        let output = "\
+running 3 tests
+SKIPPED: allowlist: CAP_BPF is missing: run as root
+test allowlist ... ok
+test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s
+running 2 tests
+test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.2s
+";
+        let mut totals = Totals::default();
+        for line in output.lines() {
+            totals.read_line(line);
+        }
+        assert_eq!(
+            totals,
+            Totals {
+                passed: 4,
+                failed: 1,
+                ignored: 1,
+                skipped: 1,
+            }
+        );
+        assert_eq!(totals.ran(), 4);
+    }
+}
