@@ -1,7 +1,10 @@
 //! Header parsing shared by the packet hooks: from the L3 header to the ports.
 
-use core::mem::size_of;
-
+use network_types::{
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    tcp::TcpHdr,
+    udp::UdpHdr,
+};
 use portgate_common::{family, proto};
 
 /// `ETH_P_IP`.
@@ -28,7 +31,7 @@ pub struct PacketInfo {
     pub family: u8,
     /// [`proto::TCP`] or [`proto::UDP`].
     pub proto: u8,
-    /// TCP flags byte (0 for UDP).
+    /// [`TCP_SYN`] and [`TCP_ACK`] as set in the segment (0 for UDP).
     pub tcp_flags: u8,
     /// Source port, host byte order.
     pub sport: u16,
@@ -56,54 +59,6 @@ pub trait Reader {
     fn read<T: Copy>(&self, offset: usize) -> Option<T>;
 }
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv4Fixed {
-    vihl: u8,
-    tos: u8,
-    tot_len: [u8; 2],
-    id: [u8; 2],
-    frags: [u8; 2],
-    ttl: u8,
-    proto: u8,
-    check: [u8; 2],
-    saddr: [u8; 4],
-    daddr: [u8; 4],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Ipv6Fixed {
-    vcf: [u8; 4],
-    payload_len: [u8; 2],
-    next_hdr: u8,
-    hop_limit: u8,
-    saddr: [u8; 16],
-    daddr: [u8; 16],
-}
-
-/// The first 16 bytes of a TCP header: ports, sequence number, flags.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct TcpStart {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    seq: [u8; 4],
-    ack_seq: [u8; 4],
-    doff: u8,
-    flags: u8,
-    window: [u8; 2],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct Udp {
-    sport: [u8; 2],
-    dport: [u8; 2],
-    len: [u8; 2],
-    check: [u8; 2],
-}
-
 /// Parses from the L3 header at `offset` (of the given ethertype) to the L4 ports.
 ///
 /// `None` for anything the gate does not judge: other protocols, non-first fragments
@@ -123,43 +78,48 @@ pub fn parse_l3<R: Reader>(reader: &R, ethertype: u16, offset: usize) -> Option<
     };
     let (l4_proto, l4_offset) = match ethertype {
         ETH_P_IP => {
-            let ip: Ipv4Fixed = reader.read(offset)?;
+            let ip: Ipv4Hdr = reader.read(offset)?;
             let ihl = usize::from(ip.vihl & 0x0f) * 4;
-            if ip.vihl >> 4 != 4 || ihl < size_of::<Ipv4Fixed>() {
+            if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
                 return None;
             }
             if u16::from_be_bytes(ip.frags) & 0x1fff != 0 {
                 return None;
             }
             info.family = family::V4;
-            info.saddr[..4].copy_from_slice(&ip.saddr);
-            info.daddr[..4].copy_from_slice(&ip.daddr);
+            info.saddr[..4].copy_from_slice(&ip.src_addr);
+            info.daddr[..4].copy_from_slice(&ip.dst_addr);
             (ip.proto, offset + ihl)
         }
         ETH_P_IPV6 => {
-            let ip: Ipv6Fixed = reader.read(offset)?;
+            let ip: Ipv6Hdr = reader.read(offset)?;
             if ip.vcf[0] >> 4 != 6 {
                 return None;
             }
             info.family = family::V6;
-            info.saddr = ip.saddr;
-            info.daddr = ip.daddr;
-            skip_ipv6_extensions(reader, ip.next_hdr, offset + size_of::<Ipv6Fixed>())?
+            info.saddr = ip.src_addr;
+            info.daddr = ip.dst_addr;
+            skip_ipv6_extensions(reader, ip.next_hdr, offset + Ipv6Hdr::LEN)?
         }
         _ => return None,
     };
     match l4_proto {
         proto::TCP => {
-            let tcp: TcpStart = reader.read(l4_offset)?;
-            info.sport = u16::from_be_bytes(tcp.sport);
-            info.dport = u16::from_be_bytes(tcp.dport);
+            let tcp: TcpHdr = reader.read(l4_offset)?;
+            info.sport = u16::from_be_bytes(tcp.source);
+            info.dport = u16::from_be_bytes(tcp.dest);
             info.l4_word = u32::from_be_bytes(tcp.seq);
-            info.tcp_flags = tcp.flags;
+            if tcp.syn() != 0 {
+                info.tcp_flags |= TCP_SYN;
+            }
+            if tcp.ack() != 0 {
+                info.tcp_flags |= TCP_ACK;
+            }
         }
         proto::UDP => {
-            let udp: Udp = reader.read(l4_offset)?;
-            info.sport = u16::from_be_bytes(udp.sport);
-            info.dport = u16::from_be_bytes(udp.dport);
+            let udp: UdpHdr = reader.read(l4_offset)?;
+            info.sport = u16::from_be_bytes(udp.src);
+            info.dport = u16::from_be_bytes(udp.dst);
             info.l4_word = u32::from_be_bytes([udp.len[0], udp.len[1], udp.check[0], udp.check[1]]);
         }
         _ => return None,

@@ -564,9 +564,34 @@ fn enforcement_outlives_the_handle_and_uninstall_removes_everything() {
     drop(gate);
     drop(ok);
 
+    let attached = our_programs();
+    // Other tests' programs may still be on their way out, so at least ours are listed.
+    assert!(
+        attached.len() >= 4,
+        "the four cgroup programs, held by their pinned links"
+    );
     portgate::gate::uninstall(pins.path()).expect("uninstall");
     assert!(!pins.path().exists(), "nothing left pinned");
+    assert!(
+        eventually(Duration::from_secs(5), || our_programs()
+            .iter()
+            .all(|id| !attached.contains(id))),
+        "uninstall detached and freed every program"
+    );
     let mut free = connect(OTHER_LOCAL).expect("after uninstall nothing is enforced");
     echo(&mut free, b"free").expect("echo");
     drop(server);
+}
+
+/// Ids of the loaded BPF programs with portgate's names (the kernel keeps 15 characters).
+fn our_programs() -> Vec<u32> {
+    aya::programs::loaded_programs()
+        .filter_map(Result::ok)
+        .filter(|program| {
+            program
+                .name_as_str()
+                .is_some_and(|name| name.starts_with("portgate_"))
+        })
+        .map(|program| program.id())
+        .collect()
 }

@@ -36,7 +36,7 @@ pub use self::{
 use crate::{paths, policy::Protocol, system};
 
 /// The kernel programs, built by `build.rs` from the portgate-ebpf crate.
-static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portgate"));
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portgate-ebpf"));
 
 /// How to set up the gate.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,247 @@
+//! The gate's kernel state driven with `BPF_PROG_TEST_RUN`: connection-slot reservations
+//! (retransmitted SYNs, handshakes that never complete), the deny-event rate limit, and
+//! what `portgate maps` reads back. Needs root, bpffs, BTF. Attaches nothing.
+
+mod common;
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    thread,
+    time::Duration,
+};
+
+use common::{
+    PinDir,
+    packet::{PacketSpec, build_packet},
+    pin_to_cpu0, require_privileges,
+};
+use portgate::{
+    gate::{Gate, GateSettings, PacketHook},
+    policy::{PortPolicy, Protocol},
+    report,
+};
+
+const MIN_PORT: u16 = 22_000;
+const MAX_PORT: u16 = 22_099;
+
+fn install(pins: &PinDir, events_per_sec: u32, pending_ttl: Duration) -> Gate {
+    Gate::install(&GateSettings {
+        pin_dir: pins.path().to_owned(),
+        min_port: MIN_PORT,
+        max_port: MAX_PORT,
+        events_per_sec,
+        pending_ttl,
+    })
+    .expect("install the gate")
+}
+
+fn syn(source: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    build_packet(&PacketSpec {
+        protocol: Protocol::Tcp,
+        source: IpAddr::V4(source.into()),
+        destination: IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1)),
+        sport,
+        dport,
+        syn: true,
+        ack: false,
+        fin: false,
+        rst: false,
+        psh: false,
+        seq: u32::from(sport) * 7,
+        payload: Vec::new(),
+        ipv6_extension_headers: 0,
+    })
+}
+
+#[test]
+fn a_retransmitted_syn_takes_no_second_slot_and_an_unfinished_handshake_gives_its_slot_back() {
+    if !require_privileges("a_retransmitted_syn_takes_no_second_slot") {
+        return;
+    }
+    pin_to_cpu0();
+    let pins = PinDir::new();
+    let mut gate = install(&pins, 100, Duration::from_millis(300));
+    let port = MIN_PORT + 1;
+    gate.set_policy(
+        port,
+        Protocol::Tcp,
+        &PortPolicy {
+            max_connections: 1,
+            ..PortPolicy::default()
+        },
+    )
+    .expect("set policy");
+    let first = syn([198, 18, 0, 1], 40_000, port);
+    for hook in [PacketHook::Xdp, PacketHook::CgroupSkb, PacketHook::Xdp] {
+        let outcome = gate.test_run(hook, &first, 1).expect("test run");
+        assert!(
+            outcome.passed,
+            "the SYN and its retransmissions pass ({hook:?})"
+        );
+    }
+    assert_eq!(
+        gate.slots(port).expect("slots").slots,
+        1,
+        "one slot for one 4-tuple"
+    );
+    let counters = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    assert_eq!(counters.accepted, 1, "accepted once");
+
+    let second = syn([198, 18, 0, 2], 40_001, port);
+    assert!(
+        !gate
+            .test_run(PacketHook::Xdp, &second, 1)
+            .expect("test run")
+            .passed,
+        "the port is full while the first handshake is pending"
+    );
+    // The first handshake never completes: after the TTL its reservation is released
+    // by the next SYN that finds the port full.
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        gate.test_run(PacketHook::Xdp, &second, 1)
+            .expect("test run")
+            .passed,
+        "the expired reservation was released"
+    );
+    assert_eq!(gate.slots(port).expect("slots").slots, 1);
+    assert!(gate.stats().expect("stats").pending_sweeps >= 1);
+}
+
+#[test]
+fn a_flood_of_denials_is_rate_limited_and_the_rest_counted() {
+    const LIMIT: u32 = 50;
+    const FLOOD: u32 = 5_000;
+    if !require_privileges("a_flood_of_denials_is_rate_limited_and_the_rest_counted") {
+        return;
+    }
+    pin_to_cpu0();
+    let pins = PinDir::new();
+    let mut gate = install(&pins, LIMIT, Duration::from_secs(5));
+    let mut events = gate.events().expect("event stream");
+    let port = MIN_PORT + 2;
+    // Unallocated: every SYN is denied.
+    let outcome = gate
+        .test_run(PacketHook::Xdp, &syn([203, 0, 113, 9], 40_000, port), FLOOD)
+        .expect("test run");
+    assert!(!outcome.passed);
+    let delivered = events.drain();
+    let stats = gate.stats().expect("stats");
+    let counters = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    assert_eq!(
+        counters.dropped_for(portgate_common::reason::UNALLOCATED),
+        u64::from(FLOOD)
+    );
+    // The window may roll over once during the run.
+    assert!(
+        (LIMIT as usize..=2 * LIMIT as usize).contains(&delivered.len()),
+        "about {LIMIT} events per second reach userspace, got {}",
+        delivered.len()
+    );
+    assert_eq!(
+        delivered.len() as u64 + stats.events_rate_limited + stats.events_lost_full,
+        u64::from(FLOOD),
+        "every denial is either delivered or counted as lost"
+    );
+    assert!(delivered.iter().all(|event| event.port == port
+        && event.reason == "unallocated"
+        && event.addr == IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9))));
+}
+
+#[test]
+fn the_maps_report_reads_the_live_state_back() {
+    if !require_privileges("the_maps_report_reads_the_live_state_back") {
+        return;
+    }
+    pin_to_cpu0();
+    let pins = PinDir::new();
+    let mut gate = install(&pins, 100, Duration::from_secs(5));
+    let port = MIN_PORT + 3;
+    gate.set_policy(
+        port,
+        Protocol::Tcp,
+        &PortPolicy {
+            allow: vec![
+                "198.18.0.0/24".parse().expect("prefix"),
+                "fd00::/8".parse().expect("prefix"),
+            ],
+            max_connections: 7,
+            require_authentication: true,
+            ..PortPolicy::default()
+        },
+    )
+    .expect("set policy");
+    let now = portgate::system::monotonic_now_ns();
+    gate.add_grant(
+        port,
+        Protocol::Tcp,
+        IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
+        now + 60_000_000_000,
+    )
+    .expect("grant");
+    assert!(
+        gate.test_run(PacketHook::Xdp, &syn([198, 18, 0, 1], 41_000, port), 1)
+            .expect("run")
+            .passed
+    );
+    assert!(
+        !gate
+            .test_run(PacketHook::Xdp, &syn([203, 0, 113, 1], 41_001, port), 1)
+            .expect("run")
+            .passed
+    );
+    assert!(
+        !gate
+            .test_run(PacketHook::Xdp, &syn([198, 18, 0, 2], 41_002, port), 1)
+            .expect("run")
+            .passed
+    );
+
+    // What `portgate maps` prints, from a handle that only opens the pins.
+    let reader = Gate::open(pins.path()).expect("open the pinned maps");
+    let reports = report::port_reports(&reader).expect("reports");
+    let row = reports
+        .iter()
+        .find(|row| row.port == port && row.proto == Protocol::Tcp)
+        .expect("the port is listed");
+    assert_eq!(row.status, portgate::policy::PortStatus::Active);
+    assert_eq!(row.allow.len(), 2);
+    assert_eq!(row.max_connections, 7);
+    assert!(row.require_auth);
+    assert_eq!(row.grants.len(), 1);
+    assert_eq!(row.accepted, 1);
+    assert_eq!(row.dropped.not_allowed, 1);
+    assert_eq!(row.dropped.auth_required, 1);
+    assert_eq!(row.packets, 3);
+    let json = serde_json::to_value(row).expect("json");
+    for key in [
+        "port",
+        "proto",
+        "status",
+        "allow",
+        "max_connections",
+        "require_auth",
+        "owner_cgroup",
+        "accepted",
+        "active",
+        "dropped",
+        "bind_denied",
+        "packets",
+        "bytes",
+    ] {
+        assert!(json.get(key).is_some(), "JSON has {key}: {json}");
+    }
+    for reason in [
+        "unallocated",
+        "draining",
+        "not_allowed",
+        "auth_required",
+        "conn_limit",
+    ] {
+        assert!(json["dropped"].get(reason).is_some(), "dropped.{reason}");
+    }
+    assert!(
+        Gate::open(&pins.path().join("absent")).is_err(),
+        "opening a directory with no pins fails instead of creating maps"
+    );
+}
