@@ -87,6 +87,31 @@ pub fn check_kernel() -> Result<(), SystemError> {
     Ok(())
 }
 
+/// The capabilities the gate needs that this process lacks (`CAP_BPF`, `CAP_NET_ADMIN`,
+/// `CAP_SYS_ADMIN`), read from the effective set in `/proc/self/status`.
+#[must_use]
+pub fn missing_capabilities() -> Vec<&'static str> {
+    const NEEDED: [(u32, &str); 3] = [
+        (39, "CAP_BPF"),
+        (12, "CAP_NET_ADMIN"),
+        (21, "CAP_SYS_ADMIN"),
+    ];
+    let effective = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .unwrap_or(0);
+    NEEDED
+        .iter()
+        .filter(|(bit, _)| effective & (1 << bit) == 0)
+        .map(|(_, name)| *name)
+        .collect()
+}
+
 /// The first mount point of file-system type `fstype` in the mount table.
 pub fn find_mount(fstype: &str) -> Result<Option<PathBuf>, SystemError> {
     let table = fs::read_to_string(paths::PROC_MOUNTS).map_err(|source| SystemError::Mounts {

@@ -61,6 +61,46 @@ fn listen_in(cgroup: &TestCgroup, addr: SocketAddr) -> TcpListener {
     TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"))
 }
 
+/// One TCP port served on loopback inside a test namespace by a socket in a test cgroup,
+/// with the cgroup programs attached to that cgroup. Fields drop in order: the server
+/// first, the pins last.
+struct LoopbackPort {
+    _server: EchoServer,
+    gate: Gate,
+    ns: NetNs,
+    _cgroup: TestCgroup,
+    _pins: PinDir,
+    port: u16,
+}
+
+impl LoopbackPort {
+    fn new(port: u16, policy: &PortPolicy) -> Self {
+        let pins = PinDir::new();
+        let cgroup = TestCgroup::new();
+        let ns = NetNs::new();
+        let mut gate = install(&pins);
+        gate.attach_cgroup(cgroup.path())
+            .expect("attach to the test cgroup");
+        gate.set_policy(port, Protocol::Tcp, policy)
+            .expect("set policy");
+        let server = ns.run(|| EchoServer::serve(listen_in(&cgroup, loopback(port))));
+        Self {
+            _server: server,
+            gate,
+            ns,
+            _cgroup: cgroup,
+            _pins: pins,
+            port,
+        }
+    }
+
+    /// Connects from `from` inside the namespace.
+    fn connect(&self, from: IpAddr, within: Duration) -> std::io::Result<TcpStream> {
+        self.ns
+            .run(|| connect_from(from, loopback(self.port), within))
+    }
+}
+
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
@@ -212,22 +252,15 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
     ) {
         return;
     }
-    let pins = PinDir::new();
-    let cgroup = TestCgroup::new();
-    let ns = NetNs::new();
-    let mut gate = install(&pins);
-    gate.attach_cgroup(cgroup.path()).expect("attach");
     let port = MIN_PORT + 10;
-    gate.set_policy(
+    let fixture = LoopbackPort::new(
         port,
-        Protocol::Tcp,
         &PortPolicy {
             max_connections: LIMIT,
             ..PortPolicy::default()
         },
-    )
-    .expect("set policy");
-    let server = ns.run(|| EchoServer::serve(listen_in(&cgroup, loopback(port))));
+    );
+    let (gate, ns) = (&fixture.gate, &fixture.ns);
 
     // Watch the established count while the burst runs.
     let highest = Arc::new(AtomicU64::new(0));
@@ -235,7 +268,7 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
     let mut held = ns.run(|| {
         thread::scope(|scope| {
             let watcher = {
-                let (highest, done, gate) = (highest.clone(), done.clone(), &gate);
+                let (highest, done) = (highest.clone(), done.clone());
                 scope.spawn(move || {
                     while !done.load(Ordering::Relaxed) {
                         let established = gate.slots(port).expect("slots").established;
@@ -290,7 +323,8 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
         gate.slots(port)
     );
     held.push(
-        ns.run(|| connect_from(LOCAL, loopback(port), CONNECT_WITHIN))
+        fixture
+            .connect(LOCAL, CONNECT_WITHIN)
             .expect("the freed slot takes a new connection"),
     );
     // A reset frees a slot.
@@ -314,7 +348,6 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
         "full again"
     );
     drop(held);
-    drop(server);
     assert!(
         eventually(Duration::from_secs(3), || gate.slots(port).expect("slots")
             == portgate_common::ConnSlots {
@@ -331,32 +364,26 @@ fn draining_port_refuses_new_connections_and_keeps_established_ones() {
     if !require_privileges("draining_port_refuses_new_connections_and_keeps_established_ones") {
         return;
     }
-    let pins = PinDir::new();
-    let cgroup = TestCgroup::new();
-    let ns = NetNs::new();
-    let mut gate = install(&pins);
-    gate.attach_cgroup(cgroup.path()).expect("attach");
     let port = MIN_PORT + 20;
-    gate.set_policy(port, Protocol::Tcp, &PortPolicy::default())
-        .expect("set policy");
-    let server = ns.run(|| EchoServer::serve(listen_in(&cgroup, loopback(port))));
-    let mut established = ns
-        .run(|| connect_from(LOCAL, loopback(port), CONNECT_WITHIN))
+    let mut fixture = LoopbackPort::new(port, &PortPolicy::default());
+    let mut established = fixture
+        .connect(LOCAL, CONNECT_WITHIN)
         .expect("connect while Active");
     echo(&mut established, b"before").expect("echo while Active");
 
-    gate.set_policy(
-        port,
-        Protocol::Tcp,
-        &PortPolicy {
-            status: PortStatus::Draining,
-            ..PortPolicy::default()
-        },
-    )
-    .expect("drain");
+    fixture
+        .gate
+        .set_policy(
+            port,
+            Protocol::Tcp,
+            &PortPolicy {
+                status: PortStatus::Draining,
+                ..PortPolicy::default()
+            },
+        )
+        .expect("drain");
     assert!(
-        ns.run(|| connect_from(LOCAL, loopback(port), REFUSED_WITHIN))
-            .is_err(),
+        fixture.connect(LOCAL, REFUSED_WITHIN).is_err(),
         "a Draining port refuses new connections"
     );
     for round in 0..20 {
@@ -366,11 +393,13 @@ fn draining_port_refuses_new_connections_and_keeps_established_ones() {
         )
         .expect("the established connection keeps exchanging data");
     }
-    let counters = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    let counters = fixture
+        .gate
+        .counters(port, Protocol::Tcp)
+        .expect("counters")
+        .total;
     assert!(counters.dropped_for(reason::DRAINING) >= 1);
-    assert_eq!(gate.slots(port).expect("slots").established, 1);
-    drop(established);
-    drop(server);
+    assert_eq!(fixture.gate.slots(port).expect("slots").established, 1);
 }
 
 #[test]
@@ -378,44 +407,44 @@ fn grants_admit_until_they_expire() {
     if !require_privileges("grants_admit_until_they_expire") {
         return;
     }
-    let pins = PinDir::new();
-    let cgroup = TestCgroup::new();
-    let ns = NetNs::new();
-    let mut gate = install(&pins);
-    gate.attach_cgroup(cgroup.path()).expect("attach");
     let port = MIN_PORT + 30;
-    gate.set_policy(
+    let mut fixture = LoopbackPort::new(
         port,
-        Protocol::Tcp,
         &PortPolicy {
             require_authentication: true,
             ..PortPolicy::default()
         },
-    )
-    .expect("set policy");
-    let server = ns.run(|| EchoServer::serve(listen_in(&cgroup, loopback(port))));
-    let connect = |from| ns.run(|| connect_from(from, loopback(port), REFUSED_WITHIN));
+    );
+    let connect = |fixture: &LoopbackPort, from| fixture.connect(from, REFUSED_WITHIN);
 
-    assert!(connect(LOCAL).is_err(), "no grant: refused");
+    assert!(connect(&fixture, LOCAL).is_err(), "no grant: refused");
     let now = monotonic_now_ns();
+    let gate = &mut fixture.gate;
     gate.add_grant(port, Protocol::Tcp, LOCAL, now + 60_000_000_000)
         .expect("grant");
     gate.add_grant(port, Protocol::Tcp, OTHER_LOCAL, now.saturating_sub(1))
         .expect("expired grant");
-    let mut ok = connect(LOCAL).expect("an unexpired grant admits");
+    let mut ok = connect(&fixture, LOCAL).expect("an unexpired grant admits");
     echo(&mut ok, b"granted").expect("echo");
     assert!(
-        connect(OTHER_LOCAL).is_err(),
+        connect(&fixture, OTHER_LOCAL).is_err(),
         "an expired grant does not admit"
     );
-    gate.remove_grant(port, Protocol::Tcp, LOCAL)
+    fixture
+        .gate
+        .remove_grant(port, Protocol::Tcp, LOCAL)
         .expect("revoke");
-    assert!(connect(LOCAL).is_err(), "a revoked grant does not admit");
-    let counters = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    assert!(
+        connect(&fixture, LOCAL).is_err(),
+        "a revoked grant does not admit"
+    );
+    let counters = fixture
+        .gate
+        .counters(port, Protocol::Tcp)
+        .expect("counters")
+        .total;
     assert!(counters.dropped_for(reason::AUTH_REQUIRED) >= 3);
     assert_eq!(counters.accepted, 1);
-    drop(ok);
-    drop(server);
 }
 
 #[test]

@@ -199,6 +199,8 @@ pub fn host_checks(fix: bool) -> Vec<String> {
     problems
 }
 
+/// The same check as `portgate::system::missing_capabilities`, which xtask cannot call:
+/// building portgate needs the bpf-linker this module installs.
 fn missing_capabilities() -> Option<String> {
     const NEEDED: [(u32, &str); 3] = [
         (39, "CAP_BPF"),

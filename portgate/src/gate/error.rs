@@ -22,7 +22,7 @@ pub enum GateError {
     Load(#[source] Box<EbpfError>),
     /// Nothing is installed under the pin directory.
     #[error(
-        "no portgate maps are pinned under {pin_dir}: start `portgate daemon`, or pass the --pin-dir it uses"
+        "no portgate maps are pinned under {pin_dir}: the gate is not installed there; pass the --pin-dir it was installed with"
     )]
     NotInstalled {
         /// The directory looked in.

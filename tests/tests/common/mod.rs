@@ -58,23 +58,9 @@ pub fn pin_to_cpu0() {
 }
 
 fn missing_privileges() -> Option<String> {
-    const CAP_NET_ADMIN: u32 = 12;
-    const CAP_SYS_ADMIN: u32 = 21;
-    const CAP_BPF: u32 = 39;
-    let status = fs::read_to_string("/proc/self/status").ok()?;
-    let effective = status
-        .lines()
-        .find_map(|line| line.strip_prefix("CapEff:"))
-        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .unwrap_or(0);
-    for (bit, name) in [
-        (CAP_BPF, "CAP_BPF"),
-        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
-        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
-    ] {
-        if effective & (1 << bit) == 0 {
-            return Some(format!("{name} is missing: run as root"));
-        }
+    let missing = system::missing_capabilities();
+    if !missing.is_empty() {
+        return Some(format!("{} missing: run as root", missing.join(", ")));
     }
     if !Path::new(portgate::paths::KERNEL_BTF).exists() {
         return Some(format!("no kernel BTF at {}", portgate::paths::KERNEL_BTF));
