@@ -245,3 +245,44 @@ fn the_maps_report_reads_the_live_state_back() {
         "opening a directory with no pins fails instead of creating maps"
     );
 }
+
+#[test]
+fn deny_events_stream_asynchronously() {
+    if !require_privileges("deny_events_stream_asynchronously") {
+        return;
+    }
+    pin_to_cpu0();
+    let pins = PinDir::new();
+    let mut gate = install(&pins, 100, Duration::from_secs(5));
+    let mut events = gate.events().expect("event stream");
+    let port = MIN_PORT + 4;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let event = runtime.block_on(async {
+        let waiting = tokio::spawn(async move {
+            tokio::time::timeout(Duration::from_secs(5), events.next()).await
+        });
+        // The stream is registered and waiting before the denial happens.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !gate
+                .test_run(
+                    PacketHook::CgroupSkb,
+                    &syn([203, 0, 113, 7], 42_000, port),
+                    1
+                )
+                .expect("test run")
+                .passed
+        );
+        waiting.await.expect("the waiting task")
+    });
+    let event = event
+        .expect("an event within 5 s")
+        .expect("a readable event");
+    assert_eq!(event.port, port);
+    assert_eq!(event.reason, "unallocated");
+    assert_eq!(event.hook, "cgroup_skb");
+    assert_eq!(event.addr, IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
+}
