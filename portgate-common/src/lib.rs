@@ -217,6 +217,8 @@ pub mod defaults {
 pub mod config_flags {
     /// `cgroup_skb` is attached: XDP remembers what it passed so the packet is judged once.
     pub const SKB_ATTACHED: u32 = 1 << 0;
+    /// XDP is attached somewhere: `cgroup_skb` looks for what XDP already judged.
+    pub const XDP_ATTACHED: u32 = 1 << 1;
 }
 
 /// Key of the policy, rate-limit and slot maps: a port in one protocol.

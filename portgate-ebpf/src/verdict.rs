@@ -39,7 +39,10 @@ pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
     }
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    if hook_code == hook::SKB && handoff_take(info, now) {
+    if hook_code == hook::SKB
+        && config.flags & config_flags::XDP_ATTACHED != 0
+        && handoff_take(info, now)
+    {
         return true;
     }
     let counters = counter_row(info.dport, info.proto, hook_code);

@@ -245,8 +245,12 @@ impl Gate {
                     .attach(&cgroup_dir, CgroupAttachMode::Single)),
             }
         }
+        self.set_config_flag(config_flags::SKB_ATTACHED)
+    }
+
+    fn set_config_flag(&mut self, flag: u32) -> Result<(), GateError> {
         let mut config = self.config()?;
-        config.flags |= config_flags::SKB_ATTACHED;
+        config.flags |= flag;
         self.write_config(&config)
     }
 
@@ -265,7 +269,7 @@ impl Gate {
             attach_and_pin!(ebpf, program_names::XDP, Xdp, &link_path, |p| p
                 .attach_to_if_index(ifindex, mode));
         }
-        Ok(())
+        self.set_config_flag(config_flags::XDP_ATTACHED)
     }
 
     /// What is attached: the names of the pinned links (`cgroup_skb_ingress`,
