@@ -112,7 +112,7 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
     let server_ns = NetNs::new();
     let client_ns = NetNs::new();
     let veth = Veth::new(&server_ns, &client_ns);
-    veth.add_v4_to_b(&client_ns, 3);
+    veth.add_to_b(&client_ns, 3);
     let mut gate = install(&pins);
     gate.attach_cgroup(cgroup.path())
         .expect("attach to the test cgroup");
@@ -200,6 +200,15 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
             .is_err(),
             "XDP drops a source outside the allowlist"
         );
+        assert!(
+            connect_from(
+                veth.v6(3),
+                SocketAddr::new(veth.v6(1), port_b),
+                REFUSED_WITHIN
+            )
+            .is_err(),
+            "XDP drops an IPv6 source outside the allowlist"
+        );
         let mut ok = connect_from(
             veth.v4(2),
             SocketAddr::new(veth.v4(1), port_a),
@@ -207,17 +216,34 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
         )
         .expect("an allowed source still connects through XDP and cgroup_skb");
         echo(&mut ok, b"through both").expect("echo through both hooks");
+        let mut ok6 = connect_from(
+            veth.v6(2),
+            SocketAddr::new(veth.v6(1), port_a),
+            CONNECT_WITHIN,
+        )
+        .expect("an allowed IPv6 source connects through XDP and cgroup_skb");
+        echo(&mut ok6, b"through both, IPv6").expect("echo over IPv6 through both hooks");
     });
+    // Every connection closed: the dual-stack socket's IPv4-mapped peers were matched to
+    // their SYNs' reservations, so no slot is left behind.
+    assert!(
+        eventually(Duration::from_secs(3), || {
+            let slots = gate.slots(port_a).expect("slots");
+            slots.slots == 0 && slots.established == 0
+        }),
+        "slots back to zero: {:?}",
+        gate.slots(port_a)
+    );
     let after = gate.counters(port_a, Protocol::Tcp).expect("counters");
     assert_eq!(
         after.total.accepted,
-        before.total.accepted + 1,
+        before.total.accepted + 2,
         "a connection both hooks see is accepted once"
     );
     assert_eq!(
         after.hooks[usize::from(hook::XDP)].accepted,
-        before.hooks[usize::from(hook::XDP)].accepted + 1,
-        "XDP judged it"
+        before.hooks[usize::from(hook::XDP)].accepted + 2,
+        "XDP judged them"
     );
     let xdp_b = gate
         .counters(port_b, Protocol::Tcp)
@@ -326,6 +352,26 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
         fixture
             .connect(LOCAL, CONNECT_WITHIN)
             .expect("the freed slot takes a new connection"),
+    );
+    // A half-close: the server reads end-of-file and closes its side, which frees the slot.
+    let half_closed = held.pop().expect("a held connection");
+    half_closed
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    assert!(
+        eventually(Duration::from_secs(3), || gate
+            .slots(port)
+            .expect("slots")
+            .established
+            == u64::from(LIMIT) - 1),
+        "a half-close frees the slot once the server closes: {:?}",
+        gate.slots(port)
+    );
+    drop(half_closed);
+    held.push(
+        fixture
+            .connect(LOCAL, CONNECT_WITHIN)
+            .expect("the slot freed by a half-close takes a new connection"),
     );
     // A reset frees a slot.
     reset(held.pop().expect("a held connection"));
@@ -512,6 +558,18 @@ fn bind_follows_the_owner_cgroup_tree() {
         Some(libc::EPERM),
         "the allocation is for TCP only"
     );
+    let bind_tcp6 = |cgroup: &TestCgroup, port: u16| {
+        ns.run(|| {
+            let _inside = cgroup.enter();
+            TcpListener::bind(SocketAddr::new(Ipv6Addr::LOCALHOST.into(), port)).map(drop)
+        })
+    };
+    bind_tcp6(&owner_child, owned_port).expect("bind6: a child of the owner binds its port");
+    assert_eq!(
+        eperm(bind_tcp6(&other, owned_port)),
+        Some(libc::EPERM),
+        "bind6: another cgroup is refused with EPERM"
+    );
     bind_tcp(&other, MAX_PORT + 500).expect("a port outside the range is untouched");
     bind_tcp(&other, 0).expect("port 0 is never refused");
 
@@ -519,7 +577,10 @@ fn bind_follows_the_owner_cgroup_tree() {
         .counters(owned_port, Protocol::Tcp)
         .expect("counters")
         .total;
-    assert_eq!(denied_owned.bind_denied, 1);
+    assert_eq!(
+        denied_owned.bind_denied, 2,
+        "one bind4 and one bind6 refusal"
+    );
     let denied_udp = gate
         .counters(owned_port, Protocol::Udp)
         .expect("counters")
@@ -530,7 +591,7 @@ fn bind_follows_the_owner_cgroup_tree() {
         .into_iter()
         .filter(|event| event.reason == "bind_denied")
         .collect();
-    assert_eq!(binds.len(), 3, "one event per refused bind: {binds:?}");
+    assert_eq!(binds.len(), 4, "one event per refused bind: {binds:?}");
     let from_other = binds
         .iter()
         .find(|event| event.port == owned_port && event.protocol == Protocol::Tcp)
@@ -623,4 +684,75 @@ fn our_programs() -> Vec<u32> {
         })
         .map(|program| program.id())
         .collect()
+}
+
+#[test]
+fn udp_datagrams_follow_the_allowlist_each_counted() {
+    const SENT: usize = 5;
+    if !require_privileges("udp_datagrams_follow_the_allowlist_each_counted") {
+        return;
+    }
+    let pins = PinDir::new();
+    let cgroup = TestCgroup::new();
+    let ns = NetNs::new();
+    let mut gate = install(&pins);
+    gate.attach_cgroup(cgroup.path()).expect("attach");
+    let port = MIN_PORT + 60;
+    gate.set_policy(
+        port,
+        Protocol::Udp,
+        &PortPolicy {
+            allow: allow(&["127.0.0.1/32"]),
+            ..PortPolicy::default()
+        },
+    )
+    .expect("set policy");
+    let replies = ns.run(|| {
+        let server = {
+            let _inside = cgroup.enter();
+            std::net::UdpSocket::bind(loopback(port)).expect("bind the UDP server")
+        };
+        // Quiet for longer than the dropped datagrams take to send, so it is still
+        // there (and cgroup_skb still sees them) until the end.
+        server
+            .set_read_timeout(Some(Duration::from_millis(1_500)))
+            .expect("timeout");
+        let echo_server = thread::spawn(move || {
+            let mut buffer = [0u8; 64];
+            // Bounded: it stops at the first quiet 1.5 s.
+            while let Ok((n, from)) = server.recv_from(&mut buffer) {
+                let _sent = server.send_to(&buffer[..n], from);
+            }
+        });
+        let mut replies = [0usize; 2];
+        for (slot, source) in [LOCAL, OTHER_LOCAL].into_iter().enumerate() {
+            let client =
+                std::net::UdpSocket::bind(SocketAddr::new(source, 0)).expect("bind the client");
+            client
+                .set_read_timeout(Some(Duration::from_millis(200)))
+                .expect("timeout");
+            for round in 0..SENT {
+                client
+                    .send_to(format!("datagram {round}").as_bytes(), loopback(port))
+                    .expect("send");
+                let mut buffer = [0u8; 64];
+                if client.recv_from(&mut buffer).is_ok() {
+                    replies[slot] += 1;
+                }
+            }
+        }
+        echo_server.join().expect("UDP echo server");
+        replies
+    });
+    assert_eq!(
+        replies,
+        [SENT, 0],
+        "allowed source answered, the other dropped"
+    );
+    let counters = gate.counters(port, Protocol::Udp).expect("counters").total;
+    assert_eq!(
+        counters.accepted, SENT as u64,
+        "every datagram is a new connection"
+    );
+    assert_eq!(counters.dropped_for(reason::NOT_ALLOWED), SENT as u64);
 }

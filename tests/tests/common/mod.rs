@@ -321,7 +321,7 @@ impl Veth {
     }
 
     /// The IPv4 address of end `host` (1 in `a`, 2 in `b`; others are extra addresses
-    /// added with [`Veth::add_v4`]).
+    /// added with [`Veth::add_to_b`]).
     pub fn v4(&self, host: u8) -> std::net::IpAddr {
         std::net::Ipv4Addr::new(198, 18, self.subnet, host).into()
     }
@@ -341,15 +341,12 @@ impl Veth {
         .into()
     }
 
-    /// Adds IPv4 address `198.18.<n>.<host>` to `b`'s end.
-    pub fn add_v4_to_b(&self, b: &NetNs, host: u8) {
-        b.ip(&[
-            "addr",
-            "add",
-            &format!("198.18.{}.{host}/24", self.subnet),
-            "dev",
-            &self.b_name,
-        ]);
+    /// Adds `198.18.<n>.<host>` and `fd00:7067:<n>::<host>` to `b`'s end.
+    pub fn add_to_b(&self, b: &NetNs, host: u8) {
+        let v4 = format!("198.18.{}.{host}/24", self.subnet);
+        let v6 = format!("fd00:7067:{}::{host}/64", self.subnet);
+        b.ip(&["addr", "add", &v4, "dev", &self.b_name]);
+        b.ip(&["addr", "add", &v6, "dev", &self.b_name, "nodad"]);
     }
 }
 
