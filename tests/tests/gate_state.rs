@@ -286,3 +286,47 @@ fn deny_events_stream_asynchronously() {
     assert_eq!(event.hook, "cgroup_skb");
     assert_eq!(event.addr, IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
 }
+
+#[test]
+fn pins_of_another_layout_are_refused_not_adopted() {
+    if !require_privileges("pins_of_another_layout_are_refused_not_adopted") {
+        return;
+    }
+    let good = PinDir::new();
+    let mut gate = install(&good, 100, Duration::from_secs(5));
+    // A pin directory whose PG_CONFIG is in fact a map of another shape.
+    let odd = PinDir::new();
+    let maps = odd.path().join(portgate::paths::MAPS_SUBDIR);
+    std::fs::create_dir_all(&maps).expect("maps directory");
+    gate.ebpf_mut()
+        .map(portgate_common::map_names::STATS)
+        .expect("the stats map")
+        .pin(maps.join(portgate_common::map_names::CONFIG))
+        .expect("pin it under the config map's name");
+    let refused = Gate::install(&GateSettings {
+        pin_dir: odd.path().to_owned(),
+        min_port: MIN_PORT,
+        max_port: MAX_PORT,
+        events_per_sec: 100,
+        pending_ttl: Duration::from_secs(5),
+    });
+    match refused {
+        Err(portgate::gate::GateError::IncompatiblePin {
+            found, expected, ..
+        }) => {
+            assert_ne!(found, expected);
+        }
+        Err(other) => panic!("expected IncompatiblePin, got {other}"),
+        Ok(_) => panic!("a pin of another layout was adopted"),
+    }
+    let created: Vec<_> = std::fs::read_dir(&maps)
+        .expect("list maps")
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name())
+        .collect();
+    assert_eq!(
+        created.len(),
+        1,
+        "nothing was created next to the odd pin: {created:?}"
+    );
+}

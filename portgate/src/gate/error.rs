@@ -28,6 +28,19 @@ pub enum GateError {
         /// The directory looked in.
         pin_dir: PathBuf,
     },
+    /// A pinned map was made by a build with another layout.
+    #[error(
+        "the map pinned at {path} has key/value/entries {found:?}, this build needs {expected:?}: \
+         it was made by another portgate build; uninstall that one first"
+    )]
+    IncompatiblePin {
+        /// The pin.
+        path: PathBuf,
+        /// Key size, value size and capacity of the pinned map.
+        found: (u32, u32, u32),
+        /// What this build's object declares.
+        expected: (u32, u32, u32),
+    },
     /// The kernel object lacks a map (a build mismatch).
     #[error("the kernel object has no map {name}: rebuild portgate")]
     MissingMap {

@@ -8,6 +8,7 @@
 
 mod error;
 mod events;
+mod layout;
 mod maps;
 
 use std::{
@@ -172,9 +173,11 @@ impl Gate {
         Self::load(pin_dir)
     }
 
-    /// Loads the object with every map pinned under `pin_dir/maps` (reused when present).
+    /// Loads the object with every map pinned under `pin_dir/maps` (reused when present,
+    /// after checking that this build would have made it the same way).
     fn load(pin_dir: &Path) -> Result<Self, GateError> {
         let maps_dir = pin_dir.join(paths::MAPS_SUBDIR);
+        layout::check_pinned(&maps_dir)?;
         let mut loader = EbpfLoader::new();
         for name in map_names::ALL {
             loader.map_pin_path(name, maps_dir.join(name));
