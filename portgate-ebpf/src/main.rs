@@ -66,13 +66,41 @@ impl Reader for XdpReader {
     }
 }
 
-/// Reads through `bpf_skb_load_bytes`, which also handles non-linear skbs.
-struct SkbReader<'a>(&'a SkBuffContext);
+/// Reads the linear part of an skb directly, and what lies beyond it (a non-linear skb)
+/// through `bpf_skb_load_bytes`.
+struct SkbReader<'a> {
+    ctx: &'a SkBuffContext,
+    start: usize,
+    end: usize,
+}
+
+impl<'a> SkbReader<'a> {
+    #[inline(always)]
+    fn new(ctx: &'a SkBuffContext) -> Self {
+        // SAFETY: the context pointer is the kernel's, valid for the program's run; the
+        // volatile reads keep fixed offsets from it, as the verifier requires.
+        let (start, end) = unsafe {
+            (
+                core::ptr::read_volatile(&raw const (*ctx.skb.skb).data),
+                core::ptr::read_volatile(&raw const (*ctx.skb.skb).data_end),
+            )
+        };
+        Self {
+            ctx,
+            start: start as usize,
+            end: end as usize,
+        }
+    }
+}
 
 impl Reader for SkbReader<'_> {
     #[inline(always)]
     fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        self.0.load::<T>(offset).ok()
+        if self.start + offset + size_of::<T>() <= self.end {
+            // SAFETY: the range was checked against the linear data's end just above.
+            return Some(unsafe { ((self.start + offset) as *const T).read_unaligned() });
+        }
+        self.ctx.load::<T>(offset).ok()
     }
 }
 
@@ -123,7 +151,7 @@ fn try_skb(ctx: &SkBuffContext) -> bool {
     if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
         return true;
     }
-    let Some(info) = parse_l3(&SkbReader(ctx), ethertype, 0) else {
+    let Some(info) = parse_l3(&SkbReader::new(ctx), ethertype, 0) else {
         return true;
     };
     verdict::judge(&info, hook::SKB, u64::from(ctx.len()))

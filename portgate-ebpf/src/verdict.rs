@@ -16,6 +16,13 @@ use crate::{
 
 const EEXIST: i32 = 17;
 
+/// `CLOCK_MONOTONIC` now, in nanoseconds.
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: the helper has no preconditions.
+    unsafe { bpf_ktime_get_ns() }
+}
+
 /// The verdict's answer.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -37,11 +44,9 @@ pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
     if !config.manages(info.dport) {
         return true;
     }
-    // SAFETY: the helper has no preconditions.
-    let now = unsafe { bpf_ktime_get_ns() };
     if hook_code == hook::SKB
         && config.flags & config_flags::XDP_ATTACHED != 0
-        && handoff_take(info, now)
+        && handoff_take(info, now())
     {
         return true;
     }
@@ -53,7 +58,7 @@ pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
             (*row).bytes += bytes;
         }
     }
-    let outcome = decide(config, info, now);
+    let outcome = decide(config, info);
     match outcome {
         Outcome::Pass => {}
         Outcome::Accept => {
@@ -70,19 +75,19 @@ pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
                     unsafe { (*row).dropped[index] += 1 };
                 }
             }
-            events::emit_packet(config, info, code, hook_code, now);
+            events::emit_packet(config, info, code, hook_code, now());
             return false;
         }
     }
     if hook_code == hook::XDP && config.flags & config_flags::SKB_ATTACHED != 0 {
-        handoff_put(info, now);
+        handoff_put(info, now());
     }
     true
 }
 
 /// First match wins: unallocated, draining, not allowed, auth required, connection limit.
 #[inline(always)]
-fn decide(config: &GateConfig, info: &PacketInfo, now: u64) -> Outcome {
+fn decide(config: &GateConfig, info: &PacketInfo) -> Outcome {
     let key = PortKey::new(info.dport, info.proto);
     let new_connection = info.new_connection();
     // SAFETY: the value is copied out at once; userspace replaces whole records.
@@ -102,6 +107,8 @@ fn decide(config: &GateConfig, info: &PacketInfo, now: u64) -> Outcome {
     if !new_connection {
         return Outcome::Pass;
     }
+    // The clock is read only for new connections: established traffic never needs it.
+    let now = now();
     if policy.flags & policy_flags::REQUIRE_AUTH != 0 && !granted(info, now) {
         return Outcome::Drop(reason::AUTH_REQUIRED);
     }
