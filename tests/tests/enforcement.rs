@@ -146,38 +146,31 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
         (EchoServer::serve(a), EchoServer::serve(b))
     });
 
+    // From client host `from` to the server's address of the same family on `port`.
+    let attempt = |from: IpAddr, port: u16, within: Duration| {
+        let server = if from.is_ipv4() {
+            veth.v4(1)
+        } else {
+            veth.v6(1)
+        };
+        connect_from(from, SocketAddr::new(server, port), within)
+    };
+    let exchange = |from: IpAddr, port: u16| {
+        let mut stream = attempt(from, port, CONNECT_WITHIN)?;
+        echo(&mut stream, format!("hello from {from}").as_bytes())
+    };
+
     // cgroup_skb alone.
     client_ns.run(|| {
-        let mut ok = connect_from(
-            veth.v4(2),
-            SocketAddr::new(veth.v4(1), port_a),
-            CONNECT_WITHIN,
-        )
-        .expect("an allowed IPv4 source connects");
-        echo(&mut ok, b"hello").expect("echo over an allowed connection");
-        let mut ok6 = connect_from(
-            veth.v6(2),
-            SocketAddr::new(veth.v6(1), port_a),
-            CONNECT_WITHIN,
-        )
-        .expect("an allowed IPv6 source connects");
-        echo(&mut ok6, b"hello6").expect("echo over IPv6");
+        exchange(veth.v4(2), port_a).expect("an allowed IPv4 source connects and talks");
+        exchange(veth.v6(2), port_a).expect("an allowed IPv6 source connects and talks");
         assert!(
-            connect_from(
-                veth.v4(3),
-                SocketAddr::new(veth.v4(1), port_a),
-                REFUSED_WITHIN
-            )
-            .is_err(),
+            attempt(veth.v4(3), port_a, REFUSED_WITHIN).is_err(),
             "a source outside the allowlist is dropped by cgroup_skb"
         );
         // Nothing but XDP could refuse port B, and XDP is not attached yet.
-        connect_from(
-            veth.v4(3),
-            SocketAddr::new(veth.v4(1), port_b),
-            CONNECT_WITHIN,
-        )
-        .expect("without XDP, port B is reachable from anywhere");
+        attempt(veth.v4(3), port_b, CONNECT_WITHIN)
+            .expect("without XDP, port B is reachable from anywhere");
     });
     let counters = gate.counters(port_a, Protocol::Tcp).expect("counters");
     let skb = counters.hooks[usize::from(hook::SKB)];
@@ -191,38 +184,16 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
     });
     let before = gate.counters(port_a, Protocol::Tcp).expect("counters");
     client_ns.run(|| {
-        assert!(
-            connect_from(
-                veth.v4(3),
-                SocketAddr::new(veth.v4(1), port_b),
-                REFUSED_WITHIN
-            )
-            .is_err(),
-            "XDP drops a source outside the allowlist"
-        );
-        assert!(
-            connect_from(
-                veth.v6(3),
-                SocketAddr::new(veth.v6(1), port_b),
-                REFUSED_WITHIN
-            )
-            .is_err(),
-            "XDP drops an IPv6 source outside the allowlist"
-        );
-        let mut ok = connect_from(
-            veth.v4(2),
-            SocketAddr::new(veth.v4(1), port_a),
-            CONNECT_WITHIN,
-        )
-        .expect("an allowed source still connects through XDP and cgroup_skb");
-        echo(&mut ok, b"through both").expect("echo through both hooks");
-        let mut ok6 = connect_from(
-            veth.v6(2),
-            SocketAddr::new(veth.v6(1), port_a),
-            CONNECT_WITHIN,
-        )
-        .expect("an allowed IPv6 source connects through XDP and cgroup_skb");
-        echo(&mut ok6, b"through both, IPv6").expect("echo over IPv6 through both hooks");
+        for source in [veth.v4(3), veth.v6(3)] {
+            assert!(
+                attempt(source, port_b, REFUSED_WITHIN).is_err(),
+                "XDP drops {source}, outside the allowlist"
+            );
+        }
+        for source in [veth.v4(2), veth.v6(2)] {
+            exchange(source, port_a)
+                .expect("an allowed source still connects through XDP and cgroup_skb");
+        }
     });
     // Every connection closed: the dual-stack socket's IPv4-mapped peers were matched to
     // their SYNs' reservations, so no slot is left behind.
