@@ -1,5 +1,6 @@
 //! portgate's developer tasks: `cargo xtask setup | test | run`.
 
+mod lint;
 mod run;
 mod setup;
 mod test;
@@ -22,6 +23,8 @@ enum Command {
     Test(test::TestArgs),
     /// Set up, build, and run the `portgate` binary with the given arguments.
     Run(run::RunArgs),
+    /// Check formatting and run clippy on every crate (the kernel crate on nightly).
+    Lint,
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +32,7 @@ fn main() -> std::process::ExitCode {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::Lint => lint::run(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,39 @@
+//! `cargo xtask lint`: formatting and clippy for every crate, the kernel crate on nightly
+//! for the BPF target (it builds for nothing else).
+
+use anyhow::Result;
+
+use crate::setup;
+
+/// Runs `cargo xtask lint`.
+pub fn run() -> Result<()> {
+    setup::toolchain(false)?;
+    setup::status("cargo", &["fmt", "--all", "--check"])?;
+    setup::status(
+        "cargo",
+        &["+nightly", "fmt", "-p", "portgate-ebpf", "--check"],
+    )?;
+    setup::status(
+        "cargo",
+        &["clippy", "--all-targets", "--", "-D", "warnings"],
+    )?;
+    setup::status(
+        "cargo",
+        &[
+            "+nightly",
+            "clippy",
+            "-p",
+            "portgate-ebpf",
+            "--release",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    println!("lint: clean");
+    Ok(())
+}
