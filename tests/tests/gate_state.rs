@@ -330,3 +330,77 @@ fn pins_of_another_layout_are_refused_not_adopted() {
         "nothing was created next to the odd pin: {created:?}"
     );
 }
+
+/// `count` distinct IPv4 /32 prefixes under 10.0.0.0/8.
+fn many_prefixes(count: u32) -> Vec<ipnet::IpNet> {
+    (0..count)
+        .map(|i| {
+            let [_, b, c, d] = i.to_be_bytes();
+            ipnet::IpNet::new(IpAddr::V4(Ipv4Addr::new(10, b, c, d)), 32).expect("prefix")
+        })
+        .collect()
+}
+
+#[test]
+fn a_hundred_thousand_prefixes_on_one_port_and_a_full_map_changes_nothing() {
+    const PREFIXES: u32 = 100_000;
+    if !require_privileges("a_hundred_thousand_prefixes_on_one_port") {
+        return;
+    }
+    pin_to_cpu0();
+    let pins = PinDir::new();
+    let mut gate = install(&pins, 100, Duration::from_secs(5));
+    let port = MIN_PORT + 5;
+    let policy = PortPolicy {
+        allow: many_prefixes(PREFIXES),
+        ..PortPolicy::default()
+    };
+    gate.set_policy(port, Protocol::Tcp, &policy)
+        .expect("100,000 prefixes fit");
+    for (i, expected) in [
+        (0, true),
+        (PREFIXES / 2, true),
+        (PREFIXES - 1, true),
+        (PREFIXES, false),
+    ] {
+        let [_, b, c, d] = i.to_be_bytes();
+        let passed = gate
+            .test_run(
+                PacketHook::Xdp,
+                &syn([10, b, c, d], 43_000 + (i % 1000) as u16, port),
+                1,
+            )
+            .expect("test run")
+            .passed;
+        assert_eq!(passed, expected, "prefix number {i}");
+    }
+
+    // Another port asking for more than is left: refused whole, naming the map.
+    let other = MIN_PORT + 6;
+    let too_many = PortPolicy {
+        allow: many_prefixes(portgate_common::capacity::ALLOW_PREFIXES - PREFIXES + 1),
+        ..PortPolicy::default()
+    };
+    match gate.set_policy(other, Protocol::Tcp, &too_many) {
+        Err(portgate::gate::GateError::MapFull { map, capacity }) => {
+            assert_eq!(map, portgate_common::map_names::ALLOW);
+            assert_eq!(capacity, portgate_common::capacity::ALLOW_PREFIXES);
+        }
+        other => panic!("expected MapFull, got {other:?}", other = other.err()),
+    }
+    assert_eq!(
+        gate.policy(other, Protocol::Tcp).expect("policy"),
+        None,
+        "no policy written"
+    );
+    let lists = gate.allowlists().expect("allowlists");
+    assert!(
+        !lists.contains_key(&(other, Protocol::Tcp)),
+        "no prefix left behind"
+    );
+    assert_eq!(
+        lists.get(&(port, Protocol::Tcp)).map(Vec::len),
+        Some(PREFIXES as usize),
+        "the first port's allowlist is intact"
+    );
+}
