@@ -43,7 +43,8 @@ pub struct Totals {
 impl Totals {
     /// Adds what one line of libtest output says.
     pub fn read_line(&mut self, line: &str) {
-        if line.starts_with("SKIPPED:") {
+        // libtest may have printed "test name ... " on the same line before it.
+        if line.contains("SKIPPED: ") {
             self.skipped += 1;
         }
         let Some(rest) = line.strip_prefix("test result: ") else {
@@ -153,8 +154,8 @@ mod tests {
     fn sums_results_over_binaries_and_counts_skips() {
         let output = "\
 running 3 tests
-SKIPPED: allowlist: CAP_BPF is missing: run as root
-test allowlist ... ok
+test allowlist ... SKIPPED: allowlist: CAP_BPF missing: run as root
+ok
 test result: ok. 3 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 0.01s
 running 2 tests
 test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.2s
