@@ -20,7 +20,7 @@ fn row(port: u16) -> Option<*mut ConnSlots> {
 // and it owns the flags that would select v3. So these three are written in BPF assembly,
 // which the kernel's verifier accepts on any CPU setting.
 // SAFETY (all three): `field` points into a live map value, 8-byte aligned; every writer of
-// these fields, here and in userspace, uses atomic instructions.
+// these fields is one of these atomic instructions (userspace only reads them).
 
 #[inline(always)]
 fn fetch_add(field: *mut u64, value: u64) -> u64 {
