@@ -33,18 +33,20 @@ pub struct HookCounters {
     pub bind_denied: u64,
 }
 
-impl HookCounters {
-    fn add(&mut self, other: &Counters) {
-        self.packets += other.packets;
-        self.bytes += other.bytes;
-        self.accepted += other.accepted;
-        for (total, value) in self.dropped.iter_mut().zip(other.dropped) {
-            *total += value;
+impl From<&Counters> for HookCounters {
+    fn from(cpu: &Counters) -> Self {
+        Self {
+            packets: cpu.packets,
+            bytes: cpu.bytes,
+            accepted: cpu.accepted,
+            dropped: cpu.dropped,
+            bind_denied: cpu.bind_denied,
         }
-        self.bind_denied += other.bind_denied;
     }
+}
 
-    fn add_hook(&mut self, other: &Self) {
+impl HookCounters {
+    fn add(&mut self, other: &Self) {
         self.packets += other.packets;
         self.bytes += other.bytes;
         self.accepted += other.accepted;
@@ -74,6 +76,15 @@ pub struct PortCounters {
     pub hooks: [HookCounters; hook::COUNT as usize],
     /// Sum of the hooks.
     pub total: HookCounters,
+}
+
+impl PortCounters {
+    /// Adds one CPU's counters of one hook.
+    fn add_cpu(&mut self, hook_index: usize, cpu: &Counters) {
+        let cpu = HookCounters::from(cpu);
+        self.hooks[hook_index].add(&cpu);
+        self.total.add(&cpu);
+    }
 }
 
 /// An authentication grant.
@@ -426,15 +437,8 @@ impl Gate {
             };
             let port = out.entry((key.port, protocol)).or_default();
             for cpu in per_cpu.iter() {
-                port.hooks[hook_index].add(cpu);
+                port.add_cpu(hook_index, cpu);
             }
-        }
-        for port in out.values_mut() {
-            let mut total = HookCounters::default();
-            for hook_counters in &port.hooks {
-                total.add_hook(hook_counters);
-            }
-            port.total = total;
         }
         Ok(out)
     }
@@ -453,7 +457,7 @@ impl Gate {
             match counters.get(&key, 0) {
                 Ok(per_cpu) => {
                     for cpu in per_cpu.iter() {
-                        out.hooks[usize::from(hook_code)].add(cpu);
+                        out.add_cpu(usize::from(hook_code), cpu);
                     }
                 }
                 Err(err) if is_not_found(&err) => {}
@@ -466,9 +470,6 @@ impl Gate {
                     ));
                 }
             }
-        }
-        for hook_counters in out.hooks {
-            out.total.add_hook(&hook_counters);
         }
         Ok(out)
     }
