@@ -5,9 +5,13 @@
 //! Rust; [`policy`] holds the types both speak; [`system`] finds what the host provides.
 
 pub mod cli;
+pub mod config;
 pub mod gate;
+pub mod host;
+pub mod manager;
 pub mod paths;
 pub mod policy;
 pub mod report;
+pub mod store;
 pub mod system;
 pub mod verdict;

@@ -17,3 +17,14 @@ pub const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
 pub const MAPS_SUBDIR: &str = "maps";
 /// Subdirectory of the pin directory holding the program links.
 pub const LINKS_SUBDIR: &str = "links";
+
+/// Default configuration file of the daemon.
+pub const DEFAULT_CONFIG: &str = "/etc/portgate/portgate.toml";
+/// Default state directory (the store).
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/portgate";
+/// Default API socket.
+pub const DEFAULT_SOCKET: &str = "/run/portgate/portgate.sock";
+/// Default audit log.
+pub const DEFAULT_AUDIT_LOG: &str = "/var/log/portgate/audit.log";
+/// File name of the embedded store inside the state directory.
+pub const STORE_FILE: &str = "portgate.redb";

@@ -1,0 +1,4 @@
+//! The port manager of the specification.
+
+pub mod error;
+pub mod state;

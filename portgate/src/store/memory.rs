@@ -1,0 +1,1 @@
+//! An in-memory store (tests, and managers that need no durability).

@@ -1,0 +1,107 @@
+//! Durable state: the allocations, behind a small trait so that a distributed backend can be
+//! added later. The embedded default is [`RedbStore`].
+//!
+//! Changes are submitted in order and become durable in that order; a [`Commit`] resolves
+//! once its changes (and every change submitted before them) are on disk. Concurrent
+//! submissions may share one transaction and one fsync (group commit).
+
+mod memory;
+mod redb;
+
+use serde::{Deserialize, Serialize};
+
+// pub use self::{memory::MemoryStore, redb::RedbStore};
+use crate::manager::state::{Allocation, PortId};
+
+/// What portgate changed on the host and must undo on uninstall.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostChanges {
+    /// Port ranges (inclusive) that portgate added to `net.ipv4.ip_local_reserved_ports`.
+    pub reserved_ports_added: Vec<(u16, u16)>,
+}
+
+/// Everything the store holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoredState {
+    /// Every allocation, by (port, protocol) order.
+    pub allocations: Vec<Allocation>,
+    /// What to undo on uninstall.
+    pub host: HostChanges,
+}
+
+/// One change to the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// Writes (inserts or replaces) an allocation.
+    Put(Allocation),
+    /// Deletes the allocation of a port (nothing when there is none).
+    Delete(PortId),
+    /// Replaces the record of host changes.
+    SetHostChanges(HostChanges),
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened or created.
+    #[error("opening the store at {path}: {message}")]
+    Open {
+        /// The database file.
+        path: std::path::PathBuf,
+        /// The cause.
+        message: String,
+    },
+    /// A read or write transaction failed.
+    #[error("{op} the store: {message}")]
+    Transaction {
+        /// What was being done.
+        op: &'static str,
+        /// The cause.
+        message: String,
+    },
+    /// A stored record could not be decoded.
+    #[error("a stored record is corrupt ({key}): {message}")]
+    Corrupt {
+        /// The record's key.
+        key: String,
+        /// The cause.
+        message: String,
+    },
+    /// The store was shut down before the change was written.
+    #[error("the store is shut down")]
+    Closed,
+}
+
+/// The durable store of allocations.
+pub trait Store: Send + Sync + 'static {
+    /// Reads everything.
+    fn load(&self) -> Result<StoredState, StoreError>;
+    /// Queues `changes` to be written as one unit, after everything submitted before.
+    /// Returns at once; the [`Commit`] says when (and whether) they are durable.
+    fn submit(&self, changes: Vec<Change>) -> Commit;
+    /// One line saying what and where the store is (for `portgate status`).
+    fn describe(&self) -> String;
+}
+
+/// The outcome of a submission: resolves once its changes are durable.
+#[derive(Debug)]
+pub struct Commit(tokio::sync::oneshot::Receiver<Result<(), StoreError>>);
+
+impl Commit {
+    /// A commit and the sender its store resolves it with.
+    #[must_use]
+    pub fn channel() -> (tokio::sync::oneshot::Sender<Result<(), StoreError>>, Self) {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        (sender, Self(receiver))
+    }
+
+    /// Waits until the changes are durable.
+    pub async fn wait(self) -> Result<(), StoreError> {
+        self.0.await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Waits, blocking the thread (not for async contexts).
+    pub fn wait_blocking(self) -> Result<(), StoreError> {
+        self.0.blocking_recv().unwrap_or(Err(StoreError::Closed))
+    }
+}
