@@ -10,7 +10,10 @@ mod redb;
 
 use serde::{Deserialize, Serialize};
 
-// pub use self::{memory::MemoryStore, redb::RedbStore};
+pub use self::{
+    memory::MemoryStore,
+    redb::{CommitStats, RedbStore},
+};
 use crate::manager::state::{Allocation, PortId};
 
 /// What portgate changed on the host and must undo on uninstall.
@@ -41,7 +44,9 @@ pub enum Change {
 }
 
 /// A store failure.
-#[derive(Debug, thiserror::Error)]
+///
+/// `Clone` because one failed transaction fails every submission it held, and each is told.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be opened or created.
     #[error("opening the store at {path}: {message}")]
@@ -103,5 +108,37 @@ impl Commit {
     /// Waits, blocking the thread (not for async contexts).
     pub fn wait_blocking(self) -> Result<(), StoreError> {
         self.0.blocking_recv().unwrap_or(Err(StoreError::Closed))
+    }
+}
+
+/// An allocation with every field set, for the stores' tests.
+#[cfg(test)]
+fn sample_allocation(port: u16, protocol: crate::policy::Protocol) -> Allocation {
+    use crate::manager::state::{Owner, OwnerCgroupRef, PortAccessControl, PortStatus};
+
+    Allocation {
+        id: PortId::new(port, protocol),
+        owner: Owner {
+            name: format!("service-{port}"),
+            uid: Some(1000),
+            cgroup: Some(OwnerCgroupRef {
+                path: "/sys/fs/cgroup/service.slice".into(),
+                cgroup: crate::policy::OwnerCgroup { id: 4242, level: 1 },
+            }),
+        },
+        access: PortAccessControl {
+            allowed_ips: vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ],
+            max_connections: 16,
+            require_authentication: true,
+        },
+        status: PortStatus::Active,
+        allocated_at: 1_700_000_000_000,
+        ttl: Some(std::time::Duration::from_hours(1)),
+        lease_expires_at: Some(1_700_003_600_000),
+        draining_since: None,
+        closed_at: None,
     }
 }

@@ -1,1 +1,642 @@
 //! The embedded store: a redb database.
+//!
+//! One writer thread owns every write. It takes whatever submissions are queued, applies them
+//! in submission order in one transaction and commits once, so concurrent submitters share one
+//! fsync (group commit). Reads run beside it on their own snapshots.
+
+use std::{
+    fmt,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError, RwLock, mpsc},
+    thread,
+};
+
+use redb::{
+    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, WriteTransaction,
+};
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use super::{Change, Commit, HostChanges, Store, StoreError, StoredState};
+use crate::manager::state::{Allocation, PortId, Protocol};
+
+/// Allocations by (port, IP protocol number), which sorts as [`PortId`] does. Values are the
+/// JSON of an [`Allocation`], kept as bytes so that a damaged record is reported as
+/// [`StoreError::Corrupt`] rather than failing redb's own UTF-8 decoding.
+const ALLOCATIONS: TableDefinition<(u16, u8), &[u8]> = TableDefinition::new("allocations");
+/// Single records by name, JSON as bytes.
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// The [`META`] record of the layout version.
+const SCHEMA_VERSION_KEY: &str = "schema_version";
+/// The [`META`] record of the [`HostChanges`].
+const HOST_CHANGES_KEY: &str = "host_changes";
+/// The layout this code reads and writes; a change to the tables or records that older code
+/// would misread needs a new version.
+const SCHEMA_VERSION: u32 = 1;
+/// Most submissions in one transaction, so that one commit's latency stays bounded.
+const MAX_BATCH: usize = 4096;
+/// Name of the writer thread (shown by `top -H` and in panics).
+const WRITER_THREAD: &str = "portgate-store";
+
+/// What the writer has committed since the store was opened: fewer batches than submissions
+/// means submissions shared transactions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CommitStats {
+    /// Transactions committed, one fsync each.
+    pub batches: u64,
+    /// Submissions those transactions held.
+    pub submissions: u64,
+    /// Changes those submissions held.
+    pub changes: u64,
+}
+
+/// A queued [`Store::submit`]: its changes and who to tell when they are durable.
+struct Submission {
+    changes: Vec<Change>,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// The durable [`Store`]: one redb file, written by one thread with group commit.
+///
+/// Dropping it (or [`RedbStore::shutdown`]) writes everything already submitted first.
+pub struct RedbStore {
+    path: PathBuf,
+    database: Arc<Database>,
+    /// The writer's queue; `None` once shut down.
+    submissions: RwLock<Option<mpsc::Sender<Submission>>>,
+    writer: Mutex<Option<thread::JoinHandle<()>>>,
+    stats: Arc<Mutex<CommitStats>>,
+}
+
+impl RedbStore {
+    /// Opens the database at `path`, creating it (and its directory) when missing, and starts
+    /// its writer thread.
+    ///
+    /// Fails when another process has the database open, or when it was written by a portgate
+    /// with another schema version.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let open_failed = |message: String| StoreError::Open {
+            path: path.to_owned(),
+            message,
+        };
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                open_failed(format!(
+                    "creating the directory {}: {error}",
+                    parent.display()
+                ))
+            })?;
+        }
+        let database = Database::create(path).map_err(|error| {
+            open_failed(match error {
+                DatabaseError::DatabaseAlreadyOpen => {
+                    "another process has it open; stop the other portgate daemon first".to_owned()
+                }
+                other => other.to_string(),
+            })
+        })?;
+        prepare(&database).map_err(open_failed)?;
+
+        let database = Arc::new(database);
+        let stats = Arc::new(Mutex::new(CommitStats::default()));
+        let (sender, receiver) = mpsc::channel();
+        let writer = thread::Builder::new()
+            .name(WRITER_THREAD.to_owned())
+            .spawn({
+                let database = Arc::clone(&database);
+                let stats = Arc::clone(&stats);
+                move || write_loop(&database, &receiver, &stats)
+            })
+            .map_err(|error| open_failed(format!("starting the writer thread: {error}")))?;
+        Ok(Self {
+            path: path.to_owned(),
+            database,
+            submissions: RwLock::new(Some(sender)),
+            writer: Mutex::new(Some(writer)),
+            stats,
+        })
+    }
+
+    /// The database file.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// What the writer has committed so far.
+    #[must_use]
+    pub fn commit_stats(&self) -> CommitStats {
+        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Writes everything already submitted, then stops the writer; later submissions resolve
+    /// to [`StoreError::Closed`]. Reads keep working. Called by `drop`; calling it twice is
+    /// harmless.
+    pub fn shutdown(&self) {
+        // The writer ends once its only sender is gone and the queue it left is written.
+        drop(
+            self.submissions
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(),
+        );
+        let writer = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(writer) = writer {
+            // A writer that panicked dropped its queue, so its submitters were told `Closed`.
+            let _ = writer.join();
+        }
+    }
+
+    fn allocation_count(&self) -> Result<u64, StoreError> {
+        let transaction = self.database.begin_read().map_err(failed("reading"))?;
+        let allocations = transaction
+            .open_table(ALLOCATIONS)
+            .map_err(failed("reading"))?;
+        allocations.len().map_err(failed("reading"))
+    }
+}
+
+impl Drop for RedbStore {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl fmt::Debug for RedbStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedbStore")
+            .field("path", &self.path)
+            .field("commit_stats", &self.commit_stats())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store for RedbStore {
+    fn load(&self) -> Result<StoredState, StoreError> {
+        let transaction = self.database.begin_read().map_err(failed("reading"))?;
+
+        let table = transaction
+            .open_table(ALLOCATIONS)
+            .map_err(failed("reading"))?;
+        let allocations = table
+            .iter()
+            .map_err(failed("reading"))?
+            .map(|entry| {
+                let (key, value) = entry.map_err(failed("reading"))?;
+                decode_allocation(key.value(), value.value())
+            })
+            .collect::<Result<_, _>>()?;
+
+        let meta = transaction.open_table(META).map_err(failed("reading"))?;
+        let host = match meta.get(HOST_CHANGES_KEY).map_err(failed("reading"))? {
+            Some(value) => {
+                serde_json::from_slice(value.value()).map_err(|error| StoreError::Corrupt {
+                    key: HOST_CHANGES_KEY.to_owned(),
+                    message: error.to_string(),
+                })?
+            }
+            None => HostChanges::default(),
+        };
+
+        Ok(StoredState { allocations, host })
+    }
+
+    fn submit(&self, changes: Vec<Change>) -> Commit {
+        let (done, commit) = Commit::channel();
+        let submissions = self
+            .submissions
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        // When the store is shut down, or its writer is gone, the submission is dropped here
+        // with its sender, and the commit resolves to `Closed`.
+        if let Some(sender) = submissions.as_ref() {
+            let _ = sender.send(Submission { changes, done });
+        }
+        commit
+    }
+
+    fn describe(&self) -> String {
+        // The count is a header field, not a scan; a failed read just leaves it out.
+        match self.allocation_count() {
+            Ok(count) => format!("redb at {} ({count} allocations)", self.path.display()),
+            Err(_) => format!("redb at {}", self.path.display()),
+        }
+    }
+}
+
+/// Creates the tables of a new database, or checks the schema version of an existing one.
+fn prepare(database: &Database) -> Result<(), String> {
+    let transaction = database
+        .begin_write()
+        .map_err(|error| format!("preparing the tables: {error}"))?;
+    {
+        let create_failed = |error: redb::TableError| format!("creating the tables: {error}");
+        transaction.open_table(ALLOCATIONS).map_err(create_failed)?;
+        let mut meta = transaction.open_table(META).map_err(create_failed)?;
+        let found = meta
+            .get(SCHEMA_VERSION_KEY)
+            .map_err(|error| format!("reading the schema version: {error}"))?
+            .map(|value| serde_json::from_slice::<u32>(value.value()));
+        match found {
+            None => {
+                let version = encode(&SCHEMA_VERSION)
+                    .map_err(|error| format!("encoding the schema version: {error}"))?;
+                meta.insert(SCHEMA_VERSION_KEY, version.as_slice())
+                    .map_err(|error| format!("writing the schema version: {error}"))?;
+            }
+            Some(Ok(SCHEMA_VERSION)) => {}
+            Some(Ok(version)) => {
+                return Err(format!(
+                    "it has schema version {version} and this portgate reads only version \
+                     {SCHEMA_VERSION}; run the portgate release that wrote it"
+                ));
+            }
+            Some(Err(error)) => return Err(format!("its schema version is corrupt: {error}")),
+        }
+    }
+    transaction
+        .commit()
+        .map_err(|error| format!("creating the tables: {error}"))
+}
+
+/// The writer thread: commits queued submissions in batches until every sender is gone and
+/// the queue is empty.
+fn write_loop(
+    database: &Database,
+    submissions: &mpsc::Receiver<Submission>,
+    stats: &Mutex<CommitStats>,
+) {
+    while let Ok(first) = submissions.recv() {
+        let mut batch = vec![first];
+        batch.extend(submissions.try_iter().take(MAX_BATCH - 1));
+
+        let outcome = write_batch(database, &batch);
+        if outcome.is_ok() {
+            let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
+            stats.batches += 1;
+            stats.submissions += batch.len() as u64;
+            stats.changes += batch
+                .iter()
+                .map(|submission| submission.changes.len() as u64)
+                .sum::<u64>();
+        }
+        for submission in batch {
+            // A submitter that stopped waiting has nobody to tell.
+            let _ = submission.done.send(outcome.clone());
+        }
+    }
+}
+
+/// Applies `batch` in order in one transaction and commits it; on any failure nothing of it
+/// is kept.
+fn write_batch(database: &Database, batch: &[Submission]) -> Result<(), StoreError> {
+    // The default durability is immediate: `commit` returns once the batch is fsynced.
+    let transaction = database
+        .begin_write()
+        .map_err(failed("starting a write to"))?;
+    let changes = batch.iter().flat_map(|submission| &submission.changes);
+    match apply(&transaction, changes) {
+        Ok(()) => transaction.commit().map_err(failed("committing to")),
+        Err(error) => {
+            // The change's own error is the one to report; a failed abort adds nothing.
+            let _ = transaction.abort();
+            Err(error)
+        }
+    }
+}
+
+fn apply<'a>(
+    transaction: &WriteTransaction,
+    changes: impl Iterator<Item = &'a Change>,
+) -> Result<(), StoreError> {
+    let mut allocations = transaction
+        .open_table(ALLOCATIONS)
+        .map_err(failed("writing to"))?;
+    let mut meta = transaction.open_table(META).map_err(failed("writing to"))?;
+    for change in changes {
+        match change {
+            Change::Put(allocation) => {
+                let value = encode(allocation).map_err(failed("encoding an allocation for"))?;
+                allocations
+                    .insert(key(allocation.id), value.as_slice())
+                    .map_err(failed_on("writing to", allocation.id))?;
+            }
+            Change::Delete(id) => {
+                allocations
+                    .remove(key(*id))
+                    .map_err(failed_on("writing to", *id))?;
+            }
+            Change::SetHostChanges(host) => {
+                let value = encode(host).map_err(failed("encoding the host changes for"))?;
+                meta.insert(HOST_CHANGES_KEY, value.as_slice())
+                    .map_err(failed_on("writing to", HOST_CHANGES_KEY))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The [`ALLOCATIONS`] key of a port.
+fn key(id: PortId) -> (u16, u8) {
+    (id.port, id.protocol.number())
+}
+
+/// The allocation stored under `(port, protocol_number)`, checked against its key.
+fn decode_allocation(
+    (port, protocol_number): (u16, u8),
+    value: &[u8],
+) -> Result<Allocation, StoreError> {
+    let Some(protocol) = Protocol::from_number(protocol_number) else {
+        return Err(StoreError::Corrupt {
+            key: format!("{port}/protocol {protocol_number}"),
+            message: "not a managed protocol".to_owned(),
+        });
+    };
+    let id = PortId::new(port, protocol);
+    let corrupt = |message: String| StoreError::Corrupt {
+        key: id.to_string(),
+        message,
+    };
+    let allocation: Allocation =
+        serde_json::from_slice(value).map_err(|error| corrupt(error.to_string()))?;
+    if allocation.id != id {
+        return Err(corrupt(format!("the record is for {}", allocation.id)));
+    }
+    Ok(allocation)
+}
+
+fn encode(record: &impl Serialize) -> Result<Vec<u8>, serde_json::Error> {
+    serde_json::to_vec(record)
+}
+
+/// Turns a redb error into a [`StoreError::Transaction`] saying what was being done.
+fn failed<E: fmt::Display>(op: &'static str) -> impl FnOnce(E) -> StoreError {
+    move |error| StoreError::Transaction {
+        op,
+        message: error.to_string(),
+    }
+}
+
+/// [`failed`], naming the record.
+fn failed_on<E: fmt::Display>(
+    op: &'static str,
+    record: impl fmt::Display,
+) -> impl FnOnce(E) -> StoreError {
+    move |error| StoreError::Transaction {
+        op,
+        message: format!("{record}: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::sample_allocation;
+
+    fn database_path(dir: &tempfile::TempDir) -> PathBuf {
+        // A missing subdirectory, so `open` has to create it.
+        dir.path().join("state").join("portgate.redb")
+    }
+
+    fn commit(store: &RedbStore, changes: Vec<Change>) {
+        store.submit(changes).wait_blocking().unwrap();
+    }
+
+    #[test]
+    fn put_delete_load_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&database_path(&dir)).unwrap();
+        assert_eq!(store.load().unwrap(), StoredState::default());
+
+        let first = sample_allocation(20001, Protocol::Tcp);
+        let kept = sample_allocation(20001, Protocol::Udp);
+        let deleted = sample_allocation(20002, Protocol::Tcp);
+        // A lower port written later: load must still give key order.
+        let low = sample_allocation(900, Protocol::Tcp);
+        commit(
+            &store,
+            vec![
+                Change::Put(kept.clone()),
+                Change::Put(deleted.clone()),
+                Change::Put(first.clone()),
+            ],
+        );
+        commit(
+            &store,
+            vec![Change::Put(low.clone()), Change::Delete(deleted.id)],
+        );
+
+        let state = store.load().unwrap();
+        assert_eq!(state.allocations, vec![low, first, kept]);
+        assert_eq!(state.host, HostChanges::default());
+        assert_eq!(
+            store.describe(),
+            format!("redb at {} (3 allocations)", store.path().display())
+        );
+    }
+
+    #[test]
+    fn host_changes_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&database_path(&dir)).unwrap();
+        let host = HostChanges {
+            reserved_ports_added: vec![(20000, 20999), (30000, 30000)],
+        };
+        commit(&store, vec![Change::SetHostChanges(host.clone())]);
+        assert_eq!(store.load().unwrap().host, host);
+    }
+
+    #[test]
+    fn reopen_sees_every_committed_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = database_path(&dir);
+        let host = HostChanges {
+            reserved_ports_added: vec![(20000, 20999)],
+        };
+        let expected = {
+            let store = RedbStore::open(&path).unwrap();
+            commit(
+                &store,
+                vec![
+                    Change::Put(sample_allocation(20001, Protocol::Tcp)),
+                    Change::Put(sample_allocation(20002, Protocol::Udp)),
+                    Change::SetHostChanges(host.clone()),
+                ],
+            );
+            // Not waited for: dropping the store must still write it.
+            let _ = store.submit(vec![Change::Put(sample_allocation(20003, Protocol::Tcp))]);
+            StoredState {
+                allocations: vec![
+                    sample_allocation(20001, Protocol::Tcp),
+                    sample_allocation(20002, Protocol::Udp),
+                    sample_allocation(20003, Protocol::Tcp),
+                ],
+                host,
+            }
+        };
+
+        let reopened = RedbStore::open(&path).unwrap();
+        assert_eq!(reopened.load().unwrap(), expected);
+    }
+
+    #[test]
+    fn concurrent_submitters_share_commits() {
+        const THREADS: u16 = 8;
+        const SUBMITS: u16 = 200;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = database_path(&dir);
+        let store = RedbStore::open(&path).unwrap();
+        thread::scope(|scope| {
+            for thread in 0..THREADS {
+                let store = &store;
+                scope.spawn(move || {
+                    for i in 0..SUBMITS {
+                        let allocation =
+                            sample_allocation(10000 + thread * SUBMITS + i, Protocol::Tcp);
+                        commit(store, vec![Change::Put(allocation)]);
+                    }
+                });
+            }
+        });
+
+        let total = u64::from(THREADS * SUBMITS);
+        let stats = store.commit_stats();
+        assert_eq!(stats.submissions, total);
+        assert_eq!(stats.changes, total);
+        assert!(
+            stats.batches < stats.submissions,
+            "no submissions shared a commit: {stats:?}"
+        );
+
+        drop(store);
+        let allocations = RedbStore::open(&path).unwrap().load().unwrap().allocations;
+        let ports: Vec<u16> = allocations
+            .iter()
+            .map(|allocation| allocation.id.port)
+            .collect();
+        let expected: Vec<u16> = (10000..10000 + THREADS * SUBMITS).collect();
+        assert_eq!(ports, expected);
+    }
+
+    #[test]
+    fn corrupt_record_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = database_path(&dir);
+        drop(RedbStore::open(&path).unwrap());
+        {
+            let database = Database::create(&path).unwrap();
+            let transaction = database.begin_write().unwrap();
+            transaction
+                .open_table(ALLOCATIONS)
+                .unwrap()
+                .insert(
+                    (20001, Protocol::Tcp.number()),
+                    [0xff, 0x00, 0x7b].as_slice(),
+                )
+                .unwrap();
+            transaction.commit().unwrap();
+        }
+
+        let store = RedbStore::open(&path).unwrap();
+        match store.load() {
+            Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "20001/tcp"),
+            other => panic!("expected Corrupt for 20001/tcp, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn record_under_another_key_is_corrupt() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = database_path(&dir);
+        drop(RedbStore::open(&path).unwrap());
+        {
+            let database = Database::create(&path).unwrap();
+            let transaction = database.begin_write().unwrap();
+            let misplaced = encode(&sample_allocation(20002, Protocol::Tcp)).unwrap();
+            transaction
+                .open_table(ALLOCATIONS)
+                .unwrap()
+                .insert((20001, Protocol::Tcp.number()), misplaced.as_slice())
+                .unwrap();
+            transaction.commit().unwrap();
+        }
+
+        let store = RedbStore::open(&path).unwrap();
+        match store.load() {
+            Err(StoreError::Corrupt { key, message }) => {
+                assert_eq!(key, "20001/tcp");
+                assert!(message.contains("20002/tcp"), "{message}");
+            }
+            other => panic!("expected Corrupt for 20001/tcp, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn submission_order_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = database_path(&dir);
+        let allocation = sample_allocation(20001, Protocol::Tcp);
+        {
+            let store = RedbStore::open(&path).unwrap();
+            let put = store.submit(vec![Change::Put(allocation.clone())]);
+            let delete = store.submit(vec![Change::Delete(allocation.id)]);
+            put.wait_blocking().unwrap();
+            delete.wait_blocking().unwrap();
+        }
+        let reopened = RedbStore::open(&path).unwrap();
+        assert!(reopened.load().unwrap().allocations.is_empty());
+    }
+
+    #[test]
+    fn submit_after_shutdown_is_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = RedbStore::open(&database_path(&dir)).unwrap();
+        let before = store.submit(vec![Change::Put(sample_allocation(20001, Protocol::Tcp))]);
+        store.shutdown();
+        before.wait_blocking().unwrap();
+        let after = store.submit(vec![Change::Delete(PortId::new(20001, Protocol::Tcp))]);
+        assert!(matches!(after.wait_blocking(), Err(StoreError::Closed)));
+        // Reads still work, and the refused delete left the record alone.
+        assert_eq!(store.load().unwrap().allocations.len(), 1);
+    }
+
+    #[test]
+    fn second_open_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = database_path(&dir);
+        let _store = RedbStore::open(&path).unwrap();
+        let error = RedbStore::open(&path).unwrap_err();
+        assert!(
+            error.to_string().contains("another process has it open"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = database_path(&dir);
+        drop(RedbStore::open(&path).unwrap());
+        {
+            let database = Database::create(&path).unwrap();
+            let transaction = database.begin_write().unwrap();
+            transaction
+                .open_table(META)
+                .unwrap()
+                .insert(SCHEMA_VERSION_KEY, b"2".as_slice())
+                .unwrap();
+            transaction.commit().unwrap();
+        }
+        let error = RedbStore::open(&path).unwrap_err();
+        assert!(error.to_string().contains("schema version 2"), "{error}");
+    }
+}
