@@ -28,3 +28,19 @@ pub const DEFAULT_SOCKET: &str = "/run/portgate/portgate.sock";
 pub const DEFAULT_AUDIT_LOG: &str = "/var/log/portgate/audit.log";
 /// File name of the embedded store inside the state directory.
 pub const STORE_FILE: &str = "portgate.redb";
+
+/// The calling thread's TCP/IPv4 socket table. Through `thread-self` rather than `/proc/net`
+/// (which is `/proc/self/net`, the namespace of the process's main thread), so a thread that
+/// entered another network namespace reads that namespace's sockets.
+pub const PROC_NET_TCP: &str = "/proc/thread-self/net/tcp";
+/// The calling thread's TCP/IPv6 socket table (absent when IPv6 is disabled).
+pub const PROC_NET_TCP6: &str = "/proc/thread-self/net/tcp6";
+/// The calling thread's UDP/IPv4 socket table.
+pub const PROC_NET_UDP: &str = "/proc/thread-self/net/udp";
+/// The calling thread's UDP/IPv6 socket table (absent when IPv6 is disabled).
+pub const PROC_NET_UDP6: &str = "/proc/thread-self/net/udp6";
+/// The ephemeral port range of the calling thread's network namespace (`low high`).
+pub const IP_LOCAL_PORT_RANGE: &str = "/proc/sys/net/ipv4/ip_local_port_range";
+/// The ports the kernel never picks as ephemeral ports, in the calling thread's network
+/// namespace (`8080,20000-29999`).
+pub const IP_LOCAL_RESERVED_PORTS: &str = "/proc/sys/net/ipv4/ip_local_reserved_ports";
