@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use ipnet::IpNet;
 use portgate_common::{policy_flags, reason};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     gate::{Gate, GateError, PortCounters},
@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// Drops by reason, with the spec's names as keys.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DropCounts {
     /// No allocation.
     pub unallocated: u64,
@@ -27,8 +27,23 @@ pub struct DropCounts {
     pub conn_limit: u64,
 }
 
+impl DropCounts {
+    /// The count of one reason.
+    #[must_use]
+    pub const fn get(&self, reason: crate::policy::DropReason) -> u64 {
+        use crate::policy::DropReason;
+        match reason {
+            DropReason::Unallocated => self.unallocated,
+            DropReason::Draining => self.draining,
+            DropReason::NotAllowed => self.not_allowed,
+            DropReason::AuthRequired => self.auth_required,
+            DropReason::ConnLimit => self.conn_limit,
+        }
+    }
+}
+
 /// A grant as shown to a person.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrantView {
     /// Source address granted.
     pub addr: std::net::IpAddr,
@@ -37,7 +52,7 @@ pub struct GrantView {
 }
 
 /// One (port, protocol): policy, allowlist, grants, counters and active connections.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortReport {
     /// Port.
     pub port: u16,

@@ -116,7 +116,7 @@ impl PortError {
         }
     }
 
-    /// A stable snake_case code for programs (the API's `error.code`).
+    /// A stable `snake_case` code for programs (the API's `error.code`).
     #[must_use]
     pub const fn code(&self) -> &'static str {
         match self {

@@ -8,8 +8,8 @@ use std::{fmt, path::PathBuf, time::Duration};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-pub use crate::policy::{PortStatus, Protocol};
 use crate::policy::{OwnerCgroup, PortPolicy};
+pub use crate::policy::{PortStatus, Protocol};
 
 /// One managed port of one protocol: what allocations, policies and counters are keyed by.
 ///

@@ -1,0 +1,330 @@
+//! The specification's `PortMonitor`: per-port counters from the kernel, the deny-event
+//! stream, and the Prometheus metrics.
+
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
+
+use prometheus_client::{
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeMetric as _},
+    metrics::{
+        MetricType,
+        counter::{ConstCounter, Counter},
+        family::Family,
+        gauge::ConstGauge,
+        histogram::{Histogram, exponential_buckets},
+    },
+    registry::Registry,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use super::state::{PortId, PortStatus, Protocol, UnixMillis, now_millis};
+use crate::{gate::DenyEventRecord, policy::DropReason, report::DropCounts};
+
+/// The deny events kept for `portgate events` (the newest are kept).
+pub const RECENT_EVENTS: usize = 1024;
+
+/// One port's counters, as the kernel counts them (JSON keys as `portgate maps`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMetrics {
+    /// New connections let in.
+    pub accepted: u64,
+    /// Established TCP connections now.
+    pub active: u64,
+    /// Drops by reason.
+    pub dropped: DropCounts,
+    /// Refused binds.
+    pub bind_denied: u64,
+    /// Packets judged.
+    pub packets: u64,
+    /// Bytes judged.
+    pub bytes: u64,
+}
+
+/// What one scrape shows about the ports: filled in by the manager, encoded by the monitor.
+#[derive(Clone, Debug, Default)]
+pub struct PortsSnapshot {
+    /// Each managed port with an allocation or counters: its status and counters.
+    pub ports: Vec<(PortId, PortStatus, PortMetrics)>,
+    /// Ports that can be handed out now, per protocol.
+    pub free: Vec<(Protocol, u64)>,
+    /// Deny events the ring buffer had no room for.
+    pub events_lost_full: u64,
+    /// Deny events the per-port rate limit suppressed.
+    pub events_rate_limited: u64,
+}
+
+/// API actions, as the latency histogram's label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct ActionLabel {
+    action: String,
+}
+
+/// Counters, events and metrics.
+#[derive(Debug)]
+pub struct PortMonitor {
+    registry: Registry,
+    snapshot: Arc<Mutex<PortsSnapshot>>,
+    allocations: Counter,
+    lease_expiries: Counter,
+    api_latency: Family<ActionLabel, Histogram>,
+    events: broadcast::Sender<(UnixMillis, DenyEventRecord)>,
+    recent: Mutex<VecDeque<(UnixMillis, DenyEventRecord)>>,
+}
+
+impl Default for PortMonitor {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PortMonitor {
+    /// A monitor with every metric registered and no events yet.
+    #[must_use]
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("portgate");
+        let allocations = Counter::default();
+        registry.register(
+            "allocations",
+            "Ports allocated since the daemon started",
+            allocations.clone(),
+        );
+        let lease_expiries = Counter::default();
+        registry.register(
+            "lease_expiries",
+            "Leases that ran out (the port went Draining)",
+            lease_expiries.clone(),
+        );
+        let api_latency = Family::<ActionLabel, Histogram>::new_with_constructor(|| {
+            // 10 us .. ~0.3 s
+            Histogram::new(exponential_buckets(0.000_01, 2.0, 16))
+        });
+        registry.register(
+            "api_request_duration_seconds",
+            "Time to answer an API request, by action",
+            api_latency.clone(),
+        );
+        let snapshot = Arc::new(Mutex::new(PortsSnapshot::default()));
+        registry.register_collector(Box::new(PortsCollector {
+            snapshot: Arc::clone(&snapshot),
+        }));
+        let (events, _) = broadcast::channel(RECENT_EVENTS);
+        Self {
+            registry,
+            snapshot,
+            allocations,
+            lease_expiries,
+            api_latency,
+            events,
+            recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
+        }
+    }
+
+    /// Counts an allocation.
+    pub fn record_allocation(&self) {
+        self.allocations.inc();
+    }
+
+    /// Counts a lease expiry.
+    pub fn record_lease_expiry(&self) {
+        self.lease_expiries.inc();
+    }
+
+    /// Records how long an API request took.
+    pub fn record_api_latency(&self, action: &str, seconds: f64) {
+        self.api_latency
+            .get_or_create(&ActionLabel {
+                action: action.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// Takes a deny event from the kernel: stamped with the time it was read, kept for
+    /// `portgate events`, sent to followers.
+    pub fn record_event(&self, event: DenyEventRecord) {
+        let event = (now_millis(), event);
+        {
+            let mut recent = self
+                .recent
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if recent.len() == RECENT_EVENTS {
+                recent.pop_front();
+            }
+            recent.push_back(event.clone());
+        }
+        // No follower is not an error.
+        let _ignored = self.events.send(event);
+    }
+
+    /// The deny events kept, oldest first, with the time each was read.
+    #[must_use]
+    pub fn recent_events(&self) -> Vec<(UnixMillis, DenyEventRecord)> {
+        self.recent
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Every deny event from now on.
+    #[must_use]
+    pub fn subscribe(&self) -> broadcast::Receiver<(UnixMillis, DenyEventRecord)> {
+        self.events.subscribe()
+    }
+
+    /// The Prometheus text exposition of every metric, with the ports as in `snapshot`.
+    pub fn encode(&self, snapshot: PortsSnapshot) -> Result<String, std::fmt::Error> {
+        let mut guard = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *guard = snapshot;
+        let mut text = String::new();
+        // The collector locks the snapshot itself: release it first.
+        drop(guard);
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+}
+
+/// Encodes the per-port families from the latest snapshot at each scrape.
+#[derive(Debug)]
+struct PortsCollector {
+    snapshot: Arc<Mutex<PortsSnapshot>>,
+}
+
+type Labels = Vec<(&'static str, String)>;
+
+/// A per-port counter family: name, help, and how to read it.
+type CounterFamily = (&'static str, &'static str, fn(&PortMetrics) -> u64);
+
+/// The per-port counters exported as plain families.
+const PORT_COUNTERS: [CounterFamily; 4] = [
+    ("port_accepted", "New connections let in, per port", |m| {
+        m.accepted
+    }),
+    ("port_bytes", "Bytes judged, per port", |m| m.bytes),
+    ("port_packets", "Packets judged, per port", |m| m.packets),
+    ("port_bind_denied", "bind() calls refused, per port", |m| {
+        m.bind_denied
+    }),
+];
+
+fn port_labels(id: PortId) -> Labels {
+    vec![
+        ("port", id.port.to_string()),
+        ("proto", id.protocol.to_string()),
+    ]
+}
+
+fn gauge(value: impl TryInto<i64>) -> ConstGauge<i64> {
+    ConstGauge::new(value.try_into().unwrap_or(i64::MAX))
+}
+
+impl PortsCollector {
+    fn encode_ports(
+        snapshot: &PortsSnapshot,
+        encoder: &mut DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let ports = &snapshot.ports;
+        for (name, help, value) in PORT_COUNTERS {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (id, _, metrics) in ports {
+                let labels = port_labels(*id);
+                ConstCounter::new(value(metrics)).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "port_dropped",
+            "Packets of new connections dropped, per port and reason",
+            None,
+            MetricType::Counter,
+        )?;
+        for (id, _, metrics) in ports {
+            for reason in DropReason::ALL {
+                let mut labels = port_labels(*id);
+                labels.push(("reason", reason.name().to_owned()));
+                ConstCounter::new(metrics.dropped.get(reason))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "port_active_connections",
+            "Established TCP connections, per port",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (id, _, metrics) in ports {
+            gauge(metrics.active).encode(family.encode_family(&port_labels(*id))?)?;
+        }
+        Ok(())
+    }
+
+    fn encode_range(
+        snapshot: &PortsSnapshot,
+        encoder: &mut DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let mut family = encoder.encode_descriptor(
+            "allocated_ports",
+            "Allocated ports, per protocol and status",
+            None,
+            MetricType::Gauge,
+        )?;
+        for protocol in Protocol::ALL {
+            for status in [PortStatus::Active, PortStatus::Draining, PortStatus::Closed] {
+                let count = snapshot
+                    .ports
+                    .iter()
+                    .filter(|(id, port_status, _)| {
+                        id.protocol == protocol && *port_status == status
+                    })
+                    .count();
+                let labels: Labels = vec![
+                    ("proto", protocol.to_string()),
+                    ("status", status.to_string()),
+                ];
+                gauge(count).encode(family.encode_family(&labels)?)?;
+            }
+        }
+        let mut family = encoder.encode_descriptor(
+            "free_ports",
+            "Ports that can be allocated now, per protocol",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (protocol, free) in &snapshot.free {
+            let labels: Labels = vec![("proto", protocol.to_string())];
+            gauge(*free).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "events_lost",
+            "Deny events not delivered, by cause",
+            None,
+            MetricType::Counter,
+        )?;
+        for (cause, count) in [
+            ("ring_full", snapshot.events_lost_full),
+            ("rate_limited", snapshot.events_rate_limited),
+        ] {
+            let labels: Labels = vec![("cause", cause.to_owned())];
+            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+impl Collector for PortsCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let snapshot = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        Self::encode_ports(&snapshot, &mut encoder)?;
+        Self::encode_range(&snapshot, &mut encoder)
+    }
+}
