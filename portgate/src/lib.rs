@@ -4,8 +4,11 @@
 //! kernel programs and their pinned maps; [`verdict`] is the same packet verdict in plain
 //! Rust; [`policy`] holds the types both speak; [`system`] finds what the host provides.
 
+pub mod api;
 pub mod cli;
+pub mod client;
 pub mod config;
+pub mod daemon;
 pub mod gate;
 pub mod host;
 pub mod manager;

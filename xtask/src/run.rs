@@ -1,4 +1,5 @@
-//! `cargo xtask run`: set up what is missing, build, and run `portgate`.
+//! `cargo xtask run`: set up what is missing, build, and run `portgate` (by default the
+//! daemon on the default configuration: the quickstart).
 
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
@@ -8,7 +9,7 @@ use crate::setup;
 /// Options of `cargo xtask run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Arguments for `portgate` (default: `maps`).
+    /// Arguments for `portgate` (default: `daemon`).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 }
@@ -18,7 +19,7 @@ pub fn run(args: &RunArgs) -> Result<()> {
     setup::toolchain(false)?;
     setup::status("cargo", &["build", "--release", "-p", "portgate"])?;
     let arguments: Vec<&str> = if args.args.is_empty() {
-        vec!["maps"]
+        vec!["daemon"]
     } else {
         args.args.iter().map(String::as_str).collect()
     };

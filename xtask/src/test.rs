@@ -100,6 +100,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
         failed |= unit.failed > 0;
     }
     if !args.unit {
+        // The daemon tests run the `portgate` binary (as the daemon, and as the CLI of
+        // other users): build it first, so that they never run a stale one.
+        crate::setup::status("cargo", &["build", "-p", "portgate", "--bins"])?;
         let mut test_args = vec!["--test-threads=1".to_owned()];
         test_args.extend(args.passthrough.iter().cloned());
         let kernel = cargo_test(&["-p", "portgate-tests"], &test_args)?;

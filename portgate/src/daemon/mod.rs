@@ -1,0 +1,396 @@
+//! `portgate daemon`: owns the store and the kernel maps, serves the local API on a Unix
+//! socket and the Prometheus metrics, runs the lifecycle timers and reads deny events.
+//!
+//! Start-up: read the configuration; install (or adopt) the kernel gate and attach it to the
+//! configured cgroup and XDP interfaces; reserve the managed range from the kernel's
+//! ephemeral ports; open the store and make the kernel maps equal to it; then serve and tell
+//! systemd it is ready. SIGTERM and SIGINT stop serving and leave enforcement in place (the
+//! pins); `portgate uninstall` takes it away.
+
+pub mod api;
+pub mod audit;
+pub mod auth;
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt as _,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use tokio::{
+    net::{TcpListener, UnixListener},
+    signal::unix::{SignalKind, signal},
+    sync::watch,
+};
+
+use self::{audit::AuditLog, auth::AdminGroup};
+use crate::{
+    config::Config,
+    gate::{self, Gate, GateSettings},
+    host,
+    manager::{PortManager, ProcfsSockets, StartReport},
+    paths,
+    store::{Change, RedbStore, Store as _},
+    system,
+};
+
+/// How often the lifecycle timers are checked (leases, drains, quarantine): a step is taken
+/// at most this long after it is due.
+pub const LIFECYCLE_PERIOD: Duration = Duration::from_millis(200);
+
+/// How long shutdown waits for open requests (an `events -f` stream ends at once).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// What the API handlers share.
+pub struct App {
+    /// The port manager.
+    pub manager: Arc<PortManager>,
+    /// The audit log.
+    pub audit: AuditLog,
+    /// The admin group.
+    pub admin: AdminGroup,
+    /// When the daemon started.
+    pub started: Instant,
+    /// The configuration it runs with.
+    pub config: Config,
+    /// Configuration and host warnings.
+    pub warnings: Vec<String>,
+    /// What start-up found.
+    pub start_report: StartReport,
+    /// Becomes `true` at shutdown (ends event streams).
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// The configuration at `path` (or the default file, which may be missing).
+fn load_config(path: Option<PathBuf>) -> anyhow::Result<(Config, Vec<String>)> {
+    let explicit = path.is_some();
+    let path = path.unwrap_or_else(|| PathBuf::from(paths::DEFAULT_CONFIG));
+    let config = Config::load_or_default(&path, explicit)?;
+    let warnings = config.validate()?;
+    Ok((config, warnings))
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let (config, warnings) = load_config(config)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?
+        .block_on(serve(config, warnings))
+}
+
+/// The cgroup the daemon attaches to.
+fn attach_cgroup(config: &Config) -> anyhow::Result<PathBuf> {
+    if config.daemon.cgroup == "auto" {
+        Ok(system::cgroup2_root()?)
+    } else {
+        Ok(PathBuf::from(&config.daemon.cgroup))
+    }
+}
+
+async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let missing = system::missing_capabilities();
+    if !missing.is_empty() {
+        bail!(
+            "the daemon needs {}: run it as root (or under the systemd unit in dist/)",
+            missing.join(", ")
+        );
+    }
+    let ports = &config.ports;
+    let daemon = &config.daemon;
+    let (gate, cgroup, events) = install_gate(&config)?;
+    fs::create_dir_all(&daemon.state_dir)
+        .with_context(|| format!("creating {}", daemon.state_dir.display()))?;
+    let store = Arc::new(RedbStore::open(&daemon.state_dir.join(paths::STORE_FILE))?);
+    reserve_ephemeral(&config, &store, &mut warnings).await?;
+
+    let manager = PortManager::open(
+        ports.clone(),
+        store.clone(),
+        Some(gate),
+        Box::new(ProcfsSockets),
+    )
+    .map(|(opened, report)| (Arc::new(opened), report));
+    let (manager, start_report) = manager?;
+    log::info!(
+        "restored {} allocations; removed {} stale kernel policies",
+        start_report.restored,
+        start_report.stale_policies_removed
+    );
+    for listener in &start_report.unexplained_listeners {
+        let warning = format!(
+            "{}/{} has a listener (uid {}, {}) that no allocation explains",
+            listener.port, listener.protocol, listener.uid, listener.addr
+        );
+        log::warn!("{warning}");
+        warnings.push(warning);
+    }
+
+    let audit = AuditLog::open(&daemon.audit_log)
+        .with_context(|| format!("opening the audit log {}", daemon.audit_log.display()))?;
+    let admin = AdminGroup::resolve(&daemon.admin_group);
+    let listener = bind_socket(&daemon.socket, daemon.socket_mode_bits(), &admin)?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let app = Arc::new(App {
+        manager: Arc::clone(&manager),
+        audit,
+        admin,
+        started,
+        config: config.clone(),
+        warnings,
+        start_report,
+        shutdown: shutdown_rx.clone(),
+    });
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(lifecycle(Arc::clone(&manager), shutdown_rx.clone()));
+    tasks.spawn(read_events(
+        Arc::clone(&manager),
+        events,
+        shutdown_rx.clone(),
+    ));
+    let api = api::router(Arc::clone(&app)).into_make_service_with_connect_info::<auth::Peer>();
+    let mut api_shutdown = shutdown_rx.clone();
+    let api_server = tokio::spawn(async move {
+        axum::serve(listener, api)
+            .with_graceful_shutdown(async move {
+                let _closed = api_shutdown.wait_for(|stop| *stop).await;
+            })
+            .await
+    });
+    let metrics_server = spawn_metrics(&app, &daemon.metrics_listen, shutdown_rx.clone()).await?;
+
+    if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
+        log::warn!("telling systemd the daemon is ready: {err}");
+    }
+    log::info!(
+        "portgate daemon ready: ports {}-{}, socket {}, cgroup {}",
+        ports.min_port,
+        ports.max_port,
+        daemon.socket.display(),
+        cgroup.display()
+    );
+
+    let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
+    tokio::select! {
+        _ = terminate.recv() => log::info!("SIGTERM: shutting down, enforcement stays in place"),
+        _ = interrupt.recv() => log::info!("SIGINT: shutting down, enforcement stays in place"),
+    }
+    let _ignored = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    let _ignored = shutdown_tx.send(true);
+    if tokio::time::timeout(SHUTDOWN_GRACE, api_server)
+        .await
+        .is_err()
+    {
+        log::warn!("API requests still open after {SHUTDOWN_GRACE:?}: closing them");
+    }
+    if let Some(server) = metrics_server {
+        let _ignored = tokio::time::timeout(SHUTDOWN_GRACE, server).await;
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    let _removed = fs::remove_file(&daemon.socket);
+    drop(app);
+    drop(manager);
+    store.shutdown();
+    Ok(())
+}
+
+/// Serves `GET /metrics` on `address` (nothing when it is empty).
+async fn spawn_metrics(
+    app: &Arc<App>,
+    address: &str,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
+    if address.is_empty() {
+        return Ok(None);
+    }
+    let tcp = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("listening on {address} for metrics"))?;
+    let router = api::metrics_router(Arc::clone(app));
+    Ok(Some(tokio::spawn(async move {
+        axum::serve(tcp, router)
+            .with_graceful_shutdown(async move {
+                let _closed = shutdown.wait_for(|stop| *stop).await;
+            })
+            .await
+    })))
+}
+
+/// Installs (or adopts) the kernel gate and attaches it where the configuration says.
+fn install_gate(config: &Config) -> anyhow::Result<(Gate, PathBuf, gate::DenyEvents)> {
+    let daemon = &config.daemon;
+    let mut gate = Gate::install(&GateSettings {
+        pin_dir: daemon.pin_dir.clone(),
+        min_port: config.ports.min_port,
+        max_port: config.ports.max_port,
+        ..GateSettings::default()
+    })
+    .with_context(|| format!("installing the kernel gate in {}", daemon.pin_dir.display()))?;
+    let cgroup = attach_cgroup(config)?;
+    gate.attach_cgroup(&cgroup)
+        .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
+    for interface in &daemon.xdp_interfaces {
+        gate.attach_xdp(interface, aya::programs::XdpMode::default())
+            .with_context(|| format!("attaching XDP to {interface}"))?;
+    }
+    let events = gate.events().context("opening the deny-event stream")?;
+    Ok((gate, cgroup, events))
+}
+
+/// Warns when the managed range overlaps the kernel's ephemeral ports, and (when
+/// configured) reserves it there, recording what was added so uninstall gives it back.
+async fn reserve_ephemeral(
+    config: &Config,
+    store: &RedbStore,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<()> {
+    let ports = &config.ports;
+    let managed = ports.min_port..=ports.max_port;
+    match host::local_port_range() {
+        Ok(ephemeral) => {
+            if let Some((low, high)) = host::ephemeral_overlap(managed.clone(), ephemeral) {
+                let warning = format!(
+                    "the managed range overlaps the kernel's ephemeral ports ({}-{}) at {low}-{high}{}",
+                    ephemeral.0,
+                    ephemeral.1,
+                    if ports.reserve_ephemeral {
+                        ": reserved in net.ipv4.ip_local_reserved_ports"
+                    } else {
+                        ": outgoing connections may take managed ports (set [ports] reserve_ephemeral = true)"
+                    }
+                );
+                log::warn!("{warning}");
+                warnings.push(warning);
+            }
+        }
+        Err(err) => warnings.push(format!("reading the ephemeral port range: {err}")),
+    }
+    if !ports.reserve_ephemeral {
+        return Ok(());
+    }
+    let added = host::reserve_ports(managed)
+        .context("adding the range to net.ipv4.ip_local_reserved_ports")?;
+    if !added.is_empty() {
+        let mut record = store.load()?.host;
+        record.reserved_ports_added.extend(added);
+        record.reserved_ports_added.sort_unstable();
+        record.reserved_ports_added.dedup();
+        store
+            .submit(vec![Change::SetHostChanges(record)])
+            .wait()
+            .await?;
+    }
+    Ok(())
+}
+
+/// Binds the API socket: a stale socket file is replaced, a live one (another daemon) is
+/// an error. The socket gets `mode` and the admin group.
+fn bind_socket(path: &Path, mode: u32, admin: &AdminGroup) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            bail!(
+                "another portgate daemon is serving {}: stop it first",
+                path.display()
+            );
+        }
+        fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
+    }
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("listening on {}", path.display()))?;
+    if let Some(gid) = admin.gid() {
+        nix::unistd::chown(path, None, Some(gid))
+            .with_context(|| format!("giving {} to group {}", path.display(), admin.name()))?;
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(listener)
+}
+
+/// Takes the lifecycle steps as they fall due.
+async fn lifecycle(manager: Arc<PortManager>, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(LIFECYCLE_PERIOD);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        match manager.tick().await {
+            Ok(steps) => {
+                for step in steps {
+                    log::info!("lifecycle: {step:?}");
+                }
+            }
+            Err(err) => log::error!("lifecycle: {err}"),
+        }
+    }
+}
+
+/// Reads deny events from the kernel into the monitor.
+async fn read_events(
+    manager: Arc<PortManager>,
+    mut events: gate::DenyEvents,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            event = events.next() => match event {
+                Ok(event) => manager.monitor().record_event(event),
+                Err(err) => {
+                    log::error!("reading deny events: {err}; no more events will be read");
+                    return;
+                }
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+/// `portgate uninstall`: detaches and unpins the kernel gate and gives back the reserved
+/// ports portgate added. The store (allocations) is kept in the state directory.
+pub fn uninstall(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let (config, _) = load_config(config)?;
+    let daemon = &config.daemon;
+    if daemon.socket.exists() && std::os::unix::net::UnixStream::connect(&daemon.socket).is_ok() {
+        bail!(
+            "the daemon is running ({}): stop it first (systemctl stop portgate)",
+            daemon.socket.display()
+        );
+    }
+    let store_path = daemon.state_dir.join(paths::STORE_FILE);
+    if store_path.exists() {
+        let store = RedbStore::open(&store_path)?;
+        let mut record = store.load()?.host;
+        if !record.reserved_ports_added.is_empty() {
+            host::unreserve_ports(&record.reserved_ports_added)
+                .context("taking the range out of net.ipv4.ip_local_reserved_ports")?;
+            record.reserved_ports_added.clear();
+            store
+                .submit(vec![Change::SetHostChanges(record)])
+                .wait_blocking()?;
+        }
+        store.shutdown();
+    }
+    if daemon.pin_dir.exists() {
+        gate::uninstall(&daemon.pin_dir)
+            .with_context(|| format!("uninstalling the gate in {}", daemon.pin_dir.display()))?;
+    }
+    println!(
+        "portgate uninstalled: programs detached, pins removed from {}, reserved ports given back; allocations kept in {}",
+        daemon.pin_dir.display(),
+        store_path.display()
+    );
+    Ok(())
+}

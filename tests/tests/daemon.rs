@@ -1,0 +1,767 @@
+//! The daemon on the real kernel: its API's authorization by peer uid, bad input refused
+//! without a trace, durability across `kill -9`, and the whole lifecycle through the CLI.
+//!
+//! Each test runs `portgate daemon` as a child process inside its own network namespace,
+//! attached to its own child cgroup, pinning under its own bpffs directory, with its state,
+//! socket and audit log in its own temporary directory. Needs: root (BPF, cgroups, netns),
+//! iproute2, and the `portgate` binary built next to the test binary (`cargo xtask test`
+//! builds it; `PORTGATE_BIN` overrides the path).
+
+mod common;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
+    os::unix::{fs::PermissionsExt as _, net::UnixStream, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{
+    EchoServer, NetNs, PinDir, TestCgroup, connect_from, echo, eventually, require_privileges,
+};
+use portgate::{gate::Gate, policy::Protocol};
+
+/// uids of two ordinary local users (no passwd entry needed: the kernel reports the uid).
+const USER_A: u32 = 65_534;
+const USER_B: u32 = 65_533;
+
+/// The `portgate` binary under test.
+fn portgate_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("PORTGATE_BIN") {
+        return PathBuf::from(path);
+    }
+    // target/<profile>/deps/<test> -> target/<profile>/portgate
+    let exe = std::env::current_exe().expect("test binary path");
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory")
+        .join("portgate");
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p portgate` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `portgate daemon` and everything it was given. Dropping it stops the daemon
+/// (SIGTERM, then SIGKILL) and uninstalls its pins; the cgroup, namespace and directory
+/// go with their own guards.
+struct Daemon {
+    child: Option<Child>,
+    config: PathBuf,
+    socket: PathBuf,
+    audit_log: PathBuf,
+    // Dropped in this order, after the daemon is stopped.
+    pins: PinDir,
+    cgroup: TestCgroup,
+    ns: NetNs,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts a daemon managing `min..=max` with a 1 s quarantine and a 5 s drain timeout.
+    fn start(min: u16, max: u16) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("portgate-daemon-test-")
+            .tempdir()
+            .expect("temporary directory");
+        // Other users' CLI must reach the socket inside.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let pins = PinDir::new();
+        let cgroup = TestCgroup::new();
+        let ns = NetNs::new();
+        let socket = dir.path().join("portgate.sock");
+        let audit_log = dir.path().join("audit.log");
+        let config = dir.path().join("portgate.toml");
+        fs::write(
+            &config,
+            format!(
+                r#"[ports]
+min_port = {min}
+max_port = {max}
+timeout = "5s"
+quarantine = "1s"
+
+[daemon]
+state_dir = "{state}"
+pin_dir = "{pins}"
+cgroup = "{cgroup}"
+socket = "{socket}"
+socket_mode = "0666"
+admin_group = "portgate-test-no-such-group"
+metrics_listen = "127.0.0.1:9477"
+audit_log = "{audit}"
+"#,
+                state = dir.path().join("state").display(),
+                pins = pins.path().display(),
+                cgroup = cgroup.path().display(),
+                socket = socket.display(),
+                audit = audit_log.display(),
+            ),
+        )
+        .expect("write the config");
+        let mut daemon = Self {
+            child: None,
+            config,
+            socket,
+            audit_log,
+            pins,
+            cgroup,
+            ns,
+            dir,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// Starts the daemon process (again) and waits until its socket answers.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the daemon is running already");
+        let log = fs::File::create(self.dir.path().join("daemon.log")).expect("daemon log");
+        // Into the namespace with setns(2) rather than `ip netns exec`, which would also
+        // remount /sys and hide the cgroup2 and bpffs mounts from the daemon.
+        let netns = fs::File::open(Path::new("/run/netns").join(self.ns.name()))
+            .expect("open the test namespace");
+        let mut command = Command::new(portgate_bin());
+        command
+            .args(["daemon", "--config"])
+            .arg(&self.config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        // SAFETY: between fork and exec the child only calls setns(2), which is
+        // async-signal-safe, on a descriptor opened before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = command.spawn().expect("start the daemon");
+        self.child = Some(child);
+        let up = eventually(Duration::from_secs(20), || {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("the daemon exited at start ({status}):\n{}", self.log());
+            }
+            UnixStream::connect(&self.socket).is_ok()
+        });
+        assert!(up, "the daemon did not come up in 20 s:\n{}", self.log());
+    }
+
+    /// What the daemon wrote to stderr.
+    fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    fn kill9(&mut self) {
+        let mut child = self.child.take().expect("a running daemon");
+        child.kill().expect("SIGKILL the daemon");
+        child.wait().expect("reap the daemon");
+    }
+
+    /// SIGTERM, bounded wait; SIGKILL if it does not stop. Returns whether it stopped on
+    /// SIGTERM with success.
+    fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        let _sent = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _killed = child.kill();
+        let _reaped = child.wait();
+        false
+    }
+
+    /// Runs the CLI against this daemon, as root or as `uid`.
+    fn cli(&self, uid: Option<u32>, args: &[&str]) -> Output {
+        let mut command = Command::new(portgate_bin());
+        command.arg("--socket").arg(&self.socket).args(args);
+        if let Some(uid) = uid {
+            command.uid(uid).gid(uid);
+        }
+        command.output().expect("run the portgate CLI")
+    }
+
+    /// Runs the CLI and expects success; returns stdout.
+    fn cli_ok(&self, uid: Option<u32>, args: &[&str]) -> String {
+        let output = self.cli(uid, args);
+        assert!(
+            output.status.success(),
+            "portgate {args:?} as {uid:?} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout),
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    /// Runs the CLI with `-o json` and parses what it prints.
+    fn cli_json(&self, uid: Option<u32>, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.cli_ok(uid, &all)).expect("JSON output")
+    }
+
+    /// One raw HTTP/1.1 request over the socket: (status, JSON body or null).
+    fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+        let (status, text) = self.http_text(method, path, body);
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// One raw HTTP/1.1 request over the socket: (status, body text).
+    fn http_text(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+        let mut stream = UnixStream::connect(&self.socket).expect("connect to the API");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        write!(
+            stream,
+            "{method} {path} HTTP/1.1\r\nHost: portgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .expect("send the head");
+        // The daemon may answer (413) before the whole body is sent.
+        let _sent = stream.write_all(body);
+        let mut answer = Vec::new();
+        let _read = stream.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        let status: u16 = text
+            .split_whitespace()
+            .nth(1)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(head, body)| {
+                if head
+                    .to_ascii_lowercase()
+                    .contains("transfer-encoding: chunked")
+                {
+                    dechunk(body)
+                } else {
+                    body.to_owned()
+                }
+            })
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The pinned kernel policies: (port, protocol) keys.
+    fn kernel_policies(&self) -> BTreeSet<(u16, Protocol)> {
+        Gate::open(self.pins.path())
+            .expect("open the pinned gate")
+            .policies()
+            .expect("read the policies")
+            .into_keys()
+            .collect()
+    }
+
+    /// What `portgate list` says: port -> (owner, status).
+    fn allocations(&self) -> BTreeMap<u16, (String, String)> {
+        self.cli_json(None, &["list"])
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|view| {
+                (
+                    u16::try_from(view["port"].as_u64().expect("port")).expect("u16"),
+                    (
+                        view["owner"].as_str().expect("owner").to_owned(),
+                        view["status"].as_str().expect("status").to_owned(),
+                    ),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if !self.stop() {
+            eprintln!(
+                "clean-up: the daemon did not stop on SIGTERM:\n{}",
+                self.log()
+            );
+        }
+    }
+}
+
+/// The body of a chunked HTTP answer.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return out;
+        };
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            return out;
+        };
+        if size == 0 || after.len() < size {
+            return out;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn api_authorizes_by_peer_uid() {
+    if !require_privileges("api_authorizes_by_peer_uid") {
+        return;
+    }
+    let daemon = Daemon::start(41_000, 41_049);
+    // Any local user may allocate; the allocation records its uid.
+    let mine = daemon.cli_json(Some(USER_A), &["alloc", "--owner", "a-web"]);
+    let port = mine["port"].as_u64().expect("port").to_string();
+    assert_eq!(mine["owner_uid"].as_u64(), Some(u64::from(USER_A)));
+    // Another user may read it, but not change or release it.
+    daemon.cli_ok(Some(USER_B), &["show", &port]);
+    for args in [
+        vec!["release", port.as_str()],
+        vec!["drain", port.as_str()],
+        vec!["access", port.as_str(), "--max-conns", "1"],
+        vec!["grant", port.as_str(), "192.0.2.1"],
+    ] {
+        let output = daemon.cli(Some(USER_B), &args);
+        assert!(
+            !output.status.success(),
+            "{args:?} as another user succeeded"
+        );
+        assert!(
+            stderr(&output).contains("access denied"),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+    assert_eq!(
+        daemon.allocations()[&port.parse().unwrap()].1,
+        "active",
+        "a refused change changed nothing"
+    );
+    // Its maker may change it; root may release anyone's.
+    daemon.cli_ok(Some(USER_A), &["access", &port, "--max-conns", "3"]);
+    let theirs = daemon.cli_json(Some(USER_B), &["alloc", "--owner", "b-db"]);
+    let their_port = theirs["port"].as_u64().expect("port").to_string();
+    let output = daemon.cli(Some(USER_A), &["release", &their_port]);
+    assert!(!output.status.success());
+    daemon.cli_ok(None, &["release", &their_port]);
+    daemon.cli_ok(Some(USER_A), &["release", &port]);
+
+    // Every request is in the audit log with the caller's uid and its outcome.
+    let audit = fs::read_to_string(&daemon.audit_log).expect("audit log");
+    let records: Vec<serde_json::Value> = audit
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    let has = |uid: u32, action: &str, result: &str| {
+        records.iter().any(|record| {
+            record["uid"].as_u64() == Some(u64::from(uid))
+                && record["action"] == action
+                && record["result"] == result
+        })
+    };
+    assert!(has(USER_A, "alloc", "ok"), "{audit}");
+    assert!(has(USER_B, "release", "access_denied"), "{audit}");
+    assert!(has(0, "release", "ok"), "{audit}");
+    assert!(
+        records
+            .iter()
+            .all(|record| record["time"].is_string() && record["pid"].is_u64())
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_and_change_nothing() {
+    if !require_privileges("bad_requests_are_refused_and_change_nothing") {
+        return;
+    }
+    let daemon = Daemon::start(41_100, 41_149);
+    let too_many: Vec<String> = (0..10_001)
+        .map(|n| format!("10.{}.{}.0/24", n / 256, n % 256))
+        .collect();
+    let oversized_allowlist =
+        serde_json::to_vec(&serde_json::json!({ "owner": "x", "allow": too_many })).unwrap();
+    let huge_body = vec![b' '; 2 * 1024 * 1024];
+    let cases: Vec<(&str, &str, Vec<u8>, u16, &str)> = vec![
+        ("POST", "/v1/ports", b"{not json".to_vec(), 400, "bad_json"),
+        (
+            "POST",
+            "/v1/ports",
+            br#"{"owner":"x","colour":"red"}"#.to_vec(),
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/ports",
+            br#"{"owner":"x","port":70000}"#.to_vec(),
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/ports",
+            br#"{"owner":"x","port":80}"#.to_vec(),
+            400,
+            "invalid_port_request",
+        ),
+        (
+            "POST",
+            "/v1/ports",
+            br#"{"owner":""}"#.to_vec(),
+            400,
+            "invalid_port_request",
+        ),
+        (
+            "POST",
+            "/v1/ports",
+            br#"{"owner":"x","allow":["10.0.0.0/33"]}"#.to_vec(),
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/ports",
+            br#"{"owner":"x","ttl":"soon"}"#.to_vec(),
+            400,
+            "bad_json",
+        ),
+        (
+            "POST",
+            "/v1/ports",
+            oversized_allowlist,
+            400,
+            "policy_violation",
+        ),
+        ("POST", "/v1/ports", huge_body, 413, "bad_body"),
+        ("GET", "/v1/ports/abc", Vec::new(), 400, "invalid_port"),
+        ("GET", "/v1/ports/70000", Vec::new(), 400, "invalid_port"),
+        ("GET", "/v1/ports/41120", Vec::new(), 404, "not_allocated"),
+        (
+            "DELETE",
+            "/v1/ports/41120",
+            Vec::new(),
+            404,
+            "not_allocated",
+        ),
+        (
+            "DELETE",
+            "/v1/ports/22",
+            Vec::new(),
+            400,
+            "invalid_port_request",
+        ),
+        (
+            "DELETE",
+            "/v1/ports/41120?proto=sctp",
+            Vec::new(),
+            400,
+            "invalid_proto",
+        ),
+        (
+            "GET",
+            "/v1/ports/41120/check?ip=not-an-ip",
+            Vec::new(),
+            400,
+            "invalid_ip",
+        ),
+        ("GET", "/v1/nothing-here", Vec::new(), 404, "unknown_route"),
+    ];
+    for (method, path, body, status, code) in cases {
+        let (got, answer) = daemon.http(method, path, &body);
+        assert_eq!(got, status, "{method} {path}: {answer}");
+        assert_eq!(answer["error"]["code"], code, "{method} {path}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(
+            !message.is_empty() && !message.contains('\n'),
+            "{method} {path}: {answer}"
+        );
+    }
+    // Changes to an allocated port with bad bodies leave it as it was.
+    let held = daemon.cli_json(
+        None,
+        &["alloc", "--owner", "kept", "--allow", "192.0.2.0/24"],
+    );
+    let port = held["port"].as_u64().unwrap();
+    let (status, answer) = daemon.http(
+        "PATCH",
+        &format!("/v1/ports/{port}/access"),
+        br#"{"allow":["192.0.2.0/24"],"max_connections":"many"}"#,
+    );
+    assert_eq!(status, 400, "{answer}");
+    let shown = daemon.cli_json(None, &["show", &port.to_string()]);
+    assert_eq!(shown["allow"], serde_json::json!(["192.0.2.0/24"]));
+    assert_eq!(shown["max_connections"], 0);
+    // Exactly one allocation, in the store and in the kernel.
+    assert_eq!(daemon.allocations().len(), 1);
+    let port = u16::try_from(port).unwrap();
+    assert_eq!(
+        daemon.kernel_policies(),
+        BTreeSet::from([(port, Protocol::Tcp)])
+    );
+}
+
+#[test]
+fn kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing() {
+    if !require_privileges("kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing")
+    {
+        return;
+    }
+    let mut daemon = Daemon::start(41_200, 41_999);
+    let socket = daemon.socket.clone();
+    // 8 clients allocate as fast as they can; each remembers what was acknowledged.
+    let clients: Vec<_> = (0..8)
+        .map(|client| {
+            let socket = socket.clone();
+            thread::spawn(move || {
+                let mut acknowledged = Vec::new();
+                let deadline = Instant::now() + Duration::from_secs(20);
+                for n in 0..400 {
+                    if Instant::now() > deadline {
+                        break;
+                    }
+                    let owner = format!("c{client}-{n}");
+                    let output = Command::new(portgate_bin())
+                        .arg("--socket")
+                        .arg(&socket)
+                        .args(["-o", "json", "alloc", "--owner", &owner])
+                        .output()
+                        .expect("run the CLI");
+                    if !output.status.success() {
+                        break; // the daemon is gone
+                    }
+                    let view: serde_json::Value =
+                        serde_json::from_slice(&output.stdout).expect("JSON");
+                    let port = u16::try_from(view["port"].as_u64().expect("port")).unwrap();
+                    acknowledged.push((port, owner));
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    // Kill it in the middle of the load.
+    assert!(
+        eventually(Duration::from_secs(20), || daemon.allocations().len()
+            >= 150),
+        "allocations did not start"
+    );
+    daemon.kill9();
+    let acknowledged: Vec<(u16, String)> = clients
+        .into_iter()
+        .flat_map(|client| client.join().expect("client thread"))
+        .collect();
+    assert!(!acknowledged.is_empty());
+    let ports: BTreeSet<u16> = acknowledged.iter().map(|(port, _)| *port).collect();
+    assert_eq!(
+        ports.len(),
+        acknowledged.len(),
+        "a port was acknowledged twice"
+    );
+
+    daemon.spawn();
+    let after = daemon.allocations();
+    for (port, owner) in &acknowledged {
+        let held = after
+            .get(port)
+            .unwrap_or_else(|| panic!("acknowledged {port} ({owner}) was lost"));
+        assert_eq!(&held.0, owner, "port {port} changed hands");
+        assert_eq!(held.1, "active");
+    }
+    // Nothing more than one unacknowledged allocation per client was in flight.
+    assert!(
+        after.len() <= acknowledged.len() + 8,
+        "{} > {}",
+        after.len(),
+        acknowledged.len()
+    );
+    // The kernel maps equal the store.
+    let kernel = daemon.kernel_policies();
+    let stored: BTreeSet<(u16, Protocol)> =
+        after.keys().map(|port| (*port, Protocol::Tcp)).collect();
+    assert_eq!(kernel, stored);
+    eprintln!(
+        "kill -9 test: {} acknowledged before the kill, {} allocations after restart",
+        acknowledged.len(),
+        after.len()
+    );
+}
+
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+const OTHER_LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+const REFUSED_WITHIN: Duration = Duration::from_millis(700);
+const CONNECT_WITHIN: Duration = Duration::from_secs(2);
+
+/// A listener made inside the cgroup (so `cgroup_skb` and `sock_ops` see its connections).
+fn listen_in(cgroup: &TestCgroup, addr: SocketAddr) -> TcpListener {
+    let _inside = cgroup.enter();
+    TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"))
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn end_to_end_through_the_cli() {
+    if !require_privileges("end_to_end_through_the_cli") {
+        return;
+    }
+    let daemon = Daemon::start(42_000, 42_009);
+    let held = daemon.cli_json(
+        None,
+        &[
+            "alloc",
+            "--owner",
+            "e2e",
+            "--allow",
+            "127.0.0.1",
+            "--max-conns",
+            "2",
+        ],
+    );
+    let port = u16::try_from(held["port"].as_u64().expect("port")).unwrap();
+    let port_arg = port.to_string();
+    assert_eq!(held["allow"], serde_json::json!(["127.0.0.1/32"]));
+    let addr = SocketAddr::new(LOCAL, port);
+    let server = daemon
+        .ns
+        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, addr)));
+    let connect =
+        |from: IpAddr, within: Duration| daemon.ns.run(|| connect_from(from, addr, within));
+
+    // Allowed, up to the limit.
+    let mut first = connect(LOCAL, CONNECT_WITHIN).expect("an allowed source gets in");
+    let mut second = connect(LOCAL, CONNECT_WITHIN).expect("a second connection gets in");
+    echo(&mut first, b"one").expect("echo");
+    echo(&mut second, b"two").expect("echo");
+    assert!(
+        eventually(Duration::from_secs(3), || daemon
+            .cli_json(None, &["show", &port_arg])["connections"]
+            == 2),
+        "two connections shown"
+    );
+    assert!(
+        connect(LOCAL, REFUSED_WITHIN).is_err(),
+        "a third is over the limit"
+    );
+    assert!(
+        connect(OTHER_LOCAL, REFUSED_WITHIN).is_err(),
+        "a source outside the allowlist"
+    );
+
+    // `check` says the same as the kernel: exit 1 with the reason.
+    let denied = daemon.cli(None, &["check", &port_arg, "127.0.0.2"]);
+    assert_eq!(denied.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&denied.stdout).contains("not_allowed"),
+        "{denied:?}"
+    );
+    let limited = daemon.cli(None, &["check", &port_arg, "127.0.0.1"]);
+    assert_eq!(limited.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&limited.stdout).contains("conn_limit"),
+        "{limited:?}"
+    );
+
+    // Counters, through the daemon (JSON keys as `portgate maps`) and Prometheus.
+    let stats = daemon.cli_json(None, &["stats", &port_arg]);
+    let stats = &stats[0];
+    assert_eq!(stats["port"], port);
+    assert_eq!(stats["accepted"], 2, "{stats}");
+    assert_eq!(stats["active"], 2, "{stats}");
+    assert!(
+        stats["dropped"]["not_allowed"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    assert!(
+        stats["dropped"]["conn_limit"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    let (status, metrics) = daemon.http_text("GET", "/metrics", b"");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(&format!(
+            r#"portgate_port_accepted_total{{port="{port}",proto="tcp"}} 2"#
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portgate_api_request_duration_seconds"),
+        "{metrics}"
+    );
+    let events = daemon.cli_ok(None, &["-o", "json", "events"]);
+    assert!(
+        events
+            .lines()
+            .any(|line| line.contains(&format!("\"port\":{port}")) && line.contains("not_allowed")),
+        "{events}"
+    );
+
+    // Drain: established connections go on, new ones are refused.
+    daemon.cli_ok(None, &["drain", &port_arg]);
+    assert_eq!(
+        daemon.cli_json(None, &["show", &port_arg])["status"],
+        "draining"
+    );
+    echo(&mut first, b"still here").expect("an established connection survives a drain");
+    assert!(
+        connect(LOCAL, REFUSED_WITHIN).is_err(),
+        "no new connection while draining"
+    );
+
+    // Release after the last connection ends: Closed, quarantine (1 s), Available.
+    daemon.cli_ok(None, &["release", &port_arg]);
+    drop(first);
+    drop(second);
+    assert!(
+        eventually(Duration::from_secs(10), || !daemon
+            .allocations()
+            .contains_key(&port)),
+        "the port was not freed: {:?}",
+        daemon.allocations()
+    );
+    drop(server);
+    let again = daemon.cli_json(None, &["alloc", "--owner", "next", "--port", &port_arg]);
+    assert_eq!(again["port"], port);
+    assert_eq!(again["owner"], "next");
+    assert_eq!(
+        daemon.kernel_policies(),
+        BTreeSet::from([(port, Protocol::Tcp)])
+    );
+
+    // SIGTERM leaves enforcement in place.
+    let mut daemon = daemon;
+    assert!(
+        daemon.stop(),
+        "the daemon stops cleanly on SIGTERM:\n{}",
+        daemon.log()
+    );
+    assert_eq!(
+        daemon.kernel_policies(),
+        BTreeSet::from([(port, Protocol::Tcp)])
+    );
+}
