@@ -4,8 +4,12 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::{OutputFormat, table::Table};
-use crate::{gate::Gate, paths, report};
+use super::{OutputFormat, format, table::Table};
+use crate::{
+    gate::Gate,
+    paths,
+    report::{self, PortReport},
+};
 
 /// Show every managed port's policy, allowlist, grants, counters and active connections,
 /// read from the pinned maps (no daemon needed).
@@ -17,11 +21,11 @@ pub struct MapsArgs {
 }
 
 /// Runs `portgate maps`.
-pub fn run(args: &MapsArgs, format: OutputFormat) -> anyhow::Result<()> {
+pub fn run(args: &MapsArgs, output: OutputFormat) -> anyhow::Result<()> {
     let gate = Gate::open(&args.pin_dir)?;
     let reports = report::port_reports(&gate)?;
-    match format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
+    match output {
+        OutputFormat::Json => format::print_json(&reports)?,
         OutputFormat::Table => {
             let config = gate.config()?;
             println!(
@@ -30,52 +34,7 @@ pub fn run(args: &MapsArgs, format: OutputFormat) -> anyhow::Result<()> {
                 config.max_port,
                 args.pin_dir.display()
             );
-            let mut table = Table::new(&[
-                "PORT", "PROTO", "STATUS", "ALLOW", "MAXCONN", "AUTH", "OWNER", "ACCEPTED",
-                "ACTIVE", "UNALLOC", "DRAINING", "NOTALLOW", "AUTHREQ", "CONNLIM", "BINDDENY",
-                "PACKETS", "BYTES",
-            ]);
-            for port in &reports {
-                let allow = match port.allow.len() {
-                    0 => "any".to_owned(),
-                    1..=2 => port
-                        .allow
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(","),
-                    n => format!("{} +{} more", port.allow[0], n - 1),
-                };
-                table.row(vec![
-                    port.port.to_string(),
-                    port.proto.to_string(),
-                    port.status.to_string(),
-                    allow,
-                    if port.max_connections == 0 {
-                        "-".to_owned()
-                    } else {
-                        port.max_connections.to_string()
-                    },
-                    if port.require_auth {
-                        format!("yes({} grants)", port.grants.len())
-                    } else {
-                        "no".to_owned()
-                    },
-                    port.owner_cgroup
-                        .map_or_else(|| "any".to_owned(), |id| id.to_string()),
-                    port.accepted.to_string(),
-                    port.active.to_string(),
-                    port.dropped.unallocated.to_string(),
-                    port.dropped.draining.to_string(),
-                    port.dropped.not_allowed.to_string(),
-                    port.dropped.auth_required.to_string(),
-                    port.dropped.conn_limit.to_string(),
-                    port.bind_denied.to_string(),
-                    port.packets.to_string(),
-                    port.bytes.to_string(),
-                ]);
-            }
-            print!("{table}");
+            print!("{}", report_table(&reports));
             let stats = gate.stats()?;
             println!(
                 "events lost: {} (ring full), {} (rate limited)",
@@ -84,4 +43,40 @@ pub fn run(args: &MapsArgs, format: OutputFormat) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The table of port reports that `portgate maps` and `portgate stats` print.
+#[must_use]
+pub fn report_table(reports: &[PortReport]) -> Table {
+    let mut table = Table::new(&[
+        "PORT", "PROTO", "STATUS", "ALLOW", "MAXCONN", "AUTH", "OWNER", "ACCEPTED", "ACTIVE",
+        "UNALLOC", "DRAINING", "NOTALLOW", "AUTHREQ", "CONNLIM", "BINDDENY", "PACKETS", "BYTES",
+    ]);
+    for port in reports {
+        table.row(vec![
+            port.port.to_string(),
+            port.proto.to_string(),
+            port.status.to_string(),
+            format::allow_cell(&port.allow),
+            format::max_conns_cell(port.max_connections),
+            if port.require_auth {
+                format!("yes({} grants)", port.grants.len())
+            } else {
+                "no".to_owned()
+            },
+            port.owner_cgroup
+                .map_or_else(|| "any".to_owned(), |id| id.to_string()),
+            port.accepted.to_string(),
+            port.active.to_string(),
+            port.dropped.unallocated.to_string(),
+            port.dropped.draining.to_string(),
+            port.dropped.not_allowed.to_string(),
+            port.dropped.auth_required.to_string(),
+            port.dropped.conn_limit.to_string(),
+            port.bind_denied.to_string(),
+            port.packets.to_string(),
+            port.bytes.to_string(),
+        ]);
+    }
+    table
 }

@@ -1,0 +1,39 @@
+//! `portgate renew`: extends a port's lease.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use super::{OutputFormat, PortArg, format};
+use crate::{api::RenewRequest, client::Client, manager::now_millis};
+
+/// Renew a port's lease, for --ttl or the length it was allocated with.
+#[derive(Debug, Args)]
+pub struct RenewArgs {
+    /// The port.
+    #[command(flatten)]
+    pub port: PortArg,
+    /// New lease length ("30s", "5m"); the allocation's own when absent.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub ttl: Option<Duration>,
+}
+
+/// Runs `portgate renew`.
+pub async fn run(client: &Client, args: &RenewArgs, output: OutputFormat) -> anyhow::Result<()> {
+    let request = RenewRequest { ttl: args.ttl };
+    let view = client
+        .renew(args.port.port, args.port.proto, &request)
+        .await?;
+    match output {
+        OutputFormat::Table => match view.lease_expires_at {
+            Some(at) => println!(
+                "{} lease renewed: expires {}",
+                view.id(),
+                format::expiry(at, now_millis())
+            ),
+            None => println!("{} has no lease: it is held until released", view.id()),
+        },
+        OutputFormat::Json => format::print_json(&view)?,
+    }
+    Ok(())
+}

@@ -1,0 +1,752 @@
+//! The CLI's side of the local API ([`crate::api`]): HTTP/1.1 + JSON over the daemon's Unix
+//! socket, one connection per call.
+//!
+//! Errors stay typed ([`ClientError`]); each one's message is a single line saying what was
+//! wrong and what to do, ready for the CLI to print as it is.
+
+use std::{
+    fmt, io,
+    net::IpAddr,
+    ops::ControlFlow,
+    path::{Path, PathBuf},
+};
+
+use http_body_util::{BodyExt as _, Full};
+use hyper::{
+    Method, Request, Response, StatusCode,
+    body::{Bytes, Incoming},
+    header,
+};
+use hyper_util::rt::TokioIo;
+use serde::{Serialize, de::DeserializeOwned};
+use tokio::net::UnixStream;
+
+use crate::{
+    api::{
+        AllocRequest, AllocationView, CheckResponse, ErrorBody, EventView, GrantRequest,
+        RenewRequest, StatusView,
+    },
+    manager::{AccessChange, Protocol},
+    report::PortReport,
+};
+
+/// What can go wrong talking to the daemon.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nothing answers on the socket (it is missing, or no daemon listens on it).
+    #[error(
+        "cannot connect to the daemon at {}: {reason}: is the daemon running? start it with `portgate daemon` or set --socket / PORTGATE_SOCKET",
+        socket.display()
+    )]
+    Connect {
+        /// The socket tried.
+        socket: PathBuf,
+        /// Why the connection failed.
+        reason: io::Error,
+    },
+    /// The socket's permissions keep this user out.
+    #[error(
+        "permission denied on the daemon's socket {}: run portgate as root or as a member of the daemon's admin group ([daemon] admin_group, `portgate` by default)",
+        socket.display()
+    )]
+    PermissionDenied {
+        /// The socket tried.
+        socket: PathBuf,
+    },
+    /// The connection broke during the exchange.
+    #[error(
+        "the connection to the daemon at {} failed during {request}: {reason}: check that the daemon is still running and read its log",
+        socket.display()
+    )]
+    Exchange {
+        /// The socket used.
+        socket: PathBuf,
+        /// The request, as `METHOD /path`.
+        request: String,
+        /// What hyper reported.
+        reason: hyper::Error,
+    },
+    /// The daemon refused the request; its message says why and what to do.
+    #[error("{message}")]
+    Daemon {
+        /// The HTTP status.
+        status: u16,
+        /// The daemon's stable error code (`not_allocated`, `range_exhausted`, ...).
+        code: String,
+        /// The daemon's one-line message.
+        message: String,
+    },
+    /// The answer is not what the API promises.
+    #[error(
+        "the daemon's answer to {request} (HTTP {status}) could not be read: {why}: check that the daemon and this CLI are the same version (`portgate status`, `portgate --version`)"
+    )]
+    BadAnswer {
+        /// The request, as `METHOD /path`.
+        request: String,
+        /// The HTTP status of the answer.
+        status: u16,
+        /// What was wrong with it.
+        why: String,
+    },
+    /// The request could not be put together (a bug: every request is built from typed values).
+    #[error(
+        "could not build the request {request}: {why}: this is a bug in portgate, please report it"
+    )]
+    Request {
+        /// The request, as `METHOD /path`.
+        request: String,
+        /// What was wrong.
+        why: String,
+    },
+}
+
+/// A client of the daemon's local API.
+#[derive(Clone, Debug)]
+pub struct Client {
+    socket: PathBuf,
+}
+
+impl Client {
+    /// A client of the daemon listening on `socket`.
+    #[must_use]
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        Self {
+            socket: socket.into(),
+        }
+    }
+
+    /// The daemon's socket.
+    #[must_use]
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// `POST /v1/ports`: allocates a port.
+    pub async fn alloc(&self, request: &AllocRequest) -> Result<AllocationView, ClientError> {
+        self.call(Method::POST, "/v1/ports".to_owned(), Some(request))
+            .await
+    }
+
+    /// `GET /v1/ports`: every allocation.
+    pub async fn list(&self) -> Result<Vec<AllocationView>, ClientError> {
+        self.call(Method::GET, "/v1/ports".to_owned(), NO_BODY)
+            .await
+    }
+
+    /// `GET /v1/ports/{port}`: one allocation.
+    pub async fn show(&self, port: u16, proto: Protocol) -> Result<AllocationView, ClientError> {
+        self.call(Method::GET, port_path(port, "", proto), NO_BODY)
+            .await
+    }
+
+    /// `DELETE /v1/ports/{port}`: releases a port (it goes Draining).
+    pub async fn release(&self, port: u16, proto: Protocol) -> Result<AllocationView, ClientError> {
+        self.call(Method::DELETE, port_path(port, "", proto), NO_BODY)
+            .await
+    }
+
+    /// `POST /v1/ports/{port}/drain`: no new connections; established ones continue.
+    pub async fn drain(&self, port: u16, proto: Protocol) -> Result<AllocationView, ClientError> {
+        self.call(Method::POST, port_path(port, "/drain", proto), NO_BODY)
+            .await
+    }
+
+    /// `POST /v1/ports/{port}/renew`: renews a port's lease.
+    pub async fn renew(
+        &self,
+        port: u16,
+        proto: Protocol,
+        request: &RenewRequest,
+    ) -> Result<AllocationView, ClientError> {
+        self.call(
+            Method::POST,
+            port_path(port, "/renew", proto),
+            Some(request),
+        )
+        .await
+    }
+
+    /// `PATCH /v1/ports/{port}/access`: changes a port's access control.
+    pub async fn access(
+        &self,
+        port: u16,
+        proto: Protocol,
+        change: &AccessChange,
+    ) -> Result<AllocationView, ClientError> {
+        self.call(
+            Method::PATCH,
+            port_path(port, "/access", proto),
+            Some(change),
+        )
+        .await
+    }
+
+    /// `POST /v1/ports/{port}/grants`: lets an authenticated source connect for a while.
+    pub async fn grant(
+        &self,
+        port: u16,
+        proto: Protocol,
+        request: &GrantRequest,
+    ) -> Result<(), ClientError> {
+        let path = port_path(port, "/grants", proto);
+        self.exchange(Method::POST, path, Some(request))
+            .await?
+            .success()
+            .map(drop)
+    }
+
+    /// `GET /v1/ports/{port}/check`: would a new connection from `ip` get in? A refusal is
+    /// an answer (`allowed: false`), not an error.
+    pub async fn check(
+        &self,
+        port: u16,
+        proto: Protocol,
+        ip: IpAddr,
+    ) -> Result<CheckResponse, ClientError> {
+        let path = format!("/v1/ports/{port}/check?ip={ip}&proto={proto}");
+        self.call(Method::GET, path, NO_BODY).await
+    }
+
+    /// `GET /v1/stats`: counters and policy of every port, or of one.
+    pub async fn stats(
+        &self,
+        port: Option<(u16, Protocol)>,
+    ) -> Result<Vec<PortReport>, ClientError> {
+        let path = match port {
+            Some((port, proto)) => format!("/v1/stats?port={port}&proto={proto}"),
+            None => "/v1/stats".to_owned(),
+        };
+        self.call(Method::GET, path, NO_BODY).await
+    }
+
+    /// `GET /v1/events`: deny events, each handed to `on_event` as its line arrives. Without
+    /// `follow` it ends with the events the daemon holds; with it, it waits for new ones
+    /// until the daemon closes the stream or `on_event` breaks.
+    pub async fn events(
+        &self,
+        follow: bool,
+        mut on_event: impl FnMut(EventView) -> ControlFlow<()>,
+    ) -> Result<(), ClientError> {
+        let path = if follow {
+            "/v1/events?follow=true"
+        } else {
+            "/v1/events"
+        };
+        let (request, response) = self.send(Method::GET, path.to_owned(), NO_BODY).await?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let body = self.collect(body, &request).await?;
+            return Err(error_answer(&request, status, &body));
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|reason| self.exchange_error(&request, reason))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|&byte| byte == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                if let Some(event) = event_line(&request, status, &line)?
+                    && on_event(event).is_break()
+                {
+                    return Ok(());
+                }
+            }
+        }
+        if let Some(event) = event_line(&request, status, &pending)? {
+            let _flow = on_event(event);
+        }
+        Ok(())
+    }
+
+    /// `GET /v1/status`: the daemon, its range and the kernel gate.
+    pub async fn status(&self) -> Result<StatusView, ClientError> {
+        self.call(Method::GET, "/v1/status".to_owned(), NO_BODY)
+            .await
+    }
+
+    /// `GET /metrics`: the Prometheus text exposition.
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let answer = self
+            .exchange(Method::GET, "/metrics".to_owned(), NO_BODY)
+            .await?
+            .success()?;
+        String::from_utf8(answer.body.to_vec())
+            .map_err(|err| answer.bad(format!("not UTF-8 text ({err})")))
+    }
+
+    /// Sends a request and decodes a successful answer's JSON.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: String,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, ClientError> {
+        let answer = self.exchange(method, path, body).await?.success()?;
+        serde_json::from_slice(&answer.body).map_err(|err| answer.bad(err.to_string()))
+    }
+
+    /// Sends a request and reads the whole answer.
+    async fn exchange(
+        &self,
+        method: Method,
+        path: String,
+        body: Option<&impl Serialize>,
+    ) -> Result<Answer, ClientError> {
+        let (request, response) = self.send(method, path, body).await?;
+        let status = response.status();
+        let body = self.collect(response.into_body(), &request).await?;
+        Ok(Answer {
+            request,
+            status,
+            body,
+        })
+    }
+
+    /// Connects and sends one request; returns its name for messages (`METHOD /path`) and
+    /// the answer with its body still to read.
+    async fn send(
+        &self,
+        method: Method,
+        path: String,
+        body: Option<&impl Serialize>,
+    ) -> Result<(String, Response<Incoming>), ClientError> {
+        let name = format!("{method} {path}");
+        let unbuildable = |why: String| ClientError::Request {
+            request: name.clone(),
+            why,
+        };
+        let mut builder = Request::builder()
+            .method(method)
+            .uri(path)
+            .header(header::HOST, "localhost")
+            .header(header::ACCEPT, "application/json");
+        let bytes = match body {
+            Some(body) => {
+                builder = builder.header(header::CONTENT_TYPE, "application/json");
+                serde_json::to_vec(body).map_err(|err| unbuildable(err.to_string()))?
+            }
+            None => Vec::new(),
+        };
+        let request = builder
+            .body(Full::new(Bytes::from(bytes)))
+            .map_err(|err| unbuildable(err.to_string()))?;
+
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|reason| self.connect_error(reason))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|reason| self.exchange_error(&name, reason))?;
+        // hyper's connection object does the I/O; it ends when the answer has been read.
+        tokio::spawn(async move {
+            if let Err(err) = connection.await {
+                log::debug!("connection to the daemon ended: {err}");
+            }
+        });
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|reason| self.exchange_error(&name, reason))?;
+        Ok((name, response))
+    }
+
+    /// Reads a whole body.
+    async fn collect(&self, body: Incoming, request: &str) -> Result<Bytes, ClientError> {
+        body.collect()
+            .await
+            .map(http_body_util::Collected::to_bytes)
+            .map_err(|reason| self.exchange_error(request, reason))
+    }
+
+    fn connect_error(&self, reason: io::Error) -> ClientError {
+        let socket = self.socket.clone();
+        if reason.kind() == io::ErrorKind::PermissionDenied {
+            ClientError::PermissionDenied { socket }
+        } else {
+            ClientError::Connect { socket, reason }
+        }
+    }
+
+    fn exchange_error(&self, request: &str, reason: hyper::Error) -> ClientError {
+        ClientError::Exchange {
+            socket: self.socket.clone(),
+            request: request.to_owned(),
+            reason,
+        }
+    }
+}
+
+/// For requests without a body.
+const NO_BODY: Option<&()> = None;
+
+/// A whole answer.
+struct Answer {
+    /// The request, as `METHOD /path`.
+    request: String,
+    status: StatusCode,
+    body: Bytes,
+}
+
+impl Answer {
+    /// The answer if it is a success, otherwise the daemon's error.
+    fn success(self) -> Result<Self, ClientError> {
+        if self.status.is_success() {
+            Ok(self)
+        } else {
+            Err(error_answer(&self.request, self.status, &self.body))
+        }
+    }
+
+    /// The error for an answer that is not what the API promises.
+    fn bad(&self, why: String) -> ClientError {
+        ClientError::BadAnswer {
+            request: self.request.clone(),
+            status: self.status.as_u16(),
+            why,
+        }
+    }
+}
+
+/// `/v1/ports/{port}{tail}?proto={proto}`.
+fn port_path(port: u16, tail: &str, proto: Protocol) -> String {
+    format!("/v1/ports/{port}{tail}?proto={proto}")
+}
+
+/// The error of a 4xx/5xx answer: the daemon's [`ErrorBody`], or what came instead.
+fn error_answer(request: &str, status: StatusCode, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(answer) => ClientError::Daemon {
+            status: status.as_u16(),
+            code: answer.error.code,
+            message: answer.error.message,
+        },
+        Err(_) => ClientError::BadAnswer {
+            request: request.to_owned(),
+            status: status.as_u16(),
+            why: format!("an error without an error body: {}", Snippet(body)),
+        },
+    }
+}
+
+/// One line of the event stream; `None` for a blank line.
+fn event_line(
+    request: &str,
+    status: StatusCode,
+    line: &[u8],
+) -> Result<Option<EventView>, ClientError> {
+    if line.trim_ascii().is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_slice(line)
+        .map(Some)
+        .map_err(|err| ClientError::BadAnswer {
+            request: request.to_owned(),
+            status: status.as_u16(),
+            why: format!("event line {}: {err}", Snippet(line)),
+        })
+}
+
+/// The start of a body, on one line, for messages.
+struct Snippet<'a>(&'a [u8]);
+
+impl fmt::Display for Snippet<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MAX_CHARS: usize = 120;
+        let text = String::from_utf8_lossy(self.0);
+        let text = text.trim();
+        if text.is_empty() {
+            return f.write_str("(empty)");
+        }
+        let mut shown: String = text
+            .chars()
+            .take(MAX_CHARS)
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        if text.chars().count() > MAX_CHARS {
+            shown.push_str("...");
+        }
+        write!(f, "{shown:?}")
+    }
+}
+
+/// A stand-in daemon for tests: canned answers from an axum router on a Unix socket.
+#[cfg(test)]
+pub(crate) mod testing {
+    use super::Client;
+    use crate::{
+        api::AllocationView,
+        manager::{PortStatus, Protocol},
+    };
+
+    /// Serves `router` on a socket in a new temporary directory (kept while the directory
+    /// lives) and returns a client of it.
+    pub(crate) async fn serve(router: axum::Router) -> (tempfile::TempDir, Client) {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let socket = dir.path().join("portgate.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("binding the test socket");
+        tokio::spawn(async move {
+            axum::serve(listener, router)
+                .await
+                .expect("serving the test router");
+        });
+        (dir, Client::new(socket))
+    }
+
+    /// An Active allocation of `port`/tcp owned by `web`.
+    pub(crate) fn view(port: u16) -> AllocationView {
+        AllocationView {
+            port,
+            proto: Protocol::Tcp,
+            status: PortStatus::Active,
+            owner: "web".to_owned(),
+            owner_uid: Some(1000),
+            cgroup: None,
+            allow: vec!["10.0.0.0/8".parse().expect("a prefix")],
+            max_connections: 5,
+            require_auth: false,
+            allocated_at: 1_700_000_000_000,
+            ttl: Some(std::time::Duration::from_mins(5)),
+            lease_expires_at: Some(1_700_000_300_000),
+            draining_since: None,
+            closed_at: None,
+            connections: 2,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        collections::HashMap,
+        convert::Infallible,
+        ops::ControlFlow,
+        pin::Pin,
+        sync::{Arc, Mutex},
+        task::{Context, Poll},
+        time::Duration,
+    };
+
+    use axum::{
+        Json, Router,
+        extract::Query,
+        http::StatusCode,
+        routing::{get, post},
+    };
+    use hyper::body::{Bytes, Frame};
+    use serde_json::json;
+    use tokio::sync::{mpsc, oneshot};
+
+    use super::{
+        ClientError,
+        testing::{serve, view},
+    };
+    use crate::{
+        api::{AllocRequest, CheckResponse, ErrorBody, EventView},
+        manager::{PortError, PortId, Protocol},
+    };
+
+    #[tokio::test]
+    async fn alloc_round_trip() {
+        let sent = Arc::new(Mutex::new(None));
+        let seen = Arc::clone(&sent);
+        let router = Router::new().route(
+            "/v1/ports",
+            post(move |Json(body): Json<serde_json::Value>| async move {
+                *seen.lock().expect("lock") = Some(body);
+                (StatusCode::CREATED, Json(view(20001)))
+            }),
+        );
+        let (_dir, client) = serve(router).await;
+        let request = AllocRequest {
+            owner: "web".to_owned(),
+            port: Some(20001),
+            proto: Some(Protocol::Tcp),
+            allow: vec!["10.0.0.0/8".parse().expect("a prefix")],
+            max_conns: Some(5),
+            require_auth: true,
+            ttl: Some(Duration::from_mins(5)),
+            ..AllocRequest::default()
+        };
+
+        let answer = client.alloc(&request).await.expect("the allocation");
+
+        assert_eq!(answer, view(20001));
+        let sent = sent.lock().expect("lock").take().expect("a request body");
+        assert_eq!(
+            sent,
+            json!({
+                "owner": "web", "port": 20001, "proto": "tcp", "cgroup": null, "pid": null,
+                "allow": ["10.0.0.0/8"], "max_conns": 5, "require_auth": true, "ttl": "5m",
+            })
+        );
+    }
+
+    #[tokio::test]
+    async fn error_answer_carries_the_daemons_message() {
+        let router = Router::new().route(
+            "/v1/ports/{port}",
+            get(|Query(query): Query<HashMap<String, String>>| async move {
+                assert_eq!(query.get("proto").map(String::as_str), Some("udp"));
+                let err = PortError::NotAllocated(PortId::new(20001, Protocol::Udp));
+                (StatusCode::NOT_FOUND, Json(ErrorBody::of(&err)))
+            }),
+        );
+        let (_dir, client) = serve(router).await;
+
+        let err = client
+            .show(20001, Protocol::Udp)
+            .await
+            .expect_err("the daemon refuses");
+
+        assert_eq!(
+            err.to_string(),
+            "port 20001/udp is not allocated: see `portgate list`"
+        );
+        let ClientError::Daemon { status, code, .. } = err else {
+            panic!("expected the daemon's error, got {err:?}");
+        };
+        assert_eq!((status, code.as_str()), (404, "not_allocated"));
+    }
+
+    #[tokio::test]
+    async fn an_error_without_error_body_is_a_bad_answer() {
+        let (_dir, client) = serve(Router::new()).await;
+
+        let err = client.list().await.expect_err("no such route");
+
+        assert!(
+            matches!(err, ClientError::BadAnswer { status: 404, .. }),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("GET /v1/ports"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_socket_says_to_start_the_daemon() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let socket = dir.path().join("absent.sock");
+        let client = super::Client::new(&socket);
+
+        let err = client.list().await.expect_err("nothing listens");
+
+        assert!(matches!(err, ClientError::Connect { .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains(&socket.display().to_string()), "{message}");
+        assert!(message.contains("is the daemon running?"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
+    }
+
+    #[tokio::test]
+    async fn check_denied_is_an_answer() {
+        let router = Router::new().route(
+            "/v1/ports/{port}/check",
+            get(|Query(query): Query<HashMap<String, String>>| async move {
+                Json(CheckResponse {
+                    port: 20001,
+                    proto: Protocol::Tcp,
+                    ip: query["ip"].parse().expect("an address"),
+                    allowed: false,
+                    reason: Some("not_allowed".to_owned()),
+                    message: Some("not in the allowlist".to_owned()),
+                })
+            }),
+        );
+        let (_dir, client) = serve(router).await;
+
+        let answer = client
+            .check(
+                20001,
+                Protocol::Tcp,
+                "2001:db8::9".parse().expect("an address"),
+            )
+            .await
+            .expect("an answer");
+
+        assert!(!answer.allowed);
+        assert_eq!(answer.ip.to_string(), "2001:db8::9");
+    }
+
+    /// A response body fed chunk by chunk from the test.
+    struct ChannelBody(mpsc::UnboundedReceiver<Bytes>);
+
+    impl hyper::body::Body for ChannelBody {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            self.get_mut()
+                .0
+                .poll_recv(cx)
+                .map(|chunk| chunk.map(|bytes| Ok(Frame::data(bytes))))
+        }
+    }
+
+    fn event(port: u16) -> EventView {
+        EventView {
+            time: 1_700_000_000_000 + u64::from(port),
+            port,
+            proto: Protocol::Tcp,
+            addr: "10.0.0.9".parse().expect("an address"),
+            reason: "not_allowed".to_owned(),
+            hook: "xdp".to_owned(),
+            cgroup_id: 0,
+            pid: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn events_arrive_as_they_stream() {
+        let (chunks, body) = mpsc::unbounded_channel();
+        let body = Arc::new(Mutex::new(Some(body)));
+        let router = Router::new().route(
+            "/v1/events",
+            get(move |Query(query): Query<HashMap<String, String>>| {
+                assert_eq!(query.get("follow").map(String::as_str), Some("true"));
+                let body = body.lock().expect("lock").take().expect("one request");
+                async move { axum::body::Body::new(ChannelBody(body)) }
+            }),
+        );
+        let (_dir, client) = serve(router).await;
+        let lines: Vec<String> = [20001, 20002, 20003]
+            .map(|port| serde_json::to_string(&event(port)).expect("JSON") + "\n")
+            .into();
+        // The first line and half the second; the rest only once the first event is seen,
+        // so a client that waited for the end would never get there.
+        let (first_seen, first_seen_rx) = oneshot::channel();
+        let (second_head, second_tail) = lines[1].split_at(10);
+        chunks
+            .send(Bytes::from(lines[0].clone() + second_head))
+            .expect("send");
+        let rest = Bytes::from(second_tail.to_owned() + &lines[2]);
+        let feeder = tokio::spawn(async move {
+            first_seen_rx.await.expect("the first event");
+            chunks.send(rest).expect("send");
+            // Dropping `chunks` ends the stream.
+        });
+
+        let mut seen = Vec::new();
+        let mut first_seen = Some(first_seen);
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            client.events(true, |event| {
+                seen.push(event);
+                if let Some(signal) = first_seen.take() {
+                    signal.send(()).expect("the feeder waits");
+                }
+                ControlFlow::Continue(())
+            }),
+        )
+        .await
+        .expect("events were delivered before the stream ended")
+        .expect("the stream");
+        feeder.await.expect("the feeder");
+
+        assert_eq!(seen, vec![event(20001), event(20002), event(20003)]);
+    }
+}
