@@ -398,6 +398,7 @@ fn api_authorizes_by_peer_uid() {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "a table of cases, then one check")]
 fn bad_requests_are_refused_and_change_nothing() {
     if !require_privileges("bad_requests_are_refused_and_change_nothing") {
         return;
@@ -701,8 +702,8 @@ fn end_to_end_through_the_cli() {
         stats["dropped"]["conn_limit"].as_u64() >= Some(1),
         "{stats}"
     );
-    let (status, metrics) = daemon.http_text("GET", "/metrics", b"");
-    assert_eq!(status, 200);
+    let (code, metrics) = daemon.http_text("GET", "/metrics", b"");
+    assert_eq!(code, 200);
     assert!(
         metrics.contains(&format!(
             r#"portgate_port_accepted_total{{port="{port}",proto="tcp"}} 2"#

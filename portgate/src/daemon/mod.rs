@@ -95,6 +95,9 @@ fn attach_cgroup(config: &Config) -> anyhow::Result<PathBuf> {
 
 async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> {
     let started = Instant::now();
+    // Before anything is changed, so that a signal during start-up is a clean stop too.
+    let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     let missing = system::missing_capabilities();
     if !missing.is_empty() {
         bail!(
@@ -155,15 +158,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
         events,
         shutdown_rx.clone(),
     ));
-    let api = api::router(Arc::clone(&app)).into_make_service_with_connect_info::<auth::Peer>();
-    let mut api_shutdown = shutdown_rx.clone();
-    let api_server = tokio::spawn(async move {
-        axum::serve(listener, api)
-            .with_graceful_shutdown(async move {
-                let _closed = api_shutdown.wait_for(|stop| *stop).await;
-            })
-            .await
-    });
+    let api_server = spawn_api(listener, &app, shutdown_rx.clone());
     let metrics_server = spawn_metrics(&app, &daemon.metrics_listen, shutdown_rx.clone()).await?;
 
     if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
@@ -177,8 +172,6 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
         cgroup.display()
     );
 
-    let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
-    let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
     tokio::select! {
         _ = terminate.recv() => log::info!("SIGTERM: shutting down, enforcement stays in place"),
         _ = interrupt.recv() => log::info!("SIGINT: shutting down, enforcement stays in place"),
@@ -201,6 +194,22 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     drop(manager);
     store.shutdown();
     Ok(())
+}
+
+/// Serves the API on the socket until shutdown.
+fn spawn_api(
+    listener: UnixListener,
+    app: &Arc<App>,
+    mut shutdown: watch::Receiver<bool>,
+) -> tokio::task::JoinHandle<std::io::Result<()>> {
+    let api = api::router(Arc::clone(app)).into_make_service_with_connect_info::<auth::Peer>();
+    tokio::spawn(async move {
+        axum::serve(listener, api)
+            .with_graceful_shutdown(async move {
+                let _closed = shutdown.wait_for(|stop| *stop).await;
+            })
+            .await
+    })
 }
 
 /// Serves `GET /metrics` on `address` (nothing when it is empty).
