@@ -8,7 +8,6 @@ use clap::{Parser as _, error::ErrorKind};
 use portgate::cli::{self, Cli};
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let args: Vec<OsString> = std::env::args_os().collect();
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
@@ -24,6 +23,22 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_FAILURE);
         }
     };
+    let daemon = matches!(cli.command, cli::Command::Daemon(_));
+    // The daemon says what it does at info; the CLI only warns.
+    let level = if daemon { "info" } else { "warn" };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    if !daemon {
+        // `portgate list | head` ends quietly, like other tools, instead of panicking on a
+        // closed pipe. The daemon keeps Rust's default (ignored), so a client that goes
+        // away mid-answer is an error on that connection, not the daemon's death.
+        // SAFETY: nothing else runs yet; setting a signal's disposition is process-wide.
+        let _previous = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     match cli::run(cli) {
         Ok(outcome) => outcome.into(),
         Err(err) => {

@@ -339,7 +339,7 @@ async fn lifecycle(manager: Arc<PortManager>, mut shutdown: watch::Receiver<bool
         match manager.tick().await {
             Ok(steps) => {
                 for step in steps {
-                    log::info!("lifecycle: {step:?}");
+                    log::info!("lifecycle: {step}");
                 }
             }
             Err(err) => log::error!("lifecycle: {err}"),

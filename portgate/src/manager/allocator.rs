@@ -88,6 +88,16 @@ pub enum Transition {
     Freed(PortId),
 }
 
+impl std::fmt::Display for Transition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::LeaseExpired(id) => write!(f, "{id} lease expired: draining"),
+            Self::Closed(id) => write!(f, "{id} closed: quarantine"),
+            Self::Freed(id) => write!(f, "{id} available"),
+        }
+    }
+}
+
 impl Transition {
     /// The port it happened to.
     #[must_use]

@@ -136,6 +136,14 @@ impl PortManager {
             port_allocator.restore(allocation)?;
         }
         if let Some(gate) = gate.as_mut() {
+            // Grants live in the kernel only; the mirror must know them for `check`.
+            for grant in gate.grants()? {
+                security.add_grant(
+                    PortId::new(grant.port, grant.protocol),
+                    grant.addr,
+                    grant.expires_ns,
+                );
+            }
             for (port, protocol) in gate.policies()?.into_keys() {
                 let id = PortId::new(port, protocol);
                 if port_allocator.allocation(id).is_none() {
