@@ -252,6 +252,9 @@ pub struct PortConfig {
     pub quarantine: Duration,
     /// Add the range to `net.ipv4.ip_local_reserved_ports`.
     pub reserve_ephemeral: bool,
+    /// Most ports one local user (not root, not the admin group) may hold at once; 0 is
+    /// unlimited. Keeps one tenant from taking the range or filling the kernel's maps.
+    pub max_ports_per_user: u32,
 }
 
 impl Default for PortConfig {
@@ -264,6 +267,7 @@ impl Default for PortConfig {
             max_retries: 32,
             quarantine: Duration::from_secs(10),
             reserve_ephemeral: true,
+            max_ports_per_user: 1024,
         }
     }
 }

@@ -291,6 +291,17 @@ pub fn reserve_ports(range: RangeInclusive<u16>) -> Result<Vec<(u16, u16)>, Host
     reserve_ports_at(Path::new(paths::IP_LOCAL_RESERVED_PORTS), range)
 }
 
+/// The sub-ranges of `range` that are not reserved yet: what [`reserve_ports`] would add
+/// now. Nothing is written (the daemon records them before it reserves them, so that a
+/// crash in between cannot leave a reservation nobody knows to give back).
+pub fn ports_to_reserve(range: RangeInclusive<u16>) -> Result<Vec<(u16, u16)>, HostError> {
+    let current = read_port_ranges(Path::new(paths::IP_LOCAL_RESERVED_PORTS))?;
+    Ok(PortRanges::from(range)
+        .difference(&current)
+        .ranges()
+        .to_vec())
+}
+
 /// Removes exactly the sub-ranges `added` (as returned by [`reserve_ports`]) from this
 /// thread's network namespace's reserved ports, keeping every other reservation. When none
 /// of them is reserved any more, nothing is written.

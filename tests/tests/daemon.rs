@@ -66,8 +66,13 @@ struct Daemon {
 }
 
 impl Daemon {
-    /// Starts a daemon managing `min..=max` with a 1 s quarantine and a 5 s drain timeout.
+    /// Starts a daemon managing `min..=max` with a 3 s quarantine and a 5 s drain timeout.
     fn start(min: u16, max: u16) -> Self {
+        Self::start_with(min, max, "portgate-test-no-such-group")
+    }
+
+    /// [`Daemon::start`] with `admin_group` as the admin group.
+    fn start_with(min: u16, max: u16, admin_group: &str) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("portgate-daemon-test-")
             .tempdir()
@@ -87,7 +92,7 @@ impl Daemon {
 min_port = {min}
 max_port = {max}
 timeout = "5s"
-quarantine = "1s"
+quarantine = "3s"
 
 [daemon]
 state_dir = "{state}"
@@ -95,7 +100,7 @@ pin_dir = "{pins}"
 cgroup = "{cgroup}"
 socket = "{socket}"
 socket_mode = "0666"
-admin_group = "portgate-test-no-such-group"
+admin_group = "{admin_group}"
 metrics_listen = "127.0.0.1:9477"
 audit_log = "{audit}"
 "#,
@@ -121,10 +126,31 @@ audit_log = "{audit}"
         daemon
     }
 
-    /// Starts the daemon process (again) and waits until its socket answers.
-    fn spawn(&mut self) {
-        assert!(self.child.is_none(), "the daemon is running already");
-        let log = fs::File::create(self.dir.path().join("daemon.log")).expect("daemon log");
+    /// Rewrites one line of the configuration (`key = ...` at the start of a line).
+    fn set_config(&self, key: &str, value: &str) {
+        let text = fs::read_to_string(&self.config).expect("read the config");
+        let changed: Vec<String> = text
+            .lines()
+            .map(|line| {
+                if line.starts_with(&format!("{key} =")) {
+                    format!("{key} = {value}")
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect();
+        fs::write(&self.config, changed.join("\n") + "\n").expect("write the config");
+    }
+
+    /// Starts the daemon and expects it to fail; returns what it printed.
+    fn spawn_failing(&mut self) -> String {
+        let output = self.daemon_command().output().expect("run the daemon");
+        assert!(!output.status.success(), "the daemon started");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
+    /// `portgate daemon --config ...` inside the test namespace.
+    fn daemon_command(&self) -> Command {
         // Into the namespace with setns(2) rather than `ip netns exec`, which would also
         // remount /sys and hide the cgroup2 and bpffs mounts from the daemon.
         let netns = fs::File::open(Path::new("/run/netns").join(self.ns.name()))
@@ -133,9 +159,7 @@ audit_log = "{audit}"
         command
             .args(["daemon", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log);
+            .env("RUST_LOG", "info");
         // SAFETY: between fork and exec the child only calls setns(2), which is
         // async-signal-safe, on a descriptor opened before the fork.
         unsafe {
@@ -144,7 +168,19 @@ audit_log = "{audit}"
                     .map_err(std::io::Error::from)
             });
         }
-        let child = command.spawn().expect("start the daemon");
+        command
+    }
+
+    /// Starts the daemon process (again) and waits until its socket answers.
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the daemon is running already");
+        let log = fs::File::create(self.dir.path().join("daemon.log")).expect("daemon log");
+        let child = self
+            .daemon_command()
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the daemon");
         self.child = Some(child);
         let up = eventually(Duration::from_secs(20), || {
             if let Some(status) = self
@@ -191,12 +227,17 @@ audit_log = "{audit}"
         false
     }
 
-    /// Runs the CLI against this daemon, as root or as `uid`.
+    /// Runs the CLI against this daemon, as root or as `uid` (with gid `uid`).
     fn cli(&self, uid: Option<u32>, args: &[&str]) -> Output {
+        self.cli_as(uid.map(|uid| (uid, uid)), args)
+    }
+
+    /// Runs the CLI against this daemon, as root or as (uid, gid).
+    fn cli_as(&self, ids: Option<(u32, u32)>, args: &[&str]) -> Output {
         let mut command = Command::new(portgate_bin());
         command.arg("--socket").arg(&self.socket).args(args);
-        if let Some(uid) = uid {
-            command.uid(uid).gid(uid);
+        if let Some((uid, gid)) = ids {
+            command.uid(uid).gid(gid);
         }
         command.output().expect("run the portgate CLI")
     }
@@ -232,40 +273,7 @@ audit_log = "{audit}"
 
     /// One raw HTTP/1.1 request over the socket: (status, body text).
     fn http_text(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-        let mut stream = UnixStream::connect(&self.socket).expect("connect to the API");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .expect("timeout");
-        write!(
-            stream,
-            "{method} {path} HTTP/1.1\r\nHost: portgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-            body.len()
-        )
-        .expect("send the head");
-        // The daemon may answer (413) before the whole body is sent.
-        let _sent = stream.write_all(body);
-        let mut answer = Vec::new();
-        let _read = stream.read_to_end(&mut answer);
-        let text = String::from_utf8_lossy(&answer);
-        let status: u16 = text
-            .split_whitespace()
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or_else(|| panic!("no HTTP status in {text:?}"));
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(head, body)| {
-                if head
-                    .to_ascii_lowercase()
-                    .contains("transfer-encoding: chunked")
-                {
-                    dechunk(body)
-                } else {
-                    body.to_owned()
-                }
-            })
-            .unwrap_or_default();
-        (status, body)
+        http_at(&self.socket, method, path, body)
     }
 
     /// The pinned kernel policies: (port, protocol) keys.
@@ -308,6 +316,52 @@ impl Drop for Daemon {
     }
 }
 
+/// One raw HTTP/1.1 request over the socket at `socket`: (status, body text).
+fn http_at(socket: &Path, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    try_http_at(socket, method, path, body)
+        .unwrap_or_else(|err| panic!("{method} {path} over {}: {err}", socket.display()))
+}
+
+/// [`http_at`], failing instead of panicking when the daemon is not there or goes away.
+fn try_http_at(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: portgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    // The daemon may answer (413) before the whole body is sent.
+    let _sent = stream.write_all(body);
+    let mut answer = Vec::new();
+    let _read = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(head, body)| {
+            if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked")
+            {
+                dechunk(body)
+            } else {
+                body.to_owned()
+            }
+        })
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
 /// The body of a chunked HTTP answer.
 fn dechunk(body: &str) -> String {
     let mut out = String::new();
@@ -336,7 +390,11 @@ fn api_authorizes_by_peer_uid() {
     if !require_privileges("api_authorizes_by_peer_uid") {
         return;
     }
-    let daemon = Daemon::start(41_000, 41_049);
+    // "adm" exists on Debian-like systems; its gid makes a caller an admin.
+    let adm = nix::unistd::Group::from_name("adm")
+        .expect("group database")
+        .expect("group adm");
+    let daemon = Daemon::start_with(41_000, 41_049, "adm");
     // Any local user may allocate; the allocation records its uid.
     let mine = daemon.cli_json(Some(USER_A), &["alloc", "--owner", "a-web"]);
     let port = mine["port"].as_u64().expect("port").to_string();
@@ -372,6 +430,12 @@ fn api_authorizes_by_peer_uid() {
     let output = daemon.cli(Some(USER_A), &["release", &their_port]);
     assert!(!output.status.success());
     daemon.cli_ok(None, &["release", &their_port]);
+    // A member of the admin group (here by its primary gid) may change anyone's.
+    let admin = daemon.cli_as(
+        Some((USER_B, adm.gid.as_raw())),
+        &["access", &port, "--max-conns", "4"],
+    );
+    assert!(admin.status.success(), "{}", stderr(&admin));
     daemon.cli_ok(Some(USER_A), &["release", &port]);
 
     // Every request is in the audit log with the caller's uid and its outcome.
@@ -394,6 +458,54 @@ fn api_authorizes_by_peer_uid() {
         records
             .iter()
             .all(|record| record["time"].is_string() && record["pid"].is_u64())
+    );
+}
+
+#[test]
+fn users_name_only_cgroups_delegated_to_them_as_owners() {
+    if !require_privileges("users_name_only_cgroups_delegated_to_them_as_owners") {
+        return;
+    }
+    let daemon = Daemon::start(41_050, 41_099);
+    // A user may name only a cgroup delegated to it as the owner, and never learns
+    // whether another path exists.
+    let root_cgroup = daemon.cgroup.path().display().to_string();
+    for path in [root_cgroup.as_str(), "/no/such/cgroup"] {
+        let output = daemon.cli(Some(USER_A), &["alloc", "--owner", "x", "--cgroup", path]);
+        assert!(!output.status.success());
+        assert!(
+            stderr(&output).contains(&format!("{path} is not a cgroup delegated to uid")),
+            "{}",
+            stderr(&output)
+        );
+    }
+    let delegated = daemon.cgroup.child("delegated");
+    nix::unistd::chown(
+        delegated.path(),
+        Some(nix::unistd::Uid::from_raw(USER_A)),
+        None,
+    )
+    .expect("delegate the cgroup");
+    let owned = daemon.cli_json(
+        Some(USER_A),
+        &[
+            "alloc",
+            "--owner",
+            "x",
+            "--cgroup",
+            &delegated.path().display().to_string(),
+        ],
+    );
+    assert_eq!(owned["cgroup"], delegated.path().display().to_string());
+    daemon.cli_ok(Some(USER_A), &["release", &owned["port"].to_string()]);
+    let relative = daemon.cli(
+        None,
+        &["alloc", "--owner", "x", "--cgroup", "relative/path"],
+    );
+    assert!(
+        stderr(&relative).contains("not an absolute path"),
+        "{}",
+        stderr(&relative)
     );
 }
 
@@ -517,6 +629,25 @@ fn bad_requests_are_refused_and_change_nothing() {
         br#"{"allow":["192.0.2.0/24"],"max_connections":"many"}"#,
     );
     assert_eq!(status, 400, "{answer}");
+    let too_many: Vec<String> = (0..10_000)
+        .map(|n| format!("10.{}.{}.0/24", n / 256, n % 256))
+        .collect();
+    let oversized = serde_json::to_vec(&serde_json::json!({ "allow": too_many })).unwrap();
+    let (status, answer) = daemon.http("PATCH", &format!("/v1/ports/{port}/access"), &oversized);
+    assert_eq!(status, 400, "{answer}");
+    assert_eq!(answer["error"]["code"], "policy_violation", "{answer}");
+    let (status, answer) = daemon.http(
+        "PATCH",
+        &format!("/v1/ports/{port}/access"),
+        br#"{"remove":["198.51.100.0/24"]}"#,
+    );
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not in the allowlist")
+    );
     let shown = daemon.cli_json(None, &["show", &port.to_string()]);
     assert_eq!(shown["allow"], serde_json::json!(["192.0.2.0/24"]));
     assert_eq!(shown["max_connections"], 0);
@@ -531,14 +662,16 @@ fn bad_requests_are_refused_and_change_nothing() {
 
 #[test]
 fn kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing() {
+    const CLIENTS: usize = 8;
     if !require_privileges("kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing")
     {
         return;
     }
-    let mut daemon = Daemon::start(41_200, 41_999);
+    let mut daemon = Daemon::start(41_200, 44_999);
     let socket = daemon.socket.clone();
-    // 8 clients allocate as fast as they can; each remembers what was acknowledged.
-    let clients: Vec<_> = (0..8)
+    // 8 clients allocate over the API as fast as they can; each remembers what was
+    // acknowledged (a 201 with the port), and stops at the first failure.
+    let clients: Vec<_> = (0..CLIENTS)
         .map(|client| {
             let socket = socket.clone();
             thread::spawn(move || {
@@ -549,17 +682,12 @@ fn kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing() {
                         break;
                     }
                     let owner = format!("c{client}-{n}");
-                    let output = Command::new(portgate_bin())
-                        .arg("--socket")
-                        .arg(&socket)
-                        .args(["-o", "json", "alloc", "--owner", &owner])
-                        .output()
-                        .expect("run the CLI");
-                    if !output.status.success() {
-                        break; // the daemon is gone
-                    }
-                    let view: serde_json::Value =
-                        serde_json::from_slice(&output.stdout).expect("JSON");
+                    let body = serde_json::to_vec(&serde_json::json!({ "owner": owner })).unwrap();
+                    let answer = try_http_at(&socket, "POST", "/v1/ports", &body);
+                    let Ok((201, text)) = answer else {
+                        break; // the daemon is gone (or the answer was cut off)
+                    };
+                    let view: serde_json::Value = serde_json::from_str(&text).expect("JSON");
                     let port = u16::try_from(view["port"].as_u64().expect("port")).unwrap();
                     acknowledged.push((port, owner));
                 }
@@ -570,7 +698,7 @@ fn kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing() {
     // Kill it in the middle of the load.
     assert!(
         eventually(Duration::from_secs(20), || daemon.allocations().len()
-            >= 150),
+            >= 300),
         "allocations did not start"
     );
     daemon.kill9();
@@ -595,9 +723,9 @@ fn kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing() {
         assert_eq!(&held.0, owner, "port {port} changed hands");
         assert_eq!(held.1, "active");
     }
-    // Nothing more than one unacknowledged allocation per client was in flight.
+    // At most one unacknowledged allocation per client was in flight.
     assert!(
-        after.len() <= acknowledged.len() + 8,
+        after.len() <= acknowledged.len() + CLIENTS,
         "{} > {}",
         after.len(),
         acknowledged.len()
@@ -607,11 +735,47 @@ fn kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing() {
     let stored: BTreeSet<(u16, Protocol)> =
         after.keys().map(|port| (*port, Protocol::Tcp)).collect();
     assert_eq!(kernel, stored);
+    let restart = daemon
+        .log()
+        .lines()
+        .find(|line| line.contains("stale kernel policies"))
+        .unwrap_or_default()
+        .to_owned();
     eprintln!(
-        "kill -9 test: {} acknowledged before the kill, {} allocations after restart",
+        "kill -9 test: {} acknowledged before the kill, {} allocations after restart; {restart}",
         acknowledged.len(),
         after.len()
     );
+}
+
+#[test]
+fn a_configuration_that_drops_an_allocation_is_refused_before_the_kernel_is_touched() {
+    if !require_privileges(
+        "a_configuration_that_drops_an_allocation_is_refused_before_the_kernel_is_touched",
+    ) {
+        return;
+    }
+    let mut daemon = Daemon::start(41_300, 41_349);
+    let held = daemon.cli_json(None, &["alloc", "--owner", "top", "--port", "41340"]);
+    assert_eq!(held["port"], 41_340);
+    assert!(daemon.stop());
+    daemon.set_config("max_port", "41309");
+    let printed = daemon.spawn_failing();
+    assert!(printed.contains("no longer allows"), "{printed}");
+    assert!(printed.contains("41340"), "{printed}");
+    // The gate still manages the old range and still enforces the allocation.
+    let gate = Gate::open(daemon.pins.path()).expect("open the gate");
+    let config = gate.config().expect("gate config");
+    assert_eq!((config.min_port, config.max_port), (41_300, 41_349));
+    assert!(
+        gate.policy(41_340, Protocol::Tcp)
+            .expect("policy")
+            .is_some()
+    );
+    drop(gate);
+    daemon.set_config("max_port", "41349");
+    daemon.spawn();
+    assert_eq!(daemon.allocations()[&41_340].0, "top");
 }
 
 const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -734,15 +898,32 @@ fn end_to_end_through_the_cli() {
         "no new connection while draining"
     );
 
-    // Release after the last connection ends: Closed, quarantine (1 s), Available.
-    daemon.cli_ok(None, &["release", &port_arg]);
+    // Release (a no-op on a draining port: it is released already); Closed once the last
+    // connection ends; quarantine (3 s) refuses it to everyone; then Available.
+    let released = daemon.cli_json(None, &["release", &port_arg]);
+    assert_eq!(released["status"], "draining");
     drop(first);
     drop(second);
+    assert!(
+        eventually(Duration::from_secs(5), || daemon
+            .allocations()
+            .get(&port)
+            .is_some_and(|(_, status)| status == "closed")),
+        "the port did not close when its connections ended: {:?}",
+        daemon.allocations()
+    );
+    let quarantined = daemon.cli(None, &["alloc", "--owner", "early", "--port", &port_arg]);
+    assert!(!quarantined.status.success());
+    assert!(
+        stderr(&quarantined).contains("quarantine"),
+        "{}",
+        stderr(&quarantined)
+    );
     assert!(
         eventually(Duration::from_secs(10), || !daemon
             .allocations()
             .contains_key(&port)),
-        "the port was not freed: {:?}",
+        "the port was not freed after quarantine: {:?}",
         daemon.allocations()
     );
     drop(server);

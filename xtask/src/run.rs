@@ -17,6 +17,13 @@ pub struct RunArgs {
 /// Runs `cargo xtask run`.
 pub fn run(args: &RunArgs) -> Result<()> {
     setup::toolchain(false)?;
+    let problems = setup::host_checks(true);
+    if !problems.is_empty() {
+        bail!(
+            "the host is not ready for portgate:\n  - {}",
+            problems.join("\n  - ")
+        );
+    }
     setup::status("cargo", &["build", "--release", "-p", "portgate"])?;
     let arguments: Vec<&str> = if args.args.is_empty() {
         vec!["daemon"]

@@ -252,6 +252,36 @@ async fn not_found(ConnectInfo(peer): ConnectInfo<Peer>, State(app): State<Arc<A
     )
 }
 
+/// Runs a change to completion even if the client goes away: the manager undoes a change
+/// the store refuses only if someone is still waiting for the commit.
+async fn detached<T: Send + 'static>(
+    change: impl Future<Output = Result<T, PortError>> + Send + 'static,
+) -> ApiResult<T> {
+    tokio::spawn(change)
+        .await
+        .map_err(|err| {
+            ApiError::Port(PortError::StateTracking(format!(
+                "the change did not finish ({err}); see the daemon's log"
+            )))
+        })?
+        .map_err(ApiError::Port)
+}
+
+/// A non-admin may only name a cgroup delegated to it (its directory is the caller's).
+/// One message whatever the reason, so that the answer does not tell which paths exist.
+fn check_cgroup_owner(path: &Path, uid: u32) -> ApiResult<()> {
+    let owned =
+        std::fs::metadata(path).is_ok_and(|meta| std::os::unix::fs::MetadataExt::uid(&meta) == uid);
+    if owned {
+        Ok(())
+    } else {
+        Err(ApiError::Port(PortError::AccessDenied(format!(
+            "{} is not a cgroup delegated to uid {uid}: name a cgroup directory you own, or ask an admin to allocate",
+            path.display()
+        ))))
+    }
+}
+
 /// Resolves the owner cgroup of a request: `--cgroup PATH` or `--pid PID`.
 fn owner_cgroup(request: &AllocRequest, actor: Actor) -> ApiResult<Option<OwnerCgroupRef>> {
     let path = match (&request.cgroup, request.pid) {
@@ -261,7 +291,15 @@ fn owner_cgroup(request: &AllocRequest, actor: Actor) -> ApiResult<Option<OwnerC
                 "give either cgroup or pid, not both",
             ));
         }
-        (Some(path), None) => path.clone(),
+        (Some(path), None) => {
+            if !path.is_absolute() {
+                return Err(ApiError::Port(PortError::InvalidPortRequest(format!(
+                    "cgroup {} is not an absolute path: give the cgroup2 directory, e.g. /sys/fs/cgroup/my.slice",
+                    path.display()
+                ))));
+            }
+            path.clone()
+        }
         (None, Some(pid)) => {
             if let Actor::User(uid) = actor {
                 let owner = std::fs::metadata(format!("/proc/{pid}"))
@@ -279,12 +317,15 @@ fn owner_cgroup(request: &AllocRequest, actor: Actor) -> ApiResult<Option<OwnerC
             }
             system::cgroup_of_pid(pid).map_err(|err| {
                 ApiError::Port(PortError::InvalidPortRequest(format!(
-                    "the cgroup of process {pid}: {err}"
+                    "the cgroup of process {pid} could not be found ({err}): give a running process of this host's pid namespace, or --cgroup"
                 )))
             })?
         }
         (None, None) => return Ok(None),
     };
+    if let Actor::User(uid) = actor {
+        check_cgroup_owner(&path, uid)?;
+    }
     let (id, level) = system::cgroup_id_and_level(Path::new(&path)).map_err(|err| {
         ApiError::Port(PortError::InvalidPortRequest(format!(
             "{err}: give a cgroup2 directory"
@@ -308,27 +349,23 @@ async fn alloc(
         let protocol = request.proto.unwrap_or(Protocol::Tcp);
         audit.id = request.port.map(|port| PortId::new(port, protocol));
         let cgroup = owner_cgroup(&request, actor)?;
-        let allocation = app
-            .manager
-            .allocate(
-                AllocationRequest {
-                    owner: Owner {
-                        name: request.owner,
-                        uid: None,
-                        cgroup,
-                    },
-                    port: request.port,
-                    protocol,
-                    access: PortAccessControl {
-                        allowed_ips: request.allow,
-                        max_connections: request.max_conns.unwrap_or(0),
-                        require_authentication: request.require_auth,
-                    },
-                    ttl: request.ttl,
-                },
-                actor,
-            )
-            .await?;
+        let request = AllocationRequest {
+            owner: Owner {
+                name: request.owner,
+                uid: None,
+                cgroup,
+            },
+            port: request.port,
+            protocol,
+            access: PortAccessControl {
+                allowed_ips: request.allow,
+                max_connections: request.max_conns.unwrap_or(0),
+                require_authentication: request.require_auth,
+            },
+            ttl: request.ttl,
+        };
+        let manager = Arc::clone(&app.manager);
+        let allocation = detached(async move { manager.allocate(request, actor).await }).await?;
         audit.id = Some(allocation.id);
         Ok(AllocationView::new(&allocation, 0))
     }
@@ -383,11 +420,16 @@ async fn lifecycle(
         let actor = app.actor(peer)?;
         let id = app.port_id(port, &query_map(query)?)?;
         audit.id = Some(id);
-        let held = if action == "drain" {
-            app.manager.drain(id, actor).await?
-        } else {
-            app.manager.release(id, actor).await?
-        };
+        let manager = Arc::clone(&app.manager);
+        let drain = action == "drain";
+        let held = detached(async move {
+            if drain {
+                manager.drain(id, actor).await
+            } else {
+                manager.release(id, actor).await
+            }
+        })
+        .await?;
         let connections = app.manager.get_state(id).await.connections;
         Ok(AllocationView::new(&held, connections))
     }
@@ -430,7 +472,8 @@ async fn renew(
         } else {
             json_body(body)?
         };
-        let held = app.manager.renew(id, request.ttl, actor).await?;
+        let manager = Arc::clone(&app.manager);
+        let held = detached(async move { manager.renew(id, request.ttl, actor).await }).await?;
         Ok(AllocationView::new(&held, 0))
     }
     .await;
@@ -450,7 +493,8 @@ async fn access(
         let id = app.port_id(&port, &query_map(query)?)?;
         audit.id = Some(id);
         let change: AccessChange = json_body(body)?;
-        let held = app.manager.set_access(id, change, actor).await?;
+        let manager = Arc::clone(&app.manager);
+        let held = detached(async move { manager.set_access(id, change, actor).await }).await?;
         let connections = app.manager.get_state(id).await.connections;
         Ok(AllocationView::new(&held, connections))
     }
@@ -471,9 +515,8 @@ async fn grant(
         let id = app.port_id(&port, &query_map(query)?)?;
         audit.id = Some(id);
         let request: GrantRequest = json_body(body)?;
-        app.manager
-            .grant(id, request.ip, request.ttl, actor)
-            .await?;
+        let manager = Arc::clone(&app.manager);
+        detached(async move { manager.grant(id, request.ip, request.ttl, actor).await }).await?;
         Ok(())
     }
     .await;

@@ -31,7 +31,7 @@ use crate::{
     config::Config,
     gate::{self, Gate, GateSettings},
     host,
-    manager::{PortManager, ProcfsSockets, StartReport},
+    manager::{self, PortManager, ProcfsSockets, StartReport},
     paths,
     store::{Change, RedbStore, Store as _},
     system,
@@ -107,10 +107,19 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     }
     let ports = &config.ports;
     let daemon = &config.daemon;
-    let (gate, cgroup, events) = install_gate(&config)?;
+    // The store first: it is the single-instance lock, and what it holds must fit the
+    // configuration before the gate's range or policies are touched.
     fs::create_dir_all(&daemon.state_dir)
         .with_context(|| format!("creating {}", daemon.state_dir.display()))?;
-    let store = Arc::new(RedbStore::open(&daemon.state_dir.join(paths::STORE_FILE))?);
+    let store_path = daemon.state_dir.join(paths::STORE_FILE);
+    let store = Arc::new(RedbStore::open(&store_path)?);
+    manager::check_stored(ports, &store.load()?).with_context(|| {
+        format!(
+            "checking {} against the configuration",
+            store_path.display()
+        )
+    })?;
+    let (gate, cgroup, events) = install_gate(&config)?;
     reserve_ephemeral(&config, &store, &mut warnings).await?;
 
     let manager = PortManager::open(
@@ -178,6 +187,20 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     }
     let _ignored = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ignored = shutdown_tx.send(true);
+    stop_serving(api_server, metrics_server, tasks).await;
+    let _removed = fs::remove_file(&daemon.socket);
+    drop(app);
+    drop(manager);
+    store.shutdown();
+    Ok(())
+}
+
+/// Waits (bounded) for the servers to finish what they are answering, and stops the tasks.
+async fn stop_serving(
+    api_server: tokio::task::JoinHandle<std::io::Result<()>>,
+    metrics_server: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    mut tasks: tokio::task::JoinSet<()>,
+) {
     if tokio::time::timeout(SHUTDOWN_GRACE, api_server)
         .await
         .is_err()
@@ -189,11 +212,6 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    let _removed = fs::remove_file(&daemon.socket);
-    drop(app);
-    drop(manager);
-    store.shutdown();
-    Ok(())
 }
 
 /// Serves the API on the socket until shutdown.
@@ -286,18 +304,22 @@ async fn reserve_ephemeral(
     if !ports.reserve_ephemeral {
         return Ok(());
     }
-    let added = host::reserve_ports(managed)
-        .context("adding the range to net.ipv4.ip_local_reserved_ports")?;
-    if !added.is_empty() {
-        let mut record = store.load()?.host;
-        record.reserved_ports_added.extend(added);
-        record.reserved_ports_added.sort_unstable();
-        record.reserved_ports_added.dedup();
-        store
-            .submit(vec![Change::SetHostChanges(record)])
-            .wait()
-            .await?;
+    // Recorded before it is written: a crash in between leaves a record of a reservation
+    // that may not exist (harmless to give back), never a reservation without a record.
+    let planned = host::ports_to_reserve(managed.clone())
+        .context("reading net.ipv4.ip_local_reserved_ports")?;
+    if planned.is_empty() {
+        return Ok(());
     }
+    let mut record = store.load()?.host;
+    record.reserved_ports_added.extend(planned);
+    record.reserved_ports_added.sort_unstable();
+    record.reserved_ports_added.dedup();
+    store
+        .submit(vec![Change::SetHostChanges(record)])
+        .wait()
+        .await?;
+    host::reserve_ports(managed).context("adding the range to net.ipv4.ip_local_reserved_ports")?;
     Ok(())
 }
 

@@ -7,6 +7,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     ops::RangeInclusive,
+    sync::Arc,
     time::Duration,
 };
 
@@ -35,6 +36,19 @@ impl SocketTable for ProcfsSockets {
     fn bound_ports(&self, protocol: Protocol, range: RangeInclusive<u16>) -> Result<BTreeSet<u16>> {
         host::bound_ports(protocol, range)
             .map_err(|err| PortError::ResourceMonitoring(err.to_string()))
+    }
+}
+
+/// The live sockets an allocation of `request` in `range` must avoid.
+pub fn bound_for(
+    sockets: &dyn SocketTable,
+    range: RangeInclusive<u16>,
+    request: &AllocationRequest,
+) -> Result<BTreeSet<u16>> {
+    match request.port {
+        Some(port) if range.contains(&port) => sockets.bound_ports(request.protocol, port..=port),
+        Some(_) => Ok(BTreeSet::new()),
+        None => sockets.bound_ports(request.protocol, range),
     }
 }
 
@@ -115,7 +129,7 @@ pub struct PortAllocator {
     allocations: BTreeMap<PortId, Allocation>,
     /// Per protocol (index [`protocol_index`]): ports neither reserved nor allocated.
     free: [BTreeSet<u16>; 2],
-    sockets: Box<dyn SocketTable>,
+    sockets: Arc<dyn SocketTable>,
 }
 
 const fn protocol_index(protocol: Protocol) -> usize {
@@ -128,11 +142,11 @@ const fn protocol_index(protocol: Protocol) -> usize {
 impl PortAllocator {
     /// An allocator over `config`'s range (validated), checking live sockets in procfs.
     pub fn new(config: PortConfig) -> Result<Self> {
-        Self::with_sockets(config, Box::new(ProcfsSockets))
+        Self::with_sockets(config, Arc::new(ProcfsSockets))
     }
 
     /// An allocator that asks `sockets` which ports are bound.
-    pub fn with_sockets(config: PortConfig, sockets: Box<dyn SocketTable>) -> Result<Self> {
+    pub fn with_sockets(config: PortConfig, sockets: Arc<dyn SocketTable>) -> Result<Self> {
         config
             .validate()
             .map_err(|err| PortError::Configuration(err.to_string()))?;
@@ -187,6 +201,24 @@ impl PortAllocator {
         now: UnixMillis,
     ) -> Result<Allocation> {
         let request = request.into();
+        let bound = self.bound_for(&request)?;
+        self.allocate_with(request, now, &bound)
+    }
+
+    /// The live sockets an allocation of `request` must avoid: of its port when it names
+    /// one, else of the whole range. Taken apart from [`PortAllocator::allocate_with`] so
+    /// that a caller can read the socket tables (milliseconds) without holding a lock.
+    pub fn bound_for(&self, request: &AllocationRequest) -> Result<BTreeSet<u16>> {
+        bound_for(self.sockets.as_ref(), self.range(), request)
+    }
+
+    /// [`PortAllocator::allocate`], given the ports that have a live socket.
+    pub fn allocate_with(
+        &mut self,
+        request: AllocationRequest,
+        now: UnixMillis,
+        bound: &BTreeSet<u16>,
+    ) -> Result<Allocation> {
         if request.owner.name.trim().is_empty() {
             return Err(PortError::InvalidPortRequest(
                 "the owner name is empty: give --owner NAME".to_owned(),
@@ -199,8 +231,8 @@ impl PortAllocator {
         }
         let protocol = request.protocol;
         let port = match request.port {
-            Some(port) => self.check_requested(PortId::new(port, protocol))?,
-            None => self.find_free(protocol)?,
+            Some(port) => self.check_requested(PortId::new(port, protocol), bound)?,
+            None => self.find_free(protocol, bound)?,
         };
         let id = PortId::new(port, protocol);
         let allocation = Allocation {
@@ -218,7 +250,7 @@ impl PortAllocator {
         Ok(allocation)
     }
 
-    fn check_requested(&self, id: PortId) -> Result<u16> {
+    fn check_requested(&self, id: PortId, bound: &BTreeSet<u16>) -> Result<u16> {
         self.check_port(id.port)?;
         let unavailable = |why: String| PortError::PortUnavailable { id, why };
         if self.reserved.contains(&id.port) {
@@ -232,7 +264,6 @@ impl PortAllocator {
                 status => format!("it is {status}, held by {}", held.owner.name),
             }));
         }
-        let bound = self.sockets.bound_ports(id.protocol, id.port..=id.port)?;
         if bound.contains(&id.port) {
             return Err(unavailable(
                 "a socket is already bound to it (see `ss -lntup`)".to_owned(),
@@ -241,7 +272,7 @@ impl PortAllocator {
         Ok(id.port)
     }
 
-    fn find_free(&self, protocol: Protocol) -> Result<u16> {
+    fn find_free(&self, protocol: Protocol, bound: &BTreeSet<u16>) -> Result<u16> {
         let free = &self.free[protocol_index(protocol)];
         let exhausted = || PortError::RangeExhausted {
             protocol,
@@ -251,8 +282,6 @@ impl PortAllocator {
         if free.is_empty() {
             return Err(exhausted());
         }
-        // One look at the live sockets per allocation, taken only when a candidate exists.
-        let bound = self.sockets.bound_ports(protocol, self.range())?;
         let mut rng = rand::rng();
         for _ in 0..self.config.max_retries {
             let port = rng.random_range(self.range());
@@ -527,7 +556,7 @@ mod tests {
 
     fn allocator(config: PortConfig) -> (PortAllocator, FakeSockets) {
         let sockets = FakeSockets::default();
-        let allocator = PortAllocator::with_sockets(config, Box::new(sockets.clone())).unwrap();
+        let allocator = PortAllocator::with_sockets(config, Arc::new(sockets.clone())).unwrap();
         (allocator, sockets)
     }
 

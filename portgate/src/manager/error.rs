@@ -53,6 +53,16 @@ pub enum PortError {
     /// The configuration is wrong.
     #[error("configuration: {0}")]
     Configuration(String),
+    /// A kernel map has no room left for the change.
+    #[error(
+        "the kernel's {map} map is full ({capacity} entries): release ports, remove allowlist prefixes, or let grants expire, then retry"
+    )]
+    KernelMapFull {
+        /// The map's name.
+        map: &'static str,
+        /// Its capacity.
+        capacity: u32,
+    },
 
     // ---- security ----
     /// The caller may not do this.
@@ -104,7 +114,8 @@ impl PortError {
             | Self::RangeExhausted { .. }
             | Self::InvalidPortRequest(_)
             | Self::NotAllocated(_)
-            | Self::Configuration(_) => ErrorCategory::Allocation,
+            | Self::Configuration(_)
+            | Self::KernelMapFull { .. } => ErrorCategory::Allocation,
             Self::AccessDenied(_)
             | Self::AuthenticationFailed { .. }
             | Self::LimitExceeded { .. }
@@ -125,6 +136,7 @@ impl PortError {
             Self::InvalidPortRequest(_) => "invalid_port_request",
             Self::NotAllocated(_) => "not_allocated",
             Self::Configuration(_) => "configuration",
+            Self::KernelMapFull { .. } => "kernel_map_full",
             Self::AccessDenied(_) => "access_denied",
             Self::AuthenticationFailed { .. } => "authentication_failed",
             Self::LimitExceeded { .. } => "limit_exceeded",
@@ -145,6 +157,7 @@ impl PortError {
             Self::NotAllocated(_) => 404,
             Self::AccessDenied(_) | Self::AuthenticationFailed { .. } => 403,
             Self::LimitExceeded { .. } => 429,
+            Self::KernelMapFull { .. } => 507,
             Self::Configuration(_)
             | Self::MetricCollection(_)
             | Self::StateTracking(_)
@@ -173,7 +186,14 @@ impl PortError {
 
 impl From<crate::gate::GateError> for PortError {
     fn from(err: crate::gate::GateError) -> Self {
-        Self::StateTracking(err.to_string())
+        match err {
+            crate::gate::GateError::MapFull { map, capacity } => {
+                Self::KernelMapFull { map, capacity }
+            }
+            other => Self::StateTracking(format!(
+                "{other}; the change was not made (see the daemon's log, and `portgate status` for the gate)"
+            )),
+        }
     }
 }
 

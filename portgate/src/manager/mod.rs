@@ -13,7 +13,14 @@ pub mod monitor;
 pub mod security;
 pub mod state;
 
-use std::{net::IpAddr, sync::Arc, time::Duration};
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -92,12 +99,20 @@ struct Parts {
     gate: Option<Gate>,
 }
 
+/// How often expired authentication grants are swept out of the kernel map.
+pub const GRANT_SWEEP_PERIOD: Duration = Duration::from_secs(10);
+
 /// The port manager.
 pub struct PortManager {
     parts: Mutex<Parts>,
     monitor: PortMonitor,
     store: Arc<dyn Store>,
+    sockets: Arc<dyn SocketTable>,
     config: PortConfig,
+    /// Set when the store refused a change: memory and kernel may then hold what the
+    /// store does not, so every later change is refused until a restart reconciles them.
+    store_failed: AtomicBool,
+    last_grant_sweep: std::sync::Mutex<Instant>,
 }
 
 impl PortManager {
@@ -122,7 +137,8 @@ impl PortManager {
         mut gate: Option<Gate>,
         sockets: Box<dyn SocketTable>,
     ) -> Result<(Self, StartReport)> {
-        let mut port_allocator = PortAllocator::with_sockets(config.clone(), sockets)?;
+        let sockets: Arc<dyn SocketTable> = Arc::from(sockets);
+        let mut port_allocator = PortAllocator::with_sockets(config.clone(), Arc::clone(&sockets))?;
         let mut security = PortSecurity::with_range(config.min_port, config.max_port);
         let stored = store
             .load()
@@ -133,9 +149,32 @@ impl PortManager {
         };
         for allocation in stored.allocations {
             security.set_policy(allocation.id, allocation.policy());
-            port_allocator.restore(allocation)?;
+            port_allocator.restore(allocation).map_err(|err| {
+                PortError::Configuration(format!(
+                    "the store holds an allocation the configuration no longer allows ({err}); start with the old [ports] range and release it first"
+                ))
+            })?;
         }
         if let Some(gate) = gate.as_mut() {
+            // Anything in the kernel that no stored allocation explains goes: policies,
+            // allowlists and grants of an allocation whose commit never finished.
+            let mut stale: std::collections::BTreeSet<(u16, Protocol)> =
+                gate.policies()?.into_keys().collect();
+            stale.extend(gate.allowlists()?.into_keys());
+            stale.extend(
+                gate.grants()?
+                    .iter()
+                    .map(|grant| (grant.port, grant.protocol)),
+            );
+            for (port, protocol) in stale {
+                if port_allocator
+                    .allocation(PortId::new(port, protocol))
+                    .is_none()
+                {
+                    gate.remove_policy(port, protocol)?;
+                    report.stale_policies_removed += 1;
+                }
+            }
             // Grants live in the kernel only; the mirror must know them for `check`.
             for grant in gate.grants()? {
                 security.add_grant(
@@ -143,13 +182,6 @@ impl PortManager {
                     grant.addr,
                     grant.expires_ns,
                 );
-            }
-            for (port, protocol) in gate.policies()?.into_keys() {
-                let id = PortId::new(port, protocol);
-                if port_allocator.allocation(id).is_none() {
-                    gate.remove_policy(port, protocol)?;
-                    report.stale_policies_removed += 1;
-                }
             }
             for allocation in port_allocator.allocations() {
                 gate.set_policy(
@@ -178,7 +210,10 @@ impl PortManager {
             }),
             monitor: PortMonitor::new(),
             store,
+            sockets,
             config,
+            store_failed: AtomicBool::new(false),
+            last_grant_sweep: std::sync::Mutex::new(Instant::now()),
         };
         Ok((manager, report))
     }
@@ -214,10 +249,33 @@ impl PortManager {
         actor: Actor,
     ) -> Result<Allocation> {
         PortSecurity::check_access_control(&request.access)?;
+        self.check_store()?;
         request.owner.uid = actor.uid();
+        // The socket tables take milliseconds to read: not under the lock.
+        let bound = allocator::bound_for(
+            self.sockets.as_ref(),
+            self.config.min_port..=self.config.max_port,
+            &request,
+        )?;
         let commit = {
             let mut parts = self.parts.lock().await;
-            let allocation = parts.port_allocator.allocate(request, now_millis())?;
+            if let (Actor::User(uid), max) = (actor, self.config.max_ports_per_user)
+                && max > 0
+            {
+                let held = parts
+                    .port_allocator
+                    .allocations()
+                    .filter(|held| held.owner.uid == Some(uid))
+                    .count();
+                if held >= usize::try_from(max).unwrap_or(usize::MAX) {
+                    return Err(PortError::PolicyViolation(format!(
+                        "uid {uid} holds {held} ports, the most one user may ([ports] max_ports_per_user = {max}): release some first"
+                    )));
+                }
+            }
+            let allocation = parts
+                .port_allocator
+                .allocate_with(request, now_millis(), &bound)?;
             let id = allocation.id;
             if let Err(err) = push(&mut parts, id, Some(&allocation)) {
                 parts.port_allocator.remove(id);
@@ -231,7 +289,7 @@ impl PortManager {
         if let Err(err) = commit.wait().await {
             self.undo(allocation.id, &allocation, None).await;
             return Err(PortError::StateTracking(format!(
-                "the allocation of {} was not saved ({err}); nothing was allocated",
+                "the allocation of {} was not saved ({err}); nothing was allocated. {STORE_ADVICE}",
                 allocation.id
             )));
         }
@@ -289,6 +347,17 @@ impl PortManager {
                 .ok_or(PortError::NotAllocated(id))?;
             let mut access = held.access.clone();
             let removed: Vec<IpNet> = change.remove.iter().map(IpNet::trunc).collect();
+            if let Some(absent) = removed.iter().find(|prefix| {
+                !access
+                    .allowed_ips
+                    .iter()
+                    .any(|held| held.trunc() == **prefix)
+            }) {
+                return Err(PortError::InvalidPortRequest(format!(
+                    "{absent} is not in the allowlist of {id}: see `portgate show {}`",
+                    id.port
+                )));
+            }
             access
                 .allowed_ips
                 .retain(|prefix| !removed.contains(&prefix.trunc()));
@@ -471,10 +540,29 @@ impl PortManager {
         let snapshot = {
             let parts = self.parts.lock().await;
             let mut snapshot = PortsSnapshot::default();
+            let mut counted = match parts.gate.as_ref() {
+                Some(gate) => gate
+                    .all_counters()
+                    .map_err(|err| PortError::MetricCollection(err.to_string()))?,
+                None => std::collections::BTreeMap::new(),
+            };
             for held in parts.port_allocator.allocations() {
-                let metrics = metrics_of(parts.gate.as_ref(), held.id)?;
-                snapshot.ports.push((held.id, held.status, metrics));
+                let counters = counted
+                    .remove(&(held.id.port, held.id.protocol))
+                    .unwrap_or_default();
+                let active = connections(parts.gate.as_ref(), held.id);
+                snapshot
+                    .ports
+                    .push((held.id, held.status, metrics_from(&counters, active)));
             }
+            // Ports without an allocation that were knocked on (scans): unallocated drops.
+            for ((port, protocol), counters) in counted {
+                let id = PortId::new(port, protocol);
+                snapshot
+                    .ports
+                    .push((id, PortStatus::Available, metrics_from(&counters, 0)));
+            }
+            snapshot.ports.sort_by_key(|(id, _, _)| *id);
             for protocol in Protocol::ALL {
                 let free = parts.port_allocator.free_count(protocol);
                 snapshot
@@ -498,6 +586,20 @@ impl PortManager {
     /// Takes every lifecycle step due now (lease expiry, drain end, quarantine end), in
     /// memory, kernel and store; returns them once they are durable.
     pub async fn tick(&self) -> Result<Vec<Transition>> {
+        let sweep_due = {
+            let mut last = self
+                .last_grant_sweep
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let due = last.elapsed() >= GRANT_SWEEP_PERIOD;
+            if due {
+                *last = Instant::now();
+            }
+            due
+        };
+        if sweep_due {
+            self.sweep_grants().await?;
+        }
         let (steps, commit) = {
             let mut parts = self.parts.lock().await;
             let Parts {
@@ -534,6 +636,26 @@ impl PortManager {
         Ok(steps)
     }
 
+    /// Removes expired authentication grants from the kernel map (and the mirror), so that
+    /// grants given over time do not fill it. Returns how many went.
+    pub async fn sweep_grants(&self) -> Result<usize> {
+        let mut parts = self.parts.lock().await;
+        let Parts { security, gate, .. } = &mut *parts;
+        let Some(gate) = gate.as_mut() else {
+            return Ok(0);
+        };
+        let now = system::monotonic_now_ns();
+        let mut removed = 0;
+        for grant in gate.grants()? {
+            if grant.expires_ns <= now {
+                gate.remove_grant(grant.port, grant.protocol, grant.addr)?;
+                security.remove_grant(PortId::new(grant.port, grant.protocol), grant.addr);
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+
     /// Runs `step` on the allocator for an allocation `actor` may change, then applies the
     /// result to the kernel and the store; undone if either refuses it.
     async fn change(
@@ -542,6 +664,7 @@ impl PortManager {
         actor: Actor,
         step: impl FnOnce(&mut PortAllocator, UnixMillis) -> Result<()>,
     ) -> Result<Allocation> {
+        self.check_store()?;
         let (before, after, commit) = {
             let mut parts = self.parts.lock().await;
             let before = parts
@@ -569,21 +692,50 @@ impl PortManager {
         if let Err(err) = commit.wait().await {
             self.undo(id, &after, Some(before)).await;
             return Err(PortError::StateTracking(format!(
-                "the change to {id} was not saved ({err}); it was undone"
+                "the change to {id} was not saved ({err}); it was undone. {STORE_ADVICE}"
             )));
         }
         Ok(after)
     }
 
+    /// Refuses changes once the store has failed (see `store_failed`).
+    fn check_store(&self) -> Result<()> {
+        if self.store_failed.load(Ordering::Acquire) {
+            return Err(PortError::StateTracking(format!(
+                "an earlier change could not be saved, so no change is taken until the daemon restarts. {STORE_ADVICE}"
+            )));
+        }
+        Ok(())
+    }
+
     /// Puts `previous` back for `id` if the allocator still holds `expected` (a change the
-    /// store did not take).
+    /// store did not take), and refuses every later change: another change may have been
+    /// made on top of this one, which only a restart (kernel made equal to the store) undoes.
     async fn undo(&self, id: PortId, expected: &Allocation, previous: Option<Allocation>) {
+        self.store_failed.store(true, Ordering::Release);
         let mut parts = self.parts.lock().await;
         if parts.port_allocator.allocation(id) == Some(expected) {
             restore(&mut parts, id, previous.as_ref());
         }
     }
 }
+
+/// Checks that every allocation in `stored` fits `config` (range, reserved ports), before
+/// anything is written to the kernel.
+pub fn check_stored(config: &PortConfig, stored: &crate::store::StoredState) -> Result<()> {
+    let mut port_allocator = PortAllocator::with_sockets(config.clone(), Arc::new(ProcfsSockets))?;
+    for allocation in &stored.allocations {
+        port_allocator.restore(allocation.clone()).map_err(|err| {
+            PortError::Configuration(format!(
+                "the store holds an allocation the configuration no longer allows ({err}); start with the old [ports] range and release it first"
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+/// What to do when the store refuses a change.
+const STORE_ADVICE: &str = "Check free space and permissions of the state directory and the daemon's log, then restart the daemon (it makes the kernel maps equal to the store)";
 
 /// May `actor` change `held`?
 fn authorize(held: &Allocation, actor: Actor) -> Result<()> {
@@ -649,10 +801,14 @@ fn metrics_of(gate: Option<&Gate>, id: PortId) -> Result<PortMetrics> {
     let counters = gate
         .counters(id.port, id.protocol)
         .map_err(|err| PortError::MetricCollection(err.to_string()))?;
+    Ok(metrics_from(&counters, connections(Some(gate), id)))
+}
+
+fn metrics_from(counters: &crate::gate::PortCounters, active: u64) -> PortMetrics {
     let total = counters.total;
-    Ok(PortMetrics {
+    PortMetrics {
         accepted: total.accepted,
-        active: connections(Some(gate), id),
+        active,
         dropped: DropCounts {
             unallocated: total.dropped_for(portgate_common::reason::UNALLOCATED),
             draining: total.dropped_for(portgate_common::reason::DRAINING),
@@ -663,7 +819,7 @@ fn metrics_of(gate: Option<&Gate>, id: PortId) -> Result<PortMetrics> {
         bind_denied: total.bind_denied,
         packets: total.packets,
         bytes: total.bytes,
-    })
+    }
 }
 
 #[cfg(test)]
@@ -857,6 +1013,18 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(changed.access.allowed_ips.len(), 1);
+        let err = manager
+            .set_access(
+                held.id,
+                AccessChange {
+                    remove: vec!["10.0.0.0/8".parse().unwrap()],
+                    ..AccessChange::default()
+                },
+                Actor::Admin,
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("is not in the allowlist"), "{err}");
         let huge: Vec<ipnet::IpNet> = (0..=super::MAX_ALLOWED_IPS)
             .map(|n| {
                 let n = u32::try_from(n).unwrap();
@@ -938,6 +1106,44 @@ mod tests {
             Err(PortError::NotAllocated(_))
         ));
         assert_eq!(manager.free_ports().await[0].1, 100);
+        // Memory and kernel may now differ from the store: nothing more is taken.
+        let err = manager
+            .allocate(AllocationRequest::new("b"), Actor::Admin)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("until the daemon restarts"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_user_holds_at_most_max_ports_per_user() {
+        let manager = PortManager::new(PortConfig {
+            max_ports_per_user: 2,
+            ..config()
+        })
+        .unwrap();
+        for _ in 0..2 {
+            manager
+                .allocate(AllocationRequest::new("a"), Actor::User(1000))
+                .await
+                .unwrap();
+        }
+        let err = manager
+            .allocate(AllocationRequest::new("a"), Actor::User(1000))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("max_ports_per_user = 2"), "{err}");
+        // Other users and admins are not held to it.
+        manager
+            .allocate(AllocationRequest::new("b"), Actor::User(1001))
+            .await
+            .unwrap();
+        manager
+            .allocate(AllocationRequest::new("admin"), Actor::Admin)
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -14,7 +14,7 @@ use crate::{
     verdict::{self, Decision, GateModel, GateView, Packet},
 };
 
-/// The most prefixes one port's allowlist may hold (the kernel trie holds 100,000 in all).
+/// The most prefixes one port's allowlist may hold (the kernel trie holds 262,144 in all).
 pub const MAX_ALLOWED_IPS: usize = 10_000;
 
 /// Access control of every allocated port, and the verdict over it.
@@ -103,6 +103,11 @@ impl PortSecurity {
     pub fn add_grant(&mut self, id: PortId, source: IpAddr, expires_ns: u64) {
         self.model
             .add_grant(id.port, id.protocol, source, expires_ns);
+    }
+
+    /// Forgets a grant (expired, or withdrawn).
+    pub fn remove_grant(&mut self, id: PortId, source: IpAddr) {
+        self.model.remove_grant(id.port, id.protocol, source);
     }
 
     /// Whether a new connection from `addr` to `port` would be let in, given `connections`
