@@ -17,7 +17,7 @@ use super::{
     error::{PortError, Result},
     state::{
         Allocation, Owner, PortAccessControl, PortId, PortState, PortStatus, Protocol, UnixMillis,
-        add_duration,
+        add_duration, now_millis,
     },
 };
 use crate::{config::PortConfig, host};
@@ -140,8 +140,18 @@ const fn protocol_index(protocol: Protocol) -> usize {
 }
 
 impl PortAllocator {
-    /// An allocator over `config`'s range (validated), checking live sockets in procfs.
-    pub fn new(config: PortConfig) -> Result<Self> {
+    /// The specification's constructor: an allocator over `range` with the other settings
+    /// at their defaults, checking live sockets in procfs.
+    pub fn new(range: RangeInclusive<u16>) -> Result<Self> {
+        Self::with_config(PortConfig {
+            min_port: *range.start(),
+            max_port: *range.end(),
+            ..PortConfig::default()
+        })
+    }
+
+    /// An allocator over `config` (validated), checking live sockets in procfs.
+    pub fn with_config(config: PortConfig) -> Result<Self> {
         Self::with_sockets(config, Arc::new(ProcfsSockets))
     }
 
@@ -194,8 +204,13 @@ impl PortAllocator {
 
     /// Allocates a port: the requested one, or a free one found by up to `max_retries`
     /// random probes, then by a scan of the free ports from a random start. A port with a
-    /// live socket is never handed out. The allocation is Active from `now`.
-    pub fn allocate(
+    /// live socket is never handed out. The allocation is Active from now.
+    pub fn allocate(&mut self, request: impl Into<AllocationRequest>) -> Result<Allocation> {
+        self.allocate_at(request, now_millis())
+    }
+
+    /// [`PortAllocator::allocate`] at time `now`.
+    pub fn allocate_at(
         &mut self,
         request: impl Into<AllocationRequest>,
         now: UnixMillis,
@@ -359,7 +374,12 @@ impl PortAllocator {
     /// Moves a port to `status` now (`at`), keeping the lifecycle's order: Available frees
     /// it at once; Draining and Closed start their timers; Active is only for a port that
     /// is Active already (a closed port is not reopened: allocate it again).
-    pub fn set_status(
+    pub fn set_status(&mut self, port: impl Into<PortId>, status: PortStatus) -> Result<()> {
+        self.set_status_at(port, status, now_millis())
+    }
+
+    /// [`PortAllocator::set_status`] at time `at`.
+    pub fn set_status_at(
         &mut self,
         port: impl Into<PortId>,
         status: PortStatus,
@@ -571,12 +591,12 @@ mod tests {
     fn a_specific_port_is_handed_out_once() {
         let (mut allocator, _) = allocator(config(20_000, 20_009));
         let held = allocator
-            .allocate(request("a", Some(20_005)), 1_000)
+            .allocate_at(request("a", Some(20_005)), 1_000)
             .unwrap();
         assert_eq!(held.id, PortId::new(20_005, Protocol::Tcp));
         assert_eq!(held.status, PortStatus::Active);
         let err = allocator
-            .allocate(request("b", Some(20_005)), 1_000)
+            .allocate_at(request("b", Some(20_005)), 1_000)
             .unwrap_err();
         assert!(matches!(err, PortError::PortUnavailable { .. }), "{err}");
         assert!(err.to_string().contains("held by a"), "{err}");
@@ -586,7 +606,7 @@ mod tests {
             ..request("b", Some(20_005))
         };
         assert_eq!(
-            allocator.allocate(udp, 1_000).unwrap().id.protocol,
+            allocator.allocate_at(udp, 1_000).unwrap().id.protocol,
             Protocol::Udp
         );
     }
@@ -598,7 +618,7 @@ mod tests {
             ..config(20_000, 20_009)
         });
         let err = allocator
-            .allocate(request("a", Some(19_999)), 0)
+            .allocate_at(request("a", Some(19_999)), 0)
             .unwrap_err();
         assert!(matches!(err, PortError::InvalidPortRequest(_)), "{err}");
         assert!(
@@ -606,12 +626,18 @@ mod tests {
                 .contains("outside the managed range 20000-20009")
         );
         let err = allocator
-            .allocate(request("a", Some(20_003)), 0)
+            .allocate_at(request("a", Some(20_003)), 0)
             .unwrap_err();
         assert!(err.to_string().contains("reserved"), "{err}");
         // Random allocation never lands on the reserved port.
         let ports: BTreeSet<u16> = (0..9)
-            .map(|_| allocator.allocate(request("a", None), 0).unwrap().id.port)
+            .map(|_| {
+                allocator
+                    .allocate_at(request("a", None), 0)
+                    .unwrap()
+                    .id
+                    .port
+            })
             .collect();
         assert_eq!(ports.len(), 9);
         assert!(!ports.contains(&20_003));
@@ -621,9 +647,9 @@ mod tests {
     fn an_exhausted_range_is_a_clear_error() {
         let (mut allocator, _) = allocator(config(20_000, 20_003));
         for _ in 0..4 {
-            allocator.allocate(request("a", None), 0).unwrap();
+            allocator.allocate_at(request("a", None), 0).unwrap();
         }
-        let err = allocator.allocate(request("a", None), 0).unwrap_err();
+        let err = allocator.allocate_at(request("a", None), 0).unwrap_err();
         assert!(matches!(err, PortError::RangeExhausted { .. }), "{err}");
         assert!(
             err.to_string().contains("no free tcp port in 20000-20003"),
@@ -640,7 +666,7 @@ mod tests {
             ..config(20_000, 29_999)
         });
         for _ in 0..9_900 {
-            allocator.allocate(request("bulk", None), 0).unwrap();
+            allocator.allocate_at(request("bulk", None), 0).unwrap();
         }
         assert_eq!(allocator.free_count(Protocol::Tcp), 100);
         // With 1% free, 4 probes mostly miss: the scan must find every remaining port.
@@ -648,7 +674,7 @@ mod tests {
         for _ in 0..100 {
             last.insert(
                 allocator
-                    .allocate(request("tail", None), 0)
+                    .allocate_at(request("tail", None), 0)
                     .unwrap()
                     .id
                     .port,
@@ -656,7 +682,7 @@ mod tests {
         }
         assert_eq!(last.len(), 100);
         assert!(matches!(
-            allocator.allocate(request("x", None), 0),
+            allocator.allocate_at(request("x", None), 0),
             Err(PortError::RangeExhausted { .. })
         ));
     }
@@ -666,12 +692,12 @@ mod tests {
         let (mut allocator, sockets) = allocator(config(20_000, 20_002));
         sockets.0.lock().unwrap().extend([20_000, 20_002]);
         let err = allocator
-            .allocate(request("a", Some(20_000)), 0)
+            .allocate_at(request("a", Some(20_000)), 0)
             .unwrap_err();
         assert!(err.to_string().contains("already bound"), "{err}");
         for _ in 0..3 {
             // Only 20001 is neither allocated nor bound.
-            let held = allocator.allocate(request("a", None), 0);
+            let held = allocator.allocate_at(request("a", None), 0);
             if let Ok(held) = held {
                 assert_eq!(held.id.port, 20_001);
             } else {
@@ -685,10 +711,12 @@ mod tests {
         // A real listener, seen through procfs.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
-        let mut allocator = PortAllocator::new(config(port, port)).unwrap();
-        let err = allocator.allocate(request("a", Some(port)), 0).unwrap_err();
+        let mut allocator = PortAllocator::with_config(config(port, port)).unwrap();
+        let err = allocator
+            .allocate_at(request("a", Some(port)), 0)
+            .unwrap_err();
         assert!(err.to_string().contains("already bound"), "{err}");
-        let err = allocator.allocate(request("a", None), 0).unwrap_err();
+        let err = allocator.allocate_at(request("a", None), 0).unwrap_err();
         assert!(matches!(err, PortError::RangeExhausted { .. }), "{err}");
     }
 
@@ -696,7 +724,7 @@ mod tests {
     fn leases_expire_into_draining_and_renew_pushes_them_out() {
         let (mut allocator, _) = allocator(config(20_000, 20_009));
         let held = allocator
-            .allocate(
+            .allocate_at(
                 AllocationRequest {
                     ttl: Some(Duration::from_secs(5)),
                     ..request("a", Some(20_001))
@@ -721,7 +749,7 @@ mod tests {
         let err = allocator.renew(held.id, None, 9_001).unwrap_err();
         assert!(err.to_string().contains("cannot be renewed"), "{err}");
         // A port without a lease has nothing to renew.
-        let plain = allocator.allocate(request("b", None), 0).unwrap();
+        let plain = allocator.allocate_at(request("b", None), 0).unwrap();
         assert!(allocator.renew(plain.id, None, 0).is_err());
         assert!(
             allocator
@@ -733,9 +761,9 @@ mod tests {
     #[test]
     fn the_lifecycle_runs_active_draining_closed_quarantine_available() {
         let (mut allocator, _) = allocator(config(20_000, 20_000));
-        let id = allocator.allocate(request("a", None), 0).unwrap().id;
+        let id = allocator.allocate_at(request("a", None), 0).unwrap().id;
         allocator
-            .set_status(id, PortStatus::Draining, 1_000)
+            .set_status_at(id, PortStatus::Draining, 1_000)
             .unwrap();
         // One connection open: stays Draining until the drain timeout (30 s).
         assert!(allocator.tick(2_000, |_| 1).is_empty());
@@ -743,14 +771,14 @@ mod tests {
         assert_eq!(allocator.get_state(id).status, PortStatus::Closed);
         // Quarantine (10 s): not free yet, and not allocatable.
         assert!(allocator.tick(40_999, |_| 0).is_empty());
-        assert!(allocator.allocate(request("b", None), 40_999).is_err());
+        assert!(allocator.allocate_at(request("b", None), 40_999).is_err());
         let err = allocator
-            .allocate(request("b", Some(20_000)), 40_999)
+            .allocate_at(request("b", Some(20_000)), 40_999)
             .unwrap_err();
         assert!(err.to_string().contains("quarantine"), "{err}");
         assert_eq!(allocator.tick(41_000, |_| 0), vec![Transition::Freed(id)]);
         assert_eq!(allocator.get_state(id).status, PortStatus::Available);
-        let again = allocator.allocate(request("b", None), 41_000).unwrap();
+        let again = allocator.allocate_at(request("b", None), 41_000).unwrap();
         assert_eq!(again.id, id);
         assert_eq!(again.owner.name, "b");
     }
@@ -761,8 +789,10 @@ mod tests {
             quarantine: Duration::ZERO,
             ..config(20_000, 20_000)
         });
-        let id = allocator.allocate(request("a", None), 0).unwrap().id;
-        allocator.set_status(id, PortStatus::Draining, 0).unwrap();
+        let id = allocator.allocate_at(request("a", None), 0).unwrap().id;
+        allocator
+            .set_status_at(id, PortStatus::Draining, 0)
+            .unwrap();
         assert!(allocator.tick(100, |_| 2).is_empty());
         // No connections and no quarantine: closed and freed in one step.
         assert_eq!(
@@ -775,19 +805,21 @@ mod tests {
     #[test]
     fn a_closed_port_is_not_reopened() {
         let (mut allocator, _) = allocator(config(20_000, 20_000));
-        let id = allocator.allocate(request("a", None), 0).unwrap().id;
-        allocator.set_status(id, PortStatus::Closed, 0).unwrap();
-        let err = allocator.set_status(id, PortStatus::Active, 1).unwrap_err();
+        let id = allocator.allocate_at(request("a", None), 0).unwrap().id;
+        allocator.set_status_at(id, PortStatus::Closed, 0).unwrap();
+        let err = allocator
+            .set_status_at(id, PortStatus::Active, 1)
+            .unwrap_err();
         assert!(err.to_string().contains("cannot go active"), "{err}");
     }
 
     #[test]
     fn requests_are_checked() {
         let (mut allocator, _) = allocator(config(20_000, 20_009));
-        let err = allocator.allocate(request(" ", None), 0).unwrap_err();
+        let err = allocator.allocate_at(request(" ", None), 0).unwrap_err();
         assert!(err.to_string().contains("owner name is empty"), "{err}");
         let err = allocator
-            .allocate(
+            .allocate_at(
                 AllocationRequest {
                     ttl: Some(Duration::ZERO),
                     ..request("a", None)
@@ -797,5 +829,29 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("TTL of 0"), "{err}");
         assert_eq!(allocator.free_count(Protocol::Tcp), 10);
+    }
+
+    #[test]
+    fn the_specification_shapes_work_as_written() {
+        let mut allocator = PortAllocator::new(20_000..=20_009).unwrap();
+        let held = allocator.allocate("svc").unwrap();
+        assert_eq!(
+            allocator.get_state(held.id.port).owner.as_deref(),
+            Some("svc")
+        );
+        allocator
+            .set_status(held.id.port, PortStatus::Draining)
+            .unwrap();
+        assert_eq!(
+            allocator.get_state(held.id.port).status,
+            PortStatus::Draining
+        );
+        allocator
+            .set_status(held.id.port, PortStatus::Available)
+            .unwrap();
+        assert_eq!(
+            allocator.get_state(held.id.port).status,
+            PortStatus::Available
+        );
     }
 }

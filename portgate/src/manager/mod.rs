@@ -308,7 +308,7 @@ impl PortManager {
         self.change(id, actor, |allocator, now| {
             let status = allocator.allocation(id).map(|held| held.status);
             if status == Some(PortStatus::Active) {
-                allocator.set_status(id, PortStatus::Draining, now)?;
+                allocator.set_status_at(id, PortStatus::Draining, now)?;
             }
             Ok(())
         })
