@@ -70,18 +70,49 @@ pub struct PortReport {
     pub owner_cgroup: Option<u64>,
     /// Unexpired and expired grants.
     pub grants: Vec<GrantView>,
-    /// New connections passed (all hooks).
+    /// Counters and active connections (flattened: the keys are `accepted`, `active`,
+    /// `dropped`, `bind_denied`, `packets`, `bytes`).
+    #[serde(flatten)]
+    pub counters: PortMetrics,
+}
+
+/// One port's counters, as the kernel counts them over every hook.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMetrics {
+    /// New connections let in.
     pub accepted: u64,
     /// Established TCP connections now.
     pub active: u64,
-    /// Drops by reason (all hooks).
+    /// Drops by reason.
     pub dropped: DropCounts,
     /// Refused binds.
     pub bind_denied: u64,
-    /// Packets judged (all hooks).
+    /// Packets judged.
     pub packets: u64,
-    /// Bytes judged (all hooks).
+    /// Bytes judged.
     pub bytes: u64,
+}
+
+impl PortMetrics {
+    /// The totals of a port's per-hook counters, with `active` connections.
+    #[must_use]
+    pub fn new(counters: &PortCounters, active: u64) -> Self {
+        let total = counters.total;
+        Self {
+            accepted: total.accepted,
+            active,
+            dropped: DropCounts {
+                unallocated: total.dropped_for(reason::UNALLOCATED),
+                draining: total.dropped_for(reason::DRAINING),
+                not_allowed: total.dropped_for(reason::NOT_ALLOWED),
+                auth_required: total.dropped_for(reason::AUTH_REQUIRED),
+                conn_limit: total.dropped_for(reason::CONN_LIMIT),
+            },
+            bind_denied: total.bind_denied,
+            packets: total.packets,
+            bytes: total.bytes,
+        }
+    }
 }
 
 /// Reports for every (port, protocol) with a policy or with counters, in port order.
@@ -101,7 +132,6 @@ pub fn port_reports(gate: &Gate) -> Result<Vec<PortReport>, GateError> {
     for (port, proto) in keys {
         let policy = policies.get(&(port, proto));
         let port_counters: PortCounters = counters.get(&(port, proto)).copied().unwrap_or_default();
-        let total = port_counters.total;
         let active = if proto == Protocol::Tcp {
             gate.slots(port)?.established
         } else {
@@ -128,18 +158,7 @@ pub fn port_reports(gate: &Gate) -> Result<Vec<PortReport>, GateError> {
                     expires_in_ms: grant.expires_ns.saturating_sub(now) / 1_000_000,
                 })
                 .collect(),
-            accepted: total.accepted,
-            active,
-            dropped: DropCounts {
-                unallocated: total.dropped_for(reason::UNALLOCATED),
-                draining: total.dropped_for(reason::DRAINING),
-                not_allowed: total.dropped_for(reason::NOT_ALLOWED),
-                auth_required: total.dropped_for(reason::AUTH_REQUIRED),
-                conn_limit: total.dropped_for(reason::CONN_LIMIT),
-            },
-            bind_denied: total.bind_denied,
-            packets: total.packets,
-            bytes: total.bytes,
+            counters: PortMetrics::new(&port_counters, active),
         });
     }
     Ok(out)

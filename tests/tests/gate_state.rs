@@ -209,10 +209,10 @@ fn the_maps_report_reads_the_live_state_back() {
     assert_eq!(row.max_connections, 7);
     assert!(row.require_auth);
     assert_eq!(row.grants.len(), 1);
-    assert_eq!(row.accepted, 1);
-    assert_eq!(row.dropped.not_allowed, 1);
-    assert_eq!(row.dropped.auth_required, 1);
-    assert_eq!(row.packets, 3);
+    assert_eq!(row.counters.accepted, 1);
+    assert_eq!(row.counters.dropped.not_allowed, 1);
+    assert_eq!(row.counters.dropped.auth_required, 1);
+    assert_eq!(row.counters.packets, 3);
     let json = serde_json::to_value(row).expect("json");
     for key in [
         "port",

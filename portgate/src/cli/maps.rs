@@ -66,16 +66,16 @@ pub fn report_table(reports: &[PortReport]) -> Table {
             },
             port.owner_cgroup
                 .map_or_else(|| "any".to_owned(), |id| id.to_string()),
-            port.accepted.to_string(),
-            port.active.to_string(),
-            port.dropped.unallocated.to_string(),
-            port.dropped.draining.to_string(),
-            port.dropped.not_allowed.to_string(),
-            port.dropped.auth_required.to_string(),
-            port.dropped.conn_limit.to_string(),
-            port.bind_denied.to_string(),
-            port.packets.to_string(),
-            port.bytes.to_string(),
+            port.counters.accepted.to_string(),
+            port.counters.active.to_string(),
+            port.counters.dropped.unallocated.to_string(),
+            port.counters.dropped.draining.to_string(),
+            port.counters.dropped.not_allowed.to_string(),
+            port.counters.dropped.auth_required.to_string(),
+            port.counters.dropped.conn_limit.to_string(),
+            port.counters.bind_denied.to_string(),
+            port.counters.packets.to_string(),
+            port.counters.bytes.to_string(),
         ]);
     }
     table

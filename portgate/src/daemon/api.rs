@@ -173,6 +173,21 @@ impl App {
         })
     }
 
+    /// Who asks to change which port: the caller's rights and the URL's port (recorded in
+    /// the audit record).
+    fn port_change(
+        &self,
+        peer: &Peer,
+        port: &str,
+        query: QueryMap,
+        audit: &mut Audit,
+    ) -> ApiResult<(Actor, PortId)> {
+        let actor = self.actor(peer)?;
+        let id = self.port_id(port, &query_map(query)?)?;
+        audit.id = Some(id);
+        Ok((actor, id))
+    }
+
     /// The port of a URL, checked against the managed range.
     fn port_id(&self, raw: &str, query: &HashMap<String, String>) -> ApiResult<PortId> {
         let port: u16 = raw.parse().map_err(|_| {
@@ -417,9 +432,7 @@ async fn lifecycle(
 ) -> Response {
     let mut audit = Audit::new(action);
     let result = async {
-        let actor = app.actor(peer)?;
-        let id = app.port_id(port, &query_map(query)?)?;
-        audit.id = Some(id);
+        let (actor, id) = app.port_change(peer, port, query, &mut audit)?;
         let manager = Arc::clone(&app.manager);
         let drain = action == "drain";
         let held = detached(async move {
@@ -464,9 +477,7 @@ async fn renew(
 ) -> Response {
     let mut audit = Audit::new("renew");
     let result = async {
-        let actor = app.actor(&peer)?;
-        let id = app.port_id(&port, &query_map(query)?)?;
-        audit.id = Some(id);
+        let (actor, id) = app.port_change(&peer, &port, query, &mut audit)?;
         let request: RenewRequest = if body.as_ref().is_ok_and(Bytes::is_empty) {
             RenewRequest::default()
         } else {
@@ -489,9 +500,7 @@ async fn access(
 ) -> Response {
     let mut audit = Audit::new("access");
     let result = async {
-        let actor = app.actor(&peer)?;
-        let id = app.port_id(&port, &query_map(query)?)?;
-        audit.id = Some(id);
+        let (actor, id) = app.port_change(&peer, &port, query, &mut audit)?;
         let change: AccessChange = json_body(body)?;
         let manager = Arc::clone(&app.manager);
         let held = detached(async move { manager.set_access(id, change, actor).await }).await?;
@@ -511,9 +520,7 @@ async fn grant(
 ) -> Response {
     let mut audit = Audit::new("grant");
     let result = async {
-        let actor = app.actor(&peer)?;
-        let id = app.port_id(&port, &query_map(query)?)?;
-        audit.id = Some(id);
+        let (actor, id) = app.port_change(&peer, &port, query, &mut audit)?;
         let request: GrantRequest = json_body(body)?;
         let manager = Arc::clone(&app.manager);
         detached(async move { manager.grant(id, request.ip, request.ttl, actor).await }).await?;

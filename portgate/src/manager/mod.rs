@@ -40,7 +40,7 @@ use crate::{
     config::PortConfig,
     gate::Gate,
     host,
-    report::{self, DropCounts, PortReport},
+    report::{self, PortReport},
     store::{Change, MemoryStore, Store},
     system,
     verdict::Decision,
@@ -494,12 +494,7 @@ impl PortManager {
                 require_auth: held.access.require_authentication,
                 owner_cgroup: held.owner.cgroup.as_ref().map(|owner| owner.cgroup.id),
                 grants: Vec::new(),
-                accepted: 0,
-                active: 0,
-                dropped: DropCounts::default(),
-                bind_denied: 0,
-                packets: 0,
-                bytes: 0,
+                counters: PortMetrics::default(),
             })
             .collect())
     }
@@ -805,21 +800,7 @@ fn metrics_of(gate: Option<&Gate>, id: PortId) -> Result<PortMetrics> {
 }
 
 fn metrics_from(counters: &crate::gate::PortCounters, active: u64) -> PortMetrics {
-    let total = counters.total;
-    PortMetrics {
-        accepted: total.accepted,
-        active,
-        dropped: DropCounts {
-            unallocated: total.dropped_for(portgate_common::reason::UNALLOCATED),
-            draining: total.dropped_for(portgate_common::reason::DRAINING),
-            not_allowed: total.dropped_for(portgate_common::reason::NOT_ALLOWED),
-            auth_required: total.dropped_for(portgate_common::reason::AUTH_REQUIRED),
-            conn_limit: total.dropped_for(portgate_common::reason::CONN_LIMIT),
-        },
-        bind_denied: total.bind_denied,
-        packets: total.packets,
-        bytes: total.bytes,
-    }
+    PortMetrics::new(counters, active)
 }
 
 #[cfg(test)]

@@ -18,31 +18,14 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
 use super::state::{PortId, PortStatus, Protocol, UnixMillis, now_millis};
-use crate::{gate::DenyEventRecord, policy::DropReason, report::DropCounts};
+pub use crate::report::PortMetrics;
+use crate::{gate::DenyEventRecord, policy::DropReason};
 
 /// The deny events kept for `portgate events` (the newest are kept).
 pub const RECENT_EVENTS: usize = 1024;
-
-/// One port's counters, as the kernel counts them (JSON keys as `portgate maps`).
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PortMetrics {
-    /// New connections let in.
-    pub accepted: u64,
-    /// Established TCP connections now.
-    pub active: u64,
-    /// Drops by reason.
-    pub dropped: DropCounts,
-    /// Refused binds.
-    pub bind_denied: u64,
-    /// Packets judged.
-    pub packets: u64,
-    /// Bytes judged.
-    pub bytes: u64,
-}
 
 /// What one scrape shows about the ports: filled in by the manager, encoded by the monitor.
 #[derive(Clone, Debug, Default)]
