@@ -31,7 +31,7 @@ use crate::{
     config::Config,
     gate::{self, Gate, GateSettings},
     host,
-    manager::{self, PortManager, ProcfsSockets, StartReport},
+    manager::{self, CachedSockets, PortManager, ProcfsSockets, StartReport},
     paths,
     store::{Change, RedbStore, Store as _},
     system,
@@ -40,6 +40,9 @@ use crate::{
 /// How often the lifecycle timers are checked (leases, drains, quarantine): a step is taken
 /// at most this long after it is due.
 pub const LIFECYCLE_PERIOD: Duration = Duration::from_millis(200);
+
+/// How long one read of the socket tables serves range scans (see [`CachedSockets`]).
+pub const SOCKET_SNAPSHOT_AGE: Duration = Duration::from_millis(250);
 
 /// How long shutdown waits for open requests (an `events -f` stream ends at once).
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -107,8 +110,11 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     }
     let ports = &config.ports;
     let daemon = &config.daemon;
-    // The store first: it is the single-instance lock, and what it holds must fit the
-    // configuration before the gate's range or policies are touched.
+    // Another daemon on the same socket (or store) must be found before anything is
+    // touched: a second daemon reconciling the kernel maps would undo the first one's work.
+    refuse_a_second_daemon(&daemon.socket)?;
+    // The store next: its file lock keeps a second daemon out, and what it holds must fit
+    // the configuration before the gate's range or policies are touched.
     fs::create_dir_all(&daemon.state_dir)
         .with_context(|| format!("creating {}", daemon.state_dir.display()))?;
     let store_path = daemon.state_dir.join(paths::STORE_FILE);
@@ -126,7 +132,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
         ports.clone(),
         store.clone(),
         Some(gate),
-        Box::new(ProcfsSockets),
+        Box::new(CachedSockets::new(ProcfsSockets, SOCKET_SNAPSHOT_AGE)),
     )
     .map(|(opened, report)| (Arc::new(opened), report));
     let (manager, start_report) = manager?;
@@ -323,19 +329,25 @@ async fn reserve_ephemeral(
     Ok(())
 }
 
+/// Fails when a daemon answers on `socket`.
+fn refuse_a_second_daemon(socket: &Path) -> anyhow::Result<()> {
+    if std::os::unix::net::UnixStream::connect(socket).is_ok() {
+        bail!(
+            "another portgate daemon is serving {}: stop it first",
+            socket.display()
+        );
+    }
+    Ok(())
+}
+
 /// Binds the API socket: a stale socket file is replaced, a live one (another daemon) is
 /// an error. The socket gets `mode` and the admin group.
 fn bind_socket(path: &Path, mode: u32, admin: &AdminGroup) -> anyhow::Result<UnixListener> {
     if let Some(dir) = path.parent() {
         fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
+    refuse_a_second_daemon(path)?;
     if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "another portgate daemon is serving {}: stop it first",
-                path.display()
-            );
-        }
         fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
     let listener =

@@ -39,6 +39,66 @@ impl SocketTable for ProcfsSockets {
     }
 }
 
+/// A [`SocketTable`] that reuses a snapshot of the whole range for `max_age`.
+///
+/// Reading the socket tables costs milliseconds (the kernel walks its whole connection
+/// hash), so a daemon taking many allocations shares one snapshot among them. A range scan
+/// may then miss a socket bound in the last `max_age`; the owner's `bind()` fails and it
+/// allocates again. A request for one named port always reads afresh.
+pub struct CachedSockets<T> {
+    inner: T,
+    max_age: std::time::Duration,
+    snapshots: std::sync::Mutex<Vec<Snapshot>>,
+}
+
+/// One protocol's bound ports in one range, and when they were read.
+struct Snapshot {
+    protocol: Protocol,
+    range: RangeInclusive<u16>,
+    taken: std::time::Instant,
+    bound: BTreeSet<u16>,
+}
+
+impl<T: SocketTable> CachedSockets<T> {
+    /// Wraps `inner`, reusing a range's snapshot for `max_age`.
+    pub const fn new(inner: T, max_age: std::time::Duration) -> Self {
+        Self {
+            inner,
+            max_age,
+            snapshots: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<T: SocketTable> SocketTable for CachedSockets<T> {
+    fn bound_ports(&self, protocol: Protocol, range: RangeInclusive<u16>) -> Result<BTreeSet<u16>> {
+        if range.start() == range.end() {
+            return self.inner.bound_ports(protocol, range);
+        }
+        let mut snapshots = self
+            .snapshots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(snapshot) = snapshots.iter().find(|snapshot| {
+            snapshot.protocol == protocol
+                && snapshot.range == range
+                && snapshot.taken.elapsed() < self.max_age
+        }) {
+            return Ok(snapshot.bound.clone());
+        }
+        // Read under the lock: concurrent allocations wait for one read, not one each.
+        let bound = self.inner.bound_ports(protocol, range.clone())?;
+        snapshots.retain(|snapshot| snapshot.protocol != protocol || snapshot.range != range);
+        snapshots.push(Snapshot {
+            protocol,
+            range,
+            taken: std::time::Instant::now(),
+            bound: bound.clone(),
+        });
+        Ok(bound)
+    }
+}
+
 /// The live sockets an allocation of `request` in `range` must avoid.
 pub fn bound_for(
     sockets: &dyn SocketTable,
@@ -852,6 +912,52 @@ mod tests {
         assert_eq!(
             allocator.get_state(held.id.port).status,
             PortStatus::Available
+        );
+    }
+
+    #[test]
+    fn cached_sockets_share_a_range_snapshot_and_read_one_port_afresh() {
+        let fake = FakeSockets::default();
+        let cached = super::CachedSockets::new(fake.clone(), Duration::from_secs(60));
+        assert!(
+            cached
+                .bound_ports(Protocol::Tcp, 1..=10)
+                .unwrap()
+                .is_empty()
+        );
+        fake.0.lock().unwrap().insert(5);
+        // Within max_age the range is answered from the snapshot...
+        assert!(
+            cached
+                .bound_ports(Protocol::Tcp, 1..=10)
+                .unwrap()
+                .is_empty()
+        );
+        // ...but one named port, another protocol or another range is read afresh.
+        assert!(
+            cached
+                .bound_ports(Protocol::Tcp, 5..=5)
+                .unwrap()
+                .contains(&5)
+        );
+        assert!(
+            cached
+                .bound_ports(Protocol::Udp, 1..=10)
+                .unwrap()
+                .contains(&5)
+        );
+        assert!(
+            cached
+                .bound_ports(Protocol::Tcp, 1..=9)
+                .unwrap()
+                .contains(&5)
+        );
+        let expired = super::CachedSockets::new(fake, Duration::ZERO);
+        assert!(
+            expired
+                .bound_ports(Protocol::Tcp, 1..=10)
+                .unwrap()
+                .contains(&5)
         );
     }
 }

@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 pub use self::{
-    allocator::{AllocationRequest, PortAllocator, ProcfsSockets, SocketTable, Transition},
+    allocator::{
+        AllocationRequest, CachedSockets, PortAllocator, ProcfsSockets, SocketTable, Transition,
+    },
     error::{ErrorCategory, PortError, Result},
     monitor::{PortMetrics, PortMonitor, PortsSnapshot},
     security::{MAX_ALLOWED_IPS, PortSecurity},
