@@ -918,7 +918,7 @@ mod tests {
     #[test]
     fn cached_sockets_share_a_range_snapshot_and_read_one_port_afresh() {
         let fake = FakeSockets::default();
-        let cached = super::CachedSockets::new(fake.clone(), Duration::from_secs(60));
+        let cached = super::CachedSockets::new(fake.clone(), Duration::from_mins(1));
         assert!(
             cached
                 .bound_ports(Protocol::Tcp, 1..=10)
