@@ -167,6 +167,61 @@ pub fn cgroup_id_and_level(path: &Path) -> Result<(u64, u32), SystemError> {
     Ok((meta.ino(), level))
 }
 
+/// A cgroup2 directory as found by one open of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CgroupInfo {
+    /// The directory, with every symlink resolved.
+    pub path: PathBuf,
+    /// Its id (inode number).
+    pub id: u64,
+    /// Its depth below the cgroup2 mount.
+    pub level: u32,
+    /// The uid owning the directory (a cgroup delegated to a user is owned by it).
+    pub owner_uid: u32,
+}
+
+/// Opens `path` once and reads everything about the cgroup from that open directory, so a
+/// symlink swapped meanwhile cannot make the owner checked differ from the cgroup used.
+pub fn cgroup_info(path: &Path) -> Result<CgroupInfo, SystemError> {
+    let root = cgroup2_root()?;
+    let not_a_cgroup = || SystemError::NotACgroup {
+        path: path.to_owned(),
+        root: root.clone(),
+    };
+    let dir = fs::File::open(path).map_err(|source| SystemError::Io {
+        op: "opening",
+        path: path.to_owned(),
+        source,
+    })?;
+    let meta = dir.metadata().map_err(|source| SystemError::Io {
+        op: "reading",
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(not_a_cgroup());
+    }
+    let fd_link = PathBuf::from(format!(
+        "/proc/self/fd/{}",
+        std::os::fd::AsRawFd::as_raw_fd(&dir)
+    ));
+    let resolved = fs::read_link(&fd_link).map_err(|source| SystemError::Io {
+        op: "resolving",
+        path: path.to_owned(),
+        source,
+    })?;
+    let relative = resolved.strip_prefix(&root).map_err(|_| not_a_cgroup())?;
+    if !resolved.join("cgroup.procs").exists() {
+        return Err(not_a_cgroup());
+    }
+    Ok(CgroupInfo {
+        level: u32::try_from(relative.components().count()).unwrap_or(u32::MAX),
+        path: resolved,
+        id: meta.ino(),
+        owner_uid: meta.uid(),
+    })
+}
+
 /// The cgroup2 directory of a process, from `/proc/PID/cgroup`.
 pub fn cgroup_of_pid(pid: u32) -> Result<PathBuf, SystemError> {
     let file = PathBuf::from(format!("/proc/{pid}/cgroup"));

@@ -162,6 +162,17 @@ impl GateModel {
         self.grants.insert((port, protocol, source), expires_ns);
     }
 
+    /// How many grants (port, protocol) holds, expired or not.
+    #[must_use]
+    pub fn grant_count(&self, port: u16, protocol: Protocol) -> usize {
+        self.grants
+            .keys()
+            .filter(|&&(grant_port, grant_protocol, _)| {
+                (grant_port, grant_protocol) == (port, protocol)
+            })
+            .count()
+    }
+
     /// Withdraws a grant.
     pub fn remove_grant(&mut self, port: u16, protocol: Protocol, source: IpAddr) {
         self.grants.remove(&(port, protocol, source));

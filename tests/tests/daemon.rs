@@ -151,6 +151,11 @@ audit_log = "{audit}"
 
     /// `portgate daemon --config ...` inside the test namespace.
     fn daemon_command(&self) -> Command {
+        self.daemon_command_with(&self.config)
+    }
+
+    /// `portgate daemon --config <config>` inside the test namespace.
+    fn daemon_command_with(&self, config: &Path) -> Command {
         // Into the namespace with setns(2) rather than `ip netns exec`, which would also
         // remount /sys and hide the cgroup2 and bpffs mounts from the daemon.
         let netns = fs::File::open(Path::new("/run/netns").join(self.ns.name()))
@@ -158,7 +163,7 @@ audit_log = "{audit}"
         let mut command = Command::new(portgate_bin());
         command
             .args(["daemon", "--config"])
-            .arg(&self.config)
+            .arg(config)
             .env("RUST_LOG", "info");
         // SAFETY: between fork and exec the child only calls setns(2), which is
         // async-signal-safe, on a descriptor opened before the fork.
@@ -746,6 +751,52 @@ fn kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing() {
         acknowledged.len(),
         after.len()
     );
+}
+
+#[test]
+fn a_second_daemon_on_the_same_pins_is_refused_and_changes_nothing() {
+    if !require_privileges("a_second_daemon_on_the_same_pins_is_refused_and_changes_nothing") {
+        return;
+    }
+    let daemon = Daemon::start(41_350, 41_399);
+    daemon.cli_ok(None, &["alloc", "--owner", "first", "--port", "41360"]);
+    // Another socket and another (empty) store, the same pins: it would remove the first
+    // daemon's policies if it got as far as reconciling.
+    let text = fs::read_to_string(&daemon.config).expect("config");
+    let second = daemon.dir.path().join("second.toml");
+    let second_state = daemon.dir.path().join("second-state");
+    let second_socket = daemon.dir.path().join("second.sock");
+    let text = text
+        .lines()
+        .map(|line| {
+            if line.starts_with("state_dir =") {
+                format!("state_dir = \"{}\"", second_state.display())
+            } else if line.starts_with("socket =") {
+                format!("socket = \"{}\"", second_socket.display())
+            } else if line.starts_with("metrics_listen =") {
+                "metrics_listen = \"\"".to_owned()
+            } else {
+                line.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    fs::write(&second, text).expect("second config");
+    let output = daemon
+        .daemon_command_with(&second)
+        .output()
+        .expect("run the second daemon");
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("another portgate daemon is using the pins"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(
+        daemon.kernel_policies(),
+        BTreeSet::from([(41_360, Protocol::Tcp)])
+    );
+    assert_eq!(daemon.allocations()[&41_360].0, "first");
 }
 
 #[test]

@@ -267,34 +267,17 @@ async fn not_found(ConnectInfo(peer): ConnectInfo<Peer>, State(app): State<Arc<A
     )
 }
 
-/// Runs a change to completion even if the client goes away: the manager undoes a change
-/// the store refuses only if someone is still waiting for the commit.
-async fn detached<T: Send + 'static>(
-    change: impl Future<Output = Result<T, PortError>> + Send + 'static,
-) -> ApiResult<T> {
-    tokio::spawn(change)
-        .await
-        .map_err(|err| {
-            ApiError::Port(PortError::StateTracking(format!(
-                "the change did not finish ({err}); see the daemon's log"
-            )))
-        })?
-        .map_err(ApiError::Port)
-}
-
-/// A non-admin may only name a cgroup delegated to it (its directory is the caller's).
-/// One message whatever the reason, so that the answer does not tell which paths exist.
-fn check_cgroup_owner(path: &Path, uid: u32) -> ApiResult<()> {
-    let owned =
-        std::fs::metadata(path).is_ok_and(|meta| std::os::unix::fs::MetadataExt::uid(&meta) == uid);
-    if owned {
-        Ok(())
-    } else {
-        Err(ApiError::Port(PortError::AccessDenied(format!(
-            "{} is not a cgroup delegated to uid {uid}: name a cgroup directory you own, or ask an admin to allocate",
-            path.display()
-        ))))
-    }
+/// Runs a request's handler to completion (the change, its audit record and its latency)
+/// even if the client goes away meanwhile: axum drops a handler whose connection closes,
+/// and a change half-way (made but not yet audited, or not yet undone after a failed
+/// commit) must not be abandoned.
+async fn completed(handler: impl Future<Output = Response> + Send + 'static) -> Response {
+    tokio::spawn(handler).await.unwrap_or_else(|err| {
+        ApiError::Port(PortError::StateTracking(format!(
+            "the request did not finish ({err}); see the daemon's log"
+        )))
+        .into_response()
+    })
 }
 
 /// Resolves the owner cgroup of a request: `--cgroup PATH` or `--pid PID`.
@@ -316,20 +299,6 @@ fn owner_cgroup(request: &AllocRequest, actor: Actor) -> ApiResult<Option<OwnerC
             path.clone()
         }
         (None, Some(pid)) => {
-            if let Actor::User(uid) = actor {
-                let owner = std::fs::metadata(format!("/proc/{pid}"))
-                    .map(|meta| std::os::unix::fs::MetadataExt::uid(&meta))
-                    .map_err(|_| {
-                        ApiError::Port(PortError::InvalidPortRequest(format!(
-                            "no process {pid}: give the pid of a running process"
-                        )))
-                    })?;
-                if owner != uid {
-                    return Err(ApiError::Port(PortError::AccessDenied(format!(
-                        "process {pid} is not uid {uid}'s: name one of your own processes, or use --cgroup"
-                    ))));
-                }
-            }
             system::cgroup_of_pid(pid).map_err(|err| {
                 ApiError::Port(PortError::InvalidPortRequest(format!(
                     "the cgroup of process {pid} could not be found ({err}): give a running process of this host's pid namespace, or --cgroup"
@@ -338,21 +307,32 @@ fn owner_cgroup(request: &AllocRequest, actor: Actor) -> ApiResult<Option<OwnerC
         }
         (None, None) => return Ok(None),
     };
+    // One open of the directory gives the owner, id and level together (no symlink race).
+    let info = system::cgroup_info(Path::new(&path));
     if let Actor::User(uid) = actor {
-        check_cgroup_owner(&path, uid)?;
+        // The same answer whatever the reason, so that it does not tell which paths exist.
+        if !info.as_ref().is_ok_and(|info| info.owner_uid == uid) {
+            return Err(ApiError::Port(PortError::AccessDenied(format!(
+                "{} is not a cgroup delegated to uid {uid}: name a cgroup directory you own, or ask an admin to allocate",
+                path.display()
+            ))));
+        }
     }
-    let (id, level) = system::cgroup_id_and_level(Path::new(&path)).map_err(|err| {
+    let info = info.map_err(|err| {
         ApiError::Port(PortError::InvalidPortRequest(format!(
             "{err}: give a cgroup2 directory"
         )))
     })?;
     Ok(Some(OwnerCgroupRef {
-        path,
-        cgroup: OwnerCgroup { id, level },
+        path: info.path,
+        cgroup: OwnerCgroup {
+            id: info.id,
+            level: info.level,
+        },
     }))
 }
 
-async fn alloc(
+async fn alloc_request(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     body: Result<Bytes, BytesRejection>,
@@ -379,8 +359,7 @@ async fn alloc(
             },
             ttl: request.ttl,
         };
-        let manager = Arc::clone(&app.manager);
-        let allocation = detached(async move { manager.allocate(request, actor).await }).await?;
+        let allocation = app.manager.allocate(request, actor).await?;
         audit.id = Some(allocation.id);
         Ok(AllocationView::new(&allocation, 0))
     }
@@ -433,16 +412,11 @@ async fn lifecycle(
     let mut audit = Audit::new(action);
     let result = async {
         let (actor, id) = app.port_change(peer, port, query, &mut audit)?;
-        let manager = Arc::clone(&app.manager);
-        let drain = action == "drain";
-        let held = detached(async move {
-            if drain {
-                manager.drain(id, actor).await
-            } else {
-                manager.release(id, actor).await
-            }
-        })
-        .await?;
+        let held = if action == "drain" {
+            app.manager.drain(id, actor).await?
+        } else {
+            app.manager.release(id, actor).await?
+        };
         let connections = app.manager.get_state(id).await.connections;
         Ok(AllocationView::new(&held, connections))
     }
@@ -450,7 +424,7 @@ async fn lifecycle(
     app.finish(peer, &audit, StatusCode::OK, result)
 }
 
-async fn release(
+async fn release_request(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(port): UrlPath<String>,
@@ -459,7 +433,7 @@ async fn release(
     lifecycle(&app, &peer, "release", &port, query).await
 }
 
-async fn drain(
+async fn drain_request(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(port): UrlPath<String>,
@@ -468,7 +442,7 @@ async fn drain(
     lifecycle(&app, &peer, "drain", &port, query).await
 }
 
-async fn renew(
+async fn renew_request(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(port): UrlPath<String>,
@@ -483,15 +457,14 @@ async fn renew(
         } else {
             json_body(body)?
         };
-        let manager = Arc::clone(&app.manager);
-        let held = detached(async move { manager.renew(id, request.ttl, actor).await }).await?;
+        let held = app.manager.renew(id, request.ttl, actor).await?;
         Ok(AllocationView::new(&held, 0))
     }
     .await;
     app.finish(&peer, &audit, StatusCode::OK, result)
 }
 
-async fn access(
+async fn access_request(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(port): UrlPath<String>,
@@ -502,8 +475,7 @@ async fn access(
     let result = async {
         let (actor, id) = app.port_change(&peer, &port, query, &mut audit)?;
         let change: AccessChange = json_body(body)?;
-        let manager = Arc::clone(&app.manager);
-        let held = detached(async move { manager.set_access(id, change, actor).await }).await?;
+        let held = app.manager.set_access(id, change, actor).await?;
         let connections = app.manager.get_state(id).await.connections;
         Ok(AllocationView::new(&held, connections))
     }
@@ -511,7 +483,7 @@ async fn access(
     app.finish(&peer, &audit, StatusCode::OK, result)
 }
 
-async fn grant(
+async fn grant_request(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(port): UrlPath<String>,
@@ -522,8 +494,9 @@ async fn grant(
     let result = async {
         let (actor, id) = app.port_change(&peer, &port, query, &mut audit)?;
         let request: GrantRequest = json_body(body)?;
-        let manager = Arc::clone(&app.manager);
-        detached(async move { manager.grant(id, request.ip, request.ttl, actor).await }).await?;
+        app.manager
+            .grant(id, request.ip, request.ttl, actor)
+            .await?;
         Ok(())
     }
     .await;
@@ -648,6 +621,89 @@ async fn events(
         Body::from_stream(head)
     };
     ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+/// `POST /v1/ports`.
+async fn alloc(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    completed(alloc_request(State(app), ConnectInfo(peer), body)).await
+}
+
+/// `DELETE /v1/ports/{port}`.
+async fn release(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    port: UrlPath<String>,
+    query: QueryMap,
+) -> Response {
+    completed(release_request(State(app), ConnectInfo(peer), port, query)).await
+}
+
+/// `POST /v1/ports/{port}/drain`.
+async fn drain(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    port: UrlPath<String>,
+    query: QueryMap,
+) -> Response {
+    completed(drain_request(State(app), ConnectInfo(peer), port, query)).await
+}
+
+/// `POST /v1/ports/{port}/renew`.
+async fn renew(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    port: UrlPath<String>,
+    query: QueryMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    completed(renew_request(
+        State(app),
+        ConnectInfo(peer),
+        port,
+        query,
+        body,
+    ))
+    .await
+}
+
+/// `PATCH /v1/ports/{port}/access`.
+async fn access(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    port: UrlPath<String>,
+    query: QueryMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    completed(access_request(
+        State(app),
+        ConnectInfo(peer),
+        port,
+        query,
+        body,
+    ))
+    .await
+}
+
+/// `POST /v1/ports/{port}/grants`.
+async fn grant(
+    State(app): State<Arc<App>>,
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    port: UrlPath<String>,
+    query: QueryMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    completed(grant_request(
+        State(app),
+        ConnectInfo(peer),
+        port,
+        query,
+        body,
+    ))
+    .await
 }
 
 fn json_line(value: &impl Serialize) -> Bytes {

@@ -113,6 +113,9 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     // Another daemon on the same socket (or store) must be found before anything is
     // touched: a second daemon reconciling the kernel maps would undo the first one's work.
     refuse_a_second_daemon(&daemon.socket)?;
+    // And one daemon per pin directory, whatever its socket and store: held until exit.
+    system::prepare_pin_dir(&daemon.pin_dir)?;
+    let _pin_lock = lock_pin_dir(&daemon.pin_dir)?;
     // The store next: its file lock keeps a second daemon out, and what it holds must fit
     // the configuration before the gate's range or policies are touched.
     fs::create_dir_all(&daemon.state_dir)
@@ -128,27 +131,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     let (gate, cgroup, events) = install_gate(&config)?;
     reserve_ephemeral(&config, &store, &mut warnings).await?;
 
-    let manager = PortManager::open(
-        ports.clone(),
-        store.clone(),
-        Some(gate),
-        Box::new(CachedSockets::new(ProcfsSockets, SOCKET_SNAPSHOT_AGE)),
-    )
-    .map(|(opened, report)| (Arc::new(opened), report));
-    let (manager, start_report) = manager?;
-    log::info!(
-        "restored {} allocations; removed {} stale kernel policies",
-        start_report.restored,
-        start_report.stale_policies_removed
-    );
-    for listener in &start_report.unexplained_listeners {
-        let warning = format!(
-            "{}/{} has a listener (uid {}, {}) that no allocation explains",
-            listener.port, listener.protocol, listener.uid, listener.addr
-        );
-        log::warn!("{warning}");
-        warnings.push(warning);
-    }
+    let (manager, start_report) = open_manager(&config, &store, gate, &mut warnings)?;
 
     let audit = AuditLog::open(&daemon.audit_log)
         .with_context(|| format!("opening the audit log {}", daemon.audit_log.display()))?;
@@ -167,14 +150,20 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     });
 
     let mut tasks = tokio::task::JoinSet::new();
-    tasks.spawn(lifecycle(Arc::clone(&manager), shutdown_rx.clone()));
+    let store_failed = Arc::new(tokio::sync::Notify::new());
+    tasks.spawn(lifecycle(
+        Arc::clone(&manager),
+        shutdown_rx.clone(),
+        Arc::clone(&store_failed),
+    ));
     tasks.spawn(read_events(
         Arc::clone(&manager),
         events,
         shutdown_rx.clone(),
     ));
-    let api_server = spawn_api(listener, &app, shutdown_rx.clone());
+    // The metrics address first: if it cannot be bound, no request has been taken yet.
     let metrics_server = spawn_metrics(&app, &daemon.metrics_listen, shutdown_rx.clone()).await?;
+    let api_server = spawn_api(listener, &app, shutdown_rx.clone());
 
     if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
         log::warn!("telling systemd the daemon is ready: {err}");
@@ -187,9 +176,17 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
         cgroup.display()
     );
 
-    tokio::select! {
-        _ = terminate.recv() => log::info!("SIGTERM: shutting down, enforcement stays in place"),
-        _ = interrupt.recv() => log::info!("SIGINT: shutting down, enforcement stays in place"),
+    let failed = tokio::select! {
+        _ = terminate.recv() => false,
+        _ = interrupt.recv() => false,
+        () = store_failed.notified() => true,
+    };
+    if failed {
+        log::error!(
+            "the store refused a change: stopping, so that a restart makes the kernel maps equal to the store"
+        );
+    } else {
+        log::info!("shutting down on a signal; enforcement stays in place");
     }
     let _ignored = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     let _ignored = shutdown_tx.send(true);
@@ -198,6 +195,12 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     drop(app);
     drop(manager);
     store.shutdown();
+    if failed {
+        bail!(
+            "the store at {} refused a change: check its disk space and permissions, then start the daemon again (systemd restarts it)",
+            store_path.display()
+        );
+    }
     Ok(())
 }
 
@@ -218,6 +221,36 @@ async fn stop_serving(
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+}
+
+/// The manager over the store and the gate (kernel maps made equal to the store), with
+/// what start-up found logged and listeners no allocation explains added to `warnings`.
+fn open_manager(
+    config: &Config,
+    store: &Arc<RedbStore>,
+    gate: Gate,
+    warnings: &mut Vec<String>,
+) -> anyhow::Result<(Arc<PortManager>, StartReport)> {
+    let (manager, start_report) = PortManager::open(
+        config.ports.clone(),
+        Arc::clone(store) as Arc<dyn crate::store::Store>,
+        Some(gate),
+        Box::new(CachedSockets::new(ProcfsSockets, SOCKET_SNAPSHOT_AGE)),
+    )?;
+    log::info!(
+        "restored {} allocations; removed {} stale kernel policies",
+        start_report.restored,
+        start_report.stale_policies_removed
+    );
+    for listener in &start_report.unexplained_listeners {
+        let warning = format!(
+            "{}/{} has a listener (uid {}, {}) that no allocation explains",
+            listener.port, listener.protocol, listener.uid, listener.addr
+        );
+        log::warn!("{warning}");
+        warnings.push(warning);
+    }
+    Ok((Arc::new(manager), start_report))
 }
 
 /// Serves the API on the socket until shutdown.
@@ -321,12 +354,40 @@ async fn reserve_ephemeral(
     record.reserved_ports_added.extend(planned);
     record.reserved_ports_added.sort_unstable();
     record.reserved_ports_added.dedup();
+    let before = record.reserved_ports_added.clone();
     store
-        .submit(vec![Change::SetHostChanges(record)])
+        .submit(vec![Change::SetHostChanges(record.clone())])
         .wait()
         .await?;
-    host::reserve_ports(managed).context("adding the range to net.ipv4.ip_local_reserved_ports")?;
-    Ok(())
+    match host::reserve_ports(managed) {
+        Ok(_) => Ok(()),
+        Err(err) => {
+            // Nothing was written: take the plan out of the record again.
+            record.reserved_ports_added = before;
+            store
+                .submit(vec![Change::SetHostChanges(record)])
+                .wait()
+                .await?;
+            Err(err).context("adding the range to net.ipv4.ip_local_reserved_ports")
+        }
+    }
+}
+
+/// Takes an exclusive lock on the pin directory, failing at once when a daemon holds it.
+fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
+    let dir = fs::File::open(pin_dir).with_context(|| format!("opening {}", pin_dir.display()))?;
+    nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            if errno == nix::errno::Errno::EWOULDBLOCK {
+                anyhow::anyhow!(
+                    "another portgate daemon is using the pins in {}: stop it first",
+                    pin_dir.display()
+                )
+            } else {
+                anyhow::anyhow!("locking {}: {errno}", pin_dir.display())
+            }
+        },
+    )
 }
 
 /// Fails when a daemon answers on `socket`.
@@ -361,8 +422,12 @@ fn bind_socket(path: &Path, mode: u32, admin: &AdminGroup) -> anyhow::Result<Uni
     Ok(listener)
 }
 
-/// Takes the lifecycle steps as they fall due.
-async fn lifecycle(manager: Arc<PortManager>, mut shutdown: watch::Receiver<bool>) {
+/// Takes the lifecycle steps as they fall due, and says when the store has failed.
+async fn lifecycle(
+    manager: Arc<PortManager>,
+    mut shutdown: watch::Receiver<bool>,
+    store_failed: Arc<tokio::sync::Notify>,
+) {
     let mut interval = tokio::time::interval(LIFECYCLE_PERIOD);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -377,6 +442,10 @@ async fn lifecycle(manager: Arc<PortManager>, mut shutdown: watch::Receiver<bool
                 }
             }
             Err(err) => log::error!("lifecycle: {err}"),
+        }
+        if manager.store_failed() {
+            store_failed.notify_one();
+            return;
         }
     }
 }
@@ -412,6 +481,11 @@ pub fn uninstall(config: Option<PathBuf>) -> anyhow::Result<()> {
             daemon.socket.display()
         );
     }
+    let _pin_lock = if daemon.pin_dir.exists() {
+        Some(lock_pin_dir(&daemon.pin_dir)?)
+    } else {
+        None
+    };
     let store_path = daemon.state_dir.join(paths::STORE_FILE);
     if store_path.exists() {
         let store = RedbStore::open(&store_path)?;

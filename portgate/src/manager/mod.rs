@@ -253,14 +253,24 @@ impl PortManager {
         PortSecurity::check_access_control(&request.access)?;
         self.check_store()?;
         request.owner.uid = actor.uid();
-        // The socket tables take milliseconds to read: not under the lock.
-        let bound = allocator::bound_for(
-            self.sockets.as_ref(),
-            self.config.min_port..=self.config.max_port,
-            &request,
-        )?;
+        // The socket tables take milliseconds to read: not under the lock, and not on an
+        // async worker.
+        let bound = {
+            let sockets = Arc::clone(&self.sockets);
+            let range = self.config.min_port..=self.config.max_port;
+            let probe = request.clone();
+            tokio::task::spawn_blocking(move || {
+                allocator::bound_for(sockets.as_ref(), range, &probe)
+            })
+            .await
+            .map_err(|err| {
+                PortError::ResourceMonitoring(format!("reading the socket tables: {err}"))
+            })??
+        };
         let commit = {
             let mut parts = self.parts.lock().await;
+            // Again under the lock: a request queued behind a failed commit must not pass.
+            self.check_store()?;
             if let (Actor::User(uid), max) = (actor, self.config.max_ports_per_user)
                 && max > 0
             {
@@ -271,9 +281,17 @@ impl PortManager {
                     .count();
                 if held >= usize::try_from(max).unwrap_or(usize::MAX) {
                     return Err(PortError::PolicyViolation(format!(
-                        "uid {uid} holds {held} ports, the most one user may ([ports] max_ports_per_user = {max}): release some first"
+                        "uid {uid} holds {held} ports (draining and quarantined ones count), the most one user may ([ports] max_ports_per_user = {max}): release some and let them drain and pass quarantine"
                     )));
                 }
+            }
+            if let Actor::User(uid) = actor {
+                check_prefix_budget(
+                    &parts.port_allocator,
+                    uid,
+                    None,
+                    request.access.allowed_ips.len(),
+                )?;
             }
             let allocation = parts
                 .port_allocator
@@ -379,6 +397,9 @@ impl PortManager {
                 access.require_authentication = required;
             }
             PortSecurity::check_access_control(&access)?;
+            if let Actor::User(uid) = actor {
+                check_prefix_budget(allocator, uid, Some(id), access.allowed_ips.len())?;
+            }
             allocator.set_access(id, access).map(|_| ())
         })
         .await
@@ -403,17 +424,28 @@ impl PortManager {
     /// kernel (and its userspace mirror) only: they are short-lived by design and are not
     /// kept in the store.
     pub async fn grant(&self, id: PortId, addr: IpAddr, ttl: Duration, actor: Actor) -> Result<()> {
-        if ttl.is_zero() {
-            return Err(PortError::InvalidPortRequest(
-                "a grant of 0 s would expire at once: give a positive --ttl".to_owned(),
-            ));
+        if ttl.is_zero() || ttl > security::MAX_GRANT_TTL {
+            return Err(PortError::InvalidPortRequest(format!(
+                "a grant of {} is out of bounds: give a --ttl above 0 and at most {}",
+                humantime::format_duration(ttl),
+                humantime::format_duration(security::MAX_GRANT_TTL)
+            )));
         }
+        self.check_store()?;
         let mut parts = self.parts.lock().await;
+        self.check_store()?;
         let held = parts
             .port_allocator
             .allocation(id)
             .ok_or(PortError::NotAllocated(id))?;
         authorize(held, actor)?;
+        if parts.security.grant_count(id) >= security::MAX_GRANTS_PER_PORT {
+            return Err(PortError::PolicyViolation(format!(
+                "{id} holds {} grants, the most a port may: wait for some to expire (expired grants are swept every {}s)",
+                security::MAX_GRANTS_PER_PORT,
+                GRANT_SWEEP_PERIOD.as_secs()
+            )));
+        }
         let expires_ns = system::monotonic_now_ns()
             .saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
         if let Some(gate) = parts.gate.as_mut() {
@@ -552,14 +584,17 @@ impl PortManager {
                     .ports
                     .push((held.id, held.status, metrics_from(&counters, active)));
             }
-            // Ports without an allocation that were knocked on (scans): unallocated drops.
-            for ((port, protocol), counters) in counted {
-                let id = PortId::new(port, protocol);
-                snapshot
-                    .ports
-                    .push((id, PortStatus::Available, metrics_from(&counters, 0)));
+            // Ports without an allocation that were knocked on (scans): one total per
+            // protocol, not a series per port a scanner tried.
+            let mut unallocated = [0_u64; 2];
+            for ((_, protocol), counters) in counted {
+                let slot = usize::from(protocol == Protocol::Udp);
+                unallocated[slot] += metrics_from(&counters, 0).dropped.unallocated;
             }
-            snapshot.ports.sort_by_key(|(id, _, _)| *id);
+            snapshot.unallocated_drops = vec![
+                (Protocol::Tcp, unallocated[0]),
+                (Protocol::Udp, unallocated[1]),
+            ];
             for protocol in Protocol::ALL {
                 let free = parts.port_allocator.free_count(protocol);
                 snapshot
@@ -594,8 +629,8 @@ impl PortManager {
             }
             due
         };
-        if sweep_due {
-            self.sweep_grants().await?;
+        if sweep_due && let Err(err) = self.sweep_grants().await {
+            log::error!("sweeping expired grants: {err}");
         }
         let (steps, commit) = {
             let mut parts = self.parts.lock().await;
@@ -626,10 +661,12 @@ impl PortManager {
                 self.monitor.record_lease_expiry();
             }
         }
-        commit
-            .wait()
-            .await
-            .map_err(|err| PortError::StateTracking(format!("saving lifecycle steps: {err}")))?;
+        if let Err(err) = commit.wait().await {
+            self.store_failed.store(true, Ordering::Release);
+            return Err(PortError::StateTracking(format!(
+                "saving lifecycle steps: {err}. {STORE_ADVICE}"
+            )));
+        }
         Ok(steps)
     }
 
@@ -664,6 +701,7 @@ impl PortManager {
         self.check_store()?;
         let (before, after, commit) = {
             let mut parts = self.parts.lock().await;
+            self.check_store()?;
             let before = parts
                 .port_allocator
                 .allocation(id)
@@ -693,6 +731,14 @@ impl PortManager {
             )));
         }
         Ok(after)
+    }
+
+    /// Whether the store refused a change: memory and kernel may hold what the store does
+    /// not, and only a restart (which makes the kernel equal to the store) puts that right.
+    /// The daemon stops with an error when it sees this.
+    #[must_use]
+    pub fn store_failed(&self) -> bool {
+        self.store_failed.load(Ordering::Acquire)
     }
 
     /// Refuses changes once the store has failed (see `store_failed`).
@@ -727,6 +773,32 @@ pub fn check_stored(config: &PortConfig, stored: &crate::store::StoredState) -> 
                 "the store holds an allocation the configuration no longer allows ({err}); start with the old [ports] range and release it first"
             ))
         })?;
+    }
+    Ok(())
+}
+
+/// The most allowlist prefixes one user may hold over all its ports (the kernel trie holds
+/// 262,144 in all): one tenant cannot fill it for everyone.
+pub const MAX_PREFIXES_PER_USER: usize = MAX_ALLOWED_IPS;
+
+/// Refuses a change that would give `uid` more than [`MAX_PREFIXES_PER_USER`] prefixes,
+/// counting `wanted` for port `changing` (or a new port) instead of what it holds now.
+fn check_prefix_budget(
+    allocator: &PortAllocator,
+    uid: u32,
+    changing: Option<PortId>,
+    wanted: usize,
+) -> Result<()> {
+    let others: usize = allocator
+        .allocations()
+        .filter(|held| held.owner.uid == Some(uid) && Some(held.id) != changing)
+        .map(|held| held.access.allowed_ips.len())
+        .sum();
+    if others + wanted > MAX_PREFIXES_PER_USER {
+        return Err(PortError::PolicyViolation(format!(
+            "uid {uid} would hold {} allowlist prefixes over its ports, the most one user may is {MAX_PREFIXES_PER_USER}: merge prefixes into wider ones or release ports",
+            others + wanted
+        )));
     }
     Ok(())
 }
@@ -1153,5 +1225,94 @@ mod tests {
             assert_eq!(again.get_state(*port).await.status, PortStatus::Active);
         }
         assert_eq!(again.free_ports().await[0].1, 90);
+    }
+
+    #[tokio::test]
+    async fn grants_and_prefixes_are_bounded_per_port_and_per_user() {
+        let manager = PortManager::new(config()).unwrap();
+        let user = Actor::User(1000);
+        let prefixes = |count: u32, base: u32| -> Vec<ipnet::IpNet> {
+            (0..count)
+                .map(|n| {
+                    ipnet::IpNet::V4(
+                        ipnet::Ipv4Net::new(std::net::Ipv4Addr::from(base + n), 32).unwrap(),
+                    )
+                })
+                .collect()
+        };
+        let first = manager
+            .allocate(
+                AllocationRequest {
+                    access: PortAccessControl {
+                        allowed_ips: prefixes(6_000, 0x0a00_0000),
+                        ..PortAccessControl::default()
+                    },
+                    ..AllocationRequest::new("a")
+                },
+                user,
+            )
+            .await
+            .unwrap();
+        // 6,000 + 6,000 is over one user's budget of 10,000 prefixes, on a new port...
+        let err = manager
+            .allocate(
+                AllocationRequest {
+                    access: PortAccessControl {
+                        allowed_ips: prefixes(6_000, 0x0b00_0000),
+                        ..PortAccessControl::default()
+                    },
+                    ..AllocationRequest::new("b")
+                },
+                user,
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("allowlist prefixes over its ports"),
+            "{err}"
+        );
+        // ...and by adding to another port; an admin is not held to it.
+        let second = manager
+            .allocate(AllocationRequest::new("c"), user)
+            .await
+            .unwrap();
+        let change = AccessChange {
+            allow: prefixes(4_001, 0x0c00_0000),
+            ..AccessChange::default()
+        };
+        assert!(
+            manager
+                .set_access(second.id, change.clone(), user)
+                .await
+                .is_err()
+        );
+        manager
+            .set_access(second.id, change, Actor::Admin)
+            .await
+            .unwrap();
+        // Grants: at most a day, at most MAX_GRANTS_PER_PORT per port.
+        let err = manager
+            .grant(first.id, ip("10.0.0.1"), Duration::from_hours(25), user)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("out of bounds"), "{err}");
+        for n in 0..super::security::MAX_GRANTS_PER_PORT {
+            let addr = IpAddr::from(std::net::Ipv4Addr::from(
+                0xc000_0200 + u32::try_from(n).unwrap(),
+            ));
+            manager
+                .grant(first.id, addr, Duration::from_mins(1), user)
+                .await
+                .unwrap();
+        }
+        let err = manager
+            .grant(first.id, ip("198.51.100.1"), Duration::from_mins(1), user)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("grants, the most a port may"),
+            "{err}"
+        );
     }
 }

@@ -30,8 +30,10 @@ pub const RECENT_EVENTS: usize = 1024;
 /// What one scrape shows about the ports: filled in by the manager, encoded by the monitor.
 #[derive(Clone, Debug, Default)]
 pub struct PortsSnapshot {
-    /// Each managed port with an allocation or counters: its status and counters.
+    /// Each allocated port: its status and counters.
     pub ports: Vec<(PortId, PortStatus, PortMetrics)>,
+    /// New connections dropped on managed ports without an allocation, per protocol.
+    pub unallocated_drops: Vec<(Protocol, u64)>,
     /// Ports that can be handed out now, per protocol.
     pub free: Vec<(Protocol, u64)>,
     /// Deny events the ring buffer had no room for.
@@ -283,6 +285,16 @@ impl PortsCollector {
         for (protocol, free) in &snapshot.free {
             let labels: Labels = vec![("proto", protocol.to_string())];
             gauge(*free).encode(family.encode_family(&labels)?)?;
+        }
+        let mut family = encoder.encode_descriptor(
+            "unallocated_dropped",
+            "New connections dropped on managed ports without an allocation, per protocol",
+            None,
+            MetricType::Counter,
+        )?;
+        for (protocol, drops) in &snapshot.unallocated_drops {
+            let labels: Labels = vec![("proto", protocol.to_string())];
+            ConstCounter::new(*drops).encode(family.encode_family(&labels)?)?;
         }
         let mut family = encoder.encode_descriptor(
             "events_lost",

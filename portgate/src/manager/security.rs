@@ -17,6 +17,12 @@ use crate::{
 /// The most prefixes one port's allowlist may hold (the kernel trie holds 262,144 in all).
 pub const MAX_ALLOWED_IPS: usize = 10_000;
 
+/// The most grants one port may hold at once (the kernel map holds 131,072 in all).
+pub const MAX_GRANTS_PER_PORT: usize = 1024;
+
+/// The longest a grant may last: grants stand for a recent authentication.
+pub const MAX_GRANT_TTL: std::time::Duration = std::time::Duration::from_hours(24);
+
 /// Access control of every allocated port, and the verdict over it.
 #[derive(Clone, Debug)]
 pub struct PortSecurity {
@@ -103,6 +109,12 @@ impl PortSecurity {
     pub fn add_grant(&mut self, id: PortId, source: IpAddr, expires_ns: u64) {
         self.model
             .add_grant(id.port, id.protocol, source, expires_ns);
+    }
+
+    /// How many grants a port holds (expired ones until they are swept).
+    #[must_use]
+    pub fn grant_count(&self, id: PortId) -> usize {
+        self.model.grant_count(id.port, id.protocol)
     }
 
     /// Forgets a grant (expired, or withdrawn).
