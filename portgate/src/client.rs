@@ -66,6 +66,20 @@ pub enum ClientError {
         /// What hyper reported.
         reason: hyper::Error,
     },
+    /// The daemon did not answer in time.
+    #[error(
+        "the daemon at {} did not answer {request} within {}s: check that it is not stuck (its log, `systemctl status portgate`)",
+        socket.display(),
+        after.as_secs()
+    )]
+    TimedOut {
+        /// The socket used.
+        socket: PathBuf,
+        /// The request, as `METHOD /path`.
+        request: String,
+        /// How long the client waited.
+        after: std::time::Duration,
+    },
     /// The daemon refused the request; its message says why and what to do.
     #[error("{message}")]
     Daemon {
@@ -295,14 +309,26 @@ impl Client {
         path: String,
         body: Option<&impl Serialize>,
     ) -> Result<Answer, ClientError> {
-        let (request, response) = self.send(method, path, body).await?;
-        let status = response.status();
-        let body = self.collect(response.into_body(), &request).await?;
-        Ok(Answer {
-            request,
-            status,
-            body,
-        })
+        let name = format!("{method} {path}");
+        let whole = async {
+            let (request, response) = self.send(method, path, body).await?;
+            let status = response.status();
+            let body = self.collect(response.into_body(), &request).await?;
+            Ok(Answer {
+                request,
+                status,
+                body,
+            })
+        };
+        tokio::time::timeout(REQUEST_TIMEOUT, whole)
+            .await
+            .unwrap_or_else(|_| {
+                Err(ClientError::TimedOut {
+                    socket: self.socket.clone(),
+                    request: name,
+                    after: REQUEST_TIMEOUT,
+                })
+            })
     }
 
     /// Connects and sends one request; returns its name for messages (`METHOD /path`) and
@@ -378,6 +404,10 @@ impl Client {
         }
     }
 }
+
+/// How long one request (not an `events -f` stream) may take: the daemon answers in
+/// milliseconds, so this only ends the wait on a daemon that is stuck.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_mins(1);
 
 /// For requests without a body.
 const NO_BODY: Option<&()> = None;

@@ -611,6 +611,7 @@ fn bad_requests_are_refused_and_change_nothing() {
             "invalid_ip",
         ),
         ("GET", "/v1/nothing-here", Vec::new(), 404, "unknown_route"),
+        ("PUT", "/v1/ports", Vec::new(), 405, "method_not_allowed"),
     ];
     for (method, path, body, status, code) in cases {
         let (got, answer) = daemon.http(method, path, &body);

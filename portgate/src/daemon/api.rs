@@ -54,6 +54,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(app)
 }
@@ -278,6 +279,25 @@ async fn completed(handler: impl Future<Output = Response> + Send + 'static) -> 
         )))
         .into_response()
     })
+}
+
+async fn method_not_allowed(
+    ConnectInfo(peer): ConnectInfo<Peer>,
+    State(app): State<Arc<App>>,
+) -> Response {
+    let audit = Audit::new("wrong_method");
+    app.finish::<()>(
+        &peer,
+        &audit,
+        StatusCode::OK,
+        Err(ApiError::Bad {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            body: ErrorBody::bad_request(
+                "method_not_allowed",
+                "this route does not take that method: see the routes in the portgate docs (crate::api)",
+            ),
+        }),
+    )
 }
 
 /// Resolves the owner cgroup of a request: `--cgroup PATH` or `--pid PID`.
