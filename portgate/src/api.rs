@@ -50,11 +50,12 @@ pub struct AllocRequest {
     /// Allowed source prefixes; empty allows every source.
     #[serde(default)]
     pub allow: Vec<IpNet>,
-    /// Connection limit (0 or absent: unlimited).
-    #[serde(default)]
+    /// Connection limit (0 or absent: unlimited). `max_connections` is accepted too, as
+    /// in the access change.
+    #[serde(default, alias = "max_connections")]
     pub max_conns: Option<u32>,
-    /// New connections need a grant.
-    #[serde(default)]
+    /// New connections need a grant. `require_authentication` is accepted too.
+    #[serde(default, alias = "require_authentication")]
     pub require_auth: bool,
     /// Lease length ("30s", "5m"); none holds the port until released.
     #[serde(default, with = "humantime_serde")]

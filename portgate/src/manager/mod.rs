@@ -76,9 +76,12 @@ pub struct AccessChange {
     pub allow: Vec<IpNet>,
     /// Prefixes to take out of the allowlist.
     pub remove: Vec<IpNet>,
-    /// A new connection limit (0 is unlimited).
+    /// A new connection limit (0 is unlimited). `max_conns` is accepted too, as in an
+    /// allocation request.
+    #[serde(alias = "max_conns")]
     pub max_connections: Option<u32>,
-    /// Whether new connections need a grant.
+    /// Whether new connections need a grant. `require_auth` is accepted too.
+    #[serde(alias = "require_auth")]
     pub require_authentication: Option<bool>,
 }
 
@@ -1314,5 +1317,16 @@ mod tests {
             err.to_string().contains("grants, the most a port may"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn an_access_change_takes_the_names_of_an_allocation_request_too() {
+        let short: AccessChange =
+            serde_json::from_str(r#"{"max_conns": 3, "require_auth": true}"#).unwrap();
+        let long: AccessChange =
+            serde_json::from_str(r#"{"max_connections": 3, "require_authentication": true}"#)
+                .unwrap();
+        assert_eq!(short, long);
+        assert_eq!(short.max_connections, Some(3));
     }
 }
