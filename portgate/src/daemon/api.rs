@@ -10,10 +10,12 @@ use std::{collections::HashMap, net::IpAddr, path::Path, sync::Arc, time::Instan
 use axum::{
     Json, Router,
     body::{Body, Bytes},
+    extract::Request,
     extract::{
         ConnectInfo, DefaultBodyLimit, Path as UrlPath, Query, State, rejection::BytesRejection,
     },
     http::{StatusCode, header},
+    middleware::Next,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
@@ -36,7 +38,6 @@ use crate::{
     },
     policy::OwnerCgroup,
     system,
-    verdict::Decision,
 };
 
 /// The API router.
@@ -56,6 +57,7 @@ pub fn router(app: Arc<App>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(run_to_completion))
         .with_state(app)
 }
 
@@ -268,12 +270,12 @@ async fn not_found(ConnectInfo(peer): ConnectInfo<Peer>, State(app): State<Arc<A
     )
 }
 
-/// Runs a request's handler to completion (the change, its audit record and its latency)
-/// even if the client goes away meanwhile: axum drops a handler whose connection closes,
-/// and a change half-way (made but not yet audited, or not yet undone after a failed
-/// commit) must not be abandoned.
-async fn completed(handler: impl Future<Output = Response> + Send + 'static) -> Response {
-    tokio::spawn(handler).await.unwrap_or_else(|err| {
+/// Runs every request's handler to completion (the change, its audit record and its
+/// latency) even if the client goes away meanwhile: axum drops a handler whose connection
+/// closes, and a change half-way (made but not yet audited, or not yet undone after a
+/// failed commit) must not be abandoned.
+async fn run_to_completion(request: Request, next: Next) -> Response {
+    tokio::spawn(next.run(request)).await.unwrap_or_else(|err| {
         ApiError::Port(PortError::StateTracking(format!(
             "the request did not finish ({err}); see the daemon's log"
         )))
@@ -352,7 +354,7 @@ fn owner_cgroup(request: &AllocRequest, actor: Actor) -> ApiResult<Option<OwnerC
     }))
 }
 
-async fn alloc_request(
+async fn alloc(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     body: Result<Bytes, BytesRejection>,
@@ -444,7 +446,7 @@ async fn lifecycle(
     app.finish(peer, &audit, StatusCode::OK, result)
 }
 
-async fn release_request(
+async fn release(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(port): UrlPath<String>,
@@ -453,7 +455,7 @@ async fn release_request(
     lifecycle(&app, &peer, "release", &port, query).await
 }
 
-async fn drain_request(
+async fn drain(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(port): UrlPath<String>,
@@ -462,7 +464,7 @@ async fn drain_request(
     lifecycle(&app, &peer, "drain", &port, query).await
 }
 
-async fn renew_request(
+async fn renew(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(port): UrlPath<String>,
@@ -484,7 +486,7 @@ async fn renew_request(
     app.finish(&peer, &audit, StatusCode::OK, result)
 }
 
-async fn access_request(
+async fn access(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(port): UrlPath<String>,
@@ -503,7 +505,7 @@ async fn access_request(
     app.finish(&peer, &audit, StatusCode::OK, result)
 }
 
-async fn grant_request(
+async fn grant(
     State(app): State<Arc<App>>,
     ConnectInfo(peer): ConnectInfo<Peer>,
     UrlPath(port): UrlPath<String>,
@@ -549,15 +551,9 @@ async fn check(
                 format!("{raw:?} is not an IP address: give an IPv4 or IPv6 address"),
             )
         })?;
-        let (allowed, reason, message) = match app.manager.validate_connection(id, ip).await {
-            Ok(()) => (true, None, None),
-            Err(err) => {
-                let reason = match app.manager.decide(id, ip).await {
-                    Decision::Drop(reason) => Some(reason.name().to_owned()),
-                    _ => None,
-                };
-                (false, reason, Some(err.to_string()))
-            }
+        let (allowed, reason, message) = match app.manager.refusal(id, ip).await {
+            None => (true, None, None),
+            Some((reason, err)) => (false, Some(reason.name().to_owned()), Some(err.to_string())),
         };
         Ok(CheckResponse {
             port: id.port,
@@ -641,89 +637,6 @@ async fn events(
         Body::from_stream(head)
     };
     ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
-}
-
-/// `POST /v1/ports`.
-async fn alloc(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    completed(alloc_request(State(app), ConnectInfo(peer), body)).await
-}
-
-/// `DELETE /v1/ports/{port}`.
-async fn release(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    port: UrlPath<String>,
-    query: QueryMap,
-) -> Response {
-    completed(release_request(State(app), ConnectInfo(peer), port, query)).await
-}
-
-/// `POST /v1/ports/{port}/drain`.
-async fn drain(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    port: UrlPath<String>,
-    query: QueryMap,
-) -> Response {
-    completed(drain_request(State(app), ConnectInfo(peer), port, query)).await
-}
-
-/// `POST /v1/ports/{port}/renew`.
-async fn renew(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    port: UrlPath<String>,
-    query: QueryMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    completed(renew_request(
-        State(app),
-        ConnectInfo(peer),
-        port,
-        query,
-        body,
-    ))
-    .await
-}
-
-/// `PATCH /v1/ports/{port}/access`.
-async fn access(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    port: UrlPath<String>,
-    query: QueryMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    completed(access_request(
-        State(app),
-        ConnectInfo(peer),
-        port,
-        query,
-        body,
-    ))
-    .await
-}
-
-/// `POST /v1/ports/{port}/grants`.
-async fn grant(
-    State(app): State<Arc<App>>,
-    ConnectInfo(peer): ConnectInfo<Peer>,
-    port: UrlPath<String>,
-    query: QueryMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
-    completed(grant_request(
-        State(app),
-        ConnectInfo(peer),
-        port,
-        query,
-        body,
-    ))
-    .await
 }
 
 fn json_line(value: &impl Serialize) -> Bytes {

@@ -45,7 +45,6 @@ use crate::{
     report::{self, PortReport},
     store::{Change, MemoryStore, Store},
     system,
-    verdict::Decision,
 };
 
 /// Who is asking: the manager checks that users change only what they allocated.
@@ -152,25 +151,18 @@ impl PortManager {
             restored: stored.allocations.len(),
             ..StartReport::default()
         };
-        for allocation in stored.allocations {
+        for allocation in &stored.allocations {
             security.set_policy(allocation.id, allocation.policy());
-            port_allocator.restore(allocation).map_err(|err| {
-                PortError::Configuration(format!(
-                    "the store holds an allocation the configuration no longer allows ({err}); start with the old [ports] range and release it first"
-                ))
-            })?;
         }
+        restore_stored(&mut port_allocator, stored.allocations)?;
         if let Some(gate) = gate.as_mut() {
             // Anything in the kernel that no stored allocation explains goes: policies,
             // allowlists and grants of an allocation whose commit never finished.
+            let grants = gate.grants()?;
             let mut stale: std::collections::BTreeSet<(u16, Protocol)> =
                 gate.policies()?.into_keys().collect();
             stale.extend(gate.allowlists()?.into_keys());
-            stale.extend(
-                gate.grants()?
-                    .iter()
-                    .map(|grant| (grant.port, grant.protocol)),
-            );
+            stale.extend(grants.iter().map(|grant| (grant.port, grant.protocol)));
             for (port, protocol) in stale {
                 if port_allocator
                     .allocation(PortId::new(port, protocol))
@@ -180,13 +172,13 @@ impl PortManager {
                     report.stale_policies_removed += 1;
                 }
             }
-            // Grants live in the kernel only; the mirror must know them for `check`.
-            for grant in gate.grants()? {
-                security.add_grant(
-                    PortId::new(grant.port, grant.protocol),
-                    grant.addr,
-                    grant.expires_ns,
-                );
+            // Grants live in the kernel only; the mirror must know those that stayed (of
+            // allocated ports) for `check`.
+            for grant in grants {
+                let id = PortId::new(grant.port, grant.protocol);
+                if port_allocator.allocation(id).is_some() {
+                    security.add_grant(id, grant.addr, grant.expires_ns);
+                }
             }
             for allocation in port_allocator.allocations() {
                 gate.set_policy(
@@ -462,17 +454,22 @@ impl PortManager {
     /// would get in now, otherwise why not (the kernel's verdict, with its live connection
     /// count when the gate is there).
     pub async fn validate_connection(&self, port: impl Into<PortId>, addr: IpAddr) -> Result<()> {
+        self.refusal(port, addr)
+            .await
+            .map_or(Ok(()), |(_, err)| Err(err))
+    }
+
+    /// Why a new connection from `addr` would be refused now (the kernel's drop reason and
+    /// the error saying it), `None` when it gets in.
+    pub async fn refusal(
+        &self,
+        port: impl Into<PortId>,
+        addr: IpAddr,
+    ) -> Option<(crate::policy::DropReason, PortError)> {
         let id = port.into();
         let parts = self.parts.lock().await;
         let connections = slots(parts.gate.as_ref(), id);
-        parts.security.validate_with(id, addr, connections)
-    }
-
-    /// The verdict for a new connection from `addr`.
-    pub async fn decide(&self, id: PortId, addr: IpAddr) -> Decision {
-        let parts = self.parts.lock().await;
-        let connections = slots(parts.gate.as_ref(), id);
-        parts.security.decide(id, addr, connections)
+        parts.security.refusal(id, addr, connections)
     }
 
     /// The specification's `get_metrics`: a port's counters (zero without the gate).
@@ -562,11 +559,6 @@ impl PortManager {
         self.parts.lock().await.gate.is_some()
     }
 
-    /// Runs `f` on the gate, when there is one (for attaching, event streams, stats).
-    pub async fn with_gate<T>(&self, f: impl FnOnce(&mut Gate) -> T) -> Option<T> {
-        self.parts.lock().await.gate.as_mut().map(f)
-    }
-
     /// The Prometheus text exposition.
     pub async fn metrics_text(&self) -> Result<String> {
         let snapshot = {
@@ -585,14 +577,16 @@ impl PortManager {
                 let active = connections(parts.gate.as_ref(), held.id);
                 snapshot
                     .ports
-                    .push((held.id, held.status, metrics_from(&counters, active)));
+                    .push((held.id, held.status, PortMetrics::new(&counters, active)));
             }
             // Ports without an allocation that were knocked on (scans): one total per
             // protocol, not a series per port a scanner tried.
             let mut unallocated = [0_u64; 2];
             for ((_, protocol), counters) in counted {
                 let slot = usize::from(protocol == Protocol::Udp);
-                unallocated[slot] += metrics_from(&counters, 0).dropped.unallocated;
+                unallocated[slot] += counters
+                    .total
+                    .dropped_for(portgate_common::reason::UNALLOCATED);
             }
             snapshot.unallocated_drops = vec![
                 (Protocol::Tcp, unallocated[0]),
@@ -770,8 +764,17 @@ impl PortManager {
 /// anything is written to the kernel.
 pub fn check_stored(config: &PortConfig, stored: &crate::store::StoredState) -> Result<()> {
     let mut port_allocator = PortAllocator::with_sockets(config.clone(), Arc::new(ProcfsSockets))?;
-    for allocation in &stored.allocations {
-        port_allocator.restore(allocation.clone()).map_err(|err| {
+    restore_stored(&mut port_allocator, stored.allocations.iter().cloned())
+}
+
+/// Puts stored allocations back into `allocator`, refusing one the configuration no longer
+/// allows.
+fn restore_stored(
+    allocator: &mut PortAllocator,
+    allocations: impl IntoIterator<Item = Allocation>,
+) -> Result<()> {
+    for allocation in allocations {
+        allocator.restore(allocation).map_err(|err| {
             PortError::Configuration(format!(
                 "the store holds an allocation the configuration no longer allows ({err}); start with the old [ports] range and release it first"
             ))
@@ -873,11 +876,7 @@ fn metrics_of(gate: Option<&Gate>, id: PortId) -> Result<PortMetrics> {
     let counters = gate
         .counters(id.port, id.protocol)
         .map_err(|err| PortError::MetricCollection(err.to_string()))?;
-    Ok(metrics_from(&counters, connections(Some(gate), id)))
-}
-
-fn metrics_from(counters: &crate::gate::PortCounters, active: u64) -> PortMetrics {
-    PortMetrics::new(counters, active)
+    Ok(PortMetrics::new(&counters, connections(Some(gate), id)))
 }
 
 #[cfg(test)]

@@ -9,7 +9,7 @@ use super::{
     state::{PortAccessControl, PortId},
 };
 use crate::{
-    policy::{OwnerCgroup, PortPolicy, PortStatus},
+    policy::{DropReason, PortPolicy},
     system,
     verdict::{self, Decision, GateModel, GateView, Packet},
 };
@@ -77,22 +77,6 @@ impl PortSecurity {
         self.model.set_policy(id.port, id.protocol, policy);
     }
 
-    /// Sets a port's status, when it has access control.
-    pub fn set_status(&mut self, id: PortId, status: PortStatus) {
-        if let Some(mut policy) = self.policy(id).cloned() {
-            policy.status = status;
-            self.model.set_policy(id.port, id.protocol, policy);
-        }
-    }
-
-    /// Sets a port's owner cgroup, when it has access control.
-    pub fn set_owner(&mut self, id: PortId, owner: Option<OwnerCgroup>) {
-        if let Some(mut policy) = self.policy(id).cloned() {
-            policy.owner = owner;
-            self.model.set_policy(id.port, id.protocol, policy);
-        }
-    }
-
     /// Removes a port's access control: it is unallocated again.
     pub fn remove_access_control(&mut self, port: impl Into<PortId>) {
         let id = port.into();
@@ -147,12 +131,25 @@ impl PortSecurity {
 
     /// `validate_connection` given the connections the port holds now.
     pub fn validate_with(&self, id: PortId, addr: IpAddr, connections: u64) -> Result<()> {
+        self.refusal(id, addr, connections)
+            .map_or(Ok(()), |(_, err)| Err(err))
+    }
+
+    /// Why a new connection from `addr` would be refused, given `connections` open now:
+    /// the kernel's drop reason and the error saying it; `None` when it gets in.
+    #[must_use]
+    pub fn refusal(
+        &self,
+        id: PortId,
+        addr: IpAddr,
+        connections: u64,
+    ) -> Option<(DropReason, PortError)> {
         match self.decide(id, addr, connections) {
             Decision::Drop(reason) => {
                 let max = self.policy(id).map_or(0, |policy| policy.max_connections);
-                Err(PortError::connection_refused(id, addr, reason, max))
+                Some((reason, PortError::connection_refused(id, addr, reason, max)))
             }
-            Decision::Untouched | Decision::Pass | Decision::Accept => Ok(()),
+            Decision::Untouched | Decision::Pass | Decision::Accept => None,
         }
     }
 }
