@@ -64,8 +64,9 @@ pub mod program_names {
 pub mod capacity {
     /// Every port in both protocols.
     pub const POLICIES: u32 = 65_536 * 2;
-    /// Allowlist prefixes over all ports.
-    pub const ALLOW_PREFIXES: u32 = 262_144;
+    /// Allowlist prefixes over all ports: room for 10,000 ports with 100 prefixes each
+    /// (the map is not preallocated: memory follows the prefixes actually stored).
+    pub const ALLOW_PREFIXES: u32 = 1 << 20;
     /// Unexpired authentication grants over all ports.
     pub const GRANTS: u32 = 131_072;
     /// Counter rows: every port, both protocols, every hook.

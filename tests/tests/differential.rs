@@ -20,7 +20,7 @@ use portgate::{
     verdict::{Decision, GateModel, GateView as _, Packet, evaluate},
 };
 use portgate_common::{hook, reason};
-mod common;
+use portgate_tests::common;
 
 use common::{
     PinDir,

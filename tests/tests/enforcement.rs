@@ -2,7 +2,7 @@
 //! cgroups made by the test, real sockets. Needs root (`CAP_BPF`, `CAP_NET_ADMIN`,
 //! `CAP_SYS_ADMIN`), cgroup v2, bpffs, iproute2. Run on one test thread.
 
-mod common;
+use portgate_tests::common;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},

@@ -2,7 +2,7 @@
 //! (retransmitted SYNs, handshakes that never complete), the deny-event rate limit, and
 //! what `portgate maps` reads back. Needs root, bpffs, BTF. Attaches nothing.
 
-mod common;
+use portgate_tests::common;
 
 use std::{
     net::{IpAddr, Ipv4Addr},

@@ -8,7 +8,7 @@
 
 use std::{collections::BTreeSet, fs, net::TcpListener};
 
-mod common;
+use portgate_tests::common;
 
 use common::{NetNs, require_privileges};
 use portgate::{

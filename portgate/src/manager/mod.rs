@@ -784,7 +784,7 @@ fn restore_stored(
 }
 
 /// The most allowlist prefixes one user may hold over all its ports (the kernel trie holds
-/// 262,144 in all): one tenant cannot fill it for everyone.
+/// 1,048,576 in all): one tenant cannot fill it for everyone.
 pub const MAX_PREFIXES_PER_USER: usize = MAX_ALLOWED_IPS;
 
 /// Refuses a change that would give `uid` more than [`MAX_PREFIXES_PER_USER`] prefixes,

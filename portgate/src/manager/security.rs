@@ -14,7 +14,7 @@ use crate::{
     verdict::{self, Decision, GateModel, GateView, Packet},
 };
 
-/// The most prefixes one port's allowlist may hold (the kernel trie holds 262,144 in all).
+/// The most prefixes one port's allowlist may hold (the kernel trie holds 1,048,576 in all).
 pub const MAX_ALLOWED_IPS: usize = 10_000;
 
 /// The most grants one port may hold at once (the kernel map holds 131,072 in all).

@@ -3,11 +3,6 @@
 //! has a unique name and removes what it made on drop, also when the test panics. Nothing
 //! here touches the machine's root cgroup or an interface a test did not create.
 
-#![allow(
-    dead_code,
-    reason = "each test binary uses a different part of this module"
-)]
-
 use std::{
     fs,
     io::{self, Read as _, Write as _},

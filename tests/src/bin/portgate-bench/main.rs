@@ -1,0 +1,130 @@
+//! `portgate-bench`: portgate's benchmarks, side by side with no gate and with nftables.
+//!
+//! Run it with `cargo xtask bench [--quick]`, which builds it in release mode with the
+//! `portgate` binary and runs it as root. Each section is measured on the real kernel, in
+//! test cgroups, network namespaces and pin directories of its own (the same RAII guards as
+//! the kernel tests). A section that fails is reported as failed, with the reason. The
+//! report is printed as markdown and written, with the raw numbers, as JSON under
+//! `target/bench/`.
+
+mod report;
+
+use std::{
+    fs,
+    panic::{AssertUnwindSafe, catch_unwind},
+    path::PathBuf,
+    time::{Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result};
+use clap::Parser;
+use portgate_tests::common::require_privileges;
+use report::{Figure, Machine, Report};
+
+/// portgate's benchmarks.
+#[derive(Debug, Parser)]
+#[command(name = "portgate-bench")]
+struct Cli {
+    /// The short run: fewer repeats, rounds and seconds (a few minutes in all).
+    #[arg(long)]
+    quick: bool,
+    /// Only these sections (1-7); all when absent.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<u8>,
+    /// Where the JSON and markdown go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+    /// The command line to record in the report (`cargo xtask bench` passes its own).
+    #[arg(long)]
+    command: Option<String>,
+}
+
+/// What every section is told about the run.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// The short run.
+    pub quick: bool,
+}
+
+impl Options {
+    /// `full` in a full run, `quick` in a quick one.
+    pub fn pick<T>(&self, full: T, quick: T) -> T {
+        if self.quick { quick } else { full }
+    }
+}
+
+/// One section: its number, title and body.
+type Section = (u8, &'static str, fn(&Options) -> Vec<Figure>);
+
+/// The sections, in the order they run.
+const SECTIONS: &[Section] = &[];
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("portgate-bench: {err:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    // The benchmarks need the kernel; without it there is nothing to report.
+    anyhow::ensure!(
+        require_privileges("portgate-bench"),
+        "the benchmarks need root and the kernel features the tests need"
+    );
+    let options = Options { quick: cli.quick };
+    let started = SystemTime::now();
+    let clock = Instant::now();
+    let mut figures = Vec::new();
+    for &(number, title, body) in SECTIONS {
+        if !cli.only.is_empty() && !cli.only.contains(&number) {
+            continue;
+        }
+        eprintln!("portgate-bench: {title} ...");
+        let section_clock = Instant::now();
+        match catch_unwind(AssertUnwindSafe(|| body(&options))) {
+            Ok(mut got) => figures.append(&mut got),
+            Err(panic) => {
+                let why = panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "panicked".to_owned());
+                figures.push(Figure::failed(title, "the whole section", why));
+            }
+        }
+        eprintln!(
+            "portgate-bench: {title}: {:.1} s",
+            section_clock.elapsed().as_secs_f64()
+        );
+    }
+    let report = Report {
+        started: humantime::format_rfc3339_seconds(started).to_string(),
+        took: clock.elapsed(),
+        command: cli
+            .command
+            .unwrap_or_else(|| std::env::args().collect::<Vec<_>>().join(" ")),
+        quick: cli.quick,
+        machine: Machine::this(),
+        figures,
+    };
+    let markdown = report.markdown();
+    print!("{markdown}");
+    fs::create_dir_all(&cli.out).with_context(|| format!("creating {}", cli.out.display()))?;
+    let stamp = report.started.replace(':', "");
+    let json = serde_json::to_string_pretty(&report)?;
+    for (name, text) in [
+        (format!("bench-{stamp}.json"), &json),
+        ("latest.json".to_owned(), &json),
+        ("latest.md".to_owned(), &markdown),
+    ] {
+        let path = cli.out.join(name);
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
+    eprintln!("portgate-bench: written to {}", cli.out.display());
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! What a benchmark run reports: figures (measured, or failed with the reason), each with
+//! the target it is read against, rendered as a markdown table and kept as JSON.
+
+use std::{fmt::Write as _, time::Duration};
+
+use serde::Serialize;
+
+/// One figure of the report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Figure {
+    /// The benchmark's section (`1. In-kernel verdict`, ...).
+    pub section: String,
+    /// What was measured, in words.
+    pub name: String,
+    /// The value, or why there is none.
+    pub outcome: Outcome,
+    /// The target this figure is read against, and whether it was met.
+    pub target: Option<Target>,
+    /// The raw numbers behind the figure (samples, rounds, settings).
+    pub raw: serde_json::Value,
+}
+
+/// A figure's value, or the failure that left it without one.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A value from a real run.
+    Measured {
+        /// The number.
+        value: f64,
+        /// Its unit (`ns/packet`, `conn/s`, `ms`, `MiB`, `x`).
+        unit: String,
+    },
+    /// The set-up or the run failed; the figure is reported, not left out.
+    Failed {
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// A target from the issue or the specification.
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    /// The target in words (`< 50 ms (spec)`, `>= 20,000/s (ours)`).
+    pub text: String,
+    /// Whether the figure meets it.
+    pub met: bool,
+}
+
+impl Figure {
+    /// A measured figure.
+    pub fn measured(section: &str, name: impl Into<String>, value: f64, unit: &str) -> Self {
+        Self {
+            section: section.to_owned(),
+            name: name.into(),
+            outcome: Outcome::Measured {
+                value,
+                unit: unit.to_owned(),
+            },
+            target: None,
+            raw: serde_json::Value::Null,
+        }
+    }
+
+    /// A figure whose set-up or run failed.
+    pub fn failed(section: &str, name: impl Into<String>, error: impl std::fmt::Display) -> Self {
+        Self {
+            section: section.to_owned(),
+            name: name.into(),
+            outcome: Outcome::Failed {
+                error: format!("{error:#}"),
+            },
+            target: None,
+            raw: serde_json::Value::Null,
+        }
+    }
+
+    /// The figure read against a target: `met` says whether the value meets it.
+    #[must_use]
+    pub fn target(mut self, text: &str, met: impl FnOnce(f64) -> bool) -> Self {
+        if let Outcome::Measured { value, .. } = self.outcome {
+            self.target = Some(Target {
+                text: text.to_owned(),
+                met: met(value),
+            });
+        } else {
+            self.target = Some(Target {
+                text: text.to_owned(),
+                met: false,
+            });
+        }
+        self
+    }
+
+    /// The raw numbers behind the figure.
+    #[must_use]
+    pub fn raw(mut self, raw: serde_json::Value) -> Self {
+        self.raw = raw;
+        self
+    }
+
+    /// The value, when measured.
+    pub fn value(&self) -> Option<f64> {
+        match self.outcome {
+            Outcome::Measured { value, .. } => Some(value),
+            Outcome::Failed { .. } => None,
+        }
+    }
+}
+
+/// The machine a run was made on.
+#[derive(Clone, Debug, Serialize)]
+pub struct Machine {
+    /// `uname -r`.
+    pub kernel: String,
+    /// CPU model (from /proc/cpuinfo).
+    pub cpu: String,
+    /// Online CPUs.
+    pub cpus: usize,
+    /// Memory (MemTotal) in MiB.
+    pub memory_mib: u64,
+}
+
+impl Machine {
+    /// Reads this machine's description.
+    pub fn this() -> Self {
+        let kernel = nix::sys::utsname::uname()
+            .map(|uts| uts.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu = cpuinfo
+            .lines()
+            .find_map(|line| line.strip_prefix("model name"))
+            .and_then(|rest| rest.split_once(':'))
+            .map(|(_, model)| model.trim().to_owned())
+            .unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let memory_kib: u64 = meminfo
+            .lines()
+            .find_map(|line| line.strip_prefix("MemTotal:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|kib| kib.parse().ok())
+            .unwrap_or_default();
+        Self {
+            kernel,
+            cpu,
+            cpus: std::thread::available_parallelism().map_or(0, usize::from),
+            memory_mib: memory_kib / 1024,
+        }
+    }
+}
+
+/// One run's report.
+#[derive(Clone, Debug, Serialize)]
+pub struct Report {
+    /// When the run started (RFC 3339, UTC).
+    pub started: String,
+    /// How long it took.
+    #[serde(with = "humantime_serde_secs")]
+    pub took: Duration,
+    /// The command that made it.
+    pub command: String,
+    /// Whether it was the short run (`--quick`).
+    pub quick: bool,
+    /// The machine.
+    pub machine: Machine,
+    /// Every figure, in the order measured.
+    pub figures: Vec<Figure>,
+}
+
+mod humantime_serde_secs {
+    use std::time::Duration;
+
+    pub fn serialize<S: serde::Serializer>(took: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(took.as_secs_f64())
+    }
+}
+
+impl Report {
+    /// The report as markdown: the machine, then one table per section.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let m = &self.machine;
+        let _ = writeln!(
+            out,
+            "Run {} ({}, {:.0} s) on Linux {}, {} x {}, {} MiB.\n\nCommand: `{}`\n",
+            self.started,
+            if self.quick { "quick" } else { "full" },
+            self.took.as_secs_f64(),
+            m.kernel,
+            m.cpus,
+            m.cpu,
+            m.memory_mib,
+            self.command
+        );
+        let mut sections: Vec<&str> = Vec::new();
+        for figure in &self.figures {
+            if !sections.contains(&figure.section.as_str()) {
+                sections.push(&figure.section);
+            }
+        }
+        for section in sections {
+            let _ = writeln!(out, "### {section}\n");
+            let _ = writeln!(out, "| Benchmark | Result | Target | Met |");
+            let _ = writeln!(out, "|---|---:|---|:-:|");
+            for figure in self.figures.iter().filter(|f| f.section == section) {
+                let result = match &figure.outcome {
+                    Outcome::Measured { value, unit } => format!("{} {unit}", number(*value)),
+                    Outcome::Failed { error } => {
+                        format!(
+                            "**failed**: {}",
+                            error.replace('|', "\\|").replace('\n', " ")
+                        )
+                    }
+                };
+                let (target, met) = figure.target.as_ref().map_or(("", ""), |t| {
+                    (t.text.as_str(), if t.met { "yes" } else { "**no**" })
+                });
+                let _ = writeln!(out, "| {} | {result} | {target} | {met} |", figure.name);
+            }
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// A number with three significant digits at most after the point, thousands separated.
+pub fn number(value: f64) -> String {
+    if !value.is_finite() {
+        return value.to_string();
+    }
+    let decimals = if value.abs() >= 100.0 {
+        0
+    } else if value.abs() >= 10.0 {
+        1
+    } else {
+        2
+    };
+    let text = format!("{value:.decimals$}");
+    let (whole, fraction) = text
+        .split_once('.')
+        .map_or((text.as_str(), None), |(w, f)| (w, Some(f)));
+    let (sign, digits) = whole.strip_prefix('-').map_or(("", whole), |d| ("-", d));
+    let mut grouped = String::new();
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    match fraction {
+        Some(fraction) => format!("{sign}{grouped}.{fraction}"),
+        None => format!("{sign}{grouped}"),
+    }
+}
+
+/// Latency percentiles of a set of samples.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Percentiles {
+    /// Samples.
+    pub count: usize,
+    /// Median, ms.
+    pub p50_ms: f64,
+    /// 99th percentile, ms.
+    pub p99_ms: f64,
+    /// Largest, ms.
+    pub max_ms: f64,
+}
+
+impl Percentiles {
+    /// Percentiles of `samples` (sorted here).
+    pub fn of(samples: &mut [Duration]) -> Self {
+        samples.sort_unstable();
+        let at = |q: f64| -> f64 {
+            if samples.is_empty() {
+                return f64::NAN;
+            }
+            #[expect(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                clippy::cast_precision_loss,
+                reason = "an index into the samples"
+            )]
+            let index = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+            samples[index].as_secs_f64() * 1e3
+        };
+        Self {
+            count: samples.len(),
+            p50_ms: at(0.50),
+            p99_ms: at(0.99),
+            max_ms: at(1.0),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::number;
+
+    #[test]
+    fn numbers_are_grouped_and_rounded() {
+        assert_eq!(number(1_234_567.4), "1,234,567");
+        assert_eq!(number(123.4), "123");
+        assert_eq!(number(12.345), "12.3");
+        assert_eq!(number(1.2345), "1.23");
+        assert_eq!(number(-4321.0), "-4,321");
+    }
+}

@@ -1,0 +1,386 @@
+//! A `portgate daemon` for tests and benchmarks: a child process in its own network
+//! namespace, attached to its own test cgroup, pinning under its own bpffs directory, with
+//! its state, socket and audit log in its own temporary directory.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io::{Read as _, Write as _},
+    os::unix::{fs::PermissionsExt as _, net::UnixStream, process::CommandExt as _},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use portgate::{gate::Gate, policy::Protocol};
+
+use crate::common::{NetNs, PinDir, TestCgroup, eventually};
+
+/// The `portgate` binary under test.
+pub fn portgate_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("PORTGATE_BIN") {
+        return PathBuf::from(path);
+    }
+    // A binary in target/<profile>/ has it beside; a test in target/<profile>/deps/ one up.
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().expect("target directory");
+    let bin = [dir.join("portgate"), dir.join("../portgate")]
+        .into_iter()
+        .find(|candidate| candidate.is_file())
+        .unwrap_or_else(|| dir.join("../portgate"));
+    assert!(
+        bin.exists(),
+        "{} is missing: build it with `cargo build -p portgate` (cargo xtask test does)",
+        bin.display()
+    );
+    bin
+}
+
+/// A running `portgate daemon` and everything it was given. Dropping it stops the daemon
+/// (SIGTERM, then SIGKILL) and uninstalls its pins; the cgroup, namespace and directory
+/// go with their own guards.
+pub struct Daemon {
+    child: Option<Child>,
+    /// Its configuration file.
+    pub config: PathBuf,
+    /// The API socket.
+    pub socket: PathBuf,
+    /// The audit log.
+    pub audit_log: PathBuf,
+    // Dropped in this order, after the daemon is stopped.
+    /// The bpffs directory its gate pins under.
+    pub pins: PinDir,
+    /// The cgroup its programs are attached to.
+    pub cgroup: TestCgroup,
+    /// The network namespace it runs in.
+    pub ns: NetNs,
+    /// Its state directory, socket, log and audit log.
+    pub dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// The daemon's process id while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Starts a daemon managing `min..=max` with a 3 s quarantine and a 5 s drain timeout.
+    pub fn start(min: u16, max: u16) -> Self {
+        Self::start_with(min, max, "portgate-test-no-such-group")
+    }
+
+    /// [`Daemon::start`] with `admin_group` as the admin group.
+    pub fn start_with(min: u16, max: u16, admin_group: &str) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("portgate-daemon-test-")
+            .tempdir()
+            .expect("temporary directory");
+        // Other users' CLI must reach the socket inside.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let pins = PinDir::new();
+        let cgroup = TestCgroup::new();
+        let ns = NetNs::new();
+        let socket = dir.path().join("portgate.sock");
+        let audit_log = dir.path().join("audit.log");
+        let config = dir.path().join("portgate.toml");
+        fs::write(
+            &config,
+            format!(
+                r#"[ports]
+min_port = {min}
+max_port = {max}
+timeout = "5s"
+quarantine = "3s"
+
+[daemon]
+state_dir = "{state}"
+pin_dir = "{pins}"
+cgroup = "{cgroup}"
+socket = "{socket}"
+socket_mode = "0666"
+admin_group = "{admin_group}"
+metrics_listen = "127.0.0.1:9477"
+audit_log = "{audit}"
+"#,
+                state = dir.path().join("state").display(),
+                pins = pins.path().display(),
+                cgroup = cgroup.path().display(),
+                socket = socket.display(),
+                audit = audit_log.display(),
+            ),
+        )
+        .expect("write the config");
+        let mut daemon = Self {
+            child: None,
+            config,
+            socket,
+            audit_log,
+            pins,
+            cgroup,
+            ns,
+            dir,
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// Rewrites one line of the configuration (`key = ...` at the start of a line).
+    pub fn set_config(&self, key: &str, value: &str) {
+        let text = fs::read_to_string(&self.config).expect("read the config");
+        let changed: Vec<String> = text
+            .lines()
+            .map(|line| {
+                if line.starts_with(&format!("{key} =")) {
+                    format!("{key} = {value}")
+                } else {
+                    line.to_owned()
+                }
+            })
+            .collect();
+        fs::write(&self.config, changed.join("\n") + "\n").expect("write the config");
+    }
+
+    /// Starts the daemon and expects it to fail; returns what it printed.
+    pub fn spawn_failing(&mut self) -> String {
+        let output = self.daemon_command().output().expect("run the daemon");
+        assert!(!output.status.success(), "the daemon started");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    }
+
+    /// `portgate daemon --config ...` inside the test namespace.
+    pub fn daemon_command(&self) -> Command {
+        self.daemon_command_with(&self.config)
+    }
+
+    /// `portgate daemon --config <config>` inside the test namespace.
+    pub fn daemon_command_with(&self, config: &Path) -> Command {
+        // Into the namespace with setns(2) rather than `ip netns exec`, which would also
+        // remount /sys and hide the cgroup2 and bpffs mounts from the daemon.
+        let netns = fs::File::open(Path::new("/run/netns").join(self.ns.name()))
+            .expect("open the test namespace");
+        let mut command = Command::new(portgate_bin());
+        command
+            .args(["daemon", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info");
+        // SAFETY: between fork and exec the child only calls setns(2), which is
+        // async-signal-safe, on a descriptor opened before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        command
+    }
+
+    /// Starts the daemon process (again) and waits until its socket answers.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "the daemon is running already");
+        let log = fs::File::create(self.dir.path().join("daemon.log")).expect("daemon log");
+        let child = self
+            .daemon_command()
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start the daemon");
+        self.child = Some(child);
+        let up = eventually(Duration::from_secs(20), || {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("the daemon exited at start ({status}):\n{}", self.log());
+            }
+            UnixStream::connect(&self.socket).is_ok()
+        });
+        assert!(up, "the daemon did not come up in 20 s:\n{}", self.log());
+    }
+
+    /// What the daemon wrote to stderr.
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL: no chance to flush or clean up.
+    pub fn kill9(&mut self) {
+        let mut child = self.child.take().expect("a running daemon");
+        child.kill().expect("SIGKILL the daemon");
+        child.wait().expect("reap the daemon");
+    }
+
+    /// SIGTERM, bounded wait; SIGKILL if it does not stop. Returns whether it stopped on
+    /// SIGTERM with success.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut child) = self.child.take() else {
+            return true;
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+        let _sent = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return status.success();
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        let _killed = child.kill();
+        let _reaped = child.wait();
+        false
+    }
+
+    /// Runs the CLI against this daemon, as root or as `uid` (with gid `uid`).
+    pub fn cli(&self, uid: Option<u32>, args: &[&str]) -> Output {
+        self.cli_as(uid.map(|uid| (uid, uid)), args)
+    }
+
+    /// Runs the CLI against this daemon, as root or as (uid, gid).
+    pub fn cli_as(&self, ids: Option<(u32, u32)>, args: &[&str]) -> Output {
+        let mut command = Command::new(portgate_bin());
+        command.arg("--socket").arg(&self.socket).args(args);
+        if let Some((uid, gid)) = ids {
+            command.uid(uid).gid(gid);
+        }
+        command.output().expect("run the portgate CLI")
+    }
+
+    /// Runs the CLI and expects success; returns stdout.
+    pub fn cli_ok(&self, uid: Option<u32>, args: &[&str]) -> String {
+        let output = self.cli(uid, args);
+        assert!(
+            output.status.success(),
+            "portgate {args:?} as {uid:?} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr),
+            String::from_utf8_lossy(&output.stdout),
+        );
+        String::from_utf8(output.stdout).expect("UTF-8 output")
+    }
+
+    /// Runs the CLI with `-o json` and parses what it prints.
+    pub fn cli_json(&self, uid: Option<u32>, args: &[&str]) -> serde_json::Value {
+        let mut all = vec!["-o", "json"];
+        all.extend_from_slice(args);
+        serde_json::from_str(&self.cli_ok(uid, &all)).expect("JSON output")
+    }
+
+    /// One raw HTTP/1.1 request over the socket: (status, JSON body or null).
+    pub fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+        let (status, text) = self.http_text(method, path, body);
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+        )
+    }
+
+    /// One raw HTTP/1.1 request over the socket: (status, body text).
+    pub fn http_text(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+        http_at(&self.socket, method, path, body)
+    }
+
+    /// The pinned kernel policies: (port, protocol) keys.
+    pub fn kernel_policies(&self) -> BTreeSet<(u16, Protocol)> {
+        Gate::open(self.pins.path())
+            .expect("open the pinned gate")
+            .policies()
+            .expect("read the policies")
+            .into_keys()
+            .collect()
+    }
+
+    /// What `portgate list` says: port -> (owner, status).
+    pub fn allocations(&self) -> BTreeMap<u16, (String, String)> {
+        self.cli_json(None, &["list"])
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|view| {
+                (
+                    u16::try_from(view["port"].as_u64().expect("port")).expect("u16"),
+                    (
+                        view["owner"].as_str().expect("owner").to_owned(),
+                        view["status"].as_str().expect("status").to_owned(),
+                    ),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if !self.stop() {
+            eprintln!(
+                "clean-up: the daemon did not stop on SIGTERM:\n{}",
+                self.log()
+            );
+        }
+    }
+}
+
+/// One raw HTTP/1.1 request over the socket at `socket`: (status, body text).
+pub fn http_at(socket: &Path, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    try_http_at(socket, method, path, body)
+        .unwrap_or_else(|err| panic!("{method} {path} over {}: {err}", socket.display()))
+}
+
+/// [`http_at`], failing instead of panicking when the daemon is not there or goes away.
+pub fn try_http_at(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, String)> {
+    let mut stream = UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: portgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    // The daemon may answer (413) before the whole body is sent.
+    let _sent = stream.write_all(body);
+    let mut answer = Vec::new();
+    let _read = stream.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {text:?}")))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(head, body)| {
+            if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked")
+            {
+                dechunk(body)
+            } else {
+                body.to_owned()
+            }
+        })
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The body of a chunked HTTP answer.
+fn dechunk(body: &str) -> String {
+    let mut out = String::new();
+    let mut rest = body;
+    loop {
+        let Some((size, after)) = rest.split_once("\r\n") else {
+            return out;
+        };
+        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
+            return out;
+        };
+        if size == 0 || after.len() < size {
+            return out;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+}
