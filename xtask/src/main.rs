@@ -1,5 +1,6 @@
-//! portgate's developer tasks: `cargo xtask setup | test | run`.
+//! portgate's developer tasks: `cargo xtask setup | test | bench | run | lint`.
 
+mod bench;
 mod lint;
 mod run;
 mod setup;
@@ -21,6 +22,9 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Set up, then run the unit tests and the kernel tests.
     Test(test::TestArgs),
+    /// Set up (nftables too), build in release mode, run the load tests bigger and the
+    /// benchmarks; prints a markdown table and writes JSON under `target/bench/`.
+    Bench(bench::BenchArgs),
     /// Set up, build, and run the `portgate` binary with the given arguments.
     Run(run::RunArgs),
     /// Check formatting and run clippy on every crate (the kernel crate on nightly).
@@ -31,6 +35,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Lint => lint::run(),
     };

@@ -242,8 +242,31 @@ fn mount_bpffs() -> Result<()> {
 }
 
 fn install_iproute2() -> Result<()> {
+    apt_install("iproute2")
+}
+
+/// What the benchmarks need beyond the tests: the distribution's nftables (the baseline
+/// they measure portgate against), installed when `nft` is missing. Returns the problem
+/// when it cannot be had; the benchmarks then report the nftables figures as failed.
+pub fn bench_tools() -> Option<String> {
+    if let Ok(version) = output("nft", &["--version"]) {
+        println!("ok: {}", version.trim());
+        return None;
+    }
+    match apt_install("nftables") {
+        Ok(()) => {
+            println!("installed: nftables");
+            None
+        }
+        Err(err) => Some(format!(
+            "nftables is missing and could not be installed ({err:#}): `apt-get install nftables`"
+        )),
+    }
+}
+
+fn apt_install(package: &str) -> Result<()> {
     status("apt-get", &["update", "-q"])?;
-    status("apt-get", &["install", "-y", "-q", "iproute2"])
+    status("apt-get", &["install", "-y", "-q", package])
 }
 
 /// The kernel release and its (major, minor).

@@ -7,6 +7,9 @@
 //! report is printed as markdown and written, with the raw numbers, as JSON under
 //! `target/bench/`.
 
+mod allocation;
+mod checks;
+mod load;
 mod report;
 
 use std::{
@@ -34,6 +37,9 @@ struct Cli {
     /// Where the JSON and markdown go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+    /// The load tests' results (JSON from `cargo xtask bench`), reported as section 7.
+    #[arg(long)]
+    load_tests: Option<PathBuf>,
     /// The command line to record in the report (`cargo xtask bench` passes its own).
     #[arg(long)]
     command: Option<String>,
@@ -57,7 +63,10 @@ impl Options {
 type Section = (u8, &'static str, fn(&Options) -> Vec<Figure>);
 
 /// The sections, in the order they run.
-const SECTIONS: &[Section] = &[];
+const SECTIONS: &[Section] = &[
+    (4, "4. Allocation", allocation::run),
+    (5, "5. Checks, metrics scrape, `portgate maps`", checks::run),
+];
 
 fn main() -> std::process::ExitCode {
     match run() {
@@ -101,6 +110,9 @@ fn run() -> Result<()> {
             "portgate-bench: {title}: {:.1} s",
             section_clock.elapsed().as_secs_f64()
         );
+    }
+    if let Some(path) = &cli.load_tests {
+        figures.extend(load::figures(path));
     }
     let report = Report {
         started: humantime::format_rfc3339_seconds(started).to_string(),

@@ -31,6 +31,11 @@ pub enum Outcome {
         /// Its unit (`ns/packet`, `conn/s`, `ms`, `MiB`, `x`).
         unit: String,
     },
+    /// A correctness run (a load test) that passed.
+    Passed {
+        /// How big it was, how long it took.
+        detail: String,
+    },
     /// The set-up or the run failed; the figure is reported, not left out.
     Failed {
         /// What went wrong.
@@ -62,6 +67,19 @@ impl Figure {
         }
     }
 
+    /// A correctness run that passed.
+    pub fn passed(section: &str, name: impl Into<String>, detail: impl Into<String>) -> Self {
+        Self {
+            section: section.to_owned(),
+            name: name.into(),
+            outcome: Outcome::Passed {
+                detail: detail.into(),
+            },
+            target: None,
+            raw: serde_json::Value::Null,
+        }
+    }
+
     /// A figure whose set-up or run failed.
     pub fn failed(section: &str, name: impl Into<String>, error: impl std::fmt::Display) -> Self {
         Self {
@@ -78,17 +96,15 @@ impl Figure {
     /// The figure read against a target: `met` says whether the value meets it.
     #[must_use]
     pub fn target(mut self, text: &str, met: impl FnOnce(f64) -> bool) -> Self {
-        if let Outcome::Measured { value, .. } = self.outcome {
-            self.target = Some(Target {
-                text: text.to_owned(),
-                met: met(value),
-            });
-        } else {
-            self.target = Some(Target {
-                text: text.to_owned(),
-                met: false,
-            });
-        }
+        let met = match self.outcome {
+            Outcome::Measured { value, .. } => met(value),
+            Outcome::Passed { .. } => true,
+            Outcome::Failed { .. } => false,
+        };
+        self.target = Some(Target {
+            text: text.to_owned(),
+            met,
+        });
         self
     }
 
@@ -97,14 +113,6 @@ impl Figure {
     pub fn raw(mut self, raw: serde_json::Value) -> Self {
         self.raw = raw;
         self
-    }
-
-    /// The value, when measured.
-    pub fn value(&self) -> Option<f64> {
-        match self.outcome {
-            Outcome::Measured { value, .. } => Some(value),
-            Outcome::Failed { .. } => None,
-        }
     }
 }
 
@@ -117,7 +125,7 @@ pub struct Machine {
     pub cpu: String,
     /// Online CPUs.
     pub cpus: usize,
-    /// Memory (MemTotal) in MiB.
+    /// Memory (`MemTotal`) in MiB.
     pub memory_mib: u64,
 }
 
@@ -206,6 +214,7 @@ impl Report {
             for figure in self.figures.iter().filter(|f| f.section == section) {
                 let result = match &figure.outcome {
                     Outcome::Measured { value, unit } => format!("{} {unit}", number(*value)),
+                    Outcome::Passed { detail } => format!("passed ({detail})"),
                     Outcome::Failed { error } => {
                         format!(
                             "**failed**: {}",

@@ -1,0 +1,247 @@
+//! Section 4: allocation. In-process (the `PortManager` library with a memory store and the
+//! daemon's cached socket table, no kernel gate), and through a real daemon's API with 1, 8
+//! and 64 concurrent clients, each allocation durable (redb, fsync) before it is answered;
+//! both also at 99% of the range allocated.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use portgate::{
+    api::AllocRequest,
+    client::Client,
+    config::PortConfig,
+    manager::{Actor, AllocationRequest, CachedSockets, PortManager, ProcfsSockets},
+    store::MemoryStore,
+};
+use portgate_tests::daemon::Daemon;
+use serde_json::json;
+
+use crate::{
+    Options,
+    report::{Figure, Percentiles},
+};
+
+const SECTION: &str = "4. Allocation";
+
+/// The daemon's range for the API figures: below the ephemeral range of its namespace.
+const API_RANGE: (u16, u16) = (10_000, 31_999);
+
+/// Runs section 4.
+pub fn run(options: &Options) -> Vec<Figure> {
+    let mut figures = Vec::new();
+    let runtime = runtime();
+    figures.extend(
+        runtime
+            .block_on(in_process(options))
+            .unwrap_or_else(|err| vec![Figure::failed(SECTION, "in-process allocation", err)]),
+    );
+    figures.extend(through_api(&runtime, options));
+    figures
+}
+
+/// A runtime like the daemon's and the CLI's.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// The manager as the daemon builds it, minus the gate and the durable store.
+pub fn in_process_manager(min_port: u16, max_port: u16) -> Result<PortManager> {
+    let config = PortConfig {
+        min_port,
+        max_port,
+        ..PortConfig::default()
+    };
+    let (manager, _) = PortManager::open(
+        config,
+        Arc::new(MemoryStore::default()),
+        None,
+        Box::new(CachedSockets::new(
+            ProcfsSockets,
+            portgate::daemon::SOCKET_SNAPSHOT_AGE,
+        )),
+    )?;
+    Ok(manager)
+}
+
+/// Allocates `count` ports one after another, timing each.
+async fn allocate_timed(manager: &PortManager, count: usize) -> Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count {
+        let start = Instant::now();
+        manager
+            .allocate(AllocationRequest::new(&format!("bench-{i}")), Actor::Admin)
+            .await
+            .with_context(|| format!("allocation number {i}"))?;
+        samples.push(start.elapsed());
+    }
+    Ok(samples)
+}
+
+async fn in_process(options: &Options) -> Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    // An empty range of 50,000 ports.
+    let count = options.pick(20_000, 5_000);
+    let manager = in_process_manager(10_000, 59_999)?;
+    let start = Instant::now();
+    let mut samples = allocate_timed(&manager, count).await?;
+    let elapsed = start.elapsed();
+    figures.extend(rate_figures(
+        "in-process",
+        count,
+        elapsed,
+        &mut samples,
+        &json!({"range": "10000-59999", "store": "memory", "gate": false}),
+    ));
+
+    // The same range 99% allocated: time the allocations that take it from 99% to full.
+    let manager = in_process_manager(10_000, 59_999)?;
+    let size = 50_000;
+    let prefill = size * 99 / 100;
+    allocate_timed(&manager, prefill).await?;
+    let start = Instant::now();
+    let mut samples = allocate_timed(&manager, size - prefill).await?;
+    let elapsed = start.elapsed();
+    figures.extend(rate_figures(
+        "in-process, 99% allocated",
+        size - prefill,
+        elapsed,
+        &mut samples,
+        &json!({"range": "10000-59999", "allocated_before": prefill, "store": "memory"}),
+    ));
+    Ok(figures)
+}
+
+/// allocs/s, p50 and p99 of one run, read against the targets.
+fn rate_figures(
+    what: &str,
+    count: usize,
+    elapsed: Duration,
+    samples: &mut [Duration],
+    settings: &serde_json::Value,
+) -> Vec<Figure> {
+    let latency = Percentiles::of(samples);
+    #[expect(clippy::cast_precision_loss, reason = "a count of allocations")]
+    let rate = count as f64 / elapsed.as_secs_f64();
+    let raw = json!({
+        "count": count,
+        "seconds": elapsed.as_secs_f64(),
+        "latency": latency,
+        "settings": settings,
+    });
+    vec![
+        Figure::measured(SECTION, format!("{what}: allocations/s"), rate, "/s")
+            .target(">= 1,000/s (spec)", |v| v >= 1_000.0)
+            .raw(raw.clone()),
+        Figure::measured(SECTION, format!("{what}: p50"), latency.p50_ms, "ms")
+            .target("< 50 ms (spec)", |v| v < 50.0)
+            .raw(raw.clone()),
+        Figure::measured(SECTION, format!("{what}: p99"), latency.p99_ms, "ms")
+            .target("< 50 ms (spec)", |v| v < 50.0)
+            .raw(raw),
+    ]
+}
+
+/// Allocations through the API of a release daemon: `clients` tasks, each with its own
+/// connection per request (as the CLI does), `total` allocations in all.
+async fn api_run(
+    socket: &std::path::Path,
+    clients: usize,
+    total: usize,
+) -> Result<(Duration, Vec<Duration>)> {
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for client_number in 0..clients {
+        let client = Client::new(socket);
+        let share = total / clients + usize::from(client_number < total % clients);
+        tasks.spawn(async move {
+            let mut samples = Vec::with_capacity(share);
+            for i in 0..share {
+                let request = AllocRequest {
+                    owner: format!("bench-{client_number}-{i}"),
+                    ..AllocRequest::default()
+                };
+                let begun = Instant::now();
+                client
+                    .alloc(&request)
+                    .await
+                    .with_context(|| format!("client {client_number}, allocation {i}"))?;
+                samples.push(begun.elapsed());
+            }
+            anyhow::Ok(samples)
+        });
+    }
+    let mut samples = Vec::with_capacity(total);
+    while let Some(done) = tasks.join_next().await {
+        samples.extend(done.context("a client task")??);
+    }
+    Ok((start.elapsed(), samples))
+}
+
+fn through_api(runtime: &tokio::runtime::Runtime, options: &Options) -> Vec<Figure> {
+    let Ok(daemon) = std::panic::catch_unwind(|| Daemon::start(API_RANGE.0, API_RANGE.1)) else {
+        return vec![Figure::failed(
+            SECTION,
+            "daemon API",
+            "the daemon did not start (see the panic above)",
+        )];
+    };
+    let size = usize::from(API_RANGE.1 - API_RANGE.0) + 1;
+    let mut figures = Vec::new();
+    let mut allocated = 0;
+    for (clients, total) in [
+        (1, options.pick(3_000, 500)),
+        (8, options.pick(8_000, 2_000)),
+        (64, options.pick(10_000, 3_000)),
+    ] {
+        let what = format!("daemon API, durable, {clients} client(s)");
+        match runtime.block_on(api_run(&daemon.socket, clients, total)) {
+            Ok((elapsed, mut samples)) => {
+                let mut got = rate_figures(
+                    &what,
+                    total,
+                    elapsed,
+                    &mut samples,
+                    &json!({"clients": clients, "allocated_before": allocated, "range_size": size,
+                           "store": "redb, fsync per group commit", "connection": "one per request"}),
+                );
+                if clients == 64 {
+                    got[0] = got[0]
+                        .clone()
+                        .target(">= 20,000/s (ours)", |v| v >= 20_000.0);
+                    got[2] = got[2].clone().target("< 2 ms (ours)", |v| v < 2.0);
+                }
+                figures.extend(got);
+            }
+            Err(err) => figures.push(Figure::failed(SECTION, what, err)),
+        }
+        allocated += total;
+    }
+
+    // Fill to 99% (untimed), then time the last 1% with 8 clients.
+    let prefill = size * 99 / 100;
+    let what = "daemon API, durable, 8 clients, 99% allocated";
+    let result = runtime
+        .block_on(api_run(
+            &daemon.socket,
+            64,
+            prefill.saturating_sub(allocated),
+        ))
+        .and_then(|_| runtime.block_on(api_run(&daemon.socket, 8, size - prefill)));
+    match result {
+        Ok((elapsed, mut samples)) => figures.extend(rate_figures(
+            what,
+            size - prefill,
+            elapsed,
+            &mut samples,
+            &json!({"clients": 8, "allocated_before": prefill, "range_size": size}),
+        )),
+        Err(err) => figures.push(Figure::failed(SECTION, what, err)),
+    }
+    figures
+}

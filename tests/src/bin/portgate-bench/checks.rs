@@ -1,0 +1,367 @@
+//! Section 5: `validate_connection` checks/s (in-process and through the daemon's API), the
+//! time of one metrics scrape and of `portgate maps`, each with 10,000 allocated ports
+//! holding 100 prefixes each, every port with a counter row in the kernel.
+
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail};
+use ipnet::IpNet;
+use portgate::{
+    api::AllocRequest,
+    client::Client,
+    gate::{Gate, PacketHook},
+    manager::{Actor, AllocationRequest, PortAccessControl},
+    policy::Protocol,
+};
+use portgate_tests::{
+    common::packet::{PacketSpec, build_packet},
+    daemon::{Daemon, portgate_bin},
+};
+use serde_json::json;
+
+use crate::{
+    Options,
+    allocation::{in_process_manager, runtime},
+    report::{Figure, Percentiles},
+};
+
+const SECTION: &str = "5. Checks, metrics scrape, `portgate maps` (10,000 ports)";
+
+/// Ports allocated, and prefixes in each one's allowlist.
+const PORTS: u16 = 10_000;
+const PREFIXES: u32 = 100;
+/// The daemon's range: exactly the ports allocated.
+const MIN_PORT: u16 = 20_000;
+
+/// The allowlist of the `index`th port: 100 disjoint /24s in 10.0.0.0/8, all its own.
+fn allowlist(index: u16) -> Vec<IpNet> {
+    (0..PREFIXES)
+        .map(|i| {
+            let n = u32::from(index) * PREFIXES + i;
+            let [_, a, b, _] = (n << 8).to_be_bytes();
+            IpNet::new(IpAddr::V4(Ipv4Addr::new(10, a, b, 0)), 24).expect("a /24")
+        })
+        .collect()
+}
+
+/// An address in the last prefix of the `index`th port's allowlist (the verdict's worst
+/// case when the list is scanned in order).
+fn allowed_source(index: u16) -> IpAddr {
+    let n = u32::from(index) * PREFIXES + PREFIXES - 1;
+    let [_, a, b, _] = (n << 8).to_be_bytes();
+    IpAddr::V4(Ipv4Addr::new(10, a, b, 7))
+}
+
+/// Runs section 5.
+pub fn run(options: &Options) -> Vec<Figure> {
+    let runtime = runtime();
+    let mut figures = runtime
+        .block_on(in_process(options))
+        .unwrap_or_else(|err| vec![Figure::failed(SECTION, "in-process checks", err)]);
+    figures.extend(with_daemon(&runtime, options));
+    figures
+}
+
+async fn in_process(options: &Options) -> Result<Vec<Figure>> {
+    let manager = Arc::new(in_process_manager(MIN_PORT, MIN_PORT + PORTS - 1)?);
+    for index in 0..PORTS {
+        let mut request = AllocationRequest::new(&format!("bench-{index}"));
+        request.port = Some(MIN_PORT + index);
+        request.access = PortAccessControl {
+            allowed_ips: allowlist(index),
+            max_connections: 1_000,
+            require_authentication: false,
+        };
+        manager.allocate(request, Actor::Admin).await?;
+    }
+    let checks = options.pick(200_000, 50_000);
+    let mut figures = Vec::new();
+    for tasks in [1_usize, 8] {
+        let start = Instant::now();
+        let mut set = tokio::task::JoinSet::new();
+        for task in 0..tasks {
+            let manager = Arc::clone(&manager);
+            let share = checks / tasks;
+            set.spawn(async move {
+                let mut samples = Vec::with_capacity(share);
+                for i in 0..share {
+                    #[expect(clippy::cast_possible_truncation, reason = "modulo PORTS")]
+                    let index = ((i * 7 + task * 13) % usize::from(PORTS)) as u16;
+                    let begun = Instant::now();
+                    manager
+                        .validate_connection(MIN_PORT + index, allowed_source(index))
+                        .await
+                        .context("an allowed source was refused")?;
+                    samples.push(begun.elapsed());
+                }
+                anyhow::Ok(samples)
+            });
+        }
+        let mut samples = Vec::with_capacity(checks);
+        while let Some(done) = set.join_next().await {
+            samples.extend(done??);
+        }
+        figures.extend(check_figures(
+            &format!("in-process validate_connection, {tasks} task(s)"),
+            start.elapsed(),
+            &mut samples,
+            &json!({"tasks": tasks, "ports": PORTS, "prefixes_per_port": PREFIXES,
+                   "source": "in the last prefix of the port's allowlist", "gate": false}),
+        ));
+    }
+    Ok(figures)
+}
+
+fn check_figures(
+    what: &str,
+    elapsed: Duration,
+    samples: &mut [Duration],
+    settings: &serde_json::Value,
+) -> Vec<Figure> {
+    let count = samples.len();
+    let latency = Percentiles::of(samples);
+    #[expect(clippy::cast_precision_loss, reason = "a count of checks")]
+    let rate = count as f64 / elapsed.as_secs_f64();
+    let raw = json!({"count": count, "seconds": elapsed.as_secs_f64(), "latency": latency,
+                     "settings": settings});
+    vec![
+        Figure::measured(SECTION, format!("{what}: checks/s"), rate, "/s")
+            .target(">= 5,000/s (spec)", |v| v >= 5_000.0)
+            .raw(raw.clone()),
+        Figure::measured(SECTION, format!("{what}: p99"), latency.p99_ms, "ms")
+            .target("< 20 ms (spec)", |v| v < 20.0)
+            .raw(raw),
+    ]
+}
+
+/// Allocates the 10,000 ports through the API (64 clients) and gives every port a counter
+/// row by test-running one refused SYN to it.
+async fn fill(daemon: &Daemon) -> Result<()> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let clients: u16 = 64;
+    for client_number in 0..clients {
+        let client = Client::new(&daemon.socket);
+        tasks.spawn(async move {
+            for index in (client_number..PORTS).step_by(usize::from(clients)) {
+                let request = AllocRequest {
+                    owner: format!("bench-{index}"),
+                    port: Some(MIN_PORT + index),
+                    allow: allowlist(index),
+                    max_conns: Some(1_000),
+                    ..AllocRequest::default()
+                };
+                client
+                    .alloc(&request)
+                    .await
+                    .with_context(|| format!("allocating {}", MIN_PORT + index))?;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+fn touch_counters(daemon: &Daemon) -> Result<()> {
+    let mut gate = Gate::open(daemon.pins.path())?;
+    for index in 0..PORTS {
+        let packet = build_packet(&PacketSpec {
+            protocol: Protocol::Tcp,
+            source: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            destination: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            sport: 40_000,
+            dport: MIN_PORT + index,
+            syn: true,
+            ack: false,
+            fin: false,
+            rst: false,
+            psh: false,
+            seq: 1,
+            payload: Vec::new(),
+            ipv6_extension_headers: 0,
+        });
+        if gate.test_run(PacketHook::CgroupSkb, &packet, 1)?.passed {
+            bail!(
+                "a SYN from outside the allowlist passed port {}",
+                MIN_PORT + index
+            );
+        }
+    }
+    Ok(())
+}
+
+fn with_daemon(runtime: &tokio::runtime::Runtime, options: &Options) -> Vec<Figure> {
+    let Ok(daemon) = std::panic::catch_unwind(|| Daemon::start(MIN_PORT, MIN_PORT + PORTS - 1))
+    else {
+        return vec![Figure::failed(
+            SECTION,
+            "daemon with 10,000 ports",
+            "the daemon did not start (see the panic above)",
+        )];
+    };
+    let set_up = Instant::now();
+    if let Err(err) = runtime
+        .block_on(fill(&daemon))
+        .and_then(|()| touch_counters(&daemon))
+    {
+        return vec![Figure::failed(SECTION, "daemon with 10,000 ports", err)];
+    }
+    let set_up = set_up.elapsed();
+    let mut figures = Vec::new();
+
+    // Checks through the API: 8 clients, one connection per request as the CLI does.
+    let checks = options.pick(20_000, 5_000);
+    let what = "daemon API check, 8 clients";
+    match runtime.block_on(api_checks(&daemon, 8, checks)) {
+        Ok((elapsed, mut samples)) => figures.extend(check_figures(
+            what,
+            elapsed,
+            &mut samples,
+            &json!({"clients": 8, "ports": PORTS, "prefixes_per_port": PREFIXES, "gate": true,
+                   "set_up_seconds": set_up.as_secs_f64()}),
+        )),
+        Err(err) => figures.push(Figure::failed(SECTION, what, err)),
+    }
+
+    // One scrape of /metrics (over the API socket), several times.
+    let scrapes = options.pick(30, 10);
+    let what = "one metrics scrape (/metrics, 10,000 ports)";
+    match runtime.block_on(scrape_times(&daemon, scrapes)) {
+        Ok((mut samples, bytes)) => {
+            let latency = Percentiles::of(&mut samples);
+            figures.push(
+                Figure::measured(SECTION, what, latency.p50_ms, "ms (p50)")
+                    .target("< 5 ms (spec)", |v| v < 5.0)
+                    .raw(json!({"latency": latency, "bytes": bytes,
+                                "series": "10 per port: accepted, bytes, packets, bind_denied, 5 drop reasons, active"})),
+            );
+        }
+        Err(err) => figures.push(Figure::failed(SECTION, what, err)),
+    }
+
+    // One port's metrics (the specification's get_metrics) through the API.
+    let what = "one port's metrics (GET /v1/stats?port=, 10,000 ports)";
+    match runtime.block_on(port_stats_times(&daemon, options.pick(2_000, 500))) {
+        Ok(mut samples) => {
+            let latency = Percentiles::of(&mut samples);
+            figures.push(
+                Figure::measured(SECTION, what, latency.p99_ms, "ms (p99)")
+                    .target("< 5 ms (spec)", |v| v < 5.0)
+                    .raw(json!({"latency": latency})),
+            );
+        }
+        Err(err) => figures.push(Figure::failed(SECTION, what, err)),
+    }
+
+    // `portgate maps`: the whole CLI process, reading the pins.
+    let what = "`portgate maps` (10,000 ports, whole process)";
+    match maps_times(&daemon, options.pick(10, 3)) {
+        Ok(mut samples) => {
+            let latency = Percentiles::of(&mut samples);
+            figures.push(
+                Figure::measured(SECTION, what, latency.p50_ms, "ms (p50)")
+                    .raw(json!({"latency": latency})),
+            );
+        }
+        Err(err) => figures.push(Figure::failed(SECTION, what, err)),
+    }
+    figures
+}
+
+async fn api_checks(
+    daemon: &Daemon,
+    clients: usize,
+    total: usize,
+) -> Result<(Duration, Vec<Duration>)> {
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for client_number in 0..clients {
+        let client = Client::new(&daemon.socket);
+        let share = total / clients;
+        tasks.spawn(async move {
+            let mut samples = Vec::with_capacity(share);
+            for i in 0..share {
+                #[expect(clippy::cast_possible_truncation, reason = "modulo PORTS")]
+                let index = ((i * 7 + client_number * 13) % usize::from(PORTS)) as u16;
+                let begun = Instant::now();
+                let answer = client
+                    .check(MIN_PORT + index, Protocol::Tcp, allowed_source(index))
+                    .await?;
+                samples.push(begun.elapsed());
+                if !answer.allowed {
+                    bail!(
+                        "an allowed source was refused by check on {}",
+                        MIN_PORT + index
+                    );
+                }
+            }
+            anyhow::Ok(samples)
+        });
+    }
+    let mut samples = Vec::with_capacity(total);
+    while let Some(done) = tasks.join_next().await {
+        samples.extend(done??);
+    }
+    Ok((start.elapsed(), samples))
+}
+
+async fn scrape_times(daemon: &Daemon, scrapes: usize) -> Result<(Vec<Duration>, usize)> {
+    let client = Client::new(&daemon.socket);
+    let mut samples = Vec::with_capacity(scrapes);
+    let mut bytes = 0;
+    for _ in 0..scrapes {
+        let begun = Instant::now();
+        let text = client.metrics().await?;
+        samples.push(begun.elapsed());
+        bytes = text.len();
+        if !text.contains(&format!("port=\"{}\"", MIN_PORT + PORTS - 1)) {
+            bail!("the scrape lacks the last port");
+        }
+    }
+    Ok((samples, bytes))
+}
+
+async fn port_stats_times(daemon: &Daemon, count: usize) -> Result<Vec<Duration>> {
+    let client = Client::new(&daemon.socket);
+    let mut samples = Vec::with_capacity(count);
+    for i in 0..count {
+        #[expect(clippy::cast_possible_truncation, reason = "modulo PORTS")]
+        let port = MIN_PORT + ((i * 7) % usize::from(PORTS)) as u16;
+        let begun = Instant::now();
+        let reports = client.stats(Some((port, Protocol::Tcp))).await?;
+        samples.push(begun.elapsed());
+        if reports.len() != 1 || reports[0].port != port {
+            bail!(
+                "GET /v1/stats?port={port} answered {} reports",
+                reports.len()
+            );
+        }
+    }
+    Ok(samples)
+}
+
+fn maps_times(daemon: &Daemon, runs: usize) -> Result<Vec<Duration>> {
+    let mut samples = Vec::with_capacity(runs);
+    for _ in 0..runs {
+        let begun = Instant::now();
+        let status = Command::new(portgate_bin())
+            .arg("maps")
+            .arg("--pin-dir")
+            .arg(daemon.pins.path())
+            .stdout(Stdio::null())
+            .status()
+            .context("running portgate maps")?;
+        samples.push(begun.elapsed());
+        if !status.success() {
+            bail!("portgate maps failed ({status})");
+        }
+    }
+    Ok(samples)
+}
