@@ -118,10 +118,22 @@ impl PortMetrics {
 /// Reports for every (port, protocol) with a policy or with counters, in port order.
 pub fn port_reports(gate: &Gate) -> Result<Vec<PortReport>, GateError> {
     let policies = gate.policies()?;
-    let allowlists = gate.allowlists()?;
+    let mut allowlists = gate.allowlists()?;
     let counters = gate.all_counters()?;
-    let grants = gate.grants()?;
+    let mut grants: std::collections::BTreeMap<(u16, Protocol), Vec<GrantView>> =
+        std::collections::BTreeMap::new();
     let now = system::monotonic_now_ns();
+    for grant in gate.grants()? {
+        grants
+            .entry((grant.port, grant.protocol))
+            .or_default()
+            .push(GrantView {
+                addr: grant.addr,
+                expires_in_ms: grant.expires_ns.saturating_sub(now) / 1_000_000,
+            });
+    }
+    let config = gate.config()?;
+    let slots = gate.all_slots(config.min_port..=config.max_port)?;
     let keys: BTreeSet<(u16, Protocol)> = policies
         .keys()
         .chain(counters.keys())
@@ -130,36 +142,83 @@ pub fn port_reports(gate: &Gate) -> Result<Vec<PortReport>, GateError> {
         .collect();
     let mut out = Vec::with_capacity(keys.len());
     for (port, proto) in keys {
-        let policy = policies.get(&(port, proto));
         let port_counters: PortCounters = counters.get(&(port, proto)).copied().unwrap_or_default();
-        let active = if proto == Protocol::Tcp {
-            gate.slots(port)?.established
-        } else {
-            0
+        let active = match proto {
+            Protocol::Tcp => slots.get(&port).map_or(0, |slots| slots.established),
+            Protocol::Udp => 0,
         };
-        out.push(PortReport {
-            port,
-            proto,
-            status: policy
-                .and_then(|policy| PortStatus::from_code(policy.status))
-                .unwrap_or(PortStatus::Available),
-            allow: allowlists.get(&(port, proto)).cloned().unwrap_or_default(),
-            max_connections: policy.map_or(0, |policy| policy.max_connections),
-            require_auth: policy
-                .is_some_and(|policy| policy.flags & policy_flags::REQUIRE_AUTH != 0),
-            owner_cgroup: policy
-                .filter(|policy| policy.flags & policy_flags::OWNER != 0)
-                .map(|policy| policy.owner_cgroup),
-            grants: grants
-                .iter()
-                .filter(|grant| grant.port == port && grant.protocol == proto)
-                .map(|grant| GrantView {
-                    addr: grant.addr,
-                    expires_in_ms: grant.expires_ns.saturating_sub(now) / 1_000_000,
-                })
-                .collect(),
-            counters: PortMetrics::new(&port_counters, active),
-        });
+        out.push(report_of(
+            (port, proto),
+            policies.get(&(port, proto)),
+            allowlists.remove(&(port, proto)).unwrap_or_default(),
+            grants.remove(&(port, proto)).unwrap_or_default(),
+            &port_counters,
+            active,
+        ));
     }
     Ok(out)
+}
+
+/// The report of one (port, protocol), reading only its own entries: its policy record,
+/// counters, slots and grants (the grants map is read whole, in batches). The allowlist is
+/// the caller's: the trie cannot be read one port at a time. `None` when the port has
+/// neither a policy nor counters.
+pub fn port_report(
+    gate: &Gate,
+    port: u16,
+    proto: Protocol,
+    allow: Vec<IpNet>,
+) -> Result<Option<PortReport>, GateError> {
+    let policy = gate.policy(port, proto)?;
+    let counters = gate.counters(port, proto)?;
+    if policy.is_none() && counters == PortCounters::default() {
+        return Ok(None);
+    }
+    let now = system::monotonic_now_ns();
+    let grants = gate
+        .grants()?
+        .into_iter()
+        .filter(|grant| grant.port == port && grant.protocol == proto)
+        .map(|grant| GrantView {
+            addr: grant.addr,
+            expires_in_ms: grant.expires_ns.saturating_sub(now) / 1_000_000,
+        })
+        .collect();
+    let active = match proto {
+        Protocol::Tcp => gate.slots(port)?.established,
+        Protocol::Udp => 0,
+    };
+    Ok(Some(report_of(
+        (port, proto),
+        policy.as_ref(),
+        allow,
+        grants,
+        &counters,
+        active,
+    )))
+}
+
+fn report_of(
+    (port, proto): (u16, Protocol),
+    policy: Option<&portgate_common::Policy>,
+    allow: Vec<IpNet>,
+    grants: Vec<GrantView>,
+    counters: &PortCounters,
+    active: u64,
+) -> PortReport {
+    PortReport {
+        port,
+        proto,
+        status: policy
+            .and_then(|policy| PortStatus::from_code(policy.status))
+            .unwrap_or(PortStatus::Available),
+        allow,
+        max_connections: policy.map_or(0, |policy| policy.max_connections),
+        require_auth: policy.is_some_and(|policy| policy.flags & policy_flags::REQUIRE_AUTH != 0),
+        owner_cgroup: policy
+            .filter(|policy| policy.flags & policy_flags::OWNER != 0)
+            .map(|policy| policy.owner_cgroup),
+        grants,
+        counters: PortMetrics::new(counters, active),
+    }
 }

@@ -404,3 +404,68 @@ fn a_hundred_thousand_prefixes_on_one_port_and_a_full_map_changes_nothing() {
         "the first port's allowlist is intact"
     );
 }
+
+#[test]
+fn whole_map_reads_in_batches_equal_entry_by_entry_reads() {
+    if !require_privileges("whole_map_reads_in_batches_equal_entry_by_entry_reads") {
+        return;
+    }
+    // More entries than one batch (4,096) holds, in every map read in batches.
+    const FIRST: u16 = 23_000;
+    const LAST: u16 = 29_999;
+    pin_to_cpu0();
+    let pins = PinDir::new();
+    let mut gate = Gate::install(&GateSettings {
+        pin_dir: pins.path().to_owned(),
+        min_port: FIRST,
+        max_port: LAST,
+        events_per_sec: 10,
+        pending_ttl: Duration::from_secs(60),
+    })
+    .expect("install the gate");
+    for port in FIRST..=LAST {
+        let policy = PortPolicy {
+            allow: vec!["198.18.0.0/16".parse().expect("prefix")],
+            max_connections: u32::from(port % 7) + 1,
+            ..PortPolicy::default()
+        };
+        gate.set_policy(port, Protocol::Tcp, &policy)
+            .expect("set the policy");
+        // Every third port takes a connection slot; the others count a refusal.
+        let source = if port % 3 == 0 {
+            [198, 18, 0, 1]
+        } else {
+            [192, 0, 2, 1]
+        };
+        gate.test_run(PacketHook::CgroupSkb, &syn(source, 40_000, port), 1)
+            .expect("test run");
+    }
+
+    let policies = gate.policies().expect("policies in batches");
+    assert_eq!(policies.len(), usize::from(LAST - FIRST) + 1);
+    let counters = gate.all_counters().expect("counters in batches");
+    assert_eq!(counters.len(), usize::from(LAST - FIRST) + 1);
+    let slots = gate.all_slots(FIRST..=LAST).expect("slots in batches");
+    assert_eq!(slots.len(), usize::from(LAST - FIRST) + 1);
+    for port in FIRST..=LAST {
+        assert_eq!(
+            policies.get(&(port, Protocol::Tcp)).copied(),
+            gate.policy(port, Protocol::Tcp).expect("policy"),
+            "policy of {port}"
+        );
+        assert_eq!(
+            counters
+                .get(&(port, Protocol::Tcp))
+                .copied()
+                .unwrap_or_default(),
+            gate.counters(port, Protocol::Tcp).expect("counters"),
+            "counters of {port}"
+        );
+        let one = gate.slots(port).expect("slots");
+        assert_eq!(slots.get(&port), Some(&one), "slots of {port}");
+        assert_eq!(one.slots, u64::from(port % 3 == 0), "slots of {port}");
+    }
+    // A range that starts at 0 and one that ends at the array's last index.
+    assert_eq!(gate.all_slots(0..=9).expect("slots").len(), 10);
+    assert_eq!(gate.all_slots(65_530..=65_535).expect("slots").len(), 6);
+}

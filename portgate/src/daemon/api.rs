@@ -581,11 +581,10 @@ async fn stats(
             None => None,
         };
         audit.id = only;
-        let mut reports = app.manager.reports().await?;
-        if let Some(id) = only {
-            reports.retain(|report| report.port == id.port && report.proto == id.protocol);
+        match only {
+            Some(id) => Ok(app.manager.report(id).await?.into_iter().collect()),
+            None => Ok(app.manager.reports().await?),
         }
-        Ok(reports)
     }
     .await;
     app.finish(&peer, &audit, StatusCode::OK, result)

@@ -314,17 +314,21 @@ impl Gate {
 
     /// Every policy record, by (port, protocol).
     pub fn policies(&self) -> Result<BTreeMap<(u16, Protocol), Policy>, GateError> {
-        let policies: HashMap<&MapData, PortKey, Policy> =
-            open_map!(self, HashMap, map_names::POLICY, capacity::POLICIES);
         let mut out = BTreeMap::new();
-        for entry in &policies {
-            let (key, policy) = entry.map_err(|err| {
-                GateError::map("listing", map_names::POLICY, capacity::POLICIES, err)
-            })?;
-            if let Some(protocol) = Protocol::from_number(key.proto) {
-                out.insert((key.port, protocol), policy);
-            }
-        }
+        self.batch_read::<PortKey, Policy>(
+            map_names::POLICY,
+            capacity::POLICIES,
+            false,
+            None,
+            |key, policy| {
+                if let (Some(protocol), Some(policy)) =
+                    (Protocol::from_number(key.proto), policy.next())
+                {
+                    out.insert((key.port, protocol), policy);
+                }
+                true
+            },
+        )?;
         Ok(out)
     }
 
@@ -400,46 +404,76 @@ impl Gate {
 
     /// Every grant, expired or not.
     pub fn grants(&self) -> Result<Vec<GrantRecord>, GateError> {
-        let grants: HashMap<&MapData, AddrKey, u64> =
-            open_map!(self, HashMap, map_names::GRANTS, capacity::GRANTS);
         let mut out = Vec::new();
-        for entry in &grants {
-            let (key, expires_ns) = entry.map_err(|err| {
-                GateError::map("listing", map_names::GRANTS, capacity::GRANTS, err)
-            })?;
-            if let Some(protocol) = Protocol::from_number(key.proto) {
-                out.push(GrantRecord {
-                    port: key.port,
-                    protocol,
-                    addr: addr_from_bytes(key.family, key.addr),
-                    expires_ns,
-                });
-            }
-        }
+        self.batch_read::<AddrKey, u64>(
+            map_names::GRANTS,
+            capacity::GRANTS,
+            false,
+            None,
+            |key, expires| {
+                if let (Some(protocol), Some(expires_ns)) =
+                    (Protocol::from_number(key.proto), expires.next())
+                {
+                    out.push(GrantRecord {
+                        port: key.port,
+                        protocol,
+                        addr: addr_from_bytes(key.family, key.addr),
+                        expires_ns,
+                    });
+                }
+                true
+            },
+        )?;
         out.sort_by_key(|grant| (grant.port, grant.protocol, grant.addr));
         Ok(out)
     }
 
     /// Counters of every (port, protocol) that has any.
     pub fn all_counters(&self) -> Result<BTreeMap<(u16, Protocol), PortCounters>, GateError> {
-        let counters: PerCpuHashMap<&MapData, CounterKey, Counters> =
-            open_map!(self, PerCpuHashMap, map_names::COUNTERS, capacity::COUNTERS);
         let mut out: BTreeMap<(u16, Protocol), PortCounters> = BTreeMap::new();
-        for entry in &counters {
-            let (key, per_cpu) = entry.map_err(|err| {
-                GateError::map("listing", map_names::COUNTERS, capacity::COUNTERS, err)
-            })?;
-            let (Some(protocol), Some(hook_index)) = (
-                Protocol::from_number(key.proto),
-                (key.hook < hook::COUNT).then_some(usize::from(key.hook)),
-            ) else {
-                continue;
-            };
-            let port = out.entry((key.port, protocol)).or_default();
-            for cpu in per_cpu.iter() {
-                port.add_cpu(hook_index, cpu);
-            }
-        }
+        self.batch_read::<CounterKey, Counters>(
+            map_names::COUNTERS,
+            capacity::COUNTERS,
+            true,
+            None,
+            |key, per_cpu| {
+                if let (Some(protocol), Some(hook_index)) = (
+                    Protocol::from_number(key.proto),
+                    (key.hook < hook::COUNT).then_some(usize::from(key.hook)),
+                ) {
+                    let port = out.entry((key.port, protocol)).or_default();
+                    for cpu in per_cpu {
+                        port.add_cpu(hook_index, &cpu);
+                    }
+                }
+                true
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Connection slots of every TCP port in `ports`, in one pass over the slots map.
+    pub fn all_slots(
+        &self,
+        ports: std::ops::RangeInclusive<u16>,
+    ) -> Result<BTreeMap<u16, ConnSlots>, GateError> {
+        let mut out = BTreeMap::new();
+        self.batch_read::<u32, ConnSlots>(
+            map_names::SLOTS,
+            capacity::SLOTS,
+            false,
+            // An array's batch token is the index before the first one read.
+            u32::from(*ports.start()).checked_sub(1),
+            |index, slots| {
+                let Ok(port) = u16::try_from(index) else {
+                    return false;
+                };
+                if let Some(slots) = slots.next() {
+                    out.insert(port, slots);
+                }
+                port < *ports.end()
+            },
+        )?;
         Ok(out)
     }
 
@@ -510,5 +544,58 @@ fn is_not_found(err: &aya::maps::MapError) -> bool {
         aya::maps::MapError::KeyNotFound => true,
         aya::maps::MapError::SyscallError(err) => err.io_error.raw_os_error() == Some(libc::ENOENT),
         _ => false,
+    }
+}
+
+impl Gate {
+    /// Reads every entry of a hash or array map with batch lookups (see `batch`), calling
+    /// `on_entry(key, values)` until it returns `false`; `values` holds one value, or one
+    /// per possible CPU for a per-CPU map. `start` is a batch token: for an array, the index
+    /// before the first one read.
+    fn batch_read<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        capacity: u32,
+        per_cpu: bool,
+        start: Option<u32>,
+        mut on_entry: impl FnMut(K, &mut dyn Iterator<Item = V>) -> bool,
+    ) -> Result<(), GateError> {
+        let failed = |err: std::io::Error| {
+            GateError::map(
+                "listing",
+                name,
+                capacity,
+                aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                    call: "bpf_map_lookup_batch",
+                    io_error: err,
+                }),
+            )
+        };
+        let fd = self.map_fd(name)?;
+        // The kernel packs plain values at their size, and per-CPU copies each rounded up
+        // to 8 bytes.
+        let (stride, copies) = if per_cpu {
+            let cpus = aya::util::nr_cpus().map_err(|(_, err)| failed(err))?;
+            (std::mem::size_of::<V>().next_multiple_of(8), cpus)
+        } else {
+            (std::mem::size_of::<V>(), 1)
+        };
+        super::batch::lookup_all(
+            fd,
+            std::mem::size_of::<K>(),
+            stride * copies,
+            start,
+            |key, values| {
+                // SAFETY: the map's keys and values are these plain-data types and the
+                // slices are exactly their sizes; unaligned reads.
+                let key: K = unsafe { std::ptr::read_unaligned(key.as_ptr().cast()) };
+                let mut values = values
+                    .chunks_exact(stride)
+                    // SAFETY: as above, one value (one CPU's copy).
+                    .map(|value| unsafe { std::ptr::read_unaligned(value.as_ptr().cast::<V>()) });
+                on_entry(key, &mut values)
+            },
+        )
+        .map_err(failed)
     }
 }

@@ -6,6 +6,7 @@
 //! (same maps, counters intact, attachments kept) instead of loading twice.
 //! [`uninstall`] detaches and unpins everything.
 
+mod batch;
 mod error;
 mod events;
 mod layout;
@@ -305,6 +306,18 @@ impl Gate {
 
     fn map(&self, name: &'static str) -> Result<&aya::maps::Map, GateError> {
         self.ebpf.map(name).ok_or(GateError::MissingMap { name })
+    }
+
+    /// The file descriptor of a hash or array map, for the batch reads aya lacks.
+    fn map_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, GateError> {
+        use std::os::fd::AsFd as _;
+        match self.map(name)? {
+            aya::maps::Map::Array(data)
+            | aya::maps::Map::PerCpuArray(data)
+            | aya::maps::Map::HashMap(data)
+            | aya::maps::Map::PerCpuHashMap(data) => Ok(data.fd().as_fd()),
+            _ => Err(GateError::MissingMap { name }),
+        }
     }
 
     fn map_mut(&mut self, name: &'static str) -> Result<&mut aya::maps::Map, GateError> {

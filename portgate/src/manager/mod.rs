@@ -501,11 +501,25 @@ impl PortManager {
     /// Every allocation with its live connections.
     pub async fn allocations(&self) -> Vec<(Allocation, u64)> {
         let parts = self.parts.lock().await;
+        let established = self.all_established(parts.gate.as_ref());
         parts
             .port_allocator
             .allocations()
-            .map(|held| (held.clone(), connections(parts.gate.as_ref(), held.id)))
+            .map(|held| {
+                let active = established.get(held.id);
+                (held.clone(), active)
+            })
             .collect()
+    }
+
+    /// Established connections of every TCP port in the range, in one read of the slots
+    /// map (none without the gate, or when it cannot be read).
+    fn all_established(&self, gate: Option<&Gate>) -> Established {
+        let range = self.config.min_port..=self.config.max_port;
+        Established(
+            gate.and_then(|gate| gate.all_slots(range).ok())
+                .unwrap_or_default(),
+        )
     }
 
     /// Counters and policy of every port (what `portgate maps` shows), from the kernel;
@@ -519,18 +533,23 @@ impl PortManager {
         Ok(parts
             .port_allocator
             .allocations()
-            .map(|held| PortReport {
-                port: held.id.port,
-                proto: held.id.protocol,
-                status: held.status,
-                allow: held.access.allowed_ips.clone(),
-                max_connections: held.access.max_connections,
-                require_auth: held.access.require_authentication,
-                owner_cgroup: held.owner.cgroup.as_ref().map(|owner| owner.cgroup.id),
-                grants: Vec::new(),
-                counters: PortMetrics::default(),
-            })
+            .map(uncounted_report)
             .collect())
+    }
+
+    /// One port's report (`GET /v1/stats?port=`), without walking every map: the kernel's
+    /// policy record, counters, active connections and grants of that port, with the
+    /// allowlist as the manager wrote it (reading one port's prefixes back from the trie
+    /// would walk the whole trie). `None` when the port has neither a policy nor counters.
+    pub async fn report(&self, id: PortId) -> Result<Option<PortReport>> {
+        let parts = self.parts.lock().await;
+        let held = parts.port_allocator.allocation(id);
+        let Some(gate) = parts.gate.as_ref() else {
+            return Ok(held.map(uncounted_report));
+        };
+        let allow = held.map(|held| held.access.allowed_ips.clone());
+        report::port_report(gate, id.port, id.protocol, allow.unwrap_or_default())
+            .map_err(|err| PortError::MetricCollection(err.to_string()))
     }
 
     /// Ports that can be allocated now, per protocol (live sockets not counted).
@@ -570,11 +589,12 @@ impl PortManager {
                     .map_err(|err| PortError::MetricCollection(err.to_string()))?,
                 None => std::collections::BTreeMap::new(),
             };
+            let established = self.all_established(parts.gate.as_ref());
             for held in parts.port_allocator.allocations() {
                 let counters = counted
                     .remove(&(held.id.port, held.id.protocol))
                     .unwrap_or_default();
-                let active = connections(parts.gate.as_ref(), held.id);
+                let active = established.get(held.id);
                 snapshot
                     .ports
                     .push((held.id, held.status, PortMetrics::new(&counters, active)));
@@ -858,6 +878,34 @@ fn slots(gate: Option<&Gate>, id: PortId) -> u64 {
     match (gate, id.protocol) {
         (Some(gate), Protocol::Tcp) => gate.slots(id.port).map_or(0, |slots| slots.slots),
         _ => 0,
+    }
+}
+
+/// An allocation's report without the kernel: its policy, zero counters.
+fn uncounted_report(held: &Allocation) -> PortReport {
+    PortReport {
+        port: held.id.port,
+        proto: held.id.protocol,
+        status: held.status,
+        allow: held.access.allowed_ips.clone(),
+        max_connections: held.access.max_connections,
+        require_auth: held.access.require_authentication,
+        owner_cgroup: held.owner.cgroup.as_ref().map(|owner| owner.cgroup.id),
+        grants: Vec::new(),
+        counters: PortMetrics::default(),
+    }
+}
+
+/// Established connections per TCP port, as one read of the slots map found them.
+struct Established(std::collections::BTreeMap<u16, portgate_common::ConnSlots>);
+
+impl Established {
+    /// Established connections of `id` (0 for UDP, or when unknown).
+    fn get(&self, id: PortId) -> u64 {
+        match id.protocol {
+            Protocol::Tcp => self.0.get(&id.port).map_or(0, |slots| slots.established),
+            Protocol::Udp => 0,
+        }
     }
 }
 
