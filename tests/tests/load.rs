@@ -1,0 +1,346 @@
+//! The specification's load tests, asserting correctness under load, never time:
+//! concurrent allocation (64 clients, no port handed out twice, every one released),
+//! connection handling (thousands of connections through the gate, counters exact, active
+//! back to 0), security validation (concurrent checks agree with the policy while it
+//! changes, in the daemon and in the kernel) and metric collection (scrapes during load are
+//! consistent, the last one exact).
+//!
+//! Each test runs `portgate daemon` in its own network namespace, cgroup and pin directory
+//! ([`Daemon`]) and sends traffic only to loopback inside that namespace; every loop is
+//! bounded in count and time. `PORTGATE_LOAD_SCALE=<n>` (default 1) multiplies the sizes:
+//! `cargo xtask test` runs them at 1, the benchmark bigger. Needs: root (BPF, cgroups,
+//! netns), iproute2, and the `portgate` binary (`PORTGATE_BIN` overrides its path).
+
+use portgate_tests::{
+    common::{
+        self, EchoServer, TestCgroup, echo, eventually,
+        packet::{PacketSpec, build_packet},
+        require_privileges, reset,
+    },
+    daemon::{Daemon, try_http_at},
+};
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    io::{Read as _, Write as _},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    path::Path,
+    sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use portgate::{
+    gate::{Gate, PacketHook},
+    policy::Protocol,
+};
+use serde_json::{Value, json};
+
+/// The source every test allows.
+const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// A loopback source outside every allowlist (until a test adds it).
+const OTHER_LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+/// Long enough for an allowed connect to get in after a few SYN retransmissions.
+const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+/// Bound on every wait for the daemon to catch up (lifecycle ticks, quarantine, closes).
+const SETTLE_WITHIN: Duration = Duration::from_secs(30);
+/// `tcpi_state` of a socket whose SYN is unanswered.
+const TCP_SYN_SENT: u8 = 2;
+
+/// The load multiplier: `PORTGATE_LOAD_SCALE`, default 1.
+fn scale() -> usize {
+    match std::env::var("PORTGATE_LOAD_SCALE") {
+        Err(_) => 1,
+        Ok(text) => match text.trim().parse::<usize>() {
+            Ok(n) if n >= 1 => n,
+            _ => panic!("PORTGATE_LOAD_SCALE={text:?}: give a whole number of at least 1"),
+        },
+    }
+}
+
+/// One API request with a JSON body (or none): (status, JSON answer or null).
+fn api(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+    let bytes = body.map(|body| serde_json::to_vec(body).expect("JSON body"));
+    let (status, text) = try_http_at(socket, method, path, bytes.as_deref().unwrap_or(&[]))
+        .unwrap_or_else(|err| panic!("{method} {path}: {err}"));
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+/// One API request that must answer `expected`; returns the answer.
+fn api_ok(socket: &Path, method: &str, path: &str, body: Option<&Value>, expected: u16) -> Value {
+    let (status, answer) = api(socket, method, path, body);
+    assert_eq!(status, expected, "{method} {path} {body:?}: {answer}");
+    answer
+}
+
+/// A port's counters as the daemon reads them from the kernel (`GET /v1/stats?port=`).
+fn port_stats(daemon: &Daemon, port: u16) -> Value {
+    let reports = api_ok(
+        &daemon.socket,
+        "GET",
+        &format!("/v1/stats?port={port}"),
+        None,
+        200,
+    );
+    assert_eq!(reports.as_array().map(Vec::len), Some(1), "{reports}");
+    reports[0].clone()
+}
+
+/// A counter of a port's report (`accepted`, `active`, `dropped.not_allowed`, ...).
+fn counter(report: &Value, key: &str) -> u64 {
+    key.split('.')
+        .fold(report, |value, part| &value[part])
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {key} in {report}"))
+}
+
+/// A listener made inside the cgroup (so `cgroup_skb` and `sock_ops` see its connections).
+fn listen_in(cgroup: &TestCgroup, addr: SocketAddr) -> TcpListener {
+    let _inside = cgroup.enter();
+    TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"))
+}
+
+/// The kernel's `TCP_INFO` of a socket.
+fn tcp_info(socket: &impl AsRawFd) -> libc::tcp_info {
+    // SAFETY: tcp_info is a C struct of integers, for which all zeroes is a value.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = libc::socklen_t::try_from(size_of::<libc::tcp_info>()).expect("socklen");
+    // SAFETY: `info` and `len` are valid for writes of the sizes given, for the call only.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&raw mut info).cast(),
+            &raw mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    info
+}
+
+/// Connects (blocking, source chosen by the kernel, so TIME_WAIT ports are reused on
+/// loopback) and says how many SYNs the handshake took beyond the first: on loopback
+/// nothing is lost, so each of those is a SYN the gate dropped.
+fn connect_counted(to: SocketAddr) -> (TcpStream, u64) {
+    let stream = TcpStream::connect_timeout(&to, CONNECT_WITHIN)
+        .unwrap_or_else(|err| panic!("an allowed connection to {to} failed: {err}"));
+    let retransmitted = u64::from(tcp_info(&stream).tcpi_total_retrans);
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    (stream, retransmitted)
+}
+
+/// Starts a connection that is expected never to get in: a non-blocking connect that sends
+/// its SYN and returns. See [`syns_of_refused`].
+fn start_refused(from: Option<IpAddr>, to: SocketAddr) -> socket2::Socket {
+    let socket = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .expect("socket");
+    if let Some(from) = from {
+        socket
+            .bind(&SocketAddr::new(from, 0).into())
+            .expect("bind the source");
+    }
+    socket.set_nonblocking(true).expect("non-blocking");
+    match socket.connect(&to.into()) {
+        Err(err) if err.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        other => {
+            panic!("a connect from {from:?} to {to} did not wait for its handshake: {other:?}")
+        }
+    }
+    socket
+}
+
+/// Checks that none of `sockets` got in (each still waits for a SYN-ACK), closes them, and
+/// returns how many SYNs they sent in all (first ones and retransmissions): each is one
+/// drop for the gate, which counts a refused SYN once per retransmission.
+fn syns_of_refused(sockets: Vec<socket2::Socket>) -> u64 {
+    sockets
+        .into_iter()
+        .map(|socket| {
+            let info = tcp_info(&socket);
+            assert_eq!(
+                info.tcpi_state, TCP_SYN_SENT,
+                "a connection the gate should refuse got in (or was answered)"
+            );
+            1 + u64::from(info.tcpi_total_retrans)
+        })
+        .sum()
+}
+
+/// An allocation request of the concurrent-allocation test: every third has an allowlist
+/// and a limit, every third requires authentication, so that the kernel policies differ.
+fn alloc_body(n: usize) -> Value {
+    let owner = format!("load-{n}");
+    match n % 3 {
+        0 => json!({ "owner": owner }),
+        1 => json!({
+            "owner": owner,
+            "allow": [format!("10.{}.{}.0/24", (n >> 8) & 0xff, n & 0xff)],
+            "max_conns": n % 50 + 1,
+        }),
+        _ => json!({ "owner": owner, "require_auth": true }),
+    }
+}
+
+/// What a client was handed: port, owner, allowlist, limit, authentication.
+type Handed = (u16, String, Value, u64, bool);
+
+fn handed(view: &Value) -> Handed {
+    (
+        u16::try_from(view["port"].as_u64().expect("port")).expect("u16"),
+        view["owner"].as_str().expect("owner").to_owned(),
+        view["allow"].clone(),
+        view["max_connections"].as_u64().expect("max_connections"),
+        view["require_auth"].as_bool().expect("require_auth"),
+    )
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
+    const CLIENTS: usize = 64;
+    if !require_privileges("concurrent_allocation_hands_out_each_port_once_and_releases_all") {
+        return;
+    }
+    let total = 320 * scale();
+    // A quarter to spare, so that the allocator's random probes keep finding free ports.
+    let min: u16 = 45_000;
+    let max = u16::try_from(usize::from(min) + total + total / 4).unwrap_or_else(|_| {
+        panic!("{total} allocations do not fit above {min}: lower PORTGATE_LOAD_SCALE")
+    });
+    let daemon = Daemon::start(min, max);
+    let socket = daemon.socket.as_path();
+
+    // 64 clients, each request on its own connection, until `total` are handed out.
+    let next = AtomicUsize::new(0);
+    let answers: Vec<Handed> = thread::scope(|scope| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= total {
+                            return mine;
+                        }
+                        let body = alloc_body(n);
+                        let view = api_ok(socket, "POST", "/v1/ports", Some(&body), 201);
+                        assert_eq!(view["owner"], body["owner"], "{view}");
+                        assert_eq!(view["status"], "active", "{view}");
+                        mine.push(handed(&view));
+                    }
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|client| client.join().expect("client thread"))
+            .collect()
+    });
+    assert_eq!(answers.len(), total);
+    let ports: BTreeSet<u16> = answers.iter().map(|answer| answer.0).collect();
+    assert_eq!(ports.len(), total, "a port was handed out twice");
+    assert!(ports.iter().all(|port| (min..=max).contains(port)));
+    let owners: BTreeSet<&str> = answers.iter().map(|answer| answer.1.as_str()).collect();
+    assert_eq!(owners.len(), total, "an allocation was answered twice");
+
+    // The store (list), the kernel maps (stats, read from them) and the policies all hold
+    // exactly what was handed out.
+    let expected: BTreeMap<u16, &Handed> =
+        answers.iter().map(|answer| (answer.0, answer)).collect();
+    let listed = api_ok(socket, "GET", "/v1/ports", None, 200);
+    let listed: BTreeMap<u16, Handed> = listed
+        .as_array()
+        .expect("a list")
+        .iter()
+        .map(|view| {
+            assert_eq!(view["status"], "active", "{view}");
+            let held = handed(view);
+            (held.0, held)
+        })
+        .collect();
+    assert_eq!(listed.len(), total);
+    for (port, held) in &listed {
+        assert_eq!(Some(&held), expected.get(port), "list differs for {port}");
+    }
+    let reports = api_ok(socket, "GET", "/v1/stats", None, 200);
+    let reports = reports.as_array().expect("reports");
+    assert_eq!(reports.len(), total, "one kernel policy per allocation");
+    for report in reports {
+        let port = u16::try_from(report["port"].as_u64().expect("port")).expect("u16");
+        let held = expected
+            .get(&port)
+            .unwrap_or_else(|| panic!("a kernel policy for {port}, never handed out"));
+        assert_eq!(report["status"], "active", "{report}");
+        assert_eq!(report["allow"], held.2, "{report}");
+        assert_eq!(report["max_connections"].as_u64(), Some(held.3), "{report}");
+        assert_eq!(report["require_auth"].as_bool(), Some(held.4), "{report}");
+    }
+    let stored: BTreeSet<(u16, Protocol)> =
+        ports.iter().map(|port| (*port, Protocol::Tcp)).collect();
+    assert_eq!(daemon.kernel_policies(), stored);
+
+    // Every client releases concurrently; each release answers Draining.
+    let ordered: Vec<u16> = ports.iter().copied().collect();
+    let next = AtomicUsize::new(0);
+    thread::scope(|scope| {
+        for _ in 0..CLIENTS {
+            scope.spawn(|| {
+                while let Some(port) = ordered.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let view = api_ok(socket, "DELETE", &format!("/v1/ports/{port}"), None, 200);
+                    assert_eq!(view["status"], "draining", "{view}");
+                }
+            });
+        }
+    });
+    // Nothing is Active any more, in the store or in the kernel.
+    let listed = api_ok(socket, "GET", "/v1/ports", None, 200);
+    for view in listed.as_array().expect("a list") {
+        assert_ne!(view["status"], "active", "released yet active: {view}");
+    }
+    let reports = api_ok(socket, "GET", "/v1/stats", None, 200);
+    for report in reports.as_array().expect("reports") {
+        assert_ne!(
+            report["status"], "active",
+            "released yet active in the kernel: {report}"
+        );
+    }
+    // Without connections they close at the next tick, and leave quarantine (3 s) free:
+    // nothing allocated, no kernel policy, the whole range free again.
+    let range = u64::from(max - min) + 1;
+    assert!(
+        eventually(SETTLE_WITHIN, || {
+            api_ok(socket, "GET", "/v1/ports", None, 200)
+                .as_array()
+                .is_some_and(Vec::is_empty)
+        }),
+        "ports still held after release and quarantine: {}",
+        api_ok(socket, "GET", "/v1/ports", None, 200)
+    );
+    assert!(daemon.kernel_policies().is_empty());
+    let status = api_ok(socket, "GET", "/v1/status", None, 200);
+    let tcp = status["usage"]
+        .as_array()
+        .expect("usage")
+        .iter()
+        .find(|usage| usage["proto"] == "tcp")
+        .expect("tcp usage")
+        .clone();
+    assert_eq!(
+        (
+            tcp["active"].as_u64(),
+            tcp["draining"].as_u64(),
+            tcp["closed"].as_u64(),
+            tcp["free"].as_u64()
+        ),
+        (Some(0), Some(0), Some(0), Some(range)),
+        "{status}"
+    );
+}
