@@ -344,3 +344,167 @@ fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
         "{status}"
     );
 }
+
+/// Runs `connections` connect–echo–close rounds to `to` from `workers` threads, closing
+/// every other one with RST instead of FIN; returns the SYN retransmissions they needed.
+fn connect_rounds(to: SocketAddr, connections: usize, workers: usize) -> u64 {
+    let next = AtomicUsize::new(0);
+    let retransmitted = AtomicU64::new(0);
+    thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| {
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= connections {
+                        return;
+                    }
+                    let (mut stream, extra) = connect_counted(to);
+                    retransmitted.fetch_add(extra, Ordering::Relaxed);
+                    echo(&mut stream, format!("round {n}").as_bytes()).expect("echo");
+                    if n % 2 == 0 {
+                        drop(stream);
+                    } else {
+                        reset(stream);
+                    }
+                }
+            });
+        }
+    });
+    retransmitted.into_inner()
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn thousands_of_connections_are_counted_exactly() {
+    const WORKERS: usize = 8;
+    // Well above the workers, so that a slot freed a moment late rarely refuses one (and
+    // when it does, the client's retransmission is counted on both sides).
+    const LIMIT: usize = 24;
+    if !require_privileges("thousands_of_connections_are_counted_exactly") {
+        return;
+    }
+    let connections = 2_000 * scale();
+    let refused_sources = 16 * scale();
+    let daemon = Daemon::start(46_000, 46_009);
+    let socket = daemon.socket.as_path();
+    let held = api_ok(
+        socket,
+        "POST",
+        "/v1/ports",
+        Some(&json!({ "owner": "load", "allow": ["127.0.0.1/32"], "max_conns": LIMIT })),
+        201,
+    );
+    let port = u16::try_from(held["port"].as_u64().expect("port")).expect("u16");
+    let addr = SocketAddr::new(LOCAL, port);
+    let server = daemon
+        .ns
+        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, addr)));
+
+    // Load: the allowed source connects `connections` times, 8 at once, while sources
+    // outside the allowlist knock (their connects wait 1.5 s, so most SYNs are sent twice).
+    let (retransmitted, refused_syns) = daemon.ns.run(|| {
+        thread::scope(|scope| {
+            let knocking = scope.spawn(|| {
+                let sockets: Vec<_> = (0..refused_sources)
+                    .map(|_| start_refused(Some(OTHER_LOCAL), addr))
+                    .collect();
+                thread::sleep(Duration::from_millis(1_500));
+                syns_of_refused(sockets)
+            });
+            let retransmitted = connect_rounds(addr, connections, WORKERS);
+            (retransmitted, knocking.join().expect("knocking thread"))
+        })
+    });
+    let connections = connections as u64;
+    assert!(
+        eventually(SETTLE_WITHIN, || counter(
+            &port_stats(&daemon, port),
+            "active"
+        ) == 0),
+        "connections still active after all closed: {}",
+        port_stats(&daemon, port)
+    );
+    let stats = port_stats(&daemon, port);
+    assert_eq!(counter(&stats, "accepted"), connections, "{stats}");
+    assert_eq!(
+        counter(&stats, "dropped.not_allowed"),
+        refused_syns,
+        "one drop per refused SYN: {stats}"
+    );
+    assert_eq!(
+        counter(&stats, "dropped.conn_limit"),
+        retransmitted,
+        "one drop per SYN the allowed clients had to send again: {stats}"
+    );
+    for reason in ["unallocated", "draining", "auth_required"] {
+        assert_eq!(counter(&stats, &format!("dropped.{reason}")), 0, "{stats}");
+    }
+
+    // At the limit: hold LIMIT connections, then 2 x LIMIT more from the allowed source
+    // are refused for the limit (each connect gives up after 300 ms, before the SYN is
+    // sent again) and a few from outside the allowlist for that.
+    let before = port_stats(&daemon, port);
+    let (mut held, limited_syns, outside_syns) = daemon.ns.run(|| {
+        let held: Vec<TcpStream> = (0..LIMIT).map(|_| connect_counted(addr).0).collect();
+        assert!(
+            eventually(SETTLE_WITHIN, || counter(
+                &port_stats(&daemon, port),
+                "active"
+            ) == LIMIT as u64),
+            "{} connections held: {}",
+            LIMIT,
+            port_stats(&daemon, port)
+        );
+        let limited: Vec<_> = (0..2 * LIMIT).map(|_| start_refused(None, addr)).collect();
+        let outside: Vec<_> = (0..4)
+            .map(|_| start_refused(Some(OTHER_LOCAL), addr))
+            .collect();
+        thread::sleep(Duration::from_millis(300));
+        (held, syns_of_refused(limited), syns_of_refused(outside))
+    });
+    let after = port_stats(&daemon, port);
+    let delta = |key: &str| counter(&after, key) - counter(&before, key);
+    assert_eq!(delta("accepted"), LIMIT as u64, "{after}");
+    assert_eq!(delta("dropped.conn_limit"), limited_syns, "{after}");
+    assert_eq!(delta("dropped.not_allowed"), outside_syns, "{after}");
+    assert_eq!(counter(&after, "active"), LIMIT as u64, "{after}");
+    // The held connections still work; closed, the count goes back to 0.
+    for stream in &mut held {
+        echo(stream, b"still here").expect("a held connection works");
+    }
+    drop(held);
+    assert!(
+        eventually(SETTLE_WITHIN, || counter(
+            &port_stats(&daemon, port),
+            "active"
+        ) == 0),
+        "connections still active after all closed: {}",
+        port_stats(&daemon, port)
+    );
+    // The daemon's view equals the kernel's own, and no connection slot was left behind.
+    let stats = port_stats(&daemon, port);
+    let gate = Gate::open(daemon.pins.path()).expect("open the pinned gate");
+    let kernel = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    assert_eq!(kernel.accepted, counter(&stats, "accepted"));
+    assert_eq!(kernel.accepted, connections + LIMIT as u64);
+    assert_eq!(
+        kernel.dropped_for(portgate_common::reason::CONN_LIMIT),
+        counter(&stats, "dropped.conn_limit")
+    );
+    assert_eq!(
+        kernel.dropped_for(portgate_common::reason::NOT_ALLOWED),
+        refused_syns + outside_syns
+    );
+    assert!(
+        eventually(SETTLE_WITHIN, || {
+            let slots = gate.slots(port).expect("slots");
+            slots.slots == 0 && slots.established == 0
+        }),
+        "connection slots left behind: {:?}",
+        gate.slots(port)
+    );
+    eprintln!(
+        "connections: {connections} accepted, {retransmitted} SYNs sent again for the limit, {refused_syns} refused SYNs from outside the allowlist; at the limit {limited_syns} refused"
+    );
+    drop(server);
+}
