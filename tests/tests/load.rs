@@ -508,3 +508,273 @@ fn thousands_of_connections_are_counted_exactly() {
     );
     drop(server);
 }
+
+/// The access changes the security test cycles through; after `k` of them the policy is
+/// [`policy_after`]`(k)`.
+const FLIPS: [&str; 4] = [
+    r#"{"allow":["127.0.0.2/32"]}"#,
+    r#"{"require_auth":true}"#,
+    r#"{"remove":["127.0.0.2/32"]}"#,
+    r#"{"require_auth":false}"#,
+];
+
+/// After `k` changes: (127.0.0.2 is in the allowlist, authentication is required).
+/// 127.0.0.1 always is.
+const fn policy_after(k: u64) -> (bool, bool) {
+    match k % 4 {
+        0 => (false, false),
+        1 => (true, false),
+        2 => (true, true),
+        _ => (false, true),
+    }
+}
+
+/// The verdict for a new connection from `source` after `k` changes: `None` when it gets
+/// in, otherwise the drop reason (the allowlist is judged before authentication).
+fn verdict_after(k: u64, source: IpAddr) -> Option<&'static str> {
+    let (other_allowed, auth) = policy_after(k);
+    if source == OTHER_LOCAL && !other_allowed {
+        Some("not_allowed")
+    } else if auth {
+        Some("auth_required")
+    } else {
+        None
+    }
+}
+
+/// Which policy versions a check may have seen: every change acknowledged before it
+/// started is in place, no change begun after it ended is. A change in flight may be seen
+/// (memory and kernel are written before the store commit is acknowledged).
+#[derive(Clone, Copy, Debug)]
+struct Versions {
+    /// Changes acknowledged when the check started.
+    done_before: u64,
+    /// Changes begun when it ended.
+    started_after: u64,
+}
+
+impl Versions {
+    /// Whether `seen` is the verdict of some version the check may have seen.
+    fn admits(self, source: IpAddr, seen: Option<&str>) -> bool {
+        (self.done_before..=self.started_after).any(|k| verdict_after(k, source) == seen)
+    }
+
+    /// Only one version was possible: the check's answer is fully determined.
+    const fn decisive(self) -> bool {
+        self.done_before == self.started_after
+    }
+}
+
+/// The change counters shared by the flipper and the checkers.
+#[derive(Default)]
+struct PolicyClock {
+    started: AtomicU64,
+    done: AtomicU64,
+    stop: AtomicBool,
+}
+
+impl PolicyClock {
+    /// Runs `check` and returns what it saw with the versions it may have seen.
+    fn bracket<T>(&self, check: impl FnOnce() -> T) -> (T, Versions) {
+        let done_before = self.done.load(Ordering::SeqCst);
+        let seen = check();
+        let started_after = self.started.load(Ordering::SeqCst);
+        (
+            seen,
+            Versions {
+                done_before,
+                started_after,
+            },
+        )
+    }
+}
+
+/// A SYN from `source` to 127.0.0.1:`port` for `BPF_PROG_TEST_RUN`.
+fn syn_frame(source: IpAddr, port: u16) -> Vec<u8> {
+    build_packet(&PacketSpec {
+        protocol: Protocol::Tcp,
+        source,
+        destination: LOCAL,
+        sport: 50_000,
+        dport: port,
+        syn: true,
+        ack: false,
+        fin: false,
+        rst: false,
+        psh: false,
+        seq: 1,
+        payload: Vec::new(),
+        ipv6_extension_headers: 0,
+    })
+}
+
+/// Waits (bounded) until `counter` has gone `by` past `from`.
+fn wait_for(counter: &AtomicU64, from: u64, by: u64, what: &str) {
+    assert!(
+        eventually(SETTLE_WITHIN, || counter.load(Ordering::SeqCst)
+            >= from + by),
+        "{what} stopped making progress"
+    );
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn concurrent_checks_agree_with_the_policy_while_it_changes() {
+    const CHECKERS: u64 = 4;
+    if !require_privileges("concurrent_checks_agree_with_the_policy_while_it_changes") {
+        return;
+    }
+    let flips = 40 * scale() as u64;
+    let daemon = Daemon::start(46_100, 46_109);
+    let socket = daemon.socket.as_path();
+    let held = api_ok(
+        socket,
+        "POST",
+        "/v1/ports",
+        Some(&json!({ "owner": "guarded", "allow": ["127.0.0.1/32"] })),
+        201,
+    );
+    let port = u16::try_from(held["port"].as_u64().expect("port")).expect("u16");
+    let clock = PolicyClock::default();
+    let daemon_checks = AtomicU64::new(0);
+    let kernel_checks = AtomicU64::new(0);
+    let frames = [syn_frame(LOCAL, port), syn_frame(OTHER_LOCAL, port)];
+
+    let (daemon_decisive, kernel_decisive) = thread::scope(|scope| {
+        // The daemon's verdict (`GET .../check`), from several clients at once.
+        let checkers: Vec<_> = (0..CHECKERS)
+            .map(|checker| {
+                let (clock, daemon_checks) = (&clock, &daemon_checks);
+                scope.spawn(move || {
+                    let mut decisive = 0_u64;
+                    let mut n = checker;
+                    while !clock.stop.load(Ordering::SeqCst) {
+                        let source = if n % 2 == 0 { LOCAL } else { OTHER_LOCAL };
+                        n += 1;
+                        let path = format!("/v1/ports/{port}/check?ip={source}");
+                        let (answer, versions) =
+                            clock.bracket(|| api_ok(socket, "GET", &path, None, 200));
+                        let seen = if answer["allowed"] == true {
+                            None
+                        } else {
+                            Some(answer["reason"].as_str().expect("a reason").to_owned())
+                        };
+                        assert!(
+                            versions.admits(source, seen.as_deref()),
+                            "check from {source} saw {answer}, which no policy version in {versions:?} gives"
+                        );
+                        decisive += u64::from(versions.decisive());
+                        daemon_checks.fetch_add(1, Ordering::SeqCst);
+                    }
+                    decisive
+                })
+            })
+            .collect();
+        // The kernel's verdict: the cgroup_skb program run on a SYN from each source
+        // against the live maps, through a second handle on the daemon's pins.
+        let kernel = scope.spawn(|| {
+            let mut gate = Gate::open(daemon.pins.path()).expect("open the pinned gate");
+            let mut decisive = 0_u64;
+            let mut n = 0_usize;
+            while !clock.stop.load(Ordering::SeqCst) {
+                let source = if n % 2 == 0 { LOCAL } else { OTHER_LOCAL };
+                let (outcome, versions) = clock.bracket(|| {
+                    gate.test_run(PacketHook::CgroupSkb, &frames[n % 2], 1)
+                        .expect("test run")
+                });
+                n += 1;
+                assert!(
+                    (versions.done_before..=versions.started_after)
+                        .any(|k| verdict_after(k, source).is_none() == outcome.passed),
+                    "the kernel {} a SYN from {source}, which no policy version in {versions:?} does",
+                    if outcome.passed { "passed" } else { "dropped" }
+                );
+                decisive += u64::from(versions.decisive());
+                kernel_checks.fetch_add(1, Ordering::SeqCst);
+            }
+            decisive
+        });
+        // The flipper: each change is acknowledged, then it waits until every checker has
+        // finished one more check than it had in flight, so that at least one check of
+        // each kind saw only the new version.
+        for k in 0..flips {
+            let (daemon_from, kernel_from) = (
+                daemon_checks.load(Ordering::SeqCst),
+                kernel_checks.load(Ordering::SeqCst),
+            );
+            wait_for(
+                &daemon_checks,
+                daemon_from,
+                CHECKERS + 1,
+                "the daemon's checks",
+            );
+            wait_for(&kernel_checks, kernel_from, 2, "the kernel's checks");
+            clock.started.fetch_add(1, Ordering::SeqCst);
+            let body: Value =
+                serde_json::from_str(FLIPS[usize::try_from(k % 4).expect("index")]).expect("JSON");
+            let view = api_ok(
+                socket,
+                "PATCH",
+                &format!("/v1/ports/{port}/access"),
+                Some(&body),
+                200,
+            );
+            let (other_allowed, auth) = policy_after(k + 1);
+            assert_eq!(
+                view["allow"]
+                    .as_array()
+                    .expect("allow")
+                    .contains(&json!("127.0.0.2/32")),
+                other_allowed,
+                "{view}"
+            );
+            assert_eq!(view["require_auth"], auth, "{view}");
+            clock.done.fetch_add(1, Ordering::SeqCst);
+        }
+        let (daemon_from, kernel_from) = (
+            daemon_checks.load(Ordering::SeqCst),
+            kernel_checks.load(Ordering::SeqCst),
+        );
+        wait_for(
+            &daemon_checks,
+            daemon_from,
+            CHECKERS + 1,
+            "the daemon's checks",
+        );
+        wait_for(&kernel_checks, kernel_from, 2, "the kernel's checks");
+        clock.stop.store(true, Ordering::SeqCst);
+        let daemon_decisive: u64 = checkers
+            .into_iter()
+            .map(|checker| checker.join().expect("checker thread"))
+            .sum();
+        (daemon_decisive, kernel.join().expect("kernel thread"))
+    });
+    // Every version was checked on its own at least once, by the daemon and in the kernel.
+    assert!(
+        daemon_decisive > flips,
+        "{daemon_decisive} decisive daemon checks"
+    );
+    assert!(
+        kernel_decisive > flips,
+        "{kernel_decisive} decisive kernel checks"
+    );
+    eprintln!(
+        "security: {flips} policy changes; {} daemon checks ({daemon_decisive} decisive), {} kernel checks ({kernel_decisive} decisive)",
+        daemon_checks.load(Ordering::SeqCst),
+        kernel_checks.load(Ordering::SeqCst)
+    );
+    // The final policy is in the store and the kernel alike.
+    let shown = api_ok(socket, "GET", &format!("/v1/ports/{port}"), None, 200);
+    let (other_allowed, auth) = policy_after(flips);
+    assert_eq!(shown["require_auth"], auth, "{shown}");
+    let stats = port_stats(&daemon, port);
+    assert_eq!(stats["require_auth"], auth, "{stats}");
+    assert_eq!(
+        stats["allow"]
+            .as_array()
+            .expect("allow")
+            .contains(&json!("127.0.0.2/32")),
+        other_allowed,
+        "{stats}"
+    );
+}
