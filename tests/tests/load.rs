@@ -13,7 +13,7 @@
 
 use portgate_tests::{
     common::{
-        self, EchoServer, TestCgroup, echo, eventually,
+        EchoServer, TestCgroup, echo, eventually,
         packet::{PacketSpec, build_packet},
         require_privileges, reset,
     },
@@ -120,7 +120,7 @@ fn tcp_info(socket: &impl AsRawFd) -> libc::tcp_info {
     info
 }
 
-/// Connects (blocking, source chosen by the kernel, so TIME_WAIT ports are reused on
+/// Connects (blocking, source chosen by the kernel, so `TIME_WAIT` ports are reused on
 /// loopback) and says how many SYNs the handshake took beyond the first: on loopback
 /// nothing is lost, so each of those is a SYN the gate dropped.
 fn connect_counted(to: SocketAddr) -> (TcpStream, u64) {
@@ -345,9 +345,16 @@ fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
     );
 }
 
+/// How far the connection rounds have got: connects begun, and connects that got in.
+#[derive(Default)]
+struct Progress {
+    started: AtomicU64,
+    connected: AtomicU64,
+}
+
 /// Runs `connections` connect–echo–close rounds to `to` from `workers` threads, closing
 /// every other one with RST instead of FIN; returns the SYN retransmissions they needed.
-fn connect_rounds(to: SocketAddr, connections: usize, workers: usize) -> u64 {
+fn connect_rounds(to: SocketAddr, connections: usize, workers: usize, progress: &Progress) -> u64 {
     let next = AtomicUsize::new(0);
     let retransmitted = AtomicU64::new(0);
     thread::scope(|scope| {
@@ -358,10 +365,12 @@ fn connect_rounds(to: SocketAddr, connections: usize, workers: usize) -> u64 {
                     if n >= connections {
                         return;
                     }
+                    progress.started.fetch_add(1, Ordering::SeqCst);
                     let (mut stream, extra) = connect_counted(to);
                     retransmitted.fetch_add(extra, Ordering::Relaxed);
+                    progress.connected.fetch_add(1, Ordering::SeqCst);
                     echo(&mut stream, format!("round {n}").as_bytes()).expect("echo");
-                    if n % 2 == 0 {
+                    if n.is_multiple_of(2) {
                         drop(stream);
                     } else {
                         reset(stream);
@@ -411,7 +420,7 @@ fn thousands_of_connections_are_counted_exactly() {
                 thread::sleep(Duration::from_millis(1_500));
                 syns_of_refused(sockets)
             });
-            let retransmitted = connect_rounds(addr, connections, WORKERS);
+            let retransmitted = connect_rounds(addr, connections, WORKERS, &Progress::default());
             (retransmitted, knocking.join().expect("knocking thread"))
         })
     });
@@ -649,7 +658,7 @@ fn concurrent_checks_agree_with_the_policy_while_it_changes() {
                     let mut decisive = 0_u64;
                     let mut n = checker;
                     while !clock.stop.load(Ordering::SeqCst) {
-                        let source = if n % 2 == 0 { LOCAL } else { OTHER_LOCAL };
+                        let source = if n.is_multiple_of(2) { LOCAL } else { OTHER_LOCAL };
                         n += 1;
                         let path = format!("/v1/ports/{port}/check?ip={source}");
                         let (answer, versions) =
@@ -677,7 +686,7 @@ fn concurrent_checks_agree_with_the_policy_while_it_changes() {
             let mut decisive = 0_u64;
             let mut n = 0_usize;
             while !clock.stop.load(Ordering::SeqCst) {
-                let source = if n % 2 == 0 { LOCAL } else { OTHER_LOCAL };
+                let source = if n.is_multiple_of(2) { LOCAL } else { OTHER_LOCAL };
                 let (outcome, versions) = clock.bracket(|| {
                     gate.test_run(PacketHook::CgroupSkb, &frames[n % 2], 1)
                         .expect("test run")
@@ -777,4 +786,296 @@ fn concurrent_checks_agree_with_the_policy_while_it_changes() {
         other_allowed,
         "{stats}"
     );
+}
+
+/// One scrape: each series (name and labels, as written) with its value.
+type Scrape = BTreeMap<String, f64>;
+
+/// Parses Prometheus/OpenMetrics text: `name{labels} value` lines, `#` comments, and the
+/// closing `# EOF`. (The daemon writes it with `prometheus-client`, which has no parser;
+/// the few lines here check the format as a scraper reads it.)
+fn parse_scrape(text: &str) -> Scrape {
+    assert!(
+        text.trim_end().ends_with("# EOF"),
+        "a scrape without its # EOF: {text}"
+    );
+    let mut scrape = Scrape::new();
+    for line in text.lines() {
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("not `series value`: {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("not a number in {line:?}"));
+        assert!(value.is_finite() && value >= 0.0, "{line:?}");
+        assert!(
+            scrape.insert(series.to_owned(), value).is_none(),
+            "series {series} twice in one scrape"
+        );
+    }
+    scrape
+}
+
+/// A series' value (`labels` as written, empty for none), which must be there.
+fn series(scrape: &Scrape, name: &str, labels: &str) -> u64 {
+    let key = if labels.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    let value = *scrape
+        .get(&key)
+        .unwrap_or_else(|| panic!("no series {key} in the scrape: {scrape:?}"));
+    // Counts are whole numbers well below 2^53.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a non-negative whole number, checked by the parser"
+    )]
+    let count = value as u64;
+    count
+}
+
+/// `GET /metrics` on the daemon's metrics address (from inside its namespace).
+fn scrape_tcp(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect_timeout(&addr, CONNECT_WITHIN).expect("metrics address");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("read timeout");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: portgate\r\nConnection: close\r\n\r\n")
+        .expect("send the scrape");
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).expect("read the scrape");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("chunked"),
+        "a chunked scrape: {head}"
+    );
+    body.to_owned()
+}
+
+/// Whether a series only ever grows: counters and the histograms' parts.
+fn is_counter(series: &str) -> bool {
+    let name = series.split('{').next().unwrap_or(series);
+    ["_total", "_count", "_sum", "_bucket"]
+        .iter()
+        .any(|suffix| name.ends_with(suffix))
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn metrics_scraped_during_load_are_consistent() {
+    const WORKERS: usize = 4;
+    const LIMIT: u64 = 16;
+    const RANGE: (u16, u16) = (47_000, 48_999);
+    if !require_privileges("metrics_scraped_during_load_are_consistent") {
+        return;
+    }
+    let connections = 500 * scale();
+    let churn = 40 * scale() as u64;
+    let knocks = 8 * scale();
+    let range_size = u64::from(RANGE.1 - RANGE.0) + 1;
+    let daemon = Daemon::start(RANGE.0, RANGE.1);
+    let socket = daemon.socket.as_path();
+    let metrics_addr = SocketAddr::new(LOCAL, 9477);
+    let held = api_ok(
+        socket,
+        "POST",
+        "/v1/ports",
+        Some(&json!({ "owner": "traffic", "allow": ["127.0.0.1/32"], "max_conns": LIMIT })),
+        201,
+    );
+    let port = u16::try_from(held["port"].as_u64().expect("port")).expect("u16");
+    let addr = SocketAddr::new(LOCAL, port);
+    let server = daemon
+        .ns
+        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, addr)));
+    let labels = format!(r#"port="{port}",proto="tcp""#);
+    let progress = Progress::default();
+    let allocs_started = AtomicU64::new(1);
+    let allocs_done = AtomicU64::new(1);
+    let stop = AtomicBool::new(false);
+
+    let (retransmitted, knocked_syns, scrapes, unix_scrapes) = daemon.ns.run(|| {
+        thread::scope(|scope| {
+            // Scrapes, alternately over the API socket and the metrics address, each
+            // checked against what was under way while it was taken, and against the last.
+            let scraping = scope.spawn(|| {
+                let (mut scrapes, mut unix_scrapes) = (0_u64, 0_u64);
+                let mut last: Option<Scrape> = None;
+                let deadline = Instant::now() + Duration::from_mins(5);
+                while !stop.load(Ordering::SeqCst) && Instant::now() < deadline {
+                    let connected_before = progress.connected.load(Ordering::SeqCst);
+                    let allocated_before = allocs_done.load(Ordering::SeqCst);
+                    let text = if scrapes % 2 == 0 {
+                        unix_scrapes += 1;
+                        let (status, text) = daemon.http_text("GET", "/metrics", b"");
+                        assert_eq!(status, 200, "{text}");
+                        text
+                    } else {
+                        scrape_tcp(metrics_addr)
+                    };
+                    let started_after = progress.started.load(Ordering::SeqCst);
+                    let allocs_after = allocs_started.load(Ordering::SeqCst);
+                    scrapes += 1;
+                    let scrape = parse_scrape(&text);
+                    let accepted = series(&scrape, "portgate_port_accepted_total", &labels);
+                    assert!(
+                        (connected_before..=started_after).contains(&accepted),
+                        "accepted {accepted}, while {connected_before} had got in and {started_after} had begun"
+                    );
+                    let active = series(&scrape, "portgate_port_active_connections", &labels);
+                    assert!(active <= LIMIT, "{active} active over the limit of {LIMIT}");
+                    let allocations = series(&scrape, "portgate_allocations_total", "");
+                    assert!(
+                        (allocated_before..=allocs_after).contains(&allocations),
+                        "allocations_total {allocations}, while {allocated_before} were answered and {allocs_after} asked"
+                    );
+                    // One snapshot: allocated + free is the range, and each allocated port
+                    // has its series.
+                    let mut allocated = 0;
+                    for proto in ["tcp", "udp"] {
+                        let held: u64 = ["active", "draining", "closed"]
+                            .iter()
+                            .map(|status| {
+                                series(
+                                    &scrape,
+                                    "portgate_allocated_ports",
+                                    &format!(r#"proto="{proto}",status="{status}""#),
+                                )
+                            })
+                            .sum();
+                        let free =
+                            series(&scrape, "portgate_free_ports", &format!(r#"proto="{proto}""#));
+                        assert_eq!(held + free, range_size, "{proto}: {held} held + {free} free");
+                        allocated += held;
+                    }
+                    let port_series = scrape
+                        .keys()
+                        .filter(|name| name.starts_with("portgate_port_accepted_total{"))
+                        .count() as u64;
+                    assert_eq!(port_series, allocated, "one series per allocated port");
+                    assert!(
+                        series(&scrape, "portgate_allocated_ports", r#"proto="tcp",status="active""#) >= 1
+                    );
+                    if let Some(last) = &last {
+                        for (name, value) in scrape.iter().filter(|(name, _)| is_counter(name)) {
+                            if let Some(before) = last.get(name) {
+                                assert!(value >= before, "{name} went from {before} to {value}");
+                            }
+                        }
+                    }
+                    last = Some(scrape);
+                }
+                (scrapes, unix_scrapes)
+            });
+            // Allocations come and go meanwhile.
+            let churner = scope.spawn(|| {
+                for n in 0..churn {
+                    allocs_started.fetch_add(1, Ordering::SeqCst);
+                    let view = api_ok(
+                        socket,
+                        "POST",
+                        "/v1/ports",
+                        Some(&json!({ "owner": format!("churn-{n}") })),
+                        201,
+                    );
+                    allocs_done.fetch_add(1, Ordering::SeqCst);
+                    let other = view["port"].as_u64().expect("port");
+                    api_ok(socket, "DELETE", &format!("/v1/ports/{other}"), None, 200);
+                }
+            });
+            // Sources outside the allowlist knock.
+            let knocking = scope.spawn(|| {
+                let sockets: Vec<_> = (0..knocks)
+                    .map(|_| start_refused(Some(OTHER_LOCAL), addr))
+                    .collect();
+                thread::sleep(Duration::from_millis(300));
+                syns_of_refused(sockets)
+            });
+            let retransmitted = connect_rounds(addr, connections, WORKERS, &progress);
+            churner.join().expect("churn thread");
+            let refused = knocking.join().expect("knock thread");
+            stop.store(true, Ordering::SeqCst);
+            let (scraped, unix_scrapes) = scraping.join().expect("scraper thread");
+            (retransmitted, refused, scraped, unix_scrapes)
+        })
+    });
+    assert!(scrapes >= 1);
+
+    // At rest (connections closed, released ports through quarantine), a scrape holds the
+    // exact counts.
+    let scrape_at_rest = || parse_scrape(&daemon.ns.run(|| scrape_tcp(metrics_addr)));
+    assert!(
+        eventually(SETTLE_WITHIN, || {
+            let scrape = scrape_at_rest();
+            series(&scrape, "portgate_port_active_connections", &labels) == 0
+                && series(&scrape, "portgate_free_ports", r#"proto="tcp""#) == range_size - 1
+        }),
+        "never at rest: {:?}",
+        scrape_at_rest()
+    );
+    let last = scrape_at_rest();
+    let connections = connections as u64;
+    let exact = [
+        ("portgate_port_accepted_total", labels.clone(), connections),
+        ("portgate_port_active_connections", labels.clone(), 0),
+        (
+            "portgate_port_dropped_total",
+            format!(r#"{labels},reason="not_allowed""#),
+            knocked_syns,
+        ),
+        (
+            "portgate_port_dropped_total",
+            format!(r#"{labels},reason="conn_limit""#),
+            retransmitted,
+        ),
+        (
+            "portgate_port_dropped_total",
+            format!(r#"{labels},reason="auth_required""#),
+            0,
+        ),
+        ("portgate_allocations_total", String::new(), 1 + churn),
+        (
+            "portgate_allocated_ports",
+            r#"proto="tcp",status="active""#.to_owned(),
+            1,
+        ),
+        (
+            "portgate_unallocated_dropped_total",
+            r#"proto="tcp""#.to_owned(),
+            0,
+        ),
+        (
+            "portgate_api_request_duration_seconds_count",
+            r#"action="alloc""#.to_owned(),
+            1 + churn,
+        ),
+        (
+            "portgate_api_request_duration_seconds_count",
+            r#"action="release""#.to_owned(),
+            churn,
+        ),
+        (
+            "portgate_api_request_duration_seconds_count",
+            r#"action="metrics""#.to_owned(),
+            unix_scrapes,
+        ),
+    ];
+    for (name, labels, expected) in exact {
+        assert_eq!(
+            series(&last, name, &labels),
+            expected,
+            "{name}{{{labels}}}: {last:?}"
+        );
+    }
+    eprintln!(
+        "metrics: {scrapes} scrapes during {connections} connections and {churn} allocations; {retransmitted} SYNs sent again for the limit, {knocked_syns} refused"
+    );
+    drop(server);
 }
