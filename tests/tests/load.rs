@@ -1,5 +1,6 @@
 //! The specification's load tests, asserting correctness under load, never time:
-//! concurrent allocation (64 clients, no port handed out twice, every one released),
+//! concurrent allocation (64 clients, no port handed out twice, not even a named one, every
+//! one released),
 //! connection handling (thousands of connections through the gate, counters exact, active
 //! back to 0), security validation (concurrent checks agree with the policy while it
 //! changes, in the daemon and in the kernel) and metric collection (scrapes during load are
@@ -192,6 +193,7 @@ fn alloc_body(n: usize) -> Value {
 /// What a client was handed: port, owner, allowlist, limit, authentication.
 type Handed = (u16, String, Value, u64, bool);
 
+/// The [`Handed`] fields of an allocation as the API shows it.
 fn handed(view: &Value) -> Handed {
     (
         u16::try_from(view["port"].as_u64().expect("port")).expect("u16"),
@@ -202,6 +204,11 @@ fn handed(view: &Value) -> Handed {
     )
 }
 
+/// 64 clients allocate `320 x scale` ports concurrently (each request on its own
+/// connection): every port is handed out once, and the store and the kernel hold exactly
+/// those, with the policies asked for. All are released concurrently: none stays Active,
+/// and after quarantine the range is whole again. Then 64 clients race for 8 named ports:
+/// each goes to exactly one of them.
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
@@ -343,12 +350,56 @@ fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
         (Some(0), Some(0), Some(0), Some(range)),
         "{status}"
     );
+
+    // The same named port asked for by 8 clients at once: one gets it, 7 are refused.
+    let contested: Vec<u16> = (0..8).map(|n| min + n * 7).collect();
+    let winners: Vec<(u16, String)> = thread::scope(|scope| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|client| {
+                let port = contested[client % contested.len()];
+                scope.spawn(move || {
+                    let owner = format!("contender-{client}");
+                    let body = json!({ "owner": owner, "port": port });
+                    let (status, answer) = api(socket, "POST", "/v1/ports", Some(&body));
+                    match status {
+                        201 => Some((port, owner)),
+                        409 => {
+                            assert_eq!(answer["error"]["code"], "port_unavailable", "{answer}");
+                            None
+                        }
+                        _ => panic!("asking for {port}: {status} {answer}"),
+                    }
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .filter_map(|client| client.join().expect("client thread"))
+            .collect()
+    });
+    let won: BTreeMap<u16, String> = winners.iter().cloned().collect();
+    assert_eq!(
+        won.len(),
+        winners.len(),
+        "a named port was won twice: {winners:?}"
+    );
+    assert_eq!(won.keys().copied().collect::<Vec<_>>(), contested);
+    let listed = daemon.allocations();
+    assert_eq!(listed.len(), contested.len());
+    for (port, owner) in &won {
+        assert_eq!(
+            &listed[port].0, owner,
+            "the store holds another owner for {port}"
+        );
+    }
 }
 
-/// How far the connection rounds have got: connects begun, and connects that got in.
+/// How far the connection rounds have got.
 #[derive(Default)]
 struct Progress {
+    /// Connects begun.
     started: AtomicU64,
+    /// Connects that got in.
     connected: AtomicU64,
 }
 
@@ -382,6 +433,12 @@ fn connect_rounds(to: SocketAddr, connections: usize, workers: usize, progress: 
     retransmitted.into_inner()
 }
 
+/// `2,000 x scale` connections from an allowed source through a port with an allowlist and
+/// a limit, while sources outside the allowlist knock; then the limit held full and more
+/// connections refused for it. The kernel's counters, read through the daemon and
+/// directly, equal what the clients saw: accepted connections exactly, one drop per
+/// refused SYN (retransmissions included, read from `TCP_INFO`); active connections and
+/// connection slots back to 0.
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn thousands_of_connections_are_counted_exactly() {
@@ -577,8 +634,11 @@ impl Versions {
 /// The change counters shared by the flipper and the checkers.
 #[derive(Default)]
 struct PolicyClock {
+    /// Changes begun.
     started: AtomicU64,
+    /// Changes acknowledged.
     done: AtomicU64,
+    /// The checkers stop.
     stop: AtomicBool,
 }
 
@@ -626,6 +686,11 @@ fn wait_for(counter: &AtomicU64, from: u64, by: u64, what: &str) {
     );
 }
 
+/// While the policy changes `40 x scale` times (127.0.0.2 in and out of the allowlist,
+/// authentication on and off), 4 clients ask the daemon's `check` and a thread runs the
+/// `cgroup_skb` program on SYNs against the live maps: every answer is the verdict of a
+/// policy version current at some moment of that check, and each version is checked on
+/// its own by both.
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn concurrent_checks_agree_with_the_policy_while_it_changes() {
@@ -867,6 +932,11 @@ fn is_counter(series: &str) -> bool {
         .any(|suffix| name.ends_with(suffix))
 }
 
+/// `/metrics` scraped without pause (over the API socket and the metrics address in turn)
+/// while `500 x scale` connections go through a port and `40 x scale` allocations come and
+/// go: each scrape parses, no counter goes back, accepted connections and allocations lie
+/// between what had finished and what had begun, the active gauge stays within the limit,
+/// and allocated + free ports make the range. At rest the last scrape is exact.
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn metrics_scraped_during_load_are_consistent() {
