@@ -8,6 +8,7 @@
 //! `target/bench/`.
 
 mod report;
+mod verdict;
 
 use std::{
     fs,
@@ -57,7 +58,7 @@ impl Options {
 type Section = (u8, &'static str, fn(&Options) -> Vec<Figure>);
 
 /// The sections, in the order they run.
-const SECTIONS: &[Section] = &[];
+const SECTIONS: &[Section] = &[(1, verdict::SECTION, verdict::run)];
 
 fn main() -> std::process::ExitCode {
     match run() {
