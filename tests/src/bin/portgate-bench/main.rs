@@ -11,6 +11,7 @@ mod allocation;
 mod checks;
 mod load;
 mod report;
+mod verdict;
 
 use std::{
     fs,
@@ -64,6 +65,7 @@ type Section = (u8, &'static str, fn(&Options) -> Vec<Figure>);
 
 /// The sections, in the order they run.
 const SECTIONS: &[Section] = &[
+    (1, verdict::SECTION, verdict::run),
     (4, "4. Allocation", allocation::run),
     (5, "5. Checks, metrics scrape, `portgate maps`", checks::run),
 ];
