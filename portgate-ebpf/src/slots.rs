@@ -64,10 +64,38 @@ pub fn take(port: u16, max: u32, config: &GateConfig, now: u64) -> bool {
         return false;
     };
     // SAFETY: `row` points into the array's value for `port`.
-    let (slots, last_sweep) = unsafe { (&raw mut (*row).slots, &raw mut (*row).last_sweep_ns) };
+    let slots = unsafe { &raw mut (*row).slots };
     if try_take(slots, max) {
         return true;
     }
+    sweep_if_due(port, config, now) && try_take(slots, max)
+}
+
+/// Whether `port` holds `max` slots or more (0 is unlimited): a plain read, so that a SYN to
+/// a full port is refused before anything is written (a SYN flood on a full port then costs
+/// a lookup, not an insert and a removal). [`take`] still decides atomically.
+#[inline(always)]
+pub fn is_full(port: u16, max: u32) -> bool {
+    if max == 0 {
+        return false;
+    }
+    let Some(row) = row(port) else {
+        return true;
+    };
+    // SAFETY: `row` points into the array's value for `port`; an aligned u64 read is whole.
+    let slots = unsafe { (&raw const (*row).slots).read_volatile() };
+    slots >= u64::from(max)
+}
+
+/// Sweeps expired reservations when `port` has not done so in the last
+/// [`defaults::SWEEP_INTERVAL_NS`] (one CPU wins the turn); returns whether it swept.
+#[inline(always)]
+pub fn sweep_if_due(port: u16, config: &GateConfig, now: u64) -> bool {
+    let Some(row) = row(port) else {
+        return false;
+    };
+    // SAFETY: `row` points into the array's value for `port`.
+    let last_sweep = unsafe { &raw mut (*row).last_sweep_ns };
     // SAFETY: as above; a torn read is impossible for an aligned u64.
     let previous = unsafe { last_sweep.read_volatile() };
     if now.wrapping_sub(previous) < defaults::SWEEP_INTERVAL_NS
@@ -76,7 +104,7 @@ pub fn take(port: u16, max: u32, config: &GateConfig, now: u64) -> bool {
         return false;
     }
     sweep_expired(config, now);
-    try_take(slots, max)
+    true
 }
 
 #[inline(always)]

@@ -160,6 +160,18 @@ fn admit_syn(config: &GateConfig, info: &PacketInfo, policy: &Policy, now: u64) 
         family: info.family,
         _pad: [0; 3],
     };
+    if slots::is_full(info.dport, policy.max_connections) {
+        // A retransmission of an admitted SYN holds its reservation already.
+        // SAFETY: only whether the entry exists is used.
+        if unsafe { PENDING.get(&flow) }.is_some() {
+            return Outcome::Pass;
+        }
+        if !slots::sweep_if_due(info.dport, config, now)
+            || slots::is_full(info.dport, policy.max_connections)
+        {
+            return Outcome::Drop(reason::CONN_LIMIT);
+        }
+    }
     let pending = PendingSyn { created_ns: now };
     match PENDING.insert(flow, pending, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
