@@ -16,11 +16,19 @@ use crate::{
 
 const EEXIST: i32 = 17;
 
-/// `CLOCK_MONOTONIC` now, in nanoseconds.
-#[inline(always)]
-fn now() -> u64 {
-    // SAFETY: the helper has no preconditions.
-    unsafe { bpf_ktime_get_ns() }
+/// `CLOCK_MONOTONIC` in nanoseconds, read at most once per packet, and only when a step
+/// needs it (established traffic never does).
+struct Clock(u64);
+
+impl Clock {
+    #[inline(always)]
+    fn now(&mut self) -> u64 {
+        if self.0 == 0 {
+            // SAFETY: the helper has no preconditions.
+            self.0 = unsafe { bpf_ktime_get_ns() };
+        }
+        self.0
+    }
 }
 
 /// The verdict's answer.
@@ -44,9 +52,10 @@ pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
     if !config.manages(info.dport) {
         return true;
     }
+    let mut clock = Clock(0);
     if hook_code == hook::SKB
         && config.flags & config_flags::XDP_ATTACHED != 0
-        && handoff_take(info, now())
+        && handoff_take(info, clock.now())
     {
         return true;
     }
@@ -58,7 +67,7 @@ pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
             (*row).bytes += bytes;
         }
     }
-    let outcome = decide(config, info);
+    let outcome = decide(config, info, &mut clock);
     match outcome {
         Outcome::Pass => {}
         Outcome::Accept => {
@@ -75,19 +84,19 @@ pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
                     unsafe { (*row).dropped[index] += 1 };
                 }
             }
-            events::emit_packet(config, info, code, hook_code, now());
+            events::emit_packet(config, info, code, hook_code, clock.now());
             return false;
         }
     }
     if hook_code == hook::XDP && config.flags & config_flags::SKB_ATTACHED != 0 {
-        handoff_put(info, now());
+        handoff_put(info, clock.now());
     }
     true
 }
 
 /// First match wins: unallocated, draining, not allowed, auth required, connection limit.
 #[inline(always)]
-fn decide(config: &GateConfig, info: &PacketInfo) -> Outcome {
+fn decide(config: &GateConfig, info: &PacketInfo, clock: &mut Clock) -> Outcome {
     let key = PortKey::new(info.dport, info.proto);
     let new_connection = info.new_connection();
     // SAFETY: the value is copied out at once; userspace replaces whole records.
@@ -107,8 +116,7 @@ fn decide(config: &GateConfig, info: &PacketInfo) -> Outcome {
     if !new_connection {
         return Outcome::Pass;
     }
-    // The clock is read only for new connections: established traffic never needs it.
-    let now = now();
+    let now = clock.now();
     if policy.flags & policy_flags::REQUIRE_AUTH != 0 && !granted(info, now) {
         return Outcome::Drop(reason::AUTH_REQUIRED);
     }
@@ -163,7 +171,7 @@ fn admit_syn(config: &GateConfig, info: &PacketInfo, policy: &Policy, now: u64) 
     if slots::is_full(info.dport, policy.max_connections) {
         // A retransmission of an admitted SYN holds its reservation already.
         // SAFETY: only whether the entry exists is used.
-        if unsafe { PENDING.get(&flow) }.is_some() {
+        if unsafe { PENDING.get(flow) }.is_some() {
             return Outcome::Pass;
         }
         if !slots::sweep_if_due(info.dport, config, now)
