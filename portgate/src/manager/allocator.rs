@@ -26,6 +26,12 @@ use crate::{config::PortConfig, host};
 pub trait SocketTable: Send + Sync {
     /// The ports in `range` that have a socket of `protocol` bound.
     fn bound_ports(&self, protocol: Protocol, range: RangeInclusive<u16>) -> Result<BTreeSet<u16>>;
+
+    /// The bound ports when they are known without reading the tables (a snapshot still
+    /// fresh); `None` when a read is needed.
+    fn fresh(&self, _protocol: Protocol, _range: RangeInclusive<u16>) -> Option<BTreeSet<u16>> {
+        None
+    }
 }
 
 /// The live sockets of this network namespace, from procfs (`/proc/net/{tcp,tcp6,udp,udp6}`).
@@ -71,6 +77,25 @@ impl<T: SocketTable> CachedSockets<T> {
 }
 
 impl<T: SocketTable> SocketTable for CachedSockets<T> {
+    fn fresh(&self, protocol: Protocol, range: RangeInclusive<u16>) -> Option<BTreeSet<u16>> {
+        // Never waits: the lock is held while the tables are read, and the caller is an
+        // async worker. Busy means a read is under way; the caller then waits for it on a
+        // blocking thread.
+        let snapshots = match self.snapshots.try_lock() {
+            Ok(snapshots) => snapshots,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
+        snapshots
+            .iter()
+            .find(|snapshot| {
+                snapshot.protocol == protocol
+                    && snapshot.range == range
+                    && snapshot.taken.elapsed() < self.max_age
+            })
+            .map(|snapshot| snapshot.bound.clone())
+    }
+
     fn bound_ports(&self, protocol: Protocol, range: RangeInclusive<u16>) -> Result<BTreeSet<u16>> {
         if range.start() == range.end() {
             return self.inner.bound_ports(protocol, range);

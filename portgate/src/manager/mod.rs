@@ -249,8 +249,15 @@ impl PortManager {
         self.check_store()?;
         request.owner.uid = actor.uid();
         // The socket tables take milliseconds to read: not under the lock, and not on an
-        // async worker.
-        let bound = {
+        // async worker (a snapshot still fresh is taken as it is, without a thread hop).
+        let range = self.config.min_port..=self.config.max_port;
+        let fresh = match request.port {
+            None => self.sockets.fresh(request.protocol, range),
+            Some(_) => None,
+        };
+        let bound = if let Some(bound) = fresh {
+            bound
+        } else {
             let sockets = Arc::clone(&self.sockets);
             let range = self.config.min_port..=self.config.max_port;
             let probe = request.clone();
