@@ -7,6 +7,9 @@
 //! report is printed as markdown and written, with the raw numbers, as JSON under
 //! `target/bench/`.
 
+mod connrate;
+mod loadgen;
+mod nft;
 mod report;
 
 use std::{
@@ -37,6 +40,9 @@ struct Cli {
     /// The command line to record in the report (`cargo xtask bench` passes its own).
     #[arg(long)]
     command: Option<String>,
+    /// Internal: run one round of sections 2 and 3 (a JSON spec) in this process.
+    #[arg(long, hide = true)]
+    round: Option<String>,
 }
 
 /// What every section is told about the run.
@@ -57,7 +63,10 @@ impl Options {
 type Section = (u8, &'static str, fn(&Options) -> Vec<Figure>);
 
 /// The sections, in the order they run.
-const SECTIONS: &[Section] = &[];
+const SECTIONS: &[Section] = &[
+    (2, connrate::SECTION_LOOPBACK, connrate::loopback),
+    (3, connrate::SECTION_SCALE, connrate::at_scale),
+];
 
 fn main() -> std::process::ExitCode {
     match run() {
@@ -71,6 +80,9 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(spec) = &cli.round {
+        return connrate::child(spec);
+    }
     // The benchmarks need the kernel; without it there is nothing to report.
     anyhow::ensure!(
         require_privileges("portgate-bench"),
