@@ -8,6 +8,7 @@
 //! `target/bench/`.
 
 mod connrate;
+mod daemon_load;
 mod loadgen;
 mod nft;
 mod report;
@@ -66,6 +67,7 @@ type Section = (u8, &'static str, fn(&Options) -> Vec<Figure>);
 const SECTIONS: &[Section] = &[
     (2, connrate::SECTION_LOOPBACK, connrate::loopback),
     (3, connrate::SECTION_SCALE, connrate::at_scale),
+    (6, daemon_load::SECTION, daemon_load::under_load),
 ];
 
 fn main() -> std::process::ExitCode {
