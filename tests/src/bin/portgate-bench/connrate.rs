@@ -183,7 +183,8 @@ struct Plan {
 /// One round as recorded.
 #[derive(Debug, Serialize)]
 struct Round {
-    round: usize,
+    #[serde(rename = "round")]
+    number: usize,
     setup: Setup,
     /// The child's report, or why there is none.
     report: Option<RoundReport>,
@@ -197,7 +198,7 @@ struct Round {
 struct Fixture {
     gate: Gate,
     gated: TestCgroup,
-    plain: TestCgroup,
+    ungated: TestCgroup,
     // Dropped last: uninstalls the gate (detaching it from `gated`).
     _pins: PinDir,
 }
@@ -208,7 +209,7 @@ impl Fixture {
     fn new(plan: &Plan) -> Result<(Self, Duration)> {
         let pins = PinDir::new();
         let gated = TestCgroup::new();
-        let plain = TestCgroup::new();
+        let ungated = TestCgroup::new();
         let mut gate = Gate::install(&GateSettings {
             pin_dir: pins.path().to_owned(),
             min_port: MIN_PORT,
@@ -236,7 +237,7 @@ impl Fixture {
             Self {
                 gate,
                 gated,
-                plain,
+                ungated,
                 _pins: pins,
             },
             took,
@@ -270,7 +271,7 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
         Err(err) => (None, Err(format!("{err:#}"))),
     };
     // The plain cgroup for the other set-ups; the gate's when it failed (nothing attached).
-    let plain_cgroup = fixture.as_ref().map(|f| f.plain.path().to_owned());
+    let plain_cgroup = fixture.as_ref().map(|f| f.ungated.path().to_owned());
     let fallback_cgroup = if plain_cgroup.is_none() {
         Some(TestCgroup::new())
     } else {
@@ -310,7 +311,7 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
     for round in 0..rounds {
         for setup in Setup::ALL {
             let mut record = Round {
-                round,
+                number: round,
                 setup,
                 report: None,
                 error: None,
@@ -349,7 +350,7 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
                         setup.label(),
                         report.load.rate,
                         report.load.process_cpu_us_per_connection,
-                        100.0 * report.load.machine.busy_s / report.load.machine.total_s.max(1e-9),
+                        100.0 * report.load.machine.busy / report.load.machine.total.max(1e-9),
                         report.load.failures,
                         report.load.slow_connects,
                     );
@@ -462,12 +463,16 @@ impl Metric {
     /// `top / bottom` within each round where both ran: slow drift and the load of other
     /// work on the machine cancel out better than in a ratio of medians.
     fn ratios(self, all: &[Round], top: Setup, bottom: Setup) -> Vec<f64> {
-        let rounds = all.iter().map(|r| r.round).max().map_or(0, |last| last + 1);
+        let rounds = all
+            .iter()
+            .map(|r| r.number)
+            .max()
+            .map_or(0, |last| last + 1);
         (0..rounds)
             .filter_map(|round| {
                 let find = |setup: Setup| {
                     all.iter()
-                        .find(|r| r.round == round && r.setup == setup)
+                        .find(|r| r.number == round && r.setup == setup)
                         .and_then(|r| self.of(r))
                 };
                 match (find(top), find(bottom)) {
@@ -479,8 +484,11 @@ impl Metric {
     }
 }
 
+/// A ratio's target: its words and its bound.
+type RatioTarget = Option<(&'static str, f64)>;
+
 /// The targets of the ratios: portgate within 3% of no gate, ahead of nftables.
-const RATIOS: [(Setup, Setup, Option<(&str, f64)>); 3] = [
+const RATIOS: [(Setup, Setup, RatioTarget); 3] = [
     (
         Setup::Portgate,
         Setup::NoGate,
@@ -494,7 +502,7 @@ const RATIOS: [(Setup, Setup, Option<(&str, f64)>); 3] = [
     ),
 ];
 
-fn meets(target: Option<(&str, f64)>, value: f64) -> bool {
+fn meets(target: RatioTarget, value: f64) -> bool {
     match target {
         Some((text, bound)) if text.starts_with('>') && !text.starts_with(">=") => value > bound,
         Some((_, bound)) => value >= bound,
@@ -538,29 +546,25 @@ fn figures(
     }
     let ratio_figure = |metric: Metric, top: Setup, bottom: Setup, target, name: String| {
         let values = metric.ratios(all, top, bottom);
-        match median(&values) {
-            Some(value) => {
-                let mut figure = Figure::measured(section, name, value, "x");
-                if let Some((text, _)) = target {
-                    figure = figure.target(text, |v| meets(target, v));
-                }
-                figure.raw(json!({
-                    "per_round": values,
-                    "how": "median over rounds of the ratio within each round",
-                }))
+        let Some(value) = median(&values) else {
+            let why = [top, bottom]
+                .into_iter()
+                .find(|setup| metric.values(all, *setup).is_empty())
+                .map_or_else(|| "no round with both".to_owned(), first_error);
+            let mut figure = Figure::failed(section, name, why);
+            if let Some((text, _)) = target {
+                figure = figure.target(text, |_| false);
             }
-            None => {
-                let why = [top, bottom]
-                    .into_iter()
-                    .find(|setup| metric.values(all, *setup).is_empty())
-                    .map_or_else(|| "no round with both".to_owned(), first_error);
-                let mut figure = Figure::failed(section, name, why);
-                if let Some((text, _)) = target {
-                    figure = figure.target(text, |_| false);
-                }
-                figure
-            }
+            return figure;
+        };
+        let mut figure = Figure::measured(section, name, value, "x");
+        if let Some((text, _)) = target {
+            figure = figure.target(text, |v| meets(target, v));
         }
+        figure.raw(json!({
+            "per_round": values,
+            "how": "median over rounds of the ratio within each round",
+        }))
     };
     for (top, bottom, target) in RATIOS {
         let name = format!("Rate ratio {} / {}", top.label(), bottom.label());
@@ -610,7 +614,7 @@ fn figures(
         if load.accepted != load.connections {
             problems.push(format!(
                 "round {} {}: the server accepted {} of {} connections",
-                r.round + 1,
+                r.number + 1,
                 r.setup.label(),
                 load.accepted,
                 load.connections
@@ -622,7 +626,7 @@ fn figures(
         {
             problems.push(format!(
                 "round {} portgate: the gate accepted {:?} and dropped {:?} for {} connects",
-                r.round + 1,
+                r.number + 1,
                 r.gate_accepted,
                 r.gate_dropped,
                 load.connections + load.failures
@@ -634,7 +638,7 @@ fn figures(
             if dropped != 0 || hits.passed < load.connections {
                 problems.push(format!(
                     "round {} nftables: the rules dropped {dropped} packets and passed {} for {} connections",
-                    r.round + 1,
+                    r.number + 1,
                     hits.passed,
                     load.connections
                 ));
@@ -708,18 +712,16 @@ fn run_child(spec: &RoundSpec) -> Result<RoundReport> {
     });
     // The load, its drain, and up to two minutes for nft -f of a large ruleset.
     let limit = spec.shape.warmup + spec.shape.measure + Duration::from_secs(150);
-    let output = match receiver.recv_timeout(limit) {
-        Ok(output) => output.context("waiting for the round's child")?,
-        Err(_) => {
-            // Our own child, by its id.
-            let _killed = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-            let _reaped = receiver.recv_timeout(Duration::from_secs(10));
-            bail!("the round did not end within {} s", limit.as_secs());
-        }
+    let Ok(output) = receiver.recv_timeout(limit) else {
+        // Our own child, by its id.
+        let _killed = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _reaped = receiver.recv_timeout(Duration::from_secs(10));
+        bail!("the round did not end within {} s", limit.as_secs());
     };
+    let output = output.context("waiting for the round's child")?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let stderr = String::from_utf8_lossy(&output.stderr);
     if !output.status.success() {

@@ -83,11 +83,11 @@ pub struct LoadOutcome {
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
 pub struct MachineCpu {
     /// Busy time (all but idle and iowait), seconds.
-    pub busy_s: f64,
+    pub busy: f64,
     /// Of which softirq, seconds.
-    pub softirq_s: f64,
+    pub softirq: f64,
     /// All time, seconds (wall time times CPUs).
-    pub total_s: f64,
+    pub total: f64,
 }
 
 impl MachineCpu {
@@ -107,9 +107,9 @@ impl MachineCpu {
         // user nice system idle iowait irq softirq steal ...
         let total: f64 = (0..8).map(field).sum();
         Self {
-            busy_s: total - field(3) - field(4),
-            softirq_s: field(6),
-            total_s: total,
+            busy: total - field(3) - field(4),
+            softirq: field(6),
+            total,
         }
     }
 
@@ -117,9 +117,9 @@ impl MachineCpu {
     #[must_use]
     pub fn since(self, earlier: Self) -> Self {
         Self {
-            busy_s: self.busy_s - earlier.busy_s,
-            softirq_s: self.softirq_s - earlier.softirq_s,
-            total_s: self.total_s - earlier.total_s,
+            busy: self.busy - earlier.busy,
+            softirq: self.softirq - earlier.softirq,
+            total: self.total - earlier.total,
         }
     }
 }

@@ -117,7 +117,7 @@ pub struct Machine {
     pub cpu: String,
     /// Online CPUs.
     pub cpus: usize,
-    /// Memory (MemTotal) in MiB.
+    /// Memory (`MemTotal`) in MiB.
     pub memory_mib: u64,
 }
 
