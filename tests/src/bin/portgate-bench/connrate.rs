@@ -194,11 +194,10 @@ struct Round {
     gate_dropped: Option<u64>,
 }
 
-/// The gate and cgroups of one section, set up once.
+/// The gate of one section and the cgroup it is attached to, set up once.
 struct Fixture {
     gate: Gate,
     gated: TestCgroup,
-    ungated: TestCgroup,
     // Dropped last: uninstalls the gate (detaching it from `gated`).
     _pins: PinDir,
 }
@@ -209,7 +208,6 @@ impl Fixture {
     fn new(plan: &Plan) -> Result<(Self, Duration)> {
         let pins = PinDir::new();
         let gated = TestCgroup::new();
-        let ungated = TestCgroup::new();
         let mut gate = Gate::install(&GateSettings {
             pin_dir: pins.path().to_owned(),
             min_port: MIN_PORT,
@@ -237,7 +235,6 @@ impl Fixture {
             Self {
                 gate,
                 gated,
-                ungated,
                 _pins: pins,
             },
             took,
@@ -270,19 +267,8 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
         Ok((fixture, took)) => (Some(fixture), Ok(took)),
         Err(err) => (None, Err(format!("{err:#}"))),
     };
-    // The plain cgroup for the other set-ups; the gate's when it failed (nothing attached).
-    let plain_cgroup = fixture.as_ref().map(|f| f.ungated.path().to_owned());
-    let fallback_cgroup = if plain_cgroup.is_none() {
-        Some(TestCgroup::new())
-    } else {
-        None
-    };
-    let plain_path = plain_cgroup.unwrap_or_else(|| {
-        fallback_cgroup
-            .as_ref()
-            .map(|c| c.path().to_owned())
-            .expect("a cgroup")
-    });
+    // The other set-ups' servers: a sibling cgroup with nothing attached.
+    let ungated = TestCgroup::new();
 
     // nftables: the ruleset file, written once; loaded by each round's child.
     let rules_dir = tempfile::Builder::new()
@@ -321,7 +307,7 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
             let result = match setup {
                 Setup::NoGate => run_child(&RoundSpec {
                     setup,
-                    cgroup: plain_path.clone(),
+                    cgroup: ungated.path().to_owned(),
                     port,
                     nft_rules: None,
                     shape,
@@ -334,7 +320,7 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
                 Setup::Nftables => match &nft_rules {
                     Ok((path, _)) => run_child(&RoundSpec {
                         setup,
-                        cgroup: plain_path.clone(),
+                        cgroup: ungated.path().to_owned(),
                         port,
                         nft_rules: Some(path.clone()),
                         shape,
@@ -368,8 +354,8 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
             all.push(record);
         }
     }
-    drop(fallback_cgroup);
     drop(fixture);
+    drop(ungated);
 
     let nft_load: Vec<f64> = all
         .iter()

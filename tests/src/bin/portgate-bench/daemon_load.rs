@@ -195,6 +195,12 @@ fn measure(options: &Options) -> Result<Vec<Figure>> {
         .into_inner()
         .unwrap_or_default()
         .max(load_end.rss_mib);
+    // VmHWM trails VmRSS by the kernel's batched RSS accounting: the peak is the larger.
+    let high_water = load_end
+        .hwm_mib
+        .max(peak_rss)
+        .max(idle_end.rss_mib)
+        .max(allocated.rss_mib);
     let skb = usize::from(hook::SKB);
     let gate_accepted = counters_after.hooks[skb].accepted - counters_before.hooks[skb].accepted;
     let gate_dropped = counters_after.hooks[skb].dropped.iter().sum::<u64>()
@@ -256,7 +262,7 @@ fn measure(options: &Options) -> Result<Vec<Figure>> {
         Figure::measured(
             SECTION,
             "Daemon peak RSS over the whole run (VmHWM, allocation included)",
-            load_end.hwm_mib,
+            high_water,
             "MiB",
         )
         .target("< 128 MB (spec)", |v| v * 1024.0 * 1024.0 < SPEC_BYTES),
