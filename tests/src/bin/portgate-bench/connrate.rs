@@ -107,8 +107,6 @@ pub struct RoundReport {
     pub nft_hits: Option<RuleHits>,
     /// How long deleting the table took, seconds (nftables rounds).
     pub nft_unload_s: Option<f64>,
-    /// Conntrack entries in the namespace after the load, when conntrack was loaded.
-    pub conntrack_entries: Option<u64>,
     /// The namespace's TCP counters after the load (accept-queue overflows, lost SYNs).
     pub tcp: std::collections::BTreeMap<String, u64>,
 }
@@ -750,15 +748,11 @@ pub fn child(spec: &str) -> Result<()> {
     } else {
         (None, None)
     };
-    let conntrack_entries = fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
-        .ok()
-        .and_then(|text| text.trim().parse().ok());
     let report = RoundReport {
         load,
         nft_load_s,
         nft_hits,
         nft_unload_s,
-        conntrack_entries,
         tcp: loadgen::tcp_counters(),
     };
     println!("{}", serde_json::to_string(&report)?);
