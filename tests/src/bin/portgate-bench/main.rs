@@ -9,7 +9,11 @@
 
 mod allocation;
 mod checks;
+mod connrate;
+mod daemon_load;
 mod load;
+mod loadgen;
+mod nft;
 mod report;
 mod verdict;
 
@@ -44,6 +48,9 @@ struct Cli {
     /// The command line to record in the report (`cargo xtask bench` passes its own).
     #[arg(long)]
     command: Option<String>,
+    /// Internal: run one round of sections 2 and 3 (a JSON spec) in this process.
+    #[arg(long, hide = true)]
+    round: Option<String>,
 }
 
 /// What every section is told about the run.
@@ -66,8 +73,11 @@ type Section = (u8, &'static str, fn(&Options) -> Vec<Figure>);
 /// The sections, in the order they run.
 const SECTIONS: &[Section] = &[
     (1, verdict::SECTION, verdict::run),
+    (2, connrate::SECTION_LOOPBACK, connrate::loopback),
+    (3, connrate::SECTION_SCALE, connrate::at_scale),
     (4, "4. Allocation", allocation::run),
     (5, "5. Checks, metrics scrape, `portgate maps`", checks::run),
+    (6, daemon_load::SECTION, daemon_load::under_load),
 ];
 
 fn main() -> std::process::ExitCode {
@@ -82,6 +92,9 @@ fn main() -> std::process::ExitCode {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(spec) = &cli.round {
+        return connrate::child(spec);
+    }
     // The benchmarks need the kernel; without it there is nothing to report.
     anyhow::ensure!(
         require_privileges("portgate-bench"),

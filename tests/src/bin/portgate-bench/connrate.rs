@@ -1,0 +1,796 @@
+//! Sections 2 and 3: the connection-setup rate over loopback to a server in a test
+//! cgroup, with no gate, with portgate and with the nftables equivalent, the three
+//! alternated round by round.
+//!
+//! Each round is a child process (this binary with the hidden `--round` option) that
+//! `unshare(2)`s a network namespace of its own, so no conntrack entry, nftables rule or
+//! socket of one round is seen by the next, and nothing outlives the round: the namespace
+//! goes when the child exits. The child puts its listener in the round's cgroup (the
+//! gated one for portgate, an ungated sibling otherwise), runs the load from
+//! [`crate::loadgen`], and prints one JSON line. The gate is installed once per section by
+//! this process, attached to the gated cgroup, which only portgate rounds use.
+
+use std::{
+    fs,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use ipnet::{IpNet, Ipv4Net};
+use portgate::{
+    gate::{Gate, GateSettings, PortCounters},
+    policy::{PortPolicy, Protocol},
+    system,
+};
+use portgate_common::hook;
+use portgate_tests::common::{PinDir, TestCgroup};
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::{
+    Options,
+    loadgen::{self, LoadOutcome, LoadShape},
+    nft::{self, NftPort, RuleHits},
+    report::Figure,
+};
+
+/// Section 2's title.
+pub const SECTION_LOOPBACK: &str = "2. Connection setup rate over loopback";
+/// Section 3's title.
+pub const SECTION_SCALE: &str = "3. Connection setup rate with 10,000 ports x 100 prefixes";
+
+/// The managed range of the benchmark's gate and rules.
+const MIN_PORT: u16 = 20_000;
+const MAX_PORT: u16 = 29_999;
+/// The connection limit of every port: far above the client's concurrency, so that no
+/// legitimate connection is refused.
+const MAX_CONNECTIONS: u32 = 1_000;
+/// Client threads (connect, close with RST) and server threads (accept, close): on two
+/// cores, two clients and one server keep both busy (the kernel's side of a loopback
+/// connect runs in the connecting thread).
+const CLIENT_THREADS: usize = 2;
+const SERVER_THREADS: usize = 1;
+
+/// The three set-ups.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Setup {
+    /// Nothing between client and server.
+    NoGate,
+    /// portgate's programs on the server's cgroup.
+    Portgate,
+    /// The nftables rules in the round's namespace.
+    Nftables,
+}
+
+impl Setup {
+    const ALL: [Self; 3] = [Self::NoGate, Self::Portgate, Self::Nftables];
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::NoGate => "no gate",
+            Self::Portgate => "portgate",
+            Self::Nftables => "nftables",
+        }
+    }
+}
+
+/// What a round's child is told (as JSON after `--round`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoundSpec {
+    /// The set-up.
+    pub setup: Setup,
+    /// The cgroup the listener is made in.
+    pub cgroup: PathBuf,
+    /// The server's port.
+    pub port: u16,
+    /// The nftables ruleset to load (nftables rounds).
+    pub nft_rules: Option<PathBuf>,
+    /// The load.
+    pub shape: LoadShape,
+}
+
+/// What a round's child reports (one JSON line on stdout).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoundReport {
+    /// The load's outcome.
+    pub load: LoadOutcome,
+    /// How long `nft -f` took, seconds (nftables rounds).
+    pub nft_load_s: Option<f64>,
+    /// The rules' counters after the load (nftables rounds).
+    pub nft_hits: Option<RuleHits>,
+    /// How long deleting the table took, seconds (nftables rounds).
+    pub nft_unload_s: Option<f64>,
+    /// The namespace's TCP counters after the load (accept-queue overflows, lost SYNs).
+    pub tcp: std::collections::BTreeMap<String, u64>,
+}
+
+/// Section 2: one managed port with an allowlist and a limit.
+pub fn loopback(options: &Options) -> Vec<Figure> {
+    let port = MIN_PORT + 1;
+    let plan = Plan {
+        ports: vec![(port, vec![client_prefix()])],
+        measured: port,
+        description: "one managed port; allowlist 127.0.0.1/32, max_connections 1000",
+    };
+    compare(SECTION_LOOPBACK, options, &plan)
+}
+
+/// Section 3: 10,000 managed ports with 100 prefixes each.
+pub fn at_scale(options: &Options) -> Vec<Figure> {
+    let measured = 25_000;
+    let ports = (MIN_PORT..=MAX_PORT)
+        .map(|port| {
+            let mut prefixes = random_prefixes(port, if port == measured { 99 } else { 100 });
+            if port == measured {
+                prefixes.push(client_prefix());
+            }
+            (port, prefixes)
+        })
+        .collect();
+    let plan = Plan {
+        ports,
+        measured,
+        description: "ports 20000-29999 each with 100 non-overlapping random IPv4 prefixes \
+                      (/16 to /32, seeded by the port) and max_connections 1000; the measured \
+                      port's 100 include 127.0.0.1/32",
+    };
+    compare(SECTION_SCALE, options, &plan)
+}
+
+/// The client's source, 127.0.0.1/32.
+fn client_prefix() -> Ipv4Net {
+    Ipv4Net::new(Ipv4Addr::LOCALHOST, 32).expect("a /32")
+}
+
+/// `count` non-overlapping IPv4 prefixes (lengths 16 to 32, outside 127/8), the same for
+/// the same port on every run.
+fn random_prefixes(port: u16, count: usize) -> Vec<Ipv4Net> {
+    let loopback: Ipv4Net = "127.0.0.0/8".parse().expect("127/8");
+    let mut rng = StdRng::seed_from_u64(u64::from(port));
+    let mut chosen: Vec<Ipv4Net> = Vec::with_capacity(count);
+    while chosen.len() < count {
+        let len = rng.random_range(16..=32);
+        let prefix = Ipv4Net::new(Ipv4Addr::from(rng.random::<u32>()), len)
+            .expect("a valid length")
+            .trunc();
+        let overlaps = |other: &Ipv4Net| other.contains(&prefix) || prefix.contains(other);
+        if !overlaps(&loopback) && !chosen.iter().any(overlaps) {
+            chosen.push(prefix);
+        }
+    }
+    chosen
+}
+
+/// The policy a section measures with.
+struct Plan {
+    /// Every managed port and its allowlist (each with [`MAX_CONNECTIONS`]).
+    ports: Vec<(u16, Vec<Ipv4Net>)>,
+    /// The port the server listens on.
+    measured: u16,
+    /// The policy in words, for the raw numbers.
+    description: &'static str,
+}
+
+/// One round as recorded.
+#[derive(Debug, Serialize)]
+struct Round {
+    #[serde(rename = "round")]
+    number: usize,
+    setup: Setup,
+    /// The child's report, or why there is none.
+    report: Option<RoundReport>,
+    error: Option<String>,
+    /// portgate rounds: the gate's `cgroup_skb` counters of the port over the round.
+    gate_accepted: Option<u64>,
+    gate_dropped: Option<u64>,
+}
+
+/// The gate of one section and the cgroup it is attached to, set up once.
+struct Fixture {
+    gate: Gate,
+    gated: TestCgroup,
+    // Dropped last: uninstalls the gate (detaching it from `gated`).
+    _pins: PinDir,
+}
+
+impl Fixture {
+    /// Installs the gate, attaches it to a fresh cgroup and writes the plan's policies;
+    /// returns the fixture and how long the policies took to write.
+    fn new(plan: &Plan) -> Result<(Self, Duration)> {
+        let pins = PinDir::new();
+        let gated = TestCgroup::new();
+        let mut gate = Gate::install(&GateSettings {
+            pin_dir: pins.path().to_owned(),
+            min_port: MIN_PORT,
+            max_port: MAX_PORT,
+            ..GateSettings::default()
+        })
+        .context("installing the gate")?;
+        gate.attach_cgroup(gated.path())
+            .context("attaching the gate to the test cgroup")?;
+        let start = Instant::now();
+        for (port, prefixes) in &plan.ports {
+            gate.set_policy(
+                *port,
+                Protocol::Tcp,
+                &PortPolicy {
+                    allow: prefixes.iter().copied().map(IpNet::V4).collect(),
+                    max_connections: MAX_CONNECTIONS,
+                    ..PortPolicy::default()
+                },
+            )
+            .with_context(|| format!("setting the policy of {port}"))?;
+        }
+        let took = start.elapsed();
+        Ok((
+            Self {
+                gate,
+                gated,
+                _pins: pins,
+            },
+            took,
+        ))
+    }
+
+    fn counters(&self, port: u16) -> Result<PortCounters> {
+        Ok(self.gate.counters(port, Protocol::Tcp)?)
+    }
+}
+
+#[expect(clippy::too_many_lines, reason = "the section's steps, in order")]
+fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
+    let rounds = options.pick(7, 3);
+    let shape = LoadShape {
+        client_threads: CLIENT_THREADS,
+        server_threads: SERVER_THREADS,
+        warmup: Duration::from_millis(options.pick(500, 250)),
+        measure: Duration::from_secs(options.pick(2, 1)),
+    };
+    let prefixes: usize = plan.ports.iter().map(|(_, prefixes)| prefixes.len()).sum();
+
+    // portgate: the gate, once for the section.
+    eprintln!(
+        "portgate-bench: writing {} port policies ({prefixes} prefixes)",
+        plan.ports.len()
+    );
+    let fixture = Fixture::new(plan);
+    let (fixture, gate_setup) = match fixture {
+        Ok((fixture, took)) => (Some(fixture), Ok(took)),
+        Err(err) => (None, Err(format!("{err:#}"))),
+    };
+    // The other set-ups' servers: a sibling cgroup with nothing attached.
+    let ungated = TestCgroup::new();
+
+    // nftables: the ruleset file, written once; loaded by each round's child.
+    let rules_dir = tempfile::Builder::new()
+        .prefix("portgate-bench-nft-")
+        .tempdir();
+    let nft_rules: Result<(PathBuf, String)> = (|| {
+        let version = nft::version()?;
+        let dir = rules_dir.as_ref().map_err(|err| anyhow!("{err}"))?;
+        let ports: Vec<NftPort> = plan
+            .ports
+            .iter()
+            .map(|(port, allow)| NftPort {
+                port: *port,
+                allow: allow.clone(),
+                max_connections: MAX_CONNECTIONS,
+            })
+            .collect();
+        let path = dir.path().join("ruleset.nft");
+        fs::write(&path, nft::ruleset(&ports, MIN_PORT, MAX_PORT))
+            .context("writing the nftables ruleset")?;
+        Ok((path, version))
+    })();
+
+    let port = plan.measured;
+    let mut all: Vec<Round> = Vec::new();
+    for round in 0..rounds {
+        for setup in Setup::ALL {
+            let mut record = Round {
+                number: round,
+                setup,
+                report: None,
+                error: None,
+                gate_accepted: None,
+                gate_dropped: None,
+            };
+            let result = match setup {
+                Setup::NoGate => run_child(&RoundSpec {
+                    setup,
+                    cgroup: ungated.path().to_owned(),
+                    port,
+                    nft_rules: None,
+                    shape,
+                }),
+                Setup::Portgate => match (&fixture, &gate_setup) {
+                    (Some(fixture), _) => portgate_round(fixture, port, shape, &mut record),
+                    (None, Err(err)) => Err(anyhow!("the gate's set-up failed: {err}")),
+                    (None, Ok(_)) => Err(anyhow!("no gate")),
+                },
+                Setup::Nftables => match &nft_rules {
+                    Ok((path, _)) => run_child(&RoundSpec {
+                        setup,
+                        cgroup: ungated.path().to_owned(),
+                        port,
+                        nft_rules: Some(path.clone()),
+                        shape,
+                    }),
+                    Err(err) => Err(anyhow!("{err:#}")),
+                },
+            };
+            match result {
+                Ok(report) => {
+                    eprintln!(
+                        "portgate-bench:   round {} {}: {:.0} conn/s, {:.1} us CPU/conn, machine {:.0}% busy ({} failed, {} slow)",
+                        round + 1,
+                        setup.label(),
+                        report.load.rate,
+                        report.load.process_cpu_us_per_connection,
+                        100.0 * report.load.machine.busy / report.load.machine.total.max(1e-9),
+                        report.load.failures,
+                        report.load.slow_connects,
+                    );
+                    record.report = Some(report);
+                }
+                Err(err) => {
+                    eprintln!(
+                        "portgate-bench:   round {} {}: failed: {err:#}",
+                        round + 1,
+                        setup.label()
+                    );
+                    record.error = Some(format!("{err:#}"));
+                }
+            }
+            all.push(record);
+        }
+    }
+    drop(fixture);
+    drop(ungated);
+
+    let nft_load: Vec<f64> = all
+        .iter()
+        .filter_map(|r| r.report.as_ref()?.nft_load_s)
+        .collect();
+    let configuration = json!({
+        "policy": plan.description,
+        "managed_range": format!("{MIN_PORT}-{MAX_PORT}"),
+        "ports": plan.ports.len(),
+        "prefixes": prefixes,
+        "measured_port": port,
+        "client_threads": shape.client_threads,
+        "server_threads": shape.server_threads,
+        "client": "socket, SO_LINGER 0 and SO_SNDTIMEO 2 s, blocking connect to 127.0.0.1, close (RST); no TIME_WAIT",
+        "server": "blocking accept, close",
+        "warmup_s": shape.warmup.as_secs_f64(),
+        "measure_s": shape.measure.as_secs_f64(),
+        "rounds": rounds,
+        "order": "no gate, portgate, nftables, repeated; each round in a fresh network namespace (child process)",
+        "portgate": "cgroup_skb ingress + sock_ops + bind4/6 on the server's test cgroup; the gate is installed once per section",
+        "portgate_policy_write_s": gate_setup.as_ref().ok().map(Duration::as_secs_f64),
+        "nftables": "table inet: input hook chain, policy accept: `tcp dport vmap { port : jump port_<port> }` and `tcp dport 20000-29999 ct state new drop`; chain port_<port>: `ip saddr != @allow_<port> drop`, `meta nfproto ipv6 drop`, `ct state new ct count over 1000 drop`, `counter accept`; allow_<port>: ipv4_addr interval set of the port's prefixes; loaded with `nft -f` in each nftables round",
+        "nft_version": nft_rules.as_ref().ok().map(|(_, version)| version.clone()),
+        "nft_load_s": nft_load,
+    });
+    let rounds_raw = serde_json::to_value(&all).unwrap_or_default();
+    figures(
+        section,
+        &all,
+        &configuration,
+        &rounds_raw,
+        plan,
+        &gate_setup,
+    )
+}
+
+/// A portgate round: the child on the gated cgroup, the gate's counters around it.
+fn portgate_round(
+    fixture: &Fixture,
+    port: u16,
+    shape: LoadShape,
+    record: &mut Round,
+) -> Result<RoundReport> {
+    let before = fixture.counters(port)?;
+    let report = run_child(&RoundSpec {
+        setup: Setup::Portgate,
+        cgroup: fixture.gated.path().to_owned(),
+        port,
+        nft_rules: None,
+        shape,
+    })?;
+    let after = fixture.counters(port)?;
+    let skb = usize::from(hook::SKB);
+    record.gate_accepted = Some(after.hooks[skb].accepted - before.hooks[skb].accepted);
+    record.gate_dropped = Some(
+        after.hooks[skb].dropped.iter().sum::<u64>()
+            - before.hooks[skb].dropped.iter().sum::<u64>(),
+    );
+    Ok(report)
+}
+
+/// A per-round number of a set-up: the wall-clock rate, or connections per CPU-second.
+#[derive(Clone, Copy)]
+enum Metric {
+    Rate,
+    PerCpuSecond,
+}
+
+impl Metric {
+    fn of(self, round: &Round) -> Option<f64> {
+        let load = &round.report.as_ref()?.load;
+        match self {
+            Self::Rate => Some(load.rate),
+            Self::PerCpuSecond if load.process_cpu_s > 0.0 => {
+                #[expect(clippy::cast_precision_loss, reason = "a count far below 2^52")]
+                let made = load.measured_connections as f64;
+                Some(made / load.process_cpu_s)
+            }
+            Self::PerCpuSecond => None,
+        }
+    }
+
+    /// The values of `setup`, one per round that ran.
+    fn values(self, all: &[Round], setup: Setup) -> Vec<f64> {
+        all.iter()
+            .filter(|r| r.setup == setup)
+            .filter_map(|r| self.of(r))
+            .collect()
+    }
+
+    /// `top / bottom` within each round where both ran: slow drift and the load of other
+    /// work on the machine cancel out better than in a ratio of medians.
+    fn ratios(self, all: &[Round], top: Setup, bottom: Setup) -> Vec<f64> {
+        let rounds = all
+            .iter()
+            .map(|r| r.number)
+            .max()
+            .map_or(0, |last| last + 1);
+        (0..rounds)
+            .filter_map(|round| {
+                let find = |setup: Setup| {
+                    all.iter()
+                        .find(|r| r.number == round && r.setup == setup)
+                        .and_then(|r| self.of(r))
+                };
+                match (find(top), find(bottom)) {
+                    (Some(top), Some(bottom)) if bottom > 0.0 => Some(top / bottom),
+                    _ => None,
+                }
+            })
+            .collect()
+    }
+}
+
+/// A ratio's target: its words and its bound.
+type RatioTarget = Option<(&'static str, f64)>;
+
+/// The targets of the ratios: portgate within 3% of no gate, ahead of nftables.
+const RATIOS: [(Setup, Setup, RatioTarget); 3] = [
+    (
+        Setup::Portgate,
+        Setup::NoGate,
+        Some((">= 0.97 (ours: within 3% of no gate)", 0.97)),
+    ),
+    (Setup::Nftables, Setup::NoGate, None),
+    (
+        Setup::Portgate,
+        Setup::Nftables,
+        Some(("> 1 (ours: ahead of nftables)", 1.0)),
+    ),
+];
+
+fn meets(target: RatioTarget, value: f64) -> bool {
+    match target {
+        Some((text, bound)) if text.starts_with('>') && !text.starts_with(">=") => value > bound,
+        Some((_, bound)) => value >= bound,
+        None => true,
+    }
+}
+
+#[expect(clippy::too_many_lines, reason = "one figure after another")]
+fn figures(
+    section: &str,
+    all: &[Round],
+    configuration: &serde_json::Value,
+    rounds_raw: &serde_json::Value,
+    plan: &Plan,
+    gate_setup: &Result<Duration, String>,
+) -> Vec<Figure> {
+    let first_error = |setup: Setup| -> String {
+        all.iter()
+            .filter(|r| r.setup == setup)
+            .find_map(|r| r.error.clone())
+            .unwrap_or_else(|| "no round ran".to_owned())
+    };
+    let mut figures = Vec::new();
+    for setup in Setup::ALL {
+        let values = Metric::Rate.values(all, setup);
+        let name = format!("Connections/s, {} (median of rounds)", setup.label());
+        figures.push(match median(&values) {
+            Some(value) => {
+                let mut figure = Figure::measured(section, name, value, "conn/s");
+                if setup == Setup::Portgate {
+                    figure = figure.target(">= 10,000 conn/s (spec)", |v| v >= 10_000.0);
+                }
+                let mut raw = json!({ "rounds": values });
+                if setup == Setup::NoGate {
+                    raw["configuration"] = configuration.clone();
+                }
+                figure.raw(raw)
+            }
+            None => Figure::failed(section, name, first_error(setup)),
+        });
+    }
+    let ratio_figure = |metric: Metric, top: Setup, bottom: Setup, target, name: String| {
+        let values = metric.ratios(all, top, bottom);
+        let Some(value) = median(&values) else {
+            let why = [top, bottom]
+                .into_iter()
+                .find(|setup| metric.values(all, *setup).is_empty())
+                .map_or_else(|| "no round with both".to_owned(), first_error);
+            let mut figure = Figure::failed(section, name, why);
+            if let Some((text, _)) = target {
+                figure = figure.target(text, |_| false);
+            }
+            return figure;
+        };
+        let mut figure = Figure::measured(section, name, value, "x");
+        if let Some((text, _)) = target {
+            figure = figure.target(text, |v| meets(target, v));
+        }
+        figure.raw(json!({
+            "per_round": values,
+            "how": "median over rounds of the ratio within each round",
+        }))
+    };
+    for (top, bottom, target) in RATIOS {
+        let name = format!("Rate ratio {} / {}", top.label(), bottom.label());
+        figures.push(ratio_figure(Metric::Rate, top, bottom, target, name));
+    }
+    // The machine is shared (other work takes CPU at random moments), so the same figures
+    // per CPU-second of the benchmark process: what each set-up costs, whatever the load.
+    for setup in Setup::ALL {
+        let values = Metric::PerCpuSecond.values(all, setup);
+        let name = format!(
+            "CPU per connection, {} (client + server + kernel, median)",
+            setup.label()
+        );
+        figures.push(match median(&values) {
+            Some(value) => Figure::measured(section, name, 1e6 / value, "us").raw(json!({
+                "rounds_us": values.iter().map(|v| 1e6 / v).collect::<Vec<_>>(),
+                "how": "CPU time of the benchmark process (all threads, user + system; the kernel's loopback work runs in them) over the measured time, per connection made",
+            })),
+            None => Figure::failed(section, name, first_error(setup)),
+        });
+    }
+    for (top, bottom, target) in [RATIOS[0], RATIOS[2]] {
+        let name = format!(
+            "Connections per CPU-second ratio {} / {}",
+            top.label(),
+            bottom.label()
+        );
+        figures.push(ratio_figure(
+            Metric::PerCpuSecond,
+            top,
+            bottom,
+            target,
+            name,
+        ));
+    }
+
+    // Every connection accepted everywhere, and each gate saw them.
+    let failures: u64 = all
+        .iter()
+        .filter_map(|r| r.report.as_ref())
+        .map(|r| r.load.failures)
+        .sum();
+    let mut problems: Vec<String> = Vec::new();
+    for r in all {
+        let Some(report) = &r.report else { continue };
+        let load = &report.load;
+        if load.accepted != load.connections {
+            problems.push(format!(
+                "round {} {}: the server accepted {} of {} connections",
+                r.number + 1,
+                r.setup.label(),
+                load.accepted,
+                load.connections
+            ));
+        }
+        if r.setup == Setup::Portgate
+            && (r.gate_accepted != Some(load.connections + load.failures)
+                || r.gate_dropped != Some(0))
+        {
+            problems.push(format!(
+                "round {} portgate: the gate accepted {:?} and dropped {:?} for {} connects",
+                r.number + 1,
+                r.gate_accepted,
+                r.gate_dropped,
+                load.connections + load.failures
+            ));
+        }
+        if let Some(hits) = &report.nft_hits {
+            let dropped =
+                hits.not_allowed + hits.not_allowed_v6 + hits.conn_limit + hits.unallocated;
+            if dropped != 0 || hits.passed < load.connections {
+                problems.push(format!(
+                    "round {} nftables: the rules dropped {dropped} packets and passed {} for {} connections",
+                    r.number + 1,
+                    hits.passed,
+                    load.connections
+                ));
+            }
+        }
+    }
+    let name = "Failed connects, all rounds and set-ups";
+    #[expect(clippy::cast_precision_loss, reason = "a small count")]
+    let mut figure = Figure::measured(section, name, failures as f64, "connects")
+        .target("0, and every gate passed every connection", |v| {
+            v == 0.0 && problems.is_empty()
+        })
+        .raw(json!({ "problems": problems, "rounds": rounds_raw }));
+    if all.iter().all(|r| r.report.is_none()) {
+        figure = Figure::failed(section, name, "no round ran");
+    }
+    figures.push(figure);
+
+    // The cost of writing the policy, for the section with a large one.
+    if plan.ports.len() > 1 {
+        let name = "portgate: writing the policies (set_policy, all ports)";
+        figures.push(match gate_setup {
+            Ok(took) => Figure::measured(section, name, took.as_secs_f64(), "s"),
+            Err(err) => Figure::failed(section, name, err),
+        });
+        let loads: Vec<f64> = all
+            .iter()
+            .filter_map(|r| r.report.as_ref()?.nft_load_s)
+            .collect();
+        let name = "nftables: loading the ruleset (nft -f, median of rounds)";
+        figures.push(match median(&loads) {
+            Some(value) => {
+                Figure::measured(section, name, value, "s").raw(json!({ "rounds": loads }))
+            }
+            None => Figure::failed(section, name, first_error(Setup::Nftables)),
+        });
+    }
+    figures
+}
+
+/// The median, or `None` when there are no values.
+fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        f64::midpoint(sorted[mid - 1], sorted[mid])
+    })
+}
+
+/// Runs one round in a child process and reads its report.
+fn run_child(spec: &RoundSpec) -> Result<RoundReport> {
+    let exe = std::env::current_exe().context("the benchmark's own path")?;
+    let child = Command::new(exe)
+        .arg("--round")
+        .arg(serde_json::to_string(spec)?)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting the round's child")?;
+    let pid = child.id();
+    let (sender, receiver) = mpsc::channel();
+    thread::spawn(move || {
+        let _sent = sender.send(child.wait_with_output());
+    });
+    // The load, its drain, and up to two minutes for nft -f of a large ruleset.
+    let limit = spec.shape.warmup + spec.shape.measure + Duration::from_secs(150);
+    let Ok(output) = receiver.recv_timeout(limit) else {
+        // Our own child, by its id.
+        let _killed = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX)),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        let _reaped = receiver.recv_timeout(Duration::from_secs(10));
+        bail!("the round did not end within {} s", limit.as_secs());
+    };
+    let output = output.context("waiting for the round's child")?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    if !output.status.success() {
+        bail!(
+            "the round's child failed ({}): {}",
+            output.status,
+            stderr.trim()
+        );
+    }
+    let line = stdout
+        .lines()
+        .last()
+        .ok_or_else(|| anyhow!("the round's child printed nothing: {}", stderr.trim()))?;
+    serde_json::from_str(line).context("the round's report")
+}
+
+/// The child's side of a round (`portgate-bench --round <spec>`): a fresh network
+/// namespace, the set-up, the load, one JSON line.
+pub fn child(spec: &str) -> Result<()> {
+    let spec: RoundSpec = serde_json::from_str(spec).context("the round's spec")?;
+    // Before any thread exists: the whole process moves to a namespace of its own, which
+    // goes away when it exits.
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
+    portgate_tests::common::run("ip", &["link", "set", "lo", "up"]);
+    let nft_load_s = match (&spec.setup, &spec.nft_rules) {
+        (Setup::Nftables, Some(rules)) => Some(nft::load(rules)?.as_secs_f64()),
+        (Setup::Nftables, None) => bail!("an nftables round without rules"),
+        _ => None,
+    };
+    let addr = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), spec.port);
+    let listener = in_cgroup(&spec.cgroup, || loadgen::listen(addr))?
+        .with_context(|| format!("listening on {addr}"))?;
+    let load = loadgen::run(&listener, addr, spec.shape);
+    drop(listener);
+    let (nft_hits, nft_unload_s) = if spec.setup == Setup::Nftables {
+        (
+            Some(nft::hits(spec.port)?),
+            Some(nft::unload()?.as_secs_f64()),
+        )
+    } else {
+        (None, None)
+    };
+    let report = RoundReport {
+        load,
+        nft_load_s,
+        nft_hits,
+        nft_unload_s,
+        tcp: loadgen::tcp_counters(),
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// Runs `f` with this (single-threaded) process in `cgroup`, then moves it back: sockets
+/// made by `f` stay in `cgroup`.
+fn in_cgroup<T>(cgroup: &Path, f: impl FnOnce() -> T) -> Result<T> {
+    let previous = system::cgroup_of_pid(std::process::id()).context("own cgroup")?;
+    fs::write(cgroup.join("cgroup.procs"), "0")
+        .with_context(|| format!("moving into {}", cgroup.display()))?;
+    let result = f();
+    fs::write(previous.join("cgroup.procs"), "0")
+        .with_context(|| format!("moving back to {}", previous.display()))?;
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{median, random_prefixes};
+
+    #[test]
+    fn prefixes_do_not_overlap_and_repeat() {
+        let prefixes = random_prefixes(20_000, 100);
+        assert_eq!(prefixes.len(), 100);
+        assert_eq!(prefixes, random_prefixes(20_000, 100));
+        for (i, a) in prefixes.iter().enumerate() {
+            for b in &prefixes[i + 1..] {
+                assert!(!a.contains(b) && !b.contains(a), "{a} and {b} overlap");
+            }
+        }
+    }
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+    }
+}
