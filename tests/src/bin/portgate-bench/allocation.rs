@@ -21,6 +21,7 @@ use serde_json::json;
 
 use crate::{
     Options,
+    daemon_load::Sample,
     report::{Figure, Percentiles},
 };
 
@@ -200,8 +201,10 @@ fn through_api(runtime: &tokio::runtime::Runtime, options: &Options) -> Vec<Figu
         (64, options.pick(10_000, 3_000)),
     ] {
         let what = format!("daemon API, durable, {clients} client(s)");
+        let before = daemon.pid().and_then(|pid| Sample::of(pid).ok());
         match runtime.block_on(api_run(&daemon.socket, clients, total)) {
             Ok((elapsed, mut samples)) => {
+                let after = daemon.pid().and_then(|pid| Sample::of(pid).ok());
                 let mut got = rate_figures(
                     &what,
                     total,
@@ -217,6 +220,22 @@ fn through_api(runtime: &tokio::runtime::Runtime, options: &Options) -> Vec<Figu
                     got[2] = got[2].clone().target("< 2 ms (ours)", |v| v < 2.0);
                 }
                 figures.extend(got);
+                // The daemon's own CPU per allocation: what it could do on cores of its own
+                // (the clients share this machine's cores with it).
+                if let (Some(before), Some(after)) = (before, after) {
+                    #[expect(clippy::cast_precision_loss, reason = "a count of allocations")]
+                    let per_allocation = (after.cpu_s - before.cpu_s) / total as f64;
+                    figures.push(
+                        Figure::measured(
+                            SECTION,
+                            format!("{what}: daemon CPU per allocation"),
+                            per_allocation * 1e6,
+                            "us",
+                        )
+                        .raw(json!({"daemon_cpu_s": after.cpu_s - before.cpu_s,
+                                    "allocations": total})),
+                    );
+                }
             }
             Err(err) => figures.push(Figure::failed(SECTION, what, err)),
         }

@@ -7,7 +7,6 @@
 //! them, and the load is [`crate::loadgen`]'s.
 
 use std::{
-    fs,
     net::{Ipv4Addr, SocketAddr},
     path::Path,
     sync::{
@@ -48,46 +47,34 @@ const SPEC_BYTES: f64 = 128e6;
 
 /// Memory and CPU of a process, from /proc.
 #[derive(Clone, Copy, Debug, serde::Serialize)]
-struct Sample {
+pub struct Sample {
     /// `VmRSS`, MiB.
-    rss_mib: f64,
+    pub rss_mib: f64,
     /// `VmHWM` (peak RSS so far), MiB.
-    hwm_mib: f64,
+    pub hwm_mib: f64,
     /// utime + stime, seconds.
-    cpu_s: f64,
+    pub cpu_s: f64,
 }
 
 impl Sample {
-    fn of(pid: u32) -> Result<Self> {
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))
+    #[expect(clippy::cast_precision_loss, reason = "kB and clock ticks as decimals")]
+    pub fn of(pid: u32) -> Result<Self> {
+        let process = procfs::process::Process::new(i32::try_from(pid)?)
+            .with_context(|| format!("/proc/{pid}"))?;
+        let status = process
+            .status()
             .with_context(|| format!("reading /proc/{pid}/status"))?;
-        let kib = |key: &str| -> Result<f64> {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix(key))
-                .and_then(|rest| rest.split_whitespace().next())
-                .and_then(|value| value.parse::<f64>().ok())
-                .ok_or_else(|| anyhow!("no {key} in /proc/{pid}/status"))
-        };
-        let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
+        let stat = process
+            .stat()
             .with_context(|| format!("reading /proc/{pid}/stat"))?;
-        // Fields after the command (which may hold spaces), from field 3 on.
-        let after = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest)
-            .ok_or_else(|| anyhow!("unexpected /proc/{pid}/stat"))?;
-        let fields: Vec<&str> = after.split_whitespace().collect();
-        // utime and stime are fields 14 and 15 (1-based), so 11 and 12 here.
-        let ticks = |i: usize| -> Result<f64> {
-            fields
-                .get(i)
-                .and_then(|value| value.parse::<f64>().ok())
-                .ok_or_else(|| anyhow!("no field {} in /proc/{pid}/stat", i + 3))
+        let mib = |kib: Option<u64>| -> Result<f64> {
+            kib.map(|kib| kib as f64 / 1024.0)
+                .ok_or_else(|| anyhow!("no memory figures in /proc/{pid}/status"))
         };
         Ok(Self {
-            rss_mib: kib("VmRSS:")? / 1024.0,
-            hwm_mib: kib("VmHWM:")? / 1024.0,
-            cpu_s: (ticks(11)? + ticks(12)?) / clock_tick(),
+            rss_mib: mib(status.vmrss)?,
+            hwm_mib: mib(status.vmhwm)?,
+            cpu_s: (stat.utime + stat.stime) as f64 / clock_tick(),
         })
     }
 }

@@ -91,25 +91,28 @@ pub struct MachineCpu {
 }
 
 impl MachineCpu {
-    /// The machine's counters now (seconds since boot).
+    /// The machine's counters now (seconds since boot); zero when /proc/stat is unreadable.
+    #[must_use]
     pub fn now() -> Self {
-        let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-        let ticks: Vec<f64> = text
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|field| field.parse().ok())
-            .collect();
+        use procfs::CurrentSI as _;
+        let Ok(stats) = procfs::KernelStats::current() else {
+            return Self::default();
+        };
+        let cpu = stats.total;
         let tick = clock_tick();
-        let field = |i: usize| ticks.get(i).copied().unwrap_or(0.0) / tick;
-        // user nice system idle iowait irq softirq steal ...
-        let total: f64 = (0..8).map(field).sum();
+        #[expect(clippy::cast_precision_loss, reason = "clock ticks as seconds")]
+        let seconds = |ticks: u64| ticks as f64 / tick;
+        let idle = seconds(cpu.idle) + seconds(cpu.iowait.unwrap_or(0));
+        let busy = seconds(cpu.user)
+            + seconds(cpu.nice)
+            + seconds(cpu.system)
+            + seconds(cpu.irq.unwrap_or(0))
+            + seconds(cpu.softirq.unwrap_or(0))
+            + seconds(cpu.steal.unwrap_or(0));
         Self {
-            busy: total - field(3) - field(4),
-            softirq: field(6),
-            total,
+            busy,
+            softirq: seconds(cpu.softirq.unwrap_or(0)),
+            total: busy + idle,
         }
     }
 
@@ -124,12 +127,11 @@ impl MachineCpu {
     }
 }
 
-/// Clock ticks per second (`sysconf(_SC_CLK_TCK)`).
+/// Clock ticks per second.
 pub fn clock_tick() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     #[expect(clippy::cast_precision_loss, reason = "a small number")]
-    if ticks > 0 { ticks as f64 } else { 100.0 }
+    let ticks = procfs::ticks_per_second() as f64;
+    ticks
 }
 
 /// User + system CPU time of this process (all threads), seconds.
@@ -303,32 +305,37 @@ fn connect_once(target: &socket2::SockAddr) -> io::Result<()> {
     socket.connect(target)
 }
 
-/// TCP counters of the calling thread's network namespace that tell whether the load was
-/// clean: accept-queue overflows, lost SYNs, resets and retransmissions.
+/// TCP counters of this process's network namespace that tell whether the load was clean:
+/// accept-queue overflows, lost SYNs, resets and retransmissions.
 pub fn tcp_counters() -> BTreeMap<String, u64> {
-    const WANTED: [&str; 8] = [
+    const FROM_NETSTAT: [&str; 4] = [
         "ListenOverflows",
         "ListenDrops",
         "TCPSynRetrans",
         "TCPTimeouts",
-        "RetransSegs",
-        "AttemptFails",
-        "EstabResets",
-        "ActiveOpens",
     ];
     let mut counters = BTreeMap::new();
-    for file in ["/proc/net/netstat", "/proc/net/snmp"] {
-        let text = std::fs::read_to_string(file).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        // Each group is a line of names followed by a line of values, both prefixed.
-        for pair in lines.chunks(2) {
-            let [names, values] = pair else { continue };
-            for (name, value) in names.split_whitespace().zip(values.split_whitespace()) {
-                if WANTED.contains(&name)
-                    && let Ok(value) = value.parse()
-                {
-                    counters.insert(name.to_owned(), value);
-                }
+    if let Ok(snmp) = procfs::net::snmp() {
+        for (name, value) in [
+            ("RetransSegs", snmp.tcp_retrans_segs),
+            ("AttemptFails", snmp.tcp_attempt_fails),
+            ("EstabResets", snmp.tcp_estab_resets),
+            ("ActiveOpens", snmp.tcp_active_opens),
+        ] {
+            counters.insert(name.to_owned(), value);
+        }
+    }
+    // procfs reads /proc/net/snmp but not /proc/net/netstat: a line of names, then a line
+    // of values, per group.
+    let text = std::fs::read_to_string("/proc/net/netstat").unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    for pair in lines.chunks(2) {
+        let [names, values] = pair else { continue };
+        for (name, value) in names.split_whitespace().zip(values.split_whitespace()) {
+            if FROM_NETSTAT.contains(&name)
+                && let Ok(value) = value.parse()
+            {
+                counters.insert(name.to_owned(), value);
             }
         }
     }
