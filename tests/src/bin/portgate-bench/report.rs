@@ -238,12 +238,16 @@ pub fn number(value: f64) -> String {
     if !value.is_finite() {
         return value.to_string();
     }
-    let decimals = if value.abs() >= 100.0 {
+    // Three significant digits below 100 (0.00213 ms, not 0.00), whole numbers above.
+    #[expect(
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a small count of decimals"
+    )]
+    let decimals = if value.abs() >= 100.0 || value == 0.0 {
         0
-    } else if value.abs() >= 10.0 {
-        1
     } else {
-        2
+        (2.0 - value.abs().log10().floor()).clamp(0.0, 6.0) as usize
     };
     let text = format!("{value:.decimals$}");
     let (whole, fraction) = text
@@ -312,6 +316,8 @@ mod tests {
         assert_eq!(number(123.4), "123");
         assert_eq!(number(12.345), "12.3");
         assert_eq!(number(1.2345), "1.23");
+        assert_eq!(number(0.002_134), "0.00213");
+        assert_eq!(number(0.0), "0");
         assert_eq!(number(-4321.0), "-4,321");
     }
 }
