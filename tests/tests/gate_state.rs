@@ -37,19 +37,13 @@ fn install(pins: &PinDir, events_per_sec: u32, pending_ttl: Duration) -> Gate {
 
 fn syn(source: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     build_packet(&PacketSpec {
-        protocol: Protocol::Tcp,
-        source: IpAddr::V4(source.into()),
-        destination: IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1)),
-        sport,
-        dport,
-        syn: true,
-        ack: false,
-        fin: false,
-        rst: false,
-        psh: false,
         seq: u32::from(sport) * 7,
-        payload: Vec::new(),
-        ipv6_extension_headers: 0,
+        ..PacketSpec::syn(
+            IpAddr::V4(source.into()),
+            IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1)),
+            sport,
+            dport,
+        )
     })
 }
 

@@ -14,9 +14,7 @@
 
 use portgate_tests::{
     common::{
-        EchoServer, TestCgroup, echo, eventually,
-        packet::{PacketSpec, build_packet},
-        require_privileges, reset,
+        EchoServer, TestCgroup, echo, eventually, packet::tcp_syn, require_privileges, reset,
     },
     daemon::{Daemon, try_http_at},
 };
@@ -97,6 +95,36 @@ fn counter(report: &Value, key: &str) -> u64 {
 }
 
 /// A listener made inside the cgroup (so `cgroup_skb` and `sock_ops` see its connections).
+/// Waits (bounded) until the daemon reports no active connection on `port`.
+fn assert_no_active_connections(daemon: &Daemon, port: u16) {
+    assert!(
+        eventually(SETTLE_WITHIN, || counter(
+            &port_stats(daemon, port),
+            "active"
+        ) == 0),
+        "connections still active after all closed: {}",
+        port_stats(daemon, port)
+    );
+}
+
+/// Allocates a port for `owner` that admits 127.0.0.1 only, at most `limit` at once, with
+/// an echo server on it in the daemon's namespace and cgroup.
+fn serve_limited_port(daemon: &Daemon, owner: &str, limit: u64) -> (u16, EchoServer) {
+    let held = api_ok(
+        &daemon.socket,
+        "POST",
+        "/v1/ports",
+        Some(&json!({ "owner": owner, "allow": ["127.0.0.1/32"], "max_conns": limit })),
+        201,
+    );
+    let port = u16::try_from(held["port"].as_u64().expect("port")).expect("u16");
+    let addr = SocketAddr::new(LOCAL, port);
+    let server = daemon
+        .ns
+        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, addr)));
+    (port, server)
+}
+
 fn listen_in(cgroup: &TestCgroup, addr: SocketAddr) -> TcpListener {
     let _inside = cgroup.enter();
     TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"))
@@ -440,7 +468,6 @@ fn connect_rounds(to: SocketAddr, connections: usize, workers: usize, progress: 
 /// refused SYN (retransmissions included, read from `TCP_INFO`); active connections and
 /// connection slots back to 0.
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn thousands_of_connections_are_counted_exactly() {
     const WORKERS: usize = 8;
     // Well above the workers, so that a slot freed a moment late rarely refuses one (and
@@ -452,19 +479,8 @@ fn thousands_of_connections_are_counted_exactly() {
     let connections = 2_000 * scale();
     let refused_sources = 16 * scale();
     let daemon = Daemon::start(46_000, 46_009);
-    let socket = daemon.socket.as_path();
-    let held = api_ok(
-        socket,
-        "POST",
-        "/v1/ports",
-        Some(&json!({ "owner": "load", "allow": ["127.0.0.1/32"], "max_conns": LIMIT })),
-        201,
-    );
-    let port = u16::try_from(held["port"].as_u64().expect("port")).expect("u16");
+    let (port, server) = serve_limited_port(&daemon, "load", LIMIT as u64);
     let addr = SocketAddr::new(LOCAL, port);
-    let server = daemon
-        .ns
-        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, addr)));
 
     // Load: the allowed source connects `connections` times, 8 at once, while sources
     // outside the allowlist knock (their connects wait 1.5 s, so most SYNs are sent twice).
@@ -482,14 +498,7 @@ fn thousands_of_connections_are_counted_exactly() {
         })
     });
     let connections = connections as u64;
-    assert!(
-        eventually(SETTLE_WITHIN, || counter(
-            &port_stats(&daemon, port),
-            "active"
-        ) == 0),
-        "connections still active after all closed: {}",
-        port_stats(&daemon, port)
-    );
+    assert_no_active_connections(&daemon, port);
     let stats = port_stats(&daemon, port);
     assert_eq!(counter(&stats, "accepted"), connections, "{stats}");
     assert_eq!(
@@ -539,14 +548,7 @@ fn thousands_of_connections_are_counted_exactly() {
         echo(stream, b"still here").expect("a held connection works");
     }
     drop(held);
-    assert!(
-        eventually(SETTLE_WITHIN, || counter(
-            &port_stats(&daemon, port),
-            "active"
-        ) == 0),
-        "connections still active after all closed: {}",
-        port_stats(&daemon, port)
-    );
+    assert_no_active_connections(&daemon, port);
     // The daemon's view equals the kernel's own, and no connection slot was left behind.
     let stats = port_stats(&daemon, port);
     let gate = Gate::open(daemon.pins.path()).expect("open the pinned gate");
@@ -660,21 +662,7 @@ impl PolicyClock {
 
 /// A SYN from `source` to 127.0.0.1:`port` for `BPF_PROG_TEST_RUN`.
 fn syn_frame(source: IpAddr, port: u16) -> Vec<u8> {
-    build_packet(&PacketSpec {
-        protocol: Protocol::Tcp,
-        source,
-        destination: LOCAL,
-        sport: 50_000,
-        dport: port,
-        syn: true,
-        ack: false,
-        fin: false,
-        rst: false,
-        psh: false,
-        seq: 1,
-        payload: Vec::new(),
-        ipv6_extension_headers: 0,
-    })
+    tcp_syn(source, LOCAL, 50_000, port)
 }
 
 /// Waits (bounded) until `counter` has gone `by` past `from`.
@@ -771,7 +759,7 @@ fn concurrent_checks_agree_with_the_policy_while_it_changes() {
         // The flipper: each change is acknowledged, then it waits until every checker has
         // finished one more check than it had in flight, so that at least one check of
         // each kind saw only the new version.
-        for k in 0..flips {
+        let every_checker_checks_again = || {
             let (daemon_from, kernel_from) = (
                 daemon_checks.load(Ordering::SeqCst),
                 kernel_checks.load(Ordering::SeqCst),
@@ -783,6 +771,9 @@ fn concurrent_checks_agree_with_the_policy_while_it_changes() {
                 "the daemon's checks",
             );
             wait_for(&kernel_checks, kernel_from, 2, "the kernel's checks");
+        };
+        for k in 0..flips {
+            every_checker_checks_again();
             clock.started.fetch_add(1, Ordering::SeqCst);
             let body: Value =
                 serde_json::from_str(FLIPS[usize::try_from(k % 4).expect("index")]).expect("JSON");
@@ -805,17 +796,7 @@ fn concurrent_checks_agree_with_the_policy_while_it_changes() {
             assert_eq!(view["require_auth"], auth, "{view}");
             clock.done.fetch_add(1, Ordering::SeqCst);
         }
-        let (daemon_from, kernel_from) = (
-            daemon_checks.load(Ordering::SeqCst),
-            kernel_checks.load(Ordering::SeqCst),
-        );
-        wait_for(
-            &daemon_checks,
-            daemon_from,
-            CHECKERS + 1,
-            "the daemon's checks",
-        );
-        wait_for(&kernel_checks, kernel_from, 2, "the kernel's checks");
+        every_checker_checks_again();
         clock.stop.store(true, Ordering::SeqCst);
         let daemon_decisive: u64 = checkers
             .into_iter()
@@ -953,18 +934,8 @@ fn metrics_scraped_during_load_are_consistent() {
     let daemon = Daemon::start(RANGE.0, RANGE.1);
     let socket = daemon.socket.as_path();
     let metrics_addr = SocketAddr::new(LOCAL, 9477);
-    let held = api_ok(
-        socket,
-        "POST",
-        "/v1/ports",
-        Some(&json!({ "owner": "traffic", "allow": ["127.0.0.1/32"], "max_conns": LIMIT })),
-        201,
-    );
-    let port = u16::try_from(held["port"].as_u64().expect("port")).expect("u16");
+    let (port, server) = serve_limited_port(&daemon, "traffic", LIMIT);
     let addr = SocketAddr::new(LOCAL, port);
-    let server = daemon
-        .ns
-        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, addr)));
     let labels = format!(r#"port="{port}",proto="tcp""#);
     let progress = Progress::default();
     let allocs_started = AtomicU64::new(1);

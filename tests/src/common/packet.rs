@@ -106,3 +106,29 @@ pub fn build_packet(spec: &PacketSpec) -> Vec<u8> {
     }
     frame
 }
+
+impl PacketSpec {
+    /// A bare TCP SYN from `source`:`sport` to `destination`:`dport` (sequence number 1).
+    pub fn syn(source: IpAddr, destination: IpAddr, sport: u16, dport: u16) -> Self {
+        Self {
+            protocol: Protocol::Tcp,
+            source,
+            destination,
+            sport,
+            dport,
+            syn: true,
+            ack: false,
+            fin: false,
+            rst: false,
+            psh: false,
+            seq: 1,
+            payload: Vec::new(),
+            ipv6_extension_headers: 0,
+        }
+    }
+}
+
+/// The frame of [`PacketSpec::syn`].
+pub fn tcp_syn(source: IpAddr, destination: IpAddr, sport: u16, dport: u16) -> Vec<u8> {
+    build_packet(&PacketSpec::syn(source, destination, sport, dport))
+}

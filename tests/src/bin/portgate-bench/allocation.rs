@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::{
     Options,
     daemon_load::Sample,
-    report::{Figure, Percentiles},
+    report::{Figure, Timed},
 };
 
 const SECTION: &str = "4. Allocation";
@@ -94,7 +94,6 @@ async fn in_process(options: &Options) -> Result<Vec<Figure>> {
     let elapsed = start.elapsed();
     figures.extend(rate_figures(
         "in-process",
-        count,
         elapsed,
         &mut samples,
         &json!({"range": "10000-59999", "store": "memory", "gate": false}),
@@ -110,7 +109,6 @@ async fn in_process(options: &Options) -> Result<Vec<Figure>> {
     let elapsed = start.elapsed();
     figures.extend(rate_figures(
         "in-process, 99% allocated",
-        size - prefill,
         elapsed,
         &mut samples,
         &json!({"range": "10000-59999", "allocated_before": prefill, "store": "memory"}),
@@ -118,34 +116,20 @@ async fn in_process(options: &Options) -> Result<Vec<Figure>> {
     Ok(figures)
 }
 
-/// allocs/s, p50 and p99 of one run, read against the targets.
+/// allocs/s, p50 and p99 of one run, read against the specification's targets.
 fn rate_figures(
     what: &str,
-    count: usize,
     elapsed: Duration,
     samples: &mut [Duration],
     settings: &serde_json::Value,
 ) -> Vec<Figure> {
-    let latency = Percentiles::of(samples);
-    #[expect(clippy::cast_precision_loss, reason = "a count of allocations")]
-    let rate = count as f64 / elapsed.as_secs_f64();
-    let raw = json!({
-        "count": count,
-        "seconds": elapsed.as_secs_f64(),
-        "latency": latency,
-        "settings": settings,
-    });
-    vec![
-        Figure::measured(SECTION, format!("{what}: allocations/s"), rate, "/s")
-            .target(">= 1,000/s (spec)", |v| v >= 1_000.0)
-            .raw(raw.clone()),
-        Figure::measured(SECTION, format!("{what}: p50"), latency.p50_ms, "ms")
-            .target("< 50 ms (spec)", |v| v < 50.0)
-            .raw(raw.clone()),
-        Figure::measured(SECTION, format!("{what}: p99"), latency.p99_ms, "ms")
-            .target("< 50 ms (spec)", |v| v < 50.0)
-            .raw(raw),
-    ]
+    Timed::of(elapsed, samples, settings).figures(
+        SECTION,
+        what,
+        "allocations",
+        (">= 1,000/s (spec)", 1_000.0),
+        ("< 50 ms (spec)", 50.0),
+    )
 }
 
 /// Allocations through the API of a release daemon: `clients` tasks, each with its own
@@ -207,7 +191,6 @@ fn through_api(runtime: &tokio::runtime::Runtime, options: &Options) -> Vec<Figu
                 let after = daemon.pid().and_then(|pid| Sample::of(pid).ok());
                 let mut got = rate_figures(
                     &what,
-                    total,
                     elapsed,
                     &mut samples,
                     &json!({"clients": clients, "allocated_before": allocated, "range_size": size,
@@ -255,7 +238,6 @@ fn through_api(runtime: &tokio::runtime::Runtime, options: &Options) -> Vec<Figu
     match result {
         Ok((elapsed, mut samples)) => figures.extend(rate_figures(
             what,
-            size - prefill,
             elapsed,
             &mut samples,
             &json!({"clients": 8, "allocated_before": prefill, "range_size": size}),

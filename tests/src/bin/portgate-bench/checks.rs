@@ -19,7 +19,7 @@ use portgate::{
     policy::Protocol,
 };
 use portgate_tests::{
-    common::packet::{PacketSpec, build_packet},
+    common::packet::tcp_syn,
     daemon::{Daemon, portgate_bin},
 };
 use serde_json::json;
@@ -27,7 +27,7 @@ use serde_json::json;
 use crate::{
     Options,
     allocation::{in_process_manager, runtime},
-    report::{Figure, Percentiles},
+    report::{Figure, Percentiles, Timed},
 };
 
 const SECTION: &str = "5. Checks, metrics scrape, `portgate maps` (10,000 ports)";
@@ -123,20 +123,13 @@ fn check_figures(
     samples: &mut [Duration],
     settings: &serde_json::Value,
 ) -> Vec<Figure> {
-    let count = samples.len();
-    let latency = Percentiles::of(samples);
-    #[expect(clippy::cast_precision_loss, reason = "a count of checks")]
-    let rate = count as f64 / elapsed.as_secs_f64();
-    let raw = json!({"count": count, "seconds": elapsed.as_secs_f64(), "latency": latency,
-                     "settings": settings});
-    vec![
-        Figure::measured(SECTION, format!("{what}: checks/s"), rate, "/s")
-            .target(">= 5,000/s (spec)", |v| v >= 5_000.0)
-            .raw(raw.clone()),
-        Figure::measured(SECTION, format!("{what}: p99"), latency.p99_ms, "ms")
-            .target("< 20 ms (spec)", |v| v < 20.0)
-            .raw(raw),
-    ]
+    Timed::of(elapsed, samples, settings).figures(
+        SECTION,
+        what,
+        "checks",
+        (">= 5,000/s (spec)", 5_000.0),
+        ("< 20 ms (spec)", 20.0),
+    )
 }
 
 /// Allocates the 10,000 ports through the API (64 clients) and gives every port a counter
@@ -172,21 +165,12 @@ async fn fill(daemon: &Daemon) -> Result<()> {
 fn touch_counters(daemon: &Daemon) -> Result<()> {
     let mut gate = Gate::open(daemon.pins.path())?;
     for index in 0..PORTS {
-        let packet = build_packet(&PacketSpec {
-            protocol: Protocol::Tcp,
-            source: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
-            destination: IpAddr::V4(Ipv4Addr::LOCALHOST),
-            sport: 40_000,
-            dport: MIN_PORT + index,
-            syn: true,
-            ack: false,
-            fin: false,
-            rst: false,
-            psh: false,
-            seq: 1,
-            payload: Vec::new(),
-            ipv6_extension_headers: 0,
-        });
+        let packet = tcp_syn(
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            40_000,
+            MIN_PORT + index,
+        );
         if gate.test_run(PacketHook::CgroupSkb, &packet, 1)?.passed {
             bail!(
                 "a SYN from outside the allowlist passed port {}",

@@ -306,6 +306,58 @@ impl Percentiles {
     }
 }
 
+/// A timed run of `count` operations: its rate and latencies, and the raw numbers.
+pub struct Timed {
+    /// Operations per second.
+    pub rate: f64,
+    /// Latency percentiles.
+    pub latency: Percentiles,
+    /// Count, seconds, latencies and the run's settings, for the report's JSON.
+    pub raw: serde_json::Value,
+}
+
+impl Timed {
+    /// The figures of a run that took `elapsed` with these per-operation `samples`.
+    pub fn of(elapsed: Duration, samples: &mut [Duration], settings: &serde_json::Value) -> Self {
+        let count = samples.len();
+        let latency = Percentiles::of(samples);
+        #[expect(clippy::cast_precision_loss, reason = "a count of operations")]
+        let rate = count as f64 / elapsed.as_secs_f64();
+        let raw = serde_json::json!({
+            "count": count,
+            "seconds": elapsed.as_secs_f64(),
+            "latency": latency,
+            "settings": settings,
+        });
+        Self { rate, latency, raw }
+    }
+
+    /// Its figures: `<what>: <noun>/s` read against `min_rate`, p50 and p99 against
+    /// `max_ms` (each a target's text and its bound).
+    pub fn figures(
+        &self,
+        section: &str,
+        what: &str,
+        noun: &str,
+        min_rate: (&str, f64),
+        max_ms: (&str, f64),
+    ) -> Vec<Figure> {
+        let mut figures = vec![
+            Figure::measured(section, format!("{what}: {noun}/s"), self.rate, "/s")
+                .target(min_rate.0, |v| v >= min_rate.1)
+                .raw(self.raw.clone()),
+        ];
+        for (name, value) in [("p50", self.latency.p50_ms), ("p99", self.latency.p99_ms)] {
+            figures.push(
+                Figure::measured(section, format!("{what}: {name}"), value, "ms")
+                    .target(max_ms.0, |v| v < max_ms.1)
+                    .raw(self.raw.clone()),
+            );
+        }
+        figures
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::number;
