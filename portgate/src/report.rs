@@ -51,6 +51,16 @@ pub struct GrantView {
     pub expires_in_ms: u64,
 }
 
+impl GrantView {
+    /// The view of `grant` at `now` (`CLOCK_MONOTONIC` ns).
+    fn of(grant: &crate::gate::GrantRecord, now: u64) -> Self {
+        Self {
+            addr: grant.addr,
+            expires_in_ms: grant.expires_ns.saturating_sub(now) / 1_000_000,
+        }
+    }
+}
+
 /// One (port, protocol): policy, allowlist, grants, counters and active connections.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortReport {
@@ -127,10 +137,7 @@ pub fn port_reports(gate: &Gate) -> Result<Vec<PortReport>, GateError> {
         grants
             .entry((grant.port, grant.protocol))
             .or_default()
-            .push(GrantView {
-                addr: grant.addr,
-                expires_in_ms: grant.expires_ns.saturating_sub(now) / 1_000_000,
-            });
+            .push(GrantView::of(&grant, now));
     }
     let config = gate.config()?;
     let slots = gate.all_slots(config.min_port..=config.max_port)?;
@@ -179,10 +186,7 @@ pub fn port_report(
         .grants()?
         .into_iter()
         .filter(|grant| grant.port == port && grant.protocol == proto)
-        .map(|grant| GrantView {
-            addr: grant.addr,
-            expires_in_ms: grant.expires_ns.saturating_sub(now) / 1_000_000,
-        })
+        .map(|grant| GrantView::of(&grant, now))
         .collect();
     let active = match proto {
         Protocol::Tcp => gate.slots(port)?.established,

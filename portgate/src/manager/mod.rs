@@ -252,14 +252,13 @@ impl PortManager {
         // async worker (a snapshot still fresh is taken as it is, without a thread hop).
         let range = self.config.min_port..=self.config.max_port;
         let fresh = match request.port {
-            None => self.sockets.fresh(request.protocol, range),
+            None => self.sockets.fresh(request.protocol, range.clone()),
             Some(_) => None,
         };
         let bound = if let Some(bound) = fresh {
             bound
         } else {
             let sockets = Arc::clone(&self.sockets);
-            let range = self.config.min_port..=self.config.max_port;
             let probe = request.clone();
             tokio::task::spawn_blocking(move || {
                 allocator::bound_for(sockets.as_ref(), range, &probe)
@@ -512,10 +511,7 @@ impl PortManager {
         parts
             .port_allocator
             .allocations()
-            .map(|held| {
-                let active = established.get(held.id);
-                (held.clone(), active)
-            })
+            .map(|held| (held.clone(), established.get(held.id)))
             .collect()
     }
 
