@@ -22,7 +22,7 @@ use serde_json::json;
 use crate::{
     Options,
     daemon_load::Sample,
-    report::{Figure, Timed},
+    report::{Figure, Timed, run_concurrently},
 };
 
 const SECTION: &str = "4. Allocation";
@@ -139,33 +139,22 @@ async fn api_run(
     clients: usize,
     total: usize,
 ) -> Result<(Duration, Vec<Duration>)> {
-    let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for client_number in 0..clients {
-        let client = Client::new(socket);
-        let share = total / clients + usize::from(client_number < total % clients);
-        tasks.spawn(async move {
-            let mut samples = Vec::with_capacity(share);
-            for i in 0..share {
-                let request = AllocRequest {
-                    owner: format!("bench-{client_number}-{i}"),
-                    ..AllocRequest::default()
-                };
-                let begun = Instant::now();
-                client
-                    .alloc(&request)
-                    .await
-                    .with_context(|| format!("client {client_number}, allocation {i}"))?;
-                samples.push(begun.elapsed());
-            }
-            anyhow::Ok(samples)
-        });
-    }
-    let mut samples = Vec::with_capacity(total);
-    while let Some(done) = tasks.join_next().await {
-        samples.extend(done.context("a client task")??);
-    }
-    Ok((start.elapsed(), samples))
+    let socket = socket.to_owned();
+    run_concurrently(clients, total, move |client_number, i| {
+        let client = Client::new(&socket);
+        async move {
+            let request = AllocRequest {
+                owner: format!("bench-{client_number}-{i}"),
+                ..AllocRequest::default()
+            };
+            client
+                .alloc(&request)
+                .await
+                .with_context(|| format!("client {client_number}, allocation {i}"))?;
+            Ok(())
+        }
+    })
+    .await
 }
 
 fn through_api(runtime: &tokio::runtime::Runtime, options: &Options) -> Vec<Figure> {

@@ -27,7 +27,7 @@ use serde_json::json;
 use crate::{
     Options,
     allocation::{in_process_manager, runtime},
-    report::{Figure, Percentiles, Timed},
+    report::{Figure, Percentiles, Timed, run_concurrently},
 };
 
 const SECTION: &str = "5. Checks, metrics scrape, `portgate maps` (10,000 ports)";
@@ -82,33 +82,22 @@ async fn in_process(options: &Options) -> Result<Vec<Figure>> {
     let checks = options.pick(200_000, 50_000);
     let mut figures = Vec::new();
     for tasks in [1_usize, 8] {
-        let start = Instant::now();
-        let mut set = tokio::task::JoinSet::new();
-        for task in 0..tasks {
+        let manager = Arc::clone(&manager);
+        let (elapsed, mut samples) = run_concurrently(tasks, checks, move |task, i| {
             let manager = Arc::clone(&manager);
-            let share = checks / tasks;
-            set.spawn(async move {
-                let mut samples = Vec::with_capacity(share);
-                for i in 0..share {
-                    #[expect(clippy::cast_possible_truncation, reason = "modulo PORTS")]
-                    let index = ((i * 7 + task * 13) % usize::from(PORTS)) as u16;
-                    let begun = Instant::now();
-                    manager
-                        .validate_connection(MIN_PORT + index, allowed_source(index))
-                        .await
-                        .context("an allowed source was refused")?;
-                    samples.push(begun.elapsed());
-                }
-                anyhow::Ok(samples)
-            });
-        }
-        let mut samples = Vec::with_capacity(checks);
-        while let Some(done) = set.join_next().await {
-            samples.extend(done??);
-        }
+            async move {
+                let index = spread(task, i);
+                manager
+                    .validate_connection(MIN_PORT + index, allowed_source(index))
+                    .await
+                    .context("an allowed source was refused")?;
+                Ok(())
+            }
+        })
+        .await?;
         figures.extend(check_figures(
             &format!("in-process validate_connection, {tasks} task(s)"),
-            start.elapsed(),
+            elapsed,
             &mut samples,
             &json!({"tasks": tasks, "ports": PORTS, "prefixes_per_port": PREFIXES,
                    "source": "in the last prefix of the port's allowlist", "gate": false}),
@@ -264,36 +253,32 @@ async fn api_checks(
     clients: usize,
     total: usize,
 ) -> Result<(Duration, Vec<Duration>)> {
-    let start = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for client_number in 0..clients {
-        let client = Client::new(&daemon.socket);
-        let share = total / clients;
-        tasks.spawn(async move {
-            let mut samples = Vec::with_capacity(share);
-            for i in 0..share {
-                #[expect(clippy::cast_possible_truncation, reason = "modulo PORTS")]
-                let index = ((i * 7 + client_number * 13) % usize::from(PORTS)) as u16;
-                let begun = Instant::now();
-                let answer = client
-                    .check(MIN_PORT + index, Protocol::Tcp, allowed_source(index))
-                    .await?;
-                samples.push(begun.elapsed());
-                if !answer.allowed {
-                    bail!(
-                        "an allowed source was refused by check on {}",
-                        MIN_PORT + index
-                    );
-                }
+    let socket = daemon.socket.clone();
+    run_concurrently(clients, total, move |client_number, i| {
+        let client = Client::new(&socket);
+        async move {
+            let index = spread(client_number, i);
+            let answer = client
+                .check(MIN_PORT + index, Protocol::Tcp, allowed_source(index))
+                .await?;
+            if !answer.allowed {
+                bail!(
+                    "an allowed source was refused by check on {}",
+                    MIN_PORT + index
+                );
             }
-            anyhow::Ok(samples)
-        });
-    }
-    let mut samples = Vec::with_capacity(total);
-    while let Some(done) = tasks.join_next().await {
-        samples.extend(done??);
-    }
-    Ok((start.elapsed(), samples))
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// The port (an index below [`PORTS`]) of task `task`'s `i`th check: the tasks walk the
+/// ports at different offsets.
+fn spread(task: usize, i: usize) -> u16 {
+    #[expect(clippy::cast_possible_truncation, reason = "modulo PORTS")]
+    let index = ((i * 7 + task * 13) % usize::from(PORTS)) as u16;
+    index
 }
 
 async fn scrape_times(daemon: &Daemon, scrapes: usize) -> Result<(Vec<Duration>, usize)> {

@@ -306,6 +306,41 @@ impl Percentiles {
     }
 }
 
+/// Runs `total` operations spread over `tasks` concurrent tokio tasks: `operation(task, i)`
+/// makes the `i`th operation of task `task`, timed until its future completes. Returns the
+/// wall time of the whole run and every operation's latency; the first failure ends it.
+pub async fn run_concurrently<F, Fut>(
+    tasks: usize,
+    total: usize,
+    operation: F,
+) -> anyhow::Result<(Duration, Vec<Duration>)>
+where
+    F: Fn(usize, usize) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let operation = std::sync::Arc::new(operation);
+    let start = std::time::Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for task in 0..tasks {
+        let operation = std::sync::Arc::clone(&operation);
+        let share = total / tasks + usize::from(task < total % tasks);
+        set.spawn(async move {
+            let mut samples = Vec::with_capacity(share);
+            for i in 0..share {
+                let begun = std::time::Instant::now();
+                operation(task, i).await?;
+                samples.push(begun.elapsed());
+            }
+            anyhow::Ok(samples)
+        });
+    }
+    let mut samples = Vec::with_capacity(total);
+    while let Some(done) = set.join_next().await {
+        samples.extend(done??);
+    }
+    Ok((start.elapsed(), samples))
+}
+
 /// A timed run of `count` operations: its rate and latencies, and the raw numbers.
 pub struct Timed {
     /// Operations per second.
