@@ -57,6 +57,8 @@ pub struct Daemon {
     pub ns: NetNs,
     /// Its state directory, socket, log and audit log.
     pub dir: tempfile::TempDir,
+    /// A copy of the binary that other users can run (see [`Daemon::cli_as`]).
+    shared_bin: std::sync::OnceLock<PathBuf>,
 }
 
 impl Daemon {
@@ -120,6 +122,7 @@ audit_log = "{audit}"
             cgroup,
             ns,
             dir,
+            shared_bin: std::sync::OnceLock::new(),
         };
         daemon.spawn();
         daemon
@@ -237,13 +240,32 @@ audit_log = "{audit}"
     }
 
     /// Runs the CLI against this daemon, as root or as (uid, gid).
+    ///
+    /// Another user runs a copy of the binary in the daemon's directory: the build's own may
+    /// sit under a directory only root can enter (a checkout in /root, or in `mktemp -d`).
     pub fn cli_as(&self, ids: Option<(u32, u32)>, args: &[&str]) -> Output {
-        let mut command = Command::new(portgate_bin());
+        let mut command = match ids {
+            Some((uid, gid)) => {
+                let mut command = Command::new(self.shared_bin());
+                command.uid(uid).gid(gid);
+                command
+            }
+            None => Command::new(portgate_bin()),
+        };
         command.arg("--socket").arg(&self.socket).args(args);
-        if let Some((uid, gid)) = ids {
-            command.uid(uid).gid(gid);
-        }
         command.output().expect("run the portgate CLI")
+    }
+
+    /// The copy of the binary that other users run, made on first use; it goes with the
+    /// daemon's directory.
+    fn shared_bin(&self) -> &Path {
+        self.shared_bin.get_or_init(|| {
+            let copy = self.dir.path().join("portgate");
+            fs::copy(portgate_bin(), &copy).expect("copy the portgate binary");
+            fs::set_permissions(&copy, fs::Permissions::from_mode(0o755))
+                .expect("make the copy executable for everyone");
+            copy
+        })
     }
 
     /// Runs the CLI and expects success; returns stdout.
