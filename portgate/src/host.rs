@@ -8,8 +8,8 @@
 use std::{
     collections::BTreeSet,
     fmt,
-    fs::{self, File, OpenOptions},
-    io::{self, Write as _},
+    fs::{File, OpenOptions},
+    io::{self, Read as _, Write as _},
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
     path::{Path, PathBuf},
@@ -43,6 +43,17 @@ pub enum HostError {
         /// The cause.
         #[source]
         source: io::Error,
+    },
+    /// A sysctl holds more than portgate reads in one go.
+    #[error(
+        "{path} holds more than {max} bytes, more than portgate reads: shorten the value \
+         (merge neighbouring ports into ranges)"
+    )]
+    SysctlTooLong {
+        /// The file read.
+        path: PathBuf,
+        /// The most bytes read.
+        max: usize,
     },
     /// A sysctl file could not be written.
     #[error(
@@ -342,11 +353,33 @@ fn write_port_ranges(path: &Path, ranges: &PortRanges) -> Result<(), HostError> 
     write_sysctl(path, &format!("{ranges}\n"))
 }
 
+/// The most bytes a sysctl value may hold for portgate to read it: the longest
+/// `ip_local_reserved_ports` (a two-port range every third port, `65533-65534,` at 12 bytes
+/// each) is 256 KiB.
+pub const MAX_SYSCTL_BYTES: usize = 512 * 1024;
+
+/// Reads a sysctl whole, in one `read(2)` from offset 0.
+///
+/// Some handlers answer a read that does not start at offset 0 with EOF (the reserved
+/// ports' does), so a value read in pieces, as `fs::read_to_string` does when the file
+/// says its size is 0, comes back cut off without an error. A value that fills the buffer
+/// may be cut off the same way, and is refused; a second read must find nothing more.
 fn read_sysctl(path: &Path) -> Result<String, HostError> {
-    fs::read_to_string(path).map_err(|source| HostError::ReadSysctl {
+    let failed = |source| HostError::ReadSysctl {
         path: path.to_owned(),
         source,
-    })
+    };
+    let mut file = File::open(path).map_err(failed)?;
+    let mut value = vec![0; MAX_SYSCTL_BYTES];
+    let len = file.read(&mut value).map_err(failed)?;
+    if len == value.len() || file.read(&mut [0; 1]).map_err(failed)? != 0 {
+        return Err(HostError::SysctlTooLong {
+            path: path.to_owned(),
+            max: MAX_SYSCTL_BYTES,
+        });
+    }
+    value.truncate(len);
+    String::from_utf8(value).map_err(|err| failed(io::Error::new(io::ErrorKind::InvalidData, err)))
 }
 
 fn write_sysctl(path: &Path, value: &str) -> Result<(), HostError> {
@@ -574,7 +607,10 @@ pub enum ParsePortRangesError {
 
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+    use std::{
+        fs,
+        net::{Ipv4Addr, TcpListener, UdpSocket},
+    };
 
     use super::*;
 
@@ -918,6 +954,15 @@ mod tests {
             "{err:?}"
         );
         assert_eq!(contents(&file), "8080,oops\n");
+    }
+
+    #[test]
+    fn a_sysctl_too_long_to_read_whole_is_refused() {
+        let file = stand_in(&"1,".repeat(MAX_SYSCTL_BYTES / 2));
+        let err = read_sysctl(file.path()).expect_err("too long");
+        assert!(matches!(err, HostError::SysctlTooLong { .. }), "{err:?}");
+        let fits = "1,".repeat(MAX_SYSCTL_BYTES / 2 - 1);
+        assert_eq!(read_sysctl(stand_in(&fits).path()).expect("fits"), fits);
     }
 
     #[test]

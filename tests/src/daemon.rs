@@ -158,15 +158,33 @@ audit_log = "{audit}"
 
     /// `portgate daemon --config <config>` inside the test namespace.
     pub fn daemon_command_with(&self, config: &Path) -> Command {
+        let mut command = self.command_in_ns("daemon", config);
+        command.env("RUST_LOG", "info");
+        command
+    }
+
+    /// `portgate uninstall` of this daemon's configuration, inside the test namespace;
+    /// expects success.
+    pub fn uninstall(&self) {
+        let output = self
+            .command_in_ns("uninstall", &self.config)
+            .output()
+            .expect("run portgate uninstall");
+        assert!(
+            output.status.success(),
+            "portgate uninstall failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// `portgate <verb> --config <config>` inside the test namespace.
+    fn command_in_ns(&self, verb: &str, config: &Path) -> Command {
         // Into the namespace with setns(2) rather than `ip netns exec`, which would also
         // remount /sys and hide the cgroup2 and bpffs mounts from the daemon.
         let netns = fs::File::open(Path::new("/run/netns").join(self.ns.name()))
             .expect("open the test namespace");
         let mut command = Command::new(portgate_bin());
-        command
-            .args(["daemon", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info");
+        command.args([verb, "--config"]).arg(config);
         // SAFETY: between fork and exec the child only calls setns(2), which is
         // async-signal-safe, on a descriptor opened before the fork.
         unsafe {

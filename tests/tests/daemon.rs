@@ -22,7 +22,7 @@ use std::{
 };
 
 use common::{EchoServer, TestCgroup, connect_from, echo, eventually, require_privileges};
-use portgate::{gate::Gate, policy::Protocol};
+use portgate::{gate::Gate, host::PortRanges, policy::Protocol};
 
 /// uids of two ordinary local users (no passwd entry needed: the kernel reports the uid).
 const USER_A: u32 = 65_534;
@@ -500,6 +500,51 @@ const REFUSED_WITHIN: Duration = Duration::from_millis(700);
 const CONNECT_WITHIN: Duration = Duration::from_secs(2);
 
 /// A listener made inside the cgroup (so `cgroup_skb` and `sock_ops` see its connections).
+/// Other programs' reserved ports survive the daemon's install and its uninstall, however
+/// long the list: the kernel answers a read of `ip_local_reserved_ports` that does not
+/// start at offset 0 with EOF, so a value read in pieces came back cut after 32 bytes.
+#[test]
+fn other_programs_reserved_ports_survive_install_and_uninstall() {
+    const RESERVED: &str = portgate::paths::IP_LOCAL_RESERVED_PORTS;
+    if !require_privileges("other_programs_reserved_ports_survive_install_and_uninstall") {
+        return;
+    }
+    let mut daemon = Daemon::start(41_100, 41_149);
+    daemon.stop();
+    daemon.uninstall();
+    // The case reported (41 bytes) and a list longer than a page: every seventh port.
+    let long: Vec<String> = (0..1_200_u16)
+        .map(|n| (1_024 + 7 * n).to_string())
+        .collect();
+    let long = long.join(",");
+    assert!(long.len() > 4_096);
+    for others in ["10000-10099,11000-11099,12000,45000-45099", long.as_str()] {
+        daemon.ns.set_sysctl(RESERVED, &format!("{others}\n"));
+        let before = daemon.ns.sysctl(RESERVED);
+        assert_eq!(before.trim_end(), others, "the kernel's own spelling");
+        daemon.spawn();
+        let during: PortRanges = daemon.ns.sysctl(RESERVED).trim_end().parse().unwrap();
+        let others_set: PortRanges = others.parse().unwrap();
+        let managed: PortRanges = std::iter::once(41_100..=41_149).collect();
+        assert_eq!(
+            during,
+            others_set.union(&managed),
+            "installed over {others:?}"
+        );
+        assert!(
+            daemon.stop(),
+            "the daemon stopped on SIGTERM:\n{}",
+            daemon.log()
+        );
+        daemon.uninstall();
+        assert_eq!(
+            daemon.ns.sysctl(RESERVED),
+            before,
+            "uninstalled over {others:?}"
+        );
+    }
+}
+
 fn listen_in(cgroup: &TestCgroup, addr: SocketAddr) -> TcpListener {
     let _inside = cgroup.enter();
     TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"))

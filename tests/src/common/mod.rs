@@ -264,6 +264,46 @@ impl NetNs {
     }
 }
 
+impl NetNs {
+    /// A sysctl of the namespace (`/proc/sys/...`), read whole in one `read(2)`: some
+    /// handlers answer a read that does not start at offset 0 with EOF.
+    pub fn sysctl(&self, path: &str) -> String {
+        self.run_elsewhere(|| {
+            let mut file =
+                fs::File::open(path).unwrap_or_else(|err| panic!("opening {path}: {err}"));
+            let mut buffer = vec![0; 1 << 20];
+            let len = file
+                .read(&mut buffer)
+                .unwrap_or_else(|err| panic!("reading {path}: {err}"));
+            assert!(len < buffer.len(), "{path} is longer than the test reads");
+            buffer.truncate(len);
+            String::from_utf8(buffer).expect("a UTF-8 sysctl")
+        })
+    }
+
+    /// Writes a sysctl of the namespace.
+    pub fn set_sysctl(&self, path: &str, value: &str) {
+        self.run_elsewhere(|| {
+            fs::write(path, value)
+                .unwrap_or_else(|err| panic!("writing {value:?} to {path}: {err}"));
+        });
+    }
+
+    /// [`NetNs::run`], after making sure that the thread really is in another network
+    /// namespace than the test's own: a sysctl written there would otherwise be the host's.
+    pub fn run_elsewhere<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let host_netns = system::current_netns_inode().expect("this thread's network namespace");
+        self.run(|| {
+            let here = system::current_netns_inode().expect("the test namespace");
+            assert_ne!(
+                here, host_netns,
+                "setns left the thread in the host's network namespace: refusing to go on"
+            );
+            f()
+        })
+    }
+}
+
 impl Drop for NetNs {
     fn drop(&mut self) {
         // Deleting the namespace deletes its interfaces, veth peers included.
