@@ -129,7 +129,7 @@ impl AllocationView {
             owner: held.owner.name.clone(),
             owner_uid: held.owner.uid,
             cgroup: held.owner.cgroup.as_ref().map(|owner| owner.path.clone()),
-            allow: held.access.allowed_ips.clone(),
+            allow: held.access.allowed_ips.iter().copied().collect(),
             max_connections: held.access.max_connections,
             require_auth: held.access.require_authentication,
             allocated_at: held.allocated_at,

@@ -2,6 +2,7 @@
 
 use std::{fmt, net::IpAddr, str::FromStr};
 
+use indexmap::IndexSet;
 use ipnet::IpNet;
 use portgate_common::{AddrKey, Policy, family, policy_flags, proto, reason, status};
 use serde::{Deserialize, Serialize};
@@ -132,13 +133,93 @@ pub struct OwnerCgroup {
     pub level: u32,
 }
 
+/// A port's allowlist: the source prefixes allowed to connect; empty allows every source.
+///
+/// A set: each prefix is kept once, truncated to its network (`10.0.0.9/8` is
+/// `10.0.0.0/8`), so adding, removing and finding a prefix cost the same however long the
+/// list is. Prefixes keep the order they were added in, which is the order the API shows.
+/// Two allowlists are equal when they hold the same prefixes, in any order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(transparent)]
+pub struct Allowlist(IndexSet<IpNet>);
+
+impl Allowlist {
+    /// How many prefixes it holds.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether it holds no prefix (every source is allowed).
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The prefixes, in the order they were added.
+    #[must_use]
+    pub fn iter(&self) -> impl ExactSizeIterator<Item = &IpNet> {
+        self.0.iter()
+    }
+
+    /// Whether it holds `prefix` (truncated to its network first).
+    #[must_use]
+    pub fn contains(&self, prefix: &IpNet) -> bool {
+        self.0.contains(&prefix.trunc())
+    }
+
+    /// Adds `prefix` (truncated); `false` when it was there already.
+    pub fn insert(&mut self, prefix: IpNet) -> bool {
+        self.0.insert(prefix.trunc())
+    }
+
+    /// Keeps only the prefixes `keep` says yes to, in one pass.
+    pub fn retain(&mut self, mut keep: impl FnMut(&IpNet) -> bool) {
+        self.0.retain(|prefix| keep(prefix));
+    }
+
+    /// Whether `addr` falls in one of its prefixes (of its own address family).
+    #[must_use]
+    pub fn covers(&self, addr: IpAddr) -> bool {
+        self.0.iter().any(|prefix| prefix.contains(&addr))
+    }
+}
+
+impl FromIterator<IpNet> for Allowlist {
+    fn from_iter<I: IntoIterator<Item = IpNet>>(prefixes: I) -> Self {
+        Self(prefixes.into_iter().map(|prefix| prefix.trunc()).collect())
+    }
+}
+
+impl Extend<IpNet> for Allowlist {
+    fn extend<I: IntoIterator<Item = IpNet>>(&mut self, prefixes: I) {
+        self.0
+            .extend(prefixes.into_iter().map(|prefix| prefix.trunc()));
+    }
+}
+
+impl<'a> IntoIterator for &'a Allowlist {
+    type Item = &'a IpNet;
+    type IntoIter = indexmap::set::Iter<'a, IpNet>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<'de> Deserialize<'de> for Allowlist {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Vec::<IpNet>::deserialize(deserializer).map(Self::from_iter)
+    }
+}
+
 /// A port's policy: what the kernel enforces for one (port, protocol).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortPolicy {
     /// Active, Draining or Closed (Available ports have no policy).
     pub status: PortStatus,
     /// Source prefixes allowed to reach the port; empty allows every source.
-    pub allow: Vec<IpNet>,
+    pub allow: Allowlist,
     /// Most TCP connections at once; 0 is unlimited.
     pub max_connections: u32,
     /// New connections need an unexpired grant for their source address.
@@ -151,7 +232,7 @@ impl Default for PortPolicy {
     fn default() -> Self {
         Self {
             status: PortStatus::Active,
-            allow: Vec::new(),
+            allow: Allowlist::default(),
             max_connections: 0,
             require_authentication: false,
             owner: None,

@@ -98,12 +98,7 @@ pub fn evaluate(view: &impl GateView, packet: &Packet, now_ns: u64) -> Decision 
         return Decision::Drop(DropReason::Draining);
     }
     // A linear scan: the kernel keeps the same prefixes in an LPM trie.
-    if !policy.allow.is_empty()
-        && !policy
-            .allow
-            .iter()
-            .any(|prefix| prefix.contains(&packet.source))
-    {
+    if !policy.allow.is_empty() && !policy.allow.covers(packet.source) {
         return Decision::Drop(DropReason::NotAllowed);
     }
     if !packet.new_connection {
@@ -258,7 +253,9 @@ mod tests {
         for status in [PortStatus::Draining, PortStatus::Closed] {
             let model = model(PortPolicy {
                 status,
-                allow: vec!["10.0.0.0/8".parse().expect("prefix")],
+                allow: ["10.0.0.0/8".parse().expect("prefix")]
+                    .into_iter()
+                    .collect(),
                 ..PortPolicy::default()
             });
             assert_eq!(
@@ -277,10 +274,12 @@ mod tests {
     #[test]
     fn allowlist_matches_by_family_and_prefix() {
         let model = model(PortPolicy {
-            allow: vec![
+            allow: [
                 "198.18.0.0/31".parse().expect("prefix"),
                 "fd00::/16".parse().expect("prefix"),
-            ],
+            ]
+            .into_iter()
+            .collect(),
             ..PortPolicy::default()
         });
         assert_eq!(evaluate(&model, &syn(V4), 0), Decision::Accept);
@@ -301,7 +300,7 @@ mod tests {
     #[test]
     fn zero_length_prefixes_match_their_whole_family() {
         let model = model(PortPolicy {
-            allow: vec!["0.0.0.0/0".parse().expect("prefix")],
+            allow: ["0.0.0.0/0".parse().expect("prefix")].into_iter().collect(),
             ..PortPolicy::default()
         });
         assert_eq!(evaluate(&model, &syn(V4), 0), Decision::Accept);

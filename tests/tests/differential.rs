@@ -15,7 +15,7 @@ use std::{
 use ipnet::IpNet;
 use portgate::{
     gate::{Gate, GateSettings, HookCounters, PacketHook},
-    policy::{DropReason, OwnerCgroup, PortPolicy, PortStatus, Protocol},
+    policy::{Allowlist, DropReason, OwnerCgroup, PortPolicy, PortStatus, Protocol},
     system::monotonic_now_ns,
     verdict::{Decision, GateModel, GateView as _, Packet, evaluate},
 };
@@ -105,7 +105,7 @@ fn random_policy(rng: &mut StdRng, pool: &[IpAddr]) -> Option<PortPolicy> {
             .map(|_| random_prefix(rng, pool))
             .collect()
     } else {
-        Vec::new()
+        Allowlist::default()
     };
     Some(PortPolicy {
         status,

@@ -20,7 +20,7 @@ use common::{
 };
 use portgate::{
     gate::{Gate, GateSettings},
-    policy::{OwnerCgroup, PortPolicy, PortStatus, Protocol},
+    policy::{Allowlist, OwnerCgroup, PortPolicy, PortStatus, Protocol},
     system::monotonic_now_ns,
 };
 use portgate_common::{hook, reason};
@@ -41,7 +41,7 @@ fn install(pins: &PinDir) -> Gate {
     .expect("install the gate")
 }
 
-fn allow(prefixes: &[&str]) -> Vec<ipnet::IpNet> {
+fn allow(prefixes: &[&str]) -> Allowlist {
     prefixes
         .iter()
         .map(|prefix| prefix.parse().expect("prefix"))
@@ -127,10 +127,12 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
             port,
             Protocol::Tcp,
             &PortPolicy {
-                allow: vec![
+                allow: [
                     ipnet::IpNet::new(veth.v4(2), 32).expect("prefix"),
                     ipnet::IpNet::new(veth.v6(2), 128).expect("prefix"),
-                ],
+                ]
+                .into_iter()
+                .collect(),
                 ..PortPolicy::default()
             },
         )

@@ -17,7 +17,7 @@ use common::{
 };
 use portgate::{
     gate::{Gate, GateSettings, PacketHook},
-    policy::{PortPolicy, Protocol},
+    policy::{Allowlist, PortPolicy, Protocol},
     report,
 };
 
@@ -155,10 +155,12 @@ fn the_maps_report_reads_the_live_state_back() {
         port,
         Protocol::Tcp,
         &PortPolicy {
-            allow: vec![
+            allow: [
                 "198.18.0.0/24".parse().expect("prefix"),
                 "fd00::/8".parse().expect("prefix"),
-            ],
+            ]
+            .into_iter()
+            .collect(),
             max_connections: 7,
             require_authentication: true,
             ..PortPolicy::default()
@@ -326,7 +328,7 @@ fn pins_of_another_layout_are_refused_not_adopted() {
 }
 
 /// `count` distinct IPv4 /32 prefixes under 10.0.0.0/8.
-fn many_prefixes(count: u32) -> Vec<ipnet::IpNet> {
+fn many_prefixes(count: u32) -> Allowlist {
     (0..count)
         .map(|i| {
             let [_, b, c, d] = i.to_be_bytes();
@@ -419,7 +421,9 @@ fn whole_map_reads_in_batches_equal_entry_by_entry_reads() {
     .expect("install the gate");
     for port in FIRST..=LAST {
         let policy = PortPolicy {
-            allow: vec!["198.18.0.0/16".parse().expect("prefix")],
+            allow: ["198.18.0.0/16".parse().expect("prefix")]
+                .into_iter()
+                .collect(),
             max_connections: u32::from(port % 7) + 1,
             ..PortPolicy::default()
         };

@@ -375,7 +375,7 @@ async fn alloc(
             port: request.port,
             protocol,
             access: PortAccessControl {
-                allowed_ips: request.allow,
+                allowed_ips: request.allow.into_iter().collect(),
                 max_connections: request.max_conns.unwrap_or(0),
                 require_authentication: request.require_auth,
             },

@@ -42,6 +42,7 @@ use crate::{
     config::PortConfig,
     gate::Gate,
     host,
+    policy::Allowlist,
     report::{self, PortReport},
     store::{Change, MemoryStore, Store},
     system,
@@ -362,35 +363,28 @@ impl PortManager {
         change: AccessChange,
         actor: Actor,
     ) -> Result<Allocation> {
+        // Everything that does not need the allocation is done before the lock is taken;
+        // under it, the merge is one pass over the allowlist.
+        let removed: Allowlist = change.remove.iter().copied().collect();
+        let added: Allowlist = change.allow.iter().copied().collect();
         self.change(id, actor, |allocator, _| {
             let held = allocator
                 .allocation(id)
                 .ok_or(PortError::NotAllocated(id))?;
-            let mut access = held.access.clone();
-            let removed: Vec<IpNet> = change.remove.iter().map(IpNet::trunc).collect();
-            if let Some(absent) = removed.iter().find(|prefix| {
-                !access
-                    .allowed_ips
-                    .iter()
-                    .any(|held| held.trunc() == **prefix)
-            }) {
+            if let Some(absent) = removed
+                .iter()
+                .find(|prefix| !held.access.allowed_ips.contains(prefix))
+            {
                 return Err(PortError::InvalidPortRequest(format!(
                     "{absent} is not in the allowlist of {id}: see `portgate show {}`",
                     id.port
                 )));
             }
+            let mut access = held.access.clone();
             access
                 .allowed_ips
-                .retain(|prefix| !removed.contains(&prefix.trunc()));
-            for prefix in &change.allow {
-                if !access
-                    .allowed_ips
-                    .iter()
-                    .any(|held| held.trunc() == prefix.trunc())
-                {
-                    access.allowed_ips.push(prefix.trunc());
-                }
-            }
+                .retain(|prefix| !removed.contains(prefix));
+            access.allowed_ips.extend(added.iter().copied());
             if let Some(max) = change.max_connections {
                 access.max_connections = max;
             }
@@ -550,7 +544,7 @@ impl PortManager {
         let Some(gate) = parts.gate.as_ref() else {
             return Ok(held.map(uncounted_report));
         };
-        let allow = held.map(|held| held.access.allowed_ips.clone());
+        let allow = held.map(|held| held.access.allowed_ips.iter().copied().collect());
         report::port_report(gate, id.port, id.protocol, allow.unwrap_or_default())
             .map_err(|err| PortError::MetricCollection(err.to_string()))
     }
@@ -890,7 +884,7 @@ fn uncounted_report(held: &Allocation) -> PortReport {
         port: held.id.port,
         proto: held.id.protocol,
         status: held.status,
-        allow: held.access.allowed_ips.clone(),
+        allow: held.access.allowed_ips.iter().copied().collect(),
         max_connections: held.access.max_connections,
         require_auth: held.access.require_authentication,
         owner_cgroup: held.owner.cgroup.as_ref().map(|owner| owner.cgroup.id),
@@ -971,7 +965,7 @@ mod tests {
             .set_access_control(
                 port,
                 PortAccessControl {
-                    allowed_ips: vec!["10.0.0.0/24".parse().unwrap()],
+                    allowed_ips: ["10.0.0.0/24".parse().unwrap()].into_iter().collect(),
                     max_connections: 1,
                     require_authentication: false,
                 },
@@ -1108,7 +1102,16 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(changed.access.allowed_ips.len(), 2);
-        assert_eq!(changed.access.allowed_ips[0].to_string(), "10.0.0.0/8");
+        assert_eq!(
+            changed
+                .access
+                .allowed_ips
+                .iter()
+                .next()
+                .unwrap()
+                .to_string(),
+            "10.0.0.0/8"
+        );
         let changed = manager
             .set_access(
                 held.id,
@@ -1297,7 +1300,7 @@ mod tests {
             .allocate(
                 AllocationRequest {
                     access: PortAccessControl {
-                        allowed_ips: prefixes(6_000, 0x0a00_0000),
+                        allowed_ips: prefixes(6_000, 0x0a00_0000).into_iter().collect(),
                         ..PortAccessControl::default()
                     },
                     ..AllocationRequest::new("a")
@@ -1311,7 +1314,7 @@ mod tests {
             .allocate(
                 AllocationRequest {
                     access: PortAccessControl {
-                        allowed_ips: prefixes(6_000, 0x0b00_0000),
+                        allowed_ips: prefixes(6_000, 0x0b00_0000).into_iter().collect(),
                         ..PortAccessControl::default()
                     },
                     ..AllocationRequest::new("b")

@@ -5,10 +5,9 @@
 
 use std::{fmt, path::PathBuf, time::Duration};
 
-use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
-use crate::policy::{OwnerCgroup, PortPolicy};
+use crate::policy::{Allowlist, OwnerCgroup, PortPolicy};
 pub use crate::policy::{PortStatus, Protocol};
 
 /// One managed port of one protocol: what allocations, policies and counters are keyed by.
@@ -52,7 +51,7 @@ impl fmt::Display for PortId {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortAccessControl {
     /// Source prefixes allowed to connect; empty allows every source.
-    pub allowed_ips: Vec<IpNet>,
+    pub allowed_ips: Allowlist,
     /// Most TCP connections at once; 0 is unlimited.
     pub max_connections: u32,
     /// New connections need an unexpired authentication grant for their source.

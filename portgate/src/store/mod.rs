@@ -34,6 +34,10 @@ pub struct StoredState {
 
 /// One change to the store.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a change lives only from its submission to its commit, a few at a time"
+)]
 pub enum Change {
     /// Writes (inserts or replaces) an allocation.
     Put(Allocation),
@@ -127,10 +131,12 @@ fn sample_allocation(port: u16, protocol: crate::policy::Protocol) -> Allocation
             }),
         },
         access: PortAccessControl {
-            allowed_ips: vec![
+            allowed_ips: [
                 "10.0.0.0/8".parse().unwrap(),
                 "2001:db8::/32".parse().unwrap(),
-            ],
+            ]
+            .into_iter()
+            .collect(),
             max_connections: 16,
             require_authentication: true,
         },

@@ -16,7 +16,7 @@ use portgate::{
     client::Client,
     gate::{Gate, PacketHook},
     manager::{Actor, AllocationRequest, PortAccessControl},
-    policy::Protocol,
+    policy::{Allowlist, Protocol},
 };
 use portgate_tests::{
     common::packet::tcp_syn,
@@ -39,7 +39,7 @@ const PREFIXES: u32 = 100;
 const MIN_PORT: u16 = 20_000;
 
 /// The allowlist of the `index`th port: 100 disjoint /24s in 10.0.0.0/8, all its own.
-fn allowlist(index: u16) -> Vec<IpNet> {
+fn allowlist(index: u16) -> Allowlist {
     (0..PREFIXES)
         .map(|i| {
             let n = u32::from(index) * PREFIXES + i;
@@ -133,7 +133,7 @@ async fn fill(daemon: &Daemon) -> Result<()> {
                 let request = AllocRequest {
                     owner: format!("bench-{index}"),
                     port: Some(MIN_PORT + index),
-                    allow: allowlist(index),
+                    allow: allowlist(index).iter().copied().collect(),
                     max_conns: Some(1_000),
                     ..AllocRequest::default()
                 };

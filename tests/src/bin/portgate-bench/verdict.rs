@@ -31,7 +31,7 @@ use anyhow::{Context as _, Result, anyhow, ensure};
 use ipnet::IpNet;
 use portgate::{
     gate::{Gate, GateSettings, GateStats, HookCounters, PacketHook},
-    policy::{PortPolicy, Protocol},
+    policy::{Allowlist, PortPolicy, Protocol},
 };
 use portgate_common::{defaults, hook, reason};
 use portgate_tests::common::{
@@ -284,7 +284,7 @@ struct World {
     /// The gate's deny-event rate; 0 is off.
     events_per_sec: u32,
     /// The measured port's allowlist.
-    allow: Vec<IpNet>,
+    allow: Allowlist,
     /// In one of the listed prefixes.
     allowed: IpAddr,
     /// In the same /8 (or /16 for IPv6) as the listed prefixes, in none of them.
@@ -300,7 +300,7 @@ fn block(i: u32) -> u32 {
 
 /// The measured port's `count` disjoint prefixes: IPv4 /28s in 10.0.0.0/8, IPv6 /64s in
 /// `fd00::/44`; and an address in the middle one, and one in a block that is not listed.
-fn measured_prefixes(family: Family, count: u32) -> (Vec<IpNet>, IpAddr, IpAddr) {
+fn measured_prefixes(family: Family, count: u32) -> (Allowlist, IpAddr, IpAddr) {
     let net = |b: u32, host: u32| -> (IpNet, IpAddr) {
         match family {
             Family::V4 => {
@@ -366,9 +366,9 @@ impl World {
             .take(usize::try_from(scale.ports - 1)?);
         for (k, port) in (0_u32..).zip(others) {
             let allow = if scale.bare_others {
-                Vec::new()
+                Allowlist::default()
             } else {
-                vec![other_prefix(family, k)]
+                std::iter::once(other_prefix(family, k)).collect()
             };
             let policy = PortPolicy {
                 allow,
