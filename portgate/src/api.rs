@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     gate::DenyEventRecord,
-    host::Listener,
+    host::sockets::Listener,
     manager::{Allocation, ErrorCategory, PortError, PortId, PortStatus, Protocol, UnixMillis},
 };
 

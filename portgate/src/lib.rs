@@ -2,7 +2,8 @@
 //!
 //! The library is what the daemon and the CLI call: [`gate`] loads, attaches and drives the
 //! kernel programs and their pinned maps; [`verdict`] is the same packet verdict in plain
-//! Rust; [`policy`] holds the types both speak; [`system`] finds what the host provides.
+//! Rust; [`policy`] holds the types both speak; [`host`] finds what the host provides and
+//! reads its sockets and port sysctls.
 
 pub mod api;
 pub mod cli;
@@ -16,5 +17,4 @@ pub mod paths;
 pub mod policy;
 pub mod report;
 pub mod store;
-pub mod system;
 pub mod verdict;

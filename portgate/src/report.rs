@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     gate::{Gate, GateError, PortCounters},
+    host,
     policy::{PortStatus, Protocol},
-    system,
 };
 
 /// Drops by reason, with the spec's names as keys.
@@ -132,7 +132,7 @@ pub fn port_reports(gate: &Gate) -> Result<Vec<PortReport>, GateError> {
     let counters = gate.all_counters()?;
     let mut grants: std::collections::BTreeMap<(u16, Protocol), Vec<GrantView>> =
         std::collections::BTreeMap::new();
-    let now = system::monotonic_now_ns();
+    let now = host::kernel::monotonic_now_ns();
     for grant in gate.grants()? {
         grants
             .entry((grant.port, grant.protocol))
@@ -181,7 +181,7 @@ pub fn port_report(
     if policy.is_none() && counters == PortCounters::default() {
         return Ok(None);
     }
-    let now = system::monotonic_now_ns();
+    let now = host::kernel::monotonic_now_ns();
     let grants = gate
         .grants()?
         .into_iter()

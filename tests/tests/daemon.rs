@@ -22,7 +22,7 @@ use std::{
 };
 
 use common::{EchoServer, TestCgroup, connect_from, echo, eventually, require_privileges};
-use portgate::{gate::Gate, host::PortRanges, policy::Protocol};
+use portgate::{gate::Gate, host::port_ranges::PortRanges, policy::Protocol};
 
 /// uids of two ordinary local users (no passwd entry needed: the kernel reports the uid).
 const USER_A: u32 = 65_534;

@@ -15,8 +15,8 @@ use std::{
 use ipnet::IpNet;
 use portgate::{
     gate::{Gate, GateSettings, HookCounters, PacketHook},
+    host::kernel::monotonic_now_ns,
     policy::{Allowlist, DropReason, OwnerCgroup, PortPolicy, PortStatus, Protocol},
-    system::monotonic_now_ns,
     verdict::{Decision, GateModel, GateView as _, Packet, evaluate},
 };
 use portgate_common::{hook, reason};

@@ -20,8 +20,8 @@ use common::{
 };
 use portgate::{
     gate::{Gate, GateSettings},
+    host::kernel::monotonic_now_ns,
     policy::{Allowlist, OwnerCgroup, PortPolicy, PortStatus, Protocol},
-    system::monotonic_now_ns,
 };
 use portgate_common::{hook, reason};
 

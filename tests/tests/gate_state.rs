@@ -167,7 +167,7 @@ fn the_maps_report_reads_the_live_state_back() {
         },
     )
     .expect("set policy");
-    let now = portgate::system::monotonic_now_ns();
+    let now = portgate::host::kernel::monotonic_now_ns();
     gate.add_grant(
         port,
         Protocol::Tcp,

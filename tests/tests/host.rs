@@ -12,10 +12,13 @@ use portgate_tests::common;
 
 use common::{NetNs, require_privileges};
 use portgate::{
-    host::{self, Listener},
+    host::{
+        kernel,
+        sockets::{self, Listener},
+        sysctls,
+    },
     paths,
     policy::Protocol,
-    system,
 };
 
 fn read(path: &str) -> String {
@@ -25,9 +28,9 @@ fn read(path: &str) -> String {
 /// Runs `f` inside `ns`, after making sure that the thread really is in another network
 /// namespace than the test's own: a sysctl written there would otherwise be the host's.
 fn inside<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
-    let host_netns = system::current_netns_inode().expect("this thread's network namespace");
+    let host_netns = kernel::current_netns_inode().expect("this thread's network namespace");
     ns.run(|| {
-        let here = system::current_netns_inode().expect("the test namespace");
+        let here = kernel::current_netns_inode().expect("the test namespace");
         assert_ne!(
             here, host_netns,
             "setns left the thread in the host's network namespace: refusing to write sysctls"
@@ -55,7 +58,7 @@ fn reserve_and_unreserve_change_only_the_namespace_and_only_what_was_added() {
         set(paths::IP_LOCAL_RESERVED_PORTS, "8080\n");
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "8080\n");
 
-        let added = host::reserve_ports(20_000..=20_100).expect("reserve 20000-20100");
+        let added = sysctls::reserve_ports(20_000..=20_100).expect("reserve 20000-20100");
         assert_eq!(added, [(20_000, 20_100)]);
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "8080,20000-20100\n");
         added
@@ -66,11 +69,11 @@ fn reserve_and_unreserve_change_only_the_namespace_and_only_what_was_added() {
     assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), host_before);
 
     inside(&ns, || {
-        let again = host::reserve_ports(20_000..=20_100).expect("reserve again");
+        let again = sysctls::reserve_ports(20_000..=20_100).expect("reserve again");
         assert_eq!(again, [], "nothing is new the second time");
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "8080,20000-20100\n");
 
-        host::unreserve_ports(&added).expect("unreserve");
+        sysctls::unreserve_ports(&added).expect("unreserve");
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "8080\n");
     });
 
@@ -87,20 +90,20 @@ fn reserve_returns_only_the_gaps_and_unreserve_can_empty_the_list() {
 
     inside(&ns, || {
         set(paths::IP_LOCAL_RESERVED_PORTS, "20050-20060,65535\n");
-        let added = host::reserve_ports(20_000..=65_535).expect("reserve 20000-65535");
+        let added = sysctls::reserve_ports(20_000..=65_535).expect("reserve 20000-65535");
         assert_eq!(added, [(20_000, 20_049), (20_061, 65_534)]);
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "20000-65535\n");
 
-        host::unreserve_ports(&added).expect("unreserve");
+        sysctls::unreserve_ports(&added).expect("unreserve");
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "20050-20060,65535\n");
 
         // From nothing back to nothing: the write that empties the list must clear it.
         set(paths::IP_LOCAL_RESERVED_PORTS, "\n");
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "\n");
-        let added = host::reserve_ports(30_000..=30_000).expect("reserve 30000");
+        let added = sysctls::reserve_ports(30_000..=30_000).expect("reserve 30000");
         assert_eq!(added, [(30_000, 30_000)]);
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "30000\n");
-        host::unreserve_ports(&added).expect("unreserve");
+        sysctls::unreserve_ports(&added).expect("unreserve");
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "\n");
     });
 
@@ -113,30 +116,30 @@ fn local_port_range_reads_the_namespace_of_the_calling_thread() {
         return;
     }
     let host_before = read(paths::IP_LOCAL_PORT_RANGE);
-    let host_range = host::local_port_range().expect("the host's ephemeral range");
+    let host_range = sysctls::local_port_range().expect("the host's ephemeral range");
     let ns = NetNs::new();
 
     inside(&ns, || {
         // A fresh namespace starts from the kernel's default, whatever the host set.
-        let (low, high) = host::local_port_range().expect("the namespace's ephemeral range");
+        let (low, high) = sysctls::local_port_range().expect("the namespace's ephemeral range");
         assert!(low <= high);
 
         // Distinct from the default, and low and high of different parity as the kernel
         // prefers.
         set(paths::IP_LOCAL_PORT_RANGE, "40000 40999\n");
         assert_eq!(
-            host::local_port_range().expect("after setting it"),
+            sysctls::local_port_range().expect("after setting it"),
             (40_000, 40_999)
         );
         assert_eq!(
-            host::ephemeral_overlap(40_500..=41_000, (40_000, 40_999)),
+            sysctls::ephemeral_overlap(40_500..=41_000, (40_000, 40_999)),
             Some((40_500, 40_999))
         );
     });
 
     assert_eq!(read(paths::IP_LOCAL_PORT_RANGE), host_before);
     assert_eq!(
-        host::local_port_range().expect("the host's ephemeral range again"),
+        sysctls::local_port_range().expect("the host's ephemeral range again"),
         host_range
     );
 }
@@ -151,9 +154,9 @@ fn socket_tables_are_read_in_the_namespace_of_the_calling_thread() {
     let (listener, port, found) = inside(&ns, || {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen inside the namespace");
         let port = listener.local_addr().expect("its address").port();
-        let bound = host::bound_ports(Protocol::Tcp, port..=port).expect("bound ports inside");
+        let bound = sockets::bound_ports(Protocol::Tcp, port..=port).expect("bound ports inside");
         assert_eq!(bound, BTreeSet::from([port]));
-        let found = host::listeners(Protocol::Tcp, port..=port).expect("listeners inside");
+        let found = sockets::listeners(Protocol::Tcp, port..=port).expect("listeners inside");
         (listener, port, found)
     });
     let [Listener { inode, .. }] = found[..] else {
@@ -162,7 +165,7 @@ fn socket_tables_are_read_in_the_namespace_of_the_calling_thread() {
 
     // The same call from this thread reads the host's tables, which do not hold that socket
     // (the port itself may be in use there by chance, the socket's inode cannot).
-    let outside = host::listeners(Protocol::Tcp, port..=port).expect("listeners outside");
+    let outside = sockets::listeners(Protocol::Tcp, port..=port).expect("listeners outside");
     assert!(
         outside.iter().all(|listener| listener.inode != inode),
         "the namespace's listener shows in the host's table: {outside:?}"

@@ -13,7 +13,7 @@ use clap::Args;
 
 /// bpf-linker version known to work with the pinned aya crates.
 const BPF_LINKER_VERSION: &str = "0.13.0";
-/// Oldest kernel portgate supports (see `portgate::system::MIN_KERNEL`).
+/// Oldest kernel portgate supports (see `portgate::host::kernel::MIN_VERSION`).
 const MIN_KERNEL: (u32, u32) = (5, 15);
 
 /// Options of `cargo xtask setup`.
@@ -199,7 +199,7 @@ pub fn host_checks(fix: bool) -> Vec<String> {
     problems
 }
 
-/// The same check as `portgate::system::missing_capabilities`, which xtask cannot call:
+/// The same check as `portgate::host::kernel::missing_capabilities`, which xtask cannot call:
 /// building portgate needs the bpf-linker this module installs.
 fn missing_capabilities() -> Option<String> {
     const NEEDED: [(u32, &str); 3] = [

@@ -32,12 +32,12 @@ use crate::{
         AllocRequest, AllocationView, CheckResponse, ErrorBody, EventView, GrantRequest,
         MAX_BODY_BYTES, RangeUsage, RenewRequest, StatusView,
     },
+    host,
     manager::{
         AccessChange, Actor, AllocationRequest, Owner, OwnerCgroupRef, PortAccessControl,
         PortError, PortId, PortStatus, Protocol,
     },
     policy::OwnerCgroup,
-    system,
 };
 
 /// The API router.
@@ -321,7 +321,7 @@ fn owner_cgroup(request: &AllocRequest, actor: Actor) -> ApiResult<Option<OwnerC
             path.clone()
         }
         (None, Some(pid)) => {
-            system::cgroup_of_pid(pid).map_err(|err| {
+            host::cgroups::of_pid(pid).map_err(|err| {
                 ApiError::Port(PortError::InvalidPortRequest(format!(
                     "the cgroup of process {pid} could not be found ({err}): give a running process of this host's pid namespace, or --cgroup"
                 )))
@@ -330,7 +330,7 @@ fn owner_cgroup(request: &AllocRequest, actor: Actor) -> ApiResult<Option<OwnerC
         (None, None) => return Ok(None),
     };
     // One open of the directory gives the owner, id and level together (no symlink race).
-    let info = system::cgroup_info(Path::new(&path));
+    let info = host::cgroups::info(Path::new(&path));
     if let Actor::User(uid) = actor {
         // The same answer whatever the reason, so that it does not tell which paths exist.
         if !info.as_ref().is_ok_and(|info| info.owner_uid == uid) {

@@ -34,7 +34,6 @@ use crate::{
     manager::{self, CachedSockets, PortManager, ProcfsSockets, StartReport},
     paths,
     store::{Change, RedbStore, Store as _},
-    system,
 };
 
 /// How often the lifecycle timers are checked (leases, drains, quarantine): a step is taken
@@ -90,7 +89,7 @@ pub fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
 /// The cgroup the daemon attaches to.
 fn attach_cgroup(config: &Config) -> anyhow::Result<PathBuf> {
     if config.daemon.cgroup == "auto" {
-        Ok(system::cgroup2_root()?)
+        Ok(host::cgroups::root()?)
     } else {
         Ok(PathBuf::from(&config.daemon.cgroup))
     }
@@ -101,7 +100,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     // Before anything is changed, so that a signal during start-up is a clean stop too.
     let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
-    let missing = system::missing_capabilities();
+    let missing = host::kernel::missing_capabilities();
     if !missing.is_empty() {
         bail!(
             "the daemon needs {}: run it as root (or under the systemd unit in dist/)",
@@ -114,7 +113,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     // touched: a second daemon reconciling the kernel maps would undo the first one's work.
     refuse_a_second_daemon(&daemon.socket)?;
     // And one daemon per pin directory, whatever its socket and store: held until exit.
-    system::prepare_pin_dir(&daemon.pin_dir)?;
+    host::mounts::prepare_pin_dir(&daemon.pin_dir)?;
     let _pin_lock = lock_pin_dir(&daemon.pin_dir)?;
     // The store next: its file lock keeps a second daemon out, and what it holds must fit
     // the configuration before the gate's range or policies are touched.
@@ -321,9 +320,10 @@ async fn reserve_ephemeral(
 ) -> anyhow::Result<()> {
     let ports = &config.ports;
     let managed = ports.min_port..=ports.max_port;
-    match host::local_port_range() {
+    match host::sysctls::local_port_range() {
         Ok(ephemeral) => {
-            if let Some((low, high)) = host::ephemeral_overlap(managed.clone(), ephemeral) {
+            if let Some((low, high)) = host::sysctls::ephemeral_overlap(managed.clone(), ephemeral)
+            {
                 let warning = format!(
                     "the managed range overlaps the kernel's ephemeral ports ({}-{}) at {low}-{high}{}",
                     ephemeral.0,
@@ -345,7 +345,7 @@ async fn reserve_ephemeral(
     }
     // Recorded before it is written: a crash in between leaves a record of a reservation
     // that may not exist (harmless to give back), never a reservation without a record.
-    let planned = host::ports_to_reserve(managed.clone())
+    let planned = host::sysctls::ports_to_reserve(managed.clone())
         .context("reading net.ipv4.ip_local_reserved_ports")?;
     if planned.is_empty() {
         return Ok(());
@@ -359,7 +359,7 @@ async fn reserve_ephemeral(
         .submit(vec![Change::SetHostChanges(record.clone())])
         .wait()
         .await?;
-    match host::reserve_ports(managed) {
+    match host::sysctls::reserve_ports(managed) {
         Ok(_) => Ok(()),
         Err(err) => {
             // Nothing was written: take the plan out of the record again.
@@ -491,7 +491,7 @@ pub fn uninstall(config: Option<PathBuf>) -> anyhow::Result<()> {
         let store = RedbStore::open(&store_path)?;
         let mut record = store.load()?.host;
         if !record.reserved_ports_added.is_empty() {
-            host::unreserve_ports(&record.reserved_ports_added)
+            host::sysctls::unreserve_ports(&record.reserved_ports_added)
                 .context("taking the range out of net.ipv4.ip_local_reserved_ports")?;
             record.reserved_ports_added.clear();
             store

@@ -9,14 +9,14 @@ use aya::{
     programs::{ProgramError, links::LinkError},
 };
 
-use crate::system::SystemError;
+use crate::host::HostError;
 
 /// What went wrong driving the kernel gate.
 #[derive(Debug, thiserror::Error)]
 pub enum GateError {
     /// The host lacks something the gate needs.
     #[error(transparent)]
-    System(#[from] SystemError),
+    Host(#[from] HostError),
     /// The kernel object could not be loaded (maps created, BTF read).
     #[error("loading the kernel object: {0}")]
     Load(#[source] Box<EbpfError>),

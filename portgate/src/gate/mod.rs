@@ -35,7 +35,7 @@ pub use self::{
     events::{DenyEventRecord, DenyEvents},
     maps::{GateStats, GrantRecord, HookCounters, PortCounters},
 };
-use crate::{paths, policy::Protocol, system};
+use crate::{host, paths, policy::Protocol};
 
 /// The kernel programs, built by `build.rs` from the portgate-ebpf crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portgate-ebpf"));
@@ -135,9 +135,9 @@ impl Gate {
                 max: settings.max_port,
             });
         }
-        system::check_kernel()?;
-        system::raise_memlock_limit();
-        system::prepare_pin_dir(&settings.pin_dir)?;
+        host::kernel::check_version()?;
+        host::kernel::raise_memlock_limit();
+        host::mounts::prepare_pin_dir(&settings.pin_dir)?;
         for sub in [paths::MAPS_SUBDIR, paths::LINKS_SUBDIR] {
             let dir = settings.pin_dir.join(sub);
             fs::create_dir_all(&dir).map_err(|source| GateError::Io {
@@ -265,7 +265,7 @@ impl Gate {
             nix::net::if_::if_nametoindex(interface).map_err(|_| GateError::NoSuchInterface {
                 name: interface.to_owned(),
             })?;
-        let netns = system::current_netns_inode()?;
+        let netns = host::kernel::current_netns_inode()?;
         let link_name = format!("xdp-{netns}-{ifindex}");
         let link_path = self.links_dir().join(&link_name);
         if !link_path.exists() {

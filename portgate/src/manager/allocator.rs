@@ -40,7 +40,7 @@ pub struct ProcfsSockets;
 
 impl SocketTable for ProcfsSockets {
     fn bound_ports(&self, protocol: Protocol, range: RangeInclusive<u16>) -> Result<BTreeSet<u16>> {
-        host::bound_ports(protocol, range)
+        host::sockets::bound_ports(protocol, range)
             .map_err(|err| PortError::ResourceMonitoring(err.to_string()))
     }
 }

@@ -45,7 +45,6 @@ use crate::{
     policy::Allowlist,
     report::{self, PortReport},
     store::{Change, MemoryStore, Store},
-    system,
 };
 
 /// Who is asking: the manager checks that users change only what they allocated.
@@ -93,7 +92,7 @@ pub struct StartReport {
     /// Kernel policies that no allocation explained, removed.
     pub stale_policies_removed: usize,
     /// Listeners on managed ports that no allocation explains.
-    pub unexplained_listeners: Vec<host::Listener>,
+    pub unexplained_listeners: Vec<host::sockets::Listener>,
 }
 
 /// The parts a change touches, under one lock so that memory, kernel and the order of
@@ -190,7 +189,7 @@ impl PortManager {
             }
         }
         for protocol in Protocol::ALL {
-            let listeners = host::listeners(protocol, port_allocator.range())
+            let listeners = host::sockets::listeners(protocol, port_allocator.range())
                 .map_err(|err| PortError::ResourceMonitoring(err.to_string()))?;
             report
                 .unexplained_listeners
@@ -441,7 +440,7 @@ impl PortManager {
                 GRANT_SWEEP_PERIOD.as_secs()
             )));
         }
-        let expires_ns = system::monotonic_now_ns()
+        let expires_ns = host::kernel::monotonic_now_ns()
             .saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
         if let Some(gate) = parts.gate.as_mut() {
             gate.add_grant(id.port, id.protocol, addr, expires_ns)?;
@@ -692,7 +691,7 @@ impl PortManager {
         let Some(gate) = gate.as_mut() else {
             return Ok(0);
         };
-        let now = system::monotonic_now_ns();
+        let now = host::kernel::monotonic_now_ns();
         let mut removed = 0;
         for grant in gate.grants()? {
             if grant.expires_ns <= now {

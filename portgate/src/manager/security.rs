@@ -9,8 +9,8 @@ use super::{
     state::{PortAccessControl, PortId},
 };
 use crate::{
+    host,
     policy::{DropReason, PortPolicy},
-    system,
     verdict::{self, Decision, GateModel, GateView, Packet},
 };
 
@@ -120,7 +120,7 @@ impl PortSecurity {
             crate::policy::Protocol::Tcp => Packet::tcp(addr, id.port, true, false),
             crate::policy::Protocol::Udp => Packet::udp(addr, id.port),
         };
-        verdict::evaluate(&view, &packet, system::monotonic_now_ns())
+        verdict::evaluate(&view, &packet, host::kernel::monotonic_now_ns())
     }
 
     /// The specification's `validate_connection`: `Ok` when a new connection from `addr`

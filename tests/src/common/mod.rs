@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portgate::{gate, system};
+use portgate::{gate, host};
 
 pub mod packet;
 
@@ -55,17 +55,17 @@ pub fn pin_to_cpu0() {
 }
 
 fn missing_privileges() -> Option<String> {
-    let missing = system::missing_capabilities();
+    let missing = host::kernel::missing_capabilities();
     if !missing.is_empty() {
         return Some(format!("{} missing: run as root", missing.join(", ")));
     }
     if !Path::new(portgate::paths::KERNEL_BTF).exists() {
         return Some(format!("no kernel BTF at {}", portgate::paths::KERNEL_BTF));
     }
-    if system::cgroup2_root().is_err() {
+    if host::cgroups::root().is_err() {
         return Some("no cgroup2 mount".to_owned());
     }
-    if let Err(err) = system::check_kernel() {
+    if let Err(err) = host::kernel::check_version() {
         return Some(err.to_string());
     }
     if which("ip").is_none() {
@@ -117,7 +117,7 @@ impl PinDir {
     /// A new, empty, uniquely named directory under the bpffs mount.
     pub fn new() -> Self {
         let path = PathBuf::from(portgate::paths::BPFFS_MOUNT).join(unique("portgate-test-"));
-        system::prepare_pin_dir(&path).expect("create the pin directory on bpffs");
+        host::mounts::prepare_pin_dir(&path).expect("create the pin directory on bpffs");
         Self { path }
     }
 
@@ -143,7 +143,7 @@ pub struct TestCgroup {
 impl TestCgroup {
     /// A new cgroup directly below the cgroup2 root.
     pub fn new() -> Self {
-        let root = system::cgroup2_root().expect("cgroup2 mount");
+        let root = host::cgroups::root().expect("cgroup2 mount");
         Self::create(root.join(unique("portgate-test-")))
     }
 
@@ -169,7 +169,7 @@ impl TestCgroup {
 
     /// The depth below the cgroup2 root.
     pub fn level(&self) -> u32 {
-        system::cgroup_id_and_level(&self.path)
+        host::cgroups::id_and_level(&self.path)
             .expect("cgroup level")
             .1
     }
@@ -178,7 +178,7 @@ impl TestCgroup {
     /// created meanwhile belong to this cgroup for good; `bind()` is judged by the cgroup
     /// of the process at the time of the call.
     pub fn enter(&self) -> Entered {
-        let previous = system::cgroup_of_pid(std::process::id()).expect("own cgroup");
+        let previous = host::cgroups::of_pid(std::process::id()).expect("own cgroup");
         move_self(&self.path);
         Entered { previous }
     }
@@ -292,9 +292,10 @@ impl NetNs {
     /// [`NetNs::run`], after making sure that the thread really is in another network
     /// namespace than the test's own: a sysctl written there would otherwise be the host's.
     pub fn run_elsewhere<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let host_netns = system::current_netns_inode().expect("this thread's network namespace");
+        let host_netns =
+            host::kernel::current_netns_inode().expect("this thread's network namespace");
         self.run(|| {
-            let here = system::current_netns_inode().expect("the test namespace");
+            let here = host::kernel::current_netns_inode().expect("the test namespace");
             assert_ne!(
                 here, host_netns,
                 "setns left the thread in the host's network namespace: refusing to go on"

@@ -24,8 +24,8 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use ipnet::{IpNet, Ipv4Net};
 use portgate::{
     gate::{Gate, GateSettings, PortCounters},
+    host,
     policy::{PortPolicy, Protocol},
-    system,
 };
 use portgate_common::hook;
 use portgate_tests::common::{PinDir, TestCgroup};
@@ -762,7 +762,7 @@ pub fn child(spec: &str) -> Result<()> {
 /// Runs `f` with this (single-threaded) process in `cgroup`, then moves it back: sockets
 /// made by `f` stay in `cgroup`.
 fn in_cgroup<T>(cgroup: &Path, f: impl FnOnce() -> T) -> Result<T> {
-    let previous = system::cgroup_of_pid(std::process::id()).context("own cgroup")?;
+    let previous = host::cgroups::of_pid(std::process::id()).context("own cgroup")?;
     fs::write(cgroup.join("cgroup.procs"), "0")
         .with_context(|| format!("moving into {}", cgroup.display()))?;
     let result = f();
