@@ -30,8 +30,11 @@ use self::{audit::AuditLog, auth::AdminGroup};
 use crate::{
     config::Config,
     gate::{self, Gate, GateSettings},
-    host,
-    manager::{self, CachedSockets, PortManager, ProcfsSockets, StartReport},
+    host::{
+        self,
+        sockets::{CachedSockets, ProcfsSockets},
+    },
+    manager::{self, PortManager, StartReport},
     paths,
     store::{Change, RedbStore, Store as _},
 };

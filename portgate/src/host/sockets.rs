@@ -1,5 +1,7 @@
 //! The live sockets of the calling thread's network namespace, from its procfs socket
-//! tables (`/proc/thread-self/net/{tcp,tcp6,udp,udp6}`).
+//! tables (`/proc/thread-self/net/{tcp,tcp6,udp,udp6}`), and the [`SocketTable`] through
+//! which the manager reads them: [`ProcfsSockets`] on a host, [`CachedSockets`] to share one
+//! read among many allocations, a fake in unit tests.
 
 use std::{
     collections::BTreeSet,
@@ -8,6 +10,8 @@ use std::{
     net::{IpAddr, SocketAddr},
     ops::RangeInclusive,
     path::PathBuf,
+    sync::{Mutex, PoisonError, TryLockError},
+    time::{Duration, Instant},
 };
 
 use procfs::{
@@ -174,9 +178,152 @@ fn listeners_in(
     found
 }
 
+// ---- the table the manager reads ----
+
+/// Where the manager learns which ports have a live socket.
+pub trait SocketTable: Send + Sync {
+    /// The ports in `range` that have a socket of `protocol` bound (see [`bound_ports`]).
+    fn bound_ports(
+        &self,
+        protocol: Protocol,
+        range: RangeInclusive<u16>,
+    ) -> Result<BTreeSet<u16>, HostError>;
+
+    /// The listeners on ports in `range`, sorted (see [`listeners`]).
+    fn listeners(
+        &self,
+        protocol: Protocol,
+        range: RangeInclusive<u16>,
+    ) -> Result<Vec<Listener>, HostError>;
+
+    /// The bound ports when they are known without reading the tables (a snapshot still
+    /// fresh); `None` when a read is needed.
+    fn fresh(&self, _protocol: Protocol, _range: RangeInclusive<u16>) -> Option<BTreeSet<u16>> {
+        None
+    }
+}
+
+/// The live sockets of the calling thread's network namespace, read afresh from procfs on
+/// every call ([`bound_ports`], [`listeners`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcfsSockets;
+
+impl SocketTable for ProcfsSockets {
+    fn bound_ports(
+        &self,
+        protocol: Protocol,
+        range: RangeInclusive<u16>,
+    ) -> Result<BTreeSet<u16>, HostError> {
+        bound_ports(protocol, range)
+    }
+
+    fn listeners(
+        &self,
+        protocol: Protocol,
+        range: RangeInclusive<u16>,
+    ) -> Result<Vec<Listener>, HostError> {
+        listeners(protocol, range)
+    }
+}
+
+/// A [`SocketTable`] that reuses a snapshot of the whole range for `max_age`.
+///
+/// Reading the socket tables costs milliseconds (the kernel walks its whole connection
+/// hash), so a daemon taking many allocations shares one snapshot among them. A range scan
+/// may then miss a socket bound in the last `max_age`; the owner's `bind()` fails and it
+/// allocates again. A request for one named port always reads afresh, and so does every
+/// request for listeners (made once, at start-up).
+pub struct CachedSockets<T> {
+    inner: T,
+    max_age: Duration,
+    snapshots: Mutex<Vec<Snapshot>>,
+}
+
+/// One protocol's bound ports in one range, and when they were read.
+struct Snapshot {
+    protocol: Protocol,
+    range: RangeInclusive<u16>,
+    taken: Instant,
+    bound: BTreeSet<u16>,
+}
+
+impl<T: SocketTable> CachedSockets<T> {
+    /// Wraps `inner`, reusing a range's snapshot for `max_age`.
+    pub const fn new(inner: T, max_age: Duration) -> Self {
+        Self {
+            inner,
+            max_age,
+            snapshots: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl<T: SocketTable> SocketTable for CachedSockets<T> {
+    fn fresh(&self, protocol: Protocol, range: RangeInclusive<u16>) -> Option<BTreeSet<u16>> {
+        // Never waits: the lock is held while the tables are read, and the caller is an
+        // async worker. Busy means a read is under way; the caller then waits for it on a
+        // blocking thread.
+        let snapshots = match self.snapshots.try_lock() {
+            Ok(snapshots) => snapshots,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        snapshots
+            .iter()
+            .find(|snapshot| {
+                snapshot.protocol == protocol
+                    && snapshot.range == range
+                    && snapshot.taken.elapsed() < self.max_age
+            })
+            .map(|snapshot| snapshot.bound.clone())
+    }
+
+    fn bound_ports(
+        &self,
+        protocol: Protocol,
+        range: RangeInclusive<u16>,
+    ) -> Result<BTreeSet<u16>, HostError> {
+        if range.start() == range.end() {
+            return self.inner.bound_ports(protocol, range);
+        }
+        let mut snapshots = self
+            .snapshots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(snapshot) = snapshots.iter().find(|snapshot| {
+            snapshot.protocol == protocol
+                && snapshot.range == range
+                && snapshot.taken.elapsed() < self.max_age
+        }) {
+            return Ok(snapshot.bound.clone());
+        }
+        // Read under the lock: concurrent allocations wait for one read, not one each.
+        let bound = self.inner.bound_ports(protocol, range.clone())?;
+        snapshots.retain(|snapshot| snapshot.protocol != protocol || snapshot.range != range);
+        snapshots.push(Snapshot {
+            protocol,
+            range,
+            taken: Instant::now(),
+            bound: bound.clone(),
+        });
+        Ok(bound)
+    }
+
+    fn listeners(
+        &self,
+        protocol: Protocol,
+        range: RangeInclusive<u16>,
+    ) -> Result<Vec<Listener>, HostError> {
+        self.inner.listeners(protocol, range)
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::net::{Ipv4Addr, TcpListener, UdpSocket};
+    use std::{
+        net::{Ipv4Addr, TcpListener, UdpSocket},
+        sync::Arc,
+    };
 
     use super::*;
 
@@ -324,5 +471,68 @@ mod tests {
         assert_eq!(bound, BTreeSet::from([port]));
         let found = listeners(Protocol::Tcp, port..=port).expect("TCP listeners");
         assert!(found.is_empty(), "{found:?}");
+    }
+
+    // ---- the cached table ----
+
+    /// Sockets the test says are bound.
+    #[derive(Clone, Default)]
+    struct FakeSockets(Arc<Mutex<BTreeSet<u16>>>);
+
+    impl SocketTable for FakeSockets {
+        fn bound_ports(
+            &self,
+            _protocol: Protocol,
+            range: RangeInclusive<u16>,
+        ) -> Result<BTreeSet<u16>, HostError> {
+            let bound = self.0.lock().unwrap();
+            Ok(bound.range(range).copied().collect())
+        }
+
+        fn listeners(
+            &self,
+            protocol: Protocol,
+            range: RangeInclusive<u16>,
+        ) -> Result<Vec<Listener>, HostError> {
+            let bound = self.bound_ports(protocol, range)?;
+            Ok(bound
+                .into_iter()
+                .map(|port| Listener {
+                    port,
+                    protocol,
+                    addr: Ipv4Addr::UNSPECIFIED.into(),
+                    uid: 0,
+                    inode: u64::from(port),
+                })
+                .collect())
+        }
+    }
+
+    #[test]
+    fn cached_sockets_share_a_range_snapshot_and_read_one_port_afresh() {
+        let fake = FakeSockets::default();
+        let bound = |table: &CachedSockets<FakeSockets>, protocol, range| {
+            table.bound_ports(protocol, range).unwrap()
+        };
+        let cached = CachedSockets::new(fake.clone(), Duration::from_mins(1));
+        assert!(bound(&cached, Protocol::Tcp, 1..=10).is_empty());
+        fake.0.lock().unwrap().insert(5);
+        // Within max_age the range is answered from the snapshot...
+        assert!(bound(&cached, Protocol::Tcp, 1..=10).is_empty());
+        // ...but one named port, another protocol or another range is read afresh.
+        assert!(bound(&cached, Protocol::Tcp, 5..=5).contains(&5));
+        assert!(bound(&cached, Protocol::Udp, 1..=10).contains(&5));
+        assert!(bound(&cached, Protocol::Tcp, 1..=9).contains(&5));
+        // Listeners are never cached.
+        let found = cached.listeners(Protocol::Tcp, 1..=10).unwrap();
+        assert_eq!(
+            found
+                .iter()
+                .map(|listener| listener.port)
+                .collect::<Vec<_>>(),
+            [5]
+        );
+        let expired = CachedSockets::new(fake, Duration::ZERO);
+        assert!(bound(&expired, Protocol::Tcp, 1..=10).contains(&5));
     }
 }

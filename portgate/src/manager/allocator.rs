@@ -20,109 +20,10 @@ use super::{
         add_duration, now_millis,
     },
 };
-use crate::{config::PortConfig, host};
-
-/// Where the allocator learns which ports have a live socket.
-pub trait SocketTable: Send + Sync {
-    /// The ports in `range` that have a socket of `protocol` bound.
-    fn bound_ports(&self, protocol: Protocol, range: RangeInclusive<u16>) -> Result<BTreeSet<u16>>;
-
-    /// The bound ports when they are known without reading the tables (a snapshot still
-    /// fresh); `None` when a read is needed.
-    fn fresh(&self, _protocol: Protocol, _range: RangeInclusive<u16>) -> Option<BTreeSet<u16>> {
-        None
-    }
-}
-
-/// The live sockets of this network namespace, from procfs (`/proc/net/{tcp,tcp6,udp,udp6}`).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ProcfsSockets;
-
-impl SocketTable for ProcfsSockets {
-    fn bound_ports(&self, protocol: Protocol, range: RangeInclusive<u16>) -> Result<BTreeSet<u16>> {
-        host::sockets::bound_ports(protocol, range)
-            .map_err(|err| PortError::ResourceMonitoring(err.to_string()))
-    }
-}
-
-/// A [`SocketTable`] that reuses a snapshot of the whole range for `max_age`.
-///
-/// Reading the socket tables costs milliseconds (the kernel walks its whole connection
-/// hash), so a daemon taking many allocations shares one snapshot among them. A range scan
-/// may then miss a socket bound in the last `max_age`; the owner's `bind()` fails and it
-/// allocates again. A request for one named port always reads afresh.
-pub struct CachedSockets<T> {
-    inner: T,
-    max_age: std::time::Duration,
-    snapshots: std::sync::Mutex<Vec<Snapshot>>,
-}
-
-/// One protocol's bound ports in one range, and when they were read.
-struct Snapshot {
-    protocol: Protocol,
-    range: RangeInclusive<u16>,
-    taken: std::time::Instant,
-    bound: BTreeSet<u16>,
-}
-
-impl<T: SocketTable> CachedSockets<T> {
-    /// Wraps `inner`, reusing a range's snapshot for `max_age`.
-    pub const fn new(inner: T, max_age: std::time::Duration) -> Self {
-        Self {
-            inner,
-            max_age,
-            snapshots: std::sync::Mutex::new(Vec::new()),
-        }
-    }
-}
-
-impl<T: SocketTable> SocketTable for CachedSockets<T> {
-    fn fresh(&self, protocol: Protocol, range: RangeInclusive<u16>) -> Option<BTreeSet<u16>> {
-        // Never waits: the lock is held while the tables are read, and the caller is an
-        // async worker. Busy means a read is under way; the caller then waits for it on a
-        // blocking thread.
-        let snapshots = match self.snapshots.try_lock() {
-            Ok(snapshots) => snapshots,
-            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) => return None,
-        };
-        snapshots
-            .iter()
-            .find(|snapshot| {
-                snapshot.protocol == protocol
-                    && snapshot.range == range
-                    && snapshot.taken.elapsed() < self.max_age
-            })
-            .map(|snapshot| snapshot.bound.clone())
-    }
-
-    fn bound_ports(&self, protocol: Protocol, range: RangeInclusive<u16>) -> Result<BTreeSet<u16>> {
-        if range.start() == range.end() {
-            return self.inner.bound_ports(protocol, range);
-        }
-        let mut snapshots = self
-            .snapshots
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(snapshot) = snapshots.iter().find(|snapshot| {
-            snapshot.protocol == protocol
-                && snapshot.range == range
-                && snapshot.taken.elapsed() < self.max_age
-        }) {
-            return Ok(snapshot.bound.clone());
-        }
-        // Read under the lock: concurrent allocations wait for one read, not one each.
-        let bound = self.inner.bound_ports(protocol, range.clone())?;
-        snapshots.retain(|snapshot| snapshot.protocol != protocol || snapshot.range != range);
-        snapshots.push(Snapshot {
-            protocol,
-            range,
-            taken: std::time::Instant::now(),
-            bound: bound.clone(),
-        });
-        Ok(bound)
-    }
-}
+use crate::{
+    config::PortConfig,
+    host::sockets::{ProcfsSockets, SocketTable},
+};
 
 /// The live sockets an allocation of `request` in `range` must avoid.
 pub fn bound_for(
@@ -135,6 +36,7 @@ pub fn bound_for(
         Some(_) => Ok(BTreeSet::new()),
         None => sockets.bound_ports(request.protocol, range),
     }
+    .map_err(|err| PortError::ResourceMonitoring(err.to_string()))
 }
 
 /// What an allocation asks for.
@@ -619,11 +521,15 @@ mod tests {
         time::Duration,
     };
 
-    use super::{AllocationRequest, PortAllocator, SocketTable, Transition};
+    use super::{AllocationRequest, PortAllocator, Transition};
     use crate::{
         config::PortConfig,
+        host::{
+            HostError,
+            sockets::{Listener, SocketTable},
+        },
         manager::{
-            error::{PortError, Result},
+            error::PortError,
             state::{PortId, PortStatus, Protocol},
         },
     };
@@ -637,7 +543,7 @@ mod tests {
             &self,
             _protocol: Protocol,
             range: std::ops::RangeInclusive<u16>,
-        ) -> Result<BTreeSet<u16>> {
+        ) -> Result<BTreeSet<u16>, HostError> {
             Ok(self
                 .0
                 .lock()
@@ -646,6 +552,14 @@ mod tests {
                 .copied()
                 .filter(|port| range.contains(port))
                 .collect())
+        }
+
+        fn listeners(
+            &self,
+            _protocol: Protocol,
+            _range: std::ops::RangeInclusive<u16>,
+        ) -> Result<Vec<Listener>, HostError> {
+            Ok(Vec::new())
         }
     }
 
@@ -937,52 +851,6 @@ mod tests {
         assert_eq!(
             allocator.get_state(held.id.port).status,
             PortStatus::Available
-        );
-    }
-
-    #[test]
-    fn cached_sockets_share_a_range_snapshot_and_read_one_port_afresh() {
-        let fake = FakeSockets::default();
-        let cached = super::CachedSockets::new(fake.clone(), Duration::from_mins(1));
-        assert!(
-            cached
-                .bound_ports(Protocol::Tcp, 1..=10)
-                .unwrap()
-                .is_empty()
-        );
-        fake.0.lock().unwrap().insert(5);
-        // Within max_age the range is answered from the snapshot...
-        assert!(
-            cached
-                .bound_ports(Protocol::Tcp, 1..=10)
-                .unwrap()
-                .is_empty()
-        );
-        // ...but one named port, another protocol or another range is read afresh.
-        assert!(
-            cached
-                .bound_ports(Protocol::Tcp, 5..=5)
-                .unwrap()
-                .contains(&5)
-        );
-        assert!(
-            cached
-                .bound_ports(Protocol::Udp, 1..=10)
-                .unwrap()
-                .contains(&5)
-        );
-        assert!(
-            cached
-                .bound_ports(Protocol::Tcp, 1..=9)
-                .unwrap()
-                .contains(&5)
-        );
-        let expired = super::CachedSockets::new(fake, Duration::ZERO);
-        assert!(
-            expired
-                .bound_ports(Protocol::Tcp, 1..=10)
-                .unwrap()
-                .contains(&5)
         );
     }
 }

@@ -27,9 +27,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
 pub use self::{
-    allocator::{
-        AllocationRequest, CachedSockets, PortAllocator, ProcfsSockets, SocketTable, Transition,
-    },
+    allocator::{AllocationRequest, PortAllocator, Transition},
     error::{ErrorCategory, PortError, Result},
     monitor::{PortMetrics, PortMonitor, PortsSnapshot},
     security::{MAX_ALLOWED_IPS, PortSecurity},
@@ -41,7 +39,10 @@ pub use self::{
 use crate::{
     config::PortConfig,
     gate::Gate,
-    host,
+    host::{
+        self,
+        sockets::{Listener, ProcfsSockets, SocketTable},
+    },
     policy::Allowlist,
     report::{self, PortReport},
     store::{Change, MemoryStore, Store},
@@ -92,7 +93,7 @@ pub struct StartReport {
     /// Kernel policies that no allocation explained, removed.
     pub stale_policies_removed: usize,
     /// Listeners on managed ports that no allocation explains.
-    pub unexplained_listeners: Vec<host::sockets::Listener>,
+    pub unexplained_listeners: Vec<Listener>,
 }
 
 /// The parts a change touches, under one lock so that memory, kernel and the order of
@@ -189,7 +190,8 @@ impl PortManager {
             }
         }
         for protocol in Protocol::ALL {
-            let listeners = host::sockets::listeners(protocol, port_allocator.range())
+            let listeners = sockets
+                .listeners(protocol, port_allocator.range())
                 .map_err(|err| PortError::ResourceMonitoring(err.to_string()))?;
             report
                 .unexplained_listeners
@@ -933,7 +935,7 @@ mod tests {
     };
     use crate::{
         config::PortConfig,
-        manager::ProcfsSockets,
+        host::sockets::ProcfsSockets,
         store::{Change, Commit, MemoryStore, Store, StoreError, StoredState},
     };
 

@@ -13,7 +13,8 @@ use portgate::{
     api::AllocRequest,
     client::Client,
     config::PortConfig,
-    manager::{Actor, AllocationRequest, CachedSockets, PortManager, ProcfsSockets},
+    host::sockets::{CachedSockets, ProcfsSockets},
+    manager::{Actor, AllocationRequest, PortManager},
     store::MemoryStore,
 };
 use portgate_tests::daemon::Daemon;
