@@ -28,6 +28,7 @@ mod maps;
 mod parse;
 mod slots;
 mod verdict;
+mod xdp;
 
 use core::mem::size_of;
 
@@ -47,28 +48,8 @@ use crate::{
     parse::{ETH_P_IP, ETH_P_IPV6, Reader, parse_l3},
 };
 
-const ETH_HLEN: usize = 14;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-
-/// Bounds-checked reads from an XDP frame.
-struct XdpReader {
-    start: usize,
-    end: usize,
-}
-
-impl Reader for XdpReader {
-    #[inline(always)]
-    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        if self.start + offset + size_of::<T>() > self.end {
-            return None;
-        }
-        // SAFETY: the range was checked against the frame's end just above.
-        Some(unsafe { ((self.start + offset) as *const T).read_unaligned() })
-    }
-}
 
 /// Reads the linear part of an skb directly, and what lies beyond it (a non-linear skb)
 /// through `bpf_skb_load_bytes`.
@@ -111,34 +92,11 @@ impl Reader for SkbReader<'_> {
 /// XDP verdict for packets arriving on an interface.
 #[xdp]
 pub fn portgate_xdp(ctx: XdpContext) -> u32 {
-    if try_xdp(&ctx) {
+    if xdp::try_xdp(&ctx) {
         xdp_action::XDP_PASS
     } else {
         xdp_action::XDP_DROP
     }
-}
-
-#[inline(always)]
-fn try_xdp(ctx: &XdpContext) -> bool {
-    let reader = XdpReader {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    };
-    let Some(mut ethertype) = reader.read::<[u8; 2]>(12).map(u16::from_be_bytes) else {
-        return true;
-    };
-    let mut l3_offset = ETH_HLEN;
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let Some(inner) = reader.read::<[u8; 2]>(16).map(u16::from_be_bytes) else {
-            return true;
-        };
-        ethertype = inner;
-        l3_offset += 4;
-    }
-    let Some(info) = parse_l3(&reader, ethertype, l3_offset) else {
-        return true;
-    };
-    verdict::judge(&info, hook::XDP, (reader.end - reader.start) as u64)
 }
 
 /// `cgroup_skb/ingress` verdict for packets delivered to sockets in the cgroup tree.
