@@ -26,11 +26,10 @@
 mod events;
 mod maps;
 mod parse;
+mod skb;
 mod slots;
 mod verdict;
 mod xdp;
-
-use core::mem::size_of;
 
 use aya_ebpf::{
     bindings::{
@@ -41,53 +40,12 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock_addr, sock_ops, xdp},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext, XdpContext},
 };
-use portgate_common::{CountedSocket, FlowKey, PortKey, family, hook, policy_flags, proto, stat};
+use portgate_common::{CountedSocket, FlowKey, PortKey, family, policy_flags, proto, stat};
 
-use crate::{
-    maps::{CONFIG, PENDING, POLICY, SOCKETS, bump_stat},
-    parse::{ETH_P_IP, ETH_P_IPV6, Reader, parse_l3},
-};
+use crate::maps::{CONFIG, PENDING, POLICY, SOCKETS, bump_stat};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-
-/// Reads the linear part of an skb directly, and what lies beyond it (a non-linear skb)
-/// through `bpf_skb_load_bytes`.
-struct SkbReader<'a> {
-    ctx: &'a SkBuffContext,
-    start: usize,
-    end: usize,
-}
-
-impl<'a> SkbReader<'a> {
-    #[inline(always)]
-    fn new(ctx: &'a SkBuffContext) -> Self {
-        // SAFETY: the context pointer is the kernel's, valid for the program's run; the
-        // volatile reads keep fixed offsets from it, as the verifier requires.
-        let (start, end) = unsafe {
-            (
-                core::ptr::read_volatile(&raw const (*ctx.skb.skb).data),
-                core::ptr::read_volatile(&raw const (*ctx.skb.skb).data_end),
-            )
-        };
-        Self {
-            ctx,
-            start: start as usize,
-            end: end as usize,
-        }
-    }
-}
-
-impl Reader for SkbReader<'_> {
-    #[inline(always)]
-    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        if self.start + offset + size_of::<T>() <= self.end {
-            // SAFETY: the range was checked against the linear data's end just above.
-            return Some(unsafe { ((self.start + offset) as *const T).read_unaligned() });
-        }
-        self.ctx.load::<T>(offset).ok()
-    }
-}
 
 /// XDP verdict for packets arriving on an interface.
 #[xdp]
@@ -102,21 +60,7 @@ pub fn portgate_xdp(ctx: XdpContext) -> u32 {
 /// `cgroup_skb/ingress` verdict for packets delivered to sockets in the cgroup tree.
 #[cgroup_skb]
 pub fn portgate_skb(ctx: SkBuffContext) -> i32 {
-    i32::from(try_skb(&ctx))
-}
-
-#[inline(always)]
-fn try_skb(ctx: &SkBuffContext) -> bool {
-    // `protocol` holds the ethertype in network byte order.
-    #[expect(clippy::cast_possible_truncation, reason = "an ethertype is 16 bits")]
-    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
-        return true;
-    }
-    let Some(info) = parse_l3(&SkbReader::new(ctx), ethertype, 0) else {
-        return true;
-    };
-    verdict::judge(&info, hook::SKB, u64::from(ctx.len()))
+    i32::from(skb::try_skb(&ctx))
 }
 
 /// `cgroup/bind4`: only the owner cgroup (or a descendant) binds a managed port.
