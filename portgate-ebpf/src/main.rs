@@ -23,6 +23,7 @@
     reason = "aya's program macros hand each entry point its context by value"
 )]
 
+mod bind;
 mod events;
 mod maps;
 mod parse;
@@ -36,13 +37,13 @@ use aya_ebpf::{
         BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, xdp_action,
     },
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    helpers::bpf_get_socket_cookie,
     macros::{cgroup_skb, cgroup_sock_addr, sock_ops, xdp},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext, XdpContext},
 };
-use portgate_common::{CountedSocket, FlowKey, PortKey, family, policy_flags, proto, stat};
+use portgate_common::{CountedSocket, FlowKey, family, stat};
 
-use crate::maps::{CONFIG, PENDING, POLICY, SOCKETS, bump_stat};
+use crate::maps::{CONFIG, PENDING, SOCKETS, bump_stat};
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
@@ -66,66 +67,13 @@ pub fn portgate_skb(ctx: SkBuffContext) -> i32 {
 /// `cgroup/bind4`: only the owner cgroup (or a descendant) binds a managed port.
 #[cgroup_sock_addr(bind4)]
 pub fn portgate_bind4(ctx: SockAddrContext) -> i32 {
-    i32::from(try_bind(&ctx, family::V4))
+    i32::from(bind::try_bind(&ctx, family::V4))
 }
 
 /// `cgroup/bind6`: as `portgate_bind4`.
 #[cgroup_sock_addr(bind6)]
 pub fn portgate_bind6(ctx: SockAddrContext) -> i32 {
-    i32::from(try_bind(&ctx, family::V6))
-}
-
-/// Returns whether the bind may proceed; refusing makes `bind()` fail with EPERM.
-#[inline(always)]
-fn try_bind(ctx: &SockAddrContext, family_code: u8) -> bool {
-    // SAFETY: the context pointer is the kernel's, valid for the program's run.
-    let sock_addr = unsafe { &*ctx.sock_addr };
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "the port is the low 16 bits"
-    )]
-    let port = u16::from_be(sock_addr.user_port as u16);
-    if port == 0 {
-        return true;
-    }
-    let Some(config) = CONFIG.get(0) else {
-        return true;
-    };
-    if !config.manages(port) {
-        return true;
-    }
-    let proto_code = match sock_addr.protocol {
-        6 => proto::TCP,
-        17 => proto::UDP,
-        _ => return true,
-    };
-    // SAFETY: the value is copied out at once.
-    let policy = unsafe { POLICY.get(PortKey::new(port, proto_code)) }.copied();
-    let allowed = match policy {
-        None => false,
-        Some(policy) if policy.flags & policy_flags::OWNER == 0 => true,
-        Some(policy) => {
-            #[expect(clippy::cast_possible_wrap, reason = "cgroup levels are small")]
-            let level = policy.owner_level as i32;
-            // SAFETY: the helper has no preconditions.
-            unsafe { bpf_get_current_ancestor_cgroup_id(level) == policy.owner_cgroup }
-        }
-    };
-    if !allowed {
-        verdict::count_bind_denied(port, proto_code);
-        let mut addr = [0u8; 16];
-        if family_code == family::V4 {
-            addr[..4].copy_from_slice(&sock_addr.user_ip4.to_ne_bytes());
-        } else {
-            for (i, word) in sock_addr.user_ip6.iter().enumerate() {
-                addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-            }
-        }
-        // SAFETY: the helper has no preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
-        events::emit_bind(config, port, proto_code, family_code, addr, now);
-    }
-    allowed
+    i32::from(bind::try_bind(&ctx, family::V6))
 }
 
 /// Counts established passive TCP connections on managed ports, once each.
