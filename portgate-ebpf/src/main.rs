@@ -1,12 +1,14 @@
-//! portgate's kernel programs.
+//! portgate's kernel programs: the thin entry points, each handing its context to the
+//! module of its hook.
 //!
-//! - `portgate_xdp` (per interface) and `portgate_skb` (`cgroup_skb/ingress`) parse a packet
-//!   and call the one verdict in [`verdict`];
-//! - `portgate_bind4`/`portgate_bind6` (`cgroup/bind4`, `cgroup/bind6`) enforce bind
-//!   ownership;
-//! - `portgate_sockops` counts established passive TCP connections per port.
+//! - `portgate_xdp` (per interface, `xdp.rs`) and `portgate_skb` (`cgroup_skb/ingress`,
+//!   `skb.rs`) parse a packet and call the one verdict in [`verdict`];
+//! - `portgate_bind4`/`portgate_bind6` (`cgroup/bind4`, `cgroup/bind6`, `bind.rs`) enforce
+//!   bind ownership;
+//! - `portgate_sockops` (`sock_ops.rs`) counts established passive TCP connections per port.
 //!
-//! Ports outside the configured managed range are never touched.
+//! Ports outside the configured managed range are never touched. Userspace loads the
+//! programs by these function names.
 #![no_std]
 #![no_main]
 #![feature(asm_experimental_arch)]
@@ -29,24 +31,16 @@ mod maps;
 mod parse;
 mod skb;
 mod slots;
+mod sock_ops;
 mod verdict;
 mod xdp;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, xdp_action,
-    },
-    helpers::bpf_get_socket_cookie,
+    bindings::xdp_action,
     macros::{cgroup_skb, cgroup_sock_addr, sock_ops, xdp},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext, XdpContext},
 };
-use portgate_common::{CountedSocket, FlowKey, family, stat};
-
-use crate::maps::{CONFIG, PENDING, SOCKETS, bump_stat};
-
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
+use portgate_common::family;
 
 /// XDP verdict for packets arriving on an interface.
 #[xdp]
@@ -76,118 +70,13 @@ pub fn portgate_bind6(ctx: SockAddrContext) -> i32 {
     i32::from(bind::try_bind(&ctx, family::V6))
 }
 
-/// Counts established passive TCP connections on managed ports, once each.
+/// Counts established passive TCP connections on managed ports, once each. It never refuses
+/// anything, so there is nothing to map: 1 is what a `sock_ops` program returns when all is
+/// well.
 #[sock_ops]
 pub fn portgate_sockops(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
-        _ => {}
-    }
+    sock_ops::count_connections(&ctx);
     1
-}
-
-#[inline(always)]
-fn on_established(ctx: &SockOpsContext) {
-    let Some(config) = CONFIG.get(0) else {
-        return;
-    };
-    #[expect(clippy::cast_possible_truncation, reason = "a port is 16 bits")]
-    let port = ctx.local_port() as u16;
-    if !config.manages(port) {
-        return;
-    }
-    // SAFETY: the context pointer is the kernel's, valid for the program's run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let reserved = PENDING.remove(flow_of(ctx, port)).is_ok();
-    let counted = CountedSocket { port, _pad: [0; 6] };
-    if SOCKETS
-        .insert(cookie, counted, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        // Untracked: give the reserved slot back so nothing drifts.
-        bump_stat(stat::SOCKETS_FULL);
-        if reserved {
-            slots::release(port);
-        }
-        return;
-    }
-    slots::establish(port, reserved);
-    let _unused = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG).cast_signed());
-}
-
-#[inline(always)]
-fn on_close(ctx: &SockOpsContext) {
-    // SAFETY: the context pointer is the kernel's, valid for the program's run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // SAFETY: the value is copied out at once.
-    let Some(counted) = (unsafe { SOCKETS.get(cookie) }).copied() else {
-        return;
-    };
-    // Only the caller that removes the entry gives the slot back: exactly once.
-    if SOCKETS.remove(cookie).is_ok() {
-        slots::close(counted.port);
-    }
-}
-
-/// Reads one field of the `sock_ops` context. Volatile, so that the compiler keeps a
-/// fixed offset from the context pointer (the verifier refuses computed context pointers).
-macro_rules! ops_field {
-    ($ctx:expr, $field:ident) => {
-        // SAFETY: the context pointer is the kernel's, valid for the program's run.
-        unsafe { core::ptr::read_volatile(&raw const (*$ctx.ops).$field) }
-    };
-    ($ctx:expr, $field:ident[$index:literal]) => {
-        // SAFETY: as above.
-        unsafe { core::ptr::read_volatile(&raw const (*$ctx.ops).$field[$index]) }
-    };
-}
-
-/// The 4-tuple of the connection as the SYN showed it; IPv4-mapped IPv6 peers of a
-/// dual-stack socket are IPv4, as their packets are.
-#[inline(always)]
-fn flow_of(ctx: &SockOpsContext, port: u16) -> FlowKey {
-    let socket_family = ops_field!(ctx, family);
-    let remote_port = ops_field!(ctx, remote_port);
-    let remote6 = [
-        ops_field!(ctx, remote_ip6[0]),
-        ops_field!(ctx, remote_ip6[1]),
-        ops_field!(ctx, remote_ip6[2]),
-        ops_field!(ctx, remote_ip6[3]),
-    ];
-    let local6 = [
-        ops_field!(ctx, local_ip6[0]),
-        ops_field!(ctx, local_ip6[1]),
-        ops_field!(ctx, local_ip6[2]),
-        ops_field!(ctx, local_ip6[3]),
-    ];
-    let remote4 = ops_field!(ctx, remote_ip4);
-    let local4 = ops_field!(ctx, local_ip4);
-    let mut flow = FlowKey {
-        saddr: [0; 16],
-        daddr: [0; 16],
-        // The remote port is the network-order 16 bits of a network-order u32.
-        #[expect(clippy::cast_possible_truncation, reason = "a port is 16 bits")]
-        sport: u32::from_be(remote_port) as u16,
-        dport: port,
-        family: family::V4,
-        _pad: [0; 3],
-    };
-    let mapped = remote6[0] == 0 && remote6[1] == 0 && remote6[2] == 0xffffu32.to_be();
-    if socket_family == AF_INET {
-        flow.saddr[..4].copy_from_slice(&remote4.to_ne_bytes());
-        flow.daddr[..4].copy_from_slice(&local4.to_ne_bytes());
-    } else if socket_family == AF_INET6 && mapped {
-        flow.saddr[..4].copy_from_slice(&remote6[3].to_ne_bytes());
-        flow.daddr[..4].copy_from_slice(&local6[3].to_ne_bytes());
-    } else {
-        flow.family = family::V6;
-        for i in 0..4 {
-            flow.saddr[i * 4..i * 4 + 4].copy_from_slice(&remote6[i].to_ne_bytes());
-            flow.daddr[i * 4..i * 4 + 4].copy_from_slice(&local6[i].to_ne_bytes());
-        }
-    }
-    flow
 }
 
 #[cfg(not(test))]
