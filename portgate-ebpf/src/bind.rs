@@ -5,17 +5,18 @@ use aya_ebpf::{
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns},
     programs::SockAddrContext,
 };
-use portgate_common::{PortKey, family, policy_flags, proto};
+use portgate_common::{PortKey, family, policy_flags, proto, reason};
 
 use crate::{
     events,
     maps::{CONFIG, POLICY},
-    verdict,
+    verdict::{self, Refusal},
 };
 
-/// Returns whether the bind may proceed; refusing makes `bind()` fail with EPERM.
+/// `Err` when the bind is refused ([`reason::BIND_DENIED`]). A bind the gate does not judge
+/// (port 0, outside the managed range, neither TCP nor UDP) is `Ok`.
 #[inline(always)]
-pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> bool {
+pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> Result<(), Refusal> {
     // SAFETY: the context pointer is the kernel's, valid for the program's run.
     let sock_addr = unsafe { &*ctx.sock_addr };
     #[expect(
@@ -24,18 +25,18 @@ pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> bool {
     )]
     let port = u16::from_be(sock_addr.user_port as u16);
     if port == 0 {
-        return true;
+        return Ok(());
     }
     let Some(config) = CONFIG.get(0) else {
-        return true;
+        return Ok(());
     };
     if !config.manages(port) {
-        return true;
+        return Ok(());
     }
     let proto_code = match sock_addr.protocol {
         6 => proto::TCP,
         17 => proto::UDP,
-        _ => return true,
+        _ => return Ok(()),
     };
     // SAFETY: the value is copied out at once.
     let policy = unsafe { POLICY.get(PortKey::new(port, proto_code)) }.copied();
@@ -49,19 +50,22 @@ pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> bool {
             unsafe { bpf_get_current_ancestor_cgroup_id(level) == policy.owner_cgroup }
         }
     };
-    if !allowed {
-        verdict::count_bind_denied(port, proto_code);
-        let mut addr = [0u8; 16];
-        if family_code == family::V4 {
-            addr[..4].copy_from_slice(&sock_addr.user_ip4.to_ne_bytes());
-        } else {
-            for (i, word) in sock_addr.user_ip6.iter().enumerate() {
-                addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-            }
-        }
-        // SAFETY: the helper has no preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
-        events::emit_bind(config, port, proto_code, family_code, addr, now);
+    if allowed {
+        return Ok(());
     }
-    allowed
+    verdict::count_bind_denied(port, proto_code);
+    let mut addr = [0u8; 16];
+    if family_code == family::V4 {
+        addr[..4].copy_from_slice(&sock_addr.user_ip4.to_ne_bytes());
+    } else {
+        for (i, word) in sock_addr.user_ip6.iter().enumerate() {
+            addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+    }
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    events::emit_bind(config, port, proto_code, family_code, addr, now);
+    Err(Refusal {
+        reason: reason::BIND_DENIED,
+    })
 }

@@ -45,29 +45,39 @@ use portgate_common::family;
 /// XDP verdict for packets arriving on an interface.
 #[xdp]
 pub fn portgate_xdp(ctx: XdpContext) -> u32 {
-    if xdp::try_xdp(&ctx) {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
+    match xdp::try_xdp(&ctx) {
+        Ok(()) => xdp_action::XDP_PASS,
+        Err(_) => xdp_action::XDP_DROP,
     }
 }
 
-/// `cgroup_skb/ingress` verdict for packets delivered to sockets in the cgroup tree.
+/// `cgroup_skb/ingress` verdict for packets delivered to sockets in the cgroup tree: 1
+/// delivers the packet, 0 drops it.
 #[cgroup_skb]
 pub fn portgate_skb(ctx: SkBuffContext) -> i32 {
-    i32::from(skb::try_skb(&ctx))
+    match skb::try_skb(&ctx) {
+        Ok(()) => 1,
+        Err(_) => 0,
+    }
 }
 
-/// `cgroup/bind4`: only the owner cgroup (or a descendant) binds a managed port.
+/// `cgroup/bind4`: only the owner cgroup (or a descendant) binds a managed port; 0 makes
+/// `bind()` fail with EPERM.
 #[cgroup_sock_addr(bind4)]
 pub fn portgate_bind4(ctx: SockAddrContext) -> i32 {
-    i32::from(bind::try_bind(&ctx, family::V4))
+    match bind::try_bind(&ctx, family::V4) {
+        Ok(()) => 1,
+        Err(_) => 0,
+    }
 }
 
 /// `cgroup/bind6`: as `portgate_bind4`.
 #[cgroup_sock_addr(bind6)]
 pub fn portgate_bind6(ctx: SockAddrContext) -> i32 {
-    i32::from(bind::try_bind(&ctx, family::V6))
+    match bind::try_bind(&ctx, family::V6) {
+        Ok(()) => 1,
+        Err(_) => 0,
+    }
 }
 
 /// Counts established passive TCP connections on managed ports, once each. It never refuses

@@ -8,7 +8,7 @@ use portgate_common::hook;
 
 use crate::{
     parse::{ETH_P_IP, ETH_P_IPV6, Reader, parse_l3},
-    verdict,
+    verdict::{self, Refusal},
 };
 
 /// Reads the linear part of an skb directly, and what lies beyond it (a non-linear skb)
@@ -49,17 +49,18 @@ impl Reader for SkbReader<'_> {
     }
 }
 
-/// Returns whether the packet passes.
+/// `Err` says why the packet is dropped. One the gate does not judge (not IP, not parseable,
+/// outside the managed range) is `Ok`.
 #[inline(always)]
-pub fn try_skb(ctx: &SkBuffContext) -> bool {
+pub fn try_skb(ctx: &SkBuffContext) -> Result<(), Refusal> {
     // `protocol` holds the ethertype in network byte order.
     #[expect(clippy::cast_possible_truncation, reason = "an ethertype is 16 bits")]
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
     if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
-        return true;
+        return Ok(());
     }
     let Some(info) = parse_l3(&SkbReader::new(ctx), ethertype, 0) else {
-        return true;
+        return Ok(());
     };
     verdict::judge(&info, hook::SKB, u64::from(ctx.len()))
 }

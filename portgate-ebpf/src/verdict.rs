@@ -31,6 +31,13 @@ impl Clock {
     }
 }
 
+/// Why a packet or a bind was refused: the error of every hook's `try_*` function.
+#[derive(Clone, Copy)]
+pub struct Refusal {
+    /// One of the [`reason`] codes, as counted and reported in the deny event.
+    pub reason: u8,
+}
+
 /// The verdict's answer.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Outcome {
@@ -43,21 +50,22 @@ enum Outcome {
 }
 
 /// Judges a parsed packet seen by `hook_code` ([`hook::XDP`] or [`hook::SKB`]) with `bytes`
-/// on the wire; returns whether it passes.
+/// on the wire. A packet the gate does not judge (outside the managed range, or already
+/// judged by XDP) is `Ok`.
 #[inline(always)]
-pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
+pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> Result<(), Refusal> {
     let Some(config) = CONFIG.get(0) else {
-        return true;
+        return Ok(());
     };
     if !config.manages(info.dport) {
-        return true;
+        return Ok(());
     }
     let mut clock = Clock(0);
     if hook_code == hook::SKB
         && config.flags & config_flags::XDP_ATTACHED != 0
         && handoff_take(info, clock.now())
     {
-        return true;
+        return Ok(());
     }
     let counters = counter_row(info.dport, info.proto, hook_code);
     if let Some(row) = counters {
@@ -84,14 +92,15 @@ pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
                     unsafe { (*row).dropped[index] += 1 };
                 }
             }
-            events::emit_packet(config, info, code, hook_code, clock.now());
-            return false;
+            let refusal = Refusal { reason: code };
+            events::emit_packet(config, info, refusal, hook_code, clock.now());
+            return Err(refusal);
         }
     }
     if hook_code == hook::XDP && config.flags & config_flags::SKB_ATTACHED != 0 {
         handoff_put(info, clock.now());
     }
-    true
+    Ok(())
 }
 
 /// First match wins: unallocated, draining, not allowed, auth required, connection limit.

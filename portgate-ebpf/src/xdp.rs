@@ -8,7 +8,7 @@ use portgate_common::hook;
 
 use crate::{
     parse::{Reader, parse_l3},
-    verdict,
+    verdict::{self, Refusal},
 };
 
 const ETH_HLEN: usize = 14;
@@ -32,26 +32,27 @@ impl Reader for XdpReader {
     }
 }
 
-/// Returns whether the frame passes.
+/// `Err` says why the frame is dropped. One the gate does not judge (not IP, not parseable,
+/// outside the managed range) is `Ok`.
 #[inline(always)]
-pub fn try_xdp(ctx: &XdpContext) -> bool {
+pub fn try_xdp(ctx: &XdpContext) -> Result<(), Refusal> {
     let reader = XdpReader {
         start: ctx.data(),
         end: ctx.data_end(),
     };
     let Some(mut ethertype) = reader.read::<[u8; 2]>(12).map(u16::from_be_bytes) else {
-        return true;
+        return Ok(());
     };
     let mut l3_offset = ETH_HLEN;
     if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
         let Some(inner) = reader.read::<[u8; 2]>(16).map(u16::from_be_bytes) else {
-            return true;
+            return Ok(());
         };
         ethertype = inner;
         l3_offset += 4;
     }
     let Some(info) = parse_l3(&reader, ethertype, l3_offset) else {
-        return true;
+        return Ok(());
     };
     verdict::judge(&info, hook::XDP, (reader.end - reader.start) as u64)
 }
