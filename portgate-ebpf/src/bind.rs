@@ -13,8 +13,8 @@ use crate::{
     verdict::{self, Refusal},
 };
 
-/// `Err` when the bind is refused ([`reason::BIND_DENIED`]). A bind the gate does not judge
-/// (port 0, outside the managed range, neither TCP nor UDP) is `Ok`.
+/// `Err` when the bind is refused ([`reason::BIND_DENIED`]). A bind the rule does not apply
+/// to (port 0, outside the managed range, neither TCP nor UDP) is `Ok`.
 #[inline(always)]
 pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> Result<(), Refusal> {
     // SAFETY: the context pointer is the kernel's, valid for the program's run.

@@ -2,7 +2,7 @@
 //! module of its hook.
 //!
 //! - `portgate_xdp` (per interface, `xdp.rs`) and `portgate_skb` (`cgroup_skb/ingress`,
-//!   `skb.rs`) parse a packet and call the one verdict in [`verdict`];
+//!   `skb.rs`) parse a packet and enforce the one verdict in [`verdict`];
 //! - `portgate_bind4`/`portgate_bind6` (`cgroup/bind4`, `cgroup/bind6`, `bind.rs`) enforce
 //!   bind ownership;
 //! - `portgate_sockops` (`sock_ops.rs`) counts established passive TCP connections per port.

@@ -49,8 +49,8 @@ impl Reader for SkbReader<'_> {
     }
 }
 
-/// `Err` says why the packet is dropped. One the gate does not judge (not IP, not parseable,
-/// outside the managed range) is `Ok`.
+/// `Err` says why the packet is dropped. One the verdict does not apply to (not IP, not
+/// parseable, outside the managed range) is `Ok`.
 #[inline(always)]
 pub fn try_skb(ctx: &SkBuffContext) -> Result<(), Refusal> {
     // `protocol` holds the ethertype in network byte order.
@@ -62,5 +62,5 @@ pub fn try_skb(ctx: &SkBuffContext) -> Result<(), Refusal> {
     let Some(info) = parse_l3(&SkbReader::new(ctx), ethertype, 0) else {
         return Ok(());
     };
-    verdict::judge(&info, hook::SKB, u64::from(ctx.len()))
+    verdict::enforce(&info, hook::SKB, u64::from(ctx.len()))
 }

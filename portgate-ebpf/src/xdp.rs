@@ -32,8 +32,8 @@ impl Reader for XdpReader {
     }
 }
 
-/// `Err` says why the frame is dropped. One the gate does not judge (not IP, not parseable,
-/// outside the managed range) is `Ok`.
+/// `Err` says why the frame is dropped. One the verdict does not apply to (not IP, not
+/// parseable, outside the managed range) is `Ok`.
 #[inline(always)]
 pub fn try_xdp(ctx: &XdpContext) -> Result<(), Refusal> {
     let reader = XdpReader {
@@ -54,5 +54,5 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<(), Refusal> {
     let Some(info) = parse_l3(&reader, ethertype, l3_offset) else {
         return Ok(());
     };
-    verdict::judge(&info, hook::XDP, (reader.end - reader.start) as u64)
+    verdict::enforce(&info, hook::XDP, (reader.end - reader.start) as u64)
 }
