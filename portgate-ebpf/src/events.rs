@@ -10,13 +10,20 @@ use portgate_common::{DenyEvent, EventRate, GateConfig, PortKey, hook, reason, s
 use crate::{
     maps::{EVENT_RATE, EVENTS, bump_stat},
     parse::PacketInfo,
+    verdict::Refusal,
 };
 
 const WINDOW_NS: u64 = 1_000_000_000;
 
-/// A packet was dropped for `code` by `hook_code`.
+/// A packet was dropped by `hook_code` for `refusal`.
 #[inline(always)]
-pub fn emit_packet(config: &GateConfig, info: &PacketInfo, code: u8, hook_code: u8, now: u64) {
+pub fn emit_packet(
+    config: &GateConfig,
+    info: &PacketInfo,
+    refusal: Refusal,
+    hook_code: u8,
+    now: u64,
+) {
     emit(
         config,
         &DenyEvent {
@@ -27,7 +34,7 @@ pub fn emit_packet(config: &GateConfig, info: &PacketInfo, code: u8, hook_code: 
             port: info.dport,
             proto: info.proto,
             family: info.family,
-            reason: code,
+            reason: refusal.reason,
             hook: hook_code,
             _pad: [0; 6],
         },

@@ -1,12 +1,14 @@
-//! portgate's kernel programs.
+//! portgate's kernel programs: the thin entry points, each handing its context to the
+//! module of its hook.
 //!
-//! - `portgate_xdp` (per interface) and `portgate_skb` (`cgroup_skb/ingress`) parse a packet
-//!   and call the one verdict in [`verdict`];
-//! - `portgate_bind4`/`portgate_bind6` (`cgroup/bind4`, `cgroup/bind6`) enforce bind
-//!   ownership;
-//! - `portgate_sockops` counts established passive TCP connections per port.
+//! - `portgate_xdp` (per interface, `xdp.rs`) and `portgate_skb` (`cgroup_skb/ingress`,
+//!   `skb.rs`) parse a packet and enforce the one verdict in [`verdict`];
+//! - `portgate_bind4`/`portgate_bind6` (`cgroup/bind4`, `cgroup/bind6`, `bind.rs`) enforce
+//!   bind ownership;
+//! - `portgate_sockops` (`sock_ops.rs`) counts established passive TCP connections per port.
 //!
-//! Ports outside the configured managed range are never touched.
+//! Ports outside the configured managed range are never touched. Userspace loads the
+//! programs by these function names.
 #![no_std]
 #![no_main]
 #![feature(asm_experimental_arch)]
@@ -23,321 +25,68 @@
     reason = "aya's program macros hand each entry point its context by value"
 )]
 
+mod bind;
 mod events;
 mod maps;
 mod parse;
+mod skb;
 mod slots;
+mod sock_ops;
 mod verdict;
-
-use core::mem::size_of;
+mod xdp;
 
 use aya_ebpf::{
-    bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE, xdp_action,
-    },
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_socket_cookie, bpf_ktime_get_ns},
+    bindings::xdp_action,
     macros::{cgroup_skb, cgroup_sock_addr, sock_ops, xdp},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext, XdpContext},
 };
-use portgate_common::{CountedSocket, FlowKey, PortKey, family, hook, policy_flags, proto, stat};
-
-use crate::{
-    maps::{CONFIG, PENDING, POLICY, SOCKETS, bump_stat},
-    parse::{ETH_P_IP, ETH_P_IPV6, Reader, parse_l3},
-};
-
-const ETH_HLEN: usize = 14;
-const ETH_P_8021Q: u16 = 0x8100;
-const ETH_P_8021AD: u16 = 0x88a8;
-const AF_INET: u32 = 2;
-const AF_INET6: u32 = 10;
-
-/// Bounds-checked reads from an XDP frame.
-struct XdpReader {
-    start: usize,
-    end: usize,
-}
-
-impl Reader for XdpReader {
-    #[inline(always)]
-    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        if self.start + offset + size_of::<T>() > self.end {
-            return None;
-        }
-        // SAFETY: the range was checked against the frame's end just above.
-        Some(unsafe { ((self.start + offset) as *const T).read_unaligned() })
-    }
-}
-
-/// Reads the linear part of an skb directly, and what lies beyond it (a non-linear skb)
-/// through `bpf_skb_load_bytes`.
-struct SkbReader<'a> {
-    ctx: &'a SkBuffContext,
-    start: usize,
-    end: usize,
-}
-
-impl<'a> SkbReader<'a> {
-    #[inline(always)]
-    fn new(ctx: &'a SkBuffContext) -> Self {
-        // SAFETY: the context pointer is the kernel's, valid for the program's run; the
-        // volatile reads keep fixed offsets from it, as the verifier requires.
-        let (start, end) = unsafe {
-            (
-                core::ptr::read_volatile(&raw const (*ctx.skb.skb).data),
-                core::ptr::read_volatile(&raw const (*ctx.skb.skb).data_end),
-            )
-        };
-        Self {
-            ctx,
-            start: start as usize,
-            end: end as usize,
-        }
-    }
-}
-
-impl Reader for SkbReader<'_> {
-    #[inline(always)]
-    fn read<T: Copy>(&self, offset: usize) -> Option<T> {
-        if self.start + offset + size_of::<T>() <= self.end {
-            // SAFETY: the range was checked against the linear data's end just above.
-            return Some(unsafe { ((self.start + offset) as *const T).read_unaligned() });
-        }
-        self.ctx.load::<T>(offset).ok()
-    }
-}
+use portgate_common::family;
 
 /// XDP verdict for packets arriving on an interface.
 #[xdp]
 pub fn portgate_xdp(ctx: XdpContext) -> u32 {
-    if try_xdp(&ctx) {
-        xdp_action::XDP_PASS
-    } else {
-        xdp_action::XDP_DROP
+    match xdp::try_xdp(&ctx) {
+        Ok(()) => xdp_action::XDP_PASS,
+        Err(_) => xdp_action::XDP_DROP,
     }
 }
 
-#[inline(always)]
-fn try_xdp(ctx: &XdpContext) -> bool {
-    let reader = XdpReader {
-        start: ctx.data(),
-        end: ctx.data_end(),
-    };
-    let Some(mut ethertype) = reader.read::<[u8; 2]>(12).map(u16::from_be_bytes) else {
-        return true;
-    };
-    let mut l3_offset = ETH_HLEN;
-    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
-        let Some(inner) = reader.read::<[u8; 2]>(16).map(u16::from_be_bytes) else {
-            return true;
-        };
-        ethertype = inner;
-        l3_offset += 4;
-    }
-    let Some(info) = parse_l3(&reader, ethertype, l3_offset) else {
-        return true;
-    };
-    verdict::judge(&info, hook::XDP, (reader.end - reader.start) as u64)
-}
-
-/// `cgroup_skb/ingress` verdict for packets delivered to sockets in the cgroup tree.
+/// `cgroup_skb/ingress` verdict for packets delivered to sockets in the cgroup tree: 1
+/// delivers the packet, 0 drops it.
 #[cgroup_skb]
 pub fn portgate_skb(ctx: SkBuffContext) -> i32 {
-    i32::from(try_skb(&ctx))
-}
-
-#[inline(always)]
-fn try_skb(ctx: &SkBuffContext) -> bool {
-    // `protocol` holds the ethertype in network byte order.
-    #[expect(clippy::cast_possible_truncation, reason = "an ethertype is 16 bits")]
-    let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
-        return true;
+    match skb::try_skb(&ctx) {
+        Ok(()) => 1,
+        Err(_) => 0,
     }
-    let Some(info) = parse_l3(&SkbReader::new(ctx), ethertype, 0) else {
-        return true;
-    };
-    verdict::judge(&info, hook::SKB, u64::from(ctx.len()))
 }
 
-/// `cgroup/bind4`: only the owner cgroup (or a descendant) binds a managed port.
+/// `cgroup/bind4`: only the owner cgroup (or a descendant) binds a managed port; 0 makes
+/// `bind()` fail with EPERM.
 #[cgroup_sock_addr(bind4)]
 pub fn portgate_bind4(ctx: SockAddrContext) -> i32 {
-    i32::from(try_bind(&ctx, family::V4))
+    match bind::try_bind(&ctx, family::V4) {
+        Ok(()) => 1,
+        Err(_) => 0,
+    }
 }
 
 /// `cgroup/bind6`: as `portgate_bind4`.
 #[cgroup_sock_addr(bind6)]
 pub fn portgate_bind6(ctx: SockAddrContext) -> i32 {
-    i32::from(try_bind(&ctx, family::V6))
+    match bind::try_bind(&ctx, family::V6) {
+        Ok(()) => 1,
+        Err(_) => 0,
+    }
 }
 
-/// Returns whether the bind may proceed; refusing makes `bind()` fail with EPERM.
-#[inline(always)]
-fn try_bind(ctx: &SockAddrContext, family_code: u8) -> bool {
-    // SAFETY: the context pointer is the kernel's, valid for the program's run.
-    let sock_addr = unsafe { &*ctx.sock_addr };
-    #[expect(
-        clippy::cast_possible_truncation,
-        reason = "the port is the low 16 bits"
-    )]
-    let port = u16::from_be(sock_addr.user_port as u16);
-    if port == 0 {
-        return true;
-    }
-    let Some(config) = CONFIG.get(0) else {
-        return true;
-    };
-    if !config.manages(port) {
-        return true;
-    }
-    let proto_code = match sock_addr.protocol {
-        6 => proto::TCP,
-        17 => proto::UDP,
-        _ => return true,
-    };
-    // SAFETY: the value is copied out at once.
-    let policy = unsafe { POLICY.get(PortKey::new(port, proto_code)) }.copied();
-    let allowed = match policy {
-        None => false,
-        Some(policy) if policy.flags & policy_flags::OWNER == 0 => true,
-        Some(policy) => {
-            #[expect(clippy::cast_possible_wrap, reason = "cgroup levels are small")]
-            let level = policy.owner_level as i32;
-            // SAFETY: the helper has no preconditions.
-            unsafe { bpf_get_current_ancestor_cgroup_id(level) == policy.owner_cgroup }
-        }
-    };
-    if !allowed {
-        verdict::count_bind_denied(port, proto_code);
-        let mut addr = [0u8; 16];
-        if family_code == family::V4 {
-            addr[..4].copy_from_slice(&sock_addr.user_ip4.to_ne_bytes());
-        } else {
-            for (i, word) in sock_addr.user_ip6.iter().enumerate() {
-                addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
-            }
-        }
-        // SAFETY: the helper has no preconditions.
-        let now = unsafe { bpf_ktime_get_ns() };
-        events::emit_bind(config, port, proto_code, family_code, addr, now);
-    }
-    allowed
-}
-
-/// Counts established passive TCP connections on managed ports, once each.
+/// Counts established passive TCP connections on managed ports, once each. It never refuses
+/// anything, so there is nothing to map: 1 is what a `sock_ops` program returns when all is
+/// well.
 #[sock_ops]
 pub fn portgate_sockops(ctx: SockOpsContext) -> u32 {
-    match ctx.op() {
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(&ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(&ctx),
-        _ => {}
-    }
+    sock_ops::count_connections(&ctx);
     1
-}
-
-#[inline(always)]
-fn on_established(ctx: &SockOpsContext) {
-    let Some(config) = CONFIG.get(0) else {
-        return;
-    };
-    #[expect(clippy::cast_possible_truncation, reason = "a port is 16 bits")]
-    let port = ctx.local_port() as u16;
-    if !config.manages(port) {
-        return;
-    }
-    // SAFETY: the context pointer is the kernel's, valid for the program's run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let reserved = PENDING.remove(flow_of(ctx, port)).is_ok();
-    let counted = CountedSocket { port, _pad: [0; 6] };
-    if SOCKETS
-        .insert(cookie, counted, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
-        // Untracked: give the reserved slot back so nothing drifts.
-        bump_stat(stat::SOCKETS_FULL);
-        if reserved {
-            slots::release(port);
-        }
-        return;
-    }
-    slots::establish(port, reserved);
-    let _unused = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG).cast_signed());
-}
-
-#[inline(always)]
-fn on_close(ctx: &SockOpsContext) {
-    // SAFETY: the context pointer is the kernel's, valid for the program's run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // SAFETY: the value is copied out at once.
-    let Some(counted) = (unsafe { SOCKETS.get(cookie) }).copied() else {
-        return;
-    };
-    // Only the caller that removes the entry gives the slot back: exactly once.
-    if SOCKETS.remove(cookie).is_ok() {
-        slots::close(counted.port);
-    }
-}
-
-/// Reads one field of the `sock_ops` context. Volatile, so that the compiler keeps a
-/// fixed offset from the context pointer (the verifier refuses computed context pointers).
-macro_rules! ops_field {
-    ($ctx:expr, $field:ident) => {
-        // SAFETY: the context pointer is the kernel's, valid for the program's run.
-        unsafe { core::ptr::read_volatile(&raw const (*$ctx.ops).$field) }
-    };
-    ($ctx:expr, $field:ident[$index:literal]) => {
-        // SAFETY: as above.
-        unsafe { core::ptr::read_volatile(&raw const (*$ctx.ops).$field[$index]) }
-    };
-}
-
-/// The 4-tuple of the connection as the SYN showed it; IPv4-mapped IPv6 peers of a
-/// dual-stack socket are IPv4, as their packets are.
-#[inline(always)]
-fn flow_of(ctx: &SockOpsContext, port: u16) -> FlowKey {
-    let socket_family = ops_field!(ctx, family);
-    let remote_port = ops_field!(ctx, remote_port);
-    let remote6 = [
-        ops_field!(ctx, remote_ip6[0]),
-        ops_field!(ctx, remote_ip6[1]),
-        ops_field!(ctx, remote_ip6[2]),
-        ops_field!(ctx, remote_ip6[3]),
-    ];
-    let local6 = [
-        ops_field!(ctx, local_ip6[0]),
-        ops_field!(ctx, local_ip6[1]),
-        ops_field!(ctx, local_ip6[2]),
-        ops_field!(ctx, local_ip6[3]),
-    ];
-    let remote4 = ops_field!(ctx, remote_ip4);
-    let local4 = ops_field!(ctx, local_ip4);
-    let mut flow = FlowKey {
-        saddr: [0; 16],
-        daddr: [0; 16],
-        // The remote port is the network-order 16 bits of a network-order u32.
-        #[expect(clippy::cast_possible_truncation, reason = "a port is 16 bits")]
-        sport: u32::from_be(remote_port) as u16,
-        dport: port,
-        family: family::V4,
-        _pad: [0; 3],
-    };
-    let mapped = remote6[0] == 0 && remote6[1] == 0 && remote6[2] == 0xffffu32.to_be();
-    if socket_family == AF_INET {
-        flow.saddr[..4].copy_from_slice(&remote4.to_ne_bytes());
-        flow.daddr[..4].copy_from_slice(&local4.to_ne_bytes());
-    } else if socket_family == AF_INET6 && mapped {
-        flow.saddr[..4].copy_from_slice(&remote6[3].to_ne_bytes());
-        flow.daddr[..4].copy_from_slice(&local6[3].to_ne_bytes());
-    } else {
-        flow.family = family::V6;
-        for i in 0..4 {
-            flow.saddr[i * 4..i * 4 + 4].copy_from_slice(&remote6[i].to_ne_bytes());
-            flow.daddr[i * 4..i * 4 + 4].copy_from_slice(&local6[i].to_ne_bytes());
-        }
-    }
-    flow
 }
 
 #[cfg(not(test))]

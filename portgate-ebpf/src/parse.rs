@@ -16,7 +16,7 @@ const IPPROTO_HOPOPTS: u8 = 0;
 const IPPROTO_ROUTING: u8 = 43;
 const IPPROTO_FRAGMENT: u8 = 44;
 const IPPROTO_DSTOPTS: u8 = 60;
-/// IPv6 extension headers followed before giving up (the packet then passes unjudged).
+/// IPv6 extension headers followed before giving up (the packet then passes, undecided).
 const MAX_IPV6_EXT_HEADERS: usize = 4;
 
 /// TCP SYN flag.
@@ -61,8 +61,8 @@ pub trait Reader {
 
 /// Parses from the L3 header at `offset` (of the given ethertype) to the L4 ports.
 ///
-/// `None` for anything the gate does not judge: other protocols, non-first fragments
-/// (their reassembled packet is judged by `cgroup_skb`), or more than
+/// `None` for anything the verdict does not apply to: other protocols, non-first fragments
+/// (`cgroup_skb` decides on their reassembled packet), or more than
 /// [`MAX_IPV6_EXT_HEADERS`] IPv6 extension headers.
 #[inline(always)]
 pub fn parse_l3<R: Reader>(reader: &R, ethertype: u16, offset: usize) -> Option<PacketInfo> {

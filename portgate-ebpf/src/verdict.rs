@@ -1,5 +1,7 @@
-//! The one verdict both packet hooks call (DESIGN.md, "Verdict for traffic to a managed
-//! port"), with its counting, connection slots and deny events.
+//! The one verdict both packet hooks enforce (DESIGN.md, "Verdict for traffic to a managed
+//! port"): [`decide`] is the first-match-wins rule that userspace's verdict mirrors (the
+//! differential test holds the two to each other); [`enforce`] applies it, with its
+//! counting, connection slots, deny events and the hand-off between the two hooks.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use portgate_common::{
@@ -31,9 +33,17 @@ impl Clock {
     }
 }
 
+/// Why a packet or a bind was refused: the error of [`enforce`] and of the packet and bind
+/// hooks' `try_*` functions.
+#[derive(Clone, Copy)]
+pub struct Refusal {
+    /// One of the [`reason`] codes, as counted and reported in the deny event.
+    pub reason: u8,
+}
+
 /// The verdict's answer.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Outcome {
+enum Verdict {
     /// Pass, not a new connection (or one already counted).
     Pass,
     /// Pass and count a new connection.
@@ -42,22 +52,24 @@ enum Outcome {
     Drop(u8),
 }
 
-/// Judges a parsed packet seen by `hook_code` ([`hook::XDP`] or [`hook::SKB`]) with `bytes`
-/// on the wire; returns whether it passes.
+/// Enforces the verdict on a parsed packet seen by `hook_code` ([`hook::XDP`] or
+/// [`hook::SKB`]) with `bytes` on the wire: counts it, [`decide`]s, reports a drop as a deny
+/// event and tells the other hook what XDP passed. A packet the verdict does not apply to
+/// (outside the managed range, or already passed by XDP) is `Ok`.
 #[inline(always)]
-pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
+pub fn enforce(info: &PacketInfo, hook_code: u8, bytes: u64) -> Result<(), Refusal> {
     let Some(config) = CONFIG.get(0) else {
-        return true;
+        return Ok(());
     };
     if !config.manages(info.dport) {
-        return true;
+        return Ok(());
     }
     let mut clock = Clock(0);
     if hook_code == hook::SKB
         && config.flags & config_flags::XDP_ATTACHED != 0
         && handoff_take(info, clock.now())
     {
-        return true;
+        return Ok(());
     }
     let counters = counter_row(info.dport, info.proto, hook_code);
     if let Some(row) = counters {
@@ -67,16 +79,15 @@ pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
             (*row).bytes += bytes;
         }
     }
-    let outcome = decide(config, info, &mut clock);
-    match outcome {
-        Outcome::Pass => {}
-        Outcome::Accept => {
+    match decide(config, info, &mut clock) {
+        Verdict::Pass => {}
+        Verdict::Accept => {
             if let Some(row) = counters {
                 // SAFETY: as above.
                 unsafe { (*row).accepted += 1 };
             }
         }
-        Outcome::Drop(code) => {
+        Verdict::Drop(code) => {
             if let Some(row) = counters {
                 let index = reason::drop_index(code);
                 if index < reason::DROP_COUNT {
@@ -84,44 +95,45 @@ pub fn judge(info: &PacketInfo, hook_code: u8, bytes: u64) -> bool {
                     unsafe { (*row).dropped[index] += 1 };
                 }
             }
-            events::emit_packet(config, info, code, hook_code, clock.now());
-            return false;
+            let refusal = Refusal { reason: code };
+            events::emit_packet(config, info, refusal, hook_code, clock.now());
+            return Err(refusal);
         }
     }
     if hook_code == hook::XDP && config.flags & config_flags::SKB_ATTACHED != 0 {
         handoff_put(info, clock.now());
     }
-    true
+    Ok(())
 }
 
 /// First match wins: unallocated, draining, not allowed, auth required, connection limit.
 #[inline(always)]
-fn decide(config: &GateConfig, info: &PacketInfo, clock: &mut Clock) -> Outcome {
+fn decide(config: &GateConfig, info: &PacketInfo, clock: &mut Clock) -> Verdict {
     let key = PortKey::new(info.dport, info.proto);
     let new_connection = info.new_connection();
     // SAFETY: the value is copied out at once; userspace replaces whole records.
     let Some(policy) = (unsafe { POLICY.get(key) }).copied() else {
         return if new_connection {
-            Outcome::Drop(reason::UNALLOCATED)
+            Verdict::Drop(reason::UNALLOCATED)
         } else {
-            Outcome::Pass
+            Verdict::Pass
         };
     };
     if new_connection && policy.status != status::ACTIVE {
-        return Outcome::Drop(reason::DRAINING);
+        return Verdict::Drop(reason::DRAINING);
     }
     if policy.flags & policy_flags::ALLOWLIST != 0 && !source_allowed(info) {
-        return Outcome::Drop(reason::NOT_ALLOWED);
+        return Verdict::Drop(reason::NOT_ALLOWED);
     }
     if !new_connection {
-        return Outcome::Pass;
+        return Verdict::Pass;
     }
     let now = clock.now();
     if policy.flags & policy_flags::REQUIRE_AUTH != 0 && !granted(info, now) {
-        return Outcome::Drop(reason::AUTH_REQUIRED);
+        return Verdict::Drop(reason::AUTH_REQUIRED);
     }
     if info.proto == proto::UDP {
-        return Outcome::Accept;
+        return Verdict::Accept;
     }
     admit_syn(config, info, &policy, now)
 }
@@ -159,7 +171,7 @@ fn granted(info: &PacketInfo, now: u64) -> bool {
 /// Admits a TCP SYN that passed every other rule: reserves a connection slot keyed by the
 /// 4-tuple, so a retransmitted SYN (or the second hook) takes no second slot.
 #[inline(always)]
-fn admit_syn(config: &GateConfig, info: &PacketInfo, policy: &Policy, now: u64) -> Outcome {
+fn admit_syn(config: &GateConfig, info: &PacketInfo, policy: &Policy, now: u64) -> Verdict {
     let flow = FlowKey {
         saddr: info.saddr,
         daddr: info.daddr,
@@ -172,18 +184,18 @@ fn admit_syn(config: &GateConfig, info: &PacketInfo, policy: &Policy, now: u64) 
         // A retransmission of an admitted SYN holds its reservation already.
         // SAFETY: only whether the entry exists is used.
         if unsafe { PENDING.get(flow) }.is_some() {
-            return Outcome::Pass;
+            return Verdict::Pass;
         }
         if !slots::sweep_if_due(info.dport, config, now)
             || slots::is_full(info.dport, policy.max_connections)
         {
-            return Outcome::Drop(reason::CONN_LIMIT);
+            return Verdict::Drop(reason::CONN_LIMIT);
         }
     }
     let pending = PendingSyn { created_ns: now };
     match PENDING.insert(flow, pending, u64::from(BPF_NOEXIST)) {
         Ok(()) => {}
-        Err(err) if err == -EEXIST => return Outcome::Pass,
+        Err(err) if err == -EEXIST => return Verdict::Pass,
         Err(_) => {
             // The map is full: free what has expired and try once more.
             slots::sweep_expired(config, now);
@@ -195,19 +207,19 @@ fn admit_syn(config: &GateConfig, info: &PacketInfo, policy: &Policy, now: u64) 
                 // Without a reservation the limit cannot be guaranteed, so a limited port
                 // refuses; an unlimited one admits and `sock_ops` counts the connection.
                 return if policy.max_connections == 0 {
-                    Outcome::Accept
+                    Verdict::Accept
                 } else {
-                    Outcome::Drop(reason::CONN_LIMIT)
+                    Verdict::Drop(reason::CONN_LIMIT)
                 };
             }
         }
     }
     if slots::take(info.dport, policy.max_connections, config, now) {
-        Outcome::Accept
+        Verdict::Accept
     } else {
         // Nothing else holds this entry: it was inserted above.
         let _unused = PENDING.remove(flow);
-        Outcome::Drop(reason::CONN_LIMIT)
+        Verdict::Drop(reason::CONN_LIMIT)
     }
 }
 
@@ -255,7 +267,7 @@ fn handoff_put(info: &PacketInfo, now: u64) {
     let _unused = HANDOFF.insert(handoff_key(info), now, 0);
 }
 
-/// Whether XDP already judged (and counted) this packet; forgets it if so.
+/// Whether XDP already passed (and counted) this packet; forgets it if so.
 #[inline(always)]
 fn handoff_take(info: &PacketInfo, now: u64) -> bool {
     let key = handoff_key(info);

@@ -1,0 +1,71 @@
+//! The `cgroup/bind4` and `cgroup/bind6` hooks: only the owner cgroup (or a descendant)
+//! binds a managed port; every refusal is counted and reported as a deny event.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns},
+    programs::SockAddrContext,
+};
+use portgate_common::{PortKey, family, policy_flags, proto, reason};
+
+use crate::{
+    events,
+    maps::{CONFIG, POLICY},
+    verdict::{self, Refusal},
+};
+
+/// `Err` when the bind is refused ([`reason::BIND_DENIED`]). A bind the rule does not apply
+/// to (port 0, outside the managed range, neither TCP nor UDP) is `Ok`.
+#[inline(always)]
+pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> Result<(), Refusal> {
+    // SAFETY: the context pointer is the kernel's, valid for the program's run.
+    let sock_addr = unsafe { &*ctx.sock_addr };
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "the port is the low 16 bits"
+    )]
+    let port = u16::from_be(sock_addr.user_port as u16);
+    if port == 0 {
+        return Ok(());
+    }
+    let Some(config) = CONFIG.get(0) else {
+        return Ok(());
+    };
+    if !config.manages(port) {
+        return Ok(());
+    }
+    let proto_code = match sock_addr.protocol {
+        6 => proto::TCP,
+        17 => proto::UDP,
+        _ => return Ok(()),
+    };
+    // SAFETY: the value is copied out at once.
+    let policy = unsafe { POLICY.get(PortKey::new(port, proto_code)) }.copied();
+    let allowed = match policy {
+        None => false,
+        Some(policy) if policy.flags & policy_flags::OWNER == 0 => true,
+        Some(policy) => {
+            #[expect(clippy::cast_possible_wrap, reason = "cgroup levels are small")]
+            let level = policy.owner_level as i32;
+            // SAFETY: the helper has no preconditions.
+            unsafe { bpf_get_current_ancestor_cgroup_id(level) == policy.owner_cgroup }
+        }
+    };
+    if allowed {
+        return Ok(());
+    }
+    verdict::count_bind_denied(port, proto_code);
+    let mut addr = [0u8; 16];
+    if family_code == family::V4 {
+        addr[..4].copy_from_slice(&sock_addr.user_ip4.to_ne_bytes());
+    } else {
+        for (i, word) in sock_addr.user_ip6.iter().enumerate() {
+            addr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
+    }
+    // SAFETY: the helper has no preconditions.
+    let now = unsafe { bpf_ktime_get_ns() };
+    events::emit_bind(config, port, proto_code, family_code, addr, now);
+    Err(Refusal {
+        reason: reason::BIND_DENIED,
+    })
+}

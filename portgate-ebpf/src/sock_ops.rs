@@ -1,0 +1,134 @@
+//! The `sock_ops` hook: counts established passive TCP connections on managed ports, once
+//! each, and gives their slot back when they close.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+    },
+    helpers::bpf_get_socket_cookie,
+    programs::SockOpsContext,
+};
+use portgate_common::{CountedSocket, FlowKey, family, stat};
+
+use crate::{
+    maps::{CONFIG, PENDING, SOCKETS, bump_stat},
+    slots,
+};
+
+const AF_INET: u32 = 2;
+const AF_INET6: u32 = 10;
+
+/// Handles the two operations the gate asks for: a passive connection established, and a
+/// counted one closing. Nothing here refuses anything, so there is nothing to return.
+#[inline(always)]
+pub fn count_connections(ctx: &SockOpsContext) {
+    match ctx.op() {
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_established(ctx),
+        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == BPF_TCP_CLOSE => on_close(ctx),
+        _ => {}
+    }
+}
+
+#[inline(always)]
+fn on_established(ctx: &SockOpsContext) {
+    let Some(config) = CONFIG.get(0) else {
+        return;
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "a port is 16 bits")]
+    let port = ctx.local_port() as u16;
+    if !config.manages(port) {
+        return;
+    }
+    // SAFETY: the context pointer is the kernel's, valid for the program's run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    let reserved = PENDING.remove(flow_of(ctx, port)).is_ok();
+    let counted = CountedSocket { port, _pad: [0; 6] };
+    if SOCKETS
+        .insert(cookie, counted, u64::from(BPF_NOEXIST))
+        .is_err()
+    {
+        // Untracked: give the reserved slot back so nothing drifts.
+        bump_stat(stat::SOCKETS_FULL);
+        if reserved {
+            slots::release(port);
+        }
+        return;
+    }
+    slots::establish(port, reserved);
+    let _unused = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG).cast_signed());
+}
+
+#[inline(always)]
+fn on_close(ctx: &SockOpsContext) {
+    // SAFETY: the context pointer is the kernel's, valid for the program's run.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: the value is copied out at once.
+    let Some(counted) = (unsafe { SOCKETS.get(cookie) }).copied() else {
+        return;
+    };
+    // Only the caller that removes the entry gives the slot back: exactly once.
+    if SOCKETS.remove(cookie).is_ok() {
+        slots::close(counted.port);
+    }
+}
+
+/// Reads one field of the `sock_ops` context. Volatile, so that the compiler keeps a
+/// fixed offset from the context pointer (the verifier refuses computed context pointers).
+macro_rules! ops_field {
+    ($ctx:expr, $field:ident) => {
+        // SAFETY: the context pointer is the kernel's, valid for the program's run.
+        unsafe { core::ptr::read_volatile(&raw const (*$ctx.ops).$field) }
+    };
+    ($ctx:expr, $field:ident[$index:literal]) => {
+        // SAFETY: as above.
+        unsafe { core::ptr::read_volatile(&raw const (*$ctx.ops).$field[$index]) }
+    };
+}
+
+/// The 4-tuple of the connection as the SYN showed it; IPv4-mapped IPv6 peers of a
+/// dual-stack socket are IPv4, as their packets are.
+#[inline(always)]
+fn flow_of(ctx: &SockOpsContext, port: u16) -> FlowKey {
+    let socket_family = ops_field!(ctx, family);
+    let remote_port = ops_field!(ctx, remote_port);
+    let remote6 = [
+        ops_field!(ctx, remote_ip6[0]),
+        ops_field!(ctx, remote_ip6[1]),
+        ops_field!(ctx, remote_ip6[2]),
+        ops_field!(ctx, remote_ip6[3]),
+    ];
+    let local6 = [
+        ops_field!(ctx, local_ip6[0]),
+        ops_field!(ctx, local_ip6[1]),
+        ops_field!(ctx, local_ip6[2]),
+        ops_field!(ctx, local_ip6[3]),
+    ];
+    let remote4 = ops_field!(ctx, remote_ip4);
+    let local4 = ops_field!(ctx, local_ip4);
+    let mut flow = FlowKey {
+        saddr: [0; 16],
+        daddr: [0; 16],
+        // The remote port is the network-order 16 bits of a network-order u32.
+        #[expect(clippy::cast_possible_truncation, reason = "a port is 16 bits")]
+        sport: u32::from_be(remote_port) as u16,
+        dport: port,
+        family: family::V4,
+        _pad: [0; 3],
+    };
+    let mapped = remote6[0] == 0 && remote6[1] == 0 && remote6[2] == 0xffffu32.to_be();
+    if socket_family == AF_INET {
+        flow.saddr[..4].copy_from_slice(&remote4.to_ne_bytes());
+        flow.daddr[..4].copy_from_slice(&local4.to_ne_bytes());
+    } else if socket_family == AF_INET6 && mapped {
+        flow.saddr[..4].copy_from_slice(&remote6[3].to_ne_bytes());
+        flow.daddr[..4].copy_from_slice(&local6[3].to_ne_bytes());
+    } else {
+        flow.family = family::V6;
+        for i in 0..4 {
+            flow.saddr[i * 4..i * 4 + 4].copy_from_slice(&remote6[i].to_ne_bytes());
+            flow.daddr[i * 4..i * 4 + 4].copy_from_slice(&local6[i].to_ne_bytes());
+        }
+    }
+    flow
+}
