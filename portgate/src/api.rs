@@ -6,10 +6,14 @@
 //! - `GET /v1/ports` → `[AllocationView]`; `GET /v1/ports/{port}?proto=` → [`AllocationView`]
 //! - `DELETE /v1/ports/{port}?proto=` (release), `POST /v1/ports/{port}/drain?proto=`,
 //!   `POST /v1/ports/{port}/renew?proto=` [`RenewRequest`] → [`AllocationView`]
-//! - `PATCH /v1/ports/{port}/access?proto=` [`crate::manager::AccessChange`] → [`AllocationView`]
+//! - `PATCH /v1/ports/{port}/access?proto=` [`AccessChange`] → [`AllocationView`]
 //! - `POST /v1/ports/{port}/grants?proto=` [`GrantRequest`] → 204
 //! - `GET /v1/ports/{port}/check?ip=&proto=` → [`CheckResponse`]
 //! - `GET /v1/stats[?port=&proto=]` → `[PortReport]` (the keys of `portgate maps`)
+//!
+//! Views flatten the model's types ([`crate::model`]) under the spellings of
+//! [`crate::model::spelling`]: the API shows `port` and `proto`, `allow` and
+//! `require_auth`, as it always has.
 //! - `GET /v1/events[?follow=true]` → [`EventView`] JSON lines
 //! - `GET /v1/status` → [`StatusView`]; `GET /metrics` → Prometheus text
 //!
@@ -20,10 +24,15 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+#[doc(no_inline)]
+pub use crate::model::{AccessChange, PortReport};
 use crate::{
     gate::DenyEventRecord,
     host::sockets::Listener,
-    manager::{Allocation, ErrorCategory, PortError, PortId, PortStatus, Protocol, UnixMillis},
+    manager::{ErrorCategory, PortError},
+    model::{
+        Allocation, PortAccessControl, PortId, PortStatus, Protocol, Timeline, UnixMillis, spelling,
+    },
 };
 
 /// The most bytes a request body may have (an allowlist of 10,000 IPv6 prefixes fits).
@@ -62,6 +71,18 @@ pub struct AllocRequest {
     pub ttl: Option<Duration>,
 }
 
+impl AllocRequest {
+    /// The access control it asks for.
+    #[must_use]
+    pub fn access(&self) -> PortAccessControl {
+        PortAccessControl {
+            allowed_ips: self.allow.iter().copied().collect(),
+            max_connections: self.max_conns.unwrap_or(0),
+            require_authentication: self.require_auth,
+        }
+    }
+}
+
 /// `POST /v1/ports/{port}/renew`.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,10 +106,9 @@ pub struct GrantRequest {
 /// An allocation as the API shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocationView {
-    /// Port.
-    pub port: u16,
-    /// Protocol.
-    pub proto: Protocol,
+    /// The port (keys `port`, `proto`).
+    #[serde(flatten, with = "spelling::PortIdFields")]
+    pub id: PortId,
     /// Active, Draining or Closed.
     pub status: PortStatus,
     /// Owner name.
@@ -97,23 +117,13 @@ pub struct AllocationView {
     pub owner_uid: Option<u32>,
     /// Owner cgroup directory, when bind ownership is enforced.
     pub cgroup: Option<PathBuf>,
-    /// Allowed source prefixes; empty allows every source.
-    pub allow: Vec<IpNet>,
-    /// Connection limit; 0 is unlimited.
-    pub max_connections: u32,
-    /// New connections need a grant.
-    pub require_auth: bool,
-    /// When it was allocated (ms since the epoch).
-    pub allocated_at: UnixMillis,
-    /// Lease length.
-    #[serde(with = "humantime_serde")]
-    pub ttl: Option<Duration>,
-    /// When the lease runs out.
-    pub lease_expires_at: Option<UnixMillis>,
-    /// When it went Draining.
-    pub draining_since: Option<UnixMillis>,
-    /// When it went Closed.
-    pub closed_at: Option<UnixMillis>,
+    /// Its access control (keys `allow`, `max_connections`, `require_auth`).
+    #[serde(flatten, with = "spelling::AccessFields")]
+    pub access: PortAccessControl,
+    /// When it was allocated, its lease, when it went Draining and Closed (milliseconds
+    /// since the epoch).
+    #[serde(flatten)]
+    pub timeline: Timeline,
     /// Established connections now.
     pub connections: u64,
 }
@@ -123,38 +133,24 @@ impl AllocationView {
     #[must_use]
     pub fn new(held: &Allocation, connections: u64) -> Self {
         Self {
-            port: held.id.port,
-            proto: held.id.protocol,
+            id: held.id,
             status: held.status,
             owner: held.owner.name.clone(),
             owner_uid: held.owner.uid,
             cgroup: held.owner.cgroup.as_ref().map(|owner| owner.path.clone()),
-            allow: held.access.allowed_ips.iter().copied().collect(),
-            max_connections: held.access.max_connections,
-            require_auth: held.access.require_authentication,
-            allocated_at: held.allocated_at,
-            ttl: held.ttl,
-            lease_expires_at: held.lease_expires_at,
-            draining_since: held.draining_since,
-            closed_at: held.closed_at,
+            access: held.access.clone(),
+            timeline: held.timeline,
             connections,
         }
-    }
-
-    /// The port and protocol.
-    #[must_use]
-    pub const fn id(&self) -> PortId {
-        PortId::new(self.port, self.proto)
     }
 }
 
 /// `GET /v1/ports/{port}/check`: would a new connection from `ip` get in?
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckResponse {
-    /// Port.
-    pub port: u16,
-    /// Protocol.
-    pub proto: Protocol,
+    /// The port (keys `port`, `proto`).
+    #[serde(flatten, with = "spelling::PortIdFields")]
+    pub id: PortId,
     /// Source address checked.
     pub ip: IpAddr,
     /// Whether it gets in.
@@ -170,10 +166,9 @@ pub struct CheckResponse {
 pub struct EventView {
     /// When the daemon read it (ms since the epoch).
     pub time: UnixMillis,
-    /// Port.
-    pub port: u16,
-    /// Protocol.
-    pub proto: Protocol,
+    /// The port (keys `port`, `proto`).
+    #[serde(flatten, with = "spelling::PortIdFields")]
+    pub id: PortId,
     /// Source address (bind denials: the address bound).
     pub addr: IpAddr,
     /// Reason (`not_allowed`, ..., `bind_denied`).
@@ -192,8 +187,7 @@ impl EventView {
     pub fn new(event: &DenyEventRecord, time: UnixMillis) -> Self {
         Self {
             time,
-            port: event.port,
-            proto: event.protocol,
+            id: event.id,
             addr: event.addr,
             reason: event.reason.to_owned(),
             hook: event.hook.to_owned(),
@@ -290,5 +284,91 @@ impl ErrorBody {
                 message: message.into(),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{AllocationView, CheckResponse, EventView};
+    use crate::model::{
+        Allocation, DropCounts, GrantView, PortAccessControl, PortId, PortMetrics, PortReport,
+        PortStatus, Protocol,
+    };
+
+    /// Answers as the API has always spelled them: the views flatten the model's types, and
+    /// must not change a byte of what clients read.
+    const VIEW: &str = r#"{"port":20001,"proto":"tcp","status":"active","owner":"service-20001","owner_uid":1000,"cgroup":"/sys/fs/cgroup/service.slice","allow":["10.0.0.0/8","2001:db8::/32"],"max_connections":16,"require_auth":true,"allocated_at":1700000000000,"ttl":"1h","lease_expires_at":1700003600000,"draining_since":null,"closed_at":null,"connections":3}"#;
+    const REPORT: &str = r#"{"port":20001,"proto":"udp","status":"draining","allow":["10.0.0.0/8","2001:db8::/32"],"max_connections":7,"require_auth":true,"owner_cgroup":42,"grants":[{"addr":"192.0.2.1","expires_in_ms":900}],"accepted":1,"active":2,"dropped":{"unallocated":3,"draining":4,"not_allowed":5,"auth_required":6,"conn_limit":7},"bind_denied":8,"packets":9,"bytes":10}"#;
+    const CHECK: &str = r#"{"port":20001,"proto":"tcp","ip":"192.0.2.1","allowed":false,"reason":"not_allowed","message":"m"}"#;
+    const EVENT: &str = r#"{"time":5,"port":20001,"proto":"udp","addr":"::1","reason":"conn_limit","hook":"xdp","cgroup_id":0,"pid":0}"#;
+
+    /// Encodes `value`, checks it against `expected`, and decodes `expected` back to it.
+    fn same_bytes<T>(value: &T, expected: &str)
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + PartialEq + std::fmt::Debug,
+    {
+        assert_eq!(serde_json::to_string(value).unwrap(), expected);
+        assert_eq!(&serde_json::from_str::<T>(expected).unwrap(), value);
+    }
+
+    #[test]
+    fn views_keep_the_apis_spelling() {
+        let stored: Allocation = serde_json::from_str(
+            r#"{"id":{"port":20001,"protocol":"tcp"},"owner":{"name":"service-20001","uid":1000,"cgroup":{"path":"/sys/fs/cgroup/service.slice","cgroup":{"id":4242,"level":1}}},"access":{"allowed_ips":["10.0.0.0/8","2001:db8::/32"],"max_connections":16,"require_authentication":true},"status":"active","allocated_at":1700000000000,"ttl":"1h","lease_expires_at":1700003600000,"draining_since":null,"closed_at":null}"#,
+        )
+        .unwrap();
+        same_bytes(&AllocationView::new(&stored, 3), VIEW);
+        let report = PortReport {
+            id: PortId::new(20001, Protocol::Udp),
+            status: PortStatus::Draining,
+            access: PortAccessControl {
+                allowed_ips: [
+                    "10.0.0.0/8".parse().unwrap(),
+                    "2001:db8::/32".parse().unwrap(),
+                ]
+                .into_iter()
+                .collect(),
+                max_connections: 7,
+                require_authentication: true,
+            },
+            owner_cgroup: Some(42),
+            grants: vec![GrantView {
+                addr: "192.0.2.1".parse().unwrap(),
+                expires_in_ms: 900,
+            }],
+            counters: PortMetrics {
+                accepted: 1,
+                active: 2,
+                dropped: DropCounts {
+                    unallocated: 3,
+                    draining: 4,
+                    not_allowed: 5,
+                    auth_required: 6,
+                    conn_limit: 7,
+                },
+                bind_denied: 8,
+                packets: 9,
+                bytes: 10,
+            },
+        };
+        same_bytes(&report, REPORT);
+        let check = CheckResponse {
+            id: PortId::new(20001, Protocol::Tcp),
+            ip: "192.0.2.1".parse().unwrap(),
+            allowed: false,
+            reason: Some("not_allowed".into()),
+            message: Some("m".into()),
+        };
+        same_bytes(&check, CHECK);
+        let event = EventView {
+            time: 5,
+            id: PortId::new(20001, Protocol::Udp),
+            addr: "::1".parse().unwrap(),
+            reason: "conn_limit".into(),
+            hook: "xdp".into(),
+            cgroup_id: 0,
+            pid: 0,
+        };
+        same_bytes(&event, EVENT);
     }
 }

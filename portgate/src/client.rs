@@ -26,8 +26,7 @@ use crate::{
         AllocRequest, AllocationView, CheckResponse, ErrorBody, EventView, GrantRequest,
         RenewRequest, StatusView,
     },
-    manager::{AccessChange, Protocol},
-    report::PortReport,
+    model::{AccessChange, PortId, PortReport},
 };
 
 /// What can go wrong talking to the daemon.
@@ -148,61 +147,44 @@ impl Client {
     }
 
     /// `GET /v1/ports/{port}`: one allocation.
-    pub async fn show(&self, port: u16, proto: Protocol) -> Result<AllocationView, ClientError> {
-        self.call(Method::GET, port_path(port, "", proto), NO_BODY)
-            .await
+    pub async fn show(&self, id: PortId) -> Result<AllocationView, ClientError> {
+        self.call(Method::GET, port_path(id, ""), NO_BODY).await
     }
 
     /// `DELETE /v1/ports/{port}`: releases a port (it goes Draining).
-    pub async fn release(&self, port: u16, proto: Protocol) -> Result<AllocationView, ClientError> {
-        self.call(Method::DELETE, port_path(port, "", proto), NO_BODY)
-            .await
+    pub async fn release(&self, id: PortId) -> Result<AllocationView, ClientError> {
+        self.call(Method::DELETE, port_path(id, ""), NO_BODY).await
     }
 
     /// `POST /v1/ports/{port}/drain`: no new connections; established ones continue.
-    pub async fn drain(&self, port: u16, proto: Protocol) -> Result<AllocationView, ClientError> {
-        self.call(Method::POST, port_path(port, "/drain", proto), NO_BODY)
+    pub async fn drain(&self, id: PortId) -> Result<AllocationView, ClientError> {
+        self.call(Method::POST, port_path(id, "/drain"), NO_BODY)
             .await
     }
 
     /// `POST /v1/ports/{port}/renew`: renews a port's lease.
     pub async fn renew(
         &self,
-        port: u16,
-        proto: Protocol,
+        id: PortId,
         request: &RenewRequest,
     ) -> Result<AllocationView, ClientError> {
-        self.call(
-            Method::POST,
-            port_path(port, "/renew", proto),
-            Some(request),
-        )
-        .await
+        self.call(Method::POST, port_path(id, "/renew"), Some(request))
+            .await
     }
 
     /// `PATCH /v1/ports/{port}/access`: changes a port's access control.
     pub async fn access(
         &self,
-        port: u16,
-        proto: Protocol,
+        id: PortId,
         change: &AccessChange,
     ) -> Result<AllocationView, ClientError> {
-        self.call(
-            Method::PATCH,
-            port_path(port, "/access", proto),
-            Some(change),
-        )
-        .await
+        self.call(Method::PATCH, port_path(id, "/access"), Some(change))
+            .await
     }
 
     /// `POST /v1/ports/{port}/grants`: lets an authenticated source connect for a while.
-    pub async fn grant(
-        &self,
-        port: u16,
-        proto: Protocol,
-        request: &GrantRequest,
-    ) -> Result<(), ClientError> {
-        let path = port_path(port, "/grants", proto);
+    pub async fn grant(&self, id: PortId, request: &GrantRequest) -> Result<(), ClientError> {
+        let path = port_path(id, "/grants");
         self.exchange(Method::POST, path, Some(request))
             .await?
             .success()
@@ -211,23 +193,16 @@ impl Client {
 
     /// `GET /v1/ports/{port}/check`: would a new connection from `ip` get in? A refusal is
     /// an answer (`allowed: false`), not an error.
-    pub async fn check(
-        &self,
-        port: u16,
-        proto: Protocol,
-        ip: IpAddr,
-    ) -> Result<CheckResponse, ClientError> {
-        let path = format!("/v1/ports/{port}/check?ip={ip}&proto={proto}");
+    pub async fn check(&self, id: PortId, ip: IpAddr) -> Result<CheckResponse, ClientError> {
+        let PortId { port, protocol } = id;
+        let path = format!("/v1/ports/{port}/check?ip={ip}&proto={protocol}");
         self.call(Method::GET, path, NO_BODY).await
     }
 
     /// `GET /v1/stats`: counters and policy of every port, or of one.
-    pub async fn stats(
-        &self,
-        port: Option<(u16, Protocol)>,
-    ) -> Result<Vec<PortReport>, ClientError> {
+    pub async fn stats(&self, port: Option<PortId>) -> Result<Vec<PortReport>, ClientError> {
         let path = match port {
-            Some((port, proto)) => format!("/v1/stats?port={port}&proto={proto}"),
+            Some(PortId { port, protocol }) => format!("/v1/stats?port={port}&proto={protocol}"),
             None => "/v1/stats".to_owned(),
         };
         self.call(Method::GET, path, NO_BODY).await
@@ -441,8 +416,8 @@ impl Answer {
 }
 
 /// `/v1/ports/{port}{tail}?proto={proto}`.
-fn port_path(port: u16, tail: &str, proto: Protocol) -> String {
-    format!("/v1/ports/{port}{tail}?proto={proto}")
+fn port_path(PortId { port, protocol }: PortId, tail: &str) -> String {
+    format!("/v1/ports/{port}{tail}?proto={protocol}")
 }
 
 /// The error of a 4xx/5xx answer: the daemon's [`ErrorBody`], or what came instead.
@@ -508,7 +483,7 @@ pub(crate) mod testing {
     use super::Client;
     use crate::{
         api::AllocationView,
-        manager::{PortStatus, Protocol},
+        model::{PortAccessControl, PortId, PortStatus, Protocol, Timeline},
     };
 
     /// Serves `router` on a socket in a new temporary directory (kept while the directory
@@ -528,20 +503,25 @@ pub(crate) mod testing {
     /// An Active allocation of `port`/tcp owned by `web`.
     pub(crate) fn view(port: u16) -> AllocationView {
         AllocationView {
-            port,
-            proto: Protocol::Tcp,
+            id: PortId::new(port, Protocol::Tcp),
             status: PortStatus::Active,
             owner: "web".to_owned(),
             owner_uid: Some(1000),
             cgroup: None,
-            allow: vec!["10.0.0.0/8".parse().expect("a prefix")],
-            max_connections: 5,
-            require_auth: false,
-            allocated_at: 1_700_000_000_000,
-            ttl: Some(std::time::Duration::from_mins(5)),
-            lease_expires_at: Some(1_700_000_300_000),
-            draining_since: None,
-            closed_at: None,
+            access: PortAccessControl {
+                allowed_ips: ["10.0.0.0/8".parse().expect("a prefix")]
+                    .into_iter()
+                    .collect(),
+                max_connections: 5,
+                require_authentication: false,
+            },
+            timeline: Timeline {
+                allocated_at: 1_700_000_000_000,
+                ttl: Some(std::time::Duration::from_mins(5)),
+                lease_expires_at: Some(1_700_000_300_000),
+                draining_since: None,
+                closed_at: None,
+            },
             connections: 2,
         }
     }
@@ -575,7 +555,8 @@ mod tests {
     };
     use crate::{
         api::{AllocRequest, CheckResponse, ErrorBody, EventView},
-        manager::{PortError, PortId, Protocol},
+        manager::PortError,
+        model::{PortId, Protocol},
     };
 
     #[tokio::test]
@@ -627,7 +608,7 @@ mod tests {
         let (_dir, client) = serve(router).await;
 
         let err = client
-            .show(20001, Protocol::Udp)
+            .show(PortId::new(20001, Protocol::Udp))
             .await
             .expect_err("the daemon refuses");
 
@@ -675,8 +656,7 @@ mod tests {
             "/v1/ports/{port}/check",
             get(|Query(query): Query<HashMap<String, String>>| async move {
                 Json(CheckResponse {
-                    port: 20001,
-                    proto: Protocol::Tcp,
+                    id: PortId::from(20001),
                     ip: query["ip"].parse().expect("an address"),
                     allowed: false,
                     reason: Some("not_allowed".to_owned()),
@@ -688,8 +668,7 @@ mod tests {
 
         let answer = client
             .check(
-                20001,
-                Protocol::Tcp,
+                PortId::from(20001),
                 "2001:db8::9".parse().expect("an address"),
             )
             .await
@@ -720,8 +699,7 @@ mod tests {
     fn event(port: u16) -> EventView {
         EventView {
             time: 1_700_000_000_000 + u64::from(port),
-            port,
-            proto: Protocol::Tcp,
+            id: PortId::from(port),
             addr: "10.0.0.9".parse().expect("an address"),
             reason: "not_allowed".to_owned(),
             hook: "xdp".to_owned(),

@@ -2,8 +2,8 @@
 //!
 //! The library is what the daemon and the CLI call: [`gate`] loads, attaches and drives the
 //! kernel programs and their pinned maps; [`verdict`] is the same packet verdict in plain
-//! Rust; [`policy`] holds the types both speak; [`host`] finds what the host provides and
-//! reads its sockets and port sysctls.
+//! Rust; [`model`] holds the records every layer shares; [`host`] finds what the host
+//! provides.
 
 pub mod api;
 pub mod cli;
@@ -13,8 +13,7 @@ pub mod daemon;
 pub mod gate;
 pub mod host;
 pub mod manager;
+pub mod model;
 pub mod paths;
-pub mod policy;
-pub mod report;
 pub mod store;
 pub mod verdict;

@@ -2,13 +2,14 @@
 //! independently so that tests can hold the two to each other, and so that userspace can
 //! answer "would this source get in?" (the manager's `validate_connection`).
 //!
-//! First match wins (DESIGN.md): unallocated, draining, not allowed, authentication
-//! required, connection limit, otherwise accepted. Ports outside the managed range are
-//! untouched.
+//! The kernel and this module speak of the same things with the same words: [`decide`]
+//! gives a [`Verdict`]. First match wins (DESIGN.md): unallocated, draining, not allowed,
+//! authentication required, connection limit, otherwise accepted. Ports outside the
+//! managed range are untouched.
 
 use std::{collections::HashMap, net::IpAddr};
 
-use crate::policy::{DropReason, PortPolicy, PortStatus, Protocol};
+use crate::model::{DropReason, PortId, PortPolicy, PortStatus, Protocol};
 
 /// What the verdict needs to know about a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,11 +46,26 @@ impl Packet {
             new_connection: true,
         }
     }
+
+    /// A new connection from `source` to `id`: a TCP SYN, or a UDP datagram.
+    #[must_use]
+    pub const fn new_connection(id: PortId, source: IpAddr) -> Self {
+        match id.protocol {
+            Protocol::Tcp => Self::tcp(source, id.port, true, false),
+            Protocol::Udp => Self::udp(source, id.port),
+        }
+    }
+
+    /// The port it is for.
+    #[must_use]
+    pub const fn port(&self) -> PortId {
+        PortId::new(self.dport, self.protocol)
+    }
 }
 
-/// The verdict.
+/// The verdict on a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Decision {
+pub enum Verdict {
     /// Outside the managed range: passes, not counted.
     Untouched,
     /// Passes (not a new connection).
@@ -60,7 +76,7 @@ pub enum Decision {
     Drop(DropReason),
 }
 
-impl Decision {
+impl Verdict {
     /// Whether the packet gets through.
     #[must_use]
     pub const fn passes(self) -> bool {
@@ -72,61 +88,62 @@ impl Decision {
 pub trait GateView {
     /// The managed range, `None` when nothing is managed.
     fn managed_range(&self) -> Option<(u16, u16)>;
-    /// The policy of (port, protocol), `None` when unallocated.
-    fn policy(&self, port: u16, protocol: Protocol) -> Option<&PortPolicy>;
-    /// Expiry (`CLOCK_MONOTONIC` ns) of the grant of `source` on (port, protocol).
-    fn grant_expiry(&self, port: u16, protocol: Protocol, source: IpAddr) -> Option<u64>;
-    /// Connection slots the TCP port holds (established plus handshakes in flight).
-    fn slots(&self, port: u16) -> u64;
+    /// The policy of a port, `None` when unallocated.
+    fn policy(&self, id: PortId) -> Option<&PortPolicy>;
+    /// Expiry (`CLOCK_MONOTONIC` ns) of the grant of `source` on a port.
+    fn grant_expiry(&self, id: PortId, source: IpAddr) -> Option<u64>;
+    /// Connection slots a TCP port holds (established plus handshakes in flight).
+    fn slots(&self, id: PortId) -> u64;
 }
 
-/// The verdict for `packet` at `now_ns` (`CLOCK_MONOTONIC`).
+/// The verdict on `packet` at `now_ns` (`CLOCK_MONOTONIC`).
 #[must_use]
-pub fn evaluate(view: &impl GateView, packet: &Packet, now_ns: u64) -> Decision {
+pub fn decide(view: &impl GateView, packet: &Packet, now_ns: u64) -> Verdict {
     match view.managed_range() {
         Some((min, max)) if (min..=max).contains(&packet.dport) => {}
-        _ => return Decision::Untouched,
+        _ => return Verdict::Untouched,
     }
-    let Some(policy) = view.policy(packet.dport, packet.protocol) else {
+    let id = packet.port();
+    let Some(policy) = view.policy(id) else {
         return if packet.new_connection {
-            Decision::Drop(DropReason::Unallocated)
+            Verdict::Drop(DropReason::Unallocated)
         } else {
-            Decision::Pass
+            Verdict::Pass
         };
     };
     if packet.new_connection && policy.status != PortStatus::Active {
-        return Decision::Drop(DropReason::Draining);
+        return Verdict::Drop(DropReason::Draining);
     }
-    // A linear scan: the kernel keeps the same prefixes in an LPM trie.
-    if !policy.allow.is_empty() && !policy.allow.covers(packet.source) {
-        return Decision::Drop(DropReason::NotAllowed);
+    let access = &policy.access;
+    if !access.allowed_ips.is_empty() && !access.allowed_ips.covers(packet.source) {
+        return Verdict::Drop(DropReason::NotAllowed);
     }
     if !packet.new_connection {
-        return Decision::Pass;
+        return Verdict::Pass;
     }
     let granted = view
-        .grant_expiry(packet.dport, packet.protocol, packet.source)
+        .grant_expiry(id, packet.source)
         .is_some_and(|expires| now_ns < expires);
-    if policy.require_authentication && !granted {
-        return Decision::Drop(DropReason::AuthRequired);
+    if access.require_authentication && !granted {
+        return Verdict::Drop(DropReason::AuthRequired);
     }
     if packet.protocol == Protocol::Tcp
-        && policy.max_connections != 0
-        && view.slots(packet.dport) >= u64::from(policy.max_connections)
+        && access.max_connections != 0
+        && view.slots(id) >= u64::from(access.max_connections)
     {
-        return Decision::Drop(DropReason::ConnLimit);
+        return Verdict::Drop(DropReason::ConnLimit);
     }
-    Decision::Accept
+    Verdict::Accept
 }
 
 /// An in-memory [`GateView`]: what the tests mirror the kernel maps into, and what the
-/// manager evaluates against when it runs without the kernel gate.
+/// manager decides against when it runs without the kernel gate.
 #[derive(Clone, Debug, Default)]
 pub struct GateModel {
     range: Option<(u16, u16)>,
-    policies: HashMap<(u16, Protocol), PortPolicy>,
-    grants: HashMap<(u16, Protocol, IpAddr), u64>,
-    slots: HashMap<u16, u64>,
+    policies: HashMap<PortId, PortPolicy>,
+    grants: HashMap<(PortId, IpAddr), u64>,
+    slots: HashMap<PortId, u64>,
 }
 
 impl GateModel {
@@ -139,48 +156,44 @@ impl GateModel {
         }
     }
 
-    /// Sets the policy of (port, protocol).
-    pub fn set_policy(&mut self, port: u16, protocol: Protocol, policy: PortPolicy) {
-        self.policies.insert((port, protocol), policy);
+    /// Sets the policy of a port.
+    pub fn set_policy(&mut self, id: PortId, policy: PortPolicy) {
+        self.policies.insert(id, policy);
     }
 
-    /// Removes the policy of (port, protocol) and its grants.
-    pub fn remove_policy(&mut self, port: u16, protocol: Protocol) {
-        self.policies.remove(&(port, protocol));
-        self.grants.retain(|&(grant_port, grant_protocol, _), _| {
-            (grant_port, grant_protocol) != (port, protocol)
-        });
+    /// Removes the policy of a port and its grants.
+    pub fn remove_policy(&mut self, id: PortId) {
+        self.policies.remove(&id);
+        self.grants.retain(|&(granted, _), _| granted != id);
     }
 
-    /// Grants `source` on (port, protocol) until `expires_ns`.
-    pub fn add_grant(&mut self, port: u16, protocol: Protocol, source: IpAddr, expires_ns: u64) {
-        self.grants.insert((port, protocol, source), expires_ns);
+    /// Grants `source` on a port until `expires_ns`.
+    pub fn add_grant(&mut self, id: PortId, source: IpAddr, expires_ns: u64) {
+        self.grants.insert((id, source), expires_ns);
     }
 
-    /// How many grants (port, protocol) holds, expired or not.
+    /// How many grants a port holds, expired or not.
     #[must_use]
-    pub fn grant_count(&self, port: u16, protocol: Protocol) -> usize {
+    pub fn grant_count(&self, id: PortId) -> usize {
         self.grants
             .keys()
-            .filter(|&&(grant_port, grant_protocol, _)| {
-                (grant_port, grant_protocol) == (port, protocol)
-            })
+            .filter(|&&(granted, _)| granted == id)
             .count()
     }
 
     /// Withdraws a grant.
-    pub fn remove_grant(&mut self, port: u16, protocol: Protocol, source: IpAddr) {
-        self.grants.remove(&(port, protocol, source));
+    pub fn remove_grant(&mut self, id: PortId, source: IpAddr) {
+        self.grants.remove(&(id, source));
     }
 
     /// One more connection slot taken on a TCP port.
-    pub fn add_slot(&mut self, port: u16) {
-        *self.slots.entry(port).or_default() += 1;
+    pub fn add_slot(&mut self, id: PortId) {
+        *self.slots.entry(id).or_default() += 1;
     }
 
     /// Sets the slots a TCP port holds.
-    pub fn set_slots(&mut self, port: u16, slots: u64) {
-        self.slots.insert(port, slots);
+    pub fn set_slots(&mut self, id: PortId, slots: u64) {
+        self.slots.insert(id, slots);
     }
 }
 
@@ -189,16 +202,16 @@ impl GateView for GateModel {
         self.range
     }
 
-    fn policy(&self, port: u16, protocol: Protocol) -> Option<&PortPolicy> {
-        self.policies.get(&(port, protocol))
+    fn policy(&self, id: PortId) -> Option<&PortPolicy> {
+        self.policies.get(&id)
     }
 
-    fn grant_expiry(&self, port: u16, protocol: Protocol, source: IpAddr) -> Option<u64> {
-        self.grants.get(&(port, protocol, source)).copied()
+    fn grant_expiry(&self, id: PortId, source: IpAddr) -> Option<u64> {
+        self.grants.get(&(id, source)).copied()
     }
 
-    fn slots(&self, port: u16) -> u64 {
-        self.slots.get(&port).copied().unwrap_or(0)
+    fn slots(&self, id: PortId) -> u64 {
+        self.slots.get(&id).copied().unwrap_or(0)
     }
 }
 
@@ -207,15 +220,38 @@ mod tests {
     use std::net::{Ipv4Addr, Ipv6Addr};
 
     use super::*;
+    use crate::model::PortAccessControl;
 
     const PORT: u16 = 20_000;
+    const ID: PortId = PortId::new(PORT, Protocol::Tcp);
     const V4: IpAddr = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1));
     const V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1));
 
     fn model(policy: PortPolicy) -> GateModel {
         let mut model = GateModel::new(PORT, PORT + 9);
-        model.set_policy(PORT, Protocol::Tcp, policy);
+        model.set_policy(ID, policy);
         model
+    }
+
+    fn allowing(prefixes: &[&str]) -> PortAccessControl {
+        PortAccessControl {
+            allowed_ips: prefixes
+                .iter()
+                .map(|p| p.parse().expect("prefix"))
+                .collect(),
+            ..PortAccessControl::default()
+        }
+    }
+
+    fn limited(max_connections: u32, require_authentication: bool) -> PortPolicy {
+        PortPolicy {
+            access: PortAccessControl {
+                max_connections,
+                require_authentication,
+                ..PortAccessControl::default()
+            },
+            ..PortPolicy::default()
+        }
     }
 
     fn syn(source: IpAddr) -> Packet {
@@ -227,7 +263,7 @@ mod tests {
         let model = GateModel::new(PORT, PORT + 9);
         for port in [PORT - 1, PORT + 10] {
             let packet = Packet::tcp(V4, port, true, false);
-            assert_eq!(evaluate(&model, &packet, 0), Decision::Untouched);
+            assert_eq!(decide(&model, &packet, 0), Verdict::Untouched);
         }
     }
 
@@ -235,17 +271,17 @@ mod tests {
     fn unallocated_drops_new_connections_only() {
         let model = GateModel::new(PORT, PORT + 9);
         assert_eq!(
-            evaluate(&model, &syn(V4), 0),
-            Decision::Drop(DropReason::Unallocated)
+            decide(&model, &syn(V4), 0),
+            Verdict::Drop(DropReason::Unallocated)
         );
         assert_eq!(
-            evaluate(&model, &Packet::udp(V4, PORT), 0),
-            Decision::Drop(DropReason::Unallocated)
+            decide(&model, &Packet::udp(V4, PORT), 0),
+            Verdict::Drop(DropReason::Unallocated)
         );
         let ack = Packet::tcp(V4, PORT, false, true);
-        assert_eq!(evaluate(&model, &ack, 0), Decision::Pass);
+        assert_eq!(decide(&model, &ack, 0), Verdict::Pass);
         let syn_ack = Packet::tcp(V4, PORT, true, true);
-        assert_eq!(evaluate(&model, &syn_ack, 0), Decision::Pass);
+        assert_eq!(decide(&model, &syn_ack, 0), Verdict::Pass);
     }
 
     #[test]
@@ -253,20 +289,18 @@ mod tests {
         for status in [PortStatus::Draining, PortStatus::Closed] {
             let model = model(PortPolicy {
                 status,
-                allow: ["10.0.0.0/8".parse().expect("prefix")]
-                    .into_iter()
-                    .collect(),
+                access: allowing(&["10.0.0.0/8"]),
                 ..PortPolicy::default()
             });
             assert_eq!(
-                evaluate(&model, &syn(V4), 0),
-                Decision::Drop(DropReason::Draining)
+                decide(&model, &syn(V4), 0),
+                Verdict::Drop(DropReason::Draining)
             );
             // An established packet from outside the allowlist is still not allowed.
             let ack = Packet::tcp(V4, PORT, false, true);
             assert_eq!(
-                evaluate(&model, &ack, 0),
-                Decision::Drop(DropReason::NotAllowed)
+                decide(&model, &ack, 0),
+                Verdict::Drop(DropReason::NotAllowed)
             );
         }
     }
@@ -274,25 +308,20 @@ mod tests {
     #[test]
     fn allowlist_matches_by_family_and_prefix() {
         let model = model(PortPolicy {
-            allow: [
-                "198.18.0.0/31".parse().expect("prefix"),
-                "fd00::/16".parse().expect("prefix"),
-            ]
-            .into_iter()
-            .collect(),
+            access: allowing(&["198.18.0.0/31", "fd00::/16"]),
             ..PortPolicy::default()
         });
-        assert_eq!(evaluate(&model, &syn(V4), 0), Decision::Accept);
-        assert_eq!(evaluate(&model, &syn(V6), 0), Decision::Accept);
+        assert_eq!(decide(&model, &syn(V4), 0), Verdict::Accept);
+        assert_eq!(decide(&model, &syn(V6), 0), Verdict::Accept);
         let outside = IpAddr::V4(Ipv4Addr::new(198, 18, 0, 2));
         assert_eq!(
-            evaluate(&model, &syn(outside), 0),
-            Decision::Drop(DropReason::NotAllowed)
+            decide(&model, &syn(outside), 0),
+            Verdict::Drop(DropReason::NotAllowed)
         );
         let mapped = IpAddr::V6(Ipv4Addr::new(198, 18, 0, 1).to_ipv6_mapped());
         assert_eq!(
-            evaluate(&model, &syn(mapped), 0),
-            Decision::Drop(DropReason::NotAllowed),
+            decide(&model, &syn(mapped), 0),
+            Verdict::Drop(DropReason::NotAllowed),
             "an IPv4 prefix does not match an IPv6 source"
         );
     }
@@ -300,74 +329,54 @@ mod tests {
     #[test]
     fn zero_length_prefixes_match_their_whole_family() {
         let model = model(PortPolicy {
-            allow: ["0.0.0.0/0".parse().expect("prefix")].into_iter().collect(),
+            access: allowing(&["0.0.0.0/0"]),
             ..PortPolicy::default()
         });
-        assert_eq!(evaluate(&model, &syn(V4), 0), Decision::Accept);
+        assert_eq!(decide(&model, &syn(V4), 0), Verdict::Accept);
         assert_eq!(
-            evaluate(&model, &syn(V6), 0),
-            Decision::Drop(DropReason::NotAllowed)
+            decide(&model, &syn(V6), 0),
+            Verdict::Drop(DropReason::NotAllowed)
         );
     }
 
     #[test]
     fn grants_expire_at_their_instant() {
-        let mut model = model(PortPolicy {
-            require_authentication: true,
-            ..PortPolicy::default()
-        });
+        let mut model = model(limited(0, true));
         assert_eq!(
-            evaluate(&model, &syn(V4), 10),
-            Decision::Drop(DropReason::AuthRequired)
+            decide(&model, &syn(V4), 10),
+            Verdict::Drop(DropReason::AuthRequired)
         );
-        model.add_grant(PORT, Protocol::Tcp, V4, 100);
-        assert_eq!(evaluate(&model, &syn(V4), 99), Decision::Accept);
+        model.add_grant(ID, V4, 100);
+        assert_eq!(decide(&model, &syn(V4), 99), Verdict::Accept);
         assert_eq!(
-            evaluate(&model, &syn(V4), 100),
-            Decision::Drop(DropReason::AuthRequired)
+            decide(&model, &syn(V4), 100),
+            Verdict::Drop(DropReason::AuthRequired)
         );
         let ack = Packet::tcp(V4, PORT, false, true);
-        assert_eq!(evaluate(&model, &ack, 1_000), Decision::Pass);
+        assert_eq!(decide(&model, &ack, 1_000), Verdict::Pass);
     }
 
     #[test]
     fn connection_limit_counts_slots_for_tcp_only() {
-        let mut model = model(PortPolicy {
-            max_connections: 2,
-            ..PortPolicy::default()
-        });
-        model.set_policy(
-            PORT,
-            Protocol::Udp,
-            PortPolicy {
-                max_connections: 2,
-                ..PortPolicy::default()
-            },
-        );
-        model.set_slots(PORT, 1);
-        assert_eq!(evaluate(&model, &syn(V4), 0), Decision::Accept);
-        model.add_slot(PORT);
+        let mut model = model(limited(2, false));
+        model.set_policy(PortId::new(PORT, Protocol::Udp), limited(2, false));
+        model.set_slots(ID, 1);
+        assert_eq!(decide(&model, &syn(V4), 0), Verdict::Accept);
+        model.add_slot(ID);
         assert_eq!(
-            evaluate(&model, &syn(V4), 0),
-            Decision::Drop(DropReason::ConnLimit)
+            decide(&model, &syn(V4), 0),
+            Verdict::Drop(DropReason::ConnLimit)
         );
-        assert_eq!(
-            evaluate(&model, &Packet::udp(V4, PORT), 0),
-            Decision::Accept
-        );
+        assert_eq!(decide(&model, &Packet::udp(V4, PORT), 0), Verdict::Accept);
     }
 
     #[test]
     fn authentication_comes_before_the_limit() {
-        let mut model = model(PortPolicy {
-            max_connections: 1,
-            require_authentication: true,
-            ..PortPolicy::default()
-        });
-        model.set_slots(PORT, 1);
+        let mut model = model(limited(1, true));
+        model.set_slots(ID, 1);
         assert_eq!(
-            evaluate(&model, &syn(V4), 0),
-            Decision::Drop(DropReason::AuthRequired)
+            decide(&model, &syn(V4), 0),
+            Verdict::Drop(DropReason::AuthRequired)
         );
     }
 }

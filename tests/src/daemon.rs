@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portgate::{gate::Gate, policy::Protocol};
+use portgate::{gate::Gate, model::PortId};
 
 use crate::common::{NetNs, PinDir, TestCgroup, eventually};
 
@@ -321,7 +321,7 @@ audit_log = "{audit}"
     }
 
     /// The pinned kernel policies: (port, protocol) keys.
-    pub fn kernel_policies(&self) -> BTreeSet<(u16, Protocol)> {
+    pub fn kernel_policies(&self) -> BTreeSet<PortId> {
         Gate::open(self.pins.path())
             .expect("open the pinned gate")
             .policies()

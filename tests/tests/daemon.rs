@@ -22,7 +22,11 @@ use std::{
 };
 
 use common::{EchoServer, TestCgroup, connect_from, echo, eventually, require_privileges};
-use portgate::{gate::Gate, host::port_ranges::PortRanges, policy::Protocol};
+use portgate::{
+    gate::Gate,
+    host::port_ranges::PortRanges,
+    model::{PortId, Protocol},
+};
 
 /// uids of two ordinary local users (no passwd entry needed: the kernel reports the uid).
 const USER_A: u32 = 65_534;
@@ -304,7 +308,7 @@ fn bad_requests_are_refused_and_change_nothing() {
     let port = u16::try_from(port).unwrap();
     assert_eq!(
         daemon.kernel_policies(),
-        BTreeSet::from([(port, Protocol::Tcp)])
+        BTreeSet::from([PortId::new(port, Protocol::Tcp)])
     );
 }
 
@@ -371,9 +375,8 @@ fn kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing() {
     Gate::open(daemon.pins.path())
         .expect("open the pinned gate")
         .set_policy(
-            orphan,
-            Protocol::Tcp,
-            &portgate::policy::PortPolicy::default(),
+            PortId::new(orphan, Protocol::Tcp),
+            &portgate::model::PortPolicy::default(),
         )
         .expect("write an orphan policy");
 
@@ -395,8 +398,7 @@ fn kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing() {
     );
     // The kernel maps equal the store.
     let kernel = daemon.kernel_policies();
-    let stored: BTreeSet<(u16, Protocol)> =
-        after.keys().map(|port| (*port, Protocol::Tcp)).collect();
+    let stored: BTreeSet<PortId> = after.keys().map(|port| PortId::from(*port)).collect();
     assert_eq!(kernel, stored);
     let restart = daemon
         .log()
@@ -406,7 +408,7 @@ fn kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing() {
         .to_owned();
     if !after.contains_key(&orphan) {
         assert!(
-            !kernel.contains(&(orphan, Protocol::Tcp)),
+            !kernel.contains(&PortId::from(orphan)),
             "the orphan policy stayed"
         );
         assert!(!restart.contains("removed 0 stale"), "{restart}");
@@ -459,7 +461,7 @@ fn a_second_daemon_on_the_same_pins_is_refused_and_changes_nothing() {
     );
     assert_eq!(
         daemon.kernel_policies(),
-        BTreeSet::from([(41_360, Protocol::Tcp)])
+        BTreeSet::from([PortId::new(41_360, Protocol::Tcp)])
     );
     assert_eq!(daemon.allocations()[&41_360].0, "first");
 }
@@ -483,11 +485,7 @@ fn a_configuration_that_drops_an_allocation_is_refused_before_the_kernel_is_touc
     let gate = Gate::open(daemon.pins.path()).expect("open the gate");
     let config = gate.config().expect("gate config");
     assert_eq!((config.min_port, config.max_port), (41_300, 41_349));
-    assert!(
-        gate.policy(41_340, Protocol::Tcp)
-            .expect("policy")
-            .is_some()
-    );
+    assert!(gate.policy(PortId::from(41_340)).expect("policy").is_some());
     drop(gate);
     daemon.set_config("max_port", "41349");
     daemon.spawn();
@@ -693,7 +691,7 @@ fn end_to_end_through_the_cli() {
     assert_eq!(again["owner"], "next");
     assert_eq!(
         daemon.kernel_policies(),
-        BTreeSet::from([(port, Protocol::Tcp)])
+        BTreeSet::from([PortId::new(port, Protocol::Tcp)])
     );
 
     // SIGTERM leaves enforcement in place.
@@ -705,6 +703,6 @@ fn end_to_end_through_the_cli() {
     );
     assert_eq!(
         daemon.kernel_policies(),
-        BTreeSet::from([(port, Protocol::Tcp)])
+        BTreeSet::from([PortId::new(port, Protocol::Tcp)])
     );
 }

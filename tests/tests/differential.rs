@@ -16,8 +16,11 @@ use ipnet::IpNet;
 use portgate::{
     gate::{Gate, GateSettings, HookCounters, PacketHook},
     host::kernel::monotonic_now_ns,
-    policy::{Allowlist, DropReason, OwnerCgroup, PortPolicy, PortStatus, Protocol},
-    verdict::{Decision, GateModel, GateView as _, Packet, evaluate},
+    model::{
+        Allowlist, DropReason, OwnerCgroup, PortAccessControl, PortId, PortPolicy, PortStatus,
+        Protocol,
+    },
+    verdict::{GateModel, GateView as _, Packet, Verdict, decide},
 };
 use portgate_common::{hook, reason};
 use portgate_tests::common;
@@ -109,12 +112,16 @@ fn random_policy(rng: &mut StdRng, pool: &[IpAddr]) -> Option<PortPolicy> {
     };
     Some(PortPolicy {
         status,
-        allow,
-        max_connections: *[0, 0, 1, 2, 3].choose(rng).expect("not empty"),
-        require_authentication: rng.random_bool(0.3),
-        owner: rng
-            .random_bool(0.2)
-            .then_some(OwnerCgroup { id: 1, level: 0 }),
+        access: PortAccessControl {
+            allowed_ips: allow,
+            max_connections: *[0, 0, 1, 2, 3].choose(rng).expect("not empty"),
+            require_authentication: rng.random_bool(0.3),
+        },
+        owner: rng.random_bool(0.2).then_some(OwnerCgroup {
+            path: "/".into(),
+            id: 1,
+            level: 0,
+        }),
     })
 }
 
@@ -130,25 +137,25 @@ const TCP_FLAG_SETS: [(bool, bool, bool, bool, bool); 6] = [
 
 #[derive(Default)]
 struct Expected {
-    counters: BTreeMap<(u16, Protocol), [HookCounters; hook::COUNT as usize]>,
+    counters: BTreeMap<PortId, [HookCounters; hook::COUNT as usize]>,
     drops: usize,
 }
 
 impl Expected {
-    fn record(&mut self, key: (u16, Protocol), hook_index: usize, bytes: u64, decision: Decision) {
-        if matches!(decision, Decision::Untouched) {
+    fn record(&mut self, id: PortId, hook_index: usize, bytes: u64, verdict: Verdict) {
+        if matches!(verdict, Verdict::Untouched) {
             return;
         }
-        let row = &mut self.counters.entry(key).or_default()[hook_index];
+        let row = &mut self.counters.entry(id).or_default()[hook_index];
         row.packets += 1;
         row.bytes += bytes;
-        match decision {
-            Decision::Accept => row.accepted += 1,
-            Decision::Drop(reason) => {
+        match verdict {
+            Verdict::Accept => row.accepted += 1,
+            Verdict::Drop(reason) => {
                 row.dropped[reason::drop_index(reason.code())] += 1;
                 self.drops += 1;
             }
-            Decision::Pass | Decision::Untouched => {}
+            Verdict::Pass | Verdict::Untouched => {}
         }
     }
 }
@@ -194,12 +201,13 @@ fn kernel_verdict_matches_userspace_verdict() {
         for port in MIN_PORT..=MAX_PORT {
             for protocol in Protocol::ALL {
                 if let Some(policy) = random_policy(&mut rng, &pool) {
-                    gate.set_policy(port, protocol, &policy)
+                    gate.set_policy(PortId::new(port, protocol), &policy)
                         .expect("set policy");
-                    model.set_policy(port, protocol, policy);
+                    model.set_policy(PortId::new(port, protocol), policy);
                 } else {
-                    gate.remove_policy(port, protocol).expect("remove policy");
-                    model.remove_policy(port, protocol);
+                    gate.remove_policy(PortId::new(port, protocol))
+                        .expect("remove policy");
+                    model.remove_policy(PortId::new(port, protocol));
                 }
             }
         }
@@ -214,9 +222,9 @@ fn kernel_verdict_matches_userspace_verdict() {
             } else {
                 now.saturating_sub(1)
             };
-            gate.add_grant(port, protocol, addr, expires)
+            gate.add_grant(PortId::new(port, protocol), addr, expires)
                 .expect("add grant");
-            model.add_grant(port, protocol, addr, expires);
+            model.add_grant(PortId::new(port, protocol), addr, expires);
         }
 
         for _ in 0..PACKETS_PER_ROUND {
@@ -260,9 +268,9 @@ fn kernel_verdict_matches_userspace_verdict() {
                 Protocol::Tcp => Packet::tcp(source, dport, syn, ack),
                 Protocol::Udp => Packet::udp(source, dport),
             };
-            let decision = evaluate(&model, &packet, monotonic_now_ns());
-            if decision == Decision::Accept && protocol == Protocol::Tcp {
-                model.add_slot(dport);
+            let verdict = decide(&model, &packet, monotonic_now_ns());
+            if verdict == Verdict::Accept && protocol == Protocol::Tcp {
+                model.add_slot(packet.port());
             }
             let (hook_kind, hook_index, bytes) = if rng.random_bool(0.5) {
                 (PacketHook::Xdp, usize::from(hook::XDP), frame.len())
@@ -279,15 +287,15 @@ fn kernel_verdict_matches_userspace_verdict() {
                 .expect("BPF_PROG_TEST_RUN");
             assert_eq!(
                 outcome.passed,
-                decision.passes(),
+                verdict.passes(),
                 "round {round}: {hook_kind:?} verdict differs for {spec:?}: userspace says \
-                 {decision:?}, policy {:?}",
-                model.policy(dport, protocol),
+                 {verdict:?}, policy {:?}",
+                model.policy(packet.port()),
             );
-            if let Decision::Drop(reason) = decision {
+            if let Verdict::Drop(reason) = verdict {
                 *by_reason.entry(reason.name()).or_default() += 1;
             }
-            expected.record((dport, protocol), hook_index, bytes as u64, decision);
+            expected.record(packet.port(), hook_index, bytes as u64, verdict);
         }
         // Drained every round, so the ring buffer never fills.
         deny_events.extend(events.drain());

@@ -21,7 +21,7 @@ use common::{
 use portgate::{
     gate::{Gate, GateSettings},
     host::kernel::monotonic_now_ns,
-    policy::{Allowlist, OwnerCgroup, PortPolicy, PortStatus, Protocol},
+    model::{Allowlist, OwnerCgroup, PortAccessControl, PortId, PortPolicy, PortStatus, Protocol},
 };
 use portgate_common::{hook, reason};
 
@@ -81,7 +81,7 @@ impl LoopbackPort {
         let mut gate = install(&pins);
         gate.attach_cgroup(cgroup.path())
             .expect("attach to the test cgroup");
-        gate.set_policy(port, Protocol::Tcp, policy)
+        gate.set_policy(PortId::new(port, Protocol::Tcp), policy)
             .expect("set policy");
         let server = ns.run(|| EchoServer::serve(listen_in(&cgroup, loopback(port))));
         Self {
@@ -124,15 +124,17 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
     let port_b = MIN_PORT + 2;
     for port in [port_a, port_b] {
         gate.set_policy(
-            port,
-            Protocol::Tcp,
+            PortId::new(port, Protocol::Tcp),
             &PortPolicy {
-                allow: [
-                    ipnet::IpNet::new(veth.v4(2), 32).expect("prefix"),
-                    ipnet::IpNet::new(veth.v6(2), 128).expect("prefix"),
-                ]
-                .into_iter()
-                .collect(),
+                access: PortAccessControl {
+                    allowed_ips: [
+                        ipnet::IpNet::new(veth.v4(2), 32).expect("prefix"),
+                        ipnet::IpNet::new(veth.v6(2), 128).expect("prefix"),
+                    ]
+                    .into_iter()
+                    .collect(),
+                    ..PortAccessControl::default()
+                },
                 ..PortPolicy::default()
             },
         )
@@ -174,7 +176,9 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
         attempt(veth.v4(3), port_b, CONNECT_WITHIN)
             .expect("without XDP, port B is reachable from anywhere");
     });
-    let counters = gate.counters(port_a, Protocol::Tcp).expect("counters");
+    let counters = gate
+        .counters(PortId::new(port_a, Protocol::Tcp))
+        .expect("counters");
     let skb = counters.hooks[usize::from(hook::SKB)];
     assert_eq!(skb.accepted, 2, "two connections accepted by cgroup_skb");
     assert!(skb.dropped_for(reason::NOT_ALLOWED) >= 1);
@@ -184,7 +188,9 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
         gate.attach_xdp(&veth.a_name, aya::programs::XdpMode::default())
             .expect("attach XDP to the test veth");
     });
-    let before = gate.counters(port_a, Protocol::Tcp).expect("counters");
+    let before = gate
+        .counters(PortId::new(port_a, Protocol::Tcp))
+        .expect("counters");
     client_ns.run(|| {
         for source in [veth.v4(3), veth.v6(3)] {
             assert!(
@@ -201,13 +207,15 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
     // their SYNs' reservations, so no slot is left behind.
     assert!(
         eventually(Duration::from_secs(3), || {
-            let slots = gate.slots(port_a).expect("slots");
+            let slots = gate.slots(PortId::from(port_a)).expect("slots");
             slots.slots == 0 && slots.established == 0
         }),
         "slots back to zero: {:?}",
-        gate.slots(port_a)
+        gate.slots(PortId::from(port_a))
     );
-    let after = gate.counters(port_a, Protocol::Tcp).expect("counters");
+    let after = gate
+        .counters(PortId::new(port_a, Protocol::Tcp))
+        .expect("counters");
     assert_eq!(
         after.total.accepted,
         before.total.accepted + 2,
@@ -219,7 +227,7 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
         "XDP judged them"
     );
     let xdp_b = gate
-        .counters(port_b, Protocol::Tcp)
+        .counters(PortId::new(port_b, Protocol::Tcp))
         .expect("counters")
         .hooks[usize::from(hook::XDP)];
     assert!(
@@ -230,7 +238,7 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
     let denied = events.drain();
     for (port, hook_name) in [(port_a, "cgroup_skb"), (port_b, "xdp")] {
         assert!(
-            denied.iter().any(|event| event.port == port
+            denied.iter().any(|event| event.id.port == port
                 && event.reason == "not_allowed"
                 && event.hook == hook_name
                 && event.addr == veth.v4(3)),
@@ -255,7 +263,10 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
     let fixture = LoopbackPort::new(
         port,
         &PortPolicy {
-            max_connections: LIMIT,
+            access: PortAccessControl {
+                max_connections: LIMIT,
+                ..PortAccessControl::default()
+            },
             ..PortPolicy::default()
         },
     );
@@ -270,7 +281,8 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
                 let (highest, done) = (highest.clone(), done.clone());
                 scope.spawn(move || {
                     while !done.load(Ordering::Relaxed) {
-                        let established = gate.slots(port).expect("slots").established;
+                        let established =
+                            gate.slots(PortId::from(port)).expect("slots").established;
                         highest.fetch_max(established, Ordering::Relaxed);
                         thread::sleep(Duration::from_millis(1));
                     }
@@ -302,11 +314,14 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
         "never more than max_connections established"
     );
     assert!(eventually(Duration::from_secs(2), || gate
-        .slots(port)
+        .slots(PortId::from(port))
         .expect("slots")
         .established
         == u64::from(LIMIT)));
-    let counters = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    let counters = gate
+        .counters(PortId::new(port, Protocol::Tcp))
+        .expect("counters")
+        .total;
     assert_eq!(counters.accepted, u64::from(LIMIT));
     assert!(counters.dropped_for(reason::CONN_LIMIT) >= (BURST - LIMIT as usize) as u64);
 
@@ -314,12 +329,12 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
     drop(held.pop());
     assert!(
         eventually(Duration::from_secs(3), || gate
-            .slots(port)
+            .slots(PortId::from(port))
             .expect("slots")
             .established
             == u64::from(LIMIT) - 1),
         "FIN frees the slot: {:?}",
-        gate.slots(port)
+        gate.slots(PortId::from(port))
     );
     held.push(
         fixture
@@ -333,12 +348,12 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
         .expect("half-close");
     assert!(
         eventually(Duration::from_secs(3), || gate
-            .slots(port)
+            .slots(PortId::from(port))
             .expect("slots")
             .established
             == u64::from(LIMIT) - 1),
         "a half-close frees the slot once the server closes: {:?}",
-        gate.slots(port)
+        gate.slots(PortId::from(port))
     );
     drop(half_closed);
     held.push(
@@ -350,12 +365,12 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
     reset(held.pop().expect("a held connection"));
     assert!(
         eventually(Duration::from_secs(3), || gate
-            .slots(port)
+            .slots(PortId::from(port))
             .expect("slots")
             .established
             == u64::from(LIMIT) - 1),
         "RST frees the slot: {:?}",
-        gate.slots(port)
+        gate.slots(PortId::from(port))
     );
     held.push(
         ns.run(|| connect_from(LOCAL, loopback(port), CONNECT_WITHIN))
@@ -368,13 +383,15 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
     );
     drop(held);
     assert!(
-        eventually(Duration::from_secs(3), || gate.slots(port).expect("slots")
+        eventually(Duration::from_secs(3), || gate
+            .slots(PortId::from(port))
+            .expect("slots")
             == portgate_common::ConnSlots {
-                last_sweep_ns: gate.slots(port).expect("slots").last_sweep_ns,
+                last_sweep_ns: gate.slots(PortId::from(port)).expect("slots").last_sweep_ns,
                 ..Default::default()
             }),
         "every slot and established count back to 0, no drift: {:?}",
-        gate.slots(port)
+        gate.slots(PortId::from(port))
     );
 }
 
@@ -393,8 +410,7 @@ fn draining_port_refuses_new_connections_and_keeps_established_ones() {
     fixture
         .gate
         .set_policy(
-            port,
-            Protocol::Tcp,
+            PortId::new(port, Protocol::Tcp),
             &PortPolicy {
                 status: PortStatus::Draining,
                 ..PortPolicy::default()
@@ -414,11 +430,18 @@ fn draining_port_refuses_new_connections_and_keeps_established_ones() {
     }
     let counters = fixture
         .gate
-        .counters(port, Protocol::Tcp)
+        .counters(PortId::new(port, Protocol::Tcp))
         .expect("counters")
         .total;
     assert!(counters.dropped_for(reason::DRAINING) >= 1);
-    assert_eq!(fixture.gate.slots(port).expect("slots").established, 1);
+    assert_eq!(
+        fixture
+            .gate
+            .slots(PortId::from(port))
+            .expect("slots")
+            .established,
+        1
+    );
 }
 
 #[test]
@@ -430,7 +453,10 @@ fn grants_admit_until_they_expire() {
     let mut fixture = LoopbackPort::new(
         port,
         &PortPolicy {
-            require_authentication: true,
+            access: PortAccessControl {
+                require_authentication: true,
+                ..PortAccessControl::default()
+            },
             ..PortPolicy::default()
         },
     );
@@ -439,10 +465,18 @@ fn grants_admit_until_they_expire() {
     assert!(connect(&fixture, LOCAL).is_err(), "no grant: refused");
     let now = monotonic_now_ns();
     let gate = &mut fixture.gate;
-    gate.add_grant(port, Protocol::Tcp, LOCAL, now + 60_000_000_000)
-        .expect("grant");
-    gate.add_grant(port, Protocol::Tcp, OTHER_LOCAL, now.saturating_sub(1))
-        .expect("expired grant");
+    gate.add_grant(
+        PortId::new(port, Protocol::Tcp),
+        LOCAL,
+        now + 60_000_000_000,
+    )
+    .expect("grant");
+    gate.add_grant(
+        PortId::new(port, Protocol::Tcp),
+        OTHER_LOCAL,
+        now.saturating_sub(1),
+    )
+    .expect("expired grant");
     let mut ok = connect(&fixture, LOCAL).expect("an unexpired grant admits");
     echo(&mut ok, b"granted").expect("echo");
     assert!(
@@ -451,7 +485,7 @@ fn grants_admit_until_they_expire() {
     );
     fixture
         .gate
-        .remove_grant(port, Protocol::Tcp, LOCAL)
+        .remove_grant(PortId::new(port, Protocol::Tcp), LOCAL)
         .expect("revoke");
     assert!(
         connect(&fixture, LOCAL).is_err(),
@@ -459,7 +493,7 @@ fn grants_admit_until_they_expire() {
     );
     let counters = fixture
         .gate
-        .counters(port, Protocol::Tcp)
+        .counters(PortId::new(port, Protocol::Tcp))
         .expect("counters")
         .total;
     assert!(counters.dropped_for(reason::AUTH_REQUIRED) >= 3);
@@ -485,10 +519,10 @@ fn bind_follows_the_owner_cgroup_tree() {
     let open = MIN_PORT + 41;
     let unallocated = MIN_PORT + 42;
     gate.set_policy(
-        owned_port,
-        Protocol::Tcp,
+        PortId::new(owned_port, Protocol::Tcp),
         &PortPolicy {
             owner: Some(OwnerCgroup {
+                path: owner.path().to_owned(),
                 id: owner.id(),
                 level: owner.level(),
             }),
@@ -496,7 +530,7 @@ fn bind_follows_the_owner_cgroup_tree() {
         },
     )
     .expect("set owned_port policy");
-    gate.set_policy(open, Protocol::Tcp, &PortPolicy::default())
+    gate.set_policy(PortId::new(open, Protocol::Tcp), &PortPolicy::default())
         .expect("set open policy");
 
     let bind_tcp = |cgroup: &TestCgroup, port: u16| {
@@ -547,7 +581,7 @@ fn bind_follows_the_owner_cgroup_tree() {
     bind_tcp(&other, 0).expect("port 0 is never refused");
 
     let denied_owned = gate
-        .counters(owned_port, Protocol::Tcp)
+        .counters(PortId::new(owned_port, Protocol::Tcp))
         .expect("counters")
         .total;
     assert_eq!(
@@ -555,7 +589,7 @@ fn bind_follows_the_owner_cgroup_tree() {
         "one bind4 and one bind6 refusal"
     );
     let denied_udp = gate
-        .counters(owned_port, Protocol::Udp)
+        .counters(PortId::new(owned_port, Protocol::Udp))
         .expect("counters")
         .total;
     assert_eq!(denied_udp.bind_denied, 1);
@@ -567,7 +601,7 @@ fn bind_follows_the_owner_cgroup_tree() {
     assert_eq!(binds.len(), 4, "one event per refused bind: {binds:?}");
     let from_other = binds
         .iter()
-        .find(|event| event.port == owned_port && event.protocol == Protocol::Tcp)
+        .find(|event| event.id == PortId::new(owned_port, Protocol::Tcp))
         .expect("the refused bind of the owned_port port");
     assert_eq!(from_other.cgroup_id, other.id());
     assert_eq!(from_other.pid, std::process::id());
@@ -589,10 +623,12 @@ fn enforcement_outlives_the_handle_and_uninstall_removes_everything() {
         let mut gate = install(&pins);
         gate.attach_cgroup(cgroup.path()).expect("attach");
         gate.set_policy(
-            port,
-            Protocol::Tcp,
+            PortId::new(port, Protocol::Tcp),
             &PortPolicy {
-                allow: allow(&["127.0.0.1/32"]),
+                access: PortAccessControl {
+                    allowed_ips: allow(&["127.0.0.1/32"]),
+                    ..PortAccessControl::default()
+                },
                 ..PortPolicy::default()
             },
         )
@@ -609,7 +645,10 @@ fn enforcement_outlives_the_handle_and_uninstall_removes_everything() {
     );
 
     let gate = install(&pins);
-    let counters = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    let counters = gate
+        .counters(PortId::new(port, Protocol::Tcp))
+        .expect("counters")
+        .total;
     assert_eq!(counters.accepted, 1, "counters survive re-adoption");
     assert!(counters.dropped_for(reason::NOT_ALLOWED) >= 1);
     assert_eq!(
@@ -623,7 +662,7 @@ fn enforcement_outlives_the_handle_and_uninstall_removes_everything() {
         "adopted, not attached twice"
     );
     let policy = gate
-        .policy(port, Protocol::Tcp)
+        .policy(PortId::new(port, Protocol::Tcp))
         .expect("policy")
         .expect("the policy survived");
     assert_eq!(policy.status, portgate_common::status::ACTIVE);
@@ -677,10 +716,12 @@ fn udp_datagrams_follow_the_allowlist_each_counted() {
     gate.attach_cgroup(cgroup.path()).expect("attach");
     let port = MIN_PORT + 60;
     gate.set_policy(
-        port,
-        Protocol::Udp,
+        PortId::new(port, Protocol::Udp),
         &PortPolicy {
-            allow: allow(&["127.0.0.1/32"]),
+            access: PortAccessControl {
+                allowed_ips: allow(&["127.0.0.1/32"]),
+                ..PortAccessControl::default()
+            },
             ..PortPolicy::default()
         },
     )
@@ -727,7 +768,10 @@ fn udp_datagrams_follow_the_allowlist_each_counted() {
         [SENT, 0],
         "allowed source answered, the other dropped"
     );
-    let counters = gate.counters(port, Protocol::Udp).expect("counters").total;
+    let counters = gate
+        .counters(PortId::new(port, Protocol::Udp))
+        .expect("counters")
+        .total;
     assert_eq!(
         counters.accepted, SENT as u64,
         "every datagram is a new connection"

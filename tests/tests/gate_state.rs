@@ -17,8 +17,7 @@ use common::{
 };
 use portgate::{
     gate::{Gate, GateSettings, PacketHook},
-    policy::{Allowlist, PortPolicy, Protocol},
-    report,
+    model::{Allowlist, PortAccessControl, PortId, PortPolicy, Protocol},
 };
 
 const MIN_PORT: u16 = 22_000;
@@ -57,10 +56,12 @@ fn a_retransmitted_syn_takes_no_second_slot_and_an_unfinished_handshake_gives_it
     let mut gate = install(&pins, 100, Duration::from_millis(300));
     let port = MIN_PORT + 1;
     gate.set_policy(
-        port,
-        Protocol::Tcp,
+        PortId::new(port, Protocol::Tcp),
         &PortPolicy {
-            max_connections: 1,
+            access: PortAccessControl {
+                max_connections: 1,
+                ..PortAccessControl::default()
+            },
             ..PortPolicy::default()
         },
     )
@@ -74,11 +75,14 @@ fn a_retransmitted_syn_takes_no_second_slot_and_an_unfinished_handshake_gives_it
         );
     }
     assert_eq!(
-        gate.slots(port).expect("slots").slots,
+        gate.slots(PortId::from(port)).expect("slots").slots,
         1,
         "one slot for one 4-tuple"
     );
-    let counters = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    let counters = gate
+        .counters(PortId::new(port, Protocol::Tcp))
+        .expect("counters")
+        .total;
     assert_eq!(counters.accepted, 1, "accepted once");
 
     let second = syn([198, 18, 0, 2], 40_001, port);
@@ -98,7 +102,7 @@ fn a_retransmitted_syn_takes_no_second_slot_and_an_unfinished_handshake_gives_it
             .passed,
         "the expired reservation was released"
     );
-    assert_eq!(gate.slots(port).expect("slots").slots, 1);
+    assert_eq!(gate.slots(PortId::from(port)).expect("slots").slots, 1);
     assert!(gate.stats().expect("stats").pending_sweeps >= 1);
 }
 
@@ -121,7 +125,10 @@ fn a_flood_of_denials_is_rate_limited_and_the_rest_counted() {
     assert!(!outcome.passed);
     let delivered = events.drain();
     let stats = gate.stats().expect("stats");
-    let counters = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    let counters = gate
+        .counters(PortId::new(port, Protocol::Tcp))
+        .expect("counters")
+        .total;
     assert_eq!(
         counters.dropped_for(portgate_common::reason::UNALLOCATED),
         u64::from(FLOOD)
@@ -137,7 +144,7 @@ fn a_flood_of_denials_is_rate_limited_and_the_rest_counted() {
         u64::from(FLOOD),
         "every denial is either delivered or counted as lost"
     );
-    assert!(delivered.iter().all(|event| event.port == port
+    assert!(delivered.iter().all(|event| event.id.port == port
         && event.reason == "unallocated"
         && event.addr == IpAddr::V4(Ipv4Addr::new(203, 0, 113, 9))));
 }
@@ -152,25 +159,25 @@ fn the_maps_report_reads_the_live_state_back() {
     let mut gate = install(&pins, 100, Duration::from_secs(5));
     let port = MIN_PORT + 3;
     gate.set_policy(
-        port,
-        Protocol::Tcp,
+        PortId::new(port, Protocol::Tcp),
         &PortPolicy {
-            allow: [
-                "198.18.0.0/24".parse().expect("prefix"),
-                "fd00::/8".parse().expect("prefix"),
-            ]
-            .into_iter()
-            .collect(),
-            max_connections: 7,
-            require_authentication: true,
+            access: PortAccessControl {
+                allowed_ips: [
+                    "198.18.0.0/24".parse().expect("prefix"),
+                    "fd00::/8".parse().expect("prefix"),
+                ]
+                .into_iter()
+                .collect(),
+                max_connections: 7,
+                require_authentication: true,
+            },
             ..PortPolicy::default()
         },
     )
     .expect("set policy");
     let now = portgate::host::kernel::monotonic_now_ns();
     gate.add_grant(
-        port,
-        Protocol::Tcp,
+        PortId::new(port, Protocol::Tcp),
         IpAddr::V4(Ipv4Addr::new(198, 18, 0, 1)),
         now + 60_000_000_000,
     )
@@ -195,15 +202,15 @@ fn the_maps_report_reads_the_live_state_back() {
 
     // What `portgate maps` prints, from a handle that only opens the pins.
     let reader = Gate::open(pins.path()).expect("open the pinned maps");
-    let reports = report::port_reports(&reader).expect("reports");
+    let reports = reader.reports().expect("reports");
     let row = reports
         .iter()
-        .find(|row| row.port == port && row.proto == Protocol::Tcp)
+        .find(|row| row.id == PortId::new(port, Protocol::Tcp))
         .expect("the port is listed");
-    assert_eq!(row.status, portgate::policy::PortStatus::Active);
-    assert_eq!(row.allow.len(), 2);
-    assert_eq!(row.max_connections, 7);
-    assert!(row.require_auth);
+    assert_eq!(row.status, portgate::model::PortStatus::Active);
+    assert_eq!(row.access.allowed_ips.len(), 2);
+    assert_eq!(row.access.max_connections, 7);
+    assert!(row.access.require_authentication);
     assert_eq!(row.grants.len(), 1);
     assert_eq!(row.counters.accepted, 1);
     assert_eq!(row.counters.dropped.not_allowed, 1);
@@ -277,7 +284,7 @@ fn deny_events_stream_asynchronously() {
     let event = event
         .expect("an event within 5 s")
         .expect("a readable event");
-    assert_eq!(event.port, port);
+    assert_eq!(event.id, PortId::new(port, Protocol::Tcp));
     assert_eq!(event.reason, "unallocated");
     assert_eq!(event.hook, "cgroup_skb");
     assert_eq!(event.addr, IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
@@ -348,10 +355,13 @@ fn a_hundred_thousand_prefixes_on_one_port_and_a_full_map_changes_nothing() {
     let mut gate = install(&pins, 100, Duration::from_secs(5));
     let port = MIN_PORT + 5;
     let policy = PortPolicy {
-        allow: many_prefixes(PREFIXES),
+        access: PortAccessControl {
+            allowed_ips: many_prefixes(PREFIXES),
+            ..PortAccessControl::default()
+        },
         ..PortPolicy::default()
     };
-    gate.set_policy(port, Protocol::Tcp, &policy)
+    gate.set_policy(PortId::new(port, Protocol::Tcp), &policy)
         .expect("100,000 prefixes fit");
     for (i, expected) in [
         (0, true),
@@ -374,10 +384,13 @@ fn a_hundred_thousand_prefixes_on_one_port_and_a_full_map_changes_nothing() {
     // Another port asking for more than is left: refused whole, naming the map.
     let other = MIN_PORT + 6;
     let too_many = PortPolicy {
-        allow: many_prefixes(portgate_common::capacity::ALLOW_PREFIXES - PREFIXES + 1),
+        access: PortAccessControl {
+            allowed_ips: many_prefixes(portgate_common::capacity::ALLOW_PREFIXES - PREFIXES + 1),
+            ..PortAccessControl::default()
+        },
         ..PortPolicy::default()
     };
-    match gate.set_policy(other, Protocol::Tcp, &too_many) {
+    match gate.set_policy(PortId::new(other, Protocol::Tcp), &too_many) {
         Err(portgate::gate::GateError::MapFull { map, capacity }) => {
             assert_eq!(map, portgate_common::map_names::ALLOW);
             assert_eq!(capacity, portgate_common::capacity::ALLOW_PREFIXES);
@@ -385,17 +398,20 @@ fn a_hundred_thousand_prefixes_on_one_port_and_a_full_map_changes_nothing() {
         other => panic!("expected MapFull, got {other:?}", other = other.err()),
     }
     assert_eq!(
-        gate.policy(other, Protocol::Tcp).expect("policy"),
+        gate.policy(PortId::new(other, Protocol::Tcp))
+            .expect("policy"),
         None,
         "no policy written"
     );
     let lists = gate.allowlists().expect("allowlists");
     assert!(
-        !lists.contains_key(&(other, Protocol::Tcp)),
+        !lists.contains_key(&PortId::new(other, Protocol::Tcp)),
         "no prefix left behind"
     );
     assert_eq!(
-        lists.get(&(port, Protocol::Tcp)).map(Vec::len),
+        lists
+            .get(&PortId::new(port, Protocol::Tcp))
+            .map(Allowlist::len),
         Some(PREFIXES as usize),
         "the first port's allowlist is intact"
     );
@@ -421,13 +437,16 @@ fn whole_map_reads_in_batches_equal_entry_by_entry_reads() {
     .expect("install the gate");
     for port in FIRST..=LAST {
         let policy = PortPolicy {
-            allow: ["198.18.0.0/16".parse().expect("prefix")]
-                .into_iter()
-                .collect(),
-            max_connections: u32::from(port % 7) + 1,
+            access: PortAccessControl {
+                allowed_ips: ["198.18.0.0/16".parse().expect("prefix")]
+                    .into_iter()
+                    .collect(),
+                max_connections: u32::from(port % 7) + 1,
+                ..PortAccessControl::default()
+            },
             ..PortPolicy::default()
         };
-        gate.set_policy(port, Protocol::Tcp, &policy)
+        gate.set_policy(PortId::new(port, Protocol::Tcp), &policy)
             .expect("set the policy");
         // Every third port takes a connection slot; the others count a refusal.
         let source = if port % 3 == 0 {
@@ -446,21 +465,19 @@ fn whole_map_reads_in_batches_equal_entry_by_entry_reads() {
     let slots = gate.all_slots(FIRST..=LAST).expect("slots in batches");
     assert_eq!(slots.len(), usize::from(LAST - FIRST) + 1);
     for port in FIRST..=LAST {
+        let id = PortId::new(port, Protocol::Tcp);
         assert_eq!(
-            policies.get(&(port, Protocol::Tcp)).copied(),
-            gate.policy(port, Protocol::Tcp).expect("policy"),
+            policies.get(&id).copied(),
+            gate.policy(id).expect("policy"),
             "policy of {port}"
         );
         assert_eq!(
-            counters
-                .get(&(port, Protocol::Tcp))
-                .copied()
-                .unwrap_or_default(),
-            gate.counters(port, Protocol::Tcp).expect("counters"),
+            counters.get(&id).copied().unwrap_or_default(),
+            gate.counters(id).expect("counters"),
             "counters of {port}"
         );
-        let one = gate.slots(port).expect("slots");
-        assert_eq!(slots.get(&port), Some(&one), "slots of {port}");
+        let one = gate.slots(id).expect("slots");
+        assert_eq!(slots.get(&id), Some(&one), "slots of {port}");
         assert_eq!(one.slots, u64::from(port % 3 == 0), "slots of {port}");
     }
     // A range that starts at 0 and one that ends at the array's last index.

@@ -17,8 +17,8 @@ use portgate::{
         sockets::{self, Listener},
         sysctls,
     },
+    model::Protocol,
     paths,
-    policy::Protocol,
 };
 
 fn read(path: &str) -> String {

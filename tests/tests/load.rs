@@ -32,7 +32,7 @@ use std::{
 
 use portgate::{
     gate::{Gate, PacketHook},
-    policy::Protocol,
+    model::PortId,
 };
 use serde_json::{Value, json};
 
@@ -318,8 +318,7 @@ fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
         assert_eq!(report["max_connections"].as_u64(), Some(held.3), "{report}");
         assert_eq!(report["require_auth"].as_bool(), Some(held.4), "{report}");
     }
-    let stored: BTreeSet<(u16, Protocol)> =
-        ports.iter().map(|port| (*port, Protocol::Tcp)).collect();
+    let stored: BTreeSet<PortId> = ports.iter().map(|port| PortId::from(*port)).collect();
     assert_eq!(daemon.kernel_policies(), stored);
 
     // Every client releases concurrently; each release answers Draining.
@@ -552,7 +551,7 @@ fn thousands_of_connections_are_counted_exactly() {
     // The daemon's view equals the kernel's own, and no connection slot was left behind.
     let stats = port_stats(&daemon, port);
     let gate = Gate::open(daemon.pins.path()).expect("open the pinned gate");
-    let kernel = gate.counters(port, Protocol::Tcp).expect("counters").total;
+    let kernel = gate.counters(PortId::from(port)).expect("counters").total;
     assert_eq!(kernel.accepted, counter(&stats, "accepted"));
     assert_eq!(kernel.accepted, connections + LIMIT as u64);
     assert_eq!(
@@ -565,11 +564,11 @@ fn thousands_of_connections_are_counted_exactly() {
     );
     assert!(
         eventually(SETTLE_WITHIN, || {
-            let slots = gate.slots(port).expect("slots");
+            let slots = gate.slots(PortId::from(port)).expect("slots");
             slots.slots == 0 && slots.established == 0
         }),
         "connection slots left behind: {:?}",
-        gate.slots(port)
+        gate.slots(PortId::from(port))
     );
     eprintln!(
         "connections: {connections} accepted, {retransmitted} SYNs sent again for the limit, {refused_syns} refused SYNs from outside the allowlist; at the limit {limited_syns} refused"

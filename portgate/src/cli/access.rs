@@ -4,7 +4,7 @@ use clap::{ArgGroup, Args};
 use ipnet::IpNet;
 
 use super::{OutputFormat, PortArg, format, parse_prefix};
-use crate::{client::Client, manager::AccessChange};
+use crate::{client::Client, model::AccessChange};
 
 /// Change a port's allowlist, connection limit or authentication requirement; what is not
 /// named stays as it is.
@@ -39,8 +39,8 @@ impl AccessArgs {
     #[must_use]
     pub fn change(&self) -> AccessChange {
         AccessChange {
-            allow: self.allow.clone(),
-            remove: self.remove.clone(),
+            allow: self.allow.iter().copied().collect(),
+            remove: self.remove.iter().copied().collect(),
             max_connections: self.max_conns,
             require_authentication: self.require_auth,
         }
@@ -49,16 +49,14 @@ impl AccessArgs {
 
 /// Runs `portgate access`: prints the port's access control as it now is.
 pub async fn run(client: &Client, args: &AccessArgs, output: OutputFormat) -> anyhow::Result<()> {
-    let view = client
-        .access(args.port.port, args.port.proto, &args.change())
-        .await?;
+    let view = client.access(args.port.id(), &args.change()).await?;
     match output {
         OutputFormat::Table => println!(
             "{} access: allow {}; max conns {}; require auth {}",
-            view.id(),
-            format::allow_cell(&view.allow),
-            format::limit(view.max_connections),
-            format::yes_no(view.require_auth),
+            view.id,
+            format::allow_cell(&view.access.allowed_ips),
+            format::limit(view.access.max_connections),
+            format::yes_no(view.access.require_authentication),
         ),
         OutputFormat::Json => format::print_json(&view)?,
     }

@@ -6,7 +6,7 @@ use clap::Args;
 use ipnet::IpNet;
 
 use super::{OutputFormat, format, parse_prefix, protocol_parser};
-use crate::{api::AllocRequest, client::Client, manager::Protocol};
+use crate::{api::AllocRequest, client::Client, model::Protocol};
 
 /// Allocate a port (any free one unless --port is given) and print its number, so that
 /// `PORT=$(portgate alloc --owner web)` works.
@@ -64,7 +64,7 @@ impl AllocArgs {
 pub async fn run(client: &Client, args: &AllocArgs, output: OutputFormat) -> anyhow::Result<()> {
     let view = client.alloc(&args.request()).await?;
     match output {
-        OutputFormat::Table => println!("{}", view.port),
+        OutputFormat::Table => println!("{}", view.id.port),
         OutputFormat::Json => format::print_json(&view)?,
     }
     Ok(())

@@ -25,9 +25,7 @@ pub async fn run(
     args: &CheckArgs,
     output: OutputFormat,
 ) -> anyhow::Result<Outcome> {
-    let answer = client
-        .check(args.port.port, args.port.proto, args.ip)
-        .await?;
+    let answer = client.check(args.port.id(), args.ip).await?;
     match output {
         OutputFormat::Table => println!("{}", verdict_line(&answer)),
         OutputFormat::Json => format::print_json(&answer)?,
@@ -61,13 +59,12 @@ mod tests {
         api::CheckResponse,
         cli::{Outcome, OutputFormat, PortArg},
         client::testing::serve,
-        manager::Protocol,
+        model::{PortId, Protocol},
     };
 
     fn refused() -> CheckResponse {
         CheckResponse {
-            port: 20001,
-            proto: Protocol::Tcp,
+            id: PortId::from(20001),
             ip: "10.0.0.9".parse().expect("an address"),
             allowed: false,
             reason: Some("not_allowed".to_owned()),

@@ -16,7 +16,7 @@ pub struct DrainArgs {
 
 /// Runs `portgate drain`.
 pub async fn run(client: &Client, args: &DrainArgs, output: OutputFormat) -> anyhow::Result<()> {
-    let view = client.drain(args.port.port, args.port.proto).await?;
+    let view = client.drain(args.port.id()).await?;
     match output {
         OutputFormat::Table => println!("{}", wind_down_line(&view, "no new connections")),
         OutputFormat::Json => format::print_json(&view)?,

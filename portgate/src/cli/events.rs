@@ -66,8 +66,8 @@ fn header() -> String {
 fn row(event: &EventView) -> String {
     let mut line = line([
         &format::time(event.time),
-        &event.port.to_string(),
-        &event.proto.to_string(),
+        &event.id.port.to_string(),
+        &event.id.protocol.to_string(),
         &event.addr.to_string(),
         &event.reason,
         &event.hook,
@@ -88,14 +88,13 @@ fn line([time, port, proto, addr, reason, hook]: [&str; 6]) -> String {
 #[cfg(test)]
 mod tests {
     use super::{header, row};
-    use crate::{api::EventView, manager::Protocol};
+    use crate::{api::EventView, model::PortId};
 
     #[test]
     fn rows_line_up_with_the_header() {
         let mut event = EventView {
             time: 1_700_000_000_000,
-            port: 20001,
-            proto: Protocol::Tcp,
+            id: PortId::from(20001),
             addr: "10.0.0.9".parse().expect("an address"),
             reason: "not_allowed".to_owned(),
             hook: "xdp".to_owned(),

@@ -5,7 +5,7 @@ use std::{net::IpAddr, time::Duration};
 use clap::Args;
 
 use super::{OutputFormat, PortArg, format};
-use crate::{api::GrantRequest, client::Client, manager::PortId};
+use crate::{api::GrantRequest, client::Client};
 
 /// Grant a source that has authenticated: new connections from it pass a port that
 /// requires authentication until the grant expires.
@@ -26,7 +26,7 @@ pub struct GrantArgs {
 #[derive(Debug, serde::Serialize)]
 struct GrantMade {
     port: u16,
-    proto: crate::manager::Protocol,
+    proto: crate::model::Protocol,
     ip: IpAddr,
     #[serde(with = "humantime_serde")]
     ttl: Duration,
@@ -39,12 +39,12 @@ pub async fn run(client: &Client, args: &GrantArgs, output: OutputFormat) -> any
         ip: args.ip,
         ttl: args.ttl,
     };
-    client.grant(port, proto, &request).await?;
+    client.grant(args.port.id(), &request).await?;
     match output {
         OutputFormat::Table => println!(
             "granted {} on {} for {}",
             args.ip,
-            PortId::new(port, proto),
+            args.port.id(),
             format::duration(args.ttl)
         ),
         OutputFormat::Json => format::print_json(&GrantMade {

@@ -3,7 +3,7 @@
 use clap::Args;
 
 use super::{OutputFormat, format, table::Table};
-use crate::{api::AllocationView, client::Client, manager::now_millis};
+use crate::{api::AllocationView, client::Client, model::now_millis};
 
 /// List every allocation: owner, policy, live connections and the lease left.
 #[derive(Debug, Args)]
@@ -26,17 +26,18 @@ fn allocation_table(views: &[AllocationView], now: u64) -> Table {
     ]);
     for view in views {
         table.row(vec![
-            view.port.to_string(),
-            view.proto.to_string(),
+            view.id.port.to_string(),
+            view.id.protocol.to_string(),
             view.status.to_string(),
             view.owner.clone(),
             view.owner_uid
                 .map_or_else(|| "-".to_owned(), |uid| uid.to_string()),
-            format::allow_cell(&view.allow),
-            format::max_conns_cell(view.max_connections),
-            format::yes_no(view.require_auth).to_owned(),
+            format::allow_cell(&view.access.allowed_ips),
+            format::max_conns_cell(view.access.max_connections),
+            format::yes_no(view.access.require_authentication).to_owned(),
             view.connections.to_string(),
-            view.lease_expires_at
+            view.timeline
+                .lease_expires_at
                 .map_or_else(|| "-".to_owned(), |at| format::remaining(at, now)),
         ]);
     }
@@ -51,7 +52,7 @@ mod tests {
     #[test]
     fn lease_shows_the_time_left() {
         let mut unleased = view(20002);
-        unleased.lease_expires_at = None;
+        unleased.timeline.lease_expires_at = None;
         unleased.owner_uid = None;
         let table = allocation_table(&[view(20001), unleased], 1_700_000_000_000);
         assert_eq!(

@@ -5,11 +5,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use super::{OutputFormat, format, table::Table};
-use crate::{
-    gate::Gate,
-    paths,
-    report::{self, PortReport},
-};
+use crate::{gate::Gate, model::PortReport, paths};
 
 /// Show every managed port's policy, allowlist, grants, counters and active connections,
 /// read from the pinned maps (no daemon needed).
@@ -23,7 +19,7 @@ pub struct MapsArgs {
 /// Runs `portgate maps`.
 pub fn run(args: &MapsArgs, output: OutputFormat) -> anyhow::Result<()> {
     let gate = Gate::open(&args.pin_dir)?;
-    let reports = report::port_reports(&gate)?;
+    let reports = gate.reports()?;
     match output {
         OutputFormat::Json => format::print_json(&reports)?,
         OutputFormat::Table => {
@@ -54,12 +50,12 @@ pub fn report_table(reports: &[PortReport]) -> Table {
     ]);
     for port in reports {
         table.row(vec![
-            port.port.to_string(),
-            port.proto.to_string(),
+            port.id.port.to_string(),
+            port.id.protocol.to_string(),
             port.status.to_string(),
-            format::allow_cell(&port.allow),
-            format::max_conns_cell(port.max_connections),
-            if port.require_auth {
+            format::allow_cell(&port.access.allowed_ips),
+            format::max_conns_cell(port.access.max_connections),
+            if port.access.require_authentication {
                 format!("yes({} grants)", port.grants.len())
             } else {
                 "no".to_owned()

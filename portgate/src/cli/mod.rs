@@ -33,7 +33,11 @@ use clap::{
 };
 use ipnet::IpNet;
 
-use crate::{client::Client, manager::Protocol, paths};
+use crate::{
+    client::Client,
+    model::{PortId, Protocol},
+    paths,
+};
 
 /// Exit code: done (`check`: allowed).
 pub const EXIT_OK: u8 = 0;
@@ -153,6 +157,14 @@ pub struct PortArg {
     pub proto: Protocol,
 }
 
+impl PortArg {
+    /// The port it names.
+    #[must_use]
+    pub const fn id(&self) -> PortId {
+        PortId::new(self.port, self.proto)
+    }
+}
+
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let Cli {
@@ -248,7 +260,7 @@ mod tests {
     use clap::{CommandFactory as _, Parser as _, error::ErrorKind};
 
     use super::{Cli, Command, OutputFormat, usage_line};
-    use crate::{manager::Protocol, paths};
+    use crate::{model::Protocol, paths};
 
     fn argv(args: &[&str]) -> Vec<OsString> {
         std::iter::once("portgate")

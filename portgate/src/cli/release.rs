@@ -3,7 +3,7 @@
 use clap::Args;
 
 use super::{OutputFormat, PortArg, format};
-use crate::{api::AllocationView, client::Client, manager::PortStatus};
+use crate::{api::AllocationView, client::Client, model::PortStatus};
 
 /// Release a port: it takes no new connections, closes once its connections end (or after
 /// the drain timeout) and becomes available again after quarantine.
@@ -16,7 +16,7 @@ pub struct ReleaseArgs {
 
 /// Runs `portgate release`.
 pub async fn run(client: &Client, args: &ReleaseArgs, output: OutputFormat) -> anyhow::Result<()> {
-    let view = client.release(args.port.port, args.port.proto).await?;
+    let view = client.release(args.port.id()).await?;
     match output {
         OutputFormat::Table => println!("{}", wind_down_line(&view, "released")),
         OutputFormat::Json => format::print_json(&view)?,
@@ -26,7 +26,7 @@ pub async fn run(client: &Client, args: &ReleaseArgs, output: OutputFormat) -> a
 
 /// What became of a port that was released or drained (`how`).
 pub(super) fn wind_down_line(view: &AllocationView, how: &str) -> String {
-    let id = view.id();
+    let id = view.id;
     match view.status {
         PortStatus::Draining => format!(
             "{id} draining ({how}); closes when its connections end or after the drain timeout"
@@ -36,7 +36,7 @@ pub(super) fn wind_down_line(view: &AllocationView, how: &str) -> String {
         }
         status @ (PortStatus::Active | PortStatus::Available) => format!(
             "{id} is still {status}: the daemon did not release it; see `portgate show {}`",
-            view.port
+            view.id.port
         ),
     }
 }

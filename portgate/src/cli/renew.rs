@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::{OutputFormat, PortArg, format};
-use crate::{api::RenewRequest, client::Client, manager::now_millis};
+use crate::{api::RenewRequest, client::Client, model::now_millis};
 
 /// Renew a port's lease, for --ttl or the length it was allocated with.
 #[derive(Debug, Args)]
@@ -21,17 +21,15 @@ pub struct RenewArgs {
 /// Runs `portgate renew`.
 pub async fn run(client: &Client, args: &RenewArgs, output: OutputFormat) -> anyhow::Result<()> {
     let request = RenewRequest { ttl: args.ttl };
-    let view = client
-        .renew(args.port.port, args.port.proto, &request)
-        .await?;
+    let view = client.renew(args.port.id(), &request).await?;
     match output {
-        OutputFormat::Table => match view.lease_expires_at {
+        OutputFormat::Table => match view.timeline.lease_expires_at {
             Some(at) => println!(
                 "{} lease renewed: expires {}",
-                view.id(),
+                view.id,
                 format::expiry(at, now_millis())
             ),
-            None => println!("{} has no lease: it is held until released", view.id()),
+            None => println!("{} has no lease: it is held until released", view.id),
         },
         OutputFormat::Json => format::print_json(&view)?,
     }

@@ -3,7 +3,7 @@
 use clap::Args;
 
 use super::{OutputFormat, PortArg, format};
-use crate::{api::AllocationView, client::Client, manager::now_millis};
+use crate::{api::AllocationView, client::Client, model::now_millis};
 
 /// Show one allocation: owner, policy, lifecycle times and live connections.
 #[derive(Debug, Args)]
@@ -15,7 +15,7 @@ pub struct ShowArgs {
 
 /// Runs `portgate show`.
 pub async fn run(client: &Client, args: &ShowArgs, output: OutputFormat) -> anyhow::Result<()> {
-    let view = client.show(args.port.port, args.port.proto).await?;
+    let view = client.show(args.port.id()).await?;
     match output {
         OutputFormat::Table => print!("{}", describe(&view, now_millis())),
         OutputFormat::Json => format::print_json(&view)?,
@@ -27,8 +27,8 @@ pub async fn run(client: &Client, args: &ShowArgs, output: OutputFormat) -> anyh
 fn describe(view: &AllocationView, now: u64) -> String {
     let none = || "-".to_owned();
     let mut pairs = vec![
-        ("port", view.port.to_string()),
-        ("proto", view.proto.to_string()),
+        ("port", view.id.port.to_string()),
+        ("proto", view.id.protocol.to_string()),
         ("status", view.status.to_string()),
         ("owner", view.owner.clone()),
         (
@@ -44,31 +44,36 @@ fn describe(view: &AllocationView, now: u64) -> String {
         ),
         (
             "allow",
-            if view.allow.is_empty() {
+            if view.access.allowed_ips.is_empty() {
                 "any source".to_owned()
             } else {
-                view.allow
+                view.access
+                    .allowed_ips
                     .iter()
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
                     .join(", ")
             },
         ),
-        ("max conns", format::limit(view.max_connections)),
-        ("require auth", format::yes_no(view.require_auth).to_owned()),
+        ("max conns", format::limit(view.access.max_connections)),
+        (
+            "require auth",
+            format::yes_no(view.access.require_authentication).to_owned(),
+        ),
         ("connections", view.connections.to_string()),
-        ("allocated", format::time(view.allocated_at)),
-        ("ttl", view.ttl.map_or_else(none, format::duration)),
+        ("allocated", format::time(view.timeline.allocated_at)),
+        ("ttl", view.timeline.ttl.map_or_else(none, format::duration)),
         (
             "lease expires",
-            view.lease_expires_at
+            view.timeline
+                .lease_expires_at
                 .map_or_else(none, |at| format::expiry(at, now)),
         ),
     ];
-    if let Some(since) = view.draining_since {
+    if let Some(since) = view.timeline.draining_since {
         pairs.push(("draining since", format::time(since)));
     }
-    if let Some(at) = view.closed_at {
+    if let Some(at) = view.timeline.closed_at {
         pairs.push(("closed at", format::time(at)));
     }
     format::key_values(&pairs)

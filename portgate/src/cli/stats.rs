@@ -3,7 +3,10 @@
 use clap::Args;
 
 use super::{OutputFormat, format, maps::report_table, protocol_parser};
-use crate::{client::Client, manager::Protocol};
+use crate::{
+    client::Client,
+    model::{PortId, Protocol},
+};
 
 /// Show counters and policy of every port, or of one: the columns and JSON keys of
 /// `portgate maps`, through the daemon.
@@ -21,7 +24,7 @@ pub struct StatsArgs {
 pub async fn run(client: &Client, args: &StatsArgs, output: OutputFormat) -> anyhow::Result<()> {
     let port = args
         .port
-        .map(|port| (port, args.proto.unwrap_or(Protocol::Tcp)));
+        .map(|port| PortId::new(port, args.proto.unwrap_or(Protocol::Tcp)));
     let reports = client.stats(port).await?;
     match output {
         OutputFormat::Table => print!("{}", report_table(&reports)),

@@ -44,8 +44,8 @@ fn describe(status: &StatusView) -> String {
     for usage in &status.usage {
         pairs.push((
             match usage.proto {
-                crate::manager::Protocol::Tcp => "tcp",
-                crate::manager::Protocol::Udp => "udp",
+                crate::model::Protocol::Tcp => "tcp",
+                crate::model::Protocol::Udp => "udp",
             },
             format!(
                 "{} active, {} draining, {} closed, {} free",
@@ -98,7 +98,7 @@ mod tests {
     use super::describe;
     use crate::{
         api::{RangeUsage, StatusView},
-        manager::Protocol,
+        model::Protocol,
     };
 
     #[test]

@@ -33,11 +33,11 @@ use crate::{
         MAX_BODY_BYTES, RangeUsage, RenewRequest, StatusView,
     },
     host,
-    manager::{
-        AccessChange, Actor, AllocationRequest, Owner, OwnerCgroupRef, PortAccessControl,
-        PortError, PortId, PortStatus, Protocol,
+    manager::{Actor, PortError},
+    model::{
+        AccessChange, AllocationRequest, Owner, OwnerCgroup, PortId, PortStatus, Protocol,
+        UnknownProtocol,
     },
-    policy::OwnerCgroup,
 };
 
 /// The API router.
@@ -213,9 +213,9 @@ impl App {
 fn protocol(query: &HashMap<String, String>) -> ApiResult<Protocol> {
     match query.get("proto") {
         None => Ok(Protocol::Tcp),
-        Some(name) => name.parse().map_err(|err: crate::policy::UnknownProtocol| {
-            ApiError::bad("invalid_proto", err.to_string())
-        }),
+        Some(name) => name
+            .parse()
+            .map_err(|err: UnknownProtocol| ApiError::bad("invalid_proto", err.to_string())),
     }
 }
 
@@ -303,7 +303,7 @@ async fn method_not_allowed(
 }
 
 /// Resolves the owner cgroup of a request: `--cgroup PATH` or `--pid PID`.
-fn owner_cgroup(request: &AllocRequest, actor: Actor) -> ApiResult<Option<OwnerCgroupRef>> {
+fn owner_cgroup(request: &AllocRequest, actor: Actor) -> ApiResult<Option<OwnerCgroup>> {
     let path = match (&request.cgroup, request.pid) {
         (Some(_), Some(_)) => {
             return Err(ApiError::bad(
@@ -345,12 +345,10 @@ fn owner_cgroup(request: &AllocRequest, actor: Actor) -> ApiResult<Option<OwnerC
             "{err}: give a cgroup2 directory"
         )))
     })?;
-    Ok(Some(OwnerCgroupRef {
+    Ok(Some(OwnerCgroup {
         path: info.path,
-        cgroup: OwnerCgroup {
-            id: info.id,
-            level: info.level,
-        },
+        id: info.id,
+        level: info.level,
     }))
 }
 
@@ -365,20 +363,14 @@ async fn alloc(
         let request: AllocRequest = json_body(body)?;
         let protocol = request.proto.unwrap_or(Protocol::Tcp);
         audit.id = request.port.map(|port| PortId::new(port, protocol));
-        let cgroup = owner_cgroup(&request, actor)?;
         let request = AllocationRequest {
             owner: Owner {
-                name: request.owner,
-                uid: None,
-                cgroup,
+                cgroup: owner_cgroup(&request, actor)?,
+                ..Owner::named(&request.owner)
             },
             port: request.port,
             protocol,
-            access: PortAccessControl {
-                allowed_ips: request.allow.into_iter().collect(),
-                max_connections: request.max_conns.unwrap_or(0),
-                require_authentication: request.require_auth,
-            },
+            access: request.access(),
             ttl: request.ttl,
         };
         let allocation = app.manager.allocate(request, actor).await?;
@@ -423,8 +415,9 @@ async fn show(
     app.finish(&peer, &audit, StatusCode::OK, result)
 }
 
-/// Release, drain: a lifecycle step on a named port.
-async fn lifecycle(
+/// `DELETE /v1/ports/{port}` and `POST .../drain`: the port goes Draining. Both actions
+/// are the one release; the audit log names the one asked for.
+async fn release_as(
     app: &App,
     peer: &Peer,
     action: &'static str,
@@ -434,11 +427,7 @@ async fn lifecycle(
     let mut audit = Audit::new(action);
     let result = async {
         let (actor, id) = app.port_change(peer, port, query, &mut audit)?;
-        let held = if action == "drain" {
-            app.manager.drain(id, actor).await?
-        } else {
-            app.manager.release(id, actor).await?
-        };
+        let held = app.manager.release(id, actor).await?;
         let connections = app.manager.get_state(id).await.connections;
         Ok(AllocationView::new(&held, connections))
     }
@@ -452,7 +441,7 @@ async fn release(
     UrlPath(port): UrlPath<String>,
     query: QueryMap,
 ) -> Response {
-    lifecycle(&app, &peer, "release", &port, query).await
+    release_as(&app, &peer, "release", &port, query).await
 }
 
 async fn drain(
@@ -461,7 +450,7 @@ async fn drain(
     UrlPath(port): UrlPath<String>,
     query: QueryMap,
 ) -> Response {
-    lifecycle(&app, &peer, "drain", &port, query).await
+    release_as(&app, &peer, "drain", &port, query).await
 }
 
 async fn renew(
@@ -556,8 +545,7 @@ async fn check(
             Some((reason, err)) => (false, Some(reason.name().to_owned()), Some(err.to_string())),
         };
         Ok(CheckResponse {
-            port: id.port,
-            proto: id.protocol,
+            id,
             ip,
             allowed,
             reason,

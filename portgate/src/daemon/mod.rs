@@ -36,7 +36,7 @@ use crate::{
     },
     manager::{self, PortManager, StartReport},
     paths,
-    store::{Change, RedbStore, Store as _},
+    store::{RedbStore, Store, StoredState},
 };
 
 /// How often the lifecycle timers are checked (leases, drains, quarantine): a step is taken
@@ -124,16 +124,19 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
         .with_context(|| format!("creating {}", daemon.state_dir.display()))?;
     let store_path = daemon.state_dir.join(paths::STORE_FILE);
     let store = Arc::new(RedbStore::open(&store_path)?);
-    manager::check_stored(ports, &store.load()?).with_context(|| {
+    let stored = store.load()?;
+    manager::validate_stored(ports, &stored).with_context(|| {
         format!(
             "checking {} against the configuration",
             store_path.display()
         )
     })?;
     let (gate, cgroup, events) = install_gate(&config)?;
-    reserve_ephemeral(&config, &store, &mut warnings).await?;
-
-    let (manager, start_report) = open_manager(&config, &store, gate, &mut warnings)?;
+    let (manager, start_report) = open_manager(&config, &store, stored, gate, &mut warnings)?;
+    for warning in manager.reserve_ephemeral().await? {
+        log::warn!("{warning}");
+        warnings.push(warning);
+    }
 
     let audit = AuditLog::open(&daemon.audit_log)
         .with_context(|| format!("opening the audit log {}", daemon.audit_log.display()))?;
@@ -230,14 +233,16 @@ async fn stop_serving(
 fn open_manager(
     config: &Config,
     store: &Arc<RedbStore>,
+    stored: StoredState,
     gate: Gate,
     warnings: &mut Vec<String>,
 ) -> anyhow::Result<(Arc<PortManager>, StartReport)> {
     let (manager, start_report) = PortManager::open(
         config.ports.clone(),
-        Arc::clone(store) as Arc<dyn crate::store::Store>,
+        Arc::clone(store) as Arc<dyn Store>,
+        stored,
         Some(gate),
-        Box::new(CachedSockets::new(ProcfsSockets, SOCKET_SNAPSHOT_AGE)),
+        Arc::new(CachedSockets::new(ProcfsSockets, SOCKET_SNAPSHOT_AGE)),
     )?;
     log::info!(
         "restored {} allocations; removed {} stale kernel policies",
@@ -312,68 +317,6 @@ fn install_gate(config: &Config) -> anyhow::Result<(Gate, PathBuf, gate::DenyEve
     }
     let events = gate.events().context("opening the deny-event stream")?;
     Ok((gate, cgroup, events))
-}
-
-/// Warns when the managed range overlaps the kernel's ephemeral ports, and (when
-/// configured) reserves it there, recording what was added so uninstall gives it back.
-async fn reserve_ephemeral(
-    config: &Config,
-    store: &RedbStore,
-    warnings: &mut Vec<String>,
-) -> anyhow::Result<()> {
-    let ports = &config.ports;
-    let managed = ports.min_port..=ports.max_port;
-    match host::sysctls::local_port_range() {
-        Ok(ephemeral) => {
-            if let Some((low, high)) = host::sysctls::ephemeral_overlap(managed.clone(), ephemeral)
-            {
-                let warning = format!(
-                    "the managed range overlaps the kernel's ephemeral ports ({}-{}) at {low}-{high}{}",
-                    ephemeral.0,
-                    ephemeral.1,
-                    if ports.reserve_ephemeral {
-                        ": reserved in net.ipv4.ip_local_reserved_ports"
-                    } else {
-                        ": outgoing connections may take managed ports (set [ports] reserve_ephemeral = true)"
-                    }
-                );
-                log::warn!("{warning}");
-                warnings.push(warning);
-            }
-        }
-        Err(err) => warnings.push(format!("reading the ephemeral port range: {err}")),
-    }
-    if !ports.reserve_ephemeral {
-        return Ok(());
-    }
-    // Recorded before it is written: a crash in between leaves a record of a reservation
-    // that may not exist (harmless to give back), never a reservation without a record.
-    let planned = host::sysctls::ports_to_reserve(managed.clone())
-        .context("reading net.ipv4.ip_local_reserved_ports")?;
-    if planned.is_empty() {
-        return Ok(());
-    }
-    let mut record = store.load()?.host;
-    record.reserved_ports_added.extend(planned);
-    record.reserved_ports_added.sort_unstable();
-    record.reserved_ports_added.dedup();
-    let before = record.reserved_ports_added.clone();
-    store
-        .submit(vec![Change::SetHostChanges(record.clone())])
-        .wait()
-        .await?;
-    match host::sysctls::reserve_ports(managed) {
-        Ok(_) => Ok(()),
-        Err(err) => {
-            // Nothing was written: take the plan out of the record again.
-            record.reserved_ports_added = before;
-            store
-                .submit(vec![Change::SetHostChanges(record)])
-                .wait()
-                .await?;
-            Err(err).context("adding the range to net.ipv4.ip_local_reserved_ports")
-        }
-    }
 }
 
 /// Takes an exclusive lock on the pin directory, failing at once when a daemon holds it.
@@ -492,15 +435,7 @@ pub fn uninstall(config: Option<PathBuf>) -> anyhow::Result<()> {
     let store_path = daemon.state_dir.join(paths::STORE_FILE);
     if store_path.exists() {
         let store = RedbStore::open(&store_path)?;
-        let mut record = store.load()?.host;
-        if !record.reserved_ports_added.is_empty() {
-            host::sysctls::unreserve_ports(&record.reserved_ports_added)
-                .context("taking the range out of net.ipv4.ip_local_reserved_ports")?;
-            record.reserved_ports_added.clear();
-            store
-                .submit(vec![Change::SetHostChanges(record)])
-                .wait_blocking()?;
-        }
+        manager::give_back_reserved_ports(&store)?;
         store.shutdown();
     }
     if daemon.pin_dir.exists() {

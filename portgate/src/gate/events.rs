@@ -7,18 +7,19 @@ use portgate_common::{DenyEvent, map_names, reason};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
-use super::{Gate, GateError};
-use crate::policy::{DropReason, Protocol, addr_from_bytes};
+use super::{
+    Gate, GateError,
+    keys::{addr_from_bytes, port_of},
+};
+use crate::model::{DropReason, PortId};
 
 /// A deny event in userspace terms.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct DenyEventRecord {
     /// `CLOCK_MONOTONIC` ns.
     pub time_ns: u64,
-    /// Port.
-    pub port: u16,
-    /// Protocol.
-    pub protocol: Protocol,
+    /// The port.
+    pub id: PortId,
     /// Source address (bind denials: the address bound).
     pub addr: IpAddr,
     /// Reason name (`bind_denied` for bind denials).
@@ -38,8 +39,7 @@ impl DenyEventRecord {
     fn from_kernel(event: &DenyEvent) -> Option<Self> {
         Some(Self {
             time_ns: event.time_ns,
-            port: event.port,
-            protocol: Protocol::from_number(event.proto)?,
+            id: port_of(event.port, event.proto)?,
             addr: addr_from_bytes(event.family, event.addr),
             reason: reason::name(event.reason),
             drop_reason: DropReason::from_code(event.reason),

@@ -15,8 +15,11 @@ use portgate_common::{
 };
 use serde::Serialize;
 
-use super::{Gate, GateError};
-use crate::policy::{PortPolicy, Protocol, addr_from_bytes, addr_key, allow_key};
+use super::{
+    Gate, GateError,
+    keys::{addr_from_bytes, addr_key, allow_key, policy_record, port_key, port_of},
+};
+use crate::model::{Allowlist, DropReason, PortId, PortMetrics, PortPolicy, Protocol};
 
 /// One hook's counters for a port, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -79,6 +82,25 @@ pub struct PortCounters {
 }
 
 impl PortCounters {
+    /// The specification's metrics of the port: the hooks' totals, with `active`
+    /// connections.
+    #[must_use]
+    pub fn metrics(&self, active: u64) -> PortMetrics {
+        let total = self.total;
+        let mut metrics = PortMetrics {
+            accepted: total.accepted,
+            active,
+            bind_denied: total.bind_denied,
+            packets: total.packets,
+            bytes: total.bytes,
+            ..PortMetrics::default()
+        };
+        for reason in DropReason::ALL {
+            *metrics.dropped.get_mut(reason) = total.dropped_for(reason.code());
+        }
+        metrics
+    }
+
     /// Adds one CPU's counters of one hook.
     fn add_cpu(&mut self, hook_index: usize, cpu: &Counters) {
         let cpu = HookCounters::from(cpu);
@@ -90,10 +112,8 @@ impl PortCounters {
 /// An authentication grant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct GrantRecord {
-    /// Port.
-    pub port: u16,
-    /// Protocol.
-    pub protocol: Protocol,
+    /// The port.
+    pub id: PortId,
     /// Source address granted.
     pub addr: IpAddr,
     /// Expiry, `CLOCK_MONOTONIC` ns.
@@ -140,93 +160,74 @@ impl Gate {
         }
     }
 
-    /// Writes the policy of (port, protocol): its allowlist first, then the policy record,
-    /// then removes prefixes no longer listed. On error nothing changes (prefixes added by
-    /// this call are taken out again). While it runs, sources in the old or the new
-    /// allowlist pass.
-    pub fn set_policy(
-        &mut self,
-        port: u16,
-        protocol: Protocol,
-        policy: &PortPolicy,
-    ) -> Result<(), GateError> {
-        self.check_managed(port)?;
-        let Some(record) = policy.to_kernel() else {
-            return self.remove_policy(port, protocol);
+    /// Writes the policy of a port: its allowlist first, then the policy record, then
+    /// removes prefixes no longer listed. On error nothing changes (prefixes added by this
+    /// call are taken out again). While it runs, sources in the old or the new allowlist
+    /// pass.
+    pub fn set_policy(&mut self, id: PortId, policy: &PortPolicy) -> Result<(), GateError> {
+        self.check_managed(id.port)?;
+        let Some(record) = policy_record(policy) else {
+            return self.remove_policy(id);
         };
-        let current = self.known_allowlist(port, protocol)?;
-        let wanted: BTreeSet<IpNet> = policy.allow.iter().map(IpNet::trunc).collect();
+        let current = self.known_allowlist(id)?;
+        let wanted: BTreeSet<IpNet> = policy.access.allowed_ips.iter().copied().collect();
         let added: Vec<IpNet> = wanted.difference(&current).copied().collect();
         let stale: Vec<IpNet> = current.difference(&wanted).copied().collect();
-        self.insert_prefixes(port, protocol, &added)?;
-        if let Err(err) = self.write_policy(port, protocol, &record) {
-            self.remove_prefixes(port, protocol, &added)?;
+        self.insert_prefixes(id, &added)?;
+        if let Err(err) = self.write_policy(id, &record) {
+            self.remove_prefixes(id, &added)?;
             return Err(err);
         }
-        self.remove_prefixes(port, protocol, &stale)?;
-        self.remember_allowlist(port, protocol, wanted);
+        self.remove_prefixes(id, &stale)?;
+        self.remember_allowlist(id, wanted);
         Ok(())
     }
 
-    /// The allowlist of (port, protocol) as this handle knows it: the trie is walked once,
-    /// at the first change, and from then on this handle is taken to be the maps' only
-    /// writer (the daemon is), so a change costs what it changes, not the trie's size.
-    fn known_allowlist(
-        &mut self,
-        port: u16,
-        protocol: Protocol,
-    ) -> Result<BTreeSet<IpNet>, GateError> {
+    /// The allowlist of a port as this handle knows it: the trie is walked once, at the
+    /// first change, and from then on this handle is taken to be the maps' only writer (the
+    /// daemon is), so a change costs what it changes, not the trie's size.
+    fn known_allowlist(&mut self, id: PortId) -> Result<BTreeSet<IpNet>, GateError> {
         if self.allow_cache.is_none() {
             let walked = self
                 .allowlists()?
                 .into_iter()
-                .map(|(key, prefixes)| (key, prefixes.into_iter().collect()))
+                .map(|(id, prefixes)| (id, prefixes.iter().copied().collect()))
                 .collect();
             self.allow_cache = Some(walked);
         }
         Ok(self
             .allow_cache
             .as_ref()
-            .and_then(|cache| cache.get(&(port, protocol)).cloned())
+            .and_then(|cache| cache.get(&id).cloned())
             .unwrap_or_default())
     }
 
-    fn remember_allowlist(&mut self, port: u16, protocol: Protocol, prefixes: BTreeSet<IpNet>) {
+    fn remember_allowlist(&mut self, id: PortId, prefixes: BTreeSet<IpNet>) {
         if let Some(cache) = self.allow_cache.as_mut() {
             if prefixes.is_empty() {
-                cache.remove(&(port, protocol));
+                cache.remove(&id);
             } else {
-                cache.insert((port, protocol), prefixes);
+                cache.insert(id, prefixes);
             }
         }
     }
 
-    fn write_policy(
-        &mut self,
-        port: u16,
-        protocol: Protocol,
-        record: &Policy,
-    ) -> Result<(), GateError> {
+    fn write_policy(&mut self, id: PortId, record: &Policy) -> Result<(), GateError> {
         let mut policies: HashMap<&mut MapData, PortKey, Policy> =
             open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
         policies
-            .insert(PortKey::new(port, protocol.number()), record, 0)
+            .insert(port_key(id), record, 0)
             .map_err(|err| GateError::map("writing", map_names::POLICY, capacity::POLICIES, err))
     }
 
-    fn insert_prefixes(
-        &mut self,
-        port: u16,
-        protocol: Protocol,
-        prefixes: &[IpNet],
-    ) -> Result<(), GateError> {
+    fn insert_prefixes(&mut self, id: PortId, prefixes: &[IpNet]) -> Result<(), GateError> {
         let mut trie: LpmTrie<&mut MapData, AddrKey, u32> =
             open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
         for (done, prefix) in prefixes.iter().enumerate() {
-            let (bits, data) = allow_key(port, protocol, *prefix);
+            let (bits, data) = allow_key(id, *prefix);
             if let Err(err) = trie.insert(&Key::new(bits, data), 1, 0) {
                 for undo in &prefixes[..done] {
-                    let (bits, data) = allow_key(port, protocol, *undo);
+                    let (bits, data) = allow_key(id, *undo);
                     let _ignored = trie.remove(&Key::new(bits, data));
                 }
                 return Err(GateError::map(
@@ -240,16 +241,11 @@ impl Gate {
         Ok(())
     }
 
-    fn remove_prefixes(
-        &mut self,
-        port: u16,
-        protocol: Protocol,
-        prefixes: &[IpNet],
-    ) -> Result<(), GateError> {
+    fn remove_prefixes(&mut self, id: PortId, prefixes: &[IpNet]) -> Result<(), GateError> {
         let mut trie: LpmTrie<&mut MapData, AddrKey, u32> =
             open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
         for prefix in prefixes {
-            let (bits, data) = allow_key(port, protocol, *prefix);
+            let (bits, data) = allow_key(id, *prefix);
             match trie.remove(&Key::new(bits, data)) {
                 Ok(()) => {}
                 Err(err) if is_not_found(&err) => {}
@@ -266,13 +262,13 @@ impl Gate {
         Ok(())
     }
 
-    /// Removes the policy of (port, protocol): the port becomes unallocated, then its
-    /// allowlist and grants go.
-    pub fn remove_policy(&mut self, port: u16, protocol: Protocol) -> Result<(), GateError> {
+    /// Removes the policy of a port: it becomes unallocated, then its allowlist and grants
+    /// go.
+    pub fn remove_policy(&mut self, id: PortId) -> Result<(), GateError> {
         {
             let mut policies: HashMap<&mut MapData, PortKey, Policy> =
                 open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
-            match policies.remove(&PortKey::new(port, protocol.number())) {
+            match policies.remove(&port_key(id)) {
                 Ok(()) => {}
                 Err(err) if is_not_found(&err) => {}
                 Err(err) => {
@@ -285,22 +281,22 @@ impl Gate {
                 }
             }
         }
-        let prefixes: Vec<IpNet> = self.known_allowlist(port, protocol)?.into_iter().collect();
-        self.remove_prefixes(port, protocol, &prefixes)?;
-        self.remember_allowlist(port, protocol, BTreeSet::new());
+        let prefixes: Vec<IpNet> = self.known_allowlist(id)?.into_iter().collect();
+        self.remove_prefixes(id, &prefixes)?;
+        self.remember_allowlist(id, BTreeSet::new());
         for grant in self.grants()? {
-            if grant.port == port && grant.protocol == protocol {
-                self.remove_grant(port, protocol, grant.addr)?;
+            if grant.id == id {
+                self.remove_grant(id, grant.addr)?;
             }
         }
         Ok(())
     }
 
-    /// The policy record of (port, protocol), if allocated.
-    pub fn policy(&self, port: u16, protocol: Protocol) -> Result<Option<Policy>, GateError> {
+    /// The policy record of a port, if allocated.
+    pub fn policy(&self, id: PortId) -> Result<Option<Policy>, GateError> {
         let policies: HashMap<&MapData, PortKey, Policy> =
             open_map!(self, HashMap, map_names::POLICY, capacity::POLICIES);
-        match policies.get(&PortKey::new(port, protocol.number()), 0) {
+        match policies.get(&port_key(id), 0) {
             Ok(policy) => Ok(Some(policy)),
             Err(err) if is_not_found(&err) => Ok(None),
             Err(err) => Err(GateError::map(
@@ -312,8 +308,8 @@ impl Gate {
         }
     }
 
-    /// Every policy record, by (port, protocol).
-    pub fn policies(&self) -> Result<BTreeMap<(u16, Protocol), Policy>, GateError> {
+    /// Every policy record, by port.
+    pub fn policies(&self) -> Result<BTreeMap<PortId, Policy>, GateError> {
         let mut out = BTreeMap::new();
         self.batch_read::<PortKey, Policy>(
             map_names::POLICY,
@@ -321,10 +317,8 @@ impl Gate {
             false,
             None,
             |key, policy| {
-                if let (Some(protocol), Some(policy)) =
-                    (Protocol::from_number(key.proto), policy.next())
-                {
-                    out.insert((key.port, protocol), policy);
+                if let (Some(id), Some(policy)) = (port_of(key.port, key.proto), policy.next()) {
+                    out.insert(id, policy);
                 }
                 true
             },
@@ -332,65 +326,59 @@ impl Gate {
         Ok(out)
     }
 
-    /// The allowlist of (port, protocol).
-    pub fn allowlist(&self, port: u16, protocol: Protocol) -> Result<Vec<IpNet>, GateError> {
-        Ok(self
-            .allowlists()?
-            .remove(&(port, protocol))
-            .unwrap_or_default())
+    /// The allowlist of a port, sorted. Walks the whole trie.
+    pub fn allowlist(&self, id: PortId) -> Result<Allowlist, GateError> {
+        Ok(self.allowlists()?.remove(&id).unwrap_or_default())
     }
 
-    /// Every allowlist, by (port, protocol). Walks the whole trie.
-    pub fn allowlists(&self) -> Result<BTreeMap<(u16, Protocol), Vec<IpNet>>, GateError> {
+    /// Every allowlist, by port, each sorted. Walks the whole trie.
+    pub fn allowlists(&self) -> Result<BTreeMap<PortId, Allowlist>, GateError> {
         let trie: LpmTrie<&MapData, AddrKey, u32> =
             open_map!(self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
-        let mut out: BTreeMap<(u16, Protocol), Vec<IpNet>> = BTreeMap::new();
+        let mut found: BTreeMap<PortId, Vec<IpNet>> = BTreeMap::new();
         for key in trie.keys() {
             let key = key.map_err(|err| {
                 GateError::map("listing", map_names::ALLOW, capacity::ALLOW_PREFIXES, err)
             })?;
             let data = key.data();
-            let Some(protocol) = Protocol::from_number(data.proto) else {
+            let Some(id) = port_of(data.port, data.proto) else {
                 continue;
             };
             let addr = addr_from_bytes(data.family, data.addr);
             let bits = key.prefix_len().saturating_sub(AddrKey::PREFIX_BITS);
             if let Ok(prefix) = IpNet::new(addr, u8::try_from(bits).unwrap_or(u8::MAX)) {
-                out.entry((data.port, protocol)).or_default().push(prefix);
+                found.entry(id).or_default().push(prefix);
             }
         }
-        for prefixes in out.values_mut() {
-            prefixes.sort();
-        }
-        Ok(out)
+        Ok(found
+            .into_iter()
+            .map(|(id, mut prefixes)| {
+                prefixes.sort();
+                (id, prefixes.into_iter().collect())
+            })
+            .collect())
     }
 
-    /// Grants `addr` access to (port, protocol) until `expires_ns` (`CLOCK_MONOTONIC`).
+    /// Grants `addr` access to a port until `expires_ns` (`CLOCK_MONOTONIC`).
     pub fn add_grant(
         &mut self,
-        port: u16,
-        protocol: Protocol,
+        id: PortId,
         addr: IpAddr,
         expires_ns: u64,
     ) -> Result<(), GateError> {
-        self.check_managed(port)?;
+        self.check_managed(id.port)?;
         let mut grants: HashMap<&mut MapData, AddrKey, u64> =
             open_map!(mut self, HashMap, map_names::GRANTS, capacity::GRANTS);
         grants
-            .insert(addr_key(port, protocol, addr), expires_ns, 0)
+            .insert(addr_key(id, addr), expires_ns, 0)
             .map_err(|err| GateError::map("writing", map_names::GRANTS, capacity::GRANTS, err))
     }
 
-    /// Withdraws the grant of `addr` on (port, protocol), if any.
-    pub fn remove_grant(
-        &mut self,
-        port: u16,
-        protocol: Protocol,
-        addr: IpAddr,
-    ) -> Result<(), GateError> {
+    /// Withdraws the grant of `addr` on a port, if any.
+    pub fn remove_grant(&mut self, id: PortId, addr: IpAddr) -> Result<(), GateError> {
         let mut grants: HashMap<&mut MapData, AddrKey, u64> =
             open_map!(mut self, HashMap, map_names::GRANTS, capacity::GRANTS);
-        match grants.remove(&addr_key(port, protocol, addr)) {
+        match grants.remove(&addr_key(id, addr)) {
             Ok(()) => Ok(()),
             Err(err) if is_not_found(&err) => Ok(()),
             Err(err) => Err(GateError::map(
@@ -411,12 +399,10 @@ impl Gate {
             false,
             None,
             |key, expires| {
-                if let (Some(protocol), Some(expires_ns)) =
-                    (Protocol::from_number(key.proto), expires.next())
+                if let (Some(id), Some(expires_ns)) = (port_of(key.port, key.proto), expires.next())
                 {
                     out.push(GrantRecord {
-                        port: key.port,
-                        protocol,
+                        id,
                         addr: addr_from_bytes(key.family, key.addr),
                         expires_ns,
                     });
@@ -424,24 +410,24 @@ impl Gate {
                 true
             },
         )?;
-        out.sort_by_key(|grant| (grant.port, grant.protocol, grant.addr));
+        out.sort_by_key(|grant| (grant.id, grant.addr));
         Ok(out)
     }
 
-    /// Counters of every (port, protocol) that has any.
-    pub fn all_counters(&self) -> Result<BTreeMap<(u16, Protocol), PortCounters>, GateError> {
-        let mut out: BTreeMap<(u16, Protocol), PortCounters> = BTreeMap::new();
+    /// Counters of every port that has any.
+    pub fn all_counters(&self) -> Result<BTreeMap<PortId, PortCounters>, GateError> {
+        let mut out: BTreeMap<PortId, PortCounters> = BTreeMap::new();
         self.batch_read::<CounterKey, Counters>(
             map_names::COUNTERS,
             capacity::COUNTERS,
             true,
             None,
             |key, per_cpu| {
-                if let (Some(protocol), Some(hook_index)) = (
-                    Protocol::from_number(key.proto),
+                if let (Some(id), Some(hook_index)) = (
+                    port_of(key.port, key.proto),
                     (key.hook < hook::COUNT).then_some(usize::from(key.hook)),
                 ) {
-                    let port = out.entry((key.port, protocol)).or_default();
+                    let port = out.entry(id).or_default();
                     for cpu in per_cpu {
                         port.add_cpu(hook_index, &cpu);
                     }
@@ -456,7 +442,7 @@ impl Gate {
     pub fn all_slots(
         &self,
         ports: std::ops::RangeInclusive<u16>,
-    ) -> Result<BTreeMap<u16, ConnSlots>, GateError> {
+    ) -> Result<BTreeMap<PortId, ConnSlots>, GateError> {
         let mut out = BTreeMap::new();
         self.batch_read::<u32, ConnSlots>(
             map_names::SLOTS,
@@ -469,7 +455,7 @@ impl Gate {
                     return false;
                 };
                 if let Some(slots) = slots.next() {
-                    out.insert(port, slots);
+                    out.insert(PortId::new(port, Protocol::Tcp), slots);
                 }
                 port < *ports.end()
             },
@@ -477,15 +463,15 @@ impl Gate {
         Ok(out)
     }
 
-    /// Counters of one (port, protocol); zero when it has none yet.
-    pub fn counters(&self, port: u16, protocol: Protocol) -> Result<PortCounters, GateError> {
+    /// Counters of one port; zero when it has none yet.
+    pub fn counters(&self, id: PortId) -> Result<PortCounters, GateError> {
         let counters: PerCpuHashMap<&MapData, CounterKey, Counters> =
             open_map!(self, PerCpuHashMap, map_names::COUNTERS, capacity::COUNTERS);
         let mut out = PortCounters::default();
         for hook_code in 0..hook::COUNT {
             let key = CounterKey {
-                port,
-                proto: protocol.number(),
+                port: id.port,
+                proto: id.protocol.number(),
                 hook: hook_code,
             };
             match counters.get(&key, 0) {
@@ -508,12 +494,15 @@ impl Gate {
         Ok(out)
     }
 
-    /// Connection slots of a TCP port: `established` is its active connections.
-    pub fn slots(&self, port: u16) -> Result<ConnSlots, GateError> {
+    /// Connection slots of a port: `established` is its active connections. UDP has none.
+    pub fn slots(&self, id: PortId) -> Result<ConnSlots, GateError> {
+        if id.protocol != Protocol::Tcp {
+            return Ok(ConnSlots::default());
+        }
         let slots: Array<&MapData, ConnSlots> =
             open_map!(self, Array, map_names::SLOTS, capacity::SLOTS);
         slots
-            .get(&u32::from(port), 0)
+            .get(&u32::from(id.port), 0)
             .map_err(|err| GateError::map("reading", map_names::SLOTS, capacity::SLOTS, err))
     }
 

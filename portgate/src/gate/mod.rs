@@ -9,8 +9,10 @@
 mod batch;
 mod error;
 mod events;
+mod keys;
 mod layout;
 mod maps;
+mod report;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -35,7 +37,7 @@ pub use self::{
     events::{DenyEventRecord, DenyEvents},
     maps::{GateStats, GrantRecord, HookCounters, PortCounters},
 };
-use crate::{host, paths, policy::Protocol};
+use crate::{host, model::PortId, paths};
 
 /// The kernel programs, built by `build.rs` from the portgate-ebpf crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portgate-ebpf"));
@@ -114,7 +116,7 @@ pub struct Gate {
     allow_cache: Option<AllowlistCache>,
 }
 
-type AllowlistCache = BTreeMap<(u16, Protocol), BTreeSet<IpNet>>;
+type AllowlistCache = BTreeMap<PortId, BTreeSet<IpNet>>;
 
 /// The cgroup programs: (program, link pin name).
 const CGROUP_LINKS: [(&str, &str); 4] = [

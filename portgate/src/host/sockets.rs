@@ -20,7 +20,7 @@ use procfs::{
 };
 
 use super::HostError;
-use crate::{paths, policy::Protocol};
+use crate::{model::Protocol, paths};
 
 /// A socket that takes traffic on a local port: a TCP socket in LISTEN, or a bound UDP socket.
 #[derive(

@@ -5,8 +5,8 @@
 
 use std::net::IpAddr;
 
-use super::state::PortId;
-use crate::policy::DropReason;
+use crate::model::DropReason;
+use crate::model::PortId;
 
 /// The specification's error categories.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -38,7 +38,7 @@ pub enum PortError {
     )]
     RangeExhausted {
         /// The protocol asked for.
-        protocol: crate::policy::Protocol,
+        protocol: crate::model::Protocol,
         /// Lowest managed port.
         min: u16,
         /// Highest managed port.

@@ -20,9 +20,11 @@ use prometheus_client::{
 };
 use tokio::sync::broadcast;
 
-use super::state::{PortId, PortStatus, Protocol, UnixMillis, now_millis};
-pub use crate::report::PortMetrics;
-use crate::{gate::DenyEventRecord, policy::DropReason};
+use super::{PortError, Result, State};
+use crate::{
+    gate::DenyEventRecord,
+    model::{DropReason, PortId, PortMetrics, PortStatus, Protocol, UnixMillis, now_millis},
+};
 
 /// The deny events kept for `portgate events` (the newest are kept).
 pub const RECENT_EVENTS: usize = 1024;
@@ -40,6 +42,49 @@ pub struct PortsSnapshot {
     pub events_lost_full: u64,
     /// Deny events the per-port rate limit suppressed.
     pub events_rate_limited: u64,
+}
+
+/// What a scrape shows of `state`, read from the kernel in one pass per map (the ports in
+/// `range`): each allocation's status and counters, the drops on ports no allocation
+/// explains, the free ports, and the lost events.
+pub(super) fn snapshot(
+    state: &State,
+    range: std::ops::RangeInclusive<u16>,
+) -> Result<PortsSnapshot> {
+    let mut snapshot = PortsSnapshot::default();
+    let collecting = |err: crate::gate::GateError| PortError::MetricCollection(err.to_string());
+    let mut counted = match state.gate.as_ref() {
+        Some(gate) => gate.all_counters().map_err(collecting)?,
+        None => std::collections::BTreeMap::new(),
+    };
+    let connections = state.all_connections(range);
+    for held in state.allocator.allocations() {
+        let counters = counted.remove(&held.id).unwrap_or_default();
+        let active = connections.get(&held.id).copied().unwrap_or(0);
+        snapshot
+            .ports
+            .push((held.id, held.status, counters.metrics(active)));
+    }
+    // Ports without an allocation that were knocked on (scans): one total per protocol,
+    // not a series per port a scanner tried.
+    let mut unallocated = [0_u64; 2];
+    for (id, counters) in counted {
+        let slot = usize::from(id.protocol == Protocol::Udp);
+        unallocated[slot] += counters
+            .total
+            .dropped_for(portgate_common::reason::UNALLOCATED);
+    }
+    snapshot.unallocated_drops = vec![
+        (Protocol::Tcp, unallocated[0]),
+        (Protocol::Udp, unallocated[1]),
+    ];
+    snapshot.free = super::free_ports(&state.allocator);
+    if let Some(gate) = state.gate.as_ref() {
+        let gate_stats = gate.stats().map_err(collecting)?;
+        snapshot.events_lost_full = gate_stats.events_lost_full;
+        snapshot.events_rate_limited = gate_stats.events_rate_limited;
+    }
+    Ok(snapshot)
 }
 
 /// API actions, as the latency histogram's label.

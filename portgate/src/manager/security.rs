@@ -1,17 +1,14 @@
-//! The specification's `PortSecurity`: each port's access control, and
-//! `validate_connection`, which answers with the same verdict the kernel gives (it runs
-//! [`crate::verdict`] over a mirror of the kernel's policy map).
+//! The specification's `PortSecurity`: each port's kernel policy as the manager last wrote
+//! it, the grants it gave, and the verdict over them, which is the kernel programs' verdict
+//! ([`crate::verdict`]) run in userspace.
 
 use std::net::IpAddr;
 
-use super::{
-    error::{PortError, Result},
-    state::{PortAccessControl, PortId},
-};
+use super::error::{PortError, Result};
 use crate::{
     host,
-    policy::{DropReason, PortPolicy},
-    verdict::{self, Decision, GateModel, GateView, Packet},
+    model::{DropReason, PortAccessControl, PortId, PortPolicy},
+    verdict::{self, GateModel, GateView, Packet, Verdict},
 };
 
 /// The most prefixes one port's allowlist may hold (the kernel trie holds 1,048,576 in all).
@@ -23,29 +20,16 @@ pub const MAX_GRANTS_PER_PORT: usize = 1024;
 /// The longest a grant may last: grants stand for a recent authentication.
 pub const MAX_GRANT_TTL: std::time::Duration = std::time::Duration::from_hours(24);
 
-/// Access control of every allocated port, and the verdict over it.
+/// A mirror of the kernel's policies and grants, and the verdict over it.
 #[derive(Clone, Debug)]
 pub struct PortSecurity {
     model: GateModel,
 }
 
-impl Default for PortSecurity {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl PortSecurity {
-    /// No port has access control yet; every port counts as managed until
-    /// [`PortSecurity::with_range`] says otherwise.
+    /// No port has a policy yet; the ports `min..=max` are managed.
     #[must_use]
-    pub fn new() -> Self {
-        Self::with_range(1, u16::MAX)
-    }
-
-    /// Access control for the managed range `min..=max`.
-    #[must_use]
-    pub fn with_range(min: u16, max: u16) -> Self {
+    pub fn managing(min: u16, max: u16) -> Self {
         Self {
             model: GateModel::new(min, max),
         }
@@ -62,77 +46,35 @@ impl PortSecurity {
         Ok(())
     }
 
-    /// Sets a port's access control (an Active port when it had none).
-    pub fn set_access_control(&mut self, port: impl Into<PortId>, access: PortAccessControl) {
-        let id = port.into();
-        let mut policy = self.policy(id).cloned().unwrap_or_default();
-        policy.allow = access.allowed_ips;
-        policy.max_connections = access.max_connections;
-        policy.require_authentication = access.require_authentication;
-        self.model.set_policy(id.port, id.protocol, policy);
-    }
-
-    /// Sets a port's whole kernel policy (status, access control, owner cgroup).
-    pub fn set_policy(&mut self, id: PortId, policy: PortPolicy) {
-        self.model.set_policy(id.port, id.protocol, policy);
-    }
-
-    /// Removes a port's access control: it is unallocated again.
-    pub fn remove_access_control(&mut self, port: impl Into<PortId>) {
-        let id = port.into();
-        self.model.remove_policy(id.port, id.protocol);
+    /// Sets a port's whole kernel policy (status, access control, owner cgroup); `None`
+    /// makes it unallocated, and its grants go.
+    pub fn set_policy(&mut self, id: PortId, policy: Option<PortPolicy>) {
+        match policy {
+            Some(policy) => self.model.set_policy(id, policy),
+            None => self.model.remove_policy(id),
+        }
     }
 
     /// The kernel policy of a port.
     #[must_use]
     pub fn policy(&self, id: PortId) -> Option<&PortPolicy> {
-        self.model.policy(id.port, id.protocol)
+        self.model.policy(id)
     }
 
     /// Records an authentication grant for `source` until `expires_ns` (`CLOCK_MONOTONIC`).
     pub fn add_grant(&mut self, id: PortId, source: IpAddr, expires_ns: u64) {
-        self.model
-            .add_grant(id.port, id.protocol, source, expires_ns);
+        self.model.add_grant(id, source, expires_ns);
     }
 
     /// How many grants a port holds (expired ones until they are swept).
     #[must_use]
     pub fn grant_count(&self, id: PortId) -> usize {
-        self.model.grant_count(id.port, id.protocol)
+        self.model.grant_count(id)
     }
 
     /// Forgets a grant (expired, or withdrawn).
     pub fn remove_grant(&mut self, id: PortId, source: IpAddr) {
-        self.model.remove_grant(id.port, id.protocol, source);
-    }
-
-    /// Whether a new connection from `addr` to `port` would be let in, given `connections`
-    /// open now: the verdict of the kernel programs.
-    #[must_use]
-    pub fn decide(&self, port: impl Into<PortId>, addr: IpAddr, connections: u64) -> Decision {
-        let id = port.into();
-        let view = WithSlots {
-            model: &self.model,
-            port: id.port,
-            slots: connections,
-        };
-        let packet = match id.protocol {
-            crate::policy::Protocol::Tcp => Packet::tcp(addr, id.port, true, false),
-            crate::policy::Protocol::Udp => Packet::udp(addr, id.port),
-        };
-        verdict::evaluate(&view, &packet, host::kernel::monotonic_now_ns())
-    }
-
-    /// The specification's `validate_connection`: `Ok` when a new connection from `addr`
-    /// would get in, otherwise the error saying why (the kernel's drop reason).
-    pub fn validate_connection(&self, port: impl Into<PortId>, addr: IpAddr) -> Result<()> {
-        self.validate_with(port.into(), addr, 0)
-    }
-
-    /// `validate_connection` given the connections the port holds now.
-    pub fn validate_with(&self, id: PortId, addr: IpAddr, connections: u64) -> Result<()> {
-        self.refusal(id, addr, connections)
-            .map_or(Ok(()), |(_, err)| Err(err))
+        self.model.remove_grant(id, source);
     }
 
     /// Why a new connection from `addr` would be refused, given `connections` open now:
@@ -144,12 +86,20 @@ impl PortSecurity {
         addr: IpAddr,
         connections: u64,
     ) -> Option<(DropReason, PortError)> {
-        match self.decide(id, addr, connections) {
-            Decision::Drop(reason) => {
-                let max = self.policy(id).map_or(0, |policy| policy.max_connections);
+        let view = WithSlots {
+            model: &self.model,
+            id,
+            slots: connections,
+        };
+        let packet = Packet::new_connection(id, addr);
+        match verdict::decide(&view, &packet, host::kernel::monotonic_now_ns()) {
+            Verdict::Drop(reason) => {
+                let max = self
+                    .policy(id)
+                    .map_or(0, |policy| policy.access.max_connections);
                 Some((reason, PortError::connection_refused(id, addr, reason, max)))
             }
-            Decision::Untouched | Decision::Pass | Decision::Accept => None,
+            Verdict::Untouched | Verdict::Pass | Verdict::Accept => None,
         }
     }
 }
@@ -157,7 +107,7 @@ impl PortSecurity {
 /// The model with the live connection count of one port (the kernel's slot counter).
 struct WithSlots<'a> {
     model: &'a GateModel,
-    port: u16,
+    id: PortId,
     slots: u64,
 }
 
@@ -166,24 +116,19 @@ impl GateView for WithSlots<'_> {
         self.model.managed_range()
     }
 
-    fn policy(&self, port: u16, protocol: crate::policy::Protocol) -> Option<&PortPolicy> {
-        self.model.policy(port, protocol)
+    fn policy(&self, id: PortId) -> Option<&PortPolicy> {
+        self.model.policy(id)
     }
 
-    fn grant_expiry(
-        &self,
-        port: u16,
-        protocol: crate::policy::Protocol,
-        source: IpAddr,
-    ) -> Option<u64> {
-        self.model.grant_expiry(port, protocol, source)
+    fn grant_expiry(&self, id: PortId, source: IpAddr) -> Option<u64> {
+        self.model.grant_expiry(id, source)
     }
 
-    fn slots(&self, port: u16) -> u64 {
-        if port == self.port {
+    fn slots(&self, id: PortId) -> u64 {
+        if id == self.id {
             self.slots
         } else {
-            self.model.slots(port)
+            self.model.slots(id)
         }
     }
 }

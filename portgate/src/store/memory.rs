@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::{Change, Commit, HostChanges, Store, StoreError, StoredState};
-use crate::manager::state::{Allocation, PortId};
+use crate::model::{Allocation, PortId};
 
 /// A [`Store`] that keeps everything in memory: submissions apply and resolve at once, and
 /// nothing survives the process.
@@ -90,7 +90,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{policy::Protocol, store::sample_allocation};
+    use crate::{model::Protocol, store::sample_allocation};
 
     #[test]
     fn put_delete_load_round_trip() {

@@ -14,7 +14,7 @@ pub use self::{
     memory::MemoryStore,
     redb::{CommitStats, RedbStore},
 };
-use crate::manager::state::{Allocation, PortId};
+use crate::model::{Allocation, PortId};
 
 /// What portgate changed on the host and must undo on uninstall.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,17 +117,18 @@ impl Commit {
 
 /// An allocation with every field set, for the stores' tests.
 #[cfg(test)]
-fn sample_allocation(port: u16, protocol: crate::policy::Protocol) -> Allocation {
-    use crate::manager::state::{Owner, OwnerCgroupRef, PortAccessControl, PortStatus};
+fn sample_allocation(port: u16, protocol: crate::model::Protocol) -> Allocation {
+    use crate::model::{Owner, OwnerCgroup, PortAccessControl, PortStatus, Timeline};
 
     Allocation {
         id: PortId::new(port, protocol),
         owner: Owner {
             name: format!("service-{port}"),
             uid: Some(1000),
-            cgroup: Some(OwnerCgroupRef {
+            cgroup: Some(OwnerCgroup {
                 path: "/sys/fs/cgroup/service.slice".into(),
-                cgroup: crate::policy::OwnerCgroup { id: 4242, level: 1 },
+                id: 4242,
+                level: 1,
             }),
         },
         access: PortAccessControl {
@@ -141,10 +142,33 @@ fn sample_allocation(port: u16, protocol: crate::policy::Protocol) -> Allocation
             require_authentication: true,
         },
         status: PortStatus::Active,
-        allocated_at: 1_700_000_000_000,
-        ttl: Some(std::time::Duration::from_hours(1)),
-        lease_expires_at: Some(1_700_003_600_000),
-        draining_since: None,
-        closed_at: None,
+        timeline: Timeline {
+            allocated_at: 1_700_000_000_000,
+            ttl: Some(std::time::Duration::from_hours(1)),
+            lease_expires_at: Some(1_700_003_600_000),
+            draining_since: None,
+            closed_at: None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Allocation, sample_allocation};
+    use crate::model::{PortStatus, Protocol};
+
+    /// Records as portgate has always written them (store schema 1): a change to the model's
+    /// types must not change a byte of them.
+    const RECORD: &str = r#"{"id":{"port":20001,"protocol":"tcp"},"owner":{"name":"service-20001","uid":1000,"cgroup":{"path":"/sys/fs/cgroup/service.slice","cgroup":{"id":4242,"level":1}}},"access":{"allowed_ips":["10.0.0.0/8","2001:db8::/32"],"max_connections":16,"require_authentication":true},"status":"active","allocated_at":1700000000000,"ttl":"1h","lease_expires_at":1700003600000,"draining_since":null,"closed_at":null}"#;
+    const CLOSED_RECORD: &str = r#"{"id":{"port":20001,"protocol":"tcp"},"owner":{"name":"service-20001","uid":1000,"cgroup":null},"access":{"allowed_ips":["10.0.0.0/8","2001:db8::/32"],"max_connections":16,"require_authentication":true},"status":"closed","allocated_at":1700000000000,"ttl":null,"lease_expires_at":null,"draining_since":5,"closed_at":6}"#;
+
+    #[test]
+    fn records_keep_schema_1s_bytes() {
+        let sample = sample_allocation(20001, Protocol::Tcp);
+        assert_eq!(serde_json::to_string(&sample).unwrap(), RECORD);
+        let closed: Allocation = serde_json::from_str(CLOSED_RECORD).unwrap();
+        assert_eq!(closed.status, PortStatus::Closed);
+        assert_eq!(closed.timeline.closed_at, Some(6));
+        assert_eq!(serde_json::to_string(&closed).unwrap(), CLOSED_RECORD);
     }
 }

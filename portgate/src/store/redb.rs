@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::{Change, Commit, HostChanges, Store, StoreError, StoredState};
-use crate::manager::state::{Allocation, PortId, Protocol};
+use crate::model::{Allocation, PortId, Protocol};
 
 /// Allocations by (port, IP protocol number), which sorts as [`PortId`] does. Values are the
 /// JSON of an [`Allocation`], kept as bytes so that a damaged record is reported as

@@ -7,7 +7,7 @@ use etherparse::{
     IpHeaders, IpNumber, Ipv4Extensions, Ipv4Header, Ipv6Extensions, Ipv6FlowLabel, Ipv6Header,
     Ipv6RawExtHeader, PacketBuilder,
 };
-use portgate::policy::Protocol;
+use portgate::model::Protocol;
 
 /// One test packet.
 #[derive(Clone, Debug)]

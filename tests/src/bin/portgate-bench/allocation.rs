@@ -14,8 +14,9 @@ use portgate::{
     client::Client,
     config::PortConfig,
     host::sockets::{CachedSockets, ProcfsSockets},
-    manager::{Actor, AllocationRequest, PortManager},
-    store::MemoryStore,
+    manager::{Actor, PortManager},
+    model::AllocationRequest,
+    store::{MemoryStore, StoredState},
 };
 use portgate_tests::daemon::Daemon;
 use serde_json::json;
@@ -62,8 +63,9 @@ pub fn in_process_manager(min_port: u16, max_port: u16) -> Result<PortManager> {
     let (manager, _) = PortManager::open(
         config,
         Arc::new(MemoryStore::default()),
+        StoredState::default(),
         None,
-        Box::new(CachedSockets::new(
+        Arc::new(CachedSockets::new(
             ProcfsSockets,
             portgate::daemon::SOCKET_SNAPSHOT_AGE,
         )),

@@ -15,8 +15,8 @@ use portgate::{
     api::AllocRequest,
     client::Client,
     gate::{Gate, PacketHook},
-    manager::{Actor, AllocationRequest, PortAccessControl},
-    policy::{Allowlist, Protocol},
+    manager::Actor,
+    model::{AllocationRequest, Allowlist, PortAccessControl, PortId},
 };
 use portgate_tests::{
     common::packet::tcp_syn,
@@ -259,7 +259,7 @@ async fn api_checks(
         async move {
             let index = spread(client_number, i);
             let answer = client
-                .check(MIN_PORT + index, Protocol::Tcp, allowed_source(index))
+                .check(PortId::from(MIN_PORT + index), allowed_source(index))
                 .await?;
             if !answer.allowed {
                 bail!(
@@ -304,9 +304,9 @@ async fn port_stats_times(daemon: &Daemon, count: usize) -> Result<Vec<Duration>
         #[expect(clippy::cast_possible_truncation, reason = "modulo PORTS")]
         let port = MIN_PORT + ((i * 7) % usize::from(PORTS)) as u16;
         let begun = Instant::now();
-        let reports = client.stats(Some((port, Protocol::Tcp))).await?;
+        let reports = client.stats(Some(PortId::from(port))).await?;
         samples.push(begun.elapsed());
-        if reports.len() != 1 || reports[0].port != port {
+        if reports.len() != 1 || reports[0].id.port != port {
             bail!(
                 "GET /v1/stats?port={port} answered {} reports",
                 reports.len()

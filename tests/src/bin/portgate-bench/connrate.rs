@@ -25,7 +25,7 @@ use ipnet::{IpNet, Ipv4Net};
 use portgate::{
     gate::{Gate, GateSettings, PortCounters},
     host,
-    policy::{PortPolicy, Protocol},
+    model::{PortAccessControl, PortId, PortPolicy, Protocol},
 };
 use portgate_common::hook;
 use portgate_tests::common::{PinDir, TestCgroup};
@@ -218,11 +218,13 @@ impl Fixture {
         let start = Instant::now();
         for (port, prefixes) in &plan.ports {
             gate.set_policy(
-                *port,
-                Protocol::Tcp,
+                PortId::new(*port, Protocol::Tcp),
                 &PortPolicy {
-                    allow: prefixes.iter().copied().map(IpNet::V4).collect(),
-                    max_connections: MAX_CONNECTIONS,
+                    access: PortAccessControl {
+                        allowed_ips: prefixes.iter().copied().map(IpNet::V4).collect(),
+                        max_connections: MAX_CONNECTIONS,
+                        require_authentication: false,
+                    },
                     ..PortPolicy::default()
                 },
             )
@@ -240,7 +242,7 @@ impl Fixture {
     }
 
     fn counters(&self, port: u16) -> Result<PortCounters> {
-        Ok(self.gate.counters(port, Protocol::Tcp)?)
+        Ok(self.gate.counters(PortId::new(port, Protocol::Tcp))?)
     }
 }
 

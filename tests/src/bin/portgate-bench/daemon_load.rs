@@ -18,7 +18,10 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
-use portgate::{gate::Gate, policy::Protocol};
+use portgate::{
+    gate::Gate,
+    model::{PortId, Protocol},
+};
 use portgate_common::hook;
 use portgate_tests::daemon::{Daemon, try_http_at};
 use serde_json::json;
@@ -140,7 +143,7 @@ fn measure(options: &Options) -> Result<Vec<Figure>> {
         load_for.as_secs()
     );
     let gate = Gate::open(daemon.pins.path()).context("opening the daemon's gate")?;
-    let counters_before = gate.counters(MEASURED, Protocol::Tcp)?;
+    let counters_before = gate.counters(PortId::new(MEASURED, Protocol::Tcp))?;
     let server_cgroup = daemon.cgroup.child("bench-server");
     let shape = LoadShape {
         client_threads: 2,
@@ -174,7 +177,7 @@ fn measure(options: &Options) -> Result<Vec<Figure>> {
     })?;
     let load_wall = load_clock.elapsed();
     let load_end = Sample::of(pid)?;
-    let counters_after = gate.counters(MEASURED, Protocol::Tcp)?;
+    let counters_after = gate.counters(PortId::new(MEASURED, Protocol::Tcp))?;
     drop(gate);
     drop(server_cgroup);
     let load_cpu = 100.0 * (load_end.cpu_s - load_start.cpu_s) / load_wall.as_secs_f64();

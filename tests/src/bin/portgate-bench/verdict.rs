@@ -31,7 +31,7 @@ use anyhow::{Context as _, Result, anyhow, ensure};
 use ipnet::IpNet;
 use portgate::{
     gate::{Gate, GateSettings, GateStats, HookCounters, PacketHook},
-    policy::{Allowlist, PortPolicy, Protocol},
+    model::{Allowlist, PortAccessControl, PortId, PortPolicy, Protocol},
 };
 use portgate_common::{defaults, hook, reason};
 use portgate_tests::common::{
@@ -371,12 +371,15 @@ impl World {
                 std::iter::once(other_prefix(family, k)).collect()
             };
             let policy = PortPolicy {
-                allow,
+                access: PortAccessControl {
+                    allowed_ips: allow,
+                    ..PortAccessControl::default()
+                },
                 ..PortPolicy::default()
             };
             world
                 .gate
-                .set_policy(port, Protocol::Tcp, &policy)
+                .set_policy(PortId::new(port, Protocol::Tcp), &policy)
                 .with_context(|| format!("allocating port {port}"))?;
         }
         world.set_measured_policy(0, false)?;
@@ -385,13 +388,15 @@ impl World {
 
     fn set_measured_policy(&mut self, max_connections: u32, require_auth: bool) -> Result<()> {
         let policy = PortPolicy {
-            allow: self.allow.clone(),
-            max_connections,
-            require_authentication: require_auth,
+            access: PortAccessControl {
+                allowed_ips: self.allow.clone(),
+                max_connections,
+                require_authentication: require_auth,
+            },
             ..PortPolicy::default()
         };
         self.gate
-            .set_policy(MEASURED_PORT, Protocol::Tcp, &policy)
+            .set_policy(PortId::new(MEASURED_PORT, Protocol::Tcp), &policy)
             .with_context(|| format!("setting the policy of port {MEASURED_PORT}"))
     }
 
@@ -402,7 +407,7 @@ impl World {
             Verdict::AuthRequired => self.set_measured_policy(0, true),
             Verdict::ConnLimit => {
                 self.set_measured_policy(1, false)?;
-                if self.gate.slots(MEASURED_PORT)?.slots == 0 {
+                if self.gate.slots(PortId::from(MEASURED_PORT))?.slots == 0 {
                     let holder = self.syn(self.allowed, 40_000, MEASURED_PORT);
                     let outcome = self.gate.test_run(PacketHook::CgroupSkb, &holder, 1)?;
                     ensure!(
@@ -410,7 +415,7 @@ impl World {
                         "the SYN that takes the one slot was dropped"
                     );
                 }
-                let slots = self.gate.slots(MEASURED_PORT)?.slots;
+                let slots = self.gate.slots(PortId::from(MEASURED_PORT))?.slots;
                 ensure!(slots == 1, "the port holds {slots} slots, not 1");
                 Ok(())
             }
@@ -453,7 +458,8 @@ impl World {
     }
 
     fn counters(&self, verdict: Verdict, hook_kind: PacketHook) -> Result<HookCounters> {
-        Ok(self.gate.counters(verdict.port(), Protocol::Tcp)?.hooks[hook_index(hook_kind)])
+        let id = PortId::new(verdict.port(), Protocol::Tcp);
+        Ok(self.gate.counters(id)?.hooks[hook_index(hook_kind)])
     }
 
     /// Runs `verdict`'s packet `runs` times in `BPF_PROG_TEST_RUN`s of `repeat`, and checks

@@ -1,0 +1,86 @@
+//! How the model's records are written in the kernel maps: keys, addresses and the policy
+//! record.
+
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use portgate_common::{AddrKey, Policy, PortKey, family, policy_flags};
+
+use crate::model::{PortId, PortPolicy, Protocol};
+
+/// The policy and slot key of a port.
+pub(super) const fn port_key(id: PortId) -> PortKey {
+    PortKey::new(id.port, id.protocol.number())
+}
+
+/// The port of a kernel key's fields; `None` for a protocol portgate does not manage.
+pub(super) fn port_of(port: u16, proto: u8) -> Option<PortId> {
+    Protocol::from_number(proto).map(|protocol| PortId::new(port, protocol))
+}
+
+/// The address bytes and family of `addr` as the kernel keys store them.
+pub(super) fn addr_bytes(addr: IpAddr) -> (u8, [u8; 16]) {
+    let mut bytes = [0; 16];
+    match addr {
+        IpAddr::V4(v4) => {
+            bytes[..4].copy_from_slice(&v4.octets());
+            (family::V4, bytes)
+        }
+        IpAddr::V6(v6) => (family::V6, v6.octets()),
+    }
+}
+
+/// The address stored in a key's bytes.
+pub(super) fn addr_from_bytes(family_code: u8, bytes: [u8; 16]) -> IpAddr {
+    if family_code == family::V4 {
+        IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]])
+    } else {
+        IpAddr::from(bytes)
+    }
+}
+
+/// The key of `addr` on a port: a grants-map key, or an allowlist LPM key's data.
+pub(super) fn addr_key(id: PortId, addr: IpAddr) -> AddrKey {
+    let (family, addr) = addr_bytes(addr);
+    AddrKey {
+        port: id.port,
+        proto: id.protocol.number(),
+        family,
+        addr,
+    }
+}
+
+/// The LPM prefix length and key data of an allowlist prefix of a port.
+pub(super) fn allow_key(id: PortId, prefix: IpNet) -> (u32, AddrKey) {
+    let prefix = prefix.trunc();
+    (
+        AddrKey::PREFIX_BITS + u32::from(prefix.prefix_len()),
+        addr_key(id, prefix.addr()),
+    )
+}
+
+/// The kernel record of a policy; `None` when its status is Available.
+pub(super) fn policy_record(policy: &PortPolicy) -> Option<Policy> {
+    let status = policy.status.code()?;
+    let mut flags = 0;
+    if !policy.access.allowed_ips.is_empty() {
+        flags |= policy_flags::ALLOWLIST;
+    }
+    if policy.access.require_authentication {
+        flags |= policy_flags::REQUIRE_AUTH;
+    }
+    let (owner_cgroup, owner_level) = match &policy.owner {
+        Some(owner) => {
+            flags |= policy_flags::OWNER;
+            (owner.id, owner.level)
+        }
+        None => (0, 0),
+    };
+    Some(Policy {
+        status,
+        flags,
+        max_connections: policy.access.max_connections,
+        owner_level,
+        owner_cgroup,
+    })
+}

@@ -1,0 +1,140 @@
+//! Start-up: what the store holds becomes what the allocator, the userspace mirror and the
+//! kernel hold. Whatever the kernel has that no stored allocation explains goes.
+
+use std::{
+    collections::BTreeSet,
+    sync::{Arc, atomic::AtomicBool},
+    time::Instant,
+};
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    PortAllocator, PortManager, PortMonitor, PortSecurity, State,
+    error::{PortError, Result},
+};
+use crate::{
+    config::PortConfig,
+    gate::Gate,
+    host::sockets::{Listener, SocketTable},
+    model::{Allocation, PortId, Protocol},
+    store::{Store, StoredState},
+};
+
+/// What was found at start-up.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartReport {
+    /// Allocations read from the store.
+    pub restored: usize,
+    /// Kernel policies that no allocation explained, removed.
+    pub stale_policies_removed: usize,
+    /// Listeners on managed ports that no allocation explains.
+    pub unexplained_listeners: Vec<Listener>,
+}
+
+/// Checks that every allocation in `stored` fits `config` (range, reserved ports), before
+/// anything is written to the kernel.
+pub fn validate_stored(config: &PortConfig, stored: &StoredState) -> Result<()> {
+    load(
+        &mut PortAllocator::from_config(config.clone())?,
+        stored.allocations.iter().cloned(),
+    )
+}
+
+/// Puts stored allocations into `allocator`, refusing one the configuration no longer
+/// allows.
+fn load(
+    allocator: &mut PortAllocator,
+    allocations: impl IntoIterator<Item = Allocation>,
+) -> Result<()> {
+    for allocation in allocations {
+        allocator.load(allocation).map_err(|err| {
+            PortError::Configuration(format!(
+                "the store holds an allocation the configuration no longer allows ({err}); start with the old [ports] range and release it first"
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+impl PortManager {
+    /// A manager over `config`'s range holding what `store` held (`stored`, as loaded from
+    /// it), driving `gate` when given: the kernel maps are made equal to the store (policies,
+    /// allowlists and grants the store does not explain are removed). `sockets` is where it
+    /// reads the host's live sockets.
+    pub fn open(
+        config: PortConfig,
+        store: Arc<dyn Store>,
+        stored: StoredState,
+        mut gate: Option<Gate>,
+        sockets: Arc<dyn SocketTable>,
+    ) -> Result<(Self, StartReport)> {
+        let mut allocator = PortAllocator::from_config(config.clone())?;
+        let mut security = PortSecurity::managing(config.min_port, config.max_port);
+        let mut report = StartReport {
+            restored: stored.allocations.len(),
+            ..StartReport::default()
+        };
+        load(&mut allocator, stored.allocations)?;
+        for held in allocator.allocations() {
+            security.set_policy(held.id, Some(held.policy()));
+        }
+        if let Some(gate) = gate.as_mut() {
+            report.stale_policies_removed = make_kernel_equal(gate, &allocator, &mut security)?;
+        }
+        for protocol in Protocol::ALL {
+            let listeners = sockets
+                .listeners(protocol, allocator.range())
+                .map_err(|err| PortError::ResourceMonitoring(err.to_string()))?
+                .into_iter()
+                .filter(|listener| {
+                    allocator
+                        .allocation(PortId::new(listener.port, protocol))
+                        .is_none()
+                });
+            report.unexplained_listeners.extend(listeners);
+        }
+        let manager = Self {
+            state: tokio::sync::Mutex::new(State {
+                allocator,
+                security,
+                gate,
+            }),
+            monitor: PortMonitor::new(),
+            store,
+            sockets,
+            config,
+            host_changes: std::sync::Mutex::new(stored.host),
+            store_failed: AtomicBool::new(false),
+            last_grant_sweep: std::sync::Mutex::new(Instant::now()),
+        };
+        Ok((manager, report))
+    }
+}
+
+/// Removes from the kernel what no allocation explains (policies, allowlists and grants of
+/// an allocation whose commit never finished), mirrors the grants that stay (they live in
+/// the kernel only), and writes every allocation's policy. Returns how many ports went.
+fn make_kernel_equal(
+    gate: &mut Gate,
+    allocator: &PortAllocator,
+    security: &mut PortSecurity,
+) -> Result<usize> {
+    let grants = gate.grants()?;
+    let mut stale: BTreeSet<PortId> = gate.policies()?.into_keys().collect();
+    stale.extend(gate.allowlists()?.into_keys());
+    stale.extend(grants.iter().map(|grant| grant.id));
+    stale.retain(|id| allocator.allocation(*id).is_none());
+    for id in &stale {
+        gate.remove_policy(*id)?;
+    }
+    for grant in grants {
+        if allocator.allocation(grant.id).is_some() {
+            security.add_grant(grant.id, grant.addr, grant.expires_ns);
+        }
+    }
+    for held in allocator.allocations() {
+        gate.set_policy(held.id, &held.policy())?;
+    }
+    Ok(stale.len())
+}

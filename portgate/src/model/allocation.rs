@@ -1,0 +1,139 @@
+//! An allocation: the durable record of one held port, and the request that makes one.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    access::PortAccessControl,
+    owner::Owner,
+    policy::PortPolicy,
+    port::{PortId, PortStatus, Protocol},
+};
+
+/// Milliseconds since the Unix epoch: the store's clock, so timers survive restarts.
+pub type UnixMillis = u64;
+
+/// The current wall-clock time in [`UnixMillis`].
+#[must_use]
+pub fn now_millis() -> UnixMillis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+        })
+}
+
+/// `millis` plus `duration`, saturating.
+#[must_use]
+pub fn add_duration(millis: UnixMillis, duration: Duration) -> UnixMillis {
+    millis.saturating_add(u64::try_from(duration.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// When an allocation's lifecycle steps happened, and when its lease runs out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeline {
+    /// When it was allocated.
+    pub allocated_at: UnixMillis,
+    /// The lease length, when the allocation has one.
+    #[serde(with = "humantime_serde", default)]
+    pub ttl: Option<Duration>,
+    /// When the lease runs out (Active goes Draining then).
+    pub lease_expires_at: Option<UnixMillis>,
+    /// When it went Draining.
+    pub draining_since: Option<UnixMillis>,
+    /// When it went Closed; it becomes Available once quarantine has passed.
+    pub closed_at: Option<UnixMillis>,
+}
+
+impl Timeline {
+    /// Allocated at `now`, with a lease of `ttl` when given.
+    #[must_use]
+    pub fn starting(now: UnixMillis, ttl: Option<Duration>) -> Self {
+        Self {
+            allocated_at: now,
+            ttl,
+            lease_expires_at: ttl.map(|ttl| add_duration(now, ttl)),
+            draining_since: None,
+            closed_at: None,
+        }
+    }
+}
+
+/// One allocated port: the durable record the store keeps.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Allocation {
+    /// The port.
+    pub id: PortId,
+    /// Who holds it.
+    pub owner: Owner,
+    /// Its access control.
+    pub access: PortAccessControl,
+    /// Active, Draining or Closed (an Available port has no allocation).
+    pub status: PortStatus,
+    /// Its lifecycle's times.
+    #[serde(flatten)]
+    pub timeline: Timeline,
+}
+
+impl Allocation {
+    /// The kernel policy this allocation asks for.
+    #[must_use]
+    pub fn policy(&self) -> PortPolicy {
+        PortPolicy {
+            status: self.status,
+            access: self.access.clone(),
+            owner: self.owner.cgroup.clone(),
+        }
+    }
+}
+
+/// What an allocation asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AllocationRequest {
+    /// Who will hold the port.
+    pub owner: Owner,
+    /// A specific port, or `None` for any free one.
+    pub port: Option<u16>,
+    /// The protocol.
+    pub protocol: Protocol,
+    /// The access control to start with.
+    pub access: PortAccessControl,
+    /// A lease length; `None` holds the port until it is released.
+    pub ttl: Option<Duration>,
+}
+
+impl AllocationRequest {
+    /// Any free TCP port for `owner`, no policy, no lease.
+    #[must_use]
+    pub fn new(owner: &str) -> Self {
+        Self {
+            owner: Owner::named(owner),
+            port: None,
+            protocol: Protocol::Tcp,
+            access: PortAccessControl::default(),
+            ttl: None,
+        }
+    }
+}
+
+impl From<&str> for AllocationRequest {
+    fn from(owner: &str) -> Self {
+        Self::new(owner)
+    }
+}
+
+/// The specification's state of one port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortState {
+    /// The port.
+    pub port: PortId,
+    /// Available, Active, Draining or Closed.
+    pub status: PortStatus,
+    /// When it was allocated (`None` when Available).
+    pub allocated_at: Option<UnixMillis>,
+    /// Its owner's name (`None` when Available).
+    pub owner: Option<String>,
+    /// Connections open now (from the kernel; 0 without it).
+    pub connections: u64,
+}

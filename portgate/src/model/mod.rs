@@ -1,0 +1,26 @@
+//! The records every layer shares: a port's identity, its owner, its access control, its
+//! allocation and policy, and what its counters say.
+//!
+//! Each concept has one type here. The store keeps these records as they are; the kernel
+//! gate writes [`PortPolicy`]; the manager changes [`Allocation`]s; the API and
+//! `portgate maps` show them through views that flatten them, spelled as in
+//! [`spelling`]. Nothing here imports another of portgate's modules.
+
+mod access;
+mod allocation;
+mod metrics;
+mod owner;
+mod policy;
+mod port;
+pub mod spelling;
+
+pub use self::{
+    access::{AccessChange, Allowlist, PortAccessControl},
+    allocation::{
+        Allocation, AllocationRequest, PortState, Timeline, UnixMillis, add_duration, now_millis,
+    },
+    metrics::{DropCounts, GrantView, PortMetrics, PortReport},
+    owner::{Owner, OwnerCgroup},
+    policy::{DropReason, PortPolicy},
+    port::{PortId, PortStatus, Protocol, UnknownProtocol},
+};

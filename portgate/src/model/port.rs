@@ -1,0 +1,159 @@
+//! A port's identity and status.
+
+use std::{fmt, str::FromStr};
+
+use portgate_common::{proto, status};
+use serde::{Deserialize, Serialize};
+
+/// A managed transport protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+impl Protocol {
+    /// Both protocols.
+    pub const ALL: [Self; 2] = [Self::Tcp, Self::Udp];
+
+    /// The IP protocol number the kernel maps use.
+    #[must_use]
+    pub const fn number(self) -> u8 {
+        match self {
+            Self::Tcp => proto::TCP,
+            Self::Udp => proto::UDP,
+        }
+    }
+
+    /// The protocol of an IP protocol number, if it is managed.
+    #[must_use]
+    pub const fn from_number(number: u8) -> Option<Self> {
+        match number {
+            proto::TCP => Some(Self::Tcp),
+            proto::UDP => Some(Self::Udp),
+            _ => None,
+        }
+    }
+
+    /// Its name in JSON, metrics and messages: `tcp` or `udp`.
+    #[must_use]
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// An unknown protocol name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown protocol {0:?}: use tcp or udp")]
+pub struct UnknownProtocol(pub String);
+
+impl FromStr for Protocol {
+    type Err = UnknownProtocol;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Self::Tcp),
+            "udp" => Ok(Self::Udp),
+            _ => Err(UnknownProtocol(s.to_owned())),
+        }
+    }
+}
+
+/// One managed port: what allocations, policies, grants and counters are keyed by, on
+/// every layer.
+///
+/// A bare port number means TCP (`--proto` defaults to tcp wherever a port is named).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct PortId {
+    /// The port number.
+    pub port: u16,
+    /// The transport protocol.
+    pub protocol: Protocol,
+}
+
+impl PortId {
+    /// (port, protocol).
+    #[must_use]
+    pub const fn new(port: u16, protocol: Protocol) -> Self {
+        Self { port, protocol }
+    }
+}
+
+impl From<u16> for PortId {
+    fn from(port: u16) -> Self {
+        Self::new(port, Protocol::Tcp)
+    }
+}
+
+impl From<(u16, Protocol)> for PortId {
+    fn from((port, protocol): (u16, Protocol)) -> Self {
+        Self::new(port, protocol)
+    }
+}
+
+impl fmt::Display for PortId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.port, self.protocol)
+    }
+}
+
+/// The specification's port status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortStatus {
+    /// Not allocated (no policy in the kernel).
+    Available,
+    /// Allocated and taking new connections.
+    Active,
+    /// No new connections; established ones continue.
+    Draining,
+    /// No connections; waiting out quarantine.
+    Closed,
+}
+
+impl PortStatus {
+    /// The kernel's status code; `None` for Available, which has no policy record.
+    #[must_use]
+    pub const fn code(self) -> Option<u32> {
+        match self {
+            Self::Available => None,
+            Self::Active => Some(status::ACTIVE),
+            Self::Draining => Some(status::DRAINING),
+            Self::Closed => Some(status::CLOSED),
+        }
+    }
+
+    /// The status of a kernel status code.
+    #[must_use]
+    pub const fn from_code(code: u32) -> Option<Self> {
+        match code {
+            status::ACTIVE => Some(Self::Active),
+            status::DRAINING => Some(Self::Draining),
+            status::CLOSED => Some(Self::Closed),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for PortStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Available => "available",
+            Self::Active => "active",
+            Self::Draining => "draining",
+            Self::Closed => "closed",
+        })
+    }
+}

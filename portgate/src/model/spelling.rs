@@ -1,0 +1,32 @@
+//! How the API, the CLI's JSON and `portgate maps` spell the model's fields.
+//!
+//! A view flattens a model type with one of these (`#[serde(flatten, with = "...")]`):
+//! the concept keeps one type on every layer, the store keeps the specification's field
+//! names, and the JSON users read keeps its own (`proto`, `allow`, `require_auth`).
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    access::{Allowlist, PortAccessControl},
+    port::{PortId, Protocol},
+};
+
+/// [`PortId`] as the keys `port` and `proto`.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "PortId")]
+pub struct PortIdFields {
+    port: u16,
+    #[serde(rename = "proto")]
+    protocol: Protocol,
+}
+
+/// [`PortAccessControl`] as the keys `allow`, `max_connections` and `require_auth`.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "PortAccessControl")]
+pub struct AccessFields {
+    #[serde(rename = "allow")]
+    allowed_ips: Allowlist,
+    max_connections: u32,
+    #[serde(rename = "require_auth")]
+    require_authentication: bool,
+}
