@@ -7,7 +7,8 @@ use super::MAX_RETRIES_LIMIT;
 /// What is wrong with a configuration file or with the values in it.
 ///
 /// The variants after [`ConfigError::Invalid`] are the validation rules; they name the key but
-/// not the file, and [`Config::from_toml_str`](super::Config::from_toml_str) wraps them in [`ConfigError::Invalid`].
+/// not the file, and [`Config::from_toml_str`](super::Config::from_toml_str) wraps them in
+/// [`ConfigError::Invalid`].
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     // ---- the file ----
@@ -62,7 +63,8 @@ pub enum ConfigError {
         /// The keys allowed there, e.g. "expected one of `state_dir`, `pin_dir`, ...".
         expected: String,
     },
-    /// A value of the wrong type, or out of its type's range (e.g. a port above 65535).
+    /// A value of the wrong type, out of its type's range (e.g. a port above 65535), or
+    /// refused by its type's parser (a [`ValueError`](super::ValueError)).
     #[error(
         "{}: {key}: {message}; correct the value (portgate's dist/portgate.toml shows each key's type and default)",
         path.display()
@@ -73,6 +75,7 @@ pub enum ConfigError {
         /// Full key path, e.g. `ports.min_port`.
         key: String,
         /// What the deserializer said, e.g. "invalid value: integer `70000`, expected u16".
+        /// Only text: serde passes a value's error on as its message.
         message: String,
     },
     /// The file parsed but breaks a validation rule (one of the variants below).
@@ -145,25 +148,6 @@ pub enum ConfigError {
     },
 
     // ---- [daemon] ----
-    /// `daemon.socket_mode` is not an octal string of permission bits.
-    #[error(
-        "daemon.socket_mode = {value:?}: {why}; write the permission bits in octal, e.g. \"0660\""
-    )]
-    BadSocketMode {
-        /// The value given.
-        value: String,
-        /// What is wrong with it.
-        why: &'static str,
-    },
-    /// `daemon.cgroup` is neither `auto` nor an absolute path.
-    #[error(
-        "daemon.cgroup = {value:?}: neither \"auto\" nor an absolute path; write \"auto\" \
-         (the cgroup2 mount) or the full path of a cgroup2 directory"
-    )]
-    BadCgroup {
-        /// The value given.
-        value: String,
-    },
     /// A path that must be absolute is not.
     #[error(
         "{key} = {:?}: not an absolute path; write the full path, starting with /",
@@ -174,17 +158,6 @@ pub enum ConfigError {
         key: &'static str,
         /// The value given.
         path: PathBuf,
-    },
-    /// `daemon.metrics_listen` is not a socket address.
-    #[error(
-        "daemon.metrics_listen = {value:?}: not an ip:port address ({error}); write e.g. \
-         \"127.0.0.1:9477\" or \"[::1]:9477\", or \"\" to turn metrics off"
-    )]
-    BadMetricsListen {
-        /// The value given.
-        value: String,
-        /// What the address parser said.
-        error: std::net::AddrParseError,
     },
     /// `daemon.admin_group` is empty.
     #[error(

@@ -2,26 +2,33 @@
 //! `[ports]`, and [`DaemonConfig`] under `[daemon]`. Every field has a default, and
 //! `dist/portgate.toml` lists them all (a test keeps it equal to [`Config::default`]).
 //!
-//! [`Config::load`] reads, parses and validates a file. Each [`ConfigError`] is one line that
-//! names the file, the key, what is wrong and what to do. Validation errors come from
-//! [`Config::validate`] without a file (the values need not come from one) and are wrapped in
+//! [`Config::load`] reads, parses and validates a file. Each [`ConfigError`], with its
+//! causes, is one line that names the file, the key, what is wrong and what to do. The
+//! values with a shape of their own (the cgroup, the socket's mode, the metrics address) are
+//! typed by the parse itself ([`CgroupTarget`], [`SocketMode`], `Option<SocketAddr>`), so a
+//! bad one is refused before validation. Validation errors come from [`Config::validate`]
+//! without a file (the values need not come from one) and are wrapped in
 //! [`ConfigError::Invalid`] by [`Config::from_toml_str`], which knows the file.
 
 mod error;
 #[cfg(test)]
 mod tests;
+mod values;
 
 use std::{
     collections::HashSet,
     io,
-    net::SocketAddr,
+    net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
 
-pub use self::error::ConfigError;
+pub use self::{
+    error::ConfigError,
+    values::{CgroupTarget, MAX_SOCKET_MODE, SocketMode, ValueError},
+};
 
 /// The highest [`PortConfig::max_retries`] accepted: more probes than this only delay the
 /// scan of the free ports that follows them.
@@ -29,9 +36,6 @@ pub const MAX_RETRIES_LIMIT: u32 = 1_000_000;
 
 /// The longest interface name the kernel accepts (`IFNAMSIZ` - 1, for the NUL).
 pub const MAX_IFNAME_LEN: usize = 15;
-
-/// The highest [`DaemonConfig::socket_mode`]: permission bits only, no setuid, setgid or sticky.
-pub const MAX_SOCKET_MODE: u32 = 0o777;
 
 /// The specification's port configuration (`[ports]`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,18 +85,19 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// bpffs directory of the pinned maps and links.
     pub pin_dir: PathBuf,
-    /// `auto` (the cgroup2 mount from /proc/mounts) or a cgroup2 directory to attach to.
-    pub cgroup: String,
+    /// The cgroup2 directory to attach to: `"auto"` (the cgroup2 mount) or its path.
+    pub cgroup: CgroupTarget,
     /// Interfaces to attach XDP to.
     pub xdp_interfaces: Vec<String>,
     /// The API's Unix socket.
     pub socket: PathBuf,
-    /// The socket's permission bits (octal string, e.g. "0660").
-    pub socket_mode: String,
+    /// The socket's permission bits (an octal string in the file, e.g. "0660").
+    pub socket_mode: SocketMode,
     /// Members of this group (and root) may do everything.
     pub admin_group: String,
-    /// Address of the Prometheus endpoint; empty turns it off.
-    pub metrics_listen: String,
+    /// Address of the Prometheus endpoint; `None` (`""` in the file) turns it off.
+    #[serde(with = "values::metrics_listen")]
+    pub metrics_listen: Option<SocketAddr>,
     /// The audit log (JSON lines).
     pub audit_log: PathBuf,
 }
@@ -102,12 +107,12 @@ impl Default for DaemonConfig {
         Self {
             state_dir: PathBuf::from(crate::paths::DEFAULT_STATE_DIR),
             pin_dir: PathBuf::from(crate::paths::DEFAULT_PIN_DIR),
-            cgroup: "auto".to_owned(),
+            cgroup: CgroupTarget::Auto,
             xdp_interfaces: Vec::new(),
             socket: PathBuf::from(crate::paths::DEFAULT_SOCKET),
-            socket_mode: "0660".to_owned(),
+            socket_mode: SocketMode::default(),
             admin_group: "portgate".to_owned(),
-            metrics_listen: "127.0.0.1:9477".to_owned(),
+            metrics_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9477))),
             audit_log: PathBuf::from(crate::paths::DEFAULT_AUDIT_LOG),
         }
     }
@@ -169,12 +174,6 @@ impl PortConfig {
 impl DaemonConfig {
     /// Checks the daemon's settings; returns warnings that do not stop the daemon (none yet).
     pub fn validate(&self) -> Result<Vec<String>, ConfigError> {
-        parse_socket_mode(&self.socket_mode)?;
-        if self.cgroup != "auto" && !Path::new(&self.cgroup).is_absolute() {
-            return Err(ConfigError::BadCgroup {
-                value: self.cgroup.clone(),
-            });
-        }
         for (key, path) in [
             ("daemon.state_dir", &self.state_dir),
             ("daemon.pin_dir", &self.pin_dir),
@@ -188,7 +187,6 @@ impl DaemonConfig {
                 });
             }
         }
-        self.metrics_addr()?;
         if self.admin_group.trim().is_empty() {
             return Err(ConfigError::EmptyAdminGroup);
         }
@@ -200,48 +198,6 @@ impl DaemonConfig {
             }
         }
         Ok(Vec::new())
-    }
-
-    /// The socket's permission bits, e.g. `0o660` for `"0660"`.
-    ///
-    /// # Panics
-    ///
-    /// If `socket_mode` is invalid: call this after [`DaemonConfig::validate`] (which
-    /// [`Config::load`] runs).
-    #[must_use]
-    pub fn socket_mode_bits(&self) -> u32 {
-        parse_socket_mode(&self.socket_mode).expect("validate() accepted daemon.socket_mode")
-    }
-
-    /// The Prometheus endpoint's address, `None` when `metrics_listen` is empty (metrics off).
-    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
-        if self.metrics_listen.is_empty() {
-            return Ok(None);
-        }
-        self.metrics_listen
-            .parse()
-            .map(Some)
-            .map_err(|error| ConfigError::BadMetricsListen {
-                value: self.metrics_listen.clone(),
-                error,
-            })
-    }
-}
-
-/// Octal digits only: `u32::from_str_radix` alone would also take a sign ("+660").
-fn parse_socket_mode(value: &str) -> Result<u32, ConfigError> {
-    let bad = |why| ConfigError::BadSocketMode {
-        value: value.to_owned(),
-        why,
-    };
-    if value.is_empty() || !value.bytes().all(|b| (b'0'..=b'7').contains(&b)) {
-        return Err(bad("not an octal number"));
-    }
-    match u32::from_str_radix(value, 8) {
-        Ok(bits) if bits <= MAX_SOCKET_MODE => Ok(bits),
-        _ => Err(bad(
-            "above 0777 (only permission bits: no setuid, setgid or sticky bit)",
-        )),
     }
 }
 

@@ -1,3 +1,6 @@
+//! The file as a whole: defaults, `dist/portgate.toml`, and each rule's message as the CLI
+//! prints it. The typed values' own rules are tested in `values.rs`.
+
 use std::collections::BTreeSet;
 
 use super::*;
@@ -39,11 +42,26 @@ fn defaults_are_valid_without_warnings() {
     assert_eq!(config.ports.max_port, 29_999);
     assert_eq!(config.ports.timeout, Duration::from_secs(30));
     assert_eq!(config.ports.quarantine, Duration::from_secs(10));
-    assert_eq!(config.daemon.socket_mode_bits(), 0o660);
+    assert_eq!(config.daemon.cgroup, CgroupTarget::Auto);
+    assert_eq!(config.daemon.socket_mode.bits(), 0o660);
     assert_eq!(
-        config.daemon.metrics_addr().unwrap(),
+        config.daemon.metrics_listen,
         Some("127.0.0.1:9477".parse().unwrap())
     );
+}
+
+#[test]
+fn defaults_serialize_to_the_file_spelling() {
+    let defaults: toml::Table =
+        toml::from_str(&toml::to_string(&Config::default()).unwrap()).unwrap();
+    let daemon = defaults["daemon"].as_table().unwrap();
+    for (key, value) in [
+        ("cgroup", "auto"),
+        ("socket_mode", "0660"),
+        ("metrics_listen", "127.0.0.1:9477"),
+    ] {
+        assert_eq!(daemon[key].as_str(), Some(value), "daemon.{key}");
+    }
 }
 
 #[test]
@@ -245,19 +263,35 @@ fn socket_mode_above_permission_bits() {
 }
 
 #[test]
-fn socket_mode_bits_reads_octal() {
+fn socket_mode_reads_octal() {
     let config = parse("[daemon]\nsocket_mode = \"600\"\n").unwrap();
-    assert_eq!(config.daemon.socket_mode_bits(), 0o600);
+    assert_eq!(config.daemon.socket_mode.bits(), 0o600);
     let config = parse("[daemon]\nsocket_mode = \"0777\"\n").unwrap();
-    assert_eq!(config.daemon.socket_mode_bits(), 0o777);
+    assert_eq!(config.daemon.socket_mode.bits(), 0o777);
+}
+
+#[test]
+fn socket_mode_of_the_wrong_type_is_named() {
+    error_naming(
+        "[daemon]\nsocket_mode = 660\n",
+        "daemon.socket_mode: invalid type",
+    );
 }
 
 #[test]
 fn cgroup_must_be_auto_or_absolute() {
     error_naming("[daemon]\ncgroup = \"sys/fs/cgroup\"\n", "daemon.cgroup");
     error_naming("[daemon]\ncgroup = \"\"\n", "daemon.cgroup");
-    error_naming("[daemon]\ncgroup = \"Auto\"\n", "daemon.cgroup");
-    parse("[daemon]\ncgroup = \"/sys/fs/cgroup/portgate.slice\"\n").unwrap();
+    let message = error_naming("[daemon]\ncgroup = \"Auto\"\n", "daemon.cgroup");
+    assert!(
+        message.contains("\"Auto\" is neither \"auto\" nor an absolute path"),
+        "{message}"
+    );
+    let config = parse("[daemon]\ncgroup = \"/sys/fs/cgroup/portgate.slice\"\n").unwrap();
+    assert_eq!(
+        config.daemon.cgroup,
+        CgroupTarget::Path("/sys/fs/cgroup/portgate.slice".into())
+    );
 }
 
 #[test]
@@ -284,11 +318,11 @@ fn metrics_listen_must_be_a_socket_address() {
 #[test]
 fn metrics_listen_empty_or_ipv6() {
     let off = parse("[daemon]\nmetrics_listen = \"\"\n").unwrap();
-    assert_eq!(off.daemon.metrics_addr().unwrap(), None);
+    assert_eq!(off.daemon.metrics_listen, None);
     let v6 = parse("[daemon]\nmetrics_listen = \"[::1]:9477\"\n").unwrap();
     assert_eq!(
-        v6.daemon.metrics_addr().unwrap(),
-        Some("[::1]:9477".parse().unwrap())
+        v6.daemon.metrics_listen,
+        Some("[::1]:9477".parse::<SocketAddr>().unwrap())
     );
 }
 
