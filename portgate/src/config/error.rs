@@ -9,6 +9,10 @@ use super::MAX_RETRIES_LIMIT;
 /// The variants after [`ConfigError::Invalid`] are the validation rules; they name the key but
 /// not the file, and [`Config::from_toml_str`](super::Config::from_toml_str) wraps them in
 /// [`ConfigError::Invalid`].
+///
+/// A variant that wraps a cause keeps it as its `source` and leaves it out of its own
+/// message: the CLI prints the whole chain on one line (`message: cause`), which would
+/// otherwise say the cause twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     // ---- the file ----
@@ -23,17 +27,16 @@ pub enum ConfigError {
         path: PathBuf,
     },
     /// The file exists but cannot be read.
-    // `error` is not a `#[source]`: the message already carries it, and the CLI prints the
-    // whole chain, which would say it twice.
     #[error(
-        "cannot read config file {}: {error}; check that it is a readable file",
+        "cannot read config file {} (check that it is a readable file)",
         path.display()
     )]
     Read {
         /// The file.
         path: PathBuf,
         /// What the read returned.
-        error: io::Error,
+        #[source]
+        source: io::Error,
     },
     /// The file is not TOML.
     #[error(
@@ -78,12 +81,14 @@ pub enum ConfigError {
         /// Only text: serde passes a value's error on as its message.
         message: String,
     },
-    /// The file parsed but breaks a validation rule (one of the variants below).
-    #[error("{}: {problem}", path.display())]
+    /// The file parsed but breaks a validation rule (one of the variants below), which
+    /// follows the file's name in the chain.
+    #[error("{}", path.display())]
     Invalid {
         /// The file.
         path: PathBuf,
         /// The rule broken.
+        #[source]
         problem: Box<ConfigError>,
     },
 

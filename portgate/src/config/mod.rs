@@ -233,7 +233,7 @@ impl Config {
             } else {
                 ConfigError::Read {
                     path: path.to_owned(),
-                    error,
+                    source: error,
                 }
             }
         })?;

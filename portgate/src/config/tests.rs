@@ -11,12 +11,24 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
     Config::from_toml_str(text, Path::new(ORIGIN))
 }
 
-/// The message of the error `text` gives, after checking it names the file and `key`
+/// The line the CLI prints for `error` (the error and its causes), after checking that no
+/// cause repeats what the message before it already says.
+fn printed(error: ConfigError) -> String {
+    let error = anyhow::Error::from(error);
+    for (outer, cause) in error.chain().zip(error.chain().skip(1)) {
+        let (outer, cause) = (outer.to_string(), cause.to_string());
+        assert!(
+            !outer.contains(&cause),
+            "{outer:?} repeats its cause {cause:?}"
+        );
+    }
+    crate::cli::failure_line(&error)
+}
+
+/// The line printed for the error `text` gives, after checking it names the file and `key`
 /// and stays on one line.
 fn error_naming(text: &str, key: &str) -> String {
-    let message = parse(text)
-        .expect_err("the config should be refused")
-        .to_string();
+    let message = printed(parse(text).expect_err("the config should be refused"));
     assert!(message.starts_with(ORIGIN), "no file in: {message}");
     assert!(message.contains(key), "no {key} in: {message}");
     assert!(!message.contains('\n'), "more than one line: {message}");
@@ -374,7 +386,7 @@ fn load_reads_and_validates_a_file() {
     assert_eq!(Config::load(&path).unwrap().ports.min_port, 21_000);
 
     std::fs::write(&path, "[ports]\nmin_port = 0\n").unwrap();
-    let message = Config::load(&path).unwrap_err().to_string();
+    let message = printed(Config::load(&path).unwrap_err());
     assert!(
         message.starts_with(&format!("{}: ports.min_port = 0:", path.display())),
         "{message}"
@@ -423,10 +435,14 @@ fn load_or_default_reads_an_existing_file_either_way() {
 fn unreadable_path_is_a_read_error() {
     let dir = tempfile::tempdir().unwrap();
     let error = Config::load(dir.path()).unwrap_err();
-    assert!(matches!(error, ConfigError::Read { .. }), "{error:?}");
-    let message = error.to_string();
+    let ConfigError::Read { source, .. } = &error else {
+        panic!("not a read error: {error:?}");
+    };
+    let cause = source.to_string();
+    let message = printed(error);
     assert!(
         message.contains(&dir.path().display().to_string()),
         "{message}"
     );
+    assert_eq!(message.matches(&cause).count(), 1, "{message}");
 }
