@@ -13,6 +13,7 @@ pub mod auth;
 
 use std::{
     fs,
+    net::SocketAddr,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     sync::Arc,
@@ -28,7 +29,7 @@ use tokio::{
 
 use self::{audit::AuditLog, auth::AdminGroup};
 use crate::{
-    config::Config,
+    config::{CgroupTarget, Config},
     gate::{self, Gate, GateSettings},
     host::{
         self,
@@ -91,10 +92,9 @@ pub fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
 
 /// The cgroup the daemon attaches to.
 fn attach_cgroup(config: &Config) -> anyhow::Result<PathBuf> {
-    if config.daemon.cgroup == "auto" {
-        Ok(host::cgroups::root()?)
-    } else {
-        Ok(PathBuf::from(&config.daemon.cgroup))
+    match &config.daemon.cgroup {
+        CgroupTarget::Auto => Ok(host::cgroups::root()?),
+        CgroupTarget::Path(path) => Ok(path.clone()),
     }
 }
 
@@ -141,7 +141,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     let audit = AuditLog::open(&daemon.audit_log)
         .with_context(|| format!("opening the audit log {}", daemon.audit_log.display()))?;
     let admin = AdminGroup::resolve(&daemon.admin_group);
-    let listener = bind_socket(&daemon.socket, daemon.socket_mode_bits(), &admin)?;
+    let listener = bind_socket(&daemon.socket, daemon.socket_mode.bits(), &admin)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let app = Arc::new(App {
         manager: Arc::clone(&manager),
@@ -167,7 +167,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
         shutdown_rx.clone(),
     ));
     // The metrics address first: if it cannot be bound, no request has been taken yet.
-    let metrics_server = spawn_metrics(&app, &daemon.metrics_listen, shutdown_rx.clone()).await?;
+    let metrics_server = spawn_metrics(&app, daemon.metrics_listen, shutdown_rx.clone()).await?;
     let api_server = spawn_api(listener, &app, shutdown_rx.clone());
 
     if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
@@ -276,15 +276,15 @@ fn spawn_api(
     })
 }
 
-/// Serves `GET /metrics` on `address` (nothing when it is empty).
+/// Serves `GET /metrics` on `address` (nothing when it is `None`).
 async fn spawn_metrics(
     app: &Arc<App>,
-    address: &str,
+    address: Option<SocketAddr>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
-    if address.is_empty() {
+    let Some(address) = address else {
         return Ok(None);
-    }
+    };
     let tcp = TcpListener::bind(address)
         .await
         .with_context(|| format!("listening on {address} for metrics"))?;
