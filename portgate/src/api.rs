@@ -33,6 +33,7 @@ use crate::{
     model::{
         Allocation, PortAccessControl, PortId, PortStatus, Protocol, Timeline, UnixMillis, spelling,
     },
+    text::error_chain,
 };
 
 /// The most bytes a request body may have (an allowlist of 10,000 IPv6 prefixes fits).
@@ -262,14 +263,14 @@ pub struct ErrorDetail {
 }
 
 impl ErrorBody {
-    /// The body of a manager error.
+    /// The body of a manager error: its message with every cause.
     #[must_use]
     pub fn of(err: &PortError) -> Self {
         Self {
             error: ErrorDetail {
                 code: err.code().to_owned(),
                 category: Some(err.category()),
-                message: err.to_string(),
+                message: error_chain(err),
             },
         }
     }
@@ -309,6 +310,20 @@ mod tests {
     {
         assert_eq!(serde_json::to_string(value).unwrap(), expected);
         assert_eq!(&serde_json::from_str::<T>(expected).unwrap(), value);
+    }
+
+    #[test]
+    fn an_error_answer_carries_every_cause_once() {
+        let err = crate::manager::PortError::state(
+            "the change to 20001/tcp was not saved and was undone",
+            Some(Box::new(std::io::Error::other("no space left on device"))),
+        );
+        let body = super::ErrorBody::of(&err);
+        assert_eq!(body.error.code, "state_tracking");
+        assert_eq!(
+            body.error.message,
+            "keeping state: the change to 20001/tcp was not saved and was undone: no space left on device"
+        );
     }
 
     #[test]

@@ -16,4 +16,5 @@ pub mod manager;
 pub mod model;
 pub mod paths;
 pub mod store;
+pub mod text;
 pub mod verdict;

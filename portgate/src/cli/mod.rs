@@ -197,8 +197,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
 /// The one line printed after `portgate: ` for a failed verb: the error and its causes.
 #[must_use]
 pub fn failure_line(err: &anyhow::Error) -> String {
-    let causes: Vec<String> = err.chain().map(ToString::to_string).collect();
-    causes.join(": ")
+    crate::text::error_chain(err.as_ref())
 }
 
 /// The one line printed after `portgate: ` for the command line `args` (program name

@@ -68,10 +68,7 @@ pub enum ConfigError {
     },
     /// A value of the wrong type, out of its type's range (e.g. a port above 65535), or
     /// refused by its type's parser (a [`ValueError`](super::ValueError)).
-    #[error(
-        "{}: {key}: {message}; correct the value (portgate's dist/portgate.toml shows each key's type and default)",
-        path.display()
-    )]
+    #[error("{}: {key}: {message}; {advice}", path.display())]
     InvalidValue {
         /// The file.
         path: PathBuf,
@@ -80,6 +77,9 @@ pub enum ConfigError {
         /// What the deserializer said, e.g. "invalid value: integer `70000`, expected u16".
         /// Only text: serde passes a value's error on as its message.
         message: String,
+        /// What to do: the key's own rule where its type has one
+        /// ([`advice`](super::values::advice)), else to look up the key's type.
+        advice: &'static str,
     },
     /// The file parsed but breaks a validation rule (one of the variants below), which
     /// follows the file's name in the chain.

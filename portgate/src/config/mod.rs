@@ -297,6 +297,9 @@ fn value_error(origin: &Path, error: &serde_path_to_error::Error<toml::de::Error
     }
     ConfigError::InvalidValue {
         path: origin.to_owned(),
+        advice: values::advice(&key).unwrap_or(
+            "correct the value (portgate's dist/portgate.toml shows each key's type and default)",
+        ),
         key,
         message: message.to_owned(),
     }

@@ -22,7 +22,7 @@ fn printed(error: ConfigError) -> String {
             "{outer:?} repeats its cause {cause:?}"
         );
     }
-    crate::cli::failure_line(&error)
+    crate::text::error_chain(error.as_ref())
 }
 
 /// The line printed for the error `text` gives, after checking it names the file and `key`
@@ -288,6 +288,25 @@ fn socket_mode_of_the_wrong_type_is_named() {
         "[daemon]\nsocket_mode = 660\n",
         "daemon.socket_mode: invalid type",
     );
+}
+
+#[test]
+fn a_typed_value_says_its_own_rule_once() {
+    for (text, rule) in [
+        ("[daemon]\nsocket_mode = \"4770\"\n", "in octal"),
+        ("[daemon]\nsocket_mode = 660\n", "in octal"),
+        (
+            "[daemon]\ncgroup = \"Auto\"\n",
+            "full path of a cgroup2 directory",
+        ),
+        ("[daemon]\nmetrics_listen = \"x\"\n", "to turn metrics off"),
+    ] {
+        let message = printed(parse(text).unwrap_err());
+        assert_eq!(message.matches(rule).count(), 1, "{message}");
+        assert!(!message.contains("correct the value"), "{message}");
+    }
+    let message = printed(parse("[ports]\nmin_port = 70000\n").unwrap_err());
+    assert!(message.contains("correct the value"), "{message}");
 }
 
 #[test]

@@ -12,6 +12,22 @@ use std::{
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer, de::Error as _};
 
+/// What to do about a bad value of `key`, for the keys whose values are typed here (a
+/// value of the wrong type included); `None` for other keys.
+#[must_use]
+pub fn advice(key: &str) -> Option<&'static str> {
+    match key {
+        "daemon.cgroup" => {
+            Some("write \"auto\" (the cgroup2 mount) or the full path of a cgroup2 directory")
+        }
+        "daemon.socket_mode" => Some("write the permission bits in octal, e.g. \"0660\""),
+        "daemon.metrics_listen" => {
+            Some("write e.g. \"127.0.0.1:9477\" or \"[::1]:9477\", or \"\" to turn metrics off")
+        }
+        _ => None,
+    }
+}
+
 /// The highest [`SocketMode`]: permission bits only, no setuid, setgid or sticky.
 pub const MAX_SOCKET_MODE: u32 = 0o777;
 
@@ -21,16 +37,13 @@ pub const MAX_SOCKET_MODE: u32 = 0o777;
 #[derive(Debug, thiserror::Error)]
 pub enum ValueError {
     /// `daemon.cgroup` is neither `auto` nor an absolute path.
-    #[error(
-        "{value:?} is neither \"auto\" nor an absolute path; write \"auto\" \
-         (the cgroup2 mount) or the full path of a cgroup2 directory"
-    )]
+    #[error("{value:?} is neither \"auto\" nor an absolute path")]
     BadCgroup {
         /// The value given.
         value: String,
     },
     /// `daemon.socket_mode` is not an octal string of permission bits.
-    #[error("{value:?} is {why}; write the permission bits in octal, e.g. \"0660\"")]
+    #[error("{value:?} is {why}")]
     BadSocketMode {
         /// The value given.
         value: String,
@@ -38,10 +51,7 @@ pub enum ValueError {
         why: &'static str,
     },
     /// `daemon.metrics_listen` is neither empty nor a socket address.
-    #[error(
-        "{value:?} is not an ip:port address; write e.g. \"127.0.0.1:9477\" or \"[::1]:9477\", \
-         or \"\" to turn metrics off"
-    )]
+    #[error("{value:?} is not an ip:port address")]
     BadMetricsListen {
         /// The value given.
         value: String,
@@ -212,7 +222,7 @@ where
 }
 
 /// Reads a string and parses it with `parse`. serde keeps only the message of the
-/// [`ValueError`], which is why it says what to do on its own.
+/// [`ValueError`]; what to do is the key's [`advice`].
 fn parse_string_with<'de, T, D>(
     deserializer: D,
     parse: impl FnOnce(&str) -> Result<T, ValueError>,

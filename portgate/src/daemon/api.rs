@@ -276,9 +276,10 @@ async fn not_found(ConnectInfo(peer): ConnectInfo<Peer>, State(app): State<Arc<A
 /// failed commit) must not be abandoned.
 async fn run_to_completion(request: Request, next: Next) -> Response {
     tokio::spawn(next.run(request)).await.unwrap_or_else(|err| {
-        ApiError::Port(PortError::StateTracking(format!(
-            "the request did not finish ({err}); see the daemon's log"
-        )))
+        ApiError::Port(PortError::state(
+            "the request did not finish; see the daemon's log",
+            Some(Box::new(err)),
+        ))
         .into_response()
     })
 }

@@ -38,6 +38,7 @@ use crate::{
     manager::{self, PortManager, StartReport},
     paths,
     store::{RedbStore, Store, StoredState},
+    text::Chain,
 };
 
 /// How often the lifecycle timers are checked (leases, drains, quarantine): a step is taken
@@ -387,7 +388,7 @@ async fn lifecycle(
                     log::info!("lifecycle: {step}");
                 }
             }
-            Err(err) => log::error!("lifecycle: {err}"),
+            Err(err) => log::error!("lifecycle: {}", Chain(&err)),
         }
         if manager.store_failed() {
             store_failed.notify_one();
@@ -407,7 +408,10 @@ async fn read_events(
             event = events.next() => match event {
                 Ok(event) => manager.monitor().record_event(event),
                 Err(err) => {
-                    log::error!("reading deny events: {err}; no more events will be read");
+                    log::error!(
+                        "reading deny events: {}; no more events will be read",
+                        Chain(&err)
+                    );
                     return;
                 }
             },

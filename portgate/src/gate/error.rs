@@ -18,7 +18,7 @@ pub enum GateError {
     #[error(transparent)]
     Host(#[from] HostError),
     /// The kernel object could not be loaded (maps created, BTF read).
-    #[error("loading the kernel object: {0}")]
+    #[error("loading the kernel object")]
     Load(#[source] Box<EbpfError>),
     /// Nothing is installed under the pin directory.
     #[error(
@@ -54,7 +54,7 @@ pub enum GateError {
         name: &'static str,
     },
     /// Loading or attaching a program failed.
-    #[error("{op} program {name}: {source}")]
+    #[error("{op} program {name}")]
     Program {
         /// What was being done.
         op: &'static str,
@@ -65,7 +65,7 @@ pub enum GateError {
         source: Box<ProgramError>,
     },
     /// A program's link cannot be pinned (the kernel attached it the legacy way).
-    #[error("the link of program {name} cannot be pinned: {source}")]
+    #[error("the link of program {name} cannot be pinned")]
     Link {
         /// The program's name.
         name: &'static str,
@@ -74,7 +74,7 @@ pub enum GateError {
         source: Box<LinkError>,
     },
     /// Pinning a link failed.
-    #[error("pinning link {path}: {source}")]
+    #[error("pinning link {path}")]
     Pin {
         /// Where.
         path: PathBuf,
@@ -83,7 +83,7 @@ pub enum GateError {
         source: Box<PinError>,
     },
     /// A map operation failed.
-    #[error("{op} in map {map}: {source}")]
+    #[error("{op} in map {map}")]
     Map {
         /// What was being done.
         op: &'static str,
@@ -126,7 +126,7 @@ pub enum GateError {
         name: String,
     },
     /// A file operation failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         /// What was being done.
         op: &'static str,

@@ -25,7 +25,7 @@ use crate::paths;
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
     /// A socket table under `/proc/thread-self/net` could not be read or parsed.
-    #[error("reading the socket table {path}: {source}; portgate needs procfs mounted at /proc")]
+    #[error("reading the socket table {path}; portgate needs procfs mounted at /proc")]
     SocketTable {
         /// The table read.
         path: PathBuf,
@@ -34,7 +34,7 @@ pub enum HostError {
         source: ProcError,
     },
     /// A sysctl file could not be read.
-    #[error("reading {path}: {source}; portgate needs procfs mounted at /proc")]
+    #[error("reading {path}; portgate needs procfs mounted at /proc")]
     ReadSysctl {
         /// The file read.
         path: PathBuf,
@@ -55,7 +55,7 @@ pub enum HostError {
     },
     /// A sysctl file could not be written.
     #[error(
-        "writing {value:?} to {path}: {source}; run portgate as root (CAP_NET_ADMIN over its \
+        "writing {value:?} to {path}; run portgate as root (CAP_NET_ADMIN over its \
          network namespace) with /proc/sys mounted read-write"
     )]
     WriteSysctl {
@@ -80,7 +80,7 @@ pub enum HostError {
     },
     /// The reserved ports are not a list of ports and ranges.
     #[error(
-        "{path} holds {value:?}: {source}; set it to a valid list with \
+        "{path} holds {value:?}; set it to a valid list with \
          `sysctl -w net.ipv4.ip_local_reserved_ports=...`"
     )]
     BadReservedPorts {
@@ -93,7 +93,7 @@ pub enum HostError {
         source: ParsePortRangesError,
     },
     /// The mount table could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("reading {path}")]
     Mounts {
         /// The file read.
         path: &'static str,
@@ -116,7 +116,7 @@ pub enum HostError {
         root: PathBuf,
     },
     /// A file-system call failed.
-    #[error("{op} {path}: {source}")]
+    #[error("{op} {path}")]
     Io {
         /// What was being done.
         op: &'static str,
@@ -137,7 +137,7 @@ pub enum HostError {
         found: String,
     },
     /// A system call failed.
-    #[error("{call}: {source}")]
+    #[error("{call}")]
     Syscall {
         /// The call's name.
         call: &'static str,

@@ -81,9 +81,9 @@ const fn protocol_index(protocol: Protocol) -> usize {
 impl PortAllocator {
     /// An allocator over `config` (validated), holding nothing yet.
     pub fn from_config(config: PortConfig) -> Result<Self> {
-        config
-            .validate()
-            .map_err(|err| PortError::Configuration(err.to_string()))?;
+        config.validate().map_err(|err| {
+            PortError::configuration("the [ports] section is not valid", Some(Box::new(err)))
+        })?;
         let reserved: BTreeSet<u16> = config.reserved_ports.iter().copied().collect();
         let unreserved: BTreeSet<u16> = (config.min_port..=config.max_port)
             .filter(|port| !reserved.contains(port))
@@ -218,10 +218,13 @@ impl PortAllocator {
     pub fn load(&mut self, allocation: Allocation) -> Result<()> {
         self.check_port(allocation.id.port)?;
         if self.reserved.contains(&allocation.id.port) {
-            return Err(PortError::Configuration(format!(
-                "port {} is allocated to {} but is now in [ports] reserved_ports: release it first or take it out of reserved_ports",
-                allocation.id, allocation.owner.name
-            )));
+            return Err(PortError::configuration(
+                format!(
+                    "port {} is allocated to {} but is now in [ports] reserved_ports: release it first or take it out of reserved_ports",
+                    allocation.id, allocation.owner.name
+                ),
+                None,
+            ));
         }
         self.insert(allocation);
         Ok(())

@@ -1,12 +1,19 @@
 //! The manager's one error type, in the specification's categories.
 //!
 //! Errors stay typed until the edge: the API turns [`PortError::http_status`] into a status
-//! code, the CLI prints the message. Every message says what was wrong and what to do.
+//! code and the message into text with its causes ([`crate::text::error_chain`]), the CLI
+//! prints that. Every message says what was wrong and what to do; a lower error it wraps is
+//! its `#[source]`, not text in its message.
 
 use std::net::IpAddr;
 
-use crate::model::DropReason;
-use crate::model::PortId;
+use crate::{
+    gate::GateError,
+    model::{DropReason, PortId},
+};
+
+/// A lower error a [`PortError`] wraps.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 /// The specification's error categories.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -51,8 +58,14 @@ pub enum PortError {
     #[error("port {0} is not allocated: see `portgate list`")]
     NotAllocated(PortId),
     /// The configuration is wrong.
-    #[error("configuration: {0}")]
-    Configuration(String),
+    #[error("configuration: {message}")]
+    Configuration {
+        /// What is wrong and what to do.
+        message: String,
+        /// The error found in it, if another one.
+        #[source]
+        cause: Option<Cause>,
+    },
     /// A kernel map has no room left for the change.
     #[error(
         "the kernel's {map} map is full ({capacity} entries): release ports, remove allowlist prefixes, or let grants expire, then retry"
@@ -91,15 +104,33 @@ pub enum PortError {
     PolicyViolation(String),
 
     // ---- monitoring ----
-    /// Counters could not be read.
-    #[error("reading counters: {0}")]
-    MetricCollection(String),
+    /// Counters could not be read or encoded.
+    #[error("reading counters: {what}")]
+    MetricCollection {
+        /// What was being read.
+        what: &'static str,
+        /// Why it failed.
+        #[source]
+        cause: Cause,
+    },
     /// State could not be kept: the kernel maps or the store refused a change.
-    #[error("keeping state: {0}")]
-    StateTracking(String),
+    #[error("keeping state: {message}")]
+    StateTracking {
+        /// What was not kept, and what to do.
+        message: String,
+        /// The refusal, when a lower layer gave one.
+        #[source]
+        cause: Option<Cause>,
+    },
     /// The host could not be inspected (sockets, sysctls, cgroups).
-    #[error("inspecting the host: {0}")]
-    ResourceMonitoring(String),
+    #[error("inspecting the host: {what}")]
+    ResourceMonitoring {
+        /// What was being read or written.
+        what: String,
+        /// Why it failed.
+        #[source]
+        cause: Cause,
+    },
     /// Events or the audit log could not be written or read.
     #[error("event log: {0}")]
     EventLogging(String),
@@ -114,15 +145,15 @@ impl PortError {
             | Self::RangeExhausted { .. }
             | Self::InvalidPortRequest(_)
             | Self::NotAllocated(_)
-            | Self::Configuration(_)
+            | Self::Configuration { .. }
             | Self::KernelMapFull { .. } => ErrorCategory::Allocation,
             Self::AccessDenied(_)
             | Self::AuthenticationFailed { .. }
             | Self::LimitExceeded { .. }
             | Self::PolicyViolation(_) => ErrorCategory::Security,
-            Self::MetricCollection(_)
-            | Self::StateTracking(_)
-            | Self::ResourceMonitoring(_)
+            Self::MetricCollection { .. }
+            | Self::StateTracking { .. }
+            | Self::ResourceMonitoring { .. }
             | Self::EventLogging(_) => ErrorCategory::Monitoring,
         }
     }
@@ -135,15 +166,15 @@ impl PortError {
             Self::RangeExhausted { .. } => "range_exhausted",
             Self::InvalidPortRequest(_) => "invalid_port_request",
             Self::NotAllocated(_) => "not_allocated",
-            Self::Configuration(_) => "configuration",
+            Self::Configuration { .. } => "configuration",
             Self::KernelMapFull { .. } => "kernel_map_full",
             Self::AccessDenied(_) => "access_denied",
             Self::AuthenticationFailed { .. } => "authentication_failed",
             Self::LimitExceeded { .. } => "limit_exceeded",
             Self::PolicyViolation(_) => "policy_violation",
-            Self::MetricCollection(_) => "metric_collection",
-            Self::StateTracking(_) => "state_tracking",
-            Self::ResourceMonitoring(_) => "resource_monitoring",
+            Self::MetricCollection { .. } => "metric_collection",
+            Self::StateTracking { .. } => "state_tracking",
+            Self::ResourceMonitoring { .. } => "resource_monitoring",
             Self::EventLogging(_) => "event_logging",
         }
     }
@@ -158,10 +189,10 @@ impl PortError {
             Self::AccessDenied(_) | Self::AuthenticationFailed { .. } => 403,
             Self::LimitExceeded { .. } => 429,
             Self::KernelMapFull { .. } => 507,
-            Self::Configuration(_)
-            | Self::MetricCollection(_)
-            | Self::StateTracking(_)
-            | Self::ResourceMonitoring(_)
+            Self::Configuration { .. }
+            | Self::MetricCollection { .. }
+            | Self::StateTracking { .. }
+            | Self::ResourceMonitoring { .. }
             | Self::EventLogging(_) => 500,
         }
     }
@@ -184,15 +215,55 @@ impl PortError {
     }
 }
 
-impl From<crate::gate::GateError> for PortError {
-    fn from(err: crate::gate::GateError) -> Self {
+impl PortError {
+    /// State that could not be kept (`message` says what and what to do), because of
+    /// `cause` when a lower layer refused it.
+    #[must_use]
+    pub fn state(message: impl Into<String>, cause: Option<Cause>) -> Self {
+        Self::StateTracking {
+            message: message.into(),
+            cause,
+        }
+    }
+
+    /// The host could not be read or changed (`what` was being done).
+    #[must_use]
+    pub fn host(what: impl Into<String>, cause: impl Into<Cause>) -> Self {
+        Self::ResourceMonitoring {
+            what: what.into(),
+            cause: cause.into(),
+        }
+    }
+
+    /// The kernel's counters could not be read.
+    #[must_use]
+    pub fn counters(cause: GateError) -> Self {
+        Self::MetricCollection {
+            what: "the kernel maps",
+            cause: Box::new(cause),
+        }
+    }
+
+    /// A configuration that does not hold: `message` says why and what to do.
+    #[must_use]
+    pub fn configuration(message: impl Into<String>, cause: Option<Cause>) -> Self {
+        Self::Configuration {
+            message: message.into(),
+            cause,
+        }
+    }
+}
+
+impl From<GateError> for PortError {
+    /// The kernel refused a change: a full map is its own error (507), anything else is
+    /// state that could not be kept.
+    fn from(err: GateError) -> Self {
         match err {
-            crate::gate::GateError::MapFull { map, capacity } => {
-                Self::KernelMapFull { map, capacity }
-            }
-            other => Self::StateTracking(format!(
-                "{other}; the change was not made (see the daemon's log, and `portgate status` for the gate)"
-            )),
+            GateError::MapFull { map, capacity } => Self::KernelMapFull { map, capacity },
+            other => Self::state(
+                "the kernel refused the change, which was not made (see the daemon's log, and `portgate status` for the gate)",
+                Some(Box::new(other)),
+            ),
         }
     }
 }

@@ -53,6 +53,7 @@ use crate::{
         Protocol, UnixMillis, now_millis,
     },
     store::{HostChanges, Store},
+    text::Chain,
 };
 
 /// Who is asking: the manager checks that users change only what they allocated.
@@ -194,9 +195,7 @@ impl PortManager {
         let (range, probe) = (self.range(), request.clone());
         tokio::task::spawn_blocking(move || bound_for(sockets.as_ref(), range, &probe))
             .await
-            .map_err(|err| {
-                PortError::ResourceMonitoring(format!("reading the socket tables: {err}"))
-            })?
+            .map_err(|err| PortError::host("reading the socket tables", err))?
     }
 
     /// Releases a port for `actor` (`portgate release` and `portgate drain`): it goes
@@ -300,9 +299,7 @@ impl PortManager {
     pub async fn reports(&self) -> Result<Vec<PortReport>> {
         let state = self.state.lock().await;
         if let Some(gate) = state.gate.as_ref() {
-            return gate
-                .reports()
-                .map_err(|err| PortError::MetricCollection(err.to_string()));
+            return gate.reports().map_err(PortError::counters);
         }
         Ok(state
             .allocator
@@ -323,7 +320,7 @@ impl PortManager {
         };
         let allow = held.map(|held| held.access.allowed_ips.clone());
         gate.report(id, allow.unwrap_or_default())
-            .map_err(|err| PortError::MetricCollection(err.to_string()))
+            .map_err(PortError::counters)
     }
 
     /// Ports that can be allocated now, per protocol (live sockets not counted).
@@ -354,7 +351,10 @@ impl PortManager {
         };
         self.monitor
             .encode(snapshot)
-            .map_err(|err| PortError::MetricCollection(err.to_string()))
+            .map_err(|err| PortError::MetricCollection {
+                what: "the metrics text",
+                cause: Box::new(err),
+            })
     }
 
     /// Takes every lifecycle step due now (lease expiry, drain end, quarantine end), in
@@ -364,7 +364,7 @@ impl PortManager {
         if self.grant_sweep_due()
             && let Err(err) = self.sweep_grants().await
         {
-            log::error!("sweeping expired grants: {err}");
+            log::error!("sweeping expired grants: {}", Chain(&err));
         }
         let (steps, pending) = {
             let mut state = self.state.lock().await;
@@ -387,7 +387,8 @@ impl PortManager {
             let (pending, refused) = self.apply_each(&mut state, before);
             for (id, err) in &refused {
                 log::error!(
-                    "lifecycle step of {id} not applied to the kernel, tried again later: {err}"
+                    "lifecycle step of {id} not applied to the kernel, tried again later: {}",
+                    Chain(err)
                 );
             }
             let steps: Vec<Transition> = ticked
@@ -481,9 +482,12 @@ impl PortManager {
     /// Refuses changes once the store has failed (see [`PortManager::store_failed`]).
     fn refuse_after_store_failure(&self) -> Result<()> {
         if self.store_failed() {
-            return Err(PortError::StateTracking(format!(
-                "an earlier change could not be saved, so no change is taken until the daemon restarts. {STORE_ADVICE}"
-            )));
+            return Err(PortError::state(
+                format!(
+                    "an earlier change could not be saved, so no change is taken until the daemon restarts. {STORE_ADVICE}"
+                ),
+                None,
+            ));
         }
         Ok(())
     }
@@ -502,7 +506,7 @@ fn bound_for(
         Some(_) => Ok(std::collections::BTreeSet::new()),
         None => sockets.bound_ports(request.protocol, range),
     }
-    .map_err(|err| PortError::ResourceMonitoring(err.to_string()))
+    .map_err(|err| PortError::host("reading the socket tables", err))
 }
 
 /// What to do when the store refuses a change.

@@ -52,9 +52,8 @@ pub(super) fn snapshot(
     range: std::ops::RangeInclusive<u16>,
 ) -> Result<PortsSnapshot> {
     let mut snapshot = PortsSnapshot::default();
-    let collecting = |err: crate::gate::GateError| PortError::MetricCollection(err.to_string());
     let mut counted = match state.gate.as_ref() {
-        Some(gate) => gate.all_counters().map_err(collecting)?,
+        Some(gate) => gate.all_counters().map_err(PortError::counters)?,
         None => std::collections::BTreeMap::new(),
     };
     let connections = state.all_connections(range);
@@ -80,7 +79,7 @@ pub(super) fn snapshot(
     ];
     snapshot.free = super::free_ports(&state.allocator);
     if let Some(gate) = state.gate.as_ref() {
-        let gate_stats = gate.stats().map_err(collecting)?;
+        let gate_stats = gate.stats().map_err(PortError::counters)?;
         snapshot.events_lost_full = gate_stats.events_lost_full;
         snapshot.events_rate_limited = gate_stats.events_rate_limited;
     }

@@ -49,9 +49,10 @@ fn load(
 ) -> Result<()> {
     for allocation in allocations {
         allocator.load(allocation).map_err(|err| {
-            PortError::Configuration(format!(
-                "the store holds an allocation the configuration no longer allows ({err}); start with the old [ports] range and release it first"
-            ))
+            PortError::configuration(
+                "the store holds an allocation the configuration no longer allows; start with the old [ports] range and release it first",
+                Some(Box::new(err)),
+            )
         })?;
     }
     Ok(())
@@ -85,7 +86,7 @@ impl PortManager {
         for protocol in Protocol::ALL {
             let listeners = sockets
                 .listeners(protocol, allocator.range())
-                .map_err(|err| PortError::ResourceMonitoring(err.to_string()))?
+                .map_err(|err| PortError::host("reading the listeners", err))?
                 .into_iter()
                 .filter(|listener| {
                     allocator

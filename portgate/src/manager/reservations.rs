@@ -43,11 +43,8 @@ impl PortManager {
         if !reserve {
             return Ok(warnings);
         }
-        let planned = host::sysctls::ports_to_reserve(self.range()).map_err(|err| {
-            PortError::ResourceMonitoring(format!(
-                "reading net.ipv4.ip_local_reserved_ports: {err}"
-            ))
-        })?;
+        let planned = host::sysctls::ports_to_reserve(self.range())
+            .map_err(|err| PortError::host("reading net.ipv4.ip_local_reserved_ports", err))?;
         if planned.is_empty() {
             return Ok(warnings);
         }
@@ -64,9 +61,10 @@ impl PortManager {
                 reserved_ports_added: before,
             })
             .await?;
-            return Err(PortError::ResourceMonitoring(format!(
-                "adding the range to net.ipv4.ip_local_reserved_ports: {err}"
-            )));
+            return Err(PortError::host(
+                "adding the range to net.ipv4.ip_local_reserved_ports",
+                err,
+            ));
         }
         Ok(warnings)
     }
@@ -84,7 +82,10 @@ impl PortManager {
             .wait()
             .await
             .map_err(|err| {
-                PortError::StateTracking(format!("recording the reserved ports: {err}"))
+                PortError::state(
+                    "the reserved ports could not be recorded",
+                    Some(Box::new(err)),
+                )
             })?;
         *self
             .host_changes

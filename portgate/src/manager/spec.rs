@@ -72,9 +72,7 @@ impl PortManager {
         let Some(gate) = state.gate.as_ref() else {
             return Ok(PortMetrics::default());
         };
-        let counters = gate
-            .counters(id)
-            .map_err(|err| PortError::MetricCollection(err.to_string()))?;
+        let counters = gate.counters(id).map_err(PortError::counters)?;
         Ok(counters.metrics(state.connections(id)))
     }
 

@@ -10,6 +10,7 @@
 //! no further change is taken until a restart (which makes the kernel equal to the store).
 
 use super::{PortError, PortManager, Result, STORE_ADVICE, State};
+use crate::text::Chain;
 use crate::{
     model::{Allocation, PortId},
     store::{Change, Commit},
@@ -43,7 +44,10 @@ impl State {
     /// Puts a port back to `record` in the allocator, the mirror and the kernel.
     fn put_back(&mut self, id: PortId, record: Option<Allocation>) {
         if let Err(err) = self.enforce(id, record.as_ref()) {
-            log::error!("undoing a change to {id} in the kernel failed: {err}");
+            log::error!(
+                "undoing a change to {id} in the kernel failed: {}",
+                Chain(&err)
+            );
         }
         self.allocator.set(id, record);
     }
@@ -113,8 +117,9 @@ impl PortManager {
                 state.put_back(id, before);
             }
         }
-        Err(PortError::StateTracking(format!(
-            "{what} was not saved ({err}); it was undone. {STORE_ADVICE}"
-        )))
+        Err(PortError::state(
+            format!("{what} was not saved and was undone. {STORE_ADVICE}"),
+            Some(Box::new(err)),
+        ))
     }
 }
