@@ -1,5 +1,5 @@
 //! `cargo xtask lint`: formatting and clippy for every crate, the kernel crate on nightly
-//! for the BPF target (it builds for nothing else).
+//! for the BPF target (it builds for nothing else), and the code's shape ([`crate::shape`]).
 
 use anyhow::Result;
 
@@ -34,6 +34,14 @@ pub fn run() -> Result<()> {
             "warnings",
         ],
     )?;
+    crate::shape::check(&workspace_root())?;
     println!("lint: clean");
     Ok(())
+}
+
+/// The workspace root: the parent of xtask's own directory.
+fn workspace_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| ".".into(), std::path::Path::to_owned)
 }

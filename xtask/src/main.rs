@@ -4,6 +4,7 @@ mod bench;
 mod lint;
 mod run;
 mod setup;
+mod shape;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -27,7 +28,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Set up, build, and run the `portgate` binary with the given arguments.
     Run(run::RunArgs),
-    /// Check formatting and run clippy on every crate (the kernel crate on nightly).
+    /// Check formatting, run clippy on every crate (the kernel crate on nightly), and check
+    /// the code's shape: layers, file sizes, function lengths.
     Lint,
 }
 

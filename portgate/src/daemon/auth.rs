@@ -17,6 +17,18 @@ pub struct Peer {
     pub pid: Option<i32>,
 }
 
+impl Peer {
+    /// A caller whose credentials are unknown: it has no rights.
+    #[must_use]
+    pub const fn nobody() -> Self {
+        Self {
+            uid: None,
+            gid: None,
+            pid: None,
+        }
+    }
+}
+
 impl axum::extract::connect_info::Connected<IncomingStream<'_, UnixListener>> for Peer {
     fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
         match stream.io().peer_cred() {
@@ -27,11 +39,7 @@ impl axum::extract::connect_info::Connected<IncomingStream<'_, UnixListener>> fo
             },
             Err(err) => {
                 log::warn!("peer credentials of an API connection: {err}");
-                Self {
-                    uid: None,
-                    gid: None,
-                    pid: None,
-                }
+                Self::nobody()
             }
         }
     }

@@ -1,0 +1,392 @@
+//! The local API's handlers: HTTP + JSON over the Unix socket (routes in [`crate::api`]).
+//!
+//! Every request is authorized from the socket's peer credentials, timed into the latency
+//! histogram, and written to the audit log with its outcome: handlers answer through
+//! [`Caller::answer`], which does all three. Bad input (JSON, ports, addresses, durations)
+//! is refused with a 4xx and an [`ErrorBody`] before the manager is asked, so it changes
+//! nothing. `ports` holds the calls on ports, `reads` the views of the whole daemon.
+
+mod ports;
+mod reads;
+
+use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Instant};
+
+use axum::{
+    Json, Router,
+    body::Bytes,
+    extract::{
+        ConnectInfo, DefaultBodyLimit, FromRequestParts, Path as UrlPath, Query, Request,
+        rejection::BytesRejection,
+    },
+    http::{StatusCode, request::Parts},
+    middleware::Next,
+    response::{IntoResponse, Response},
+    routing::{get, patch, post},
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+pub use self::reads::{metrics_response, metrics_router};
+use super::{
+    App,
+    audit::{AuditRecord, now_rfc3339},
+    auth::Peer,
+};
+use crate::{
+    api::{ErrorBody, MAX_BODY_BYTES},
+    manager::{Actor, PortError},
+    model::{PortId, Protocol, UnknownProtocol},
+};
+
+/// The API router.
+pub fn router(app: Arc<App>) -> Router {
+    Router::new()
+        .route("/v1/ports", post(ports::alloc).get(ports::list))
+        .route("/v1/ports/{port}", get(ports::show).delete(ports::release))
+        .route("/v1/ports/{port}/drain", post(ports::drain))
+        .route("/v1/ports/{port}/renew", post(ports::renew))
+        .route("/v1/ports/{port}/access", patch(ports::access))
+        .route("/v1/ports/{port}/grants", post(ports::grant))
+        .route("/v1/ports/{port}/check", get(ports::check))
+        .route("/v1/stats", get(reads::stats))
+        .route("/v1/events", get(reads::events))
+        .route("/v1/status", get(reads::status))
+        .route("/metrics", get(reads::metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(run_to_completion))
+        .with_state(app)
+}
+
+/// A failed request.
+#[derive(Debug)]
+pub enum ApiError {
+    /// The manager refused it.
+    Port(PortError),
+    /// The request itself is wrong.
+    Bad {
+        /// HTTP status.
+        status: StatusCode,
+        /// The error body.
+        body: ErrorBody,
+    },
+}
+
+impl ApiError {
+    fn bad(code: &str, message: impl Into<String>) -> Self {
+        Self::Bad {
+            status: StatusCode::BAD_REQUEST,
+            body: ErrorBody::bad_request(code, message),
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::Port(err) => {
+                StatusCode::from_u16(err.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+            }
+            Self::Bad { status, .. } => *status,
+        }
+    }
+
+    fn code(&self) -> String {
+        match self {
+            Self::Port(err) => err.code().to_owned(),
+            Self::Bad { body, .. } => body.error.code.clone(),
+        }
+    }
+
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let body = match self {
+            Self::Port(err) => ErrorBody::of(&err),
+            Self::Bad { body, .. } => body,
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<PortError> for ApiError {
+    fn from(err: PortError) -> Self {
+        Self::Port(err)
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// What the audit record of a request names.
+struct Audit {
+    action: &'static str,
+    id: Option<PortId>,
+    started: Instant,
+}
+
+impl Audit {
+    /// The record of `action`, begun now.
+    fn started(action: &'static str) -> Self {
+        Self {
+            action,
+            id: None,
+            started: Instant::now(),
+        }
+    }
+}
+
+/// Who is calling: the daemon's state and the peer at the other end of the socket.
+struct Caller {
+    app: Arc<App>,
+    peer: Peer,
+}
+
+impl FromRequestParts<Arc<App>> for Caller {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Infallible> {
+        // Every connection carries its peer (`into_make_service_with_connect_info`); one
+        // without is nobody's, with no rights.
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<Peer>>()
+            .map_or_else(Peer::nobody, |ConnectInfo(peer)| *peer);
+        Ok(Self {
+            app: Arc::clone(app),
+            peer,
+        })
+    }
+}
+
+impl Caller {
+    /// Runs `call` for `action`, then times it, writes its audit record and answers with
+    /// `ok` and the value (a 204 has no body), or with the error.
+    async fn answer<T: Serialize>(
+        &self,
+        action: &'static str,
+        ok: StatusCode,
+        call: impl AsyncFnOnce(&mut Audit) -> ApiResult<T>,
+    ) -> Response {
+        let mut audit = Audit::started(action);
+        let (status, code, response) = match call(&mut audit).await {
+            Ok(_) if ok == StatusCode::NO_CONTENT => (ok, "ok".to_owned(), ok.into_response()),
+            Ok(value) => (ok, "ok".to_owned(), (ok, Json(value)).into_response()),
+            Err(err) => (err.status(), err.code(), err.into_response()),
+        };
+        self.record(&audit, status, &code);
+        response
+    }
+
+    /// Times an answered request and writes its audit record.
+    fn record(&self, audit: &Audit, status: StatusCode, code: &str) {
+        self.app
+            .manager
+            .monitor()
+            .record_api_latency(audit.action, audit.started.elapsed().as_secs_f64());
+        let proto = audit.id.map(|id| id.protocol.to_string());
+        self.app.audit.record(&AuditRecord {
+            time: now_rfc3339(),
+            uid: self.peer.uid,
+            pid: self.peer.pid,
+            action: audit.action,
+            port: audit.id.map(|id| id.port),
+            proto: proto.as_deref(),
+            result: code,
+            status: status.as_u16(),
+        });
+    }
+
+    /// The caller's rights.
+    fn actor(&self) -> ApiResult<Actor> {
+        self.app.admin.actor(&self.peer).ok_or_else(|| {
+            ApiError::Port(PortError::AccessDenied(
+                "the caller's credentials could not be read from the socket".to_owned(),
+            ))
+        })
+    }
+
+    /// The port `raw` names with the query's `proto`, checked against the managed range.
+    fn port_id(&self, raw: &str, query: &HashMap<String, String>) -> ApiResult<PortId> {
+        let port: u16 = raw.parse().map_err(|_| {
+            ApiError::bad(
+                "invalid_port",
+                format!("{raw:?} is not a port number: give 1-65535"),
+            )
+        })?;
+        let config = self.app.manager.config();
+        if !(config.min_port..=config.max_port).contains(&port) {
+            return Err(ApiError::Port(PortError::InvalidPortRequest(format!(
+                "port {port} is outside the managed range {}-{}: see `portgate status`",
+                config.min_port, config.max_port
+            ))));
+        }
+        Ok(PortId::new(port, protocol(query)?))
+    }
+}
+
+/// A request on the port its URL names (`/v1/ports/{port}...?proto=`), as given: the port
+/// and the query are checked when the call runs, so that a bad one is answered and audited
+/// like any other error.
+struct PortCall {
+    caller: Caller,
+    port: String,
+    query: QueryMap,
+}
+
+impl FromRequestParts<Arc<App>> for PortCall {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, app: &Arc<App>) -> Result<Self, Infallible> {
+        let caller = Caller::from_request_parts(parts, app).await?;
+        // Every route of a PortCall has a `{port}`: a missing one reads as an empty port.
+        let port = UrlPath::<String>::from_request_parts(parts, app)
+            .await
+            .map_or_else(|_| String::new(), |UrlPath(port)| port);
+        let query = Query::from_request_parts(parts, app).await;
+        Ok(Self {
+            caller,
+            port,
+            query,
+        })
+    }
+}
+
+impl PortCall {
+    /// Answers `call`, given the port and the query, once both check out (the port goes
+    /// into the audit record).
+    async fn read<T: Serialize>(
+        self,
+        action: &'static str,
+        call: impl AsyncFnOnce(&App, PortId, HashMap<String, String>) -> ApiResult<T>,
+    ) -> Response {
+        let Self {
+            caller,
+            port,
+            query,
+        } = self;
+        caller
+            .answer(action, StatusCode::OK, async |audit| {
+                let query = query_map(query)?;
+                let id = caller.port_id(&port, &query)?;
+                audit.id = Some(id);
+                call(&caller.app, id, query).await
+            })
+            .await
+    }
+
+    /// Answers `call`, a change to the port with the caller's rights, once both check out
+    /// (the port goes into the audit record); `ok` on success.
+    async fn change<T: Serialize>(
+        self,
+        action: &'static str,
+        ok: StatusCode,
+        call: impl AsyncFnOnce(&App, Actor, PortId) -> ApiResult<T>,
+    ) -> Response {
+        let Self {
+            caller,
+            port,
+            query,
+        } = self;
+        caller
+            .answer(action, ok, async |audit| {
+                let actor = caller.actor()?;
+                let id = caller.port_id(&port, &query_map(query)?)?;
+                audit.id = Some(id);
+                call(&caller.app, actor, id).await
+            })
+            .await
+    }
+}
+
+fn protocol(query: &HashMap<String, String>) -> ApiResult<Protocol> {
+    match query.get("proto") {
+        None => Ok(Protocol::Tcp),
+        Some(name) => name
+            .parse()
+            .map_err(|err: UnknownProtocol| ApiError::bad("invalid_proto", err.to_string())),
+    }
+}
+
+/// Decodes a JSON body, with a message naming the field that is wrong.
+fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiResult<T> {
+    let bytes = body.map_err(|rejection| ApiError::Bad {
+        status: rejection.status(),
+        body: ErrorBody::bad_request(
+            "bad_body",
+            format!(
+                "{}: a request body may have at most {MAX_BODY_BYTES} bytes",
+                rejection.body_text()
+            ),
+        ),
+    })?;
+    let mut decoder = serde_json::Deserializer::from_slice(&bytes);
+    serde_path_to_error::deserialize(&mut decoder).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        ApiError::bad(
+            "bad_json",
+            if path == "." {
+                format!("the request body is not valid: {inner}")
+            } else {
+                format!("the request body's field {path} is not valid: {inner}")
+            },
+        )
+    })
+}
+
+type QueryMap = Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>;
+
+fn query_map(query: QueryMap) -> ApiResult<HashMap<String, String>> {
+    query
+        .map(|Query(map)| map)
+        .map_err(|rejection| ApiError::bad("bad_query", rejection.body_text()))
+}
+
+/// Answers a request the router has no route (`404`) or method (`405`) for, audited as
+/// `action`.
+async fn refuse(
+    caller: &Caller,
+    action: &'static str,
+    (status, code): (StatusCode, &str),
+    message: &str,
+) -> Response {
+    caller
+        .answer(action, StatusCode::OK, async |_| -> ApiResult<()> {
+            Err(ApiError::Bad {
+                status,
+                body: ErrorBody::bad_request(code, message),
+            })
+        })
+        .await
+}
+
+async fn not_found(caller: Caller) -> Response {
+    refuse(
+        &caller,
+        "unknown_route",
+        (StatusCode::NOT_FOUND, "unknown_route"),
+        "no such API route: see the routes in the portgate docs (crate::api)",
+    )
+    .await
+}
+
+async fn method_not_allowed(caller: Caller) -> Response {
+    refuse(
+        &caller,
+        "wrong_method",
+        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+        "this route does not take that method: see the routes in the portgate docs (crate::api)",
+    )
+    .await
+}
+
+/// Runs every request's handler to completion (the change, its audit record and its
+/// latency) even if the client goes away meanwhile: axum drops a handler whose connection
+/// closes, and a change half-way (made but not yet audited, or not yet undone after a
+/// failed commit) must not be abandoned.
+async fn run_to_completion(request: Request, next: Next) -> Response {
+    tokio::spawn(next.run(request)).await.unwrap_or_else(|err| {
+        ApiError::Port(PortError::state(
+            "the request did not finish; see the daemon's log",
+            Some(Box::new(err)),
+        ))
+        .into_response()
+    })
+}

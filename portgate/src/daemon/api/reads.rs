@@ -1,0 +1,189 @@
+//! The views of the whole daemon: stats, the event stream, status, metrics.
+
+use std::sync::Arc;
+
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::State,
+    http::{StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use futures_util::stream;
+use serde::Serialize;
+
+use super::{ApiError, Caller, QueryMap, query_map};
+use crate::{
+    api::{EventView, RangeUsage, StatusView},
+    daemon::App,
+    model::PortStatus,
+};
+
+pub(super) async fn stats(caller: Caller, query: QueryMap) -> Response {
+    caller
+        .answer("stats", StatusCode::OK, async |audit| {
+            let query = query_map(query)?;
+            let only = match query.get("port") {
+                Some(port) => Some(caller.port_id(port, &query)?),
+                None => None,
+            };
+            audit.id = only;
+            let manager = &caller.app.manager;
+            Ok(match only {
+                Some(id) => manager.report(id).await?.into_iter().collect(),
+                None => manager.reports().await?,
+            })
+        })
+        .await
+}
+
+pub(super) async fn events(caller: Caller, query: QueryMap) -> Response {
+    let query = match query_map(query) {
+        Ok(query) => query,
+        Err(err) => {
+            return caller
+                .answer("events", StatusCode::OK, async |_| -> Result<(), _> {
+                    Err(err)
+                })
+                .await;
+        }
+    };
+    let follow = matches!(query.get("follow").map(String::as_str), Some("true" | "1"));
+    let app = &caller.app;
+    let receiver = app.manager.monitor().subscribe();
+    let recent: Vec<Bytes> = app
+        .manager
+        .monitor()
+        .recent_events()
+        .iter()
+        .map(|(time, event)| json_line(&EventView::new(event, *time)))
+        .collect();
+    caller.record(&super::Audit::started("events"), StatusCode::OK, "ok");
+    let head = stream::iter(recent.into_iter().map(Ok::<_, std::io::Error>));
+    let body = if follow {
+        let shutdown = app.shutdown.clone();
+        let tail = stream::unfold(
+            (receiver, shutdown),
+            |(mut receiver, mut shutdown)| async move {
+                loop {
+                    tokio::select! {
+                        event = receiver.recv() => match event {
+                            Ok((time, event)) => {
+                                let line = json_line(&EventView::new(&event, time));
+                                return Some((Ok(line), (receiver, shutdown)));
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                        },
+                        _ = shutdown.changed() => return None,
+                    }
+                }
+            },
+        );
+        Body::from_stream(futures_util::StreamExt::chain(head, tail))
+    } else {
+        Body::from_stream(head)
+    };
+    ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+fn json_line(value: &impl Serialize) -> Bytes {
+    let mut line = serde_json::to_vec(value).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+pub(super) async fn status(caller: Caller) -> Response {
+    caller
+        .answer("status", StatusCode::OK, async |_| {
+            let app = &caller.app;
+            let allocations = app.manager.allocations().await;
+            let usage = app
+                .manager
+                .free_ports()
+                .await
+                .into_iter()
+                .map(|(protocol, free)| {
+                    let count = |status: PortStatus| {
+                        allocations
+                            .iter()
+                            .filter(|(held, _)| {
+                                held.id.protocol == protocol && held.status == status
+                            })
+                            .count() as u64
+                    };
+                    RangeUsage {
+                        proto: protocol,
+                        active: count(PortStatus::Active),
+                        draining: count(PortStatus::Draining),
+                        closed: count(PortStatus::Closed),
+                        free,
+                    }
+                })
+                .collect();
+            let config = app.manager.config();
+            Ok(StatusView {
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+                pid: std::process::id(),
+                uptime_secs: app.started.elapsed().as_secs(),
+                min_port: config.min_port,
+                max_port: config.max_port,
+                reserved_ports: config.reserved_ports.clone(),
+                kernel_gate: app.manager.has_gate().await,
+                pin_dir: app.config.daemon.pin_dir.clone(),
+                attachments: app.manager.attachments().await?,
+                store: app.manager.store().describe(),
+                usage,
+                unexplained_listeners: app.start_report.unexplained_listeners.clone(),
+                warnings: app.warnings.clone(),
+            })
+        })
+        .await
+}
+
+pub(super) async fn metrics(caller: Caller) -> Response {
+    match caller.app.manager.metrics_text().await {
+        Ok(text) => {
+            caller.record(&super::Audit::started("metrics"), StatusCode::OK, "ok");
+            metrics_response(text)
+        }
+        Err(err) => {
+            caller
+                .answer(
+                    "metrics",
+                    StatusCode::OK,
+                    async |_| -> Result<(), ApiError> { Err(err.into()) },
+                )
+                .await
+        }
+    }
+}
+
+/// A Prometheus text exposition answer.
+#[must_use]
+pub fn metrics_response(text: String) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// The router of the metrics address (`GET /metrics`, no credentials: bind it to loopback).
+pub fn metrics_router(app: Arc<App>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(|State(app): State<Arc<App>>| async move {
+                match app.manager.metrics_text().await {
+                    Ok(text) => metrics_response(text),
+                    Err(err) => ApiError::Port(err).into_response(),
+                }
+            }),
+        )
+        .with_state(app)
+}
