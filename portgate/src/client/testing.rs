@@ -1,0 +1,47 @@
+//! A test server for the client and the CLI: a router on a socket of its own.
+
+use super::Client;
+use crate::{
+    api::AllocationView,
+    model::{PortAccessControl, PortId, PortStatus, Protocol, Timeline},
+};
+
+/// Serves `router` on a socket in a new temporary directory (kept while the directory
+/// lives) and returns a client of it.
+pub(crate) async fn serve(router: axum::Router) -> (tempfile::TempDir, Client) {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let socket = dir.path().join("portgate.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).expect("binding the test socket");
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .await
+            .expect("serving the test router");
+    });
+    (dir, Client::new(socket))
+}
+
+/// An Active allocation of `port`/tcp owned by `web`.
+pub(crate) fn view(port: u16) -> AllocationView {
+    AllocationView {
+        id: PortId::new(port, Protocol::Tcp),
+        status: PortStatus::Active,
+        owner: "web".to_owned(),
+        owner_uid: Some(1000),
+        cgroup: None,
+        access: PortAccessControl {
+            allowed_ips: ["10.0.0.0/8".parse().expect("a prefix")]
+                .into_iter()
+                .collect(),
+            max_connections: 5,
+            require_authentication: false,
+        },
+        timeline: Timeline {
+            allocated_at: 1_700_000_000_000,
+            ttl: Some(std::time::Duration::from_mins(5)),
+            lease_expires_at: Some(1_700_000_300_000),
+            draining_since: None,
+            closed_at: None,
+        },
+        connections: 2,
+    }
+}
