@@ -478,7 +478,6 @@ impl fmt::Display for Snippet<'_> {
 }
 
 /// A stand-in daemon for tests: canned answers from an axum router on a Unix socket.
-
 #[cfg(test)]
 pub(crate) mod testing;
 #[cfg(test)]
