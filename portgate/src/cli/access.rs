@@ -55,7 +55,7 @@ pub async fn run(client: &Client, args: &AccessArgs, output: OutputFormat) -> an
             "{} access: allow {}; max conns {}; require auth {}",
             view.id,
             format::allow_cell(&view.access.allowed_ips),
-            format::limit(view.access.max_connections),
+            format::limit(view.access.max_connections, "unlimited"),
             format::yes_no(view.access.require_authentication),
         ),
         OutputFormat::Json => format::print_json(&view)?,

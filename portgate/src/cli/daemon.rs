@@ -1,4 +1,5 @@
-//! `portgate daemon`: runs the daemon in this process.
+//! `portgate daemon` runs the daemon in this process; `portgate uninstall` takes portgate
+//! out of the kernel. Both read the daemon's configuration file.
 
 use std::path::PathBuf;
 
@@ -6,15 +7,21 @@ use clap::Args;
 
 use crate::paths;
 
-/// Run the daemon: load and attach the kernel programs, serve the API on its socket.
+/// The daemon's configuration file.
 #[derive(Debug, Args)]
-pub struct DaemonArgs {
-    /// The configuration file.
-    #[arg(long, value_name = "FILE", help = format!("The configuration file [default: {}]", paths::DEFAULT_CONFIG))]
+pub struct ConfigArgs {
+    /// The configuration file (it names the socket, the pin directory and the cgroup).
+    #[arg(long, value_name = "FILE", help = format!("The configuration file, which names the socket, the pin directory and the cgroup [default: {}]", paths::DEFAULT_CONFIG))]
     pub config: Option<PathBuf>,
 }
 
-/// Runs `portgate daemon`.
-pub fn run(args: DaemonArgs) -> anyhow::Result<()> {
+/// Runs `portgate daemon`: load and attach the kernel programs, serve the API.
+pub fn run(args: ConfigArgs) -> anyhow::Result<()> {
     crate::daemon::run(args.config)
+}
+
+/// Runs `portgate uninstall`: detach portgate's programs, remove its pins, give back the
+/// reserved ports.
+pub fn uninstall(args: ConfigArgs) -> anyhow::Result<()> {
+    crate::daemon::uninstall(args.config)
 }

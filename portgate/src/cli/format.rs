@@ -58,21 +58,11 @@ pub fn allow_cell(allow: &Allowlist) -> String {
     }
 }
 
-/// A connection limit: "-" for unlimited.
+/// A connection limit, `unlimited` for 0 ("-" in tables, "unlimited" in prose).
 #[must_use]
-pub fn max_conns_cell(max_connections: u32) -> String {
+pub fn limit(max_connections: u32, unlimited: &str) -> String {
     if max_connections == 0 {
-        "-".to_owned()
-    } else {
-        max_connections.to_string()
-    }
-}
-
-/// A connection limit in words: "unlimited" for 0.
-#[must_use]
-pub fn limit(max_connections: u32) -> String {
-    if max_connections == 0 {
-        "unlimited".to_owned()
+        unlimited.to_owned()
     } else {
         max_connections.to_string()
     }

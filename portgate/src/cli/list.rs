@@ -33,7 +33,7 @@ fn allocation_table(views: &[AllocationView], now: u64) -> Table {
             view.owner_uid
                 .map_or_else(|| "-".to_owned(), |uid| uid.to_string()),
             format::allow_cell(&view.access.allowed_ips),
-            format::max_conns_cell(view.access.max_connections),
+            format::limit(view.access.max_connections, "-"),
             format::yes_no(view.access.require_authentication).to_owned(),
             view.connections.to_string(),
             view.timeline

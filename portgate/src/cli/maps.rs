@@ -54,7 +54,7 @@ pub fn report_table(reports: &[PortReport]) -> Table {
             port.id.protocol.to_string(),
             port.status.to_string(),
             format::allow_cell(&port.access.allowed_ips),
-            format::max_conns_cell(port.access.max_connections),
+            format::limit(port.access.max_connections, "-"),
             if port.access.require_authentication {
                 format!("yes({} grants)", port.grants.len())
             } else {

@@ -12,7 +12,6 @@ pub mod alloc;
 pub mod check;
 pub mod completions;
 pub mod daemon;
-pub mod drain;
 pub mod events;
 pub mod format;
 pub mod grant;
@@ -24,7 +23,6 @@ pub mod show;
 pub mod stats;
 pub mod status;
 pub mod table;
-pub mod uninstall;
 
 use std::{ffi::OsString, net::IpAddr, path::PathBuf, process::ExitCode};
 
@@ -33,6 +31,7 @@ use clap::{
 };
 use ipnet::IpNet;
 
+use self::release::Verb;
 use crate::{
     client::Client,
     model::{PortId, Protocol},
@@ -93,7 +92,7 @@ pub enum Command {
     /// Renew a port's lease.
     Renew(renew::RenewArgs),
     /// Drain a port: no new connections; established ones continue.
-    Drain(drain::DrainArgs),
+    Drain(release::ReleaseArgs),
     /// List every allocation.
     List(list::ListArgs),
     /// Show one allocation.
@@ -115,9 +114,9 @@ pub enum Command {
     /// Print a shell completion script.
     Completions(completions::CompletionsArgs),
     /// Run the daemon.
-    Daemon(daemon::DaemonArgs),
+    Daemon(daemon::ConfigArgs),
     /// Detach and unpin everything portgate put in the kernel.
-    Uninstall(uninstall::UninstallArgs),
+    Uninstall(daemon::ConfigArgs),
 }
 
 /// What a verb found, beyond success or failure.
@@ -175,9 +174,9 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
     let client = Client::new(socket);
     match command {
         Command::Alloc(args) => on_daemon(alloc::run(&client, &args, output))?,
-        Command::Release(args) => on_daemon(release::run(&client, &args, output))?,
+        Command::Release(args) => on_daemon(release::run(&client, &args, Verb::Release, output))?,
         Command::Renew(args) => on_daemon(renew::run(&client, &args, output))?,
-        Command::Drain(args) => on_daemon(drain::run(&client, &args, output))?,
+        Command::Drain(args) => on_daemon(release::run(&client, &args, Verb::Drain, output))?,
         Command::List(args) => on_daemon(list::run(&client, &args, output))?,
         Command::Show(args) => on_daemon(show::run(&client, &args, output))?,
         Command::Access(args) => on_daemon(access::run(&client, &args, output))?,
@@ -189,7 +188,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Maps(args) => maps::run(&args, output)?,
         Command::Completions(args) => completions::run(&args)?,
         Command::Daemon(args) => daemon::run(args)?,
-        Command::Uninstall(args) => uninstall::run(args)?,
+        Command::Uninstall(args) => daemon::uninstall(args)?,
     }
     Ok(Outcome::Done)
 }

@@ -1,12 +1,13 @@
-//! `portgate release`: gives a port back.
+//! `portgate release` and `portgate drain`: the port takes no new connections, closes once
+//! its connections end (or after the drain timeout) and becomes available again after
+//! quarantine. The two verbs do the same; each is its own action in the audit log.
 
 use clap::Args;
 
 use super::{OutputFormat, PortArg, format};
 use crate::{api::AllocationView, client::Client, model::PortStatus};
 
-/// Release a port: it takes no new connections, closes once its connections end (or after
-/// the drain timeout) and becomes available again after quarantine.
+/// The port to release or drain.
 #[derive(Debug, Args)]
 pub struct ReleaseArgs {
     /// The port.
@@ -14,18 +15,35 @@ pub struct ReleaseArgs {
     pub port: PortArg,
 }
 
-/// Runs `portgate release`.
-pub async fn run(client: &Client, args: &ReleaseArgs, output: OutputFormat) -> anyhow::Result<()> {
-    let view = client.release(args.port.id()).await?;
+/// Which of the two verbs was asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verb {
+    /// `portgate release`.
+    Release,
+    /// `portgate drain`.
+    Drain,
+}
+
+/// Runs `portgate release` or `portgate drain`.
+pub async fn run(
+    client: &Client,
+    args: &ReleaseArgs,
+    verb: Verb,
+    output: OutputFormat,
+) -> anyhow::Result<()> {
+    let (view, how) = match verb {
+        Verb::Release => (client.release(args.port.id()).await?, "released"),
+        Verb::Drain => (client.drain(args.port.id()).await?, "no new connections"),
+    };
     match output {
-        OutputFormat::Table => println!("{}", wind_down_line(&view, "released")),
+        OutputFormat::Table => println!("{}", wind_down_line(&view, how)),
         OutputFormat::Json => format::print_json(&view)?,
     }
     Ok(())
 }
 
 /// What became of a port that was released or drained (`how`).
-pub(super) fn wind_down_line(view: &AllocationView, how: &str) -> String {
+fn wind_down_line(view: &AllocationView, how: &str) -> String {
     let id = view.id;
     match view.status {
         PortStatus::Draining => format!(

@@ -55,7 +55,10 @@ fn describe(view: &AllocationView, now: u64) -> String {
                     .join(", ")
             },
         ),
-        ("max conns", format::limit(view.access.max_connections)),
+        (
+            "max conns",
+            format::limit(view.access.max_connections, "unlimited"),
+        ),
         (
             "require auth",
             format::yes_no(view.access.require_authentication).to_owned(),

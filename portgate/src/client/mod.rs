@@ -113,6 +113,9 @@ pub enum ClientError {
     },
 }
 
+/// What a call of the daemon's API gives: its answer, or why there is none.
+pub type Reply<T> = Result<T, ClientError>;
+
 /// A client of the daemon's local API.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -163,23 +166,15 @@ impl Client {
     }
 
     /// `POST /v1/ports/{port}/renew`: renews a port's lease.
-    pub async fn renew(
-        &self,
-        id: PortId,
-        request: &RenewRequest,
-    ) -> Result<AllocationView, ClientError> {
-        self.call(Method::POST, port_path(id, "/renew"), Some(request))
-            .await
+    pub async fn renew(&self, id: PortId, request: &RenewRequest) -> Reply<AllocationView> {
+        let path = port_path(id, "/renew");
+        self.call(Method::POST, path, Some(request)).await
     }
 
     /// `PATCH /v1/ports/{port}/access`: changes a port's access control.
-    pub async fn access(
-        &self,
-        id: PortId,
-        change: &AccessChange,
-    ) -> Result<AllocationView, ClientError> {
-        self.call(Method::PATCH, port_path(id, "/access"), Some(change))
-            .await
+    pub async fn access(&self, id: PortId, change: &AccessChange) -> Reply<AllocationView> {
+        let path = port_path(id, "/access");
+        self.call(Method::PATCH, path, Some(change)).await
     }
 
     /// `POST /v1/ports/{port}/grants`: lets an authenticated source connect for a while.

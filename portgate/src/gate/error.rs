@@ -1,6 +1,6 @@
 //! Errors of the kernel gate.
 
-use std::{io, path::PathBuf};
+use std::path::PathBuf;
 
 use aya::{
     EbpfError,
@@ -124,17 +124,6 @@ pub enum GateError {
     NoSuchInterface {
         /// The name given.
         name: String,
-    },
-    /// A file operation failed.
-    #[error("{op} {path}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// On what.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
     },
 }
 

@@ -1,6 +1,10 @@
 //! Deny events from the kernel's ring buffer, as an async stream.
 
-use std::{net::IpAddr, os::fd::AsRawFd as _};
+use std::{
+    net::IpAddr,
+    os::fd::AsRawFd as _,
+    path::{Path, PathBuf},
+};
 
 use aya::maps::{MapData, RingBuf};
 use portgate_common::{DenyEvent, map_names, reason};
@@ -11,7 +15,10 @@ use super::{
     Gate, GateError,
     keys::{addr_from_bytes, port_of},
 };
-use crate::model::{DropReason, PortId};
+use crate::{
+    host::HostError,
+    model::{DropReason, PortId},
+};
 
 /// A deny event in userspace terms.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -83,10 +90,9 @@ impl DenyEvents {
             let fd = ring.as_raw_fd();
             // SAFETY: the ring buffer owns its map fd, which stays open and unchanged until
             // the `AsyncFd` (which owns the ring buffer) is dropped.
-            let registered = unsafe { AsyncFd::register(ring) }.map_err(|err| GateError::Io {
-                op: "registering",
-                path: format!("{} (fd {fd})", map_names::EVENTS).into(),
-                source: err.into(),
+            let registered = unsafe { AsyncFd::register(ring) }.map_err(|err| {
+                let map = PathBuf::from(format!("{} (fd {fd})", map_names::EVENTS));
+                HostError::io("registering", &map)(err.into())
             })?;
             self.ring = Ring::Async(registered);
         }
@@ -96,11 +102,10 @@ impl DenyEvents {
             });
         };
         loop {
-            let mut guard = ring.readable_mut().await.map_err(|source| GateError::Io {
-                op: "waiting for",
-                path: map_names::EVENTS.into(),
-                source,
-            })?;
+            let mut guard = ring
+                .readable_mut()
+                .await
+                .map_err(HostError::io("waiting for", Path::new(map_names::EVENTS)))?;
             while let Some(item) = guard.get_inner_mut().next() {
                 if item.len() < size_of::<DenyEvent>() {
                     continue;

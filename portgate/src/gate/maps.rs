@@ -6,7 +6,7 @@ use std::{
 };
 
 use aya::maps::{
-    Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, lpm_trie::Key, lpm_trie::LpmTrie,
+    Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key, lpm_trie::LpmTrie,
 };
 use ipnet::IpNet;
 use portgate_common::{
@@ -246,18 +246,14 @@ impl Gate {
             open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
         for prefix in prefixes {
             let (bits, data) = allow_key(id, *prefix);
-            match trie.remove(&Key::new(bits, data)) {
-                Ok(()) => {}
-                Err(err) if is_not_found(&err) => {}
-                Err(err) => {
-                    return Err(GateError::map(
-                        "removing a prefix",
-                        map_names::ALLOW,
-                        capacity::ALLOW_PREFIXES,
-                        err,
-                    ));
-                }
-            }
+            absent_is_none(trie.remove(&Key::new(bits, data))).map_err(|err| {
+                GateError::map(
+                    "removing a prefix",
+                    map_names::ALLOW,
+                    capacity::ALLOW_PREFIXES,
+                    err,
+                )
+            })?;
         }
         Ok(())
     }
@@ -268,18 +264,9 @@ impl Gate {
         {
             let mut policies: HashMap<&mut MapData, PortKey, Policy> =
                 open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
-            match policies.remove(&port_key(id)) {
-                Ok(()) => {}
-                Err(err) if is_not_found(&err) => {}
-                Err(err) => {
-                    return Err(GateError::map(
-                        "removing",
-                        map_names::POLICY,
-                        capacity::POLICIES,
-                        err,
-                    ));
-                }
-            }
+            absent_is_none(policies.remove(&port_key(id))).map_err(|err| {
+                GateError::map("removing", map_names::POLICY, capacity::POLICIES, err)
+            })?;
         }
         let prefixes: Vec<IpNet> = self.known_allowlist(id)?.into_iter().collect();
         self.remove_prefixes(id, &prefixes)?;
@@ -296,16 +283,8 @@ impl Gate {
     pub fn policy(&self, id: PortId) -> Result<Option<Policy>, GateError> {
         let policies: HashMap<&MapData, PortKey, Policy> =
             open_map!(self, HashMap, map_names::POLICY, capacity::POLICIES);
-        match policies.get(&port_key(id), 0) {
-            Ok(policy) => Ok(Some(policy)),
-            Err(err) if is_not_found(&err) => Ok(None),
-            Err(err) => Err(GateError::map(
-                "reading",
-                map_names::POLICY,
-                capacity::POLICIES,
-                err,
-            )),
-        }
+        absent_is_none(policies.get(&port_key(id), 0))
+            .map_err(|err| GateError::map("reading", map_names::POLICY, capacity::POLICIES, err))
     }
 
     /// Every policy record, by port.
@@ -378,16 +357,9 @@ impl Gate {
     pub fn remove_grant(&mut self, id: PortId, addr: IpAddr) -> Result<(), GateError> {
         let mut grants: HashMap<&mut MapData, AddrKey, u64> =
             open_map!(mut self, HashMap, map_names::GRANTS, capacity::GRANTS);
-        match grants.remove(&addr_key(id, addr)) {
-            Ok(()) => Ok(()),
-            Err(err) if is_not_found(&err) => Ok(()),
-            Err(err) => Err(GateError::map(
-                "removing",
-                map_names::GRANTS,
-                capacity::GRANTS,
-                err,
-            )),
-        }
+        absent_is_none(grants.remove(&addr_key(id, addr)))
+            .map(drop)
+            .map_err(|err| GateError::map("removing", map_names::GRANTS, capacity::GRANTS, err))
     }
 
     /// Every grant, expired or not.
@@ -474,21 +446,11 @@ impl Gate {
                 proto: id.protocol.number(),
                 hook: hook_code,
             };
-            match counters.get(&key, 0) {
-                Ok(per_cpu) => {
-                    for cpu in per_cpu.iter() {
-                        out.add_cpu(usize::from(hook_code), cpu);
-                    }
-                }
-                Err(err) if is_not_found(&err) => {}
-                Err(err) => {
-                    return Err(GateError::map(
-                        "reading",
-                        map_names::COUNTERS,
-                        capacity::COUNTERS,
-                        err,
-                    ));
-                }
+            let per_cpu = absent_is_none(counters.get(&key, 0)).map_err(|err| {
+                GateError::map("reading", map_names::COUNTERS, capacity::COUNTERS, err)
+            })?;
+            for cpu in per_cpu.iter().flat_map(|per_cpu| per_cpu.iter()) {
+                out.add_cpu(usize::from(hook_code), cpu);
             }
         }
         Ok(out)
@@ -526,13 +488,16 @@ impl Gate {
     }
 }
 
-/// Whether a map operation failed only because the key is absent (aya reports a failed
-/// lookup as `KeyNotFound` and a failed delete as the syscall's `ENOENT`).
-fn is_not_found(err: &aya::maps::MapError) -> bool {
-    match err {
-        aya::maps::MapError::KeyNotFound => true,
-        aya::maps::MapError::SyscallError(err) => err.io_error.raw_os_error() == Some(libc::ENOENT),
-        _ => false,
+/// A map operation's result with an absent key as `None` rather than an error (aya reports
+/// a failed lookup as `KeyNotFound` and a failed delete as the syscall's `ENOENT`).
+fn absent_is_none<T>(result: Result<T, MapError>) -> Result<Option<T>, MapError> {
+    match result {
+        Ok(value) => Ok(Some(value)),
+        Err(MapError::KeyNotFound) => Ok(None),
+        Err(MapError::SyscallError(err)) if err.io_error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(None)
+        }
+        Err(err) => Err(err),
     }
 }
 

@@ -37,7 +37,11 @@ pub use self::{
     events::{DenyEventRecord, DenyEvents},
     maps::{GateStats, GrantRecord, HookCounters, PortCounters},
 };
-use crate::{host, model::PortId, paths};
+use crate::{
+    host::{self, HostError},
+    model::PortId,
+    paths,
+};
 
 /// The kernel programs, built by `build.rs` from the portgate-ebpf crate.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/portgate-ebpf"));
@@ -142,11 +146,7 @@ impl Gate {
         host::mounts::prepare_pin_dir(&settings.pin_dir)?;
         for sub in [paths::MAPS_SUBDIR, paths::LINKS_SUBDIR] {
             let dir = settings.pin_dir.join(sub);
-            fs::create_dir_all(&dir).map_err(|source| GateError::Io {
-                op: "creating",
-                path: dir,
-                source,
-            })?;
+            fs::create_dir_all(&dir).map_err(HostError::io("creating", &dir))?;
         }
         let mut gate = Self::load(&settings.pin_dir)?;
         let previous = gate.config()?;
@@ -226,11 +226,7 @@ impl Gate {
     /// Attaches `cgroup_skb/ingress`, `cgroup/bind4`, `cgroup/bind6` and `sock_ops` to the
     /// cgroup2 directory `cgroup` and pins their links. Attachments already pinned are kept.
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), GateError> {
-        let cgroup_dir = fs::File::open(cgroup).map_err(|source| GateError::Io {
-            op: "opening cgroup",
-            path: cgroup.to_owned(),
-            source,
-        })?;
+        let cgroup_dir = fs::File::open(cgroup).map_err(HostError::io("opening cgroup", cgroup))?;
         let links_dir = self.links_dir();
         for (name, link_name) in CGROUP_LINKS {
             let link_path = links_dir.join(link_name);
@@ -283,18 +279,10 @@ impl Gate {
     /// interface), sorted.
     pub fn attachments(&self) -> Result<Vec<String>, GateError> {
         let dir = self.links_dir();
-        let entries = fs::read_dir(&dir).map_err(|source| GateError::Io {
-            op: "listing",
-            path: dir.clone(),
-            source,
-        })?;
+        let entries = fs::read_dir(&dir).map_err(HostError::io("listing", &dir))?;
         let mut names = Vec::new();
         for entry in entries {
-            let entry = entry.map_err(|source| GateError::Io {
-                op: "listing",
-                path: dir.clone(),
-                source,
-            })?;
+            let entry = entry.map_err(HostError::io("listing", &dir))?;
             names.push(entry.file_name().to_string_lossy().into_owned());
         }
         names.sort();
@@ -338,42 +326,18 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), GateError> {
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(source) => {
-                return Err(GateError::Io {
-                    op: "listing",
-                    path: dir,
-                    source,
-                });
-            }
+            Err(source) => return Err(HostError::io("listing", &dir)(source).into()),
         };
         for entry in entries {
-            let path = entry
-                .map_err(|source| GateError::Io {
-                    op: "listing",
-                    path: dir.clone(),
-                    source,
-                })?
-                .path();
-            fs::remove_file(&path).map_err(|source| GateError::Io {
-                op: "unpinning",
-                path,
-                source,
-            })?;
+            let path = entry.map_err(HostError::io("listing", &dir))?.path();
+            fs::remove_file(&path).map_err(HostError::io("unpinning", &path))?;
         }
-        fs::remove_dir(&dir).map_err(|source| GateError::Io {
-            op: "removing",
-            path: dir,
-            source,
-        })?;
+        fs::remove_dir(&dir).map_err(HostError::io("removing", &dir))?;
     }
     match fs::remove_dir(pin_dir) {
         Ok(()) => Ok(()),
         Err(err) if err.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(GateError::Io {
-            op: "removing",
-            path: pin_dir.to_owned(),
-            source,
-        }),
+        Err(source) => Err(HostError::io("removing", pin_dir)(source).into()),
     }
 }
 

@@ -17,11 +17,9 @@ pub fn root() -> Result<PathBuf, HostError> {
 /// A cgroup2 directory's id (its inode number) and level (depth below the mount).
 pub fn id_and_level(path: &Path) -> Result<(u64, u32), HostError> {
     let root = root()?;
-    let canonical = path.canonicalize().map_err(|source| HostError::Io {
-        op: "resolving",
-        path: path.to_owned(),
-        source,
-    })?;
+    let canonical = path
+        .canonicalize()
+        .map_err(HostError::io("resolving", path))?;
     let relative = canonical
         .strip_prefix(&root)
         .map_err(|_| HostError::NotACgroup {
@@ -34,11 +32,7 @@ pub fn id_and_level(path: &Path) -> Result<(u64, u32), HostError> {
             root,
         });
     }
-    let meta = fs::metadata(&canonical).map_err(|source| HostError::Io {
-        op: "reading",
-        path: canonical.clone(),
-        source,
-    })?;
+    let meta = fs::metadata(&canonical).map_err(HostError::io("reading", &canonical))?;
     let level = u32::try_from(relative.components().count()).unwrap_or(u32::MAX);
     Ok((meta.ino(), level))
 }
@@ -64,25 +58,13 @@ pub fn info(path: &Path) -> Result<CgroupInfo, HostError> {
         path: path.to_owned(),
         root: root.clone(),
     };
-    let dir = fs::File::open(path).map_err(|source| HostError::Io {
-        op: "opening",
-        path: path.to_owned(),
-        source,
-    })?;
-    let meta = dir.metadata().map_err(|source| HostError::Io {
-        op: "reading",
-        path: path.to_owned(),
-        source,
-    })?;
+    let dir = fs::File::open(path).map_err(HostError::io("opening", path))?;
+    let meta = dir.metadata().map_err(HostError::io("reading", path))?;
     if !meta.is_dir() {
         return Err(not_a_cgroup());
     }
     let fd_link = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
-    let resolved = fs::read_link(&fd_link).map_err(|source| HostError::Io {
-        op: "resolving",
-        path: path.to_owned(),
-        source,
-    })?;
+    let resolved = fs::read_link(&fd_link).map_err(HostError::io("resolving", path))?;
     let relative = resolved.strip_prefix(&root).map_err(|_| not_a_cgroup())?;
     if !resolved.join("cgroup.procs").exists() {
         return Err(not_a_cgroup());
@@ -98,11 +80,7 @@ pub fn info(path: &Path) -> Result<CgroupInfo, HostError> {
 /// The cgroup2 directory of a process, from `/proc/PID/cgroup`.
 pub fn of_pid(pid: u32) -> Result<PathBuf, HostError> {
     let file = PathBuf::from(format!("/proc/{pid}/cgroup"));
-    let text = fs::read_to_string(&file).map_err(|source| HostError::Io {
-        op: "reading",
-        path: file.clone(),
-        source,
-    })?;
+    let text = fs::read_to_string(&file).map_err(HostError::io("reading", &file))?;
     let relative = text
         .lines()
         .find_map(|line| line.strip_prefix("0::"))

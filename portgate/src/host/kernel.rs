@@ -1,11 +1,7 @@
 //! What the running kernel grants this process: its release, the capabilities, the
 //! locked-memory limit, the network namespace and the monotonic clock.
 
-use std::{
-    fs,
-    os::unix::fs::MetadataExt as _,
-    path::{Path, PathBuf},
-};
+use std::{fs, os::unix::fs::MetadataExt as _, path::Path};
 
 use super::HostError;
 use crate::paths;
@@ -19,11 +15,7 @@ pub const MIN_VERSION: (u32, u32) = (5, 15);
 /// Fails when the running kernel is older than [`MIN_VERSION`].
 pub fn check_version() -> Result<(), HostError> {
     let path = Path::new(paths::OS_RELEASE);
-    let release = fs::read_to_string(path).map_err(|source| HostError::Io {
-        op: "reading",
-        path: path.to_owned(),
-        source,
-    })?;
+    let release = fs::read_to_string(path).map_err(HostError::io("reading", path))?;
     let release = release.trim().to_owned();
     let mut numbers = release
         .split(|c: char| !c.is_ascii_digit())
@@ -77,11 +69,7 @@ pub fn raise_memlock_limit() {
 pub fn current_netns_inode() -> Result<u64, HostError> {
     fs::metadata(paths::THREAD_NETNS)
         .map(|meta| meta.ino())
-        .map_err(|source| HostError::Io {
-            op: "reading",
-            path: PathBuf::from(paths::THREAD_NETNS),
-            source,
-        })
+        .map_err(HostError::io("reading", Path::new(paths::THREAD_NETNS)))
 }
 
 /// `CLOCK_MONOTONIC` now, in nanoseconds: the clock of grant expiries and event times.

@@ -13,7 +13,10 @@ pub mod port_ranges;
 pub mod sockets;
 pub mod sysctls;
 
-use std::{io, path::PathBuf};
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
 
 use procfs::ProcError;
 
@@ -145,4 +148,16 @@ pub enum HostError {
         #[source]
         source: nix::Error,
     },
+}
+
+impl HostError {
+    /// The error of a file-system call that failed `op` (`"opening"`, ...) on `path`, to
+    /// hand to `map_err`.
+    pub fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Self + 'a {
+        move |source| Self::Io {
+            op,
+            path: path.to_owned(),
+            source,
+        }
+    }
 }

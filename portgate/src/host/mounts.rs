@@ -31,11 +31,7 @@ fn unescape_path(raw: &str) -> String {
 pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), HostError> {
     let bpffs = Path::new(paths::BPFFS_MOUNT);
     if pin_dir.starts_with(bpffs) && !is_bpffs(bpffs)? {
-        fs::create_dir_all(bpffs).map_err(|source| HostError::Io {
-            op: "creating",
-            path: bpffs.to_owned(),
-            source,
-        })?;
+        fs::create_dir_all(bpffs).map_err(HostError::io("creating", bpffs))?;
         nix::mount::mount(
             Some("bpffs"),
             bpffs,
@@ -48,11 +44,7 @@ pub fn prepare_pin_dir(pin_dir: &Path) -> Result<(), HostError> {
             source,
         })?;
     }
-    fs::create_dir_all(pin_dir).map_err(|source| HostError::Io {
-        op: "creating",
-        path: pin_dir.to_owned(),
-        source,
-    })
+    fs::create_dir_all(pin_dir).map_err(HostError::io("creating", pin_dir))
 }
 
 fn is_bpffs(path: &Path) -> Result<bool, HostError> {
