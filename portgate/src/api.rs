@@ -292,8 +292,8 @@ impl ErrorBody {
 mod tests {
     use super::{AllocationView, CheckResponse, EventView};
     use crate::model::{
-        Allocation, DropCounts, GrantView, PortAccessControl, PortId, PortMetrics, PortReport,
-        PortStatus, Protocol,
+        DropCounts, GrantView, PortAccessControl, PortId, PortMetrics, PortReport, PortStatus,
+        Protocol, sample_allocation,
     };
 
     /// Answers as the API has always spelled them: the views flatten the model's types, and
@@ -328,10 +328,7 @@ mod tests {
 
     #[test]
     fn views_keep_the_apis_spelling() {
-        let stored: Allocation = serde_json::from_str(
-            r#"{"id":{"port":20001,"protocol":"tcp"},"owner":{"name":"service-20001","uid":1000,"cgroup":{"path":"/sys/fs/cgroup/service.slice","cgroup":{"id":4242,"level":1}}},"access":{"allowed_ips":["10.0.0.0/8","2001:db8::/32"],"max_connections":16,"require_authentication":true},"status":"active","allocated_at":1700000000000,"ttl":"1h","lease_expires_at":1700003600000,"draining_since":null,"closed_at":null}"#,
-        )
-        .unwrap();
+        let stored = sample_allocation(20001, Protocol::Tcp);
         same_bytes(&AllocationView::new(&stored, 3), VIEW);
         let report = PortReport {
             id: PortId::new(20001, Protocol::Udp),

@@ -343,31 +343,20 @@ async fn grants_and_prefixes_are_bounded_per_port_and_per_user() {
             })
             .collect()
     };
+    let allowing = |owner: &str, allowed_ips| AllocationRequest {
+        access: PortAccessControl {
+            allowed_ips,
+            ..PortAccessControl::default()
+        },
+        ..AllocationRequest::new(owner)
+    };
     let first = manager
-        .allocate(
-            AllocationRequest {
-                access: PortAccessControl {
-                    allowed_ips: prefixes(6_000, 0x0a00_0000),
-                    ..PortAccessControl::default()
-                },
-                ..AllocationRequest::new("a")
-            },
-            user,
-        )
+        .allocate(allowing("a", prefixes(6_000, 0x0a00_0000)), user)
         .await
         .unwrap();
     // 6,000 + 6,000 is over one user's budget of 10,000 prefixes, on a new port...
     let err = manager
-        .allocate(
-            AllocationRequest {
-                access: PortAccessControl {
-                    allowed_ips: prefixes(6_000, 0x0b00_0000),
-                    ..PortAccessControl::default()
-                },
-                ..AllocationRequest::new("b")
-            },
-            user,
-        )
+        .allocate(allowing("b", prefixes(6_000, 0x0b00_0000)), user)
         .await
         .unwrap_err();
     assert!(

@@ -137,3 +137,40 @@ pub struct PortState {
     /// Connections open now (from the kernel; 0 without it).
     pub connections: u64,
 }
+
+/// An allocation with every field set, for tests of what stores and shows allocations.
+#[cfg(test)]
+pub(crate) fn sample_allocation(port: u16, protocol: Protocol) -> Allocation {
+    use super::{Owner, OwnerCgroup};
+
+    Allocation {
+        id: PortId::new(port, protocol),
+        owner: Owner {
+            name: format!("service-{port}"),
+            uid: Some(1000),
+            cgroup: Some(OwnerCgroup {
+                path: "/sys/fs/cgroup/service.slice".into(),
+                id: 4242,
+                level: 1,
+            }),
+        },
+        access: PortAccessControl {
+            allowed_ips: [
+                "10.0.0.0/8".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ]
+            .into_iter()
+            .collect(),
+            max_connections: 16,
+            require_authentication: true,
+        },
+        status: PortStatus::Active,
+        timeline: Timeline {
+            allocated_at: 1_700_000_000_000,
+            ttl: Some(std::time::Duration::from_hours(1)),
+            lease_expires_at: Some(1_700_003_600_000),
+            draining_since: None,
+            closed_at: None,
+        },
+    }
+}

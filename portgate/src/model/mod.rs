@@ -14,6 +14,8 @@ mod policy;
 mod port;
 pub mod spelling;
 
+#[cfg(test)]
+pub(crate) use self::allocation::sample_allocation;
 pub use self::{
     access::{AccessChange, Allowlist, PortAccessControl},
     allocation::{

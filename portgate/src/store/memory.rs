@@ -90,7 +90,7 @@ impl Store for MemoryStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{model::Protocol, store::sample_allocation};
+    use crate::model::{Protocol, sample_allocation};
 
     #[test]
     fn put_delete_load_round_trip() {

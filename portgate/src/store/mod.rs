@@ -115,47 +115,10 @@ impl Commit {
     }
 }
 
-/// An allocation with every field set, for the stores' tests.
-#[cfg(test)]
-fn sample_allocation(port: u16, protocol: crate::model::Protocol) -> Allocation {
-    use crate::model::{Owner, OwnerCgroup, PortAccessControl, PortStatus, Timeline};
-
-    Allocation {
-        id: PortId::new(port, protocol),
-        owner: Owner {
-            name: format!("service-{port}"),
-            uid: Some(1000),
-            cgroup: Some(OwnerCgroup {
-                path: "/sys/fs/cgroup/service.slice".into(),
-                id: 4242,
-                level: 1,
-            }),
-        },
-        access: PortAccessControl {
-            allowed_ips: [
-                "10.0.0.0/8".parse().unwrap(),
-                "2001:db8::/32".parse().unwrap(),
-            ]
-            .into_iter()
-            .collect(),
-            max_connections: 16,
-            require_authentication: true,
-        },
-        status: PortStatus::Active,
-        timeline: Timeline {
-            allocated_at: 1_700_000_000_000,
-            ttl: Some(std::time::Duration::from_hours(1)),
-            lease_expires_at: Some(1_700_003_600_000),
-            draining_since: None,
-            closed_at: None,
-        },
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{Allocation, sample_allocation};
-    use crate::model::{PortStatus, Protocol};
+    use super::Allocation;
+    use crate::model::{PortStatus, Protocol, sample_allocation};
 
     /// Records as portgate has always written them (store schema 1): a change to the model's
     /// types must not change a byte of them.

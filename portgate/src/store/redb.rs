@@ -399,7 +399,7 @@ fn failed_on<E: fmt::Display>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::sample_allocation;
+    use crate::model::sample_allocation;
 
     fn database_path(dir: &tempfile::TempDir) -> PathBuf {
         // A missing subdirectory, so `open` has to create it.
@@ -527,24 +527,35 @@ mod tests {
         assert_eq!(ports, expected);
     }
 
+    /// Makes a store at `path`, then writes `value` under `key` in `table` with redb
+    /// itself, as a damaged or foreign file would hold it.
+    fn write_behind_the_store<K: redb::Key + 'static>(
+        path: &Path,
+        table: TableDefinition<K, &'static [u8]>,
+        key: K::SelfType<'_>,
+        value: &[u8],
+    ) {
+        drop(RedbStore::open(path).unwrap());
+        let database = Database::create(path).unwrap();
+        let transaction = database.begin_write().unwrap();
+        transaction
+            .open_table(table)
+            .unwrap()
+            .insert(key, value)
+            .unwrap();
+        transaction.commit().unwrap();
+    }
+
     #[test]
     fn corrupt_record_names_its_key() {
         let dir = tempfile::tempdir().unwrap();
         let path = database_path(&dir);
-        drop(RedbStore::open(&path).unwrap());
-        {
-            let database = Database::create(&path).unwrap();
-            let transaction = database.begin_write().unwrap();
-            transaction
-                .open_table(ALLOCATIONS)
-                .unwrap()
-                .insert(
-                    (20001, Protocol::Tcp.number()),
-                    [0xff, 0x00, 0x7b].as_slice(),
-                )
-                .unwrap();
-            transaction.commit().unwrap();
-        }
+        write_behind_the_store(
+            &path,
+            ALLOCATIONS,
+            (20001, Protocol::Tcp.number()),
+            &[0xff, 0x00, 0x7b],
+        );
 
         let store = RedbStore::open(&path).unwrap();
         match store.load() {
@@ -557,18 +568,13 @@ mod tests {
     fn record_under_another_key_is_corrupt() {
         let dir = tempfile::tempdir().unwrap();
         let path = database_path(&dir);
-        drop(RedbStore::open(&path).unwrap());
-        {
-            let database = Database::create(&path).unwrap();
-            let transaction = database.begin_write().unwrap();
-            let misplaced = encode(&sample_allocation(20002, Protocol::Tcp)).unwrap();
-            transaction
-                .open_table(ALLOCATIONS)
-                .unwrap()
-                .insert((20001, Protocol::Tcp.number()), misplaced.as_slice())
-                .unwrap();
-            transaction.commit().unwrap();
-        }
+        let misplaced = encode(&sample_allocation(20002, Protocol::Tcp)).unwrap();
+        write_behind_the_store(
+            &path,
+            ALLOCATIONS,
+            (20001, Protocol::Tcp.number()),
+            &misplaced,
+        );
 
         let store = RedbStore::open(&path).unwrap();
         match store.load() {
@@ -625,17 +631,7 @@ mod tests {
     fn newer_schema_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = database_path(&dir);
-        drop(RedbStore::open(&path).unwrap());
-        {
-            let database = Database::create(&path).unwrap();
-            let transaction = database.begin_write().unwrap();
-            transaction
-                .open_table(META)
-                .unwrap()
-                .insert(SCHEMA_VERSION_KEY, b"2".as_slice())
-                .unwrap();
-            transaction.commit().unwrap();
-        }
+        write_behind_the_store(&path, META, SCHEMA_VERSION_KEY, b"2");
         let error = RedbStore::open(&path).unwrap_err();
         assert!(error.to_string().contains("schema version 2"), "{error}");
     }

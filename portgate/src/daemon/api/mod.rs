@@ -51,8 +51,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/events", get(reads::events))
         .route("/v1/status", get(reads::status))
         .route("/metrics", get(reads::metrics))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(async |caller| refuse(caller, &UNKNOWN_ROUTE).await)
+        .method_not_allowed_fallback(async |caller| refuse(caller, &WRONG_METHOD).await)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(axum::middleware::from_fn(run_to_completion))
         .with_state(app)
@@ -339,42 +339,41 @@ fn query_map(query: QueryMap) -> ApiResult<HashMap<String, String>> {
         .map_err(|rejection| ApiError::bad("bad_query", rejection.body_text()))
 }
 
-/// Answers a request the router has no route (`404`) or method (`405`) for, audited as
-/// `action`.
-async fn refuse(
-    caller: &Caller,
+/// How a request the router cannot route is answered: its audit action, status, error
+/// code and message.
+struct Unrouted {
     action: &'static str,
-    (status, code): (StatusCode, &str),
-    message: &str,
-) -> Response {
+    status: StatusCode,
+    code: &'static str,
+    message: &'static str,
+}
+
+/// A path with no route.
+const UNKNOWN_ROUTE: Unrouted = Unrouted {
+    action: "unknown_route",
+    status: StatusCode::NOT_FOUND,
+    code: "unknown_route",
+    message: "no such API route: see the routes in the portgate docs (crate::api)",
+};
+
+/// A route asked with a method it does not take.
+const WRONG_METHOD: Unrouted = Unrouted {
+    action: "wrong_method",
+    status: StatusCode::METHOD_NOT_ALLOWED,
+    code: "method_not_allowed",
+    message: "this route does not take that method: see the routes in the portgate docs (crate::api)",
+};
+
+/// Answers (and audits) a request the router cannot route.
+async fn refuse(caller: Caller, unrouted: &Unrouted) -> Response {
     caller
-        .answer(action, StatusCode::OK, async |_| -> ApiResult<()> {
+        .answer(unrouted.action, StatusCode::OK, async |_| -> ApiResult<()> {
             Err(ApiError::Bad {
-                status,
-                body: ErrorBody::bad_request(code, message),
+                status: unrouted.status,
+                body: ErrorBody::bad_request(unrouted.code, unrouted.message),
             })
         })
         .await
-}
-
-async fn not_found(caller: Caller) -> Response {
-    refuse(
-        &caller,
-        "unknown_route",
-        (StatusCode::NOT_FOUND, "unknown_route"),
-        "no such API route: see the routes in the portgate docs (crate::api)",
-    )
-    .await
-}
-
-async fn method_not_allowed(caller: Caller) -> Response {
-    refuse(
-        &caller,
-        "wrong_method",
-        (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
-        "this route does not take that method: see the routes in the portgate docs (crate::api)",
-    )
-    .await
 }
 
 /// Runs every request's handler to completion (the change, its audit record and its
