@@ -334,14 +334,8 @@ mod tests {
             id: PortId::new(20001, Protocol::Udp),
             status: PortStatus::Draining,
             access: PortAccessControl {
-                allowed_ips: [
-                    "10.0.0.0/8".parse().unwrap(),
-                    "2001:db8::/32".parse().unwrap(),
-                ]
-                .into_iter()
-                .collect(),
                 max_connections: 7,
-                require_authentication: true,
+                ..stored.access.clone()
             },
             owner_cgroup: Some(42),
             grants: vec![GrantView {

@@ -316,63 +316,84 @@ impl PortsCollector {
         snapshot: &PortsSnapshot,
         encoder: &mut DescriptorEncoder,
     ) -> Result<(), std::fmt::Error> {
-        let mut family = encoder.encode_descriptor(
-            "allocated_ports",
-            "Allocated ports, per protocol and status",
-            None,
-            MetricType::Gauge,
-        )?;
-        for protocol in Protocol::ALL {
-            for status in [PortStatus::Active, PortStatus::Draining, PortStatus::Closed] {
+        let proto = |protocol: &Protocol| vec![("proto", protocol.to_string())];
+        let allocated = Protocol::ALL.into_iter().flat_map(|protocol| {
+            [PortStatus::Active, PortStatus::Draining, PortStatus::Closed].map(|status| {
                 let count = snapshot
                     .ports
                     .iter()
-                    .filter(|(id, port_status, _)| {
-                        id.protocol == protocol && *port_status == status
-                    })
+                    .filter(|(id, held, _)| id.protocol == protocol && *held == status)
                     .count();
-                let labels: Labels = vec![
+                let labels = vec![
                     ("proto", protocol.to_string()),
                     ("status", status.to_string()),
                 ];
-                gauge(count).encode(family.encode_family(&labels)?)?;
-            }
-        }
-        let mut family = encoder.encode_descriptor(
-            "free_ports",
-            "Ports that can be allocated now, per protocol",
-            None,
+                (labels, u64::try_from(count).unwrap_or(u64::MAX))
+            })
+        });
+        encode_values(
+            encoder,
+            (
+                "allocated_ports",
+                "Allocated ports, per protocol and status",
+            ),
             MetricType::Gauge,
+            allocated,
         )?;
-        for (protocol, free) in &snapshot.free {
-            let labels: Labels = vec![("proto", protocol.to_string())];
-            gauge(*free).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = encoder.encode_descriptor(
-            "unallocated_dropped",
-            "New connections dropped on managed ports without an allocation, per protocol",
-            None,
+        encode_values(
+            encoder,
+            (
+                "free_ports",
+                "Ports that can be allocated now, per protocol",
+            ),
+            MetricType::Gauge,
+            snapshot
+                .free
+                .iter()
+                .map(|(protocol, free)| (proto(protocol), *free)),
+        )?;
+        encode_values(
+            encoder,
+            (
+                "unallocated_dropped",
+                "New connections dropped on managed ports without an allocation, per protocol",
+            ),
             MetricType::Counter,
+            snapshot
+                .unallocated_drops
+                .iter()
+                .map(|(protocol, drops)| (proto(protocol), *drops)),
         )?;
-        for (protocol, drops) in &snapshot.unallocated_drops {
-            let labels: Labels = vec![("proto", protocol.to_string())];
-            ConstCounter::new(*drops).encode(family.encode_family(&labels)?)?;
-        }
-        let mut family = encoder.encode_descriptor(
-            "events_lost",
-            "Deny events not delivered, by cause",
-            None,
+        encode_values(
+            encoder,
+            ("events_lost", "Deny events not delivered, by cause"),
             MetricType::Counter,
-        )?;
-        for (cause, count) in [
-            ("ring_full", snapshot.events_lost_full),
-            ("rate_limited", snapshot.events_rate_limited),
-        ] {
-            let labels: Labels = vec![("cause", cause.to_owned())];
-            ConstCounter::new(count).encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
+            [
+                ("ring_full", snapshot.events_lost_full),
+                ("rate_limited", snapshot.events_rate_limited),
+            ]
+            .map(|(cause, count)| (vec![("cause", cause.to_owned())], count)),
+        )
     }
+}
+
+/// One family (`name`, `help`) of plain values, each under its labels: gauges or counters.
+fn encode_values(
+    encoder: &mut DescriptorEncoder,
+    (name, help): (&str, &str),
+    kind: MetricType,
+    values: impl IntoIterator<Item = (Labels, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
+    for (labels, value) in values {
+        let metric = family.encode_family(&labels)?;
+        if let MetricType::Counter = kind {
+            ConstCounter::new(value).encode(metric)?;
+        } else {
+            gauge(value).encode(metric)?;
+        }
+    }
+    Ok(())
 }
 
 impl Collector for PortsCollector {
@@ -383,5 +404,51 @@ impl Collector for PortsCollector {
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         Self::encode_ports(&snapshot, &mut encoder)?;
         Self::encode_range(&snapshot, &mut encoder)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{PortMonitor, PortsSnapshot};
+    use crate::model::{DropCounts, PortId, PortMetrics, PortStatus, Protocol};
+
+    /// The exposition as portgate has always written it (`testdata/metrics.txt`, from the
+    /// code before the model was reshaped): names, help, labels and their order.
+    #[test]
+    fn the_exposition_keeps_its_bytes() {
+        let counted = PortMetrics {
+            accepted: 1,
+            active: 2,
+            dropped: DropCounts {
+                unallocated: 3,
+                draining: 4,
+                not_allowed: 5,
+                auth_required: 6,
+                conn_limit: 7,
+            },
+            bind_denied: 8,
+            packets: 9,
+            bytes: 10,
+        };
+        let snapshot = PortsSnapshot {
+            ports: vec![
+                (
+                    PortId::new(20001, Protocol::Tcp),
+                    PortStatus::Active,
+                    counted,
+                ),
+                (
+                    PortId::new(20002, Protocol::Udp),
+                    PortStatus::Draining,
+                    PortMetrics::default(),
+                ),
+            ],
+            unallocated_drops: vec![(Protocol::Tcp, 11), (Protocol::Udp, 12)],
+            free: vec![(Protocol::Tcp, 13), (Protocol::Udp, 14)],
+            events_lost_full: 15,
+            events_rate_limited: 16,
+        };
+        let text = PortMonitor::new().encode(snapshot).unwrap();
+        assert_eq!(text, include_str!("testdata/metrics.txt"));
     }
 }

@@ -166,27 +166,17 @@ async fn access_changes_add_and_remove_prefixes_and_refuse_oversized_allowlists(
             .to_string(),
         "10.0.0.0/8"
     );
+    let removal = AccessChange {
+        remove: ["10.0.0.0/8".parse().unwrap()].into_iter().collect(),
+        ..AccessChange::default()
+    };
     let changed = manager
-        .set_access(
-            held.id,
-            AccessChange {
-                remove: ["10.0.0.0/8".parse().unwrap()].into_iter().collect(),
-                ..AccessChange::default()
-            },
-            Actor::Admin,
-        )
+        .set_access(held.id, removal.clone(), Actor::Admin)
         .await
         .unwrap();
     assert_eq!(changed.access.allowed_ips.len(), 1);
     let err = manager
-        .set_access(
-            held.id,
-            AccessChange {
-                remove: ["10.0.0.0/8".parse().unwrap()].into_iter().collect(),
-                ..AccessChange::default()
-            },
-            Actor::Admin,
-        )
+        .set_access(held.id, removal, Actor::Admin)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("is not in the allowlist"), "{err}");

@@ -250,10 +250,11 @@ impl FromRequestParts<Arc<App>> for PortCall {
 
 impl PortCall {
     /// Answers `call`, given the port and the query, once both check out (the port goes
-    /// into the audit record).
-    async fn read<T: Serialize>(
+    /// into the audit record); `ok` on success.
+    async fn answer<T: Serialize>(
         self,
         action: &'static str,
+        ok: StatusCode,
         call: impl AsyncFnOnce(&App, PortId, HashMap<String, String>) -> ApiResult<T>,
     ) -> Response {
         let Self {
@@ -262,7 +263,7 @@ impl PortCall {
             query,
         } = self;
         caller
-            .answer(action, StatusCode::OK, async |audit| {
+            .answer(action, ok, async |audit| {
                 let query = query_map(query)?;
                 let id = caller.port_id(&port, &query)?;
                 audit.id = Some(id);
@@ -271,26 +272,15 @@ impl PortCall {
             .await
     }
 
-    /// Answers `call`, a change to the port with the caller's rights, once both check out
-    /// (the port goes into the audit record); `ok` on success.
+    /// [`PortCall::answer`] for a change to the port, made with the caller's rights.
     async fn change<T: Serialize>(
         self,
         action: &'static str,
         ok: StatusCode,
         call: impl AsyncFnOnce(&App, Actor, PortId) -> ApiResult<T>,
     ) -> Response {
-        let Self {
-            caller,
-            port,
-            query,
-        } = self;
-        caller
-            .answer(action, ok, async |audit| {
-                let actor = caller.actor()?;
-                let id = caller.port_id(&port, &query_map(query)?)?;
-                audit.id = Some(id);
-                call(&caller.app, actor, id).await
-            })
+        let actor = self.caller.actor();
+        self.answer(action, ok, async |app, id, _| call(app, actor?, id).await)
             .await
     }
 }
@@ -367,12 +357,16 @@ const WRONG_METHOD: Unrouted = Unrouted {
 /// Answers (and audits) a request the router cannot route.
 async fn refuse(caller: Caller, unrouted: &Unrouted) -> Response {
     caller
-        .answer(unrouted.action, StatusCode::OK, async |_| -> ApiResult<()> {
-            Err(ApiError::Bad {
-                status: unrouted.status,
-                body: ErrorBody::bad_request(unrouted.code, unrouted.message),
-            })
-        })
+        .answer(
+            unrouted.action,
+            StatusCode::OK,
+            async |_| -> ApiResult<()> {
+                Err(ApiError::Bad {
+                    status: unrouted.status,
+                    body: ErrorBody::bad_request(unrouted.code, unrouted.message),
+                })
+            },
+        )
         .await
 }
 

@@ -55,7 +55,7 @@ pub(super) async fn list(caller: Caller) -> Response {
 }
 
 pub(super) async fn show(call: PortCall) -> Response {
-    call.read("show", async |app, id, _| {
+    call.answer("show", StatusCode::OK, async |app, id, _| {
         let held = app
             .manager
             .allocation(id)
@@ -121,7 +121,7 @@ pub(super) async fn grant(call: PortCall, body: Body) -> Response {
 }
 
 pub(super) async fn check(call: PortCall) -> Response {
-    call.read("check", async |app, id, query| {
+    call.answer("check", StatusCode::OK, async |app, id, query| {
         let raw = query
             .get("ip")
             .ok_or_else(|| ApiError::bad("missing_ip", "give the source address as ?ip=ADDR"))?;
