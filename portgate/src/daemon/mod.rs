@@ -157,7 +157,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
 
     let mut tasks = tokio::task::JoinSet::new();
     let store_failed = Arc::new(tokio::sync::Notify::new());
-    tasks.spawn(lifecycle(
+    tasks.spawn(run_lifecycle_timers(
         Arc::clone(&manager),
         shutdown_rx.clone(),
         Arc::clone(&store_failed),
@@ -370,7 +370,7 @@ fn bind_socket(path: &Path, mode: u32, admin: &AdminGroup) -> anyhow::Result<Uni
 }
 
 /// Takes the lifecycle steps as they fall due, and says when the store has failed.
-async fn lifecycle(
+async fn run_lifecycle_timers(
     manager: Arc<PortManager>,
     mut shutdown: watch::Receiver<bool>,
     store_failed: Arc<tokio::sync::Notify>,
