@@ -1,6 +1,7 @@
 //! Section 5: `validate_connection` checks/s (in-process and through the daemon's API), the
-//! time of one metrics scrape and of `portgate maps`, each with 10,000 allocated ports
-//! holding 100 prefixes each, every port with a counter row in the kernel.
+//! time of one metrics scrape, of `portgate maps` and of an access change of 10,000
+//! prefixes, each with 10,000 allocated ports holding 100 prefixes each, every port with a
+//! counter row in the kernel.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -9,14 +10,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::{Context as _, Result, bail, ensure};
 use ipnet::IpNet;
 use portgate::{
     api::AllocRequest,
     client::Client,
     gate::{Gate, PacketHook},
     manager::Actor,
-    model::{AllocationRequest, Allowlist, PortAccessControl, PortId},
+    manager::MAX_ALLOWED_IPS,
+    model::{AccessChange, AllocationRequest, Allowlist, PortAccessControl, PortId},
 };
 use portgate_tests::{
     common::packet::tcp_syn,
@@ -151,6 +153,55 @@ async fn fill(daemon: &Daemon) -> Result<()> {
     Ok(())
 }
 
+/// The times of the access changes that add 10,000 prefixes and of those that take them
+/// out again.
+struct AccessChangeTimes {
+    adding: Vec<Duration>,
+    removing: Vec<Duration>,
+}
+
+/// `rounds` times: replaces the first port's 100 prefixes with 10,000 others (/24s in
+/// 11.0.0.0/8), then puts the 100 back, timing each `PATCH /v1/ports/{port}/access`.
+async fn access_change_times(daemon: &Daemon, rounds: usize) -> Result<AccessChangeTimes> {
+    let client = Client::new(&daemon.socket);
+    let id = PortId::from(MIN_PORT);
+    let small = allowlist(0);
+    let large: Allowlist = (0..u32::try_from(MAX_ALLOWED_IPS)?)
+        .map(|n| {
+            let [_, _, a, b] = n.to_be_bytes();
+            IpNet::new(IpAddr::V4(Ipv4Addr::new(11, a, b, 0)), 24).expect("a /24")
+        })
+        .collect();
+    let mut times = AccessChangeTimes {
+        adding: Vec::with_capacity(rounds),
+        removing: Vec::with_capacity(rounds),
+    };
+    for _ in 0..rounds {
+        for (remove, allow) in [(&small, &large), (&large, &small)] {
+            let change = AccessChange {
+                allow: allow.clone(),
+                remove: remove.clone(),
+                ..AccessChange::default()
+            };
+            let begun = Instant::now();
+            let view = client.access(id, &change).await?;
+            let took = begun.elapsed();
+            ensure!(
+                view.access.allowed_ips == *allow,
+                "the access change left {} prefixes, not {}",
+                view.access.allowed_ips.len(),
+                allow.len()
+            );
+            if allow.len() > small.len() {
+                times.adding.push(took);
+            } else {
+                times.removing.push(took);
+            }
+        }
+    }
+    Ok(times)
+}
+
 fn touch_counters(daemon: &Daemon) -> Result<()> {
     let mut gate = Gate::open(daemon.pins.path())?;
     for index in 0..PORTS {
@@ -231,6 +282,35 @@ fn with_daemon(runtime: &tokio::runtime::Runtime, options: &Options) -> Vec<Figu
             );
         }
         Err(err) => figures.push(Figure::failed(SECTION, what, err)),
+    }
+
+    // An access change of 10,000 prefixes: one port's 100 replaced by 10,000 others, and
+    // back, each timed from the request to the answer (kernel and store included).
+    match runtime.block_on(access_change_times(&daemon, options.pick(10, 3))) {
+        Ok(times) => {
+            for (what, mut samples) in [
+                (
+                    "access change adding 10,000 prefixes (PATCH, 10,000 ports)",
+                    times.adding,
+                ),
+                (
+                    "access change removing 10,000 prefixes (PATCH, 10,000 ports)",
+                    times.removing,
+                ),
+            ] {
+                let latency = Percentiles::of(&mut samples);
+                figures.push(
+                    Figure::measured(SECTION, what, latency.p50_ms, "ms (p50)")
+                        .target("< 50 ms (issue #9)", |v| v < 50.0)
+                        .raw(json!({"latency": latency, "rounds": samples.len()})),
+                );
+            }
+        }
+        Err(err) => figures.push(Figure::failed(
+            SECTION,
+            "access change of 10,000 prefixes",
+            err,
+        )),
     }
 
     // `portgate maps`: the whole CLI process, reading the pins.
