@@ -15,13 +15,16 @@ use portgate_tests::{
 use std::{
     collections::BTreeSet,
     fs,
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
+    net::{IpAddr, SocketAddr},
     process::Output,
     thread,
     time::{Duration, Instant},
 };
 
-use common::{EchoServer, TestCgroup, connect_from, echo, eventually, require_privileges};
+use common::{
+    CONNECT_WITHIN, EchoServer, LOCAL, OTHER_LOCAL, REFUSED_WITHIN, connect_from, echo, eventually,
+    listen_in, require_privileges,
+};
 use portgate::{
     gate::Gate,
     host::port_ranges::PortRanges,
@@ -492,12 +495,6 @@ fn a_configuration_that_drops_an_allocation_is_refused_before_the_kernel_is_touc
     assert_eq!(daemon.allocations()[&41_340].0, "top");
 }
 
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-const OTHER_LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-const REFUSED_WITHIN: Duration = Duration::from_millis(700);
-const CONNECT_WITHIN: Duration = Duration::from_secs(2);
-
-/// A listener made inside the cgroup (so `cgroup_skb` and `sock_ops` see its connections).
 /// Other programs' reserved ports survive the daemon's install and its uninstall, however
 /// long the list: the kernel answers a read of `ip_local_reserved_ports` that does not
 /// start at offset 0 with EOF, so a value read in pieces came back cut after 32 bytes.
@@ -541,11 +538,6 @@ fn other_programs_reserved_ports_survive_install_and_uninstall() {
             "uninstalled over {others:?}"
         );
     }
-}
-
-fn listen_in(cgroup: &TestCgroup, addr: SocketAddr) -> TcpListener {
-    let _inside = cgroup.enter();
-    TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"))
 }
 
 #[test]

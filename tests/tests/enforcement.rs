@@ -2,10 +2,8 @@
 //! cgroups made by the test, real sockets. Needs root (`CAP_BPF`, `CAP_NET_ADMIN`,
 //! `CAP_SYS_ADMIN`), cgroup v2, bpffs, iproute2. Run on one test thread.
 
-use portgate_tests::common;
-
 use std::{
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -14,92 +12,17 @@ use std::{
     time::Duration,
 };
 
-use common::{
-    EchoServer, NetNs, PinDir, TestCgroup, Veth, connect_from, echo, eventually,
-    require_privileges, reset,
-};
 use portgate::{
-    gate::{Gate, GateSettings},
     host::kernel::monotonic_now_ns,
-    model::{Allowlist, OwnerCgroup, PortAccessControl, PortId, PortPolicy, PortStatus, Protocol},
+    model::{OwnerCgroup, PortAccessControl, PortId, PortPolicy, PortStatus, Protocol},
 };
 use portgate_common::{hook, reason};
-
-const MIN_PORT: u16 = 21_000;
-const MAX_PORT: u16 = 21_099;
-const REFUSED_WITHIN: Duration = Duration::from_millis(700);
-const CONNECT_WITHIN: Duration = Duration::from_secs(2);
-
-fn install(pins: &PinDir) -> Gate {
-    Gate::install(&GateSettings {
-        pin_dir: pins.path().to_owned(),
-        min_port: MIN_PORT,
-        max_port: MAX_PORT,
-        events_per_sec: 10_000,
-        pending_ttl: Duration::from_secs(5),
-    })
-    .expect("install the gate")
-}
-
-fn allow(prefixes: &[&str]) -> Allowlist {
-    prefixes
-        .iter()
-        .map(|prefix| prefix.parse().expect("prefix"))
-        .collect()
-}
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port)
-}
-
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-const OTHER_LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-
-/// A listener made inside the cgroup (so `cgroup_skb` and `sock_ops` see its connections).
-fn listen_in(cgroup: &TestCgroup, addr: SocketAddr) -> TcpListener {
-    let _inside = cgroup.enter();
-    TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"))
-}
-
-/// One TCP port served on loopback inside a test namespace by a socket in a test cgroup,
-/// with the cgroup programs attached to that cgroup. Fields drop in order: the server
-/// first, the pins last.
-struct LoopbackPort {
-    _server: EchoServer,
-    gate: Gate,
-    ns: NetNs,
-    _cgroup: TestCgroup,
-    _pins: PinDir,
-    port: u16,
-}
-
-impl LoopbackPort {
-    fn new(port: u16, policy: &PortPolicy) -> Self {
-        let pins = PinDir::new();
-        let cgroup = TestCgroup::new();
-        let ns = NetNs::new();
-        let mut gate = install(&pins);
-        gate.attach_cgroup(cgroup.path())
-            .expect("attach to the test cgroup");
-        gate.set_policy(PortId::new(port, Protocol::Tcp), policy)
-            .expect("set policy");
-        let server = ns.run(|| EchoServer::serve(listen_in(&cgroup, loopback(port))));
-        Self {
-            _server: server,
-            gate,
-            ns,
-            _cgroup: cgroup,
-            _pins: pins,
-            port,
-        }
-    }
-
-    /// Connects from `from` inside the namespace.
-    fn connect(&self, from: IpAddr, within: Duration) -> std::io::Result<TcpStream> {
-        self.ns
-            .run(|| connect_from(from, loopback(self.port), within))
-    }
-}
+use portgate_tests::common::{
+    CONNECT_WITHIN, EchoServer, LOCAL, NetNs, OTHER_LOCAL, PinDir, REFUSED_WITHIN, TestCgroup,
+    Veth, allowlist, connect_from, echo, eventually,
+    gate::{LoopbackPort, MAX_PORT, MIN_PORT, install, settings},
+    listen_in, loopback, require_privileges, reset,
+};
 
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
@@ -113,7 +36,7 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
     let client_ns = NetNs::new();
     let veth = Veth::new(&server_ns, &client_ns);
     veth.add_to_b(&client_ns, 3);
-    let mut gate = install(&pins);
+    let mut gate = install(&settings(&pins));
     gate.attach_cgroup(cgroup.path())
         .expect("attach to the test cgroup");
     let mut events = gate.events().expect("event stream");
@@ -511,7 +434,7 @@ fn bind_follows_the_owner_cgroup_tree() {
     let owner_child = owner.child("worker");
     let other = parent.child("other");
     let ns = NetNs::new();
-    let mut gate = install(&pins);
+    let mut gate = install(&settings(&pins));
     gate.attach_cgroup(parent.path())
         .expect("attach to the test cgroup");
     let mut events = gate.events().expect("event stream");
@@ -620,13 +543,13 @@ fn enforcement_outlives_the_handle_and_uninstall_removes_everything() {
     // are not this test's to judge.
     let others = our_programs();
     {
-        let mut gate = install(&pins);
+        let mut gate = install(&settings(&pins));
         gate.attach_cgroup(cgroup.path()).expect("attach");
         gate.set_policy(
             PortId::new(port, Protocol::Tcp),
             &PortPolicy {
                 access: PortAccessControl {
-                    allowed_ips: allow(&["127.0.0.1/32"]),
+                    allowed_ips: allowlist(&["127.0.0.1/32"]),
                     ..PortAccessControl::default()
                 },
                 ..PortPolicy::default()
@@ -644,7 +567,7 @@ fn enforcement_outlives_the_handle_and_uninstall_removes_everything() {
         "still enforced without a handle"
     );
 
-    let gate = install(&pins);
+    let gate = install(&settings(&pins));
     let counters = gate
         .counters(PortId::new(port, Protocol::Tcp))
         .expect("counters")
@@ -712,14 +635,14 @@ fn udp_datagrams_follow_the_allowlist_each_counted() {
     let pins = PinDir::new();
     let cgroup = TestCgroup::new();
     let ns = NetNs::new();
-    let mut gate = install(&pins);
+    let mut gate = install(&settings(&pins));
     gate.attach_cgroup(cgroup.path()).expect("attach");
     let port = MIN_PORT + 60;
     gate.set_policy(
         PortId::new(port, Protocol::Udp),
         &PortPolicy {
             access: PortAccessControl {
-                allowed_ips: allow(&["127.0.0.1/32"]),
+                allowed_ips: allowlist(&["127.0.0.1/32"]),
                 ..PortAccessControl::default()
             },
             ..PortPolicy::default()

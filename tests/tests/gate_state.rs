@@ -2,49 +2,22 @@
 //! (retransmitted SYNs, handshakes that never complete), the deny-event rate limit, and
 //! what `portgate maps` reads back. Needs root, bpffs, BTF. Attaches nothing.
 
-use portgate_tests::common;
-
 use std::{
     net::{IpAddr, Ipv4Addr},
     thread,
     time::Duration,
 };
 
-use common::{
-    PinDir,
-    packet::{PacketSpec, build_packet},
-    pin_to_cpu0, require_privileges,
-};
 use portgate::{
     gate::{Gate, GateSettings, PacketHook},
     model::{Allowlist, PortAccessControl, PortId, PortPolicy, Protocol},
 };
-
-const MIN_PORT: u16 = 22_000;
-const MAX_PORT: u16 = 22_099;
-
-fn install(pins: &PinDir, events_per_sec: u32, pending_ttl: Duration) -> Gate {
-    Gate::install(&GateSettings {
-        pin_dir: pins.path().to_owned(),
-        min_port: MIN_PORT,
-        max_port: MAX_PORT,
-        events_per_sec,
-        pending_ttl,
-    })
-    .expect("install the gate")
-}
-
-fn syn(source: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
-    build_packet(&PacketSpec {
-        seq: u32::from(sport) * 7,
-        ..PacketSpec::syn(
-            IpAddr::V4(source.into()),
-            IpAddr::V4(Ipv4Addr::new(198, 19, 0, 1)),
-            sport,
-            dport,
-        )
-    })
-}
+use portgate_tests::common::{
+    PinDir, allowlist,
+    gate::{MIN_PORT, install, settings},
+    packet::{DESTINATION, tcp_syn},
+    pin_to_cpu0, require_privileges,
+};
 
 #[test]
 fn a_retransmitted_syn_takes_no_second_slot_and_an_unfinished_handshake_gives_its_slot_back() {
@@ -53,7 +26,10 @@ fn a_retransmitted_syn_takes_no_second_slot_and_an_unfinished_handshake_gives_it
     }
     pin_to_cpu0();
     let pins = PinDir::new();
-    let mut gate = install(&pins, 100, Duration::from_millis(300));
+    let mut gate = install(&GateSettings {
+        pending_ttl: Duration::from_millis(300),
+        ..settings(&pins)
+    });
     let port = MIN_PORT + 1;
     gate.set_policy(
         PortId::new(port, Protocol::Tcp),
@@ -66,7 +42,7 @@ fn a_retransmitted_syn_takes_no_second_slot_and_an_unfinished_handshake_gives_it
         },
     )
     .expect("set policy");
-    let first = syn([198, 18, 0, 1], 40_000, port);
+    let first = tcp_syn([198, 18, 0, 1].into(), DESTINATION, 40_000, port);
     for hook in [PacketHook::Xdp, PacketHook::CgroupSkb, PacketHook::Xdp] {
         let outcome = gate.test_run(hook, &first, 1).expect("test run");
         assert!(
@@ -85,7 +61,7 @@ fn a_retransmitted_syn_takes_no_second_slot_and_an_unfinished_handshake_gives_it
         .total;
     assert_eq!(counters.accepted, 1, "accepted once");
 
-    let second = syn([198, 18, 0, 2], 40_001, port);
+    let second = tcp_syn([198, 18, 0, 2].into(), DESTINATION, 40_001, port);
     assert!(
         !gate
             .test_run(PacketHook::Xdp, &second, 1)
@@ -115,12 +91,19 @@ fn a_flood_of_denials_is_rate_limited_and_the_rest_counted() {
     }
     pin_to_cpu0();
     let pins = PinDir::new();
-    let mut gate = install(&pins, LIMIT, Duration::from_secs(5));
+    let mut gate = install(&GateSettings {
+        events_per_sec: LIMIT,
+        ..settings(&pins)
+    });
     let mut events = gate.events().expect("event stream");
     let port = MIN_PORT + 2;
     // Unallocated: every SYN is denied.
     let outcome = gate
-        .test_run(PacketHook::Xdp, &syn([203, 0, 113, 9], 40_000, port), FLOOD)
+        .test_run(
+            PacketHook::Xdp,
+            &tcp_syn([203, 0, 113, 9].into(), DESTINATION, 40_000, port),
+            FLOOD,
+        )
         .expect("test run");
     assert!(!outcome.passed);
     let delivered = events.drain();
@@ -156,18 +139,13 @@ fn the_maps_report_reads_the_live_state_back() {
     }
     pin_to_cpu0();
     let pins = PinDir::new();
-    let mut gate = install(&pins, 100, Duration::from_secs(5));
+    let mut gate = install(&settings(&pins));
     let port = MIN_PORT + 3;
     gate.set_policy(
         PortId::new(port, Protocol::Tcp),
         &PortPolicy {
             access: PortAccessControl {
-                allowed_ips: [
-                    "198.18.0.0/24".parse().expect("prefix"),
-                    "fd00::/8".parse().expect("prefix"),
-                ]
-                .into_iter()
-                .collect(),
+                allowed_ips: allowlist(&["198.18.0.0/24", "fd00::/8"]),
                 max_connections: 7,
                 require_authentication: true,
             },
@@ -182,23 +160,15 @@ fn the_maps_report_reads_the_live_state_back() {
         now + 60_000_000_000,
     )
     .expect("grant");
-    assert!(
-        gate.test_run(PacketHook::Xdp, &syn([198, 18, 0, 1], 41_000, port), 1)
+    let mut passes = |source: [u8; 4], sport: u16| {
+        let frame = tcp_syn(source.into(), DESTINATION, sport, port);
+        gate.test_run(PacketHook::Xdp, &frame, 1)
             .expect("run")
             .passed
-    );
-    assert!(
-        !gate
-            .test_run(PacketHook::Xdp, &syn([203, 0, 113, 1], 41_001, port), 1)
-            .expect("run")
-            .passed
-    );
-    assert!(
-        !gate
-            .test_run(PacketHook::Xdp, &syn([198, 18, 0, 2], 41_002, port), 1)
-            .expect("run")
-            .passed
-    );
+    };
+    assert!(passes([198, 18, 0, 1], 41_000));
+    assert!(!passes([203, 0, 113, 1], 41_001));
+    assert!(!passes([198, 18, 0, 2], 41_002));
 
     // What `portgate maps` prints, from a handle that only opens the pins.
     let reader = Gate::open(pins.path()).expect("open the pinned maps");
@@ -256,7 +226,7 @@ fn deny_events_stream_asynchronously() {
     }
     pin_to_cpu0();
     let pins = PinDir::new();
-    let mut gate = install(&pins, 100, Duration::from_secs(5));
+    let mut gate = install(&settings(&pins));
     let mut events = gate.events().expect("event stream");
     let port = MIN_PORT + 4;
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -273,7 +243,7 @@ fn deny_events_stream_asynchronously() {
             !gate
                 .test_run(
                     PacketHook::CgroupSkb,
-                    &syn([203, 0, 113, 7], 42_000, port),
+                    &tcp_syn([203, 0, 113, 7].into(), DESTINATION, 42_000, port),
                     1
                 )
                 .expect("test run")
@@ -296,7 +266,7 @@ fn pins_of_another_layout_are_refused_not_adopted() {
         return;
     }
     let good = PinDir::new();
-    let mut gate = install(&good, 100, Duration::from_secs(5));
+    let mut gate = install(&settings(&good));
     // A pin directory whose PG_CONFIG is in fact a map of another shape.
     let odd = PinDir::new();
     let maps = odd.path().join(portgate::paths::MAPS_SUBDIR);
@@ -306,13 +276,7 @@ fn pins_of_another_layout_are_refused_not_adopted() {
         .expect("the stats map")
         .pin(maps.join(portgate_common::map_names::CONFIG))
         .expect("pin it under the config map's name");
-    let refused = Gate::install(&GateSettings {
-        pin_dir: odd.path().to_owned(),
-        min_port: MIN_PORT,
-        max_port: MAX_PORT,
-        events_per_sec: 100,
-        pending_ttl: Duration::from_secs(5),
-    });
+    let refused = Gate::install(&settings(&odd));
     match refused {
         Err(portgate::gate::GateError::IncompatiblePin {
             found, expected, ..
@@ -352,7 +316,7 @@ fn a_hundred_thousand_prefixes_on_one_port_and_a_full_map_changes_nothing() {
     }
     pin_to_cpu0();
     let pins = PinDir::new();
-    let mut gate = install(&pins, 100, Duration::from_secs(5));
+    let mut gate = install(&settings(&pins));
     let port = MIN_PORT + 5;
     let policy = PortPolicy {
         access: PortAccessControl {
@@ -373,7 +337,12 @@ fn a_hundred_thousand_prefixes_on_one_port_and_a_full_map_changes_nothing() {
         let passed = gate
             .test_run(
                 PacketHook::Xdp,
-                &syn([10, b, c, d], 43_000 + (i % 1000) as u16, port),
+                &tcp_syn(
+                    [10, b, c, d].into(),
+                    DESTINATION,
+                    43_000 + (i % 1000) as u16,
+                    port,
+                ),
                 1,
             )
             .expect("test run")
@@ -427,20 +396,17 @@ fn whole_map_reads_in_batches_equal_entry_by_entry_reads() {
     }
     pin_to_cpu0();
     let pins = PinDir::new();
-    let mut gate = Gate::install(&GateSettings {
-        pin_dir: pins.path().to_owned(),
+    let mut gate = install(&GateSettings {
         min_port: FIRST,
         max_port: LAST,
         events_per_sec: 10,
         pending_ttl: Duration::from_mins(1),
-    })
-    .expect("install the gate");
+        ..settings(&pins)
+    });
     for port in FIRST..=LAST {
         let policy = PortPolicy {
             access: PortAccessControl {
-                allowed_ips: ["198.18.0.0/16".parse().expect("prefix")]
-                    .into_iter()
-                    .collect(),
+                allowed_ips: allowlist(&["198.18.0.0/16"]),
                 max_connections: u32::from(port % 7) + 1,
                 ..PortAccessControl::default()
             },
@@ -454,8 +420,12 @@ fn whole_map_reads_in_batches_equal_entry_by_entry_reads() {
         } else {
             [192, 0, 2, 1]
         };
-        gate.test_run(PacketHook::CgroupSkb, &syn(source, 40_000, port), 1)
-            .expect("test run");
+        gate.test_run(
+            PacketHook::CgroupSkb,
+            &tcp_syn(source.into(), DESTINATION, 40_000, port),
+            1,
+        )
+        .expect("test run");
     }
 
     let policies = gate.policies().expect("policies in batches");

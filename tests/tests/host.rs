@@ -13,7 +13,6 @@ use portgate_tests::common;
 use common::{NetNs, require_privileges};
 use portgate::{
     host::{
-        kernel,
         sockets::{self, Listener},
         sysctls,
     },
@@ -25,21 +24,8 @@ fn read(path: &str) -> String {
     fs::read_to_string(path).unwrap_or_else(|err| panic!("reading {path}: {err}"))
 }
 
-/// Runs `f` inside `ns`, after making sure that the thread really is in another network
-/// namespace than the test's own: a sysctl written there would otherwise be the host's.
-fn inside<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
-    let host_netns = kernel::current_netns_inode().expect("this thread's network namespace");
-    ns.run(|| {
-        let here = kernel::current_netns_inode().expect("the test namespace");
-        assert_ne!(
-            here, host_netns,
-            "setns left the thread in the host's network namespace: refusing to write sysctls"
-        );
-        f()
-    })
-}
-
-/// Sets a sysctl of the test namespace. Call only through [`inside`].
+/// Sets a sysctl of the namespace the thread is in. Call only inside
+/// [`NetNs::run_elsewhere`], which makes sure that it is not the host's.
 fn set(path: &str, value: &str) {
     fs::write(path, value).unwrap_or_else(|err| panic!("writing {value:?} to {path}: {err}"));
 }
@@ -54,7 +40,7 @@ fn reserve_and_unreserve_change_only_the_namespace_and_only_what_was_added() {
     let host_before = read(paths::IP_LOCAL_RESERVED_PORTS);
     let ns = NetNs::new();
 
-    let added = inside(&ns, || {
+    let added = ns.run_elsewhere(|| {
         set(paths::IP_LOCAL_RESERVED_PORTS, "8080\n");
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "8080\n");
 
@@ -68,7 +54,7 @@ fn reserve_and_unreserve_change_only_the_namespace_and_only_what_was_added() {
     // alone would also pass if the host's value were written and then restored.
     assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), host_before);
 
-    inside(&ns, || {
+    ns.run_elsewhere(|| {
         let again = sysctls::reserve_ports(20_000..=20_100).expect("reserve again");
         assert_eq!(again, [], "nothing is new the second time");
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "8080,20000-20100\n");
@@ -88,7 +74,7 @@ fn reserve_returns_only_the_gaps_and_unreserve_can_empty_the_list() {
     let host_before = read(paths::IP_LOCAL_RESERVED_PORTS);
     let ns = NetNs::new();
 
-    inside(&ns, || {
+    ns.run_elsewhere(|| {
         set(paths::IP_LOCAL_RESERVED_PORTS, "20050-20060,65535\n");
         let added = sysctls::reserve_ports(20_000..=65_535).expect("reserve 20000-65535");
         assert_eq!(added, [(20_000, 20_049), (20_061, 65_534)]);
@@ -119,7 +105,7 @@ fn local_port_range_reads_the_namespace_of_the_calling_thread() {
     let host_range = sysctls::local_port_range().expect("the host's ephemeral range");
     let ns = NetNs::new();
 
-    inside(&ns, || {
+    ns.run_elsewhere(|| {
         // A fresh namespace starts from the kernel's default, whatever the host set.
         let (low, high) = sysctls::local_port_range().expect("the namespace's ephemeral range");
         assert!(low <= high);
@@ -151,7 +137,7 @@ fn socket_tables_are_read_in_the_namespace_of_the_calling_thread() {
     }
     let ns = NetNs::new();
 
-    let (listener, port, found) = inside(&ns, || {
+    let (listener, port, found) = ns.run_elsewhere(|| {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen inside the namespace");
         let port = listener.local_addr().expect("its address").port();
         let bound = sockets::bound_ports(Protocol::Tcp, port..=port).expect("bound ports inside");

@@ -14,7 +14,8 @@
 
 use portgate_tests::{
     common::{
-        EchoServer, TestCgroup, echo, eventually, packet::tcp_syn, require_privileges, reset,
+        CONNECT_WITHIN, EchoServer, LOCAL, OTHER_LOCAL, echo, eventually, listen_in,
+        packet::tcp_syn, require_privileges, reset,
     },
     daemon::{Daemon, try_http_at},
 };
@@ -22,7 +23,7 @@ use portgate_tests::{
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     os::fd::AsRawFd,
     path::Path,
     sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
@@ -36,12 +37,6 @@ use portgate::{
 };
 use serde_json::{Value, json};
 
-/// The source every test allows.
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-/// A loopback source outside every allowlist (until a test adds it).
-const OTHER_LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-/// Long enough for an allowed connect to get in after a few SYN retransmissions.
-const CONNECT_WITHIN: Duration = Duration::from_secs(10);
 /// Bound on every wait for the daemon to catch up (lifecycle ticks, quarantine, closes).
 const SETTLE_WITHIN: Duration = Duration::from_secs(30);
 /// `tcpi_state` of a socket whose SYN is unanswered.
@@ -94,7 +89,6 @@ fn counter(report: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("no counter {key} in {report}"))
 }
 
-/// A listener made inside the cgroup (so `cgroup_skb` and `sock_ops` see its connections).
 /// Waits (bounded) until the daemon reports no active connection on `port`.
 fn assert_no_active_connections(daemon: &Daemon, port: u16) {
     assert!(
@@ -123,11 +117,6 @@ fn serve_limited_port(daemon: &Daemon, owner: &str, limit: u64) -> (u16, EchoSer
         .ns
         .run(|| EchoServer::serve(listen_in(&daemon.cgroup, addr)));
     (port, server)
-}
-
-fn listen_in(cgroup: &TestCgroup, addr: SocketAddr) -> TcpListener {
-    let _inside = cgroup.enter();
-    TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"))
 }
 
 /// The kernel's `TCP_INFO` of a socket.
@@ -659,11 +648,6 @@ impl PolicyClock {
     }
 }
 
-/// A SYN from `source` to 127.0.0.1:`port` for `BPF_PROG_TEST_RUN`.
-fn syn_frame(source: IpAddr, port: u16) -> Vec<u8> {
-    tcp_syn(source, LOCAL, 50_000, port)
-}
-
 /// Waits (bounded) until `counter` has gone `by` past `from`.
 fn wait_for(counter: &AtomicU64, from: u64, by: u64, what: &str) {
     assert!(
@@ -699,7 +683,7 @@ fn concurrent_checks_agree_with_the_policy_while_it_changes() {
     let clock = PolicyClock::default();
     let daemon_checks = AtomicU64::new(0);
     let kernel_checks = AtomicU64::new(0);
-    let frames = [syn_frame(LOCAL, port), syn_frame(OTHER_LOCAL, port)];
+    let frames = [LOCAL, OTHER_LOCAL].map(|source| tcp_syn(source, LOCAL, 50_000, port));
 
     let (daemon_decisive, kernel_decisive) = thread::scope(|scope| {
         // The daemon's verdict (`GET .../check`), from several clients at once.
