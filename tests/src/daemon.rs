@@ -39,6 +39,11 @@ pub fn portgate_bin() -> PathBuf {
     bin
 }
 
+/// What a CLI run printed to stderr.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// A running `portgate daemon` and everything it was given. Dropping it stops the daemon
 /// (SIGTERM, then SIGKILL) and uninstalls its pins; the cgroup, namespace and directory
 /// go with their own guards.

@@ -1,23 +1,23 @@
 //! The host's port facts against the real kernel: the reserved ports and the ephemeral range
 //! that [`portgate::host`] reads and writes, and the socket tables it reads, each inside a
-//! test network namespace. Both sysctls are per network namespace, so the tests write them
+//! test network namespace; and other programs' reserved ports kept through the daemon's
+//! install and uninstall. Both sysctls are per network namespace, so the tests write them
 //! only there, and check that the host's own values stay as they were.
-//!
-//! Needs: root (`CAP_SYS_ADMIN` for `setns`, `CAP_NET_ADMIN` over the namespace to write its
-//! sysctls) and iproute2 to make the namespaces. Attaches nothing.
 
 use std::{collections::BTreeSet, fs, net::TcpListener};
 
-use portgate_tests::common;
-
-use common::{NetNs, require_privileges};
 use portgate::{
     host::{
+        port_ranges::PortRanges,
         sockets::{self, Listener},
         sysctls,
     },
     model::Protocol,
     paths,
+};
+use portgate_tests::{
+    common::{NetNs, require_privileges},
+    daemon::Daemon,
 };
 
 fn read(path: &str) -> String {
@@ -157,4 +157,49 @@ fn socket_tables_are_read_in_the_namespace_of_the_calling_thread() {
         "the namespace's listener shows in the host's table: {outside:?}"
     );
     drop(listener);
+}
+
+/// Other programs' reserved ports survive the daemon's install and its uninstall, however
+/// long the list: the kernel answers a read of `ip_local_reserved_ports` that does not
+/// start at offset 0 with EOF, so a value read in pieces came back cut after 32 bytes.
+#[test]
+fn other_programs_reserved_ports_survive_install_and_uninstall() {
+    const RESERVED: &str = portgate::paths::IP_LOCAL_RESERVED_PORTS;
+    if !require_privileges("other_programs_reserved_ports_survive_install_and_uninstall") {
+        return;
+    }
+    let mut daemon = Daemon::start(41_100, 41_149);
+    daemon.stop();
+    daemon.uninstall();
+    // The case reported (41 bytes) and a list longer than a page: every seventh port.
+    let long: Vec<String> = (0..1_200_u16)
+        .map(|n| (1_024 + 7 * n).to_string())
+        .collect();
+    let long = long.join(",");
+    assert!(long.len() > 4_096);
+    for others in ["10000-10099,11000-11099,12000,45000-45099", long.as_str()] {
+        daemon.ns.set_sysctl(RESERVED, &format!("{others}\n"));
+        let before = daemon.ns.sysctl(RESERVED);
+        assert_eq!(before.trim_end(), others, "the kernel's own spelling");
+        daemon.spawn();
+        let during: PortRanges = daemon.ns.sysctl(RESERVED).trim_end().parse().unwrap();
+        let others_set: PortRanges = others.parse().unwrap();
+        let managed: PortRanges = std::iter::once(41_100..=41_149).collect();
+        assert_eq!(
+            during,
+            others_set.union(&managed),
+            "installed over {others:?}"
+        );
+        assert!(
+            daemon.stop(),
+            "the daemon stopped on SIGTERM:\n{}",
+            daemon.log()
+        );
+        daemon.uninstall();
+        assert_eq!(
+            daemon.ns.sysctl(RESERVED),
+            before,
+            "uninstalled over {others:?}"
+        );
+    }
 }
