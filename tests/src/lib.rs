@@ -26,3 +26,19 @@
 
 pub mod common;
 pub mod daemon;
+
+/// Whether the calling test can run its kernel part: [`common::require_privileges`] under
+/// the test's own name, as libtest prints it (`allowlist::allowlist_is_enforced_...`). The
+/// name comes from where the macro is expanded, so no test spells its own. A kernel test
+/// starts with `if !require_privileges!() { return; }`.
+#[macro_export]
+macro_rules! require_privileges {
+    () => {{
+        fn here() {}
+        // `kernel::allowlist::the_test::here`: the crate, the test's path, this function.
+        let path = ::std::any::type_name_of_val(&here);
+        let test = path.strip_suffix("::here").unwrap_or(path);
+        let test = test.split_once("::").map_or(test, |(_crate, test)| test);
+        $crate::common::require_privileges(test)
+    }};
+}

@@ -32,7 +32,8 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// Whether the kernel part can run. Without it: with `CI` set the test fails, saying what
-/// is missing; otherwise it prints `SKIPPED: <test>: <why>` and the test returns.
+/// is missing; otherwise it prints `SKIPPED: <test>: <why>` and the test returns. Tests call
+/// it through [`crate::require_privileges!`], which names them.
 pub fn require_privileges(test: &str) -> bool {
     if let Some(why) = missing_privileges() {
         assert!(

@@ -12,19 +12,22 @@ use portgate::{
     model::{Allowlist, PortAccessControl, PortId, PortPolicy, Protocol},
 };
 use portgate_common::{hook, reason};
-use portgate_tests::common::{
-    CONNECT_WITHIN, EchoServer, NetNs, PinDir, REFUSED_WITHIN, TestCgroup, Veth, connect_from,
-    echo, eventually,
-    gate::{MIN_PORT, install, settings},
-    listen_in,
-    packet::{DESTINATION, tcp_syn},
-    pin_to_cpu0, require_privileges,
+use portgate_tests::{
+    common::{
+        CONNECT_WITHIN, EchoServer, NetNs, PinDir, REFUSED_WITHIN, TestCgroup, Veth, connect_from,
+        echo, eventually,
+        gate::{MIN_PORT, install, settings},
+        listen_in,
+        packet::{DESTINATION, tcp_syn},
+        pin_to_cpu0,
+    },
+    require_privileges,
 };
 
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
-    if !require_privileges("allowlist_is_enforced_by_cgroup_skb_and_by_xdp") {
+    if !require_privileges!() {
         return;
     }
     let pins = PinDir::new();
@@ -182,7 +185,7 @@ fn many_prefixes(count: u32) -> Allowlist {
 #[test]
 fn a_hundred_thousand_prefixes_on_one_port_and_a_full_map_changes_nothing() {
     const PREFIXES: u32 = 100_000;
-    if !require_privileges("a_hundred_thousand_prefixes_on_one_port") {
+    if !require_privileges!() {
         return;
     }
     pin_to_cpu0();

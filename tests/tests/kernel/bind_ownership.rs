@@ -4,15 +4,18 @@
 use std::net::{Ipv6Addr, SocketAddr, TcpListener};
 
 use portgate::model::{OwnerCgroup, PortId, PortPolicy, Protocol};
-use portgate_tests::common::{
-    NetNs, PinDir, TestCgroup,
-    gate::{MAX_PORT, MIN_PORT, install, settings},
-    loopback, require_privileges,
+use portgate_tests::{
+    common::{
+        NetNs, PinDir, TestCgroup,
+        gate::{MAX_PORT, MIN_PORT, install, settings},
+        loopback,
+    },
+    require_privileges,
 };
 
 #[test]
 fn bind_follows_the_owner_cgroup_tree() {
-    if !require_privileges("bind_follows_the_owner_cgroup_tree") {
+    if !require_privileges!() {
         return;
     }
     let pins = PinDir::new();

@@ -17,12 +17,15 @@ use portgate::{
     model::{PortAccessControl, PortId, PortPolicy, Protocol},
 };
 use portgate_common::reason;
-use portgate_tests::common::{
-    CONNECT_WITHIN, LOCAL, PinDir, REFUSED_WITHIN, connect_from, eventually,
-    gate::{LoopbackPort, MIN_PORT, install, settings},
-    loopback,
-    packet::{DESTINATION, tcp_syn},
-    pin_to_cpu0, require_privileges, reset,
+use portgate_tests::{
+    common::{
+        CONNECT_WITHIN, LOCAL, PinDir, REFUSED_WITHIN, connect_from, eventually,
+        gate::{LoopbackPort, MIN_PORT, install, settings},
+        loopback,
+        packet::{DESTINATION, tcp_syn},
+        pin_to_cpu0, reset,
+    },
+    require_privileges,
 };
 
 #[test]
@@ -30,9 +33,7 @@ use portgate_tests::common::{
 fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
     const LIMIT: u32 = 20;
     const BURST: usize = 200;
-    if !require_privileges(
-        "connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset",
-    ) {
+    if !require_privileges!() {
         return;
     }
     let port = MIN_PORT + 10;
@@ -173,7 +174,7 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
 
 #[test]
 fn a_retransmitted_syn_takes_no_second_slot_and_an_unfinished_handshake_gives_its_slot_back() {
-    if !require_privileges("a_retransmitted_syn_takes_no_second_slot") {
+    if !require_privileges!() {
         return;
     }
     pin_to_cpu0();

@@ -15,8 +15,9 @@ use portgate::{
     model::{AccessChange, PortId, PortStatus, Protocol},
 };
 use portgate_tests::{
-    common::{allowlist, require_privileges},
+    common::allowlist,
     daemon::{Daemon, stderr},
+    require_privileges,
 };
 
 /// uids of two ordinary local users (no passwd entry needed: the kernel reports the uid).
@@ -25,7 +26,7 @@ const USER_B: u32 = 65_533;
 
 #[test]
 fn api_authorizes_by_peer_uid() {
-    if !require_privileges("api_authorizes_by_peer_uid") {
+    if !require_privileges!() {
         return;
     }
     // "adm" exists on Debian-like systems; its gid makes a caller an admin.
@@ -97,7 +98,7 @@ fn api_authorizes_by_peer_uid() {
 
 #[test]
 fn users_name_only_cgroups_delegated_to_them_as_owners() {
-    if !require_privileges("users_name_only_cgroups_delegated_to_them_as_owners") {
+    if !require_privileges!() {
         return;
     }
     let daemon = Daemon::start(41_050, 41_099);
@@ -149,7 +150,7 @@ fn users_name_only_cgroups_delegated_to_them_as_owners() {
 #[test]
 #[expect(clippy::too_many_lines, reason = "a table of cases, then one check")]
 fn bad_requests_are_refused_and_change_nothing() {
-    if !require_privileges("bad_requests_are_refused_and_change_nothing") {
+    if !require_privileges!() {
         return;
     }
     let daemon = Daemon::start(41_100, 41_149);

@@ -2,15 +2,17 @@
 
 use portgate::model::{PortId, PortPolicy, PortStatus, Protocol};
 use portgate_common::reason;
-use portgate_tests::common::{
-    CONNECT_WITHIN, LOCAL, REFUSED_WITHIN, echo,
-    gate::{LoopbackPort, MIN_PORT},
+use portgate_tests::{
+    common::{
+        CONNECT_WITHIN, LOCAL, REFUSED_WITHIN, echo,
+        gate::{LoopbackPort, MIN_PORT},
+    },
     require_privileges,
 };
 
 #[test]
 fn draining_port_refuses_new_connections_and_keeps_established_ones() {
-    if !require_privileges("draining_port_refuses_new_connections_and_keeps_established_ones") {
+    if !require_privileges!() {
         return;
     }
     let port = MIN_PORT + 20;

@@ -10,18 +10,21 @@ use portgate::{
     gate::{GateSettings, PacketHook},
     model::{PortId, Protocol},
 };
-use portgate_tests::common::{
-    PinDir,
-    gate::{MIN_PORT, install, settings},
-    packet::{DESTINATION, tcp_syn},
-    pin_to_cpu0, require_privileges,
+use portgate_tests::{
+    common::{
+        PinDir,
+        gate::{MIN_PORT, install, settings},
+        packet::{DESTINATION, tcp_syn},
+        pin_to_cpu0,
+    },
+    require_privileges,
 };
 
 #[test]
 fn a_flood_of_denials_is_rate_limited_and_the_rest_counted() {
     const LIMIT: u32 = 50;
     const FLOOD: u32 = 5_000;
-    if !require_privileges("a_flood_of_denials_is_rate_limited_and_the_rest_counted") {
+    if !require_privileges!() {
         return;
     }
     pin_to_cpu0();
@@ -69,7 +72,7 @@ fn a_flood_of_denials_is_rate_limited_and_the_rest_counted() {
 
 #[test]
 fn deny_events_stream_asynchronously() {
-    if !require_privileges("deny_events_stream_asynchronously") {
+    if !require_privileges!() {
         return;
     }
     pin_to_cpu0();

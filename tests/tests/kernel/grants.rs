@@ -5,15 +5,17 @@ use portgate::{
     model::{PortAccessControl, PortId, PortPolicy, Protocol},
 };
 use portgate_common::reason;
-use portgate_tests::common::{
-    LOCAL, OTHER_LOCAL, REFUSED_WITHIN, echo,
-    gate::{LoopbackPort, MIN_PORT},
+use portgate_tests::{
+    common::{
+        LOCAL, OTHER_LOCAL, REFUSED_WITHIN, echo,
+        gate::{LoopbackPort, MIN_PORT},
+    },
     require_privileges,
 };
 
 #[test]
 fn grants_admit_until_they_expire() {
-    if !require_privileges("grants_admit_until_they_expire") {
+    if !require_privileges!() {
         return;
     }
     let port = MIN_PORT + 30;

@@ -15,10 +15,7 @@ use portgate::{
     model::Protocol,
     paths,
 };
-use portgate_tests::{
-    common::{NetNs, require_privileges},
-    daemon::Daemon,
-};
+use portgate_tests::{common::NetNs, daemon::Daemon, require_privileges};
 
 fn read(path: &str) -> String {
     fs::read_to_string(path).unwrap_or_else(|err| panic!("reading {path}: {err}"))
@@ -32,9 +29,7 @@ fn set(path: &str, value: &str) {
 
 #[test]
 fn reserve_and_unreserve_change_only_the_namespace_and_only_what_was_added() {
-    if !require_privileges(
-        "reserve_and_unreserve_change_only_the_namespace_and_only_what_was_added",
-    ) {
+    if !require_privileges!() {
         return;
     }
     let host_before = read(paths::IP_LOCAL_RESERVED_PORTS);
@@ -68,7 +63,7 @@ fn reserve_and_unreserve_change_only_the_namespace_and_only_what_was_added() {
 
 #[test]
 fn reserve_returns_only_the_gaps_and_unreserve_can_empty_the_list() {
-    if !require_privileges("reserve_returns_only_the_gaps_and_unreserve_can_empty_the_list") {
+    if !require_privileges!() {
         return;
     }
     let host_before = read(paths::IP_LOCAL_RESERVED_PORTS);
@@ -98,7 +93,7 @@ fn reserve_returns_only_the_gaps_and_unreserve_can_empty_the_list() {
 
 #[test]
 fn local_port_range_reads_the_namespace_of_the_calling_thread() {
-    if !require_privileges("local_port_range_reads_the_namespace_of_the_calling_thread") {
+    if !require_privileges!() {
         return;
     }
     let host_before = read(paths::IP_LOCAL_PORT_RANGE);
@@ -132,7 +127,7 @@ fn local_port_range_reads_the_namespace_of_the_calling_thread() {
 
 #[test]
 fn socket_tables_are_read_in_the_namespace_of_the_calling_thread() {
-    if !require_privileges("socket_tables_are_read_in_the_namespace_of_the_calling_thread") {
+    if !require_privileges!() {
         return;
     }
     let ns = NetNs::new();
@@ -165,7 +160,7 @@ fn socket_tables_are_read_in_the_namespace_of_the_calling_thread() {
 #[test]
 fn other_programs_reserved_ports_survive_install_and_uninstall() {
     const RESERVED: &str = portgate::paths::IP_LOCAL_RESERVED_PORTS;
-    if !require_privileges("other_programs_reserved_ports_survive_install_and_uninstall") {
+    if !require_privileges!() {
         return;
     }
     let mut daemon = Daemon::start(41_100, 41_149);

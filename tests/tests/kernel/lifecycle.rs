@@ -13,15 +13,16 @@ use portgate::{
 use portgate_tests::{
     common::{
         CONNECT_WITHIN, EchoServer, LOCAL, OTHER_LOCAL, REFUSED_WITHIN, allowlist, connect_from,
-        echo, eventually, listen_in, loopback, require_privileges,
+        echo, eventually, listen_in, loopback,
     },
     daemon::{Daemon, stderr},
+    require_privileges,
 };
 
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn end_to_end_through_the_cli() {
-    if !require_privileges("end_to_end_through_the_cli") {
+    if !require_privileges!() {
         return;
     }
     let daemon = Daemon::start(42_000, 42_009);

@@ -35,9 +35,10 @@ use portgate::{
 use portgate_tests::{
     common::{
         CONNECT_WITHIN, EchoServer, LOCAL, OTHER_LOCAL, allowlist, echo, eventually, listen_in,
-        loopback, packet::tcp_syn, require_privileges, reset,
+        loopback, packet::tcp_syn, reset,
     },
     daemon::Daemon,
+    require_privileges,
 };
 
 /// Bound on every wait for the daemon to catch up (lifecycle ticks, quarantine, closes).
@@ -213,7 +214,7 @@ fn handed(view: &AllocationView) -> Handed {
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
     const CLIENTS: usize = 64;
-    if !require_privileges("concurrent_allocation_hands_out_each_port_once_and_releases_all") {
+    if !require_privileges!() {
         return;
     }
     let total = 320 * scale();
@@ -451,7 +452,7 @@ fn thousands_of_connections_are_counted_exactly() {
     // Well above the workers, so that a slot freed a moment late rarely refuses one (and
     // when it does, the client's retransmission is counted on both sides).
     const LIMIT: usize = 24;
-    if !require_privileges("thousands_of_connections_are_counted_exactly") {
+    if !require_privileges!() {
         return;
     }
     let connections = 2_000 * scale();
@@ -672,7 +673,7 @@ fn wait_for(counter: &AtomicU64, from: u64, by: u64, what: &str) {
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn concurrent_checks_agree_with_the_policy_while_it_changes() {
     const CHECKERS: u64 = 4;
-    if !require_privileges("concurrent_checks_agree_with_the_policy_while_it_changes") {
+    if !require_privileges!() {
         return;
     }
     let flips = 40 * scale() as u64;
@@ -904,7 +905,7 @@ fn metrics_scraped_during_load_are_consistent() {
     const WORKERS: usize = 4;
     const LIMIT: u64 = 16;
     const RANGE: (u16, u16) = (47_000, 48_999);
-    if !require_privileges("metrics_scraped_during_load_are_consistent") {
+    if !require_privileges!() {
         return;
     }
     let connections = 500 * scale();

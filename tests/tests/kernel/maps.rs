@@ -10,16 +10,19 @@ use portgate::{
     gate::{Gate, GateSettings, PacketHook},
     model::{PortAccessControl, PortId, PortPolicy, Protocol},
 };
-use portgate_tests::common::{
-    PinDir, allowlist,
-    gate::{MIN_PORT, install, settings},
-    packet::{DESTINATION, tcp_syn},
-    pin_to_cpu0, require_privileges,
+use portgate_tests::{
+    common::{
+        PinDir, allowlist,
+        gate::{MIN_PORT, install, settings},
+        packet::{DESTINATION, tcp_syn},
+        pin_to_cpu0,
+    },
+    require_privileges,
 };
 
 #[test]
 fn the_maps_report_reads_the_live_state_back() {
-    if !require_privileges("the_maps_report_reads_the_live_state_back") {
+    if !require_privileges!() {
         return;
     }
     pin_to_cpu0();
@@ -109,7 +112,7 @@ fn whole_map_reads_in_batches_equal_entry_by_entry_reads() {
     // More entries than one batch (4,096) holds, in every map read in batches.
     const FIRST: u16 = 23_000;
     const LAST: u16 = 29_999;
-    if !require_privileges("whole_map_reads_in_batches_equal_entry_by_entry_reads") {
+    if !require_privileges!() {
         return;
     }
     pin_to_cpu0();

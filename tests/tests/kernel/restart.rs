@@ -21,14 +21,15 @@ use portgate_tests::{
         EchoServer, LOCAL, NetNs, OTHER_LOCAL, PinDir, REFUSED_WITHIN, TestCgroup, allowlist,
         connect_from, echo, eventually,
         gate::{MIN_PORT, install, settings},
-        listen_in, loopback, require_privileges,
+        listen_in, loopback,
     },
     daemon::{Daemon, stderr},
+    require_privileges,
 };
 
 #[test]
 fn enforcement_outlives_the_handle_and_uninstall_removes_everything() {
-    if !require_privileges("enforcement_outlives_the_handle_and_uninstall_removes_everything") {
+    if !require_privileges!() {
         return;
     }
     let pins = PinDir::new();
@@ -124,7 +125,7 @@ fn our_programs() -> Vec<u32> {
 
 #[test]
 fn pins_of_another_layout_are_refused_not_adopted() {
-    if !require_privileges("pins_of_another_layout_are_refused_not_adopted") {
+    if !require_privileges!() {
         return;
     }
     let good = PinDir::new();
@@ -163,8 +164,7 @@ fn pins_of_another_layout_are_refused_not_adopted() {
 #[test]
 fn kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing() {
     const CLIENTS: usize = 8;
-    if !require_privileges("kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing")
-    {
+    if !require_privileges!() {
         return;
     }
     let mut daemon = Daemon::start(41_200, 44_999);
@@ -270,7 +270,7 @@ fn kill_9_during_concurrent_allocations_loses_nothing_and_doubles_nothing() {
 
 #[test]
 fn a_second_daemon_on_the_same_pins_is_refused_and_changes_nothing() {
-    if !require_privileges("a_second_daemon_on_the_same_pins_is_refused_and_changes_nothing") {
+    if !require_privileges!() {
         return;
     }
     let daemon = Daemon::start(41_350, 41_399);
@@ -323,9 +323,7 @@ fn a_second_daemon_on_the_same_pins_is_refused_and_changes_nothing() {
 
 #[test]
 fn a_configuration_that_drops_an_allocation_is_refused_before_the_kernel_is_touched() {
-    if !require_privileges(
-        "a_configuration_that_drops_an_allocation_is_refused_before_the_kernel_is_touched",
-    ) {
+    if !require_privileges!() {
         return;
     }
     let mut daemon = Daemon::start(41_300, 41_349);

@@ -4,16 +4,19 @@ use std::{net::SocketAddr, thread, time::Duration};
 
 use portgate::model::{PortAccessControl, PortId, PortPolicy, Protocol};
 use portgate_common::reason;
-use portgate_tests::common::{
-    LOCAL, NetNs, OTHER_LOCAL, PinDir, TestCgroup, allowlist,
-    gate::{MIN_PORT, install, settings},
-    loopback, require_privileges,
+use portgate_tests::{
+    common::{
+        LOCAL, NetNs, OTHER_LOCAL, PinDir, TestCgroup, allowlist,
+        gate::{MIN_PORT, install, settings},
+        loopback,
+    },
+    require_privileges,
 };
 
 #[test]
 fn udp_datagrams_follow_the_allowlist_each_counted() {
     const SENT: usize = 5;
-    if !require_privileges("udp_datagrams_follow_the_allowlist_each_counted") {
+    if !require_privileges!() {
         return;
     }
     let pins = PinDir::new();
