@@ -1,19 +1,21 @@
 //! A `portgate daemon` for tests and benchmarks: a child process in its own network
 //! namespace, attached to its own test cgroup, pinning under its own bpffs directory, with
-//! its state, socket and audit log in its own temporary directory.
+//! its state, socket and audit log in its own temporary directory. Tests talk to it through
+//! the typed client ([`Daemon::api`]) or, on purpose, through the CLI ([`Daemon::cli`]).
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
-    io::{Read as _, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
+    sync::{Mutex, MutexGuard, OnceLock, PoisonError},
     thread,
     time::{Duration, Instant},
 };
 
-use portgate::{gate::Gate, model::PortId};
+use portgate::{api::AllocationView, client::Client, gate::Gate, model::PortId};
+use serde::de::DeserializeOwned;
 
 use crate::common::{NetNs, PinDir, TestCgroup, eventually};
 
@@ -37,11 +39,18 @@ pub fn portgate_bin() -> PathBuf {
     bin
 }
 
+/// What a CLI run printed to stderr.
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// A running `portgate daemon` and everything it was given. Dropping it stops the daemon
 /// (SIGTERM, then SIGKILL) and uninstalls its pins; the cgroup, namespace and directory
 /// go with their own guards.
 pub struct Daemon {
-    child: Option<Child>,
+    /// The process while it runs; behind a lock so that a test can `kill -9` it while
+    /// its clients, on other threads, hold the fixture.
+    child: Mutex<Option<Child>>,
     /// Its configuration file.
     pub config: PathBuf,
     /// The API socket.
@@ -58,13 +67,22 @@ pub struct Daemon {
     /// Its state directory, socket, log and audit log.
     pub dir: tempfile::TempDir,
     /// A copy of the binary that other users can run (see [`Daemon::cli_as`]).
-    shared_bin: std::sync::OnceLock<PathBuf>,
+    shared_bin: OnceLock<PathBuf>,
+    /// The typed API client, on [`Daemon::socket`].
+    client: Client,
+    /// Where [`Daemon::api`] runs the client's calls, made on first use.
+    runtime: OnceLock<tokio::runtime::Runtime>,
 }
 
 impl Daemon {
     /// The daemon's process id while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.child_lock().as_ref().map(Child::id)
+    }
+
+    fn child_lock(&self) -> MutexGuard<'_, Option<Child>> {
+        // A thread that panicked holding the lock left the child as it was.
+        self.child.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Starts a daemon managing `min..=max` with a 3 s quarantine and a 5 s drain timeout.
@@ -114,7 +132,9 @@ audit_log = "{audit}"
         )
         .expect("write the config");
         let mut daemon = Self {
-            child: None,
+            child: Mutex::new(None),
+            client: Client::new(&socket),
+            runtime: OnceLock::new(),
             config,
             socket,
             audit_log,
@@ -122,7 +142,7 @@ audit_log = "{audit}"
             cgroup,
             ns,
             dir,
-            shared_bin: std::sync::OnceLock::new(),
+            shared_bin: OnceLock::new(),
         };
         daemon.spawn();
         daemon
@@ -198,18 +218,18 @@ audit_log = "{audit}"
 
     /// Starts the daemon process (again) and waits until its socket answers.
     pub fn spawn(&mut self) {
-        assert!(self.child.is_none(), "the daemon is running already");
+        assert!(self.pid().is_none(), "the daemon is running already");
         let log = fs::File::create(self.dir.path().join("daemon.log")).expect("daemon log");
-        let child = self
+        let spawned = self
             .daemon_command()
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .expect("start the daemon");
-        self.child = Some(child);
+        *self.child_lock() = Some(spawned);
         let up = eventually(Duration::from_secs(20), || {
             if let Some(status) = self
-                .child
+                .child_lock()
                 .as_mut()
                 .and_then(|c| c.try_wait().ok().flatten())
             {
@@ -226,8 +246,8 @@ audit_log = "{audit}"
     }
 
     /// SIGKILL: no chance to flush or clean up.
-    pub fn kill9(&mut self) {
-        let mut child = self.child.take().expect("a running daemon");
+    pub fn kill9(&self) {
+        let mut child = self.child_lock().take().expect("a running daemon");
         child.kill().expect("SIGKILL the daemon");
         child.wait().expect("reap the daemon");
     }
@@ -235,7 +255,7 @@ audit_log = "{audit}"
     /// SIGTERM, bounded wait; SIGKILL if it does not stop. Returns whether it stopped on
     /// SIGTERM with success.
     pub fn stop(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else {
+        let Some(mut child) = self.child_lock().take() else {
             return true;
         };
         let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
@@ -299,25 +319,29 @@ audit_log = "{audit}"
         String::from_utf8(output.stdout).expect("UTF-8 output")
     }
 
-    /// Runs the CLI with `-o json` and parses what it prints.
-    pub fn cli_json(&self, uid: Option<u32>, args: &[&str]) -> serde_json::Value {
+    /// Runs the CLI with `-o json` and reads what it prints as a `T`.
+    pub fn cli_json<T: DeserializeOwned>(&self, uid: Option<u32>, args: &[&str]) -> T {
         let mut all = vec!["-o", "json"];
         all.extend_from_slice(args);
-        serde_json::from_str(&self.cli_ok(uid, &all)).expect("JSON output")
+        let printed = self.cli_ok(uid, &all);
+        serde_json::from_str(&printed)
+            .unwrap_or_else(|err| panic!("portgate {args:?} printed {printed:?}: {err}"))
     }
 
-    /// One raw HTTP/1.1 request over the socket: (status, JSON body or null).
-    pub fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
-        let (status, text) = self.http_text(method, path, body);
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
-        )
-    }
-
-    /// One raw HTTP/1.1 request over the socket: (status, body text).
-    pub fn http_text(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-        http_at(&self.socket, method, path, body)
+    /// Runs one call of the typed API client against this daemon and waits for its
+    /// answer, so that synchronous tests, on any of their threads, talk to the daemon as
+    /// the CLI does: `daemon.api(|client| client.list())`.
+    pub fn api<'a, F: Future>(&'a self, call: impl FnOnce(&'a Client) -> F) -> F::Output {
+        let runtime = self.runtime.get_or_init(|| {
+            // Threaded, so that test threads calling at once each drive their own call
+            // while the workers run the connections' I/O.
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("a tokio runtime for the API client")
+        });
+        runtime.block_on(call(&self.client))
     }
 
     /// The pinned kernel policies: (port, protocol) keys.
@@ -330,21 +354,21 @@ audit_log = "{audit}"
             .collect()
     }
 
-    /// What `portgate list` says: port -> (owner, status).
-    pub fn allocations(&self) -> BTreeMap<u16, (String, String)> {
-        self.cli_json(None, &["list"])
-            .as_array()
-            .expect("a list")
-            .iter()
-            .map(|view| {
-                (
-                    u16::try_from(view["port"].as_u64().expect("port")).expect("u16"),
-                    (
-                        view["owner"].as_str().expect("owner").to_owned(),
-                        view["status"].as_str().expect("status").to_owned(),
-                    ),
-                )
-            })
+    /// The audit log, a record per line.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        fs::read_to_string(&self.audit_log)
+            .expect("read the audit log")
+            .lines()
+            .map(|line| serde_json::from_str(line).expect("a JSON line"))
+            .collect()
+    }
+
+    /// Every allocation, by port (`GET /v1/ports`).
+    pub fn allocations(&self) -> BTreeMap<PortId, AllocationView> {
+        self.api(Client::list)
+            .expect("list the allocations")
+            .into_iter()
+            .map(|view| (view.id, view))
             .collect()
     }
 }
@@ -357,70 +381,5 @@ impl Drop for Daemon {
                 self.log()
             );
         }
-    }
-}
-
-/// One raw HTTP/1.1 request over the socket at `socket`: (status, body text).
-pub fn http_at(socket: &Path, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-    try_http_at(socket, method, path, body)
-        .unwrap_or_else(|err| panic!("{method} {path} over {}: {err}", socket.display()))
-}
-
-/// [`http_at`], failing instead of panicking when the daemon is not there or goes away.
-pub fn try_http_at(
-    socket: &Path,
-    method: &str,
-    path: &str,
-    body: &[u8],
-) -> std::io::Result<(u16, String)> {
-    let mut stream = UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: portgate\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )?;
-    // The daemon may answer (413) before the whole body is sent.
-    let _sent = stream.write_all(body);
-    let mut answer = Vec::new();
-    let _read = stream.read_to_end(&mut answer);
-    let text = String::from_utf8_lossy(&answer);
-    let status: u16 = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {text:?}")))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(head, body)| {
-            if head
-                .to_ascii_lowercase()
-                .contains("transfer-encoding: chunked")
-            {
-                dechunk(body)
-            } else {
-                body.to_owned()
-            }
-        })
-        .unwrap_or_default();
-    Ok((status, body))
-}
-
-/// The body of a chunked HTTP answer.
-fn dechunk(body: &str) -> String {
-    let mut out = String::new();
-    let mut rest = body;
-    loop {
-        let Some((size, after)) = rest.split_once("\r\n") else {
-            return out;
-        };
-        let Ok(size) = usize::from_str_radix(size.trim(), 16) else {
-            return out;
-        };
-        if size == 0 || after.len() < size {
-            return out;
-        }
-        out.push_str(&after[..size]);
-        rest = after[size..].trim_start_matches("\r\n");
     }
 }

@@ -127,8 +127,9 @@ fn load_tests(scale: u32, target: &std::path::Path, results: &std::path::Path) -
             "-p",
             "portgate-tests",
             "--test",
-            "load",
+            "kernel",
             "--",
+            "load::",
             "--test-threads=1",
         ])
         .env("PORTGATE_LOAD_SCALE", scale.to_string())

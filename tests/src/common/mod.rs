@@ -6,7 +6,7 @@
 use std::{
     fs,
     io::{self, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::Command,
@@ -15,8 +15,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portgate::{gate, host};
+use portgate::{host, model::Allowlist};
 
+pub mod gate;
 pub mod packet;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -31,7 +32,8 @@ pub fn unique(prefix: &str) -> String {
 }
 
 /// Whether the kernel part can run. Without it: with `CI` set the test fails, saying what
-/// is missing; otherwise it prints `SKIPPED: <test>: <why>` and the test returns.
+/// is missing; otherwise it prints `SKIPPED: <test>: <why>` and the test returns. Tests call
+/// it through [`crate::require_privileges!`], which names them.
 pub fn require_privileges(test: &str) -> bool {
     if let Some(why) = missing_privileges() {
         assert!(
@@ -129,7 +131,7 @@ impl PinDir {
 
 impl Drop for PinDir {
     fn drop(&mut self) {
-        if let Err(err) = gate::uninstall(&self.path) {
+        if let Err(err) = portgate::gate::uninstall(&self.path) {
             eprintln!("clean-up: uninstalling {}: {err}", self.path.display());
         }
     }
@@ -386,6 +388,36 @@ impl Veth {
         b.ip(&["addr", "add", &v4, "dev", &self.b_name]);
         b.ip(&["addr", "add", &v6, "dev", &self.b_name, "nodad"]);
     }
+}
+
+/// The loopback source the tests allow.
+pub const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+/// A second loopback source, outside the allowlists (until a test adds it).
+pub const OTHER_LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
+/// Long enough for an allowed connect to get in after a few SYN retransmissions.
+pub const CONNECT_WITHIN: Duration = Duration::from_secs(10);
+/// How long a connect that should be refused is given: the gate drops its SYN, so it
+/// would wait for retransmissions; giving up sooner proves nothing was answered.
+pub const REFUSED_WITHIN: Duration = Duration::from_millis(700);
+
+/// `127.0.0.1:port`.
+pub fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::new(LOCAL, port)
+}
+
+/// A listener made inside `cgroup`, so that `cgroup_skb` and `sock_ops` see its
+/// connections (a socket belongs to the cgroup of the process that made it).
+pub fn listen_in(cgroup: &TestCgroup, addr: SocketAddr) -> TcpListener {
+    let _inside = cgroup.enter();
+    TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"))
+}
+
+/// An allowlist of `prefixes` (`"127.0.0.1/32"`, ...).
+pub fn allowlist(prefixes: &[&str]) -> Allowlist {
+    prefixes
+        .iter()
+        .map(|prefix| prefix.parse().expect("prefix"))
+        .collect()
 }
 
 /// A TCP server that accepts in the background and echoes what it reads on each

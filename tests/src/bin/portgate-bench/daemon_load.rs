@@ -8,7 +8,6 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr},
-    path::Path,
     sync::{
         Mutex,
         atomic::{AtomicBool, Ordering},
@@ -18,12 +17,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use ipnet::IpNet;
 use portgate::{
+    api::AllocRequest,
     gate::Gate,
     model::{PortId, Protocol},
 };
 use portgate_common::hook;
-use portgate_tests::daemon::{Daemon, try_http_at};
+use portgate_tests::daemon::Daemon;
 use serde_json::json;
 
 use crate::{
@@ -106,11 +107,11 @@ fn measure(options: &Options) -> Result<Vec<Figure>> {
     let errors = Mutex::new(Vec::<String>::new());
     thread::scope(|scope| {
         for client in 0..API_CLIENTS {
-            let (socket, errors) = (&daemon.socket, &errors);
+            let (daemon, errors) = (&daemon, &errors);
             scope.spawn(move || {
                 let mine = (0..PORTS).filter(|i| usize::from(*i) % API_CLIENTS == client);
                 for i in mine {
-                    if let Err(err) = allocate(socket, MIN_PORT + i)
+                    if let Err(err) = allocate(daemon, MIN_PORT + i)
                         && let Ok(mut errors) = errors.lock()
                     {
                         errors.push(err.to_string());
@@ -195,7 +196,9 @@ fn measure(options: &Options) -> Result<Vec<Figure>> {
     let gate_accepted = counters_after.hooks[skb].accepted - counters_before.hooks[skb].accepted;
     let gate_dropped = counters_after.hooks[skb].dropped.iter().sum::<u64>()
         - counters_before.hooks[skb].dropped.iter().sum::<u64>();
-    let (status, view) = daemon.http("GET", &format!("/v1/ports/{MEASURED}"), b"");
+    let view = daemon
+        .api(|client| client.show(PortId::new(MEASURED, Protocol::Tcp)))
+        .map_err(|err| err.to_string());
 
     let raw = json!({
         "ports_allocated": PORTS,
@@ -218,7 +221,7 @@ fn measure(options: &Options) -> Result<Vec<Figure>> {
         "load_wall_s": load_wall.as_secs_f64(),
         "gate_accepted": gate_accepted,
         "gate_dropped": gate_dropped,
-        "port_view": { "status": status, "body": view },
+        "port_view": view,
     });
     let mut problems = Vec::new();
     if outcome.failures > 0 || gate_dropped > 0 {
@@ -280,11 +283,11 @@ fn measure(options: &Options) -> Result<Vec<Figure>> {
             "s",
         ),
     ];
-    if status != 200 {
+    if let Err(err) = view {
         figures.push(Figure::failed(
             SECTION,
             "the measured port after the load",
-            format!("GET /v1/ports/{MEASURED} answered {status}: {view}"),
+            format!("GET /v1/ports/{MEASURED}: {err}"),
         ));
     }
     drop(daemon);
@@ -292,20 +295,22 @@ fn measure(options: &Options) -> Result<Vec<Figure>> {
 }
 
 /// `POST /v1/ports` for `port`.
-fn allocate(socket: &Path, port: u16) -> Result<()> {
+fn allocate(daemon: &Daemon, port: u16) -> Result<()> {
     let index = u32::from(port - MIN_PORT);
     // A /28 of 10/8 of its own per port.
     let own = Ipv4Addr::from(0x0a00_0000 | (index << 4));
-    let body = json!({
-        "owner": "bench",
-        "port": port,
-        "allow": [format!("{own}/28"), "127.0.0.0/8"],
-        "max_conns": MAX_CONNECTIONS,
-    });
-    let (status, text) = try_http_at(socket, "POST", "/v1/ports", body.to_string().as_bytes())
+    let request = AllocRequest {
+        owner: "bench".to_owned(),
+        port: Some(port),
+        allow: vec![
+            IpNet::new(own.into(), 28)?,
+            IpNet::new(Ipv4Addr::new(127, 0, 0, 0).into(), 8)?,
+        ],
+        max_conns: Some(MAX_CONNECTIONS),
+        ..AllocRequest::default()
+    };
+    daemon
+        .api(|client| client.alloc(&request))
         .with_context(|| format!("allocating {port}"))?;
-    if status != 201 {
-        bail!("allocating {port}: {status} {text}");
-    }
     Ok(())
 }

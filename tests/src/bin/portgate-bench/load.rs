@@ -1,4 +1,4 @@
-//! Section 7: the specification's load tests (`tests/tests/load.rs`), run bigger than in
+//! Section 7: the specification's load tests (`tests/tests/kernel/load.rs`), run bigger than in
 //! `cargo xtask test`. `cargo xtask bench` runs them (they are tests: they assert
 //! correctness, not time) and hands their results to this binary to report.
 

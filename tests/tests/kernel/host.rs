@@ -1,60 +1,41 @@
 //! The host's port facts against the real kernel: the reserved ports and the ephemeral range
 //! that [`portgate::host`] reads and writes, and the socket tables it reads, each inside a
-//! test network namespace. Both sysctls are per network namespace, so the tests write them
+//! test network namespace; and other programs' reserved ports kept through the daemon's
+//! install and uninstall. Both sysctls are per network namespace, so the tests write them
 //! only there, and check that the host's own values stay as they were.
-//!
-//! Needs: root (`CAP_SYS_ADMIN` for `setns`, `CAP_NET_ADMIN` over the namespace to write its
-//! sysctls) and iproute2 to make the namespaces. Attaches nothing.
 
 use std::{collections::BTreeSet, fs, net::TcpListener};
 
-use portgate_tests::common;
-
-use common::{NetNs, require_privileges};
 use portgate::{
     host::{
-        kernel,
+        port_ranges::PortRanges,
         sockets::{self, Listener},
         sysctls,
     },
     model::Protocol,
     paths,
 };
+use portgate_tests::{common::NetNs, daemon::Daemon, require_privileges};
 
 fn read(path: &str) -> String {
     fs::read_to_string(path).unwrap_or_else(|err| panic!("reading {path}: {err}"))
 }
 
-/// Runs `f` inside `ns`, after making sure that the thread really is in another network
-/// namespace than the test's own: a sysctl written there would otherwise be the host's.
-fn inside<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> T {
-    let host_netns = kernel::current_netns_inode().expect("this thread's network namespace");
-    ns.run(|| {
-        let here = kernel::current_netns_inode().expect("the test namespace");
-        assert_ne!(
-            here, host_netns,
-            "setns left the thread in the host's network namespace: refusing to write sysctls"
-        );
-        f()
-    })
-}
-
-/// Sets a sysctl of the test namespace. Call only through [`inside`].
+/// Sets a sysctl of the namespace the thread is in. Call only inside
+/// [`NetNs::run_elsewhere`], which makes sure that it is not the host's.
 fn set(path: &str, value: &str) {
     fs::write(path, value).unwrap_or_else(|err| panic!("writing {value:?} to {path}: {err}"));
 }
 
 #[test]
 fn reserve_and_unreserve_change_only_the_namespace_and_only_what_was_added() {
-    if !require_privileges(
-        "reserve_and_unreserve_change_only_the_namespace_and_only_what_was_added",
-    ) {
+    if !require_privileges!() {
         return;
     }
     let host_before = read(paths::IP_LOCAL_RESERVED_PORTS);
     let ns = NetNs::new();
 
-    let added = inside(&ns, || {
+    let added = ns.run_elsewhere(|| {
         set(paths::IP_LOCAL_RESERVED_PORTS, "8080\n");
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "8080\n");
 
@@ -68,7 +49,7 @@ fn reserve_and_unreserve_change_only_the_namespace_and_only_what_was_added() {
     // alone would also pass if the host's value were written and then restored.
     assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), host_before);
 
-    inside(&ns, || {
+    ns.run_elsewhere(|| {
         let again = sysctls::reserve_ports(20_000..=20_100).expect("reserve again");
         assert_eq!(again, [], "nothing is new the second time");
         assert_eq!(read(paths::IP_LOCAL_RESERVED_PORTS), "8080,20000-20100\n");
@@ -82,13 +63,13 @@ fn reserve_and_unreserve_change_only_the_namespace_and_only_what_was_added() {
 
 #[test]
 fn reserve_returns_only_the_gaps_and_unreserve_can_empty_the_list() {
-    if !require_privileges("reserve_returns_only_the_gaps_and_unreserve_can_empty_the_list") {
+    if !require_privileges!() {
         return;
     }
     let host_before = read(paths::IP_LOCAL_RESERVED_PORTS);
     let ns = NetNs::new();
 
-    inside(&ns, || {
+    ns.run_elsewhere(|| {
         set(paths::IP_LOCAL_RESERVED_PORTS, "20050-20060,65535\n");
         let added = sysctls::reserve_ports(20_000..=65_535).expect("reserve 20000-65535");
         assert_eq!(added, [(20_000, 20_049), (20_061, 65_534)]);
@@ -112,14 +93,14 @@ fn reserve_returns_only_the_gaps_and_unreserve_can_empty_the_list() {
 
 #[test]
 fn local_port_range_reads_the_namespace_of_the_calling_thread() {
-    if !require_privileges("local_port_range_reads_the_namespace_of_the_calling_thread") {
+    if !require_privileges!() {
         return;
     }
     let host_before = read(paths::IP_LOCAL_PORT_RANGE);
     let host_range = sysctls::local_port_range().expect("the host's ephemeral range");
     let ns = NetNs::new();
 
-    inside(&ns, || {
+    ns.run_elsewhere(|| {
         // A fresh namespace starts from the kernel's default, whatever the host set.
         let (low, high) = sysctls::local_port_range().expect("the namespace's ephemeral range");
         assert!(low <= high);
@@ -146,12 +127,12 @@ fn local_port_range_reads_the_namespace_of_the_calling_thread() {
 
 #[test]
 fn socket_tables_are_read_in_the_namespace_of_the_calling_thread() {
-    if !require_privileges("socket_tables_are_read_in_the_namespace_of_the_calling_thread") {
+    if !require_privileges!() {
         return;
     }
     let ns = NetNs::new();
 
-    let (listener, port, found) = inside(&ns, || {
+    let (listener, port, found) = ns.run_elsewhere(|| {
         let listener = TcpListener::bind("127.0.0.1:0").expect("listen inside the namespace");
         let port = listener.local_addr().expect("its address").port();
         let bound = sockets::bound_ports(Protocol::Tcp, port..=port).expect("bound ports inside");
@@ -171,4 +152,49 @@ fn socket_tables_are_read_in_the_namespace_of_the_calling_thread() {
         "the namespace's listener shows in the host's table: {outside:?}"
     );
     drop(listener);
+}
+
+/// Other programs' reserved ports survive the daemon's install and its uninstall, however
+/// long the list: the kernel answers a read of `ip_local_reserved_ports` that does not
+/// start at offset 0 with EOF, so a value read in pieces came back cut after 32 bytes.
+#[test]
+fn other_programs_reserved_ports_survive_install_and_uninstall() {
+    const RESERVED: &str = portgate::paths::IP_LOCAL_RESERVED_PORTS;
+    if !require_privileges!() {
+        return;
+    }
+    let mut daemon = Daemon::start(41_100, 41_149);
+    daemon.stop();
+    daemon.uninstall();
+    // The case reported (41 bytes) and a list longer than a page: every seventh port.
+    let long: Vec<String> = (0..1_200_u16)
+        .map(|n| (1_024 + 7 * n).to_string())
+        .collect();
+    let long = long.join(",");
+    assert!(long.len() > 4_096);
+    for others in ["10000-10099,11000-11099,12000,45000-45099", long.as_str()] {
+        daemon.ns.set_sysctl(RESERVED, &format!("{others}\n"));
+        let before = daemon.ns.sysctl(RESERVED);
+        assert_eq!(before.trim_end(), others, "the kernel's own spelling");
+        daemon.spawn();
+        let during: PortRanges = daemon.ns.sysctl(RESERVED).trim_end().parse().unwrap();
+        let others_set: PortRanges = others.parse().unwrap();
+        let managed: PortRanges = std::iter::once(41_100..=41_149).collect();
+        assert_eq!(
+            during,
+            others_set.union(&managed),
+            "installed over {others:?}"
+        );
+        assert!(
+            daemon.stop(),
+            "the daemon stopped on SIGTERM:\n{}",
+            daemon.log()
+        );
+        daemon.uninstall();
+        assert_eq!(
+            daemon.ns.sysctl(RESERVED),
+            before,
+            "uninstalled over {others:?}"
+        );
+    }
 }

@@ -23,12 +23,12 @@ use portgate::{
     verdict::{GateModel, GateView as _, Packet, Verdict, decide},
 };
 use portgate_common::{hook, reason};
-use portgate_tests::common;
+use portgate_tests::{common, require_privileges};
 
 use common::{
     PinDir,
     packet::{PacketSpec, build_packet},
-    pin_to_cpu0, require_privileges,
+    pin_to_cpu0,
 };
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng, seq::IndexedRandom as _};
 
@@ -166,7 +166,7 @@ impl Expected {
     reason = "one generate-run-compare loop, told in order"
 )]
 fn kernel_verdict_matches_userspace_verdict() {
-    if !require_privileges("kernel_verdict_matches_userspace_verdict") {
+    if !require_privileges!() {
         return;
     }
     pin_to_cpu0();

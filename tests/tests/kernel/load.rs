@@ -12,36 +12,35 @@
 //! `cargo xtask test` runs them at 1, the benchmark bigger. Needs: root (BPF, cgroups,
 //! netns), iproute2, and the `portgate` binary (`PORTGATE_BIN` overrides its path).
 
-use portgate_tests::{
-    common::{
-        EchoServer, TestCgroup, echo, eventually, packet::tcp_syn, require_privileges, reset,
-    },
-    daemon::{Daemon, try_http_at},
-};
-
 use std::{
     collections::{BTreeMap, BTreeSet},
     io::{Read as _, Write as _},
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, SocketAddr, TcpStream},
     os::fd::AsRawFd,
-    path::Path,
     sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
 
+use ipnet::IpNet;
 use portgate::{
+    api::{AllocRequest, AllocationView},
+    client::{Client, ClientError},
     gate::{Gate, PacketHook},
-    model::PortId,
+    model::{
+        AccessChange, DropReason, PortAccessControl, PortId, PortMetrics, PortReport, PortStatus,
+        Protocol,
+    },
 };
-use serde_json::{Value, json};
+use portgate_tests::{
+    common::{
+        CONNECT_WITHIN, EchoServer, LOCAL, OTHER_LOCAL, allowlist, echo, eventually, listen_in,
+        loopback, packet::tcp_syn, reset,
+    },
+    daemon::Daemon,
+    require_privileges,
+};
 
-/// The source every test allows.
-const LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-/// A loopback source outside every allowlist (until a test adds it).
-const OTHER_LOCAL: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
-/// Long enough for an allowed connect to get in after a few SYN retransmissions.
-const CONNECT_WITHIN: Duration = Duration::from_secs(10);
 /// Bound on every wait for the daemon to catch up (lifecycle ticks, quarantine, closes).
 const SETTLE_WITHIN: Duration = Duration::from_secs(30);
 /// `tcpi_state` of a socket whose SYN is unanswered.
@@ -58,51 +57,22 @@ fn scale() -> usize {
     }
 }
 
-/// One API request with a JSON body (or none): (status, JSON answer or null).
-fn api(socket: &Path, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
-    let bytes = body.map(|body| serde_json::to_vec(body).expect("JSON body"));
-    let (status, text) = try_http_at(socket, method, path, bytes.as_deref().unwrap_or(&[]))
-        .unwrap_or_else(|err| panic!("{method} {path}: {err}"));
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+/// A port's counters and policy as the daemon reads them from the kernel
+/// (`GET /v1/stats?port=`).
+fn port_stats(daemon: &Daemon, port: u16) -> PortReport {
+    let mut reports = daemon
+        .api(|client| client.stats(Some(PortId::from(port))))
+        .expect("the port's stats");
+    assert_eq!(reports.len(), 1, "{reports:?}");
+    reports.remove(0)
 }
 
-/// One API request that must answer `expected`; returns the answer.
-fn api_ok(socket: &Path, method: &str, path: &str, body: Option<&Value>, expected: u16) -> Value {
-    let (status, answer) = api(socket, method, path, body);
-    assert_eq!(status, expected, "{method} {path} {body:?}: {answer}");
-    answer
-}
-
-/// A port's counters as the daemon reads them from the kernel (`GET /v1/stats?port=`).
-fn port_stats(daemon: &Daemon, port: u16) -> Value {
-    let reports = api_ok(
-        &daemon.socket,
-        "GET",
-        &format!("/v1/stats?port={port}"),
-        None,
-        200,
-    );
-    assert_eq!(reports.as_array().map(Vec::len), Some(1), "{reports}");
-    reports[0].clone()
-}
-
-/// A counter of a port's report (`accepted`, `active`, `dropped.not_allowed`, ...).
-fn counter(report: &Value, key: &str) -> u64 {
-    key.split('.')
-        .fold(report, |value, part| &value[part])
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {key} in {report}"))
-}
-
-/// A listener made inside the cgroup (so `cgroup_skb` and `sock_ops` see its connections).
 /// Waits (bounded) until the daemon reports no active connection on `port`.
 fn assert_no_active_connections(daemon: &Daemon, port: u16) {
     assert!(
-        eventually(SETTLE_WITHIN, || counter(
-            &port_stats(daemon, port),
-            "active"
-        ) == 0),
-        "connections still active after all closed: {}",
+        eventually(SETTLE_WITHIN, || port_stats(daemon, port).counters.active
+            == 0),
+        "connections still active after all closed: {:?}",
         port_stats(daemon, port)
     );
 }
@@ -110,24 +80,24 @@ fn assert_no_active_connections(daemon: &Daemon, port: u16) {
 /// Allocates a port for `owner` that admits 127.0.0.1 only, at most `limit` at once, with
 /// an echo server on it in the daemon's namespace and cgroup.
 fn serve_limited_port(daemon: &Daemon, owner: &str, limit: u64) -> (u16, EchoServer) {
-    let held = api_ok(
-        &daemon.socket,
-        "POST",
-        "/v1/ports",
-        Some(&json!({ "owner": owner, "allow": ["127.0.0.1/32"], "max_conns": limit })),
-        201,
-    );
-    let port = u16::try_from(held["port"].as_u64().expect("port")).expect("u16");
-    let addr = SocketAddr::new(LOCAL, port);
+    let request = AllocRequest {
+        owner: owner.to_owned(),
+        allow: vec![prefix("127.0.0.1/32")],
+        max_conns: Some(u32::try_from(limit).expect("a connection limit")),
+        ..AllocRequest::default()
+    };
+    let held = daemon
+        .api(|client| client.alloc(&request))
+        .expect("allocate the port");
+    let port = held.id.port;
     let server = daemon
         .ns
-        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, addr)));
+        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, loopback(port))));
     (port, server)
 }
 
-fn listen_in(cgroup: &TestCgroup, addr: SocketAddr) -> TcpListener {
-    let _inside = cgroup.enter();
-    TcpListener::bind(addr).unwrap_or_else(|err| panic!("bind {addr}: {err}"))
+fn prefix(text: &str) -> IpNet {
+    text.parse().expect("prefix")
 }
 
 /// The kernel's `TCP_INFO` of a socket.
@@ -205,31 +175,34 @@ fn syns_of_refused(sockets: Vec<socket2::Socket>) -> u64 {
 
 /// An allocation request of the concurrent-allocation test: every third has an allowlist
 /// and a limit, every third requires authentication, so that the kernel policies differ.
-fn alloc_body(n: usize) -> Value {
+fn alloc_request(n: usize) -> AllocRequest {
     let owner = format!("load-{n}");
     match n % 3 {
-        0 => json!({ "owner": owner }),
-        1 => json!({
-            "owner": owner,
-            "allow": [format!("10.{}.{}.0/24", (n >> 8) & 0xff, n & 0xff)],
-            "max_conns": n % 50 + 1,
-        }),
-        _ => json!({ "owner": owner, "require_auth": true }),
+        0 => AllocRequest {
+            owner,
+            ..AllocRequest::default()
+        },
+        1 => AllocRequest {
+            owner,
+            allow: vec![prefix(&format!("10.{}.{}.0/24", (n >> 8) & 0xff, n & 0xff))],
+            max_conns: Some(u32::try_from(n % 50).expect("below 50") + 1),
+            ..AllocRequest::default()
+        },
+        _ => AllocRequest {
+            owner,
+            require_auth: true,
+            ..AllocRequest::default()
+        },
     }
 }
 
-/// What a client was handed: port, owner, allowlist, limit, authentication.
-type Handed = (u16, String, Value, u64, bool);
+/// What a client was handed: port, owner, and access control (allowlist, limit,
+/// authentication).
+type Handed = (u16, String, PortAccessControl);
 
 /// The [`Handed`] fields of an allocation as the API shows it.
-fn handed(view: &Value) -> Handed {
-    (
-        u16::try_from(view["port"].as_u64().expect("port")).expect("u16"),
-        view["owner"].as_str().expect("owner").to_owned(),
-        view["allow"].clone(),
-        view["max_connections"].as_u64().expect("max_connections"),
-        view["require_auth"].as_bool().expect("require_auth"),
-    )
+fn handed(view: &AllocationView) -> Handed {
+    (view.id.port, view.owner.clone(), view.access.clone())
 }
 
 /// 64 clients allocate `320 x scale` ports concurrently (each request on its own
@@ -241,7 +214,7 @@ fn handed(view: &Value) -> Handed {
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
     const CLIENTS: usize = 64;
-    if !require_privileges("concurrent_allocation_hands_out_each_port_once_and_releases_all") {
+    if !require_privileges!() {
         return;
     }
     let total = 320 * scale();
@@ -251,7 +224,6 @@ fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
         panic!("{total} allocations do not fit above {min}: lower PORTGATE_LOAD_SCALE")
     });
     let daemon = Daemon::start(min, max);
-    let socket = daemon.socket.as_path();
 
     // 64 clients, each request on its own connection, until `total` are handed out.
     let next = AtomicUsize::new(0);
@@ -265,10 +237,12 @@ fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
                         if n >= total {
                             return mine;
                         }
-                        let body = alloc_body(n);
-                        let view = api_ok(socket, "POST", "/v1/ports", Some(&body), 201);
-                        assert_eq!(view["owner"], body["owner"], "{view}");
-                        assert_eq!(view["status"], "active", "{view}");
+                        let request = alloc_request(n);
+                        let view = daemon
+                            .api(|client| client.alloc(&request))
+                            .unwrap_or_else(|err| panic!("{request:?}: {err}"));
+                        assert_eq!(view.owner, request.owner, "{view:?}");
+                        assert_eq!(view.status, PortStatus::Active, "{view:?}");
                         mine.push(handed(&view));
                     }
                 })
@@ -290,13 +264,12 @@ fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
     // exactly what was handed out.
     let expected: BTreeMap<u16, &Handed> =
         answers.iter().map(|answer| (answer.0, answer)).collect();
-    let listed = api_ok(socket, "GET", "/v1/ports", None, 200);
-    let listed: BTreeMap<u16, Handed> = listed
-        .as_array()
-        .expect("a list")
+    let listed: BTreeMap<u16, Handed> = daemon
+        .api(Client::list)
+        .expect("list")
         .iter()
         .map(|view| {
-            assert_eq!(view["status"], "active", "{view}");
+            assert_eq!(view.status, PortStatus::Active, "{view:?}");
             let held = handed(view);
             (held.0, held)
         })
@@ -305,18 +278,15 @@ fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
     for (port, held) in &listed {
         assert_eq!(Some(&held), expected.get(port), "list differs for {port}");
     }
-    let reports = api_ok(socket, "GET", "/v1/stats", None, 200);
-    let reports = reports.as_array().expect("reports");
+    let reports = daemon.api(|client| client.stats(None)).expect("stats");
     assert_eq!(reports.len(), total, "one kernel policy per allocation");
-    for report in reports {
-        let port = u16::try_from(report["port"].as_u64().expect("port")).expect("u16");
+    for report in &reports {
+        let port = report.id.port;
         let held = expected
             .get(&port)
             .unwrap_or_else(|| panic!("a kernel policy for {port}, never handed out"));
-        assert_eq!(report["status"], "active", "{report}");
-        assert_eq!(report["allow"], held.2, "{report}");
-        assert_eq!(report["max_connections"].as_u64(), Some(held.3), "{report}");
-        assert_eq!(report["require_auth"].as_bool(), Some(held.4), "{report}");
+        assert_eq!(report.status, PortStatus::Active, "{report:?}");
+        assert_eq!(report.access, held.2, "{report:?}");
     }
     let stored: BTreeSet<PortId> = ports.iter().map(|port| PortId::from(*port)).collect();
     assert_eq!(daemon.kernel_policies(), stored);
@@ -328,54 +298,58 @@ fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
         for _ in 0..CLIENTS {
             scope.spawn(|| {
                 while let Some(port) = ordered.get(next.fetch_add(1, Ordering::Relaxed)) {
-                    let view = api_ok(socket, "DELETE", &format!("/v1/ports/{port}"), None, 200);
-                    assert_eq!(view["status"], "draining", "{view}");
+                    let view = daemon
+                        .api(|client| client.release(PortId::from(*port)))
+                        .unwrap_or_else(|err| panic!("releasing {port}: {err}"));
+                    assert_eq!(view.status, PortStatus::Draining, "{view:?}");
                 }
             });
         }
     });
     // Nothing is Active any more, in the store or in the kernel.
-    let listed = api_ok(socket, "GET", "/v1/ports", None, 200);
-    for view in listed.as_array().expect("a list") {
-        assert_ne!(view["status"], "active", "released yet active: {view}");
-    }
-    let reports = api_ok(socket, "GET", "/v1/stats", None, 200);
-    for report in reports.as_array().expect("reports") {
+    for view in daemon.allocations().values() {
         assert_ne!(
-            report["status"], "active",
-            "released yet active in the kernel: {report}"
+            view.status,
+            PortStatus::Active,
+            "released yet active: {view:?}"
         );
+    }
+    for report in daemon.api(|client| client.stats(None)).expect("stats") {
+        assert_ne!(
+            report.status,
+            PortStatus::Active,
+            "released yet active in the kernel: {report:?}"
+        );
+    }
+    // Each allocation was answered 201 and each release 200, as the audit log recorded.
+    let audit = daemon.audit();
+    for (action, status) in [("alloc", 201), ("release", 200)] {
+        let answered: Vec<Option<u64>> = audit
+            .iter()
+            .filter(|record| record["action"] == action && record["result"] == "ok")
+            .map(|record| record["status"].as_u64())
+            .collect();
+        assert_eq!(answered, vec![Some(status); total], "{action}");
     }
     // Without connections they close at the next tick, and leave quarantine (3 s) free:
     // nothing allocated, no kernel policy, the whole range free again.
     let range = u64::from(max - min) + 1;
     assert!(
-        eventually(SETTLE_WITHIN, || {
-            api_ok(socket, "GET", "/v1/ports", None, 200)
-                .as_array()
-                .is_some_and(Vec::is_empty)
-        }),
-        "ports still held after release and quarantine: {}",
-        api_ok(socket, "GET", "/v1/ports", None, 200)
+        eventually(SETTLE_WITHIN, || daemon.allocations().is_empty()),
+        "ports still held after release and quarantine: {:?}",
+        daemon.allocations()
     );
     assert!(daemon.kernel_policies().is_empty());
-    let status = api_ok(socket, "GET", "/v1/status", None, 200);
-    let tcp = status["usage"]
-        .as_array()
-        .expect("usage")
+    let status = daemon.api(Client::status).expect("status");
+    let tcp = status
+        .usage
         .iter()
-        .find(|usage| usage["proto"] == "tcp")
-        .expect("tcp usage")
-        .clone();
+        .find(|usage| usage.proto == Protocol::Tcp)
+        .expect("tcp usage");
     assert_eq!(
-        (
-            tcp["active"].as_u64(),
-            tcp["draining"].as_u64(),
-            tcp["closed"].as_u64(),
-            tcp["free"].as_u64()
-        ),
-        (Some(0), Some(0), Some(0), Some(range)),
-        "{status}"
+        (tcp.active, tcp.draining, tcp.closed, tcp.free),
+        (0, 0, 0, range),
+        "{status:?}"
     );
 
     // The same named port asked for by 8 clients at once: one gets it, 7 are refused.
@@ -384,17 +358,22 @@ fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
         let clients: Vec<_> = (0..CLIENTS)
             .map(|client| {
                 let port = contested[client % contested.len()];
+                let daemon = &daemon;
                 scope.spawn(move || {
-                    let owner = format!("contender-{client}");
-                    let body = json!({ "owner": owner, "port": port });
-                    let (status, answer) = api(socket, "POST", "/v1/ports", Some(&body));
-                    match status {
-                        201 => Some((port, owner)),
-                        409 => {
-                            assert_eq!(answer["error"]["code"], "port_unavailable", "{answer}");
+                    let request = AllocRequest {
+                        owner: format!("contender-{client}"),
+                        port: Some(port),
+                        ..AllocRequest::default()
+                    };
+                    match daemon.api(|api| api.alloc(&request)) {
+                        Ok(_) => Some((port, request.owner)),
+                        Err(ClientError::Daemon {
+                            status: 409, code, ..
+                        }) => {
+                            assert_eq!(code, "port_unavailable");
                             None
                         }
-                        _ => panic!("asking for {port}: {status} {answer}"),
+                        Err(err) => panic!("asking for {port}: {err:?}"),
                     }
                 })
             })
@@ -415,7 +394,8 @@ fn concurrent_allocation_hands_out_each_port_once_and_releases_all() {
     assert_eq!(listed.len(), contested.len());
     for (port, owner) in &won {
         assert_eq!(
-            &listed[port].0, owner,
+            &listed[&PortId::from(*port)].owner,
+            owner,
             "the store holds another owner for {port}"
         );
     }
@@ -472,14 +452,14 @@ fn thousands_of_connections_are_counted_exactly() {
     // Well above the workers, so that a slot freed a moment late rarely refuses one (and
     // when it does, the client's retransmission is counted on both sides).
     const LIMIT: usize = 24;
-    if !require_privileges("thousands_of_connections_are_counted_exactly") {
+    if !require_privileges!() {
         return;
     }
     let connections = 2_000 * scale();
     let refused_sources = 16 * scale();
     let daemon = Daemon::start(46_000, 46_009);
     let (port, server) = serve_limited_port(&daemon, "load", LIMIT as u64);
-    let addr = SocketAddr::new(LOCAL, port);
+    let addr = loopback(port);
 
     // Load: the allowed source connects `connections` times, 8 at once, while sources
     // outside the allowlist knock (their connects wait 1.5 s, so most SYNs are sent twice).
@@ -498,34 +478,34 @@ fn thousands_of_connections_are_counted_exactly() {
     });
     let connections = connections as u64;
     assert_no_active_connections(&daemon, port);
-    let stats = port_stats(&daemon, port);
-    assert_eq!(counter(&stats, "accepted"), connections, "{stats}");
+    let stats = port_stats(&daemon, port).counters;
+    assert_eq!(stats.accepted, connections, "{stats:?}");
     assert_eq!(
-        counter(&stats, "dropped.not_allowed"),
-        refused_syns,
-        "one drop per refused SYN: {stats}"
+        stats.dropped.not_allowed, refused_syns,
+        "one drop per refused SYN: {stats:?}"
     );
     assert_eq!(
-        counter(&stats, "dropped.conn_limit"),
-        retransmitted,
-        "one drop per SYN the allowed clients had to send again: {stats}"
+        stats.dropped.conn_limit, retransmitted,
+        "one drop per SYN the allowed clients had to send again: {stats:?}"
     );
-    for reason in ["unallocated", "draining", "auth_required"] {
-        assert_eq!(counter(&stats, &format!("dropped.{reason}")), 0, "{stats}");
+    for reason in [
+        DropReason::Unallocated,
+        DropReason::Draining,
+        DropReason::AuthRequired,
+    ] {
+        assert_eq!(stats.dropped.get(reason), 0, "{stats:?}");
     }
 
     // At the limit: hold LIMIT connections, then 2 x LIMIT more from the allowed source
     // are refused for the limit (each connect gives up after 300 ms, before the SYN is
     // sent again) and a few from outside the allowlist for that.
-    let before = port_stats(&daemon, port);
+    let before = port_stats(&daemon, port).counters;
     let (mut held, limited_syns, outside_syns) = daemon.ns.run(|| {
         let held: Vec<TcpStream> = (0..LIMIT).map(|_| connect_counted(addr).0).collect();
         assert!(
-            eventually(SETTLE_WITHIN, || counter(
-                &port_stats(&daemon, port),
-                "active"
-            ) == LIMIT as u64),
-            "{} connections held: {}",
+            eventually(SETTLE_WITHIN, || port_stats(&daemon, port).counters.active
+                == LIMIT as u64),
+            "{} connections held: {:?}",
             LIMIT,
             port_stats(&daemon, port)
         );
@@ -536,12 +516,12 @@ fn thousands_of_connections_are_counted_exactly() {
         thread::sleep(Duration::from_millis(300));
         (held, syns_of_refused(limited), syns_of_refused(outside))
     });
-    let after = port_stats(&daemon, port);
-    let delta = |key: &str| counter(&after, key) - counter(&before, key);
-    assert_eq!(delta("accepted"), LIMIT as u64, "{after}");
-    assert_eq!(delta("dropped.conn_limit"), limited_syns, "{after}");
-    assert_eq!(delta("dropped.not_allowed"), outside_syns, "{after}");
-    assert_eq!(counter(&after, "active"), LIMIT as u64, "{after}");
+    let after = port_stats(&daemon, port).counters;
+    let delta = |count: fn(&PortMetrics) -> u64| count(&after) - count(&before);
+    assert_eq!(delta(|c| c.accepted), LIMIT as u64, "{after:?}");
+    assert_eq!(delta(|c| c.dropped.conn_limit), limited_syns, "{after:?}");
+    assert_eq!(delta(|c| c.dropped.not_allowed), outside_syns, "{after:?}");
+    assert_eq!(after.active, LIMIT as u64, "{after:?}");
     // The held connections still work; closed, the count goes back to 0.
     for stream in &mut held {
         echo(stream, b"still here").expect("a held connection works");
@@ -549,14 +529,14 @@ fn thousands_of_connections_are_counted_exactly() {
     drop(held);
     assert_no_active_connections(&daemon, port);
     // The daemon's view equals the kernel's own, and no connection slot was left behind.
-    let stats = port_stats(&daemon, port);
+    let stats = port_stats(&daemon, port).counters;
     let gate = Gate::open(daemon.pins.path()).expect("open the pinned gate");
     let kernel = gate.counters(PortId::from(port)).expect("counters").total;
-    assert_eq!(kernel.accepted, counter(&stats, "accepted"));
+    assert_eq!(kernel.accepted, stats.accepted);
     assert_eq!(kernel.accepted, connections + LIMIT as u64);
     assert_eq!(
         kernel.dropped_for(portgate_common::reason::CONN_LIMIT),
-        counter(&stats, "dropped.conn_limit")
+        stats.dropped.conn_limit
     );
     assert_eq!(
         kernel.dropped_for(portgate_common::reason::NOT_ALLOWED),
@@ -576,14 +556,30 @@ fn thousands_of_connections_are_counted_exactly() {
     drop(server);
 }
 
-/// The access changes the security test cycles through; after `k` of them the policy is
-/// [`policy_after`]`(k)`.
-const FLIPS: [&str; 4] = [
-    r#"{"allow":["127.0.0.2/32"]}"#,
-    r#"{"require_auth":true}"#,
-    r#"{"remove":["127.0.0.2/32"]}"#,
-    r#"{"require_auth":false}"#,
-];
+/// The `k`th access change the security test makes, in a cycle of four: 127.0.0.2 into
+/// the allowlist, authentication on, 127.0.0.2 out, authentication off. After `k` of them
+/// the policy is [`policy_after`]`(k)`.
+fn flip(k: u64) -> AccessChange {
+    let other = || allowlist(&["127.0.0.2/32"]);
+    match k % 4 {
+        0 => AccessChange {
+            allow: other(),
+            ..AccessChange::default()
+        },
+        1 => AccessChange {
+            require_authentication: Some(true),
+            ..AccessChange::default()
+        },
+        2 => AccessChange {
+            remove: other(),
+            ..AccessChange::default()
+        },
+        _ => AccessChange {
+            require_authentication: Some(false),
+            ..AccessChange::default()
+        },
+    }
+}
 
 /// After `k` changes: (127.0.0.2 is in the allowlist, authentication is required).
 /// 127.0.0.1 always is.
@@ -659,11 +655,6 @@ impl PolicyClock {
     }
 }
 
-/// A SYN from `source` to 127.0.0.1:`port` for `BPF_PROG_TEST_RUN`.
-fn syn_frame(source: IpAddr, port: u16) -> Vec<u8> {
-    tcp_syn(source, LOCAL, 50_000, port)
-}
-
 /// Waits (bounded) until `counter` has gone `by` past `from`.
 fn wait_for(counter: &AtomicU64, from: u64, by: u64, what: &str) {
     assert!(
@@ -682,47 +673,49 @@ fn wait_for(counter: &AtomicU64, from: u64, by: u64, what: &str) {
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn concurrent_checks_agree_with_the_policy_while_it_changes() {
     const CHECKERS: u64 = 4;
-    if !require_privileges("concurrent_checks_agree_with_the_policy_while_it_changes") {
+    if !require_privileges!() {
         return;
     }
     let flips = 40 * scale() as u64;
     let daemon = Daemon::start(46_100, 46_109);
-    let socket = daemon.socket.as_path();
-    let held = api_ok(
-        socket,
-        "POST",
-        "/v1/ports",
-        Some(&json!({ "owner": "guarded", "allow": ["127.0.0.1/32"] })),
-        201,
-    );
-    let port = u16::try_from(held["port"].as_u64().expect("port")).expect("u16");
+    let guarded = AllocRequest {
+        owner: "guarded".to_owned(),
+        allow: vec![prefix("127.0.0.1/32")],
+        ..AllocRequest::default()
+    };
+    let held = daemon
+        .api(|client| client.alloc(&guarded))
+        .expect("allocate the port");
+    let (id, port) = (held.id, held.id.port);
     let clock = PolicyClock::default();
     let daemon_checks = AtomicU64::new(0);
     let kernel_checks = AtomicU64::new(0);
-    let frames = [syn_frame(LOCAL, port), syn_frame(OTHER_LOCAL, port)];
+    let frames = [LOCAL, OTHER_LOCAL].map(|source| tcp_syn(source, LOCAL, 50_000, port));
 
     let (daemon_decisive, kernel_decisive) = thread::scope(|scope| {
         // The daemon's verdict (`GET .../check`), from several clients at once.
         let checkers: Vec<_> = (0..CHECKERS)
             .map(|checker| {
-                let (clock, daemon_checks) = (&clock, &daemon_checks);
+                let (clock, daemon_checks, daemon) = (&clock, &daemon_checks, &daemon);
                 scope.spawn(move || {
                     let mut decisive = 0_u64;
                     let mut n = checker;
                     while !clock.stop.load(Ordering::SeqCst) {
                         let source = if n.is_multiple_of(2) { LOCAL } else { OTHER_LOCAL };
                         n += 1;
-                        let path = format!("/v1/ports/{port}/check?ip={source}");
-                        let (answer, versions) =
-                            clock.bracket(|| api_ok(socket, "GET", &path, None, 200));
-                        let seen = if answer["allowed"] == true {
+                        let (answer, versions) = clock.bracket(|| {
+                            daemon
+                                .api(|client| client.check(id, source))
+                                .expect("check")
+                        });
+                        let seen = if answer.allowed {
                             None
                         } else {
-                            Some(answer["reason"].as_str().expect("a reason").to_owned())
+                            Some(answer.reason.as_deref().expect("a reason"))
                         };
                         assert!(
-                            versions.admits(source, seen.as_deref()),
-                            "check from {source} saw {answer}, which no policy version in {versions:?} gives"
+                            versions.admits(source, seen),
+                            "check from {source} saw {answer:?}, which no policy version in {versions:?} gives"
                         );
                         decisive += u64::from(versions.decisive());
                         daemon_checks.fetch_add(1, Ordering::SeqCst);
@@ -774,25 +767,17 @@ fn concurrent_checks_agree_with_the_policy_while_it_changes() {
         for k in 0..flips {
             every_checker_checks_again();
             clock.started.fetch_add(1, Ordering::SeqCst);
-            let body: Value =
-                serde_json::from_str(FLIPS[usize::try_from(k % 4).expect("index")]).expect("JSON");
-            let view = api_ok(
-                socket,
-                "PATCH",
-                &format!("/v1/ports/{port}/access"),
-                Some(&body),
-                200,
-            );
+            let change = flip(k);
+            let view = daemon
+                .api(|client| client.access(id, &change))
+                .expect("change the access");
             let (other_allowed, auth) = policy_after(k + 1);
             assert_eq!(
-                view["allow"]
-                    .as_array()
-                    .expect("allow")
-                    .contains(&json!("127.0.0.2/32")),
+                view.access.allowed_ips.contains(&prefix("127.0.0.2/32")),
                 other_allowed,
-                "{view}"
+                "{view:?}"
             );
-            assert_eq!(view["require_auth"], auth, "{view}");
+            assert_eq!(view.access.require_authentication, auth, "{view:?}");
             clock.done.fetch_add(1, Ordering::SeqCst);
         }
         every_checker_checks_again();
@@ -818,18 +803,15 @@ fn concurrent_checks_agree_with_the_policy_while_it_changes() {
         kernel_checks.load(Ordering::SeqCst)
     );
     // The final policy is in the store and the kernel alike.
-    let shown = api_ok(socket, "GET", &format!("/v1/ports/{port}"), None, 200);
+    let shown = daemon.api(|client| client.show(id)).expect("show");
     let (other_allowed, auth) = policy_after(flips);
-    assert_eq!(shown["require_auth"], auth, "{shown}");
+    assert_eq!(shown.access.require_authentication, auth, "{shown:?}");
     let stats = port_stats(&daemon, port);
-    assert_eq!(stats["require_auth"], auth, "{stats}");
+    assert_eq!(stats.access.require_authentication, auth, "{stats:?}");
     assert_eq!(
-        stats["allow"]
-            .as_array()
-            .expect("allow")
-            .contains(&json!("127.0.0.2/32")),
+        stats.access.allowed_ips.contains(&prefix("127.0.0.2/32")),
         other_allowed,
-        "{stats}"
+        "{stats:?}"
     );
 }
 
@@ -923,7 +905,7 @@ fn metrics_scraped_during_load_are_consistent() {
     const WORKERS: usize = 4;
     const LIMIT: u64 = 16;
     const RANGE: (u16, u16) = (47_000, 48_999);
-    if !require_privileges("metrics_scraped_during_load_are_consistent") {
+    if !require_privileges!() {
         return;
     }
     let connections = 500 * scale();
@@ -931,10 +913,9 @@ fn metrics_scraped_during_load_are_consistent() {
     let knocks = 8 * scale();
     let range_size = u64::from(RANGE.1 - RANGE.0) + 1;
     let daemon = Daemon::start(RANGE.0, RANGE.1);
-    let socket = daemon.socket.as_path();
     let metrics_addr = SocketAddr::new(LOCAL, 9477);
     let (port, server) = serve_limited_port(&daemon, "traffic", LIMIT);
-    let addr = SocketAddr::new(LOCAL, port);
+    let addr = loopback(port);
     let labels = format!(r#"port="{port}",proto="tcp""#);
     let progress = Progress::default();
     let allocs_started = AtomicU64::new(1);
@@ -954,9 +935,7 @@ fn metrics_scraped_during_load_are_consistent() {
                     let allocated_before = allocs_done.load(Ordering::SeqCst);
                     let text = if scrapes % 2 == 0 {
                         unix_scrapes += 1;
-                        let (status, text) = daemon.http_text("GET", "/metrics", b"");
-                        assert_eq!(status, 200, "{text}");
-                        text
+                        daemon.api(Client::metrics).expect("GET /metrics")
                     } else {
                         scrape_tcp(metrics_addr)
                     };
@@ -1018,16 +997,17 @@ fn metrics_scraped_during_load_are_consistent() {
             let churner = scope.spawn(|| {
                 for n in 0..churn {
                     allocs_started.fetch_add(1, Ordering::SeqCst);
-                    let view = api_ok(
-                        socket,
-                        "POST",
-                        "/v1/ports",
-                        Some(&json!({ "owner": format!("churn-{n}") })),
-                        201,
-                    );
+                    let request = AllocRequest {
+                        owner: format!("churn-{n}"),
+                        ..AllocRequest::default()
+                    };
+                    let view = daemon
+                        .api(|client| client.alloc(&request))
+                        .expect("allocate");
                     allocs_done.fetch_add(1, Ordering::SeqCst);
-                    let other = view["port"].as_u64().expect("port");
-                    api_ok(socket, "DELETE", &format!("/v1/ports/{other}"), None, 200);
+                    daemon
+                        .api(|client| client.release(view.id))
+                        .expect("release");
                 }
             });
             // Sources outside the allowlist knock.

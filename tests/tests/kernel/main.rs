@@ -1,0 +1,25 @@
+//! portgate's kernel tests: one module per feature, all in this one test binary, as aya
+//! lays out its integration tests. `cargo xtask test --kernel -- <module>` runs one
+//! feature (a libtest filter matches the module path: `allowlist::`, `load::`, ...).
+//!
+//! Every test makes its own cgroups, network namespaces, veth pairs and pin directories
+//! (the guards of [`portgate_tests::common`]) and needs root (`CAP_BPF`, `CAP_NET_ADMIN`,
+//! `CAP_SYS_ADMIN`), cgroup v2, bpffs, BTF and iproute2; without them it prints `SKIPPED`,
+//! and fails when `CI` is set. The daemon's tests run the `portgate` binary built next to
+//! this one (`cargo xtask test` builds it; `PORTGATE_BIN` overrides the path). They share
+//! the kernel: run them on one thread.
+
+mod allowlist;
+mod bind_ownership;
+mod conn_limit;
+mod daemon_api;
+mod differential;
+mod draining;
+mod events;
+mod grants;
+mod host;
+mod lifecycle;
+mod load;
+mod maps;
+mod restart;
+mod udp;
