@@ -103,14 +103,23 @@ impl State {
 
     /// Established connections of every TCP port in `range`, in one read of the slots map
     /// (none without the gate, or when it cannot be read).
-    fn all_connections(&self, range: RangeInclusive<u16>) -> BTreeMap<PortId, u64> {
-        self.gate
-            .as_ref()
-            .and_then(|gate| gate.all_slots(range).ok())
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(id, slots)| (id, slots.established))
-            .collect()
+    fn all_connections(&self, range: RangeInclusive<u16>) -> Established {
+        Established(
+            self.gate
+                .as_ref()
+                .and_then(|gate| gate.all_slots(range).ok())
+                .unwrap_or_default(),
+        )
+    }
+}
+
+/// The connection slots of every TCP port, as one read of the slots map found them.
+struct Established(BTreeMap<PortId, portgate_common::ConnSlots>);
+
+impl Established {
+    /// Established connections of `id` (0 for UDP, or when unknown).
+    fn of(&self, id: PortId) -> u64 {
+        self.0.get(&id).map_or(0, |slots| slots.established)
     }
 }
 
@@ -287,10 +296,7 @@ impl PortManager {
         state
             .allocator
             .allocations()
-            .map(|held| {
-                let open = connections.get(&held.id).copied().unwrap_or(0);
-                (held.clone(), open)
-            })
+            .map(|held| (held.clone(), connections.of(held.id)))
             .collect()
     }
 

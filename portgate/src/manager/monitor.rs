@@ -59,7 +59,7 @@ pub(super) fn snapshot(
     let connections = state.all_connections(range);
     for held in state.allocator.allocations() {
         let counters = counted.remove(&held.id).unwrap_or_default();
-        let active = connections.get(&held.id).copied().unwrap_or(0);
+        let active = connections.of(held.id);
         snapshot
             .ports
             .push((held.id, held.status, counters.metrics(active)));
