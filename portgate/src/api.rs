@@ -292,8 +292,8 @@ impl ErrorBody {
 mod tests {
     use super::{AllocationView, CheckResponse, EventView};
     use crate::model::{
-        DropCounts, GrantView, PortAccessControl, PortId, PortMetrics, PortReport, PortStatus,
-        Protocol, sample_allocation,
+        GrantView, PortAccessControl, PortId, PortReport, PortStatus, Protocol, sample_allocation,
+        sample_metrics,
     };
 
     /// Answers as the API has always spelled them: the views flatten the model's types, and
@@ -342,20 +342,7 @@ mod tests {
                 addr: "192.0.2.1".parse().unwrap(),
                 expires_in_ms: 900,
             }],
-            counters: PortMetrics {
-                accepted: 1,
-                active: 2,
-                dropped: DropCounts {
-                    unallocated: 3,
-                    draining: 4,
-                    not_allowed: 5,
-                    auth_required: 6,
-                    conn_limit: 7,
-                },
-                bind_denied: 8,
-                packets: 9,
-                bytes: 10,
-            },
+            counters: sample_metrics(),
         };
         same_bytes(&report, REPORT);
         let check = CheckResponse {

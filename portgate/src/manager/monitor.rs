@@ -410,26 +410,13 @@ impl Collector for PortsCollector {
 #[cfg(test)]
 mod tests {
     use super::{PortMonitor, PortsSnapshot};
-    use crate::model::{DropCounts, PortId, PortMetrics, PortStatus, Protocol};
+    use crate::model::{PortId, PortMetrics, PortStatus, Protocol, sample_metrics};
 
     /// The exposition as portgate has always written it (`testdata/metrics.txt`, from the
     /// code before the model was reshaped): names, help, labels and their order.
     #[test]
     fn the_exposition_keeps_its_bytes() {
-        let counted = PortMetrics {
-            accepted: 1,
-            active: 2,
-            dropped: DropCounts {
-                unallocated: 3,
-                draining: 4,
-                not_allowed: 5,
-                auth_required: 6,
-                conn_limit: 7,
-            },
-            bind_denied: 8,
-            packets: 9,
-            bytes: 10,
-        };
+        let counted = sample_metrics();
         let snapshot = PortsSnapshot {
             ports: vec![
                 (

@@ -68,6 +68,25 @@ pub struct PortMetrics {
     pub bytes: u64,
 }
 
+/// Counters with every field set (each its own number), for tests of what shows them.
+#[cfg(test)]
+pub(crate) fn sample_metrics() -> PortMetrics {
+    PortMetrics {
+        accepted: 1,
+        active: 2,
+        dropped: DropCounts {
+            unallocated: 3,
+            draining: 4,
+            not_allowed: 5,
+            auth_required: 6,
+            conn_limit: 7,
+        },
+        bind_denied: 8,
+        packets: 9,
+        bytes: 10,
+    }
+}
+
 /// A grant as shown to a person.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GrantView {

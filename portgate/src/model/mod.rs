@@ -14,8 +14,6 @@ mod policy;
 mod port;
 pub mod spelling;
 
-#[cfg(test)]
-pub(crate) use self::allocation::sample_allocation;
 pub use self::{
     access::{AccessChange, Allowlist, PortAccessControl},
     allocation::{
@@ -26,3 +24,5 @@ pub use self::{
     policy::{DropReason, PortPolicy},
     port::{PortId, PortStatus, Protocol, UnknownProtocol},
 };
+#[cfg(test)]
+pub(crate) use self::{allocation::sample_allocation, metrics::sample_metrics};

@@ -28,6 +28,16 @@ impl Default for PortPolicy {
     }
 }
 
+impl From<PortAccessControl> for PortPolicy {
+    /// An Active port with `access` and no owner cgroup.
+    fn from(access: PortAccessControl) -> Self {
+        Self {
+            access,
+            ..Self::default()
+        }
+    }
+}
+
 /// Why the gate dropped a packet; the codes are [`portgate_common::reason`]'s.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]

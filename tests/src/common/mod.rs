@@ -15,7 +15,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use portgate::{host, model::Allowlist};
+use portgate::{
+    host,
+    model::{Allowlist, PortAccessControl, PortPolicy},
+};
 
 pub mod gate;
 pub mod packet;
@@ -418,6 +421,15 @@ pub fn allowlist(prefixes: &[&str]) -> Allowlist {
         .iter()
         .map(|prefix| prefix.parse().expect("prefix"))
         .collect()
+}
+
+/// An Active port's policy that allows only `prefixes`.
+pub fn allowing(prefixes: &[&str]) -> PortPolicy {
+    PortAccessControl {
+        allowed_ips: allowlist(prefixes),
+        ..PortAccessControl::default()
+    }
+    .into()
 }
 
 /// A TCP server that accepts in the background and echoes what it reads on each

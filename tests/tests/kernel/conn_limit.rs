@@ -48,6 +48,17 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
         },
     );
     let (gate, ns) = (&fixture.gate, &fixture.ns);
+    // Waits until the full port has one slot free again, which `what` freed.
+    let one_slot_freed = |what: &str| {
+        let id = PortId::from(port);
+        assert!(
+            eventually(Duration::from_secs(3), || {
+                gate.slots(id).expect("slots").established == u64::from(LIMIT) - 1
+            }),
+            "{what} frees the slot: {:?}",
+            gate.slots(id)
+        );
+    };
 
     // Watch the established count while the burst runs.
     let highest = Arc::new(AtomicU64::new(0));
@@ -104,15 +115,7 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
 
     // A graceful close frees a slot.
     drop(held.pop());
-    assert!(
-        eventually(Duration::from_secs(3), || gate
-            .slots(PortId::from(port))
-            .expect("slots")
-            .established
-            == u64::from(LIMIT) - 1),
-        "FIN frees the slot: {:?}",
-        gate.slots(PortId::from(port))
-    );
+    one_slot_freed("FIN");
     held.push(
         fixture
             .connect(LOCAL, CONNECT_WITHIN)
@@ -123,15 +126,7 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
     half_closed
         .shutdown(std::net::Shutdown::Write)
         .expect("half-close");
-    assert!(
-        eventually(Duration::from_secs(3), || gate
-            .slots(PortId::from(port))
-            .expect("slots")
-            .established
-            == u64::from(LIMIT) - 1),
-        "a half-close frees the slot once the server closes: {:?}",
-        gate.slots(PortId::from(port))
-    );
+    one_slot_freed("a half-close, once the server closes,");
     drop(half_closed);
     held.push(
         fixture
@@ -140,15 +135,7 @@ fn connection_limit_holds_under_a_burst_and_frees_slots_on_close_and_reset() {
     );
     // A reset frees a slot.
     reset(held.pop().expect("a held connection"));
-    assert!(
-        eventually(Duration::from_secs(3), || gate
-            .slots(PortId::from(port))
-            .expect("slots")
-            .established
-            == u64::from(LIMIT) - 1),
-        "RST frees the slot: {:?}",
-        gate.slots(PortId::from(port))
-    );
+    one_slot_freed("RST");
     held.push(
         ns.run(|| connect_from(LOCAL, loopback(port), CONNECT_WITHIN))
             .expect("the slot freed by RST takes a new connection"),

@@ -13,12 +13,12 @@ use std::{
 use portgate::{
     api::AllocRequest,
     gate::Gate,
-    model::{PortAccessControl, PortId, PortPolicy, PortStatus, Protocol},
+    model::{PortId, PortStatus, Protocol},
 };
 use portgate_common::reason;
 use portgate_tests::{
     common::{
-        EchoServer, LOCAL, NetNs, OTHER_LOCAL, PinDir, REFUSED_WITHIN, TestCgroup, allowlist,
+        EchoServer, LOCAL, NetNs, OTHER_LOCAL, PinDir, REFUSED_WITHIN, TestCgroup, allowing,
         connect_from, echo, eventually,
         gate::{MIN_PORT, install, settings},
         listen_in, loopback,
@@ -44,13 +44,7 @@ fn enforcement_outlives_the_handle_and_uninstall_removes_everything() {
         gate.attach_cgroup(cgroup.path()).expect("attach");
         gate.set_policy(
             PortId::new(port, Protocol::Tcp),
-            &PortPolicy {
-                access: PortAccessControl {
-                    allowed_ips: allowlist(&["127.0.0.1/32"]),
-                    ..PortAccessControl::default()
-                },
-                ..PortPolicy::default()
-            },
+            &allowing(&["127.0.0.1/32"]),
         )
         .expect("set policy");
     }

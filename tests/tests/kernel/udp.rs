@@ -2,11 +2,11 @@
 
 use std::{net::SocketAddr, thread, time::Duration};
 
-use portgate::model::{PortAccessControl, PortId, PortPolicy, Protocol};
+use portgate::model::{PortId, Protocol};
 use portgate_common::reason;
 use portgate_tests::{
     common::{
-        LOCAL, NetNs, OTHER_LOCAL, PinDir, TestCgroup, allowlist,
+        LOCAL, NetNs, OTHER_LOCAL, PinDir, TestCgroup, allowing,
         gate::{MIN_PORT, install, settings},
         loopback,
     },
@@ -27,13 +27,7 @@ fn udp_datagrams_follow_the_allowlist_each_counted() {
     let port = MIN_PORT + 60;
     gate.set_policy(
         PortId::new(port, Protocol::Udp),
-        &PortPolicy {
-            access: PortAccessControl {
-                allowed_ips: allowlist(&["127.0.0.1/32"]),
-                ..PortAccessControl::default()
-            },
-            ..PortPolicy::default()
-        },
+        &allowing(&["127.0.0.1/32"]),
     )
     .expect("set policy");
     let replies = ns.run(|| {
