@@ -1,9 +1,11 @@
 //! portgate: hands out ports to owners and enforces each port's policy in the kernel with eBPF.
 //!
-//! The library is what the daemon and the CLI call: [`gate`] loads, attaches and drives the
-//! kernel programs and their pinned maps; [`verdict`] is the same packet verdict in plain
-//! Rust; [`model`] holds the records every layer shares; [`host`] finds what the host
-//! provides.
+//! The library is what the daemon and the CLI call. Its modules are layers, each using only
+//! the ones below it (`docs/ARCHITECTURE.md`; `cargo xtask lint` checks it), from the bottom:
+//! [`paths`] and [`text`]; [`model`] (the records every layer shares) and [`config`];
+//! [`host`] (what the host provides); [`gate`] (the kernel programs and their pinned maps),
+//! [`store`] and [`verdict`] (the same packet verdict in plain Rust); [`manager`]; [`api`];
+//! [`daemon`] and [`client`]; [`cli`].
 
 pub mod api;
 pub mod cli;
