@@ -78,7 +78,7 @@ pub enum ConfigError {
         /// Only text: serde passes a value's error on as its message.
         message: String,
         /// What to do: the key's own rule where its type has one
-        /// ([`advice`](super::values::advice)), else to look up the key's type.
+        /// (`config::values::advice`), else to look up the key's type.
         advice: &'static str,
     },
     /// The file parsed but breaks a validation rule (one of the variants below), which

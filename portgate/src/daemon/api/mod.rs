@@ -2,7 +2,7 @@
 //!
 //! Every request is authorized from the socket's peer credentials, timed into the latency
 //! histogram, and written to the audit log with its outcome: handlers answer through
-//! [`Caller::answer`], which does all three. Bad input (JSON, ports, addresses, durations)
+//! `Caller::answer`, which does all three. Bad input (JSON, ports, addresses, durations)
 //! is refused with a 4xx and an [`ErrorBody`] before the manager is asked, so it changes
 //! nothing. `ports` holds the calls on ports, `reads` the views of the whole daemon.
 
