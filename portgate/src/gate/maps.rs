@@ -305,11 +305,6 @@ impl Gate {
         Ok(out)
     }
 
-    /// The allowlist of a port, sorted. Walks the whole trie.
-    pub fn allowlist(&self, id: PortId) -> Result<Allowlist, GateError> {
-        Ok(self.allowlists()?.remove(&id).unwrap_or_default())
-    }
-
     /// Every allowlist, by port, each sorted. Walks the whole trie.
     pub fn allowlists(&self) -> Result<BTreeMap<PortId, Allowlist>, GateError> {
         let trie: LpmTrie<&MapData, AddrKey, u32> =

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// A port's allowlist: the source prefixes allowed to connect; empty allows every source.
 ///
 /// A set: each prefix is kept once, truncated to its network (`10.0.0.9/8` is
-/// `10.0.0.0/8`), so adding, removing and finding a prefix cost the same however long the
+/// `10.0.0.0/8`), so finding a prefix costs the same however long the
 /// list is. Prefixes keep the order they were added in, which is the order the API shows.
 /// Two allowlists are equal when they hold the same prefixes, in any order.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -40,11 +40,6 @@ impl Allowlist {
     #[must_use]
     pub fn contains(&self, prefix: &IpNet) -> bool {
         self.0.contains(&prefix.trunc())
-    }
-
-    /// Adds `prefix` (truncated); `false` when it was there already.
-    pub fn insert(&mut self, prefix: IpNet) -> bool {
-        self.0.insert(prefix.trunc())
     }
 
     /// Whether `addr` falls in one of its prefixes (of its own address family).
