@@ -15,7 +15,7 @@
 pub mod map_names {
     /// Per-(port, proto) policy: [`crate::Policy`] keyed by [`crate::PortKey`].
     pub const POLICY: &str = "PG_POLICY";
-    /// Allowlist prefixes: LPM trie keyed by [`crate::AddrKey`] with a prefix length.
+    /// Allowlist prefixes: LPM trie keyed by [`crate::AllowKey`] with a prefix length.
     pub const ALLOW: &str = "PG_ALLOW";
     /// Authentication grants: expiry (`CLOCK_MONOTONIC` ns) keyed by [`crate::AddrKey`].
     pub const GRANTS: &str = "PG_GRANTS";
@@ -75,6 +75,9 @@ pub mod capacity {
     pub const SLOTS: u32 = 65_536;
     /// Handshakes in flight over all ports.
     pub const PENDING: u32 = 65_536;
+    /// Handshakes in flight on one port: one port's SYNs cannot take more than this share
+    /// of [`PENDING`], so a flood at one port leaves room for the others.
+    pub const PENDING_PER_PORT: u32 = 4_096;
     /// Established passive connections tracked over all ports.
     pub const SOCKETS: u32 = 1_048_576;
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).
@@ -121,6 +124,10 @@ pub mod policy_flags {
     pub const REQUIRE_AUTH: u32 = 1 << 1;
     /// Only the owner cgroup (or a descendant) may bind the port.
     pub const OWNER: u32 = 1 << 2;
+    /// The allowlist in force is the one stored under generation 1 of [`crate::AllowKey`]
+    /// (clear: generation 0). A new allowlist is written under the other generation, then
+    /// one write of the record switches to it, so no packet ever sees half of a change.
+    pub const ALLOW_GENERATION: u32 = 1 << 3;
 }
 
 /// Drop and deny reasons. The numeric codes are stable: they appear in events, metrics and
@@ -192,12 +199,22 @@ pub mod stat {
     pub const EVENTS_LOST_FULL: u32 = 0;
     /// Deny events suppressed by the per-port rate limit.
     pub const EVENTS_RATE_LIMITED: u32 = 1;
-    /// SYNs refused because the pending-handshake map was full.
+    /// Handshakes refused (counted `conn_limit` on their port) because the
+    /// pending-handshake map was full.
     pub const PENDING_FULL: u32 = 2;
     /// Established connections that could not be tracked (socket map full).
     pub const SOCKETS_FULL: u32 = 3;
     /// Sweeps of expired handshake reservations.
     pub const PENDING_SWEEPS: u32 = 4;
+    /// TCP or UDP packets dropped because their ports could not be read (truncated
+    /// headers, too many IPv6 extension headers, fragments `cgroup_skb` would not see).
+    pub const UNPARSABLE: u32 = 5;
+    /// Connections on a limited port that were established without a live reservation
+    /// (only possible if their handshake bypassed `cgroup_skb`); they are not counted.
+    pub const UNRESERVED: u32 = 6;
+    /// Handshakes refused (counted `conn_limit` on their port) because their port already
+    /// had [`crate::capacity::PENDING_PER_PORT`] in flight.
+    pub const PENDING_PORT_FULL: u32 = 7;
     /// Length of the array.
     pub const COUNT: u32 = 8;
 }
@@ -250,6 +267,9 @@ impl PortKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Policy {
+    /// Which allocation of the port this is: connection slots counted under another epoch
+    /// (an earlier owner's) do not count against this one (see [`ConnSlots`]).
+    pub epoch: u32,
     /// One of the [`status`] codes.
     pub status: u32,
     /// [`policy_flags`] bits.
@@ -258,15 +278,13 @@ pub struct Policy {
     pub max_connections: u32,
     /// Level of `owner_cgroup` in the cgroup2 hierarchy (the root is level 0).
     pub owner_level: u32,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad: u32,
     /// cgroup id (the cgroup directory's inode number) of the owner; 0 when no owner.
     pub owner_cgroup: u64,
 }
 
-/// An address in the context of a port: the data of an allowlist LPM key and the key of
-/// the grants map.
-///
-/// In the LPM trie the first 32 bits (port, proto, family) are always matched, so the
-/// prefix length of a CIDR `a/n` is `32 + n`.
+/// An address in the context of a port: the key of the grants map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AddrKey {
@@ -280,9 +298,31 @@ pub struct AddrKey {
     pub addr: [u8; 16],
 }
 
-impl AddrKey {
+/// An allowlist prefix's key data in the [`map_names::ALLOW`] LPM trie.
+///
+/// The first 40 bits (port, proto, family, generation) are always matched, so the prefix
+/// length of a CIDR `a/n` is `40 + n`. Each port has two generations of its allowlist;
+/// [`policy_flags::ALLOW_GENERATION`] of its record says which one is in force.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllowKey {
+    /// Port number, host byte order.
+    pub port: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// [`family::V4`] or [`family::V6`].
+    pub family: u8,
+    /// 0 or 1: which of the port's two allowlists this prefix belongs to.
+    pub generation: u8,
+    /// The address in network byte order; IPv4 in the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// Always zero, so this type has no implicit padding (beyond any prefix).
+    pub _pad: u8,
+}
+
+impl AllowKey {
     /// Bits before the address in an LPM key.
-    pub const PREFIX_BITS: u32 = 32;
+    pub const PREFIX_BITS: u32 = 40;
 }
 
 /// Key of the per-CPU counters map: one row per (port, proto, hook).
@@ -313,16 +353,59 @@ pub struct Counters {
     pub bind_denied: u64,
 }
 
-/// TCP connection slots of one port. Updated with atomic instructions only.
+/// TCP connection slots of one port. Updated by the kernel with atomic instructions only.
+///
+/// `slots` and `established` are each a [`slot_word`]: the [`Policy::epoch`] they count for
+/// in the high 32 bits, the count in the low 32. The first change under a new epoch starts
+/// the count again from zero, and a connection of an earlier epoch that closes leaves it
+/// alone, so one allocation's connections never count against the next.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConnSlots {
-    /// Established connections plus admitted handshakes: what `max_connections` bounds.
+    /// Established connections plus handshakes holding a reservation: what
+    /// `max_connections` bounds.
     pub slots: u64,
     /// Established connections counted by `sock_ops`: the port's active connections.
     pub established: u64,
-    /// When expired reservations of this port were last swept (`CLOCK_MONOTONIC` ns).
+    /// Row 0 only (port 0 is never managed): when expired reservations were last swept,
+    /// gate-wide (`CLOCK_MONOTONIC` ns).
     pub last_sweep_ns: u64,
+}
+
+/// The epoch-and-count words of [`ConnSlots`].
+pub mod slot_word {
+    /// The word of `count` under `epoch`.
+    #[must_use]
+    #[inline]
+    pub const fn pack(epoch: u32, count: u32) -> u64 {
+        ((epoch as u64) << 32) | count as u64
+    }
+
+    /// The epoch a word counts for.
+    #[must_use]
+    #[inline]
+    pub const fn epoch(word: u64) -> u32 {
+        (word >> 32) as u32
+    }
+
+    /// The count of a word.
+    #[must_use]
+    #[inline]
+    #[expect(clippy::cast_possible_truncation, reason = "the low 32 bits")]
+    pub const fn count(word: u64) -> u32 {
+        word as u32
+    }
+
+    /// The count of a word if it counts for `epoch`, else 0 (nothing counted yet).
+    #[must_use]
+    #[inline]
+    pub const fn count_for(word: u64, epoch: u32) -> u32 {
+        if self::epoch(word) == epoch {
+            count(word)
+        } else {
+            0
+        }
+    }
 }
 
 /// A TCP 4-tuple as seen by the listening side.
@@ -343,12 +426,23 @@ pub struct FlowKey {
     pub _pad: [u8; 3],
 }
 
-/// A SYN that took a slot and whose handshake has not completed yet.
+/// A reservation: a handshake on a limited port that took a slot and has not completed yet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PendingSyn {
-    /// When the reservation was made (`CLOCK_MONOTONIC` ns).
+    /// When the reservation was made or last confirmed (`CLOCK_MONOTONIC` ns), or
+    /// [`PendingSyn::CLAIMED`] once a sweep or the established connection has taken it
+    /// (changed by compare-and-exchange only, so exactly one of them does).
     pub created_ns: u64,
+    /// The [`Policy::epoch`] whose slot it holds.
+    pub epoch: u32,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad: u32,
+}
+
+impl PendingSyn {
+    /// `created_ns` of a reservation that is being given back or turned into a connection.
+    pub const CLAIMED: u64 = u64::MAX;
 }
 
 /// An established passive TCP socket whose slot is held (keyed by socket cookie).
@@ -358,7 +452,9 @@ pub struct CountedSocket {
     /// Local port, host byte order.
     pub port: u16,
     /// Always zero, so this type has no implicit padding.
-    pub _pad: [u8; 6],
+    pub _pad: u16,
+    /// The [`Policy::epoch`] it was counted under.
+    pub epoch: u32,
 }
 
 /// A deny event, read from the ring buffer.
@@ -427,7 +523,10 @@ impl GateConfig {
     }
 }
 
-/// A packet XDP passed, remembered so that `cgroup_skb` neither judges nor counts it again.
+/// A packet XDP passed and counted, remembered so that `cgroup_skb` does not count it
+/// again. `cgroup_skb` still judges every packet it sees: the hand-off only keeps the
+/// counters from counting one packet twice, so a forged entry can hide a packet from the
+/// counters but never lets one through.
 ///
 /// Key of the [`map_names::HANDOFF`] LRU map; the value is the time XDP passed it
 /// (`CLOCK_MONOTONIC` ns).
@@ -436,6 +535,8 @@ impl GateConfig {
 pub struct HandoffKey {
     /// Source address, as in [`AddrKey::addr`].
     pub saddr: [u8; 16],
+    /// Destination address, as in [`AddrKey::addr`].
+    pub daddr: [u8; 16],
     /// TCP sequence number, or UDP length and checksum, of the packet.
     pub l4_word: u32,
     /// Source port, host byte order.
@@ -446,15 +547,17 @@ pub struct HandoffKey {
     pub proto: u8,
     /// [`family::V4`] or [`family::V6`].
     pub family: u8,
+    /// The TCP flags byte of the segment (0 for UDP).
+    pub tcp_flags: u8,
     /// Always zero, so this type has no implicit padding.
-    pub _pad: [u8; 2],
+    pub _pad: u8,
 }
 
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        AddrKey, ConnSlots, CountedSocket, CounterKey, Counters, DenyEvent, EventRate, FlowKey,
-        GateConfig, HandoffKey, PendingSyn, Policy, PortKey,
+        AddrKey, AllowKey, ConnSlots, CountedSocket, CounterKey, Counters, DenyEvent, EventRate,
+        FlowKey, GateConfig, HandoffKey, PendingSyn, Policy, PortKey,
     };
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
@@ -464,6 +567,8 @@ mod pod {
     unsafe impl aya::Pod for Policy {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AllowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CounterKey {}
     // SAFETY: as above.
@@ -495,8 +600,9 @@ mod tests {
     #[test]
     fn pod_sizes_have_no_implicit_padding() {
         assert_eq!(size_of::<PortKey>(), 4);
-        assert_eq!(size_of::<Policy>(), 24);
+        assert_eq!(size_of::<Policy>(), 32);
         assert_eq!(size_of::<AddrKey>(), 20);
+        assert_eq!(size_of::<AllowKey>(), 22);
         assert_eq!(size_of::<CounterKey>(), 4);
         assert_eq!(size_of::<Counters>(), 8 * (4 + reason::DROP_COUNT));
         assert_eq!(size_of::<ConnSlots>(), 24);
@@ -505,7 +611,18 @@ mod tests {
         assert_eq!(size_of::<DenyEvent>(), 48);
         assert_eq!(size_of::<EventRate>(), 16);
         assert_eq!(size_of::<GateConfig>(), 24);
-        assert_eq!(size_of::<HandoffKey>(), 28);
+        assert_eq!(size_of::<HandoffKey>(), 44);
+        assert_eq!(size_of::<PendingSyn>(), 16);
+    }
+
+    #[test]
+    fn slot_words_keep_epoch_and_count_apart() {
+        let word = slot_word::pack(7, 3);
+        assert_eq!(slot_word::epoch(word), 7);
+        assert_eq!(slot_word::count(word), 3);
+        assert_eq!(slot_word::count_for(word, 7), 3);
+        assert_eq!(slot_word::count_for(word, 8), 0);
+        assert_eq!(slot_word::pack(u32::MAX, u32::MAX), u64::MAX);
     }
 
     #[test]

@@ -25,10 +25,12 @@
     reason = "aya's program macros hand each entry point its context by value"
 )]
 
+mod atomic;
 mod bind;
 mod events;
 mod maps;
 mod parse;
+mod reservations;
 mod skb;
 mod slots;
 mod sock_ops;

@@ -6,17 +6,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use portgate_common::{
-    AddrKey, ConnSlots, CountedSocket, CounterKey, Counters, EventRate, FlowKey, GateConfig,
-    HandoffKey, PendingSyn, Policy, PortKey, capacity,
+    AddrKey, AllowKey, ConnSlots, CountedSocket, CounterKey, Counters, EventRate, FlowKey,
+    GateConfig, HandoffKey, PendingSyn, Policy, PortKey, capacity,
 };
 
 /// Per-(port, proto) policy.
 #[map(name = "PG_POLICY")]
 pub static POLICY: HashMap<PortKey, Policy> = HashMap::with_max_entries(capacity::POLICIES, 0);
 
-/// Allowlist prefixes, longest-prefix match on (port, proto, family, address).
+/// Allowlist prefixes, longest-prefix match on (port, proto, family, generation, address).
 #[map(name = "PG_ALLOW")]
-pub static ALLOW: LpmTrie<AddrKey, u32> =
+pub static ALLOW: LpmTrie<AllowKey, u32> =
     LpmTrie::with_max_entries(capacity::ALLOW_PREFIXES, BPF_F_NO_PREALLOC);
 
 /// Authentication grants: expiry in `CLOCK_MONOTONIC` ns.
@@ -32,7 +32,7 @@ pub static COUNTERS: PerCpuHashMap<CounterKey, Counters> =
 #[map(name = "PG_SLOTS")]
 pub static SLOTS: Array<ConnSlots> = Array::with_max_entries(capacity::SLOTS, 0);
 
-/// Admitted SYNs whose handshake has not completed.
+/// Reservations: handshakes on limited ports holding a slot, not yet established.
 #[map(name = "PG_PENDING")]
 pub static PENDING: HashMap<FlowKey, PendingSyn> =
     HashMap::with_max_entries(capacity::PENDING, BPF_F_NO_PREALLOC);
@@ -59,16 +59,16 @@ pub static CONFIG: Array<GateConfig> = Array::with_max_entries(1, 0);
 #[map(name = "PG_STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(capacity::STATS, 0);
 
-/// Packets XDP passed, so `cgroup_skb` skips them.
+/// Packets XDP passed and counted, so `cgroup_skb` does not count them again.
 #[map(name = "PG_HANDOFF")]
 pub static HANDOFF: LruHashMap<HandoffKey, u64> =
     LruHashMap::with_max_entries(capacity::HANDOFF, 0);
 
-/// Adds one to the per-CPU statistic `index`.
+/// Adds one to the per-CPU statistic `index`. Atomic: programs running in process
+/// context (`sock_ops`, bind) can be preempted by another on the same CPU.
 #[inline(always)]
 pub fn bump_stat(index: u32) {
     if let Some(value) = STATS.get_ptr_mut(index) {
-        // SAFETY: a per-CPU array slot, only this CPU writes it while the program runs.
-        unsafe { *value += 1 };
+        crate::atomic::fetch_add(value, 1);
     }
 }

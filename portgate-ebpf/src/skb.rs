@@ -3,11 +3,11 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::SkBuffContext;
+use aya_ebpf::{helpers::bpf_sk_fullsock, programs::SkBuffContext};
 use portgate_common::hook;
 
 use crate::{
-    parse::{ETH_P_IP, ETH_P_IPV6, Reader, parse_l3},
+    parse::{Parsed, Reader, parse_l3},
     verdict::{self, Refusal},
 };
 
@@ -49,18 +49,42 @@ impl Reader for SkbReader<'_> {
     }
 }
 
-/// `Err` says why the packet is dropped. One the verdict does not apply to (not IP, not
-/// parseable, outside the managed range) is `Ok`.
+/// `BPF_TCP_LISTEN`, the state of a listening socket in `struct bpf_sock`.
+const TCP_LISTEN: u32 = 10;
+
+/// `Err` says why the packet is dropped. One the verdict does not apply to (not IP, neither
+/// TCP nor UDP, outside the managed range) is `Ok`; one whose ports cannot be read (after
+/// reassembly, as this hook sees packets) is dropped by [`verdict::unreadable`].
 #[inline(always)]
 pub fn try_skb(ctx: &SkBuffContext) -> Result<(), Refusal> {
     // `protocol` holds the ethertype in network byte order.
     #[expect(clippy::cast_possible_truncation, reason = "an ethertype is 16 bits")]
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
-    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
-        return Ok(());
+    match parse_l3(&SkbReader::new(ctx), ethertype, 0) {
+        Parsed::Packet(mut info) => {
+            info.to_listener = to_listener(ctx);
+            verdict::enforce(&info, hook::SKB, u64::from(ctx.len()))
+        }
+        Parsed::Other => Ok(()),
+        Parsed::Unreadable => verdict::unreadable(hook::SKB),
     }
-    let Some(info) = parse_l3(&SkbReader::new(ctx), ethertype, 0) else {
-        return Ok(());
-    };
-    verdict::enforce(&info, hook::SKB, u64::from(ctx.len()))
+}
+
+/// Whether the socket the packet is delivered to is listening: the packet then belongs
+/// to a handshake, not to an established connection.
+#[inline(always)]
+fn to_listener(ctx: &SkBuffContext) -> bool {
+    // SAFETY: the context pointer is the kernel's, valid for the program's run; the
+    // volatile read keeps a fixed offset from it, as the verifier requires.
+    let sk = unsafe { core::ptr::read_volatile(&raw const (*ctx.skb.skb).__bindgen_anon_2.sk) };
+    if sk.is_null() {
+        return false;
+    }
+    // SAFETY: `sk` is the kernel's socket pointer of this skb, checked above.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return false;
+    }
+    // SAFETY: `full` is a full socket, checked above.
+    unsafe { (*full).state == TCP_LISTEN }
 }

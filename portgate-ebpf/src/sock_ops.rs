@@ -1,5 +1,5 @@
 //! The `sock_ops` hook: counts established passive TCP connections on managed ports, once
-//! each, and gives their slot back when they close.
+//! each, each holding the slot its reservation took, and gives it back when they close.
 
 use aya_ebpf::{
     bindings::{
@@ -9,11 +9,11 @@ use aya_ebpf::{
     helpers::bpf_get_socket_cookie,
     programs::SockOpsContext,
 };
-use portgate_common::{CountedSocket, FlowKey, family, stat};
+use portgate_common::{CountedSocket, FlowKey, PortKey, family, proto, stat};
 
 use crate::{
-    maps::{CONFIG, PENDING, SOCKETS, bump_stat},
-    slots,
+    maps::{CONFIG, POLICY, SOCKETS, bump_stat},
+    reservations, slots,
 };
 
 const AF_INET: u32 = 2;
@@ -30,6 +30,12 @@ pub fn count_connections(ctx: &SockOpsContext) {
     }
 }
 
+/// A passive connection was established. It holds a slot only through its reservation:
+/// `cgroup_skb` let its handshake complete only with a live one (or a slot free at that
+/// moment), and here the connection takes it for good. A connection on an unlimited port
+/// takes a slot now. One on a limited port without a reservation (its handshake did not
+/// pass `cgroup_skb`) takes a slot only if one is free, else it is left uncounted and
+/// [`stat::UNRESERVED`] says so.
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
     let Some(config) = CONFIG.get(0) else {
@@ -40,22 +46,36 @@ fn on_established(ctx: &SockOpsContext) {
     if !config.manages(port) {
         return;
     }
+    let epoch = if let Some(epoch) = reservations::claim(&flow_of(ctx, port)) {
+        epoch
+    } else {
+        // SAFETY: the value is copied out at once.
+        let Some(policy) = (unsafe { POLICY.get(PortKey::new(port, proto::TCP)) }).copied() else {
+            return;
+        };
+        if !slots::take(port, policy.epoch, policy.max_connections) {
+            bump_stat(stat::UNRESERVED);
+            return;
+        }
+        policy.epoch
+    };
     // SAFETY: the context pointer is the kernel's, valid for the program's run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let reserved = PENDING.remove(flow_of(ctx, port)).is_ok();
-    let counted = CountedSocket { port, _pad: [0; 6] };
+    let counted = CountedSocket {
+        port,
+        _pad: 0,
+        epoch,
+    };
     if SOCKETS
         .insert(cookie, counted, u64::from(BPF_NOEXIST))
         .is_err()
     {
-        // Untracked: give the reserved slot back so nothing drifts.
+        // Untracked: give the slot back so nothing drifts.
         bump_stat(stat::SOCKETS_FULL);
-        if reserved {
-            slots::release(port);
-        }
+        slots::give_back(port, epoch);
         return;
     }
-    slots::establish(port, reserved);
+    slots::establish(port, epoch);
     let _unused = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG).cast_signed());
 }
 
@@ -69,7 +89,7 @@ fn on_close(ctx: &SockOpsContext) {
     };
     // Only the caller that removes the entry gives the slot back: exactly once.
     if SOCKETS.remove(cookie).is_ok() {
-        slots::close(counted.port);
+        slots::close(counted.port, counted.epoch);
     }
 }
 

@@ -1,22 +1,20 @@
 //! The one verdict both packet hooks enforce (DESIGN.md, "Verdict for traffic to a managed
 //! port"): [`decide`] is the first-match-wins rule that userspace's verdict mirrors (the
 //! differential test holds the two to each other); [`enforce`] applies it, with its
-//! counting, connection slots, deny events and the hand-off between the two hooks.
+//! counting, reservations, deny events and the hand-off of counts between the two hooks.
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use portgate_common::{
-    AddrKey, CounterKey, Counters, FlowKey, GateConfig, HandoffKey, PendingSyn, Policy, PortKey,
+    AddrKey, AllowKey, CounterKey, Counters, FlowKey, GateConfig, HandoffKey, Policy, PortKey,
     config_flags, defaults, hook, policy_flags, proto, reason, stat, status,
 };
 
 use crate::{
-    events,
-    maps::{ALLOW, CONFIG, COUNTERS, GRANTS, HANDOFF, PENDING, POLICY, bump_stat},
+    atomic, events,
+    maps::{ALLOW, CONFIG, COUNTERS, GRANTS, HANDOFF, POLICY, bump_stat},
     parse::PacketInfo,
-    slots,
+    reservations::{self, Reservation},
 };
-
-const EEXIST: i32 = 17;
 
 /// `CLOCK_MONOTONIC` in nanoseconds, read at most once per packet, and only when a step
 /// needs it (established traffic never does).
@@ -52,10 +50,35 @@ enum Verdict {
     Drop(u8),
 }
 
+/// What to do with a packet whose ports could not be read ([`Parsed::Unreadable`]): fail
+/// closed. XDP passes it on only when `cgroup_skb` will judge the reassembled packet;
+/// otherwise it is dropped and counted ([`stat::UNPARSABLE`]). Nothing is dropped while
+/// the gate has no managed range.
+///
+/// [`Parsed::Unreadable`]: crate::parse::Parsed::Unreadable
+#[inline(always)]
+pub fn unreadable(hook_code: u8) -> Result<(), Refusal> {
+    let Some(config) = CONFIG.get(0) else {
+        return Ok(());
+    };
+    if config.max_port == 0
+        || (hook_code == hook::XDP && config.flags & config_flags::SKB_ATTACHED != 0)
+    {
+        return Ok(());
+    }
+    bump_stat(stat::UNPARSABLE);
+    // No port, so no per-port drop reason: the gate-wide statistic counts it.
+    Err(Refusal { reason: 0 })
+}
+
 /// Enforces the verdict on a parsed packet seen by `hook_code` ([`hook::XDP`] or
 /// [`hook::SKB`]) with `bytes` on the wire: counts it, [`decide`]s, reports a drop as a deny
-/// event and tells the other hook what XDP passed. A packet the verdict does not apply to
-/// (outside the managed range, or already passed by XDP) is `Ok`.
+/// event and tells the other hook what XDP counted. A packet outside the managed range is
+/// `Ok`.
+///
+/// Both hooks judge every packet they see. The hand-off only keeps `cgroup_skb` from
+/// counting again a packet XDP passed and counted (its packets, bytes and acceptance);
+/// drops are counted by the hook that drops.
 #[inline(always)]
 pub fn enforce(info: &PacketInfo, hook_code: u8, bytes: u64) -> Result<(), Refusal> {
     let Some(config) = CONFIG.get(0) else {
@@ -65,15 +88,14 @@ pub fn enforce(info: &PacketInfo, hook_code: u8, bytes: u64) -> Result<(), Refus
         return Ok(());
     }
     let mut clock = Clock(0);
-    if hook_code == hook::SKB
+    let counted_by_xdp = hook_code == hook::SKB
         && config.flags & config_flags::XDP_ATTACHED != 0
-        && handoff_take(info, clock.now())
-    {
-        return Ok(());
-    }
+        && handoff_take(info, clock.now());
     let counters = counter_row(info.dport, info.proto, hook_code);
-    if let Some(row) = counters {
-        // SAFETY: a per-CPU row; only this CPU writes it while the program runs.
+    if let Some(row) = counters
+        && !counted_by_xdp
+    {
+        // SAFETY: a per-CPU row; packet hooks run in softirq context, one at a time per CPU.
         unsafe {
             (*row).packets += 1;
             (*row).bytes += bytes;
@@ -82,7 +104,9 @@ pub fn enforce(info: &PacketInfo, hook_code: u8, bytes: u64) -> Result<(), Refus
     match decide(config, info, &mut clock) {
         Verdict::Pass => {}
         Verdict::Accept => {
-            if let Some(row) = counters {
+            if let Some(row) = counters
+                && !counted_by_xdp
+            {
                 // SAFETY: as above.
                 unsafe { (*row).accepted += 1 };
             }
@@ -107,10 +131,15 @@ pub fn enforce(info: &PacketInfo, hook_code: u8, bytes: u64) -> Result<(), Refus
 }
 
 /// First match wins: unallocated, draining, not allowed, auth required, connection limit.
+///
+/// A new connection is judged at its SYN (or UDP datagram) and again at the packet that
+/// completes its handshake ([`PacketInfo::completes_handshake`]), where a limited port
+/// also needs a live reservation, or a slot free at that moment.
 #[inline(always)]
 fn decide(config: &GateConfig, info: &PacketInfo, clock: &mut Clock) -> Verdict {
     let key = PortKey::new(info.dport, info.proto);
-    let new_connection = info.new_connection();
+    let handshake = info.completes_handshake();
+    let new_connection = info.new_connection() || handshake;
     // SAFETY: the value is copied out at once; userspace replaces whole records.
     let Some(policy) = (unsafe { POLICY.get(key) }).copied() else {
         return if new_connection {
@@ -122,7 +151,7 @@ fn decide(config: &GateConfig, info: &PacketInfo, clock: &mut Clock) -> Verdict 
     if new_connection && policy.status != status::ACTIVE {
         return Verdict::Drop(reason::DRAINING);
     }
-    if policy.flags & policy_flags::ALLOWLIST != 0 && !source_allowed(info) {
+    if policy.flags & policy_flags::ALLOWLIST != 0 && !source_allowed(info, &policy) {
         return Verdict::Drop(reason::NOT_ALLOWED);
     }
     if !new_connection {
@@ -135,91 +164,70 @@ fn decide(config: &GateConfig, info: &PacketInfo, clock: &mut Clock) -> Verdict 
     if info.proto == proto::UDP {
         return Verdict::Accept;
     }
-    admit_syn(config, info, &policy, now)
-}
-
-#[inline(always)]
-fn addr_key(info: &PacketInfo) -> AddrKey {
-    AddrKey {
-        port: info.dport,
-        proto: info.proto,
-        family: info.family,
-        addr: info.saddr,
+    if policy.max_connections == 0 {
+        // An unlimited port takes no reservation: `sock_ops` counts what is established.
+        return if handshake {
+            Verdict::Pass
+        } else {
+            Verdict::Accept
+        };
+    }
+    let flow = flow_key(info);
+    if handshake && reservations::confirm(config, &flow, policy.epoch, now) {
+        return Verdict::Pass;
+    }
+    match reservations::reserve(config, &flow, policy.epoch, policy.max_connections, now) {
+        Reservation::Made => Verdict::Accept,
+        Reservation::Held => Verdict::Pass,
+        Reservation::Refused => Verdict::Drop(reason::CONN_LIMIT),
     }
 }
 
 #[inline(always)]
-fn source_allowed(info: &PacketInfo) -> bool {
-    let address_bits = if info.family == portgate_common::family::V4 {
-        32
-    } else {
-        128
-    };
-    let key = Key::new(AddrKey::PREFIX_BITS + address_bits, addr_key(info));
-    ALLOW.get(&key).is_some()
-}
-
-#[inline(always)]
-fn granted(info: &PacketInfo, now: u64) -> bool {
-    // SAFETY: the value is copied out at once.
-    match unsafe { GRANTS.get(addr_key(info)) } {
-        Some(expires) => now < *expires,
-        None => false,
-    }
-}
-
-/// Admits a TCP SYN that passed every other rule: reserves a connection slot keyed by the
-/// 4-tuple, so a retransmitted SYN (or the second hook) takes no second slot.
-#[inline(always)]
-fn admit_syn(config: &GateConfig, info: &PacketInfo, policy: &Policy, now: u64) -> Verdict {
-    let flow = FlowKey {
+fn flow_key(info: &PacketInfo) -> FlowKey {
+    FlowKey {
         saddr: info.saddr,
         daddr: info.daddr,
         sport: info.sport,
         dport: info.dport,
         family: info.family,
         _pad: [0; 3],
-    };
-    if slots::is_full(info.dport, policy.max_connections) {
-        // A retransmission of an admitted SYN holds its reservation already.
-        // SAFETY: only whether the entry exists is used.
-        if unsafe { PENDING.get(flow) }.is_some() {
-            return Verdict::Pass;
-        }
-        if !slots::sweep_if_due(info.dport, config, now)
-            || slots::is_full(info.dport, policy.max_connections)
-        {
-            return Verdict::Drop(reason::CONN_LIMIT);
-        }
     }
-    let pending = PendingSyn { created_ns: now };
-    match PENDING.insert(flow, pending, u64::from(BPF_NOEXIST)) {
-        Ok(()) => {}
-        Err(err) if err == -EEXIST => return Verdict::Pass,
-        Err(_) => {
-            // The map is full: free what has expired and try once more.
-            slots::sweep_expired(config, now);
-            if PENDING
-                .insert(flow, pending, u64::from(BPF_NOEXIST))
-                .is_err()
-            {
-                bump_stat(stat::PENDING_FULL);
-                // Without a reservation the limit cannot be guaranteed, so a limited port
-                // refuses; an unlimited one admits and `sock_ops` counts the connection.
-                return if policy.max_connections == 0 {
-                    Verdict::Accept
-                } else {
-                    Verdict::Drop(reason::CONN_LIMIT)
-                };
-            }
-        }
-    }
-    if slots::take(info.dport, policy.max_connections, config, now) {
-        Verdict::Accept
+}
+
+#[inline(always)]
+fn source_allowed(info: &PacketInfo, policy: &Policy) -> bool {
+    let address_bits = if info.family == portgate_common::family::V4 {
+        32
     } else {
-        // Nothing else holds this entry: it was inserted above.
-        let _unused = PENDING.remove(flow);
-        Verdict::Drop(reason::CONN_LIMIT)
+        128
+    };
+    let generation = u8::from(policy.flags & policy_flags::ALLOW_GENERATION != 0);
+    let data = AllowKey {
+        port: info.dport,
+        proto: info.proto,
+        family: info.family,
+        generation,
+        addr: info.saddr,
+        _pad: 0,
+    };
+    ALLOW
+        .get(Key::new(AllowKey::PREFIX_BITS + address_bits, data))
+        .is_some()
+}
+
+#[inline(always)]
+fn granted(info: &PacketInfo, now: u64) -> bool {
+    let key = AddrKey {
+        port: info.dport,
+        proto: info.proto,
+        family: info.family,
+        addr: info.saddr,
+    };
+    // SAFETY: the value is copied out at once.
+    match unsafe { GRANTS.get(key) } {
+        Some(expires) => now < *expires,
+        None => false,
     }
 }
 
@@ -239,35 +247,40 @@ fn counter_row(port: u16, proto_code: u8, hook_code: u8) -> Option<*mut Counters
     COUNTERS.get_ptr_mut(key)
 }
 
-/// Adds one bind denial to the bind hook's row of (port, proto).
+/// Adds one bind denial to the bind hook's row of (port, proto). Atomic: `bind()` runs in
+/// process context, where another program can run on the same CPU before this one ends.
 #[inline(always)]
 pub fn count_bind_denied(port: u16, proto_code: u8) {
     if let Some(row) = counter_row(port, proto_code, hook::BIND) {
-        // SAFETY: a per-CPU row; only this CPU writes it while the program runs.
-        unsafe { (*row).bind_denied += 1 };
+        // SAFETY: the pointer is into this CPU's row of the map's value.
+        atomic::fetch_add(unsafe { &raw mut (*row).bind_denied }, 1);
     }
 }
 
+/// The hand-off key: every header field XDP read, so it names exactly the packet XDP
+/// counted.
 #[inline(always)]
 fn handoff_key(info: &PacketInfo) -> HandoffKey {
     HandoffKey {
         saddr: info.saddr,
+        daddr: info.daddr,
         l4_word: info.l4_word,
         sport: info.sport,
         dport: info.dport,
         proto: info.proto,
         family: info.family,
-        _pad: [0; 2],
+        tcp_flags: info.tcp_flags,
+        _pad: 0,
     }
 }
 
-/// Remembers a packet XDP passed, for `cgroup_skb` to skip.
+/// Remembers a packet XDP passed and counted, for `cgroup_skb` not to count again.
 #[inline(always)]
 fn handoff_put(info: &PacketInfo, now: u64) {
     let _unused = HANDOFF.insert(handoff_key(info), now, 0);
 }
 
-/// Whether XDP already passed (and counted) this packet; forgets it if so.
+/// Whether XDP already passed and counted this packet; forgets it if so.
 #[inline(always)]
 fn handoff_take(info: &PacketInfo, now: u64) -> bool {
     let key = handoff_key(info);

@@ -3,11 +3,11 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::programs::XdpContext;
+use aya_ebpf::{helpers::generated::bpf_xdp_get_buff_len, programs::XdpContext};
 use portgate_common::hook;
 
 use crate::{
-    parse::{Reader, parse_l3},
+    parse::{Parsed, Reader, parse_l3},
     verdict::{self, Refusal},
 };
 
@@ -32,8 +32,9 @@ impl Reader for XdpReader {
     }
 }
 
-/// `Err` says why the frame is dropped. One the verdict does not apply to (not IP, not
-/// parseable, outside the managed range) is `Ok`.
+/// `Err` says why the frame is dropped. One the verdict does not apply to (not IP, neither
+/// TCP nor UDP, outside the managed range) is `Ok`; one whose ports cannot be read goes to
+/// [`verdict::unreadable`].
 #[inline(always)]
 pub fn try_xdp(ctx: &XdpContext) -> Result<(), Refusal> {
     let reader = XdpReader {
@@ -51,8 +52,13 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<(), Refusal> {
         ethertype = inner;
         l3_offset += 4;
     }
-    let Some(info) = parse_l3(&reader, ethertype, l3_offset) else {
-        return Ok(());
-    };
-    verdict::enforce(&info, hook::XDP, (reader.end - reader.start) as u64)
+    match parse_l3(&reader, ethertype, l3_offset) {
+        Parsed::Packet(info) => {
+            // SAFETY: the context pointer is the kernel's, valid for the program's run.
+            let bytes = unsafe { bpf_xdp_get_buff_len(ctx.ctx) };
+            verdict::enforce(&info, hook::XDP, bytes)
+        }
+        Parsed::Other => Ok(()),
+        Parsed::Unreadable => verdict::unreadable(hook::XDP),
+    }
 }

@@ -143,7 +143,9 @@ pub struct GateModel {
     range: Option<(u16, u16)>,
     policies: HashMap<PortId, PortPolicy>,
     grants: HashMap<(PortId, IpAddr), u64>,
-    slots: HashMap<PortId, u64>,
+    /// Slots per TCP port, with the policy epoch they were counted under: as in the
+    /// kernel, they count only while the port's policy has that epoch.
+    slots: HashMap<PortId, (u32, u64)>,
 }
 
 impl GateModel {
@@ -186,14 +188,20 @@ impl GateModel {
         self.grants.remove(&(id, source));
     }
 
-    /// One more connection slot taken on a TCP port.
-    pub fn add_slot(&mut self, id: PortId) {
-        *self.slots.entry(id).or_default() += 1;
+    fn epoch(&self, id: PortId) -> u32 {
+        self.policies.get(&id).map_or(0, |policy| policy.epoch)
     }
 
-    /// Sets the slots a TCP port holds.
+    /// One more connection slot taken on a TCP port, under its policy's epoch (slots of an
+    /// earlier epoch are forgotten, as the kernel does).
+    pub fn add_slot(&mut self, id: PortId) {
+        let count = self.slots(id);
+        self.slots.insert(id, (self.epoch(id), count + 1));
+    }
+
+    /// Sets the slots a TCP port holds under its policy's epoch.
     pub fn set_slots(&mut self, id: PortId, slots: u64) {
-        self.slots.insert(id, slots);
+        self.slots.insert(id, (self.epoch(id), slots));
     }
 }
 
@@ -211,7 +219,10 @@ impl GateView for GateModel {
     }
 
     fn slots(&self, id: PortId) -> u64 {
-        self.slots.get(&id).copied().unwrap_or(0)
+        match self.slots.get(&id) {
+            Some(&(epoch, count)) if epoch == self.epoch(id) => count,
+            _ => 0,
+        }
     }
 }
 

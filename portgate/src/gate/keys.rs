@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use portgate_common::{AddrKey, Policy, PortKey, family, policy_flags};
+use portgate_common::{AddrKey, AllowKey, Policy, PortKey, family, policy_flags};
 
 use crate::model::{PortId, PortPolicy, Protocol};
 
@@ -51,11 +51,19 @@ pub(super) fn addr_key(id: PortId, addr: IpAddr) -> AddrKey {
 }
 
 /// The LPM prefix length and key data of an allowlist prefix of a port.
-pub(super) fn allow_key(id: PortId, prefix: IpNet) -> (u32, AddrKey) {
+pub(super) fn allow_key(id: PortId, prefix: IpNet) -> (u32, AllowKey) {
     let prefix = prefix.trunc();
+    let (family, addr) = addr_bytes(prefix.addr());
     (
-        AddrKey::PREFIX_BITS + u32::from(prefix.prefix_len()),
-        addr_key(id, prefix.addr()),
+        AllowKey::PREFIX_BITS + u32::from(prefix.prefix_len()),
+        AllowKey {
+            port: id.port,
+            proto: id.protocol.number(),
+            family,
+            generation: 0,
+            addr,
+            _pad: 0,
+        },
     )
 }
 
@@ -77,6 +85,8 @@ pub(super) fn policy_record(policy: &PortPolicy) -> Option<Policy> {
         None => (0, 0),
     };
     Some(Policy {
+        epoch: policy.epoch,
+        _pad: 0,
         status,
         flags,
         max_connections: policy.access.max_connections,

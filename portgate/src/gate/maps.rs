@@ -10,8 +10,8 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use portgate_common::{
-    AddrKey, ConnSlots, CounterKey, Counters, Policy, PortKey, capacity, hook, map_names, reason,
-    stat,
+    AddrKey, AllowKey, ConnSlots, CounterKey, Counters, FlowKey, PendingSyn, Policy, PortKey,
+    capacity, hook, map_names, reason, slot_word, stat,
 };
 use serde::Serialize;
 
@@ -127,12 +127,20 @@ pub struct GateStats {
     pub events_lost_full: u64,
     /// Deny events suppressed by the per-port rate limit.
     pub events_rate_limited: u64,
-    /// SYNs refused because the pending-handshake map was full.
+    /// Handshakes refused because the reservation map was full.
     pub pending_full: u64,
     /// Established connections not tracked because the socket map was full.
     pub sockets_full: u64,
     /// Sweeps of expired handshake reservations.
     pub pending_sweeps: u64,
+    /// Handshakes refused because their port already had its share of reservations
+    /// ([`capacity::PENDING_PER_PORT`]) in flight.
+    pub pending_port_full: u64,
+    /// TCP and UDP packets dropped because their ports could not be read.
+    pub unparsable: u64,
+    /// Connections on limited ports established without a live reservation (left
+    /// uncounted; their handshake did not pass `cgroup_skb`).
+    pub unreserved: u64,
 }
 
 macro_rules! open_map {
@@ -221,7 +229,7 @@ impl Gate {
     }
 
     fn insert_prefixes(&mut self, id: PortId, prefixes: &[IpNet]) -> Result<(), GateError> {
-        let mut trie: LpmTrie<&mut MapData, AddrKey, u32> =
+        let mut trie: LpmTrie<&mut MapData, AllowKey, u32> =
             open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
         for (done, prefix) in prefixes.iter().enumerate() {
             let (bits, data) = allow_key(id, *prefix);
@@ -242,7 +250,7 @@ impl Gate {
     }
 
     fn remove_prefixes(&mut self, id: PortId, prefixes: &[IpNet]) -> Result<(), GateError> {
-        let mut trie: LpmTrie<&mut MapData, AddrKey, u32> =
+        let mut trie: LpmTrie<&mut MapData, AllowKey, u32> =
             open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
         for prefix in prefixes {
             let (bits, data) = allow_key(id, *prefix);
@@ -307,7 +315,7 @@ impl Gate {
 
     /// Every allowlist, by port, each sorted. Walks the whole trie.
     pub fn allowlists(&self) -> Result<BTreeMap<PortId, Allowlist>, GateError> {
-        let trie: LpmTrie<&MapData, AddrKey, u32> =
+        let trie: LpmTrie<&MapData, AllowKey, u32> =
             open_map!(self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
         let mut found: BTreeMap<PortId, Vec<IpNet>> = BTreeMap::new();
         for key in trie.keys() {
@@ -319,7 +327,7 @@ impl Gate {
                 continue;
             };
             let addr = addr_from_bytes(data.family, data.addr);
-            let bits = key.prefix_len().saturating_sub(AddrKey::PREFIX_BITS);
+            let bits = key.prefix_len().saturating_sub(AllowKey::PREFIX_BITS);
             if let Ok(prefix) = IpNet::new(addr, u8::try_from(bits).unwrap_or(u8::MAX)) {
                 found.entry(id).or_default().push(prefix);
             }
@@ -405,11 +413,13 @@ impl Gate {
         Ok(out)
     }
 
-    /// Connection slots of every TCP port in `ports`, in one pass over the slots map.
+    /// Connection slots of every TCP port in `ports`, in one pass over the slots map, as
+    /// [`Gate::slots`] counts them.
     pub fn all_slots(
         &self,
         ports: std::ops::RangeInclusive<u16>,
     ) -> Result<BTreeMap<PortId, ConnSlots>, GateError> {
+        let policies = self.policies()?;
         let mut out = BTreeMap::new();
         self.batch_read::<u32, ConnSlots>(
             map_names::SLOTS,
@@ -421,8 +431,9 @@ impl Gate {
                 let Ok(port) = u16::try_from(index) else {
                     return false;
                 };
+                let id = PortId::new(port, Protocol::Tcp);
                 if let Some(slots) = slots.next() {
-                    out.insert(PortId::new(port, Protocol::Tcp), slots);
+                    out.insert(id, slots_of_epoch(&slots, policies.get(&id)));
                 }
                 port < *ports.end()
             },
@@ -451,16 +462,21 @@ impl Gate {
         Ok(out)
     }
 
-    /// Connection slots of a port: `established` is its active connections. UDP has none.
+    /// Connection slots of a port under its current allocation (the epoch of its policy
+    /// record), as plain counts: `slots` held (established plus handshakes in flight) and
+    /// `established`, its active connections. Connections left from an earlier
+    /// allocation are not counted. UDP has none.
     pub fn slots(&self, id: PortId) -> Result<ConnSlots, GateError> {
         if id.protocol != Protocol::Tcp {
             return Ok(ConnSlots::default());
         }
+        let policy = self.policy(id)?;
         let slots: Array<&MapData, ConnSlots> =
             open_map!(self, Array, map_names::SLOTS, capacity::SLOTS);
-        slots
+        let row = slots
             .get(&u32::from(id.port), 0)
-            .map_err(|err| GateError::map("reading", map_names::SLOTS, capacity::SLOTS, err))
+            .map_err(|err| GateError::map("reading", map_names::SLOTS, capacity::SLOTS, err))?;
+        Ok(slots_of_epoch(&row, policy.as_ref()))
     }
 
     /// Gate-wide statistics.
@@ -479,7 +495,41 @@ impl Gate {
             pending_full: read(stat::PENDING_FULL)?,
             sockets_full: read(stat::SOCKETS_FULL)?,
             pending_sweeps: read(stat::PENDING_SWEEPS)?,
+            pending_port_full: read(stat::PENDING_PORT_FULL)?,
+            unparsable: read(stat::UNPARSABLE)?,
+            unreserved: read(stat::UNRESERVED)?,
         })
+    }
+
+    /// Reservations in flight (handshakes on limited ports holding a slot, expired ones
+    /// not yet swept included), per port: one pass over the reservation map.
+    pub fn reservations(&self) -> Result<BTreeMap<u16, u64>, GateError> {
+        let mut out = BTreeMap::new();
+        self.batch_read::<FlowKey, PendingSyn>(
+            map_names::PENDING,
+            capacity::PENDING,
+            false,
+            None,
+            |flow, _| {
+                *out.entry(flow.dport).or_default() += 1;
+                true
+            },
+        )?;
+        Ok(out)
+    }
+}
+
+/// A slot row's counts under the epoch of `policy` (none without a policy).
+fn slots_of_epoch(row: &ConnSlots, policy: Option<&Policy>) -> ConnSlots {
+    let count = |word: u64| {
+        policy.map_or(0, |policy| {
+            u64::from(slot_word::count_for(word, policy.epoch))
+        })
+    };
+    ConnSlots {
+        slots: count(row.slots),
+        established: count(row.established),
+        last_sweep_ns: row.last_sweep_ns,
     }
 }
 

@@ -77,13 +77,21 @@ pub struct Allocation {
 }
 
 impl Allocation {
-    /// The kernel policy this allocation asks for.
+    /// The kernel policy this allocation asks for. Its epoch is the allocation time's low
+    /// 32 bits (milliseconds): the same for every change of one allocation, different for
+    /// the port's next allocation (unless it comes a multiple of 49.7 days later to the
+    /// millisecond).
     #[must_use]
     pub fn policy(&self) -> PortPolicy {
         PortPolicy {
             status: self.status,
             access: self.access.clone(),
             owner: self.owner.cgroup.clone(),
+            #[expect(
+                clippy::cast_possible_truncation,
+                reason = "the epoch is the low 32 bits"
+            )]
+            epoch: self.timeline.allocated_at as u32,
         }
     }
 }

@@ -16,6 +16,11 @@ pub struct PortPolicy {
     pub access: PortAccessControl,
     /// Who may bind the port; `None` lets anyone bind it.
     pub owner: Option<OwnerCgroup>,
+    /// Which allocation of the port this is (see [`crate::model::Allocation::policy`]):
+    /// the kernel counts each epoch's connection slots apart, so connections left from an
+    /// earlier allocation never count against a later one's `max_connections`.
+    #[serde(default)]
+    pub epoch: u32,
 }
 
 impl Default for PortPolicy {
@@ -24,6 +29,7 @@ impl Default for PortPolicy {
             status: PortStatus::Active,
             access: PortAccessControl::default(),
             owner: None,
+            epoch: 0,
         }
     }
 }

@@ -122,6 +122,8 @@ fn random_policy(rng: &mut StdRng, pool: &[IpAddr]) -> Option<PortPolicy> {
             id: 1,
             level: 0,
         }),
+        // A few allocations per port: a new epoch starts the port's slots again.
+        epoch: rng.random_range(0..3),
     })
 }
 
@@ -269,7 +271,11 @@ fn kernel_verdict_matches_userspace_verdict() {
                 Protocol::Udp => Packet::udp(source, dport),
             };
             let verdict = decide(&model, &packet, monotonic_now_ns());
-            if verdict == Verdict::Accept && protocol == Protocol::Tcp {
+            // A SYN takes a slot only on a limited port (an unlimited one takes none).
+            let limited = model
+                .policy(packet.port())
+                .is_some_and(|policy| policy.access.max_connections != 0);
+            if verdict == Verdict::Accept && protocol == Protocol::Tcp && limited {
                 model.add_slot(packet.port());
             }
             let (hook_kind, hook_index, bytes) = if rng.random_bool(0.5) {

@@ -588,6 +588,9 @@ fn stats_delta(before: &GateStats, after: &GateStats) -> GateStats {
         events_rate_limited: after.events_rate_limited - before.events_rate_limited,
         pending_full: after.pending_full - before.pending_full,
         sockets_full: after.sockets_full - before.sockets_full,
+        pending_port_full: after.pending_port_full - before.pending_port_full,
+        unparsable: after.unparsable - before.unparsable,
+        unreserved: after.unreserved - before.unreserved,
         pending_sweeps: after.pending_sweeps - before.pending_sweeps,
     }
 }
