@@ -54,10 +54,20 @@ pub struct LoopbackPort {
 impl LoopbackPort {
     /// Serves `port` (TCP) under `policy`.
     pub fn new(port: u16, policy: &PortPolicy) -> Self {
+        Self::with_settings(port, policy, |settings| settings)
+    }
+
+    /// Serves `port` (TCP) under `policy`, with the gate's [`settings`] as `edit` changes
+    /// them.
+    pub fn with_settings(
+        port: u16,
+        policy: &PortPolicy,
+        edit: impl FnOnce(GateSettings) -> GateSettings,
+    ) -> Self {
         let pins = PinDir::new();
         let cgroup = TestCgroup::new();
         let ns = NetNs::new();
-        let mut gate = install(&settings(&pins));
+        let mut gate = install(&edit(settings(&pins)));
         gate.attach_cgroup(cgroup.path())
             .expect("attach to the test cgroup");
         gate.set_policy(PortId::new(port, Protocol::Tcp), policy)

@@ -54,8 +54,13 @@ pub fn require_privileges(test: &str) -> bool {
 /// Pins the calling thread to CPU 0, so that consecutive `BPF_PROG_TEST_RUN` calls see the
 /// same per-CPU state.
 pub fn pin_to_cpu0() {
+    pin_to_cpu(0);
+}
+
+/// Pins the calling thread to CPU `cpu`.
+pub fn pin_to_cpu(cpu: usize) {
     let mut set = nix::sched::CpuSet::new();
-    set.set(0).expect("CPU 0");
+    set.set(cpu).expect("a CPU number");
     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set).expect("sched_setaffinity");
 }
 
@@ -98,6 +103,20 @@ pub fn run(program: &str, args: &[&str]) {
         "{program} {args:?} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Runs a command and returns its standard output, panicking with its errors when it fails.
+pub fn output(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|err| panic!("running {program} {args:?}: {err}"));
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
 /// Runs a command during clean-up: failures are reported, never raised.
@@ -270,6 +289,28 @@ impl NetNs {
 }
 
 impl NetNs {
+    /// Runs `program args...` inside the namespace (`ip netns exec`) and returns its output.
+    pub fn exec(&self, program: &str, args: &[&str]) -> String {
+        let mut all = vec!["netns", "exec", self.name.as_str(), program];
+        all.extend_from_slice(args);
+        output("ip", &all)
+    }
+
+    /// Runs `nft args...` inside the namespace: its tables go with it.
+    pub fn nft(&self, args: &[&str]) -> String {
+        self.exec("nft", args)
+    }
+
+    /// How many TCP sockets in the namespace are established on local port `port` (the
+    /// server's side of its connections), as `ss` lists them.
+    pub fn established_on(&self, port: u16) -> usize {
+        let filter = format!("( sport = :{port} )");
+        self.exec("ss", &["-Htn", "state", "established", &filter])
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .count()
+    }
+
     /// A sysctl of the namespace (`/proc/sys/...`), read whole in one `read(2)`: some
     /// handlers answer a read that does not start at offset 0 with EOF.
     pub fn sysctl(&self, path: &str) -> String {
