@@ -168,7 +168,7 @@ impl PortManager {
         mut request: AllocationRequest,
         actor: Actor,
     ) -> Result<Allocation> {
-        security::PortSecurity::check_access_control(&request.access)?;
+        security::PortSecurity::check_access_control(request.protocol, &request.access)?;
         self.refuse_after_store_failure()?;
         request.owner.uid = actor.uid();
         let bound = self.bound_ports(&request).await?;
@@ -245,7 +245,7 @@ impl PortManager {
                     id.port
                 ))
             })?;
-            PortSecurity::check_access_control(&access)?;
+            PortSecurity::check_access_control(id.protocol, &access)?;
             quota::check_prefix_budget(allocator, actor, Some(id), access.allowed_ips.len())?;
             allocator.set_access(id, access)
         })

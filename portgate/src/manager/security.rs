@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use super::error::{PortError, Result};
 use crate::{
     host,
-    model::{DropReason, PortAccessControl, PortId, PortPolicy},
+    model::{DropReason, PortAccessControl, PortId, PortPolicy, Protocol},
     verdict::{self, GateModel, GateView, Packet, Verdict},
 };
 
@@ -35,8 +35,16 @@ impl PortSecurity {
         }
     }
 
-    /// Checks an access control before it is applied: at most [`MAX_ALLOWED_IPS`] prefixes.
-    pub fn check_access_control(access: &PortAccessControl) -> Result<()> {
+    /// Checks an access control for a port of `protocol` before it is applied: at most
+    /// [`MAX_ALLOWED_IPS`] prefixes, and no `max_connections` on UDP, where the kernel has
+    /// no connections to count (it would be accepted and silently ignored).
+    pub fn check_access_control(protocol: Protocol, access: &PortAccessControl) -> Result<()> {
+        if protocol == Protocol::Udp && access.max_connections != 0 {
+            return Err(PortError::PolicyViolation(format!(
+                "max_connections = {} on a UDP port: the limit counts TCP connections, and UDP has none; leave it 0 for UDP",
+                access.max_connections
+            )));
+        }
         if access.allowed_ips.len() > MAX_ALLOWED_IPS {
             return Err(PortError::PolicyViolation(format!(
                 "an allowlist of {} prefixes is too long: at most {MAX_ALLOWED_IPS} per port; merge prefixes into wider ones",

@@ -50,7 +50,7 @@ impl PortManager {
         access: PortAccessControl,
     ) -> Result<Allocation> {
         let id = port.into();
-        PortSecurity::check_access_control(&access)?;
+        PortSecurity::check_access_control(id.protocol, &access)?;
         self.change(id, Actor::Admin, |allocator, _, _| {
             allocator.set_access(id, access)
         })

@@ -397,3 +397,63 @@ async fn grants_and_prefixes_are_bounded_per_port_and_per_user() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn a_connection_limit_on_udp_is_refused_not_ignored() {
+    let manager = manager(config());
+    let limited = PortAccessControl {
+        max_connections: 4,
+        ..PortAccessControl::default()
+    };
+    let err = manager
+        .allocate(
+            AllocationRequest {
+                protocol: Protocol::Udp,
+                access: limited.clone(),
+                ..AllocationRequest::new("a")
+            },
+            Actor::Admin,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PortError::PolicyViolation(_)), "{err}");
+    assert!(err.to_string().contains("UDP"), "{err}");
+    assert!(manager.allocations().await.is_empty(), "nothing allocated");
+    let held = manager
+        .allocate(
+            AllocationRequest {
+                protocol: Protocol::Udp,
+                ..AllocationRequest::new("a")
+            },
+            Actor::Admin,
+        )
+        .await
+        .unwrap();
+    let err = manager
+        .set_access(
+            held.id,
+            AccessChange {
+                max_connections: Some(4),
+                ..AccessChange::default()
+            },
+            Actor::Admin,
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, PortError::PolicyViolation(_)), "{err}");
+    assert_eq!(
+        manager.allocation(held.id).await.unwrap().access,
+        held.access
+    );
+    // TCP takes the same limit.
+    manager
+        .allocate(
+            AllocationRequest {
+                access: limited,
+                ..AllocationRequest::new("a")
+            },
+            Actor::Admin,
+        )
+        .await
+        .unwrap();
+}

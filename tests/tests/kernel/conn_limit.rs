@@ -221,3 +221,58 @@ fn a_retransmitted_syn_takes_no_second_slot_and_an_unfinished_handshake_gives_it
     assert_eq!(gate.slots(PortId::from(port)).expect("slots").slots, 1);
     assert!(gate.stats().expect("stats").pending_sweeps >= 1);
 }
+
+#[test]
+fn a_new_allocation_of_a_port_does_not_inherit_the_last_ones_connections() {
+    if !require_privileges!() {
+        return;
+    }
+    let port = MIN_PORT + 12;
+    let id = PortId::from(port);
+    let policy = |epoch| PortPolicy {
+        access: PortAccessControl {
+            max_connections: 1,
+            ..PortAccessControl::default()
+        },
+        epoch,
+        ..PortPolicy::default()
+    };
+    let mut fixture = LoopbackPort::new(port, &policy(1));
+    let old = fixture
+        .connect(LOCAL, CONNECT_WITHIN)
+        .expect("the first allocation's connection");
+    let gate = &fixture.gate;
+    assert!(eventually(Duration::from_secs(3), || gate
+        .slots(id)
+        .expect("slots")
+        .established
+        == 1));
+    // The port is allocated again (a new epoch) while that connection lives on.
+    fixture.gate.set_policy(id, &policy(2)).expect("reallocate");
+    assert_eq!(fixture.gate.slots(id).expect("slots").established, 0);
+    let new = fixture
+        .connect(LOCAL, CONNECT_WITHIN)
+        .expect("the new allocation has its whole limit");
+    let gate = &fixture.gate;
+    assert!(eventually(Duration::from_secs(3), || gate
+        .slots(id)
+        .expect("slots")
+        .established
+        == 1));
+    // The old connection closing leaves the new allocation's count alone.
+    drop(old);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(gate.slots(id).expect("slots").established, 1);
+    assert!(
+        fixture.connect(LOCAL, REFUSED_WITHIN).is_err(),
+        "the new connection holds the only slot"
+    );
+    drop(new);
+    assert!(eventually(Duration::from_secs(3), || gate
+        .slots(id)
+        .expect("slots")
+        == portgate_common::ConnSlots {
+            last_sweep_ns: 0,
+            ..Default::default()
+        }));
+}
