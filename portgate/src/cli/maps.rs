@@ -36,6 +36,18 @@ pub fn run(args: &MapsArgs, output: OutputFormat) -> anyhow::Result<()> {
                 "events lost: {} (ring full), {} (rate limited)",
                 stats.events_lost_full, stats.events_rate_limited
             );
+            println!(
+                "handshakes refused for room: {} (map full), {} (port's share full); sweeps {}; unreadable packets dropped {}; connections uncounted {} (socket map full), {} (unreserved)",
+                stats.pending_full,
+                stats.pending_port_full,
+                stats.pending_sweeps,
+                stats.unparsable,
+                stats.sockets_full,
+                stats.unreserved
+            );
+            for warning in crate::manager::gate_warnings(&stats) {
+                println!("warning: {warning}");
+            }
         }
     }
     Ok(())

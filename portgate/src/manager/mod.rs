@@ -38,7 +38,7 @@ use tokio::sync::Mutex;
 pub use self::{
     allocator::{PortAllocator, Ticked, Transition},
     error::{ErrorCategory, PortError, Result},
-    monitor::{PortMonitor, PortsSnapshot},
+    monitor::{PortMonitor, PortsSnapshot, gate_warnings},
     quota::MAX_PREFIXES_PER_USER,
     reconcile::{StartReport, validate_stored},
     reservations::give_back_reserved_ports,
@@ -120,6 +120,14 @@ impl Established {
     /// Established connections of `id` (0 for UDP, or when unknown).
     fn of(&self, id: PortId) -> u64 {
         self.0.get(&id).map_or(0, |slots| slots.established)
+    }
+
+    /// Handshakes holding a reservation, over every port: slots held but not established.
+    fn in_flight(&self) -> u64 {
+        self.0
+            .values()
+            .map(|slots| slots.slots.saturating_sub(slots.established))
+            .sum()
     }
 }
 
@@ -347,6 +355,19 @@ impl PortManager {
     /// Whether the manager drives the kernel gate.
     pub async fn has_gate(&self) -> bool {
         self.state.lock().await.gate.is_some()
+    }
+
+    /// What the kernel gate counted that an operator should know about (a full
+    /// reservation map, connections left uncounted), as `status` shows it; none without
+    /// the gate.
+    pub async fn gate_warnings(&self) -> Result<Vec<String>> {
+        let state = self.state.lock().await;
+        match state.gate.as_ref() {
+            Some(gate) => Ok(monitor::gate_warnings(
+                &gate.stats().map_err(PortError::counters)?,
+            )),
+            None => Ok(Vec::new()),
+        }
     }
 
     /// The Prometheus text exposition.

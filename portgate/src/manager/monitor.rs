@@ -22,7 +22,7 @@ use tokio::sync::broadcast;
 
 use super::{PortError, Result, State};
 use crate::{
-    gate::DenyEventRecord,
+    gate::{DenyEventRecord, GateStats},
     model::{DropReason, PortId, PortMetrics, PortStatus, Protocol, UnixMillis, now_millis},
 };
 
@@ -38,10 +38,11 @@ pub struct PortsSnapshot {
     pub unallocated_drops: Vec<(Protocol, u64)>,
     /// Ports that can be handed out now, per protocol.
     pub free: Vec<(Protocol, u64)>,
-    /// Deny events the ring buffer had no room for.
-    pub events_lost_full: u64,
-    /// Deny events the per-port rate limit suppressed.
-    pub events_rate_limited: u64,
+    /// The gate-wide statistics (lost deny events, reservations refused and swept,
+    /// packets and connections the gate could not read or count).
+    pub gate: GateStats,
+    /// Handshakes on limited ports holding a reservation now.
+    pub handshakes_in_flight: u64,
 }
 
 /// What a scrape shows of `state`, read from the kernel in one pass per map (the ports in
@@ -79,11 +80,43 @@ pub(super) fn snapshot(
     ];
     snapshot.free = super::free_ports(&state.allocator);
     if let Some(gate) = state.gate.as_ref() {
-        let gate_stats = gate.stats().map_err(PortError::counters)?;
-        snapshot.events_lost_full = gate_stats.events_lost_full;
-        snapshot.events_rate_limited = gate_stats.events_rate_limited;
+        snapshot.gate = gate.stats().map_err(PortError::counters)?;
     }
+    snapshot.handshakes_in_flight = connections.in_flight();
     Ok(snapshot)
+}
+
+/// The warnings `status` shows for what the gate counted since it was installed: every
+/// one of them means connections were refused, or counted wrong, for want of room.
+#[must_use]
+pub fn gate_warnings(stats: &GateStats) -> Vec<String> {
+    use portgate_common::capacity::{PENDING, PENDING_PER_PORT, SOCKETS};
+    let mut warnings = Vec::new();
+    if stats.pending_full > 0 {
+        warnings.push(format!(
+            "the kernel's reservation map was full: {} handshakes on ports with a connection limit were refused as conn_limit (room for {PENDING} in flight over all ports; a SYN flood at several limited ports fills it)",
+            stats.pending_full
+        ));
+    }
+    if stats.pending_port_full > 0 {
+        warnings.push(format!(
+            "{} handshakes were refused as conn_limit because their port already had {PENDING_PER_PORT} in flight (a SYN flood at that port)",
+            stats.pending_port_full
+        ));
+    }
+    if stats.sockets_full > 0 {
+        warnings.push(format!(
+            "{} established connections could not be tracked (room for {SOCKETS}): they hold no slot and are not counted as active",
+            stats.sockets_full
+        ));
+    }
+    if stats.unreserved > 0 {
+        warnings.push(format!(
+            "{} connections on ports with a connection limit were established without passing cgroup_skb, and are not counted",
+            stats.unreserved
+        ));
+    }
+    warnings
 }
 
 /// API actions, as the latency histogram's label.
@@ -369,8 +402,72 @@ impl PortsCollector {
             ("events_lost", "Deny events not delivered, by cause"),
             MetricType::Counter,
             [
-                ("ring_full", snapshot.events_lost_full),
-                ("rate_limited", snapshot.events_rate_limited),
+                ("ring_full", snapshot.gate.events_lost_full),
+                ("rate_limited", snapshot.gate.events_rate_limited),
+            ]
+            .map(|(cause, count)| (vec![("cause", cause.to_owned())], count)),
+        )?;
+        Self::encode_gate(snapshot, encoder)
+    }
+
+    /// The gate-wide statistics: reservations, their refusals and sweeps, and what the
+    /// kernel dropped or left uncounted for want of room or of readable headers.
+    fn encode_gate(
+        snapshot: &PortsSnapshot,
+        encoder: &mut DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        let gate = &snapshot.gate;
+        let none = || Labels::new();
+        encode_values(
+            encoder,
+            (
+                "handshakes_in_flight",
+                "Handshakes on ports with a connection limit holding a reservation",
+            ),
+            MetricType::Gauge,
+            [(none(), snapshot.handshakes_in_flight)],
+        )?;
+        encode_values(
+            encoder,
+            (
+                "handshakes_refused",
+                "Handshakes refused (as conn_limit) for want of room for their reservation, by cause",
+            ),
+            MetricType::Counter,
+            [
+                ("map_full", gate.pending_full),
+                ("port_share_full", gate.pending_port_full),
+            ]
+            .map(|(cause, count)| (vec![("cause", cause.to_owned())], count)),
+        )?;
+        encode_values(
+            encoder,
+            (
+                "reservation_sweeps",
+                "Sweeps of expired handshake reservations",
+            ),
+            MetricType::Counter,
+            [(none(), gate.pending_sweeps)],
+        )?;
+        encode_values(
+            encoder,
+            (
+                "unparsable_dropped",
+                "TCP and UDP packets dropped because their ports could not be read",
+            ),
+            MetricType::Counter,
+            [(none(), gate.unparsable)],
+        )?;
+        encode_values(
+            encoder,
+            (
+                "connections_uncounted",
+                "Established connections the gate could not count, by cause",
+            ),
+            MetricType::Counter,
+            [
+                ("socket_map_full", gate.sockets_full),
+                ("unreserved", gate.unreserved),
             ]
             .map(|(cause, count)| (vec![("cause", cause.to_owned())], count)),
         )
@@ -409,7 +506,8 @@ impl Collector for PortsCollector {
 
 #[cfg(test)]
 mod tests {
-    use super::{PortMonitor, PortsSnapshot};
+    use super::{PortMonitor, PortsSnapshot, gate_warnings};
+    use crate::gate::GateStats;
     use crate::model::{PortId, PortMetrics, PortStatus, Protocol, sample_metrics};
 
     /// The exposition as portgate has always written it (`testdata/metrics.txt`, from the
@@ -432,10 +530,32 @@ mod tests {
             ],
             unallocated_drops: vec![(Protocol::Tcp, 11), (Protocol::Udp, 12)],
             free: vec![(Protocol::Tcp, 13), (Protocol::Udp, 14)],
-            events_lost_full: 15,
-            events_rate_limited: 16,
+            gate: GateStats {
+                events_lost_full: 15,
+                events_rate_limited: 16,
+                pending_full: 17,
+                sockets_full: 18,
+                pending_sweeps: 19,
+                pending_port_full: 20,
+                unparsable: 21,
+                unreserved: 22,
+            },
+            handshakes_in_flight: 23,
         };
         let text = PortMonitor::new().encode(snapshot).unwrap();
         assert_eq!(text, include_str!("testdata/metrics.txt"));
+    }
+
+    #[test]
+    fn a_full_reservation_map_is_a_warning() {
+        assert!(gate_warnings(&GateStats::default()).is_empty());
+        let warnings = gate_warnings(&GateStats {
+            pending_full: 3,
+            pending_port_full: 4,
+            ..GateStats::default()
+        });
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].contains("reservation map was full: 3 handshakes"));
+        assert!(warnings[1].starts_with("4 handshakes were refused"));
     }
 }

@@ -4,8 +4,8 @@
 //! interval gate-wide, and a sweep never frees a reservation made while it runs (test-run
 //! threads on both CPUs).
 //!
-//! Needs: root, bpffs, BTF. Attaches nothing: SYNs are handed to XDP with
-//! `BPF_PROG_TEST_RUN`.
+//! Needs: root, bpffs, BTF. SYNs are handed to XDP with `BPF_PROG_TEST_RUN`; only the
+//! daemon's test attaches (to its test cgroup), to show a flood as a `status` warning.
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -15,6 +15,8 @@ use std::{
 };
 
 use portgate::{
+    api::AllocRequest,
+    client::Client,
     gate::{Gate, GateSettings, PacketHook},
     model::{PortAccessControl, PortId, PortPolicy, Protocol},
 };
@@ -26,6 +28,7 @@ use portgate_tests::{
         packet::{DESTINATION, tcp_syn},
         pin_to_cpu, pin_to_cpu0,
     },
+    daemon::Daemon,
     require_privileges,
 };
 
@@ -216,4 +219,48 @@ fn a_sweep_never_frees_a_reservation_made_while_it_runs() {
     assert_eq!(gate.slots(id).expect("slots").slots, u64::from(RESERVED));
     drop(gate);
     portgate::gate::uninstall(pins.path()).expect("uninstall");
+}
+
+#[test]
+fn a_port_flooded_past_its_share_is_a_status_warning_and_a_metric() {
+    const OVER: u32 = 10;
+    if !require_privileges!() {
+        return;
+    }
+    pin_to_cpu0();
+    let daemon = Daemon::start(41_400, 41_409);
+    let request = AllocRequest {
+        owner: "flooded".to_owned(),
+        max_conns: Some(1_000_000),
+        ..AllocRequest::default()
+    };
+    let held = daemon
+        .api(|client| client.alloc(&request))
+        .expect("allocate the port");
+    let before = daemon.api(Client::status).expect("status").warnings;
+    assert!(
+        !before.iter().any(|warning| warning.contains("handshakes")),
+        "{before:?}"
+    );
+    // The daemon's gate, handed SYNs from another handle on its pins.
+    let mut gate = Gate::open(daemon.pins.path()).expect("open the daemon's gate");
+    let share = capacity::PENDING_PER_PORT;
+    assert_eq!(flood(&mut gate, held.id.port, 0, share + OVER), share);
+    drop(gate);
+    let status = daemon.api(Client::status).expect("status");
+    assert!(
+        status
+            .warnings
+            .iter()
+            .any(|warning| warning.starts_with(&format!("{OVER} handshakes were refused"))),
+        "{:?}",
+        status.warnings
+    );
+    let metrics = daemon.api(Client::metrics).expect("metrics");
+    assert!(
+        metrics.contains(&format!(
+            "portgate_handshakes_refused_total{{cause=\"port_share_full\"}} {OVER}\n"
+        )),
+        "{metrics}"
+    );
 }

@@ -136,7 +136,12 @@ pub(super) async fn status(caller: Caller) -> Response {
                 store: app.manager.store().describe(),
                 usage,
                 unexplained_listeners: app.start_report.unexplained_listeners.clone(),
-                warnings: app.warnings.clone(),
+                warnings: app
+                    .warnings
+                    .iter()
+                    .cloned()
+                    .chain(app.manager.gate_warnings().await?)
+                    .collect(),
             })
         })
         .await
