@@ -196,6 +196,16 @@ pub fn host_checks(fix: bool) -> Vec<String> {
     } else {
         problems.push("iproute2's `ip` is missing: `apt-get install iproute2`".to_owned());
     }
+    if let Ok(version) = output("nft", &["--version"]) {
+        println!(
+            "ok: {} (the kernel tests hold packets back with it in their namespaces)",
+            version.trim()
+        );
+    } else if fix && apt_install("nftables").is_ok() {
+        println!("installed: nftables");
+    } else {
+        problems.push("nftables' `nft` is missing: `apt-get install nftables`".to_owned());
+    }
     problems
 }
 
