@@ -26,7 +26,7 @@ pub struct AccessArgs {
     /// every source.
     #[arg(long, value_name = "CIDR", value_parser = parse_prefix)]
     pub remove: Vec<IpNet>,
-    /// New connection limit (0 is unlimited).
+    /// New connection limit (0 is unlimited); TCP only.
     #[arg(long, value_name = "N")]
     pub max_conns: Option<u32>,
     /// Whether new connections need a grant.

@@ -30,7 +30,7 @@ pub struct AllocArgs {
     /// A source allowed to connect: CIDR or bare IP; repeat for more. None allows every source.
     #[arg(long = "allow", value_name = "CIDR", value_parser = parse_prefix)]
     pub allow: Vec<IpNet>,
-    /// Most connections at once (TCP); unlimited when absent or 0.
+    /// Most TCP connections at once; unlimited when absent or 0. Refused for UDP.
     #[arg(long, value_name = "N")]
     pub max_conns: Option<u32>,
     /// New connections need a grant (`portgate grant`) for their source.

@@ -86,7 +86,7 @@ impl<'de> Deserialize<'de> for Allowlist {
 pub struct PortAccessControl {
     /// Source prefixes allowed to connect; empty allows every source.
     pub allowed_ips: Allowlist,
-    /// Most TCP connections at once; 0 is unlimited.
+    /// Most TCP connections at once; 0 is unlimited (and the only value a UDP port takes).
     pub max_connections: u32,
     /// New connections need an unexpired authentication grant for their source.
     pub require_authentication: bool,
