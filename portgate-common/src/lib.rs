@@ -15,7 +15,7 @@
 pub mod map_names {
     /// Per-(port, proto) policy: [`crate::Policy`] keyed by [`crate::PortKey`].
     pub const POLICY: &str = "PG_POLICY";
-    /// Allowlist prefixes: LPM trie keyed by [`crate::AddrKey`] with a prefix length.
+    /// Allowlist prefixes: LPM trie keyed by [`crate::AllowKey`] with a prefix length.
     pub const ALLOW: &str = "PG_ALLOW";
     /// Authentication grants: expiry (`CLOCK_MONOTONIC` ns) keyed by [`crate::AddrKey`].
     pub const GRANTS: &str = "PG_GRANTS";
@@ -121,6 +121,10 @@ pub mod policy_flags {
     pub const REQUIRE_AUTH: u32 = 1 << 1;
     /// Only the owner cgroup (or a descendant) may bind the port.
     pub const OWNER: u32 = 1 << 2;
+    /// The allowlist in force is the one stored under generation 1 of [`crate::AllowKey`]
+    /// (clear: generation 0). A new allowlist is written under the other generation, then
+    /// one write of the record switches to it, so no packet ever sees half of a change.
+    pub const ALLOW_GENERATION: u32 = 1 << 3;
 }
 
 /// Drop and deny reasons. The numeric codes are stable: they appear in events, metrics and
@@ -262,11 +266,7 @@ pub struct Policy {
     pub owner_cgroup: u64,
 }
 
-/// An address in the context of a port: the data of an allowlist LPM key and the key of
-/// the grants map.
-///
-/// In the LPM trie the first 32 bits (port, proto, family) are always matched, so the
-/// prefix length of a CIDR `a/n` is `32 + n`.
+/// An address in the context of a port: the key of the grants map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AddrKey {
@@ -280,9 +280,31 @@ pub struct AddrKey {
     pub addr: [u8; 16],
 }
 
-impl AddrKey {
+/// An allowlist prefix's key data in the [`map_names::ALLOW`] LPM trie.
+///
+/// The first 40 bits (port, proto, family, generation) are always matched, so the prefix
+/// length of a CIDR `a/n` is `40 + n`. Each port has two generations of its allowlist;
+/// [`policy_flags::ALLOW_GENERATION`] of its record says which one is in force.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllowKey {
+    /// Port number, host byte order.
+    pub port: u16,
+    /// [`proto::TCP`] or [`proto::UDP`].
+    pub proto: u8,
+    /// [`family::V4`] or [`family::V6`].
+    pub family: u8,
+    /// 0 or 1: which of the port's two allowlists this prefix belongs to.
+    pub generation: u8,
+    /// The address in network byte order; IPv4 in the first 4 bytes, the rest zero.
+    pub addr: [u8; 16],
+    /// Always zero, so this type has no implicit padding (beyond any prefix).
+    pub _pad: u8,
+}
+
+impl AllowKey {
     /// Bits before the address in an LPM key.
-    pub const PREFIX_BITS: u32 = 32;
+    pub const PREFIX_BITS: u32 = 40;
 }
 
 /// Key of the per-CPU counters map: one row per (port, proto, hook).
@@ -453,7 +475,7 @@ pub struct HandoffKey {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        AddrKey, ConnSlots, CountedSocket, CounterKey, Counters, DenyEvent, EventRate, FlowKey,
+        AddrKey, AllowKey, ConnSlots, CountedSocket, CounterKey, Counters, DenyEvent, EventRate, FlowKey,
         GateConfig, HandoffKey, PendingSyn, Policy, PortKey,
     };
 
@@ -464,6 +486,8 @@ mod pod {
     unsafe impl aya::Pod for Policy {}
     // SAFETY: as above.
     unsafe impl aya::Pod for AddrKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for AllowKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for CounterKey {}
     // SAFETY: as above.
@@ -497,6 +521,7 @@ mod tests {
         assert_eq!(size_of::<PortKey>(), 4);
         assert_eq!(size_of::<Policy>(), 24);
         assert_eq!(size_of::<AddrKey>(), 20);
+        assert_eq!(size_of::<AllowKey>(), 22);
         assert_eq!(size_of::<CounterKey>(), 4);
         assert_eq!(size_of::<Counters>(), 8 * (4 + reason::DROP_COUNT));
         assert_eq!(size_of::<ConnSlots>(), 24);
