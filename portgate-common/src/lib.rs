@@ -475,8 +475,8 @@ pub struct HandoffKey {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        AddrKey, AllowKey, ConnSlots, CountedSocket, CounterKey, Counters, DenyEvent, EventRate, FlowKey,
-        GateConfig, HandoffKey, PendingSyn, Policy, PortKey,
+        AddrKey, AllowKey, ConnSlots, CountedSocket, CounterKey, Counters, DenyEvent, EventRate,
+        FlowKey, GateConfig, HandoffKey, PendingSyn, Policy, PortKey,
     };
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
