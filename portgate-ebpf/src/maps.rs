@@ -6,17 +6,17 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use portgate_common::{
-    AddrKey, ConnSlots, CountedSocket, CounterKey, Counters, EventRate, FlowKey, GateConfig,
-    HandoffKey, PendingSyn, Policy, PortKey, capacity,
+    AddrKey, AllowKey, ConnSlots, CountedSocket, CounterKey, Counters, EventRate, FlowKey,
+    GateConfig, HandoffKey, PendingSyn, Policy, PortKey, capacity,
 };
 
 /// Per-(port, proto) policy.
 #[map(name = "PG_POLICY")]
 pub static POLICY: HashMap<PortKey, Policy> = HashMap::with_max_entries(capacity::POLICIES, 0);
 
-/// Allowlist prefixes, longest-prefix match on (port, proto, family, address).
+/// Allowlist prefixes, longest-prefix match on (port, proto, family, generation, address).
 #[map(name = "PG_ALLOW")]
-pub static ALLOW: LpmTrie<AddrKey, u32> =
+pub static ALLOW: LpmTrie<AllowKey, u32> =
     LpmTrie::with_max_entries(capacity::ALLOW_PREFIXES, BPF_F_NO_PREALLOC);
 
 /// Authentication grants: expiry in `CLOCK_MONOTONIC` ns.

@@ -5,8 +5,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use portgate_common::{
-    AddrKey, CounterKey, Counters, FlowKey, GateConfig, HandoffKey, PendingSyn, Policy, PortKey,
-    config_flags, defaults, hook, policy_flags, proto, reason, stat, status,
+    AddrKey, AllowKey, CounterKey, Counters, FlowKey, GateConfig, HandoffKey, PendingSyn, Policy,
+    PortKey, config_flags, defaults, hook, policy_flags, proto, reason, stat, status,
 };
 
 use crate::{
@@ -122,7 +122,7 @@ fn decide(config: &GateConfig, info: &PacketInfo, clock: &mut Clock) -> Verdict 
     if new_connection && policy.status != status::ACTIVE {
         return Verdict::Drop(reason::DRAINING);
     }
-    if policy.flags & policy_flags::ALLOWLIST != 0 && !source_allowed(info) {
+    if policy.flags & policy_flags::ALLOWLIST != 0 && !source_allowed(info, &policy) {
         return Verdict::Drop(reason::NOT_ALLOWED);
     }
     if !new_connection {
@@ -148,14 +148,27 @@ fn addr_key(info: &PacketInfo) -> AddrKey {
     }
 }
 
+/// Whether the source is in the allowlist `policy` has in force: the trie's entries of the
+/// generation its record names, so a change of both (one record write) is seen whole.
 #[inline(always)]
-fn source_allowed(info: &PacketInfo) -> bool {
+fn source_allowed(info: &PacketInfo, policy: &Policy) -> bool {
     let address_bits = if info.family == portgate_common::family::V4 {
         32
     } else {
         128
     };
-    let key = Key::new(AddrKey::PREFIX_BITS + address_bits, addr_key(info));
+    let generation = u8::from(policy.flags & policy_flags::ALLOW_GENERATION != 0);
+    let key = Key::new(
+        AllowKey::PREFIX_BITS + address_bits,
+        AllowKey {
+            port: info.dport,
+            proto: info.proto,
+            family: info.family,
+            generation,
+            addr: info.saddr,
+            _pad: 0,
+        },
+    );
     ALLOW.get(&key).is_some()
 }
 

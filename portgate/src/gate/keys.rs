@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use portgate_common::{AddrKey, Policy, PortKey, family, policy_flags};
+use portgate_common::{AddrKey, AllowKey, Policy, PortKey, family, policy_flags};
 
 use crate::model::{PortId, PortPolicy, Protocol};
 
@@ -39,7 +39,7 @@ pub(super) fn addr_from_bytes(family_code: u8, bytes: [u8; 16]) -> IpAddr {
     }
 }
 
-/// The key of `addr` on a port: a grants-map key, or an allowlist LPM key's data.
+/// The grants-map key of `addr` on a port.
 pub(super) fn addr_key(id: PortId, addr: IpAddr) -> AddrKey {
     let (family, addr) = addr_bytes(addr);
     AddrKey {
@@ -50,17 +50,27 @@ pub(super) fn addr_key(id: PortId, addr: IpAddr) -> AddrKey {
     }
 }
 
-/// The LPM prefix length and key data of an allowlist prefix of a port.
-pub(super) fn allow_key(id: PortId, prefix: IpNet) -> (u32, AddrKey) {
+/// The LPM prefix length and key data of an allowlist prefix of a port, in `generation`
+/// (0 or 1) of its allowlist.
+pub(super) fn allow_key(id: PortId, generation: u8, prefix: IpNet) -> (u32, AllowKey) {
     let prefix = prefix.trunc();
+    let (family, addr) = addr_bytes(prefix.addr());
     (
-        AddrKey::PREFIX_BITS + u32::from(prefix.prefix_len()),
-        addr_key(id, prefix.addr()),
+        AllowKey::PREFIX_BITS + u32::from(prefix.prefix_len()),
+        AllowKey {
+            port: id.port,
+            proto: id.protocol.number(),
+            family,
+            generation,
+            addr,
+            _pad: 0,
+        },
     )
 }
 
-/// The kernel record of a policy; `None` when its status is Available.
-pub(super) fn policy_record(policy: &PortPolicy) -> Option<Policy> {
+/// The kernel record of a policy, with allowlist `generation` (0 or 1) in force; `None`
+/// when its status is Available.
+pub(super) fn policy_record(policy: &PortPolicy, generation: u8) -> Option<Policy> {
     let status = policy.status.code()?;
     let mut flags = 0;
     if !policy.access.allowed_ips.is_empty() {
@@ -68,6 +78,9 @@ pub(super) fn policy_record(policy: &PortPolicy) -> Option<Policy> {
     }
     if policy.access.require_authentication {
         flags |= policy_flags::REQUIRE_AUTH;
+    }
+    if generation != 0 {
+        flags |= policy_flags::ALLOW_GENERATION;
     }
     let (owner_cgroup, owner_level) = match &policy.owner {
         Some(owner) => {

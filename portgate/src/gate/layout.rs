@@ -5,8 +5,8 @@ use std::{mem::size_of, path::Path};
 
 use aya::maps::MapData;
 use portgate_common::{
-    AddrKey, ConnSlots, CountedSocket, CounterKey, Counters, EventRate, FlowKey, GateConfig,
-    HandoffKey, PendingSyn, Policy, PortKey, capacity, map_names,
+    AddrKey, AllowKey, ConnSlots, CountedSocket, CounterKey, Counters, EventRate, FlowKey,
+    GateConfig, HandoffKey, PendingSyn, Policy, PortKey, capacity, map_names,
 };
 
 use super::GateError;
@@ -31,7 +31,7 @@ fn expected() -> [(&'static str, (u32, u32, u32)); 12] {
         (
             map_names::ALLOW,
             (
-                4 + size::<AddrKey>(),
+                4 + size::<AllowKey>(),
                 size::<u32>(),
                 capacity::ALLOW_PREFIXES,
             ),

@@ -10,8 +10,8 @@ use aya::maps::{
 };
 use ipnet::IpNet;
 use portgate_common::{
-    AddrKey, ConnSlots, CounterKey, Counters, Policy, PortKey, capacity, hook, map_names, reason,
-    stat,
+    AddrKey, AllowKey, ConnSlots, CounterKey, Counters, Policy, PortKey, capacity, hook, map_names,
+    reason, stat,
 };
 use serde::Serialize;
 
@@ -166,7 +166,7 @@ impl Gate {
     /// pass.
     pub fn set_policy(&mut self, id: PortId, policy: &PortPolicy) -> Result<(), GateError> {
         self.check_managed(id.port)?;
-        let Some(record) = policy_record(policy) else {
+        let Some(record) = policy_record(policy, 0) else {
             return self.remove_policy(id);
         };
         let current = self.known_allowlist(id)?;
@@ -221,13 +221,13 @@ impl Gate {
     }
 
     fn insert_prefixes(&mut self, id: PortId, prefixes: &[IpNet]) -> Result<(), GateError> {
-        let mut trie: LpmTrie<&mut MapData, AddrKey, u32> =
+        let mut trie: LpmTrie<&mut MapData, AllowKey, u32> =
             open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
         for (done, prefix) in prefixes.iter().enumerate() {
-            let (bits, data) = allow_key(id, *prefix);
+            let (bits, data) = allow_key(id, 0, *prefix);
             if let Err(err) = trie.insert(&Key::new(bits, data), 1, 0) {
                 for undo in &prefixes[..done] {
-                    let (bits, data) = allow_key(id, *undo);
+                    let (bits, data) = allow_key(id, 0, *undo);
                     let _ignored = trie.remove(&Key::new(bits, data));
                 }
                 return Err(GateError::map(
@@ -242,10 +242,10 @@ impl Gate {
     }
 
     fn remove_prefixes(&mut self, id: PortId, prefixes: &[IpNet]) -> Result<(), GateError> {
-        let mut trie: LpmTrie<&mut MapData, AddrKey, u32> =
+        let mut trie: LpmTrie<&mut MapData, AllowKey, u32> =
             open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
         for prefix in prefixes {
-            let (bits, data) = allow_key(id, *prefix);
+            let (bits, data) = allow_key(id, 0, *prefix);
             absent_is_none(trie.remove(&Key::new(bits, data))).map_err(|err| {
                 GateError::map(
                     "removing a prefix",
@@ -307,7 +307,7 @@ impl Gate {
 
     /// Every allowlist, by port, each sorted. Walks the whole trie.
     pub fn allowlists(&self) -> Result<BTreeMap<PortId, Allowlist>, GateError> {
-        let trie: LpmTrie<&MapData, AddrKey, u32> =
+        let trie: LpmTrie<&MapData, AllowKey, u32> =
             open_map!(self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
         let mut found: BTreeMap<PortId, Vec<IpNet>> = BTreeMap::new();
         for key in trie.keys() {
@@ -319,7 +319,7 @@ impl Gate {
                 continue;
             };
             let addr = addr_from_bytes(data.family, data.addr);
-            let bits = key.prefix_len().saturating_sub(AddrKey::PREFIX_BITS);
+            let bits = key.prefix_len().saturating_sub(AllowKey::PREFIX_BITS);
             if let Ok(prefix) = IpNet::new(addr, u8::try_from(bits).unwrap_or(u8::MAX)) {
                 found.entry(id).or_default().push(prefix);
             }
