@@ -68,6 +68,15 @@ pub(super) fn allow_key(id: PortId, generation: u8, prefix: IpNet) -> (u32, Allo
     )
 }
 
+/// The generation of a port's allowlist that a policy record puts in force.
+pub(super) const fn generation_of(record: &Policy) -> u8 {
+    if record.flags & policy_flags::ALLOW_GENERATION == 0 {
+        0
+    } else {
+        1
+    }
+}
+
 /// The kernel record of a policy, with allowlist `generation` (0 or 1) in force; `None`
 /// when its status is Available.
 pub(super) fn policy_record(policy: &PortPolicy, generation: u8) -> Option<Policy> {

@@ -15,7 +15,7 @@ mod maps;
 mod report;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     time::Duration,
@@ -29,7 +29,6 @@ use aya::{
         links::FdLink,
     },
 };
-use ipnet::IpNet;
 use portgate_common::{GateConfig, config_flags, defaults, map_names, program_names};
 
 pub use self::{
@@ -116,11 +115,11 @@ macro_rules! attach_and_pin {
 pub struct Gate {
     pin_dir: PathBuf,
     ebpf: Ebpf,
-    /// Allowlists as last written, filled on first use (see `known_allowlist`).
+    /// Allowlists as last written, filled on first use (see `take_known`).
     allow_cache: Option<AllowlistCache>,
 }
 
-type AllowlistCache = BTreeMap<PortId, BTreeSet<IpNet>>;
+type AllowlistCache = BTreeMap<PortId, maps::KnownAllowlist>;
 
 /// The cgroup programs: (program, link pin name).
 const CGROUP_LINKS: [(&str, &str); 4] = [
