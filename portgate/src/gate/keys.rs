@@ -39,7 +39,7 @@ pub(super) fn addr_from_bytes(family_code: u8, bytes: [u8; 16]) -> IpAddr {
     }
 }
 
-/// The key of `addr` on a port: a grants-map key, or an allowlist LPM key's data.
+/// The grants-map key of `addr` on a port.
 pub(super) fn addr_key(id: PortId, addr: IpAddr) -> AddrKey {
     let (family, addr) = addr_bytes(addr);
     AddrKey {
@@ -50,8 +50,9 @@ pub(super) fn addr_key(id: PortId, addr: IpAddr) -> AddrKey {
     }
 }
 
-/// The LPM prefix length and key data of an allowlist prefix of a port.
-pub(super) fn allow_key(id: PortId, prefix: IpNet) -> (u32, AllowKey) {
+/// The LPM prefix length and key data of an allowlist prefix of a port, in `generation`
+/// (0 or 1) of its allowlist.
+pub(super) fn allow_key(id: PortId, generation: u8, prefix: IpNet) -> (u32, AllowKey) {
     let prefix = prefix.trunc();
     let (family, addr) = addr_bytes(prefix.addr());
     (
@@ -60,15 +61,25 @@ pub(super) fn allow_key(id: PortId, prefix: IpNet) -> (u32, AllowKey) {
             port: id.port,
             proto: id.protocol.number(),
             family,
-            generation: 0,
+            generation,
             addr,
             _pad: 0,
         },
     )
 }
 
-/// The kernel record of a policy; `None` when its status is Available.
-pub(super) fn policy_record(policy: &PortPolicy) -> Option<Policy> {
+/// The generation of a port's allowlist that a policy record puts in force.
+pub(super) const fn generation_of(record: &Policy) -> u8 {
+    if record.flags & policy_flags::ALLOW_GENERATION == 0 {
+        0
+    } else {
+        1
+    }
+}
+
+/// The kernel record of a policy, with allowlist `generation` (0 or 1) in force; `None`
+/// when its status is Available.
+pub(super) fn policy_record(policy: &PortPolicy, generation: u8) -> Option<Policy> {
     let status = policy.status.code()?;
     let mut flags = 0;
     if !policy.access.allowed_ips.is_empty() {
@@ -76,6 +87,9 @@ pub(super) fn policy_record(policy: &PortPolicy) -> Option<Policy> {
     }
     if policy.access.require_authentication {
         flags |= policy_flags::REQUIRE_AUTH;
+    }
+    if generation != 0 {
+        flags |= policy_flags::ALLOW_GENERATION;
     }
     let (owner_cgroup, owner_level) = match &policy.owner {
         Some(owner) => {

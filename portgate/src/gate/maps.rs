@@ -1,25 +1,20 @@
-//! Reading and writing the gate's maps: policies, allowlists, grants, counters.
+//! Reading and writing the gate's maps: grants, counters, slots, statistics (policies and
+//! allowlists are in `policies`).
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    net::IpAddr,
-};
+use std::{collections::BTreeMap, net::IpAddr};
 
-use aya::maps::{
-    Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap, lpm_trie::Key, lpm_trie::LpmTrie,
-};
-use ipnet::IpNet;
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use portgate_common::{
-    AddrKey, AllowKey, ConnSlots, CounterKey, Counters, FlowKey, PendingSyn, Policy, PortKey,
-    capacity, hook, map_names, reason, slot_word, stat,
+    AddrKey, ConnSlots, CounterKey, Counters, FlowKey, PendingSyn, Policy, capacity, hook,
+    map_names, reason, slot_word, stat,
 };
 use serde::Serialize;
 
 use super::{
     Gate, GateError,
-    keys::{addr_from_bytes, addr_key, allow_key, policy_record, port_key, port_of},
+    keys::{addr_from_bytes, addr_key, port_of},
 };
-use crate::model::{Allowlist, DropReason, PortId, PortMetrics, PortPolicy, Protocol};
+use crate::model::{DropReason, PortId, PortMetrics, Protocol};
 
 /// One hook's counters for a port, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
@@ -143,204 +138,7 @@ pub struct GateStats {
     pub unreserved: u64,
 }
 
-macro_rules! open_map {
-    ($gate:expr, $kind:ident, $name:expr, $capacity:expr) => {
-        $kind::try_from($gate.map($name)?)
-            .map_err(|err| GateError::map("opening", $name, $capacity, err))?
-    };
-    (mut $gate:expr, $kind:ident, $name:expr, $capacity:expr) => {
-        $kind::try_from($gate.map_mut($name)?)
-            .map_err(|err| GateError::map("opening", $name, $capacity, err))?
-    };
-}
-
 impl Gate {
-    fn check_managed(&self, port: u16) -> Result<(), GateError> {
-        let config = self.config()?;
-        if config.manages(port) {
-            Ok(())
-        } else {
-            Err(GateError::PortOutsideRange {
-                port,
-                min: config.min_port,
-                max: config.max_port,
-            })
-        }
-    }
-
-    /// Writes the policy of a port: its allowlist first, then the policy record, then
-    /// removes prefixes no longer listed. On error nothing changes (prefixes added by this
-    /// call are taken out again). While it runs, sources in the old or the new allowlist
-    /// pass.
-    pub fn set_policy(&mut self, id: PortId, policy: &PortPolicy) -> Result<(), GateError> {
-        self.check_managed(id.port)?;
-        let Some(record) = policy_record(policy) else {
-            return self.remove_policy(id);
-        };
-        let current = self.known_allowlist(id)?;
-        let wanted: BTreeSet<IpNet> = policy.access.allowed_ips.iter().copied().collect();
-        let added: Vec<IpNet> = wanted.difference(&current).copied().collect();
-        let stale: Vec<IpNet> = current.difference(&wanted).copied().collect();
-        self.insert_prefixes(id, &added)?;
-        if let Err(err) = self.write_policy(id, &record) {
-            self.remove_prefixes(id, &added)?;
-            return Err(err);
-        }
-        self.remove_prefixes(id, &stale)?;
-        self.remember_allowlist(id, wanted);
-        Ok(())
-    }
-
-    /// The allowlist of a port as this handle knows it: the trie is walked once, at the
-    /// first change, and from then on this handle is taken to be the maps' only writer (the
-    /// daemon is), so a change costs what it changes, not the trie's size.
-    fn known_allowlist(&mut self, id: PortId) -> Result<BTreeSet<IpNet>, GateError> {
-        if self.allow_cache.is_none() {
-            let walked = self
-                .allowlists()?
-                .into_iter()
-                .map(|(id, prefixes)| (id, prefixes.iter().copied().collect()))
-                .collect();
-            self.allow_cache = Some(walked);
-        }
-        Ok(self
-            .allow_cache
-            .as_ref()
-            .and_then(|cache| cache.get(&id).cloned())
-            .unwrap_or_default())
-    }
-
-    fn remember_allowlist(&mut self, id: PortId, prefixes: BTreeSet<IpNet>) {
-        if let Some(cache) = self.allow_cache.as_mut() {
-            if prefixes.is_empty() {
-                cache.remove(&id);
-            } else {
-                cache.insert(id, prefixes);
-            }
-        }
-    }
-
-    fn write_policy(&mut self, id: PortId, record: &Policy) -> Result<(), GateError> {
-        let mut policies: HashMap<&mut MapData, PortKey, Policy> =
-            open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
-        policies
-            .insert(port_key(id), record, 0)
-            .map_err(|err| GateError::map("writing", map_names::POLICY, capacity::POLICIES, err))
-    }
-
-    fn insert_prefixes(&mut self, id: PortId, prefixes: &[IpNet]) -> Result<(), GateError> {
-        let mut trie: LpmTrie<&mut MapData, AllowKey, u32> =
-            open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
-        for (done, prefix) in prefixes.iter().enumerate() {
-            let (bits, data) = allow_key(id, *prefix);
-            if let Err(err) = trie.insert(&Key::new(bits, data), 1, 0) {
-                for undo in &prefixes[..done] {
-                    let (bits, data) = allow_key(id, *undo);
-                    let _ignored = trie.remove(&Key::new(bits, data));
-                }
-                return Err(GateError::map(
-                    "adding a prefix",
-                    map_names::ALLOW,
-                    capacity::ALLOW_PREFIXES,
-                    err,
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    fn remove_prefixes(&mut self, id: PortId, prefixes: &[IpNet]) -> Result<(), GateError> {
-        let mut trie: LpmTrie<&mut MapData, AllowKey, u32> =
-            open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
-        for prefix in prefixes {
-            let (bits, data) = allow_key(id, *prefix);
-            absent_is_none(trie.remove(&Key::new(bits, data))).map_err(|err| {
-                GateError::map(
-                    "removing a prefix",
-                    map_names::ALLOW,
-                    capacity::ALLOW_PREFIXES,
-                    err,
-                )
-            })?;
-        }
-        Ok(())
-    }
-
-    /// Removes the policy of a port: it becomes unallocated, then its allowlist and grants
-    /// go.
-    pub fn remove_policy(&mut self, id: PortId) -> Result<(), GateError> {
-        {
-            let mut policies: HashMap<&mut MapData, PortKey, Policy> =
-                open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
-            absent_is_none(policies.remove(&port_key(id))).map_err(|err| {
-                GateError::map("removing", map_names::POLICY, capacity::POLICIES, err)
-            })?;
-        }
-        let prefixes: Vec<IpNet> = self.known_allowlist(id)?.into_iter().collect();
-        self.remove_prefixes(id, &prefixes)?;
-        self.remember_allowlist(id, BTreeSet::new());
-        for grant in self.grants()? {
-            if grant.id == id {
-                self.remove_grant(id, grant.addr)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// The policy record of a port, if allocated.
-    pub fn policy(&self, id: PortId) -> Result<Option<Policy>, GateError> {
-        let policies: HashMap<&MapData, PortKey, Policy> =
-            open_map!(self, HashMap, map_names::POLICY, capacity::POLICIES);
-        absent_is_none(policies.get(&port_key(id), 0))
-            .map_err(|err| GateError::map("reading", map_names::POLICY, capacity::POLICIES, err))
-    }
-
-    /// Every policy record, by port.
-    pub fn policies(&self) -> Result<BTreeMap<PortId, Policy>, GateError> {
-        let mut out = BTreeMap::new();
-        self.batch_read::<PortKey, Policy>(
-            map_names::POLICY,
-            capacity::POLICIES,
-            false,
-            None,
-            |key, policy| {
-                if let (Some(id), Some(policy)) = (port_of(key.port, key.proto), policy.next()) {
-                    out.insert(id, policy);
-                }
-                true
-            },
-        )?;
-        Ok(out)
-    }
-
-    /// Every allowlist, by port, each sorted. Walks the whole trie.
-    pub fn allowlists(&self) -> Result<BTreeMap<PortId, Allowlist>, GateError> {
-        let trie: LpmTrie<&MapData, AllowKey, u32> =
-            open_map!(self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
-        let mut found: BTreeMap<PortId, Vec<IpNet>> = BTreeMap::new();
-        for key in trie.keys() {
-            let key = key.map_err(|err| {
-                GateError::map("listing", map_names::ALLOW, capacity::ALLOW_PREFIXES, err)
-            })?;
-            let data = key.data();
-            let Some(id) = port_of(data.port, data.proto) else {
-                continue;
-            };
-            let addr = addr_from_bytes(data.family, data.addr);
-            let bits = key.prefix_len().saturating_sub(AllowKey::PREFIX_BITS);
-            if let Ok(prefix) = IpNet::new(addr, u8::try_from(bits).unwrap_or(u8::MAX)) {
-                found.entry(id).or_default().push(prefix);
-            }
-        }
-        Ok(found
-            .into_iter()
-            .map(|(id, mut prefixes)| {
-                prefixes.sort();
-                (id, prefixes.into_iter().collect())
-            })
-            .collect())
-    }
-
     /// Grants `addr` access to a port until `expires_ns` (`CLOCK_MONOTONIC`).
     pub fn add_grant(
         &mut self,
@@ -535,7 +333,7 @@ fn slots_of_epoch(row: &ConnSlots, policy: Option<&Policy>) -> ConnSlots {
 
 /// A map operation's result with an absent key as `None` rather than an error (aya reports
 /// a failed lookup as `KeyNotFound` and a failed delete as the syscall's `ENOENT`).
-fn absent_is_none<T>(result: Result<T, MapError>) -> Result<Option<T>, MapError> {
+pub(super) fn absent_is_none<T>(result: Result<T, MapError>) -> Result<Option<T>, MapError> {
     match result {
         Ok(value) => Ok(Some(value)),
         Err(MapError::KeyNotFound) => Ok(None),
@@ -551,7 +349,7 @@ impl Gate {
     /// `on_entry(key, values)` until it returns `false`; `values` holds one value, or one
     /// per possible CPU for a per-CPU map. `start` is a batch token: for an array, the index
     /// before the first one read.
-    fn batch_read<K: aya::Pod, V: aya::Pod>(
+    pub(super) fn batch_read<K: aya::Pod, V: aya::Pod>(
         &self,
         name: &'static str,
         capacity: u32,

@@ -6,16 +6,30 @@
 //! (same maps, counters intact, attachments kept) instead of loading twice.
 //! [`uninstall`] detaches and unpins everything.
 
+/// Opens a map of the loaded object as aya's typed map `$kind`, or says which map and
+/// why not.
+macro_rules! open_map {
+    ($gate:expr, $kind:ident, $name:expr, $capacity:expr) => {
+        $kind::try_from($gate.map($name)?)
+            .map_err(|err| GateError::map("opening", $name, $capacity, err))?
+    };
+    (mut $gate:expr, $kind:ident, $name:expr, $capacity:expr) => {
+        $kind::try_from($gate.map_mut($name)?)
+            .map_err(|err| GateError::map("opening", $name, $capacity, err))?
+    };
+}
+
 mod batch;
 mod error;
 mod events;
 mod keys;
 mod layout;
 mod maps;
+mod policies;
 mod report;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     time::Duration,
@@ -29,7 +43,6 @@ use aya::{
         links::FdLink,
     },
 };
-use ipnet::IpNet;
 use portgate_common::{GateConfig, config_flags, defaults, map_names, program_names};
 
 pub use self::{
@@ -116,11 +129,11 @@ macro_rules! attach_and_pin {
 pub struct Gate {
     pin_dir: PathBuf,
     ebpf: Ebpf,
-    /// Allowlists as last written, filled on first use (see `known_allowlist`).
+    /// Allowlists as last written, filled on first use (see `take_known`).
     allow_cache: Option<AllowlistCache>,
 }
 
-type AllowlistCache = BTreeMap<PortId, BTreeSet<IpNet>>;
+type AllowlistCache = BTreeMap<PortId, policies::KnownAllowlist>;
 
 /// The cgroup programs: (program, link pin name).
 const CGROUP_LINKS: [(&str, &str); 4] = [

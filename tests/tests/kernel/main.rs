@@ -10,6 +10,7 @@
 //! the kernel: run them on one thread.
 
 mod allowlist;
+mod allowlist_change;
 mod bind_ownership;
 mod conn_limit;
 mod daemon_api;

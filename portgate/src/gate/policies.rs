@@ -1,0 +1,315 @@
+//! A port's policy record and allowlist in the maps, changed so that every packet sees
+//! either the whole old policy or the whole new one.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use aya::maps::{HashMap, MapData, lpm_trie::Key, lpm_trie::LpmTrie};
+use ipnet::IpNet;
+use portgate_common::{AllowKey, Policy, PortKey, capacity, map_names};
+
+use super::{
+    AllowlistCache, Gate, GateError,
+    keys::{addr_from_bytes, allow_key, generation_of, policy_record, port_key, port_of},
+    maps::absent_is_none,
+};
+use crate::model::{Allowlist, PortId, PortPolicy};
+
+/// What a handle knows of one port's allowlist in the trie.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(super) struct KnownAllowlist {
+    /// The generation in force: the one the port's record names (0 for a port the first
+    /// walk found without a record).
+    generation: u8,
+    /// The prefixes under each generation. The unused one is empty, except after a failed
+    /// removal or for a port without a record; a change clears it before writing it.
+    prefixes: [BTreeSet<IpNet>; 2],
+}
+
+impl Gate {
+    pub(super) fn check_managed(&self, port: u16) -> Result<(), GateError> {
+        let config = self.config()?;
+        if config.manages(port) {
+            Ok(())
+        } else {
+            Err(GateError::PortOutsideRange {
+                port,
+                min: config.min_port,
+                max: config.max_port,
+            })
+        }
+    }
+
+    /// Writes the policy of a port. Every packet is judged by either the whole old policy or
+    /// the whole new one, never by a mix: the record and the allowlist it enforces change
+    /// together, in one write of the record.
+    ///
+    /// Each port has two generations of its allowlist in the trie and its record names the
+    /// one in force. An unchanged allowlist costs one write of the record. A changed one is
+    /// written whole under the unused generation, then the record switches to it, then the
+    /// old generation's prefixes are removed: the change costs the new list plus the old,
+    /// and needs room in the trie for both while it runs.
+    ///
+    /// On an error before the switch nothing changes (prefixes this call added are taken
+    /// out again). An error removing the old prefixes after the switch is returned with the
+    /// new policy in force; what is left of them sits in the unused generation, which the
+    /// port's next change clears before writing it.
+    pub fn set_policy(&mut self, id: PortId, policy: &PortPolicy) -> Result<(), GateError> {
+        self.check_managed(id.port)?;
+        let (Some(zero), Some(one)) = (policy_record(policy, 0), policy_record(policy, 1)) else {
+            return self.remove_policy(id);
+        };
+        let wanted = policy.access.allowed_ips.iter().copied().collect();
+        let mut known = self.take_known(id)?;
+        let result = self.switch_policy(id, [zero, one], wanted, &mut known);
+        self.put_known(id, known);
+        result
+    }
+
+    /// Puts in force `records[g]` (the policy's record naming generation `g`) with `wanted`
+    /// as its allowlist. `known` follows the trie at every step, failed ones included.
+    fn switch_policy(
+        &mut self,
+        id: PortId,
+        records: [Policy; 2],
+        wanted: BTreeSet<IpNet>,
+        known: &mut KnownAllowlist,
+    ) -> Result<(), GateError> {
+        let in_force = known.generation;
+        let spare = in_force ^ 1;
+        // Leftovers under the unused generation would come in force with it.
+        self.clear_generation(id, known, spare)?;
+        if wanted == known.prefixes[usize::from(in_force)] {
+            return self.write_policy(id, &records[usize::from(in_force)]);
+        }
+        // From here until they are taken out again, any of them may be in the trie.
+        known.prefixes[usize::from(spare)] = wanted;
+        let switched = self
+            .insert_prefixes(id, spare, &known.prefixes[usize::from(spare)])
+            .and_then(|()| self.write_policy(id, &records[usize::from(spare)]));
+        if let Err(err) = switched {
+            self.clear_generation(id, known, spare)?;
+            return Err(err);
+        }
+        known.generation = spare;
+        self.clear_generation(id, known, in_force)
+    }
+
+    /// Removes a port's prefixes of `generation`, as `known` lists them, and forgets them.
+    fn clear_generation(
+        &mut self,
+        id: PortId,
+        known: &mut KnownAllowlist,
+        generation: u8,
+    ) -> Result<(), GateError> {
+        let prefixes = &mut known.prefixes[usize::from(generation)];
+        if !prefixes.is_empty() {
+            self.remove_prefixes(id, generation, prefixes)?;
+            prefixes.clear();
+        }
+        Ok(())
+    }
+
+    /// What this handle knows of a port's allowlist, taken out of its cache until
+    /// [`Self::put_known`] puts it back. The trie is walked once, at the first change, and
+    /// from then on this handle is taken to be the maps' only writer (the daemon is), so a
+    /// change costs what it writes, not the trie's size.
+    fn take_known(&mut self, id: PortId) -> Result<KnownAllowlist, GateError> {
+        let cache = match self.allow_cache.take() {
+            Some(cache) => cache,
+            None => self.walk_allowlists()?,
+        };
+        let cache = self.allow_cache.insert(cache);
+        Ok(cache.remove(&id).unwrap_or_default())
+    }
+
+    fn put_known(&mut self, id: PortId, known: KnownAllowlist) {
+        if let Some(cache) = self.allow_cache.as_mut()
+            && known != KnownAllowlist::default()
+        {
+            cache.insert(id, known);
+        }
+    }
+
+    /// The first walk: every port's prefixes of both generations, and the generation its
+    /// record puts in force. An allocated port's entries of the unused generation (left by
+    /// a change cut short) are removed, so that no later switch can bring them in force.
+    /// A port without a record keeps what it has (generation 0 counts as in force for it).
+    fn walk_allowlists(&mut self) -> Result<AllowlistCache, GateError> {
+        let policies = self.policies()?;
+        let mut cache: AllowlistCache = self
+            .stored_allowlists()?
+            .into_iter()
+            .map(|(id, prefixes)| {
+                let known = KnownAllowlist {
+                    generation: 0,
+                    prefixes,
+                };
+                (id, known)
+            })
+            .collect();
+        for (id, record) in policies {
+            let known = cache.entry(id).or_default();
+            known.generation = generation_of(&record);
+            let unused = known.generation ^ 1;
+            self.clear_generation(id, known, unused)?;
+        }
+        cache.retain(|_, known| *known != KnownAllowlist::default());
+        Ok(cache)
+    }
+
+    fn write_policy(&mut self, id: PortId, record: &Policy) -> Result<(), GateError> {
+        let mut policies: HashMap<&mut MapData, PortKey, Policy> =
+            open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
+        policies
+            .insert(port_key(id), record, 0)
+            .map_err(|err| GateError::map("writing", map_names::POLICY, capacity::POLICIES, err))
+    }
+
+    /// Adds `prefixes` under `generation`; on an error, those added stay (the caller removes
+    /// them).
+    fn insert_prefixes(
+        &mut self,
+        id: PortId,
+        generation: u8,
+        prefixes: &BTreeSet<IpNet>,
+    ) -> Result<(), GateError> {
+        let mut trie: LpmTrie<&mut MapData, AllowKey, u32> =
+            open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
+        for prefix in prefixes {
+            let (bits, data) = allow_key(id, generation, *prefix);
+            trie.insert(&Key::new(bits, data), 1, 0).map_err(|err| {
+                GateError::map(
+                    "adding a prefix",
+                    map_names::ALLOW,
+                    capacity::ALLOW_PREFIXES,
+                    err,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes `prefixes` under `generation`; absent ones are not an error.
+    fn remove_prefixes(
+        &mut self,
+        id: PortId,
+        generation: u8,
+        prefixes: &BTreeSet<IpNet>,
+    ) -> Result<(), GateError> {
+        let mut trie: LpmTrie<&mut MapData, AllowKey, u32> =
+            open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
+        for prefix in prefixes {
+            let (bits, data) = allow_key(id, generation, *prefix);
+            absent_is_none(trie.remove(&Key::new(bits, data))).map_err(|err| {
+                GateError::map(
+                    "removing a prefix",
+                    map_names::ALLOW,
+                    capacity::ALLOW_PREFIXES,
+                    err,
+                )
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Removes the policy of a port: it becomes unallocated, then its allowlist (both
+    /// generations) and grants go.
+    pub fn remove_policy(&mut self, id: PortId) -> Result<(), GateError> {
+        let mut known = self.take_known(id)?;
+        let result = self.remove_record_and_allowlist(id, &mut known);
+        self.put_known(id, known);
+        result?;
+        for grant in self.grants()? {
+            if grant.id == id {
+                self.remove_grant(id, grant.addr)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_record_and_allowlist(
+        &mut self,
+        id: PortId,
+        known: &mut KnownAllowlist,
+    ) -> Result<(), GateError> {
+        {
+            let mut policies: HashMap<&mut MapData, PortKey, Policy> =
+                open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
+            absent_is_none(policies.remove(&port_key(id))).map_err(|err| {
+                GateError::map("removing", map_names::POLICY, capacity::POLICIES, err)
+            })?;
+        }
+        self.clear_generation(id, known, 0)?;
+        self.clear_generation(id, known, 1)
+    }
+
+    /// The policy record of a port, if allocated.
+    pub fn policy(&self, id: PortId) -> Result<Option<Policy>, GateError> {
+        let policies: HashMap<&MapData, PortKey, Policy> =
+            open_map!(self, HashMap, map_names::POLICY, capacity::POLICIES);
+        absent_is_none(policies.get(&port_key(id), 0))
+            .map_err(|err| GateError::map("reading", map_names::POLICY, capacity::POLICIES, err))
+    }
+
+    /// Every policy record, by port.
+    pub fn policies(&self) -> Result<BTreeMap<PortId, Policy>, GateError> {
+        let mut out = BTreeMap::new();
+        self.batch_read::<PortKey, Policy>(
+            map_names::POLICY,
+            capacity::POLICIES,
+            false,
+            None,
+            |key, policy| {
+                if let (Some(id), Some(policy)) = (port_of(key.port, key.proto), policy.next()) {
+                    out.insert(id, policy);
+                }
+                true
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Every allowlist in force, by port, each sorted: the generation its record names.
+    /// A port without a record shows every prefix it has (of a change cut short, for
+    /// reconciliation to remove). Walks the whole trie.
+    pub fn allowlists(&self) -> Result<BTreeMap<PortId, Allowlist>, GateError> {
+        let policies = self.policies()?;
+        Ok(self
+            .stored_allowlists()?
+            .into_iter()
+            .filter_map(|(id, [zero, one])| {
+                let prefixes = match policies.get(&id).map(generation_of) {
+                    Some(0) => zero,
+                    Some(_) => one,
+                    None => zero.into_iter().chain(one).collect(),
+                };
+                (!prefixes.is_empty()).then(|| (id, prefixes.into_iter().collect()))
+            })
+            .collect())
+    }
+
+    /// Every prefix in the trie, by port and generation.
+    fn stored_allowlists(&self) -> Result<BTreeMap<PortId, [BTreeSet<IpNet>; 2]>, GateError> {
+        let trie: LpmTrie<&MapData, AllowKey, u32> =
+            open_map!(self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
+        let mut found: BTreeMap<PortId, [BTreeSet<IpNet>; 2]> = BTreeMap::new();
+        for key in trie.keys() {
+            let key = key.map_err(|err| {
+                GateError::map("listing", map_names::ALLOW, capacity::ALLOW_PREFIXES, err)
+            })?;
+            let data = key.data();
+            let (Some(id), Some(generation)) = (
+                port_of(data.port, data.proto),
+                (data.generation < 2).then_some(usize::from(data.generation)),
+            ) else {
+                continue;
+            };
+            let addr = addr_from_bytes(data.family, data.addr);
+            let bits = key.prefix_len().saturating_sub(AllowKey::PREFIX_BITS);
+            if let Ok(prefix) = IpNet::new(addr, u8::try_from(bits).unwrap_or(u8::MAX)) {
+                found.entry(id).or_default()[generation].insert(prefix);
+            }
+        }
+        Ok(found)
+    }
+}
