@@ -94,15 +94,7 @@ fn which(program: &str) -> Option<PathBuf> {
 
 /// Runs a command, panicking with its output when it fails.
 pub fn run(program: &str, args: &[&str]) {
-    let output = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|err| panic!("running {program} {args:?}: {err}"));
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    output(program, args);
 }
 
 /// Runs a command and returns its standard output, panicking with its errors when it fails.

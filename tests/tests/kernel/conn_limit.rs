@@ -238,15 +238,21 @@ fn a_new_allocation_of_a_port_does_not_inherit_the_last_ones_connections() {
         ..PortPolicy::default()
     };
     let mut fixture = LoopbackPort::new(port, &policy(1));
+    let one_established = |gate: &portgate::gate::Gate| {
+        assert!(
+            eventually(Duration::from_secs(3), || gate
+                .slots(id)
+                .expect("slots")
+                .established
+                == 1),
+            "one connection counted: {:?}",
+            gate.slots(id)
+        );
+    };
     let old = fixture
         .connect(LOCAL, CONNECT_WITHIN)
         .expect("the first allocation's connection");
-    let gate = &fixture.gate;
-    assert!(eventually(Duration::from_secs(3), || gate
-        .slots(id)
-        .expect("slots")
-        .established
-        == 1));
+    one_established(&fixture.gate);
     // The port is allocated again (a new epoch) while that connection lives on.
     fixture.gate.set_policy(id, &policy(2)).expect("reallocate");
     assert_eq!(fixture.gate.slots(id).expect("slots").established, 0);
@@ -254,11 +260,7 @@ fn a_new_allocation_of_a_port_does_not_inherit_the_last_ones_connections() {
         .connect(LOCAL, CONNECT_WITHIN)
         .expect("the new allocation has its whole limit");
     let gate = &fixture.gate;
-    assert!(eventually(Duration::from_secs(3), || gate
-        .slots(id)
-        .expect("slots")
-        .established
-        == 1));
+    one_established(gate);
     // The old connection closing leaves the new allocation's count alone.
     drop(old);
     thread::sleep(Duration::from_millis(300));
