@@ -67,6 +67,14 @@ impl Totals {
         }
     }
 
+    /// Adds the totals of another run.
+    pub fn add(&mut self, other: &Self) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+        self.ignored += other.ignored;
+        self.skipped += other.skipped;
+    }
+
     /// Tests that ran their kernel part.
     #[must_use]
     pub const fn ran(&self) -> u64 {
@@ -89,10 +97,15 @@ pub fn run(args: &TestArgs) -> Result<()> {
 
     let mut failed = false;
     if !args.kernel {
-        let unit = cargo_test(
+        let mut unit = cargo_test(
             &["-p", "portgate", "-p", "portgate-common", "-p", "xtask"],
             &args.passthrough,
         )?;
+        // The test crate's own unit tests (fixtures, the benchmark binary's helpers).
+        unit.add(&cargo_test(
+            &["-p", "portgate-tests", "--lib", "--bins"],
+            &args.passthrough,
+        )?);
         println!(
             "unit tests: {} passed, {} failed, {} ignored",
             unit.passed, unit.failed, unit.ignored
@@ -105,7 +118,7 @@ pub fn run(args: &TestArgs) -> Result<()> {
         crate::setup::status("cargo", &["build", "-p", "portgate", "--bins"])?;
         let mut test_args = vec!["--test-threads=1".to_owned()];
         test_args.extend(args.passthrough.iter().cloned());
-        let kernel = cargo_test(&["-p", "portgate-tests"], &test_args)?;
+        let kernel = cargo_test(&["-p", "portgate-tests", "--test", "kernel"], &test_args)?;
         println!(
             "kernel tests: {} ran ({} passed, {} failed), {} skipped, {} ignored",
             kernel.ran(),
