@@ -151,7 +151,8 @@ pub fn claim(flow: &FlowKey) -> Option<u32> {
     let created_field = unsafe { &raw mut (*entry).created_ns };
     // SAFETY: as above.
     let epoch = unsafe { (*entry).epoch };
-    for _ in 0..2 {
+    // Only a renewal by another packet of the handshake can change it meanwhile.
+    for _ in 0..16 {
         let created = load(created_field);
         if created == PendingSyn::CLAIMED {
             return None;

@@ -3,11 +3,20 @@
 
 use core::mem::size_of;
 
-use aya_ebpf::{helpers::bpf_sk_fullsock, programs::SkBuffContext};
+use aya_ebpf::{
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN, BPF_TCP_NEW_SYN_RECV, bpf_sock_tuple,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as TupleV4,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as TupleV6,
+    },
+    helpers::{bpf_sk_fullsock, bpf_sk_release, bpf_skc_lookup_tcp},
+    programs::SkBuffContext,
+};
+use portgate_common::family;
 use portgate_common::hook;
 
 use crate::{
-    parse::{Parsed, Reader, parse_l3},
+    parse::{PacketInfo, Parsed, Reader, parse_l3},
     verdict::{self, Refusal},
 };
 
@@ -49,9 +58,6 @@ impl Reader for SkbReader<'_> {
     }
 }
 
-/// `BPF_TCP_LISTEN`, the state of a listening socket in `struct bpf_sock`.
-const TCP_LISTEN: u32 = 10;
-
 /// `Err` says why the packet is dropped. One the verdict does not apply to (not IP, neither
 /// TCP nor UDP, outside the managed range) is `Ok`; one whose ports cannot be read (after
 /// reassembly, as this hook sees packets) is dropped by [`verdict::unreadable`].
@@ -63,7 +69,9 @@ pub fn try_skb(ctx: &SkBuffContext) -> Result<(), Refusal> {
     match parse_l3(&SkbReader::new(ctx), ethertype, 0) {
         Parsed::Packet(mut info) => {
             info.to_listener = to_listener(ctx);
-            verdict::enforce(&info, hook::SKB, u64::from(ctx.len()))
+            verdict::enforce(&info, hook::SKB, u64::from(ctx.len()), || {
+                handshake_done(ctx, &info)
+            })
         }
         Parsed::Other => Ok(()),
         Parsed::Unreadable => verdict::unreadable(hook::SKB),
@@ -86,5 +94,68 @@ fn to_listener(ctx: &SkBuffContext) -> bool {
         return false;
     }
     // SAFETY: `full` is a full socket, checked above.
-    unsafe { (*full).state == TCP_LISTEN }
+    unsafe { (*full).state == BPF_TCP_LISTEN }
+}
+
+/// Whether the connection of a packet that reached the listening socket is established
+/// already: another packet of the same handshake, on another CPU, completed it since this
+/// one was looked up. The packet then belongs to that connection, not to a new one.
+#[inline(always)]
+fn handshake_done(ctx: &SkBuffContext, info: &PacketInfo) -> bool {
+    // SAFETY: all-zero is a valid tuple (plain integers).
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if info.family == family::V4 {
+        tuple.__bindgen_anon_1.ipv4 = TupleV4 {
+            saddr: u32::from_ne_bytes([info.saddr[0], info.saddr[1], info.saddr[2], info.saddr[3]]),
+            daddr: u32::from_ne_bytes([info.daddr[0], info.daddr[1], info.daddr[2], info.daddr[3]]),
+            sport: info.sport.to_be(),
+            dport: info.dport.to_be(),
+        };
+        size_of::<TupleV4>()
+    } else {
+        let word = |bytes: &[u8; 16], i: usize| {
+            u32::from_ne_bytes([
+                bytes[i * 4],
+                bytes[i * 4 + 1],
+                bytes[i * 4 + 2],
+                bytes[i * 4 + 3],
+            ])
+        };
+        tuple.__bindgen_anon_1.ipv6 = TupleV6 {
+            saddr: [
+                word(&info.saddr, 0),
+                word(&info.saddr, 1),
+                word(&info.saddr, 2),
+                word(&info.saddr, 3),
+            ],
+            daddr: [
+                word(&info.daddr, 0),
+                word(&info.daddr, 1),
+                word(&info.daddr, 2),
+                word(&info.daddr, 3),
+            ],
+            sport: info.sport.to_be(),
+            dport: info.dport.to_be(),
+        };
+        size_of::<TupleV6>()
+    };
+    #[expect(clippy::cast_possible_truncation, reason = "a tuple is 12 or 36 bytes")]
+    // SAFETY: the context is the kernel's skb, the tuple lives on this stack for the call.
+    let found = unsafe {
+        bpf_skc_lookup_tcp(
+            ctx.skb.skb.cast(),
+            &raw mut tuple,
+            size as u32,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        )
+    };
+    if found.is_null() {
+        return false;
+    }
+    // SAFETY: a socket the helper returned (a reference, released just below).
+    let state = unsafe { (*found).state };
+    // SAFETY: releases the reference the lookup took.
+    unsafe { bpf_sk_release(found.cast()) };
+    state != BPF_TCP_LISTEN && state != BPF_TCP_NEW_SYN_RECV
 }

@@ -79,8 +79,17 @@ pub fn unreadable(hook_code: u8) -> Result<(), Refusal> {
 /// Both hooks judge every packet they see. The hand-off only keeps `cgroup_skb` from
 /// counting again a packet XDP passed and counted (its packets, bytes and acceptance);
 /// drops are counted by the hook that drops.
+///
+/// `handshake_done` is asked, only for a packet that would end a handshake and is about to
+/// be refused or to take a reservation, whether its connection is established already
+/// (another packet of the handshake completed it): the packet is then that connection's.
 #[inline(always)]
-pub fn enforce(info: &PacketInfo, hook_code: u8, bytes: u64) -> Result<(), Refusal> {
+pub fn enforce(
+    info: &PacketInfo,
+    hook_code: u8,
+    bytes: u64,
+    handshake_done: impl FnOnce() -> bool,
+) -> Result<(), Refusal> {
     let Some(config) = CONFIG.get(0) else {
         return Ok(());
     };
@@ -101,7 +110,7 @@ pub fn enforce(info: &PacketInfo, hook_code: u8, bytes: u64) -> Result<(), Refus
             (*row).bytes += bytes;
         }
     }
-    match decide(config, info, &mut clock) {
+    match decide(config, info, &mut clock, handshake_done) {
         Verdict::Pass => {}
         Verdict::Accept => {
             if let Some(row) = counters
@@ -136,20 +145,34 @@ pub fn enforce(info: &PacketInfo, hook_code: u8, bytes: u64) -> Result<(), Refus
 /// completes its handshake ([`PacketInfo::completes_handshake`]), where a limited port
 /// also needs a live reservation, or a slot free at that moment.
 #[inline(always)]
-fn decide(config: &GateConfig, info: &PacketInfo, clock: &mut Clock) -> Verdict {
+fn decide<F: FnOnce() -> bool>(
+    config: &GateConfig,
+    info: &PacketInfo,
+    clock: &mut Clock,
+    handshake_done: F,
+) -> Verdict {
     let key = PortKey::new(info.dport, info.proto);
     let handshake = info.completes_handshake();
     let new_connection = info.new_connection() || handshake;
+    // A packet of a handshake another packet completed meanwhile is established traffic.
+    let refuse = |code: u8, handshake_done: &mut Option<F>| {
+        if handshake && handshake_done.take().is_some_and(|done| done()) {
+            Verdict::Pass
+        } else {
+            Verdict::Drop(code)
+        }
+    };
+    let mut handshake_done = Some(handshake_done);
     // SAFETY: the value is copied out at once; userspace replaces whole records.
     let Some(policy) = (unsafe { POLICY.get(key) }).copied() else {
         return if new_connection {
-            Verdict::Drop(reason::UNALLOCATED)
+            refuse(reason::UNALLOCATED, &mut handshake_done)
         } else {
             Verdict::Pass
         };
     };
     if new_connection && policy.status != status::ACTIVE {
-        return Verdict::Drop(reason::DRAINING);
+        return refuse(reason::DRAINING, &mut handshake_done);
     }
     if policy.flags & policy_flags::ALLOWLIST != 0 && !source_allowed(info, &policy) {
         return Verdict::Drop(reason::NOT_ALLOWED);
@@ -159,7 +182,7 @@ fn decide(config: &GateConfig, info: &PacketInfo, clock: &mut Clock) -> Verdict 
     }
     let now = clock.now();
     if policy.flags & policy_flags::REQUIRE_AUTH != 0 && !granted(info, now) {
-        return Verdict::Drop(reason::AUTH_REQUIRED);
+        return refuse(reason::AUTH_REQUIRED, &mut handshake_done);
     }
     if info.proto == proto::UDP {
         return Verdict::Accept;
@@ -173,7 +196,10 @@ fn decide(config: &GateConfig, info: &PacketInfo, clock: &mut Clock) -> Verdict 
         };
     }
     let flow = flow_key(info);
-    if handshake && reservations::confirm(config, &flow, policy.epoch, now) {
+    if handshake
+        && (reservations::confirm(config, &flow, policy.epoch, now)
+            || handshake_done.take().is_some_and(|done| done()))
+    {
         return Verdict::Pass;
     }
     match reservations::reserve(config, &flow, policy.epoch, policy.max_connections, now) {

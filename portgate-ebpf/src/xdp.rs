@@ -56,7 +56,8 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<(), Refusal> {
         Parsed::Packet(info) => {
             // SAFETY: the context pointer is the kernel's, valid for the program's run.
             let bytes = unsafe { bpf_xdp_get_buff_len(ctx.ctx) };
-            verdict::enforce(&info, hook::XDP, bytes)
+            // XDP sees no socket: no packet of its is taken for the end of a handshake.
+            verdict::enforce(&info, hook::XDP, bytes, || false)
         }
         Parsed::Other => Ok(()),
         Parsed::Unreadable => verdict::unreadable(hook::XDP),
