@@ -146,7 +146,7 @@ fn handshake_done(ctx: &SkBuffContext, info: &PacketInfo) -> bool {
             ctx.skb.skb.cast(),
             &raw mut tuple,
             size as u32,
-            BPF_F_CURRENT_NETNS as u64,
+            i64::from(BPF_F_CURRENT_NETNS).cast_unsigned(),
             0,
         )
     };
