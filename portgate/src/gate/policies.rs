@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::{HashMap, MapData, lpm_trie::Key, lpm_trie::LpmTrie};
+use aya::maps::{HashMap, MapData, MapError, lpm_trie::Key, lpm_trie::LpmTrie};
 use ipnet::IpNet;
 use portgate_common::{AllowKey, Policy, PortKey, capacity, map_names};
 
@@ -173,20 +173,9 @@ impl Gate {
         generation: u8,
         prefixes: &BTreeSet<IpNet>,
     ) -> Result<(), GateError> {
-        let mut trie: LpmTrie<&mut MapData, AllowKey, u32> =
-            open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
-        for prefix in prefixes {
-            let (bits, data) = allow_key(id, generation, *prefix);
-            trie.insert(&Key::new(bits, data), 1, 0).map_err(|err| {
-                GateError::map(
-                    "adding a prefix",
-                    map_names::ALLOW,
-                    capacity::ALLOW_PREFIXES,
-                    err,
-                )
-            })?;
-        }
-        Ok(())
+        self.each_prefix(id, generation, prefixes, "adding a prefix", |trie, key| {
+            trie.insert(key, 1, 0)
+        })
     }
 
     /// Removes `prefixes` under `generation`; absent ones are not an error.
@@ -196,17 +185,34 @@ impl Gate {
         generation: u8,
         prefixes: &BTreeSet<IpNet>,
     ) -> Result<(), GateError> {
+        self.each_prefix(
+            id,
+            generation,
+            prefixes,
+            "removing a prefix",
+            |trie, key| absent_is_none(trie.remove(key)).map(drop),
+        )
+    }
+
+    /// Applies `change` to the trie key of each of `prefixes` under `generation`, stopping
+    /// at the first error (`doing` names the step in it).
+    fn each_prefix(
+        &mut self,
+        id: PortId,
+        generation: u8,
+        prefixes: &BTreeSet<IpNet>,
+        doing: &'static str,
+        change: impl Fn(
+            &mut LpmTrie<&mut MapData, AllowKey, u32>,
+            &Key<AllowKey>,
+        ) -> Result<(), MapError>,
+    ) -> Result<(), GateError> {
         let mut trie: LpmTrie<&mut MapData, AllowKey, u32> =
             open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
         for prefix in prefixes {
             let (bits, data) = allow_key(id, generation, *prefix);
-            absent_is_none(trie.remove(&Key::new(bits, data))).map_err(|err| {
-                GateError::map(
-                    "removing a prefix",
-                    map_names::ALLOW,
-                    capacity::ALLOW_PREFIXES,
-                    err,
-                )
+            change(&mut trie, &Key::new(bits, data)).map_err(|err| {
+                GateError::map(doing, map_names::ALLOW, capacity::ALLOW_PREFIXES, err)
             })?;
         }
         Ok(())
