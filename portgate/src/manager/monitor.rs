@@ -405,7 +405,7 @@ impl PortsCollector {
                 ("ring_full", snapshot.gate.events_lost_full),
                 ("rate_limited", snapshot.gate.events_rate_limited),
             ]
-            .map(|(cause, count)| (vec![("cause", cause.to_owned())], count)),
+            .map(by_cause),
         )?;
         Self::encode_gate(snapshot, encoder)
     }
@@ -438,7 +438,7 @@ impl PortsCollector {
                 ("map_full", gate.pending_full),
                 ("port_share_full", gate.pending_port_full),
             ]
-            .map(|(cause, count)| (vec![("cause", cause.to_owned())], count)),
+            .map(by_cause),
         )?;
         encode_values(
             encoder,
@@ -469,9 +469,14 @@ impl PortsCollector {
                 ("socket_map_full", gate.sockets_full),
                 ("unreserved", gate.unreserved),
             ]
-            .map(|(cause, count)| (vec![("cause", cause.to_owned())], count)),
+            .map(by_cause),
         )
     }
+}
+
+/// A value under its `cause` label.
+fn by_cause((cause, count): (&str, u64)) -> (Labels, u64) {
+    (vec![("cause", cause.to_owned())], count)
 }
 
 /// One family (`name`, `help`) of plain values, each under its labels: gauges or counters.
