@@ -13,7 +13,7 @@
 ///
 /// Kernel object names hold at most 15 bytes.
 pub mod map_names {
-    /// Per-(port, proto) policy: [`crate::Policy`] keyed by [`crate::PortKey`].
+    /// Per-port policy: [`crate::Policy`] keyed by [`crate::PortKey`].
     pub const POLICY: &str = "PG_POLICY";
     /// Allowlist prefixes: LPM trie keyed by [`crate::AllowKey`] with a prefix length.
     pub const ALLOW: &str = "PG_ALLOW";
@@ -21,7 +21,7 @@ pub mod map_names {
     pub const GRANTS: &str = "PG_GRANTS";
     /// Per-CPU [`crate::Counters`] keyed by [`crate::CounterKey`].
     pub const COUNTERS: &str = "PG_COUNTERS";
-    /// TCP connection slots per port: [`crate::ConnSlots`] indexed by port.
+    /// TCP connection slots per port: [`crate::ConnSlots`] keyed by [`crate::PortKey`].
     pub const SLOTS: &str = "PG_SLOTS";
     /// SYNs admitted whose handshake has not completed: [`crate::PendingSyn`] keyed by
     /// [`crate::FlowKey`].
@@ -38,11 +38,13 @@ pub mod map_names {
     pub const STATS: &str = "PG_STATS";
     /// Packets XDP passed, for `cgroup_skb` to skip: LRU map keyed by [`crate::HandoffKey`].
     pub const HANDOFF: &str = "PG_HANDOFF";
+    /// The namespace each XDP interface carries traffic for: netns cookie keyed by ifindex.
+    pub const XDP_NETNS: &str = "PG_XDP_NETNS";
 
     /// Every map, in the order userspace pins, adopts and removes them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 13] = [
         POLICY, ALLOW, GRANTS, COUNTERS, SLOTS, PENDING, SOCKETS, EVENTS, EVENT_RATE, CONFIG,
-        STATS, HANDOFF,
+        STATS, HANDOFF, XDP_NETNS,
     ];
 }
 
@@ -62,8 +64,9 @@ pub mod program_names {
 
 /// Capacities of the maps.
 pub mod capacity {
-    /// Every port in both protocols.
-    pub const POLICIES: u32 = 65_536 * 2;
+    /// Policy records: every port in both protocols of the host's namespace, once more
+    /// for other namespaces' ports and the host sides of published ports.
+    pub const POLICIES: u32 = 65_536 * 2 * 2;
     /// Allowlist prefixes over all ports: room for 10,000 ports with 100 prefixes each
     /// (the map is not preallocated: memory follows the prefixes actually stored).
     pub const ALLOW_PREFIXES: u32 = 1 << 20;
@@ -71,8 +74,8 @@ pub mod capacity {
     pub const GRANTS: u32 = 131_072;
     /// Counter rows: every port, both protocols, every hook.
     pub const COUNTERS: u32 = 65_536 * 2 * super::hook::COUNT as u32;
-    /// One slot row per port number.
-    pub const SLOTS: u32 = 65_536;
+    /// Slot rows: one per TCP policy record, and the sweep clock's.
+    pub const SLOTS: u32 = 65_536 * 2 + 1;
     /// Handshakes in flight over all ports.
     pub const PENDING: u32 = 65_536;
     /// Handshakes in flight on one port: one port's SYNs cannot take more than this share
@@ -84,6 +87,8 @@ pub mod capacity {
     pub const EVENTS_BYTES: u32 = 1 << 20;
     /// Rate-limiter rows: every port in both protocols.
     pub const EVENT_RATE: u32 = 65_536 * 2;
+    /// Interfaces with XDP attached.
+    pub const XDP_NETNS: u32 = 1_024;
     /// Packets remembered between XDP and `cgroup_skb` (an LRU map).
     pub const HANDOFF: u32 = 16_384;
     /// Length of the per-CPU statistics array.
@@ -239,27 +244,47 @@ pub mod config_flags {
     pub const XDP_ATTACHED: u32 = 1 << 1;
 }
 
-/// Key of the policy, rate-limit and slot maps: a port in one protocol.
+/// The network namespace of the host's own ports in every key: the namespace the gate was
+/// installed for ([`GateConfig::host_netns`]). Any other namespace is keyed by its netns
+/// cookie, which the kernel never gives to two namespaces while it runs and never makes 0.
+pub const HOST_NETNS: u64 = 0;
+
+/// A port's identity, (network namespace, protocol, port): the key of the policy,
+/// rate-limit and slot maps, and the start of every other per-port key.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct PortKey {
+    /// The namespace's netns cookie, or [`HOST_NETNS`].
+    pub netns: u64,
     /// Port number, host byte order.
     pub port: u16,
     /// [`proto::TCP`] or [`proto::UDP`].
     pub proto: u8,
     /// Always zero, so this type has no implicit padding.
-    pub _pad: u8,
+    pub _pad: [u8; 5],
 }
 
 impl PortKey {
-    /// The key of `port` in `proto`.
+    /// The key of `port` in `proto` in the namespace `netns`.
     #[must_use]
-    pub const fn new(port: u16, proto: u8) -> Self {
+    pub const fn new(netns: u64, port: u16, proto: u8) -> Self {
         Self {
+            netns,
             port,
             proto,
-            _pad: 0,
+            _pad: [0; 5],
         }
+    }
+}
+
+/// The namespace key of a netns cookie: [`HOST_NETNS`] for the host's, the cookie otherwise.
+#[must_use]
+#[inline]
+pub const fn netns_key(cookie: u64, config: &GateConfig) -> u64 {
+    if cookie == config.host_netns {
+        HOST_NETNS
+    } else {
+        cookie
     }
 }
 
@@ -278,34 +303,50 @@ pub struct Policy {
     pub max_connections: u32,
     /// Level of `owner_cgroup` in the cgroup2 hierarchy (the root is level 0).
     pub owner_level: u32,
+    /// The host port this allocation is published on (a record of its own keyed there
+    /// points [`Policy::home`] here); 0 when not published. Read by userspace only, to find
+    /// that record again.
+    pub published_port: u16,
     /// Always zero, so this type has no implicit padding.
-    pub _pad: u32,
+    pub _pad: u16,
     /// cgroup id (the cgroup directory's inode number) of the owner; 0 when no owner.
     pub owner_cgroup: u64,
+    /// The allocation this record belongs to: where its allowlist, grants, counters, slots
+    /// and reservations are kept. The record's own key, except for the host side of a
+    /// published port (host port -> DNAT -> container port), whose record is a copy of the
+    /// container port's pointing home to it, so that whichever hook sees a connection
+    /// judges and counts it as the one allocation it is.
+    pub home: PortKey,
 }
 
 /// An address in the context of a port: the key of the grants map.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AddrKey {
+    /// The port's namespace, as in [`PortKey::netns`].
+    pub netns: u64,
     /// Port number, host byte order.
     pub port: u16,
     /// [`proto::TCP`] or [`proto::UDP`].
     pub proto: u8,
     /// [`family::V4`] or [`family::V6`].
     pub family: u8,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad: [u8; 4],
     /// The address in network byte order; IPv4 in the first 4 bytes, the rest zero.
     pub addr: [u8; 16],
 }
 
 /// An allowlist prefix's key data in the [`map_names::ALLOW`] LPM trie.
 ///
-/// The first 40 bits (port, proto, family, generation) are always matched, so the prefix
-/// length of a CIDR `a/n` is `40 + n`. Each port has two generations of its allowlist;
+/// The first 104 bits (namespace, port, proto, family, generation) are always matched, so
+/// the prefix length of a CIDR `a/n` is `104 + n`. Each port has two generations of its allowlist;
 /// [`policy_flags::ALLOW_GENERATION`] of its record says which one is in force.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AllowKey {
+    /// The port's namespace, as in [`PortKey::netns`].
+    pub netns: u64,
     /// Port number, host byte order.
     pub port: u16,
     /// [`proto::TCP`] or [`proto::UDP`].
@@ -317,24 +358,24 @@ pub struct AllowKey {
     /// The address in network byte order; IPv4 in the first 4 bytes, the rest zero.
     pub addr: [u8; 16],
     /// Always zero, so this type has no implicit padding (beyond any prefix).
-    pub _pad: u8,
+    pub _pad: [u8; 3],
 }
 
 impl AllowKey {
     /// Bits before the address in an LPM key.
-    pub const PREFIX_BITS: u32 = 40;
+    pub const PREFIX_BITS: u32 = 104;
 }
 
-/// Key of the per-CPU counters map: one row per (port, proto, hook).
+/// Key of the per-CPU counters map: one row per (port, hook).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CounterKey {
-    /// Port number, host byte order.
-    pub port: u16,
-    /// [`proto::TCP`] or [`proto::UDP`].
-    pub proto: u8,
+    /// The port ([`Policy::home`] for an allocated one).
+    pub port: PortKey,
     /// One of the [`hook`] codes.
     pub hook: u8,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad: [u8; 7],
 }
 
 /// Counters of one (port, proto, hook) on one CPU; userspace sums the CPUs.
@@ -367,8 +408,8 @@ pub struct ConnSlots {
     pub slots: u64,
     /// Established connections counted by `sock_ops`: the port's active connections.
     pub established: u64,
-    /// Row 0 only (port 0 is never managed): when expired reservations were last swept,
-    /// gate-wide (`CLOCK_MONOTONIC` ns).
+    /// The row of [`PortKey::default`] only (port 0 is never managed): when expired
+    /// reservations were last swept, gate-wide (`CLOCK_MONOTONIC` ns).
     pub last_sweep_ns: u64,
 }
 
@@ -408,22 +449,23 @@ pub mod slot_word {
     }
 }
 
-/// A TCP 4-tuple as seen by the listening side.
+/// A TCP connection to an allocated port: the client's address and port, and the port's
+/// [`Policy::home`]. The destination address is left out on purpose: XDP sees a published
+/// port's connection before DNAT and the container's hooks after it, and both must name
+/// the same reservation.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct FlowKey {
+    /// The allocation ([`Policy::home`]).
+    pub home: PortKey,
     /// Remote (source) address, as in [`AddrKey::addr`].
     pub saddr: [u8; 16],
-    /// Local (destination) address, as in [`AddrKey::addr`].
-    pub daddr: [u8; 16],
     /// Remote port, host byte order.
     pub sport: u16,
-    /// Local port, host byte order.
-    pub dport: u16,
     /// [`family::V4`] or [`family::V6`].
     pub family: u8,
     /// Always zero, so this type has no implicit padding.
-    pub _pad: [u8; 3],
+    pub _pad: [u8; 5],
 }
 
 /// A reservation: a handshake on a limited port that took a slot and has not completed yet.
@@ -449,12 +491,12 @@ impl PendingSyn {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CountedSocket {
-    /// Local port, host byte order.
-    pub port: u16,
-    /// Always zero, so this type has no implicit padding.
-    pub _pad: u16,
+    /// The allocation whose slot it holds ([`Policy::home`]).
+    pub home: PortKey,
     /// The [`Policy::epoch`] it was counted under.
     pub epoch: u32,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad: u32,
 }
 
 /// A deny event, read from the ring buffer.
@@ -465,6 +507,9 @@ pub struct DenyEvent {
     pub time_ns: u64,
     /// For bind denials, the calling task's cgroup id; 0 otherwise.
     pub cgroup_id: u64,
+    /// The port's namespace, as in [`PortKey::netns`] ([`Policy::home`]'s for an
+    /// allocated port).
+    pub netns: u64,
     /// Source address of the packet (for bind denials, the address bound), as in
     /// [`AddrKey::addr`].
     pub addr: [u8; 16],
@@ -512,6 +557,8 @@ pub struct GateConfig {
     pub _pad: u32,
     /// A SYN reservation whose handshake has not completed after this long is released.
     pub pending_ttl_ns: u64,
+    /// The netns cookie of the host's namespace: its ports are keyed [`HOST_NETNS`].
+    pub host_netns: u64,
 }
 
 impl GateConfig {
@@ -533,24 +580,19 @@ impl GateConfig {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct HandoffKey {
+    /// The port the packet is for: its [`Policy::home`], the same before and after a
+    /// published port's DNAT (the port itself when it has no policy).
+    pub home: PortKey,
     /// Source address, as in [`AddrKey::addr`].
     pub saddr: [u8; 16],
-    /// Destination address, as in [`AddrKey::addr`].
-    pub daddr: [u8; 16],
     /// TCP sequence number, or UDP length and checksum, of the packet.
     pub l4_word: u32,
     /// Source port, host byte order.
     pub sport: u16,
-    /// Destination port, host byte order.
-    pub dport: u16,
-    /// [`proto::TCP`] or [`proto::UDP`].
-    pub proto: u8,
     /// [`family::V4`] or [`family::V6`].
     pub family: u8,
     /// The TCP flags byte of the segment (0 for UDP).
     pub tcp_flags: u8,
-    /// Always zero, so this type has no implicit padding.
-    pub _pad: u8,
 }
 
 #[cfg(feature = "user")]
@@ -599,19 +641,19 @@ mod tests {
 
     #[test]
     fn pod_sizes_have_no_implicit_padding() {
-        assert_eq!(size_of::<PortKey>(), 4);
-        assert_eq!(size_of::<Policy>(), 32);
-        assert_eq!(size_of::<AddrKey>(), 20);
-        assert_eq!(size_of::<AllowKey>(), 22);
-        assert_eq!(size_of::<CounterKey>(), 4);
+        assert_eq!(size_of::<PortKey>(), 16);
+        assert_eq!(size_of::<Policy>(), 48);
+        assert_eq!(size_of::<AddrKey>(), 32);
+        assert_eq!(size_of::<AllowKey>(), 32);
+        assert_eq!(size_of::<CounterKey>(), 24);
         assert_eq!(size_of::<Counters>(), 8 * (4 + reason::DROP_COUNT));
         assert_eq!(size_of::<ConnSlots>(), 24);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<CountedSocket>(), 8);
-        assert_eq!(size_of::<DenyEvent>(), 48);
+        assert_eq!(size_of::<CountedSocket>(), 24);
+        assert_eq!(size_of::<DenyEvent>(), 56);
         assert_eq!(size_of::<EventRate>(), 16);
-        assert_eq!(size_of::<GateConfig>(), 24);
-        assert_eq!(size_of::<HandoffKey>(), 44);
+        assert_eq!(size_of::<GateConfig>(), 32);
+        assert_eq!(size_of::<HandoffKey>(), 40);
         assert_eq!(size_of::<PendingSyn>(), 16);
     }
 

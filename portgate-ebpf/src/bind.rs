@@ -2,10 +2,10 @@
 //! binds a managed port; every refusal is counted and reported as a deny event.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_ktime_get_ns},
     programs::SockAddrContext,
 };
-use portgate_common::{PortKey, family, policy_flags, proto, reason};
+use portgate_common::{HOST_NETNS, PortKey, family, netns_key, policy_flags, proto, reason};
 
 use crate::{
     events,
@@ -14,7 +14,8 @@ use crate::{
 };
 
 /// `Err` when the bind is refused ([`reason::BIND_DENIED`]). A bind the rule does not apply
-/// to (port 0, outside the managed range, neither TCP nor UDP) is `Ok`.
+/// to (port 0, outside the managed range and not allocated in another namespace, neither
+/// TCP nor UDP) is `Ok`.
 #[inline(always)]
 pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> Result<(), Refusal> {
     // SAFETY: the context pointer is the kernel's, valid for the program's run.
@@ -30,7 +31,13 @@ pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> Result<(), Refusal> {
     let Some(config) = CONFIG.get(0) else {
         return Ok(());
     };
-    if !config.manages(port) {
+    // SAFETY: the context is the kernel's; the helper reads the socket's namespace.
+    let netns = netns_key(
+        unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
+        config,
+    );
+    let in_range = config.manages(port);
+    if !in_range && netns == HOST_NETNS {
         return Ok(());
     }
     let proto_code = match sock_addr.protocol {
@@ -38,10 +45,12 @@ pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> Result<(), Refusal> {
         17 => proto::UDP,
         _ => return Ok(()),
     };
+    let key = PortKey::new(netns, port, proto_code);
     // SAFETY: the value is copied out at once.
-    let policy = unsafe { POLICY.get(PortKey::new(port, proto_code)) }.copied();
+    let policy = unsafe { POLICY.get(key) }.copied();
     let allowed = match policy {
-        None => false,
+        // Another namespace's port outside the range is managed only while allocated.
+        None => !in_range,
         Some(policy) if policy.flags & policy_flags::OWNER == 0 => true,
         Some(policy) => {
             #[expect(clippy::cast_possible_wrap, reason = "cgroup levels are small")]
@@ -53,7 +62,7 @@ pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> Result<(), Refusal> {
     if allowed {
         return Ok(());
     }
-    verdict::count_bind_denied(port, proto_code);
+    verdict::count_bind_denied(&key);
     let mut addr = [0u8; 16];
     if family_code == family::V4 {
         addr[..4].copy_from_slice(&sock_addr.user_ip4.to_ne_bytes());
@@ -64,7 +73,7 @@ pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> Result<(), Refusal> {
     }
     // SAFETY: the helper has no preconditions.
     let now = unsafe { bpf_ktime_get_ns() };
-    events::emit_bind(config, port, proto_code, family_code, addr, now);
+    events::emit_bind(config, &key, family_code, addr, now);
     Err(Refusal {
         reason: reason::BIND_DENIED,
     })

@@ -1,4 +1,4 @@
-//! Deny events into the ring buffer, rate-limited per (port, proto) so that a flood cannot
+//! Deny events into the ring buffer, rate-limited per port so that a flood cannot
 //! starve userspace; what is not sent is counted.
 
 use aya_ebpf::{
@@ -20,6 +20,7 @@ const WINDOW_NS: u64 = 1_000_000_000;
 pub fn emit_packet(
     config: &GateConfig,
     info: &PacketInfo,
+    home: &PortKey,
     refusal: Refusal,
     hook_code: u8,
     now: u64,
@@ -29,10 +30,11 @@ pub fn emit_packet(
         &DenyEvent {
             time_ns: now,
             cgroup_id: 0,
+            netns: home.netns,
             addr: info.saddr,
             pid: 0,
-            port: info.dport,
-            proto: info.proto,
+            port: home.port,
+            proto: home.proto,
             family: info.family,
             reason: refusal.reason,
             hook: hook_code,
@@ -43,14 +45,7 @@ pub fn emit_packet(
 
 /// The current task was refused `bind()` to `port` (at `addr` of `family_code`).
 #[inline(always)]
-pub fn emit_bind(
-    config: &GateConfig,
-    port: u16,
-    proto_code: u8,
-    family_code: u8,
-    addr: [u8; 16],
-    now: u64,
-) {
+pub fn emit_bind(config: &GateConfig, port: &PortKey, family_code: u8, addr: [u8; 16], now: u64) {
     // SAFETY: the helpers have no preconditions in a cgroup sock_addr program.
     let (cgroup_id, pid_tgid) =
         unsafe { (bpf_get_current_cgroup_id(), bpf_get_current_pid_tgid()) };
@@ -59,11 +54,12 @@ pub fn emit_bind(
         &DenyEvent {
             time_ns: now,
             cgroup_id,
+            netns: port.netns,
             addr,
             // The upper half is the tgid: what user space calls the pid.
             pid: u32::try_from(pid_tgid >> 32).unwrap_or(0),
-            port,
-            proto: proto_code,
+            port: port.port,
+            proto: port.proto,
             family: family_code,
             reason: reason::BIND_DENIED,
             hook: hook::BIND,
@@ -77,7 +73,8 @@ fn emit(config: &GateConfig, event: &DenyEvent) {
     if config.events_per_sec == 0 {
         return;
     }
-    if !within_rate(config, PortKey::new(event.port, event.proto), event.time_ns) {
+    let key = PortKey::new(event.netns, event.port, event.proto);
+    if !within_rate(config, key, event.time_ns) {
         bump_stat(stat::EVENTS_RATE_LIMITED);
         return;
     }
@@ -86,7 +83,7 @@ fn emit(config: &GateConfig, event: &DenyEvent) {
     }
 }
 
-/// A one-second window per (port, proto). Updates race between CPUs; the limit is
+/// A one-second window per port. Updates race between CPUs; the limit is
 /// approximate by a few events, which is all it needs to be.
 #[inline(always)]
 fn within_rate(config: &GateConfig, key: PortKey, now: u64) -> bool {

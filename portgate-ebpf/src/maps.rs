@@ -10,7 +10,7 @@ use portgate_common::{
     GateConfig, HandoffKey, PendingSyn, Policy, PortKey, capacity,
 };
 
-/// Per-(port, proto) policy.
+/// Per-port policy.
 #[map(name = "PG_POLICY")]
 pub static POLICY: HashMap<PortKey, Policy> = HashMap::with_max_entries(capacity::POLICIES, 0);
 
@@ -28,9 +28,9 @@ pub static GRANTS: HashMap<AddrKey, u64> = HashMap::with_max_entries(capacity::G
 pub static COUNTERS: PerCpuHashMap<CounterKey, Counters> =
     PerCpuHashMap::with_max_entries(capacity::COUNTERS, BPF_F_NO_PREALLOC);
 
-/// TCP connection slots, indexed by port.
+/// TCP connection slots per port; userspace makes each row with the port's policy.
 #[map(name = "PG_SLOTS")]
-pub static SLOTS: Array<ConnSlots> = Array::with_max_entries(capacity::SLOTS, 0);
+pub static SLOTS: HashMap<PortKey, ConnSlots> = HashMap::with_max_entries(capacity::SLOTS, 0);
 
 /// Reservations: handshakes on limited ports holding a slot, not yet established.
 #[map(name = "PG_PENDING")]
@@ -63,6 +63,10 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(capacity::STA
 #[map(name = "PG_HANDOFF")]
 pub static HANDOFF: LruHashMap<HandoffKey, u64> =
     LruHashMap::with_max_entries(capacity::HANDOFF, 0);
+
+/// The namespace each XDP interface carries traffic for, by ifindex (absent: the host's).
+#[map(name = "PG_XDP_NETNS")]
+pub static XDP_NETNS: HashMap<u32, u64> = HashMap::with_max_entries(capacity::XDP_NETNS, 0);
 
 /// Adds one to the per-CPU statistic `index`. Atomic: programs running in process
 /// context (`sock_ops`, bind) can be preempted by another on the same CPU.

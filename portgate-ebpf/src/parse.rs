@@ -29,6 +29,9 @@ pub const TCP_ACK: u8 = 0x10;
 /// What the verdict needs from a packet.
 #[derive(Clone, Copy)]
 pub struct PacketInfo {
+    /// The namespace the packet is for, as [`portgate_common::PortKey::netns`] keys it
+    /// (set by the hook: the parser cannot know it).
+    pub netns: u64,
     /// [`family::V4`] or [`family::V6`].
     pub family: u8,
     /// [`proto::TCP`] or [`proto::UDP`].
@@ -100,6 +103,7 @@ pub fn parse_l3<R: Reader>(reader: &R, ethertype: u16, offset: usize) -> Parsed 
 #[inline(always)]
 fn read_l3<R: Reader>(reader: &R, ethertype: u16, offset: usize) -> Result<PacketInfo, Parsed> {
     let mut info = PacketInfo {
+        netns: 0,
         family: 0,
         proto: 0,
         tcp_flags: 0,

@@ -73,7 +73,7 @@ pub fn reserve(config: &GateConfig, flow: &FlowKey, epoch: u32, max: u32, now: u
             return Reservation::Refused;
         }
         let _unused = PENDING.remove(flow);
-        slots::give_back(flow.dport, held_epoch);
+        slots::give_back(&flow.home, held_epoch);
     }
     let mut outcome = try_reserve(flow, epoch, max, now);
     if outcome.is_err() && sweep_if_due(config, now) {
@@ -94,10 +94,10 @@ pub fn reserve(config: &GateConfig, flow: &FlowKey, epoch: u32, max: u32, now: u
 /// (`None`: the port is at its limit, which its own counters show).
 #[inline(always)]
 fn try_reserve(flow: &FlowKey, epoch: u32, max: u32, now: u64) -> Result<Reservation, Option<u32>> {
-    if slots::in_flight(flow.dport, epoch) >= capacity::PENDING_PER_PORT {
+    if slots::in_flight(&flow.home, epoch) >= capacity::PENDING_PER_PORT {
         return Err(Some(stat::PENDING_PORT_FULL));
     }
-    if !slots::take(flow.dport, epoch, max) {
+    if !slots::take(&flow.home, epoch, max) {
         return Err(None);
     }
     let pending = PendingSyn {
@@ -108,7 +108,7 @@ fn try_reserve(flow: &FlowKey, epoch: u32, max: u32, now: u64) -> Result<Reserva
     match PENDING.insert(flow, pending, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(Reservation::Made),
         Err(err) => {
-            slots::give_back(flow.dport, epoch);
+            slots::give_back(&flow.home, epoch);
             if err == -EEXIST {
                 // Another CPU reserved for the same flow in the meantime.
                 Ok(Reservation::Held)
@@ -227,7 +227,7 @@ extern "C" fn sweep_one(
         && compare_exchange(created_field, created, PendingSyn::CLAIMED)
     {
         let _unused = PENDING.remove(flow);
-        slots::give_back(flow.dport, epoch);
+        slots::give_back(&flow.home, epoch);
     }
     0
 }

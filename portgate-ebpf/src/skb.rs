@@ -9,11 +9,10 @@ use aya_ebpf::{
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 as TupleV4,
         bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 as TupleV6,
     },
-    helpers::{bpf_sk_fullsock, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_get_netns_cookie, bpf_sk_fullsock, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::SkBuffContext,
 };
-use portgate_common::family;
-use portgate_common::hook;
+use portgate_common::{family, hook, netns_key};
 
 use crate::{
     parse::{PacketInfo, Parsed, Reader, parse_l3},
@@ -69,6 +68,7 @@ pub fn try_skb(ctx: &SkBuffContext) -> Result<(), Refusal> {
     match parse_l3(&SkbReader::new(ctx), ethertype, 0) {
         Parsed::Packet(mut info) => {
             info.to_listener = to_listener(ctx);
+            info.netns = netns(ctx);
             verdict::enforce(&info, hook::SKB, u64::from(ctx.len()), || {
                 handshake_done(ctx, &info)
             })
@@ -76,6 +76,17 @@ pub fn try_skb(ctx: &SkBuffContext) -> Result<(), Refusal> {
         Parsed::Other => Ok(()),
         Parsed::Unreadable => verdict::unreadable(hook::SKB),
     }
+}
+
+/// The namespace the packet is delivered in, as the keys name it. The helper takes an skb
+/// in `cgroup_skb` since Linux 6.15.
+#[inline(always)]
+fn netns(ctx: &SkBuffContext) -> u64 {
+    // SAFETY: the context pointer is the kernel's, valid for the program's run.
+    let cookie = unsafe { bpf_get_netns_cookie(ctx.skb.skb.cast()) };
+    crate::maps::CONFIG
+        .get(0)
+        .map_or(cookie, |config| netns_key(cookie, config))
 }
 
 /// Whether the socket the packet is delivered to is listening: the packet then belongs

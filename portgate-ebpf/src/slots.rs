@@ -8,7 +8,7 @@
 //! connections never count against the port's next owner, and concurrent handshakes on
 //! several CPUs never take more than `max_connections`.
 
-use portgate_common::{ConnSlots, slot_word};
+use portgate_common::{ConnSlots, PortKey, slot_word};
 
 use crate::{
     atomic::{compare_exchange, load},
@@ -20,9 +20,10 @@ use crate::{
 /// practice; a take that gives up is refused like a full port.
 const ATTEMPTS: usize = 16;
 
+/// The slot row of `port`; userspace makes it with the port's policy.
 #[inline(always)]
-fn row(port: u16) -> Option<*mut ConnSlots> {
-    SLOTS.get_ptr_mut(u32::from(port))
+fn row(port: &PortKey) -> Option<*mut ConnSlots> {
+    SLOTS.get_ptr_mut(port)
 }
 
 /// Adds one to the count of `epoch` in `word` unless it already holds `max` (0 is
@@ -59,19 +60,19 @@ fn remove_one(word: *mut u64, epoch: u32) {
 
 /// Takes a slot on `port` for `epoch` unless it already holds `max` (0 is unlimited).
 #[inline(always)]
-pub fn take(port: u16, epoch: u32, max: u32) -> bool {
+pub fn take(port: &PortKey, epoch: u32, max: u32) -> bool {
     let Some(row) = row(port) else {
         return false;
     };
-    // SAFETY: `row` points into the array's value for `port`.
+    // SAFETY: `row` points into the map's value for `port`.
     add_one(unsafe { &raw mut (*row).slots }, epoch, max)
 }
 
 /// Gives back one slot of `port` taken under `epoch`.
 #[inline(always)]
-pub fn give_back(port: u16, epoch: u32) {
+pub fn give_back(port: &PortKey, epoch: u32) {
     if let Some(row) = row(port) {
-        // SAFETY: `row` points into the array's value for `port`.
+        // SAFETY: `row` points into the map's value for `port`.
         remove_one(unsafe { &raw mut (*row).slots }, epoch);
     }
 }
@@ -79,11 +80,11 @@ pub fn give_back(port: u16, epoch: u32) {
 /// Handshakes in flight on `port` under `epoch`: slots held that are not (yet)
 /// established connections. Two plain reads, so a bound, not an exact count.
 #[inline(always)]
-pub fn in_flight(port: u16, epoch: u32) -> u32 {
+pub fn in_flight(port: &PortKey, epoch: u32) -> u32 {
     let Some(row) = row(port) else {
         return u32::MAX;
     };
-    // SAFETY: `row` points into the array's value for `port`.
+    // SAFETY: `row` points into the map's value for `port`.
     let (slots, established) = unsafe {
         (
             load(&raw const (*row).slots),
@@ -96,27 +97,28 @@ pub fn in_flight(port: u16, epoch: u32) -> u32 {
 /// A connection holding a slot of `epoch` was established: it joins the port's active
 /// connections.
 #[inline(always)]
-pub fn establish(port: u16, epoch: u32) {
+pub fn establish(port: &PortKey, epoch: u32) {
     if let Some(row) = row(port) {
-        // SAFETY: `row` points into the array's value for `port`.
+        // SAFETY: `row` points into the map's value for `port`.
         add_one(unsafe { &raw mut (*row).established }, epoch, 0);
     }
 }
 
 /// A counted connection of `epoch` closed: its slot and its place among the established go.
 #[inline(always)]
-pub fn close(port: u16, epoch: u32) {
+pub fn close(port: &PortKey, epoch: u32) {
     if let Some(row) = row(port) {
-        // SAFETY: `row` points into the array's value for `port`.
+        // SAFETY: `row` points into the map's value for `port`.
         remove_one(unsafe { &raw mut (*row).established }, epoch);
         // SAFETY: as above.
         remove_one(unsafe { &raw mut (*row).slots }, epoch);
     }
 }
 
-/// The gate-wide sweep clock: `last_sweep_ns` of row 0 (port 0 is never managed).
+/// The gate-wide sweep clock: `last_sweep_ns` of the row of [`PortKey::default`] (port 0
+/// is never managed), which userspace makes when it installs the gate.
 #[inline(always)]
 pub fn sweep_clock() -> Option<*mut u64> {
-    // SAFETY: the pointer is into the array's value for index 0.
-    row(0).map(|row| unsafe { &raw mut (*row).last_sweep_ns })
+    // SAFETY: the pointer is into the map's value for that key.
+    row(&PortKey::default()).map(|row| unsafe { &raw mut (*row).last_sweep_ns })
 }

@@ -6,10 +6,12 @@ use aya_ebpf::{
         BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
         BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
     },
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
     programs::SockOpsContext,
 };
-use portgate_common::{CountedSocket, FlowKey, PortKey, family, proto, stat};
+use portgate_common::{
+    CountedSocket, FlowKey, HOST_NETNS, PortKey, family, netns_key, proto, stat,
+};
 
 use crate::{
     maps::{CONFIG, POLICY, SOCKETS, bump_stat},
@@ -43,17 +45,21 @@ fn on_established(ctx: &SockOpsContext) {
     };
     #[expect(clippy::cast_possible_truncation, reason = "a port is 16 bits")]
     let port = ctx.local_port() as u16;
-    if !config.manages(port) {
+    // SAFETY: the context pointer is the kernel's, valid for the program's run.
+    let netns = netns_key(unsafe { bpf_get_netns_cookie(ctx.ops.cast()) }, config);
+    if !config.manages(port) && netns == HOST_NETNS {
         return;
     }
-    let epoch = if let Some(epoch) = reservations::claim(&flow_of(ctx, port)) {
+    // SAFETY: the value is copied out at once.
+    let Some(policy) = (unsafe { POLICY.get(PortKey::new(netns, port, proto::TCP)) }).copied()
+    else {
+        return;
+    };
+    let home = policy.home;
+    let epoch = if let Some(epoch) = reservations::claim(&flow_of(ctx, &home)) {
         epoch
     } else {
-        // SAFETY: the value is copied out at once.
-        let Some(policy) = (unsafe { POLICY.get(PortKey::new(port, proto::TCP)) }).copied() else {
-            return;
-        };
-        if !slots::take(port, policy.epoch, policy.max_connections) {
+        if !slots::take(&home, policy.epoch, policy.max_connections) {
             bump_stat(stat::UNRESERVED);
             return;
         }
@@ -62,9 +68,9 @@ fn on_established(ctx: &SockOpsContext) {
     // SAFETY: the context pointer is the kernel's, valid for the program's run.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
     let counted = CountedSocket {
-        port,
-        _pad: 0,
+        home,
         epoch,
+        _pad: 0,
     };
     if SOCKETS
         .insert(cookie, counted, u64::from(BPF_NOEXIST))
@@ -72,10 +78,10 @@ fn on_established(ctx: &SockOpsContext) {
     {
         // Untracked: give the slot back so nothing drifts.
         bump_stat(stat::SOCKETS_FULL);
-        slots::give_back(port, epoch);
+        slots::give_back(&home, epoch);
         return;
     }
-    slots::establish(port, epoch);
+    slots::establish(&home, epoch);
     let _unused = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG).cast_signed());
 }
 
@@ -89,7 +95,7 @@ fn on_close(ctx: &SockOpsContext) {
     };
     // Only the caller that removes the entry gives the slot back: exactly once.
     if SOCKETS.remove(cookie).is_ok() {
-        slots::close(counted.port, counted.epoch);
+        slots::close(&counted.home, counted.epoch);
     }
 }
 
@@ -106,10 +112,10 @@ macro_rules! ops_field {
     };
 }
 
-/// The 4-tuple of the connection as the SYN showed it; IPv4-mapped IPv6 peers of a
-/// dual-stack socket are IPv4, as their packets are.
+/// The connection's flow as its SYN showed it to the allocation `home`; IPv4-mapped IPv6
+/// peers of a dual-stack socket are IPv4, as their packets are.
 #[inline(always)]
-fn flow_of(ctx: &SockOpsContext, port: u16) -> FlowKey {
+fn flow_of(ctx: &SockOpsContext, home: &PortKey) -> FlowKey {
     let socket_family = ops_field!(ctx, family);
     let remote_port = ops_field!(ctx, remote_port);
     let remote6 = [
@@ -118,36 +124,25 @@ fn flow_of(ctx: &SockOpsContext, port: u16) -> FlowKey {
         ops_field!(ctx, remote_ip6[2]),
         ops_field!(ctx, remote_ip6[3]),
     ];
-    let local6 = [
-        ops_field!(ctx, local_ip6[0]),
-        ops_field!(ctx, local_ip6[1]),
-        ops_field!(ctx, local_ip6[2]),
-        ops_field!(ctx, local_ip6[3]),
-    ];
     let remote4 = ops_field!(ctx, remote_ip4);
-    let local4 = ops_field!(ctx, local_ip4);
     let mut flow = FlowKey {
+        home: *home,
         saddr: [0; 16],
-        daddr: [0; 16],
         // The remote port is the network-order 16 bits of a network-order u32.
         #[expect(clippy::cast_possible_truncation, reason = "a port is 16 bits")]
         sport: u32::from_be(remote_port) as u16,
-        dport: port,
         family: family::V4,
-        _pad: [0; 3],
+        _pad: [0; 5],
     };
     let mapped = remote6[0] == 0 && remote6[1] == 0 && remote6[2] == 0xffffu32.to_be();
     if socket_family == AF_INET {
         flow.saddr[..4].copy_from_slice(&remote4.to_ne_bytes());
-        flow.daddr[..4].copy_from_slice(&local4.to_ne_bytes());
     } else if socket_family == AF_INET6 && mapped {
         flow.saddr[..4].copy_from_slice(&remote6[3].to_ne_bytes());
-        flow.daddr[..4].copy_from_slice(&local6[3].to_ne_bytes());
     } else {
         flow.family = family::V6;
-        for i in 0..4 {
-            flow.saddr[i * 4..i * 4 + 4].copy_from_slice(&remote6[i].to_ne_bytes());
-            flow.daddr[i * 4..i * 4 + 4].copy_from_slice(&local6[i].to_ne_bytes());
+        for (i, word) in remote6.iter().enumerate() {
+            flow.saddr[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
         }
     }
     flow

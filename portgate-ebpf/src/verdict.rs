@@ -5,8 +5,8 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use portgate_common::{
-    AddrKey, AllowKey, CounterKey, Counters, FlowKey, GateConfig, HandoffKey, Policy, PortKey,
-    config_flags, defaults, hook, policy_flags, proto, reason, stat, status,
+    AddrKey, AllowKey, CounterKey, Counters, FlowKey, GateConfig, HOST_NETNS, HandoffKey, Policy,
+    PortKey, config_flags, defaults, hook, policy_flags, proto, reason, stat, status,
 };
 
 use crate::{
@@ -74,7 +74,9 @@ pub fn unreadable(hook_code: u8) -> Result<(), Refusal> {
 /// Enforces the verdict on a parsed packet seen by `hook_code` ([`hook::XDP`] or
 /// [`hook::SKB`]) with `bytes` on the wire: counts it, [`decide`]s, reports a drop as a deny
 /// event and tells the other hook what XDP counted. A packet outside the managed range is
-/// `Ok`.
+/// `Ok`, unless it is for a port of another namespace than the host's that is allocated
+/// there (a container's port 80): the range is the host's, and every namespace's
+/// allocations are managed wherever they are.
 ///
 /// Both hooks judge every packet they see. The hand-off only keeps `cgroup_skb` from
 /// counting again a packet XDP passed and counted (its packets, bytes and acceptance);
@@ -93,14 +95,24 @@ pub fn enforce(
     let Some(config) = CONFIG.get(0) else {
         return Ok(());
     };
-    if !config.manages(info.dport) {
+    let in_range = config.manages(info.dport);
+    if !in_range && info.netns == HOST_NETNS {
         return Ok(());
     }
     let mut clock = Clock(0);
+    let seen = PortKey::new(info.netns, info.dport, info.proto);
+    // SAFETY: the value is copied out at once; userspace replaces whole records.
+    let policy = unsafe { POLICY.get(seen) }.copied();
+    // Another namespace's port outside the range is managed only while allocated.
+    if !in_range && policy.is_none() {
+        return Ok(());
+    }
+    // Everything is kept under the allocation's own key, whichever hook sees the port.
+    let home = policy.map_or(seen, |policy| policy.home);
     let counted_by_xdp = hook_code == hook::SKB
         && config.flags & config_flags::XDP_ATTACHED != 0
-        && handoff_take(info, clock.now());
-    let counters = counter_row(info.dport, info.proto, hook_code);
+        && handoff_take(info, &home, clock.now());
+    let counters = counter_row(&home, hook_code);
     if let Some(row) = counters
         && !counted_by_xdp
     {
@@ -110,7 +122,14 @@ pub fn enforce(
             (*row).bytes += bytes;
         }
     }
-    match decide(config, info, &mut clock, handshake_done) {
+    match decide(
+        config,
+        info,
+        policy.as_ref(),
+        &home,
+        &mut clock,
+        handshake_done,
+    ) {
         Verdict::Pass => {}
         Verdict::Accept => {
             if let Some(row) = counters
@@ -129,12 +148,12 @@ pub fn enforce(
                 }
             }
             let refusal = Refusal { reason: code };
-            events::emit_packet(config, info, refusal, hook_code, clock.now());
+            events::emit_packet(config, info, &home, refusal, hook_code, clock.now());
             return Err(refusal);
         }
     }
     if hook_code == hook::XDP && config.flags & config_flags::SKB_ATTACHED != 0 {
-        handoff_put(info, clock.now());
+        handoff_put(info, &home, clock.now());
     }
     Ok(())
 }
@@ -144,14 +163,18 @@ pub fn enforce(
 /// A new connection is judged at its SYN (or UDP datagram) and again at the packet that
 /// completes its handshake ([`PacketInfo::completes_handshake`]), where a limited port
 /// also needs a live reservation, or a slot free at that moment.
+///
+/// `policy` is the record of the port the packet is for, as the hook sees it (`None`: not
+/// allocated); `home` is the allocation's key ([`Policy::home`]).
 #[inline(always)]
 fn decide<F: FnOnce() -> bool>(
     config: &GateConfig,
     info: &PacketInfo,
+    policy: Option<&Policy>,
+    home: &PortKey,
     clock: &mut Clock,
     handshake_done: F,
 ) -> Verdict {
-    let key = PortKey::new(info.dport, info.proto);
     let handshake = info.completes_handshake();
     let new_connection = info.new_connection() || handshake;
     // A packet of a handshake another packet completed meanwhile is established traffic.
@@ -163,8 +186,7 @@ fn decide<F: FnOnce() -> bool>(
         }
     };
     let mut handshake_done = Some(handshake_done);
-    // SAFETY: the value is copied out at once; userspace replaces whole records.
-    let Some(policy) = (unsafe { POLICY.get(key) }).copied() else {
+    let Some(policy) = policy else {
         return if new_connection {
             refuse(reason::UNALLOCATED, &mut handshake_done)
         } else {
@@ -174,14 +196,14 @@ fn decide<F: FnOnce() -> bool>(
     if new_connection && policy.status != status::ACTIVE {
         return refuse(reason::DRAINING, &mut handshake_done);
     }
-    if policy.flags & policy_flags::ALLOWLIST != 0 && !source_allowed(info, &policy) {
+    if policy.flags & policy_flags::ALLOWLIST != 0 && !source_allowed(info, home, policy) {
         return Verdict::Drop(reason::NOT_ALLOWED);
     }
     if !new_connection {
         return Verdict::Pass;
     }
     let now = clock.now();
-    if policy.flags & policy_flags::REQUIRE_AUTH != 0 && !granted(info, now) {
+    if policy.flags & policy_flags::REQUIRE_AUTH != 0 && !granted(info, home, now) {
         return refuse(reason::AUTH_REQUIRED, &mut handshake_done);
     }
     if info.proto == proto::UDP {
@@ -195,7 +217,7 @@ fn decide<F: FnOnce() -> bool>(
             Verdict::Accept
         };
     }
-    let flow = flow_key(info);
+    let flow = flow_key(info, home);
     if handshake
         && (reservations::confirm(config, &flow, policy.epoch, now)
             || handshake_done.take().is_some_and(|done| done()))
@@ -210,19 +232,18 @@ fn decide<F: FnOnce() -> bool>(
 }
 
 #[inline(always)]
-fn flow_key(info: &PacketInfo) -> FlowKey {
+fn flow_key(info: &PacketInfo, home: &PortKey) -> FlowKey {
     FlowKey {
+        home: *home,
         saddr: info.saddr,
-        daddr: info.daddr,
         sport: info.sport,
-        dport: info.dport,
         family: info.family,
-        _pad: [0; 3],
+        _pad: [0; 5],
     }
 }
 
 #[inline(always)]
-fn source_allowed(info: &PacketInfo, policy: &Policy) -> bool {
+fn source_allowed(info: &PacketInfo, home: &PortKey, policy: &Policy) -> bool {
     let address_bits = if info.family == portgate_common::family::V4 {
         32
     } else {
@@ -230,12 +251,13 @@ fn source_allowed(info: &PacketInfo, policy: &Policy) -> bool {
     };
     let generation = u8::from(policy.flags & policy_flags::ALLOW_GENERATION != 0);
     let data = AllowKey {
-        port: info.dport,
-        proto: info.proto,
+        netns: home.netns,
+        port: home.port,
+        proto: home.proto,
         family: info.family,
         generation,
         addr: info.saddr,
-        _pad: 0,
+        _pad: [0; 3],
     };
     ALLOW
         .get(Key::new(AllowKey::PREFIX_BITS + address_bits, data))
@@ -243,11 +265,13 @@ fn source_allowed(info: &PacketInfo, policy: &Policy) -> bool {
 }
 
 #[inline(always)]
-fn granted(info: &PacketInfo, now: u64) -> bool {
+fn granted(info: &PacketInfo, home: &PortKey, now: u64) -> bool {
     let key = AddrKey {
-        port: info.dport,
-        proto: info.proto,
+        netns: home.netns,
+        port: home.port,
+        proto: home.proto,
         family: info.family,
+        _pad: [0; 4],
         addr: info.saddr,
     };
     // SAFETY: the value is copied out at once.
@@ -257,13 +281,13 @@ fn granted(info: &PacketInfo, now: u64) -> bool {
     }
 }
 
-/// The counters row of (port, proto, hook) on this CPU, created on first use.
+/// The counters row of (port, hook) on this CPU, created on first use.
 #[inline(always)]
-fn counter_row(port: u16, proto_code: u8, hook_code: u8) -> Option<*mut Counters> {
+fn counter_row(port: &PortKey, hook_code: u8) -> Option<*mut Counters> {
     let key = CounterKey {
-        port,
-        proto: proto_code,
+        port: *port,
         hook: hook_code,
+        _pad: [0; 7],
     };
     if let Some(row) = COUNTERS.get_ptr_mut(key) {
         return Some(row);
@@ -273,43 +297,41 @@ fn counter_row(port: u16, proto_code: u8, hook_code: u8) -> Option<*mut Counters
     COUNTERS.get_ptr_mut(key)
 }
 
-/// Adds one bind denial to the bind hook's row of (port, proto). Atomic: `bind()` runs in
+/// Adds one bind denial to the bind hook's row of `port`. Atomic: `bind()` runs in
 /// process context, where another program can run on the same CPU before this one ends.
 #[inline(always)]
-pub fn count_bind_denied(port: u16, proto_code: u8) {
-    if let Some(row) = counter_row(port, proto_code, hook::BIND) {
+pub fn count_bind_denied(port: &PortKey) {
+    if let Some(row) = counter_row(port, hook::BIND) {
         // SAFETY: the pointer is into this CPU's row of the map's value.
         atomic::fetch_add(unsafe { &raw mut (*row).bind_denied }, 1);
     }
 }
 
-/// The hand-off key: every header field XDP read, so it names exactly the packet XDP
-/// counted.
+/// The hand-off key: every header field XDP read that a published port's DNAT leaves
+/// alone, and the allocation in place of the destination, so it names exactly the packet
+/// XDP counted, before DNAT as after it.
 #[inline(always)]
-fn handoff_key(info: &PacketInfo) -> HandoffKey {
+fn handoff_key(info: &PacketInfo, home: &PortKey) -> HandoffKey {
     HandoffKey {
+        home: *home,
         saddr: info.saddr,
-        daddr: info.daddr,
         l4_word: info.l4_word,
         sport: info.sport,
-        dport: info.dport,
-        proto: info.proto,
         family: info.family,
         tcp_flags: info.tcp_flags,
-        _pad: 0,
     }
 }
 
 /// Remembers a packet XDP passed and counted, for `cgroup_skb` not to count again.
 #[inline(always)]
-fn handoff_put(info: &PacketInfo, now: u64) {
-    let _unused = HANDOFF.insert(handoff_key(info), now, 0);
+fn handoff_put(info: &PacketInfo, home: &PortKey, now: u64) {
+    let _unused = HANDOFF.insert(handoff_key(info, home), now, 0);
 }
 
 /// Whether XDP already passed and counted this packet; forgets it if so.
 #[inline(always)]
-fn handoff_take(info: &PacketInfo, now: u64) -> bool {
-    let key = handoff_key(info);
+fn handoff_take(info: &PacketInfo, home: &PortKey, now: u64) -> bool {
+    let key = handoff_key(info, home);
     // SAFETY: the value is copied out at once.
     let Some(passed_at) = (unsafe { HANDOFF.get(key) }).copied() else {
         return false;

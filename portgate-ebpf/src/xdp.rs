@@ -4,9 +4,10 @@
 use core::mem::size_of;
 
 use aya_ebpf::{helpers::generated::bpf_xdp_get_buff_len, programs::XdpContext};
-use portgate_common::hook;
+use portgate_common::{HOST_NETNS, hook};
 
 use crate::{
+    maps::XDP_NETNS,
     parse::{Parsed, Reader, parse_l3},
     verdict::{self, Refusal},
 };
@@ -53,7 +54,15 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<(), Refusal> {
         l3_offset += 4;
     }
     match parse_l3(&reader, ethertype, l3_offset) {
-        Parsed::Packet(info) => {
+        Parsed::Packet(mut info) => {
+            // XDP has no socket to ask: userspace says which namespace each interface's
+            // traffic is for (the host's unless it says otherwise).
+            // SAFETY: the context pointer is the kernel's, valid for the program's run.
+            let ifindex = unsafe { (*ctx.ctx).ingress_ifindex };
+            // SAFETY: the value is copied out at once.
+            info.netns = unsafe { XDP_NETNS.get(ifindex) }
+                .copied()
+                .unwrap_or(HOST_NETNS);
             // SAFETY: the context pointer is the kernel's, valid for the program's run.
             let bytes = unsafe { bpf_xdp_get_buff_len(ctx.ctx) };
             // XDP sees no socket: no packet of its is taken for the end of a handshake.

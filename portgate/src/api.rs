@@ -31,7 +31,8 @@ use crate::{
     host::sockets::Listener,
     manager::{ErrorCategory, PortError},
     model::{
-        Allocation, PortAccessControl, PortId, PortStatus, Protocol, Timeline, UnixMillis, spelling,
+        Allocation, HostPort, PortAccessControl, PortId, PortStatus, Protocol, Timeline,
+        UnixMillis, spelling,
     },
     text::error_chain,
 };
@@ -54,9 +55,21 @@ pub struct AllocRequest {
     /// The owner's cgroup2 directory (bind ownership).
     #[serde(default)]
     pub cgroup: Option<PathBuf>,
-    /// A process whose cgroup owns the port.
+    /// A process whose cgroup owns the port, in whose network namespace the port is.
     #[serde(default)]
     pub pid: Option<u32>,
+    /// A container (docker, podman, containerd, CRI-O) or Kubernetes pod, by id: its cgroup
+    /// owns the port, which is in its network namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
+    /// The port's network namespace (`/run/netns/NAME`, `/proc/PID/ns/net`); the host's
+    /// when no namespace is named (here, or through `pid` or `container`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<PathBuf>,
+    /// Publish the port on a host port (`"auto"` or a port of the managed range) that a
+    /// container runtime forwards to it with DNAT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish: Option<HostPort>,
     /// Allowed source prefixes; empty allows every source.
     #[serde(default)]
     pub allow: Vec<IpNet>,
@@ -73,6 +86,17 @@ pub struct AllocRequest {
 }
 
 impl AllocRequest {
+    /// Who owns the port and where it is.
+    #[must_use]
+    pub fn owner_spec(&self) -> OwnerSpec {
+        OwnerSpec {
+            cgroup: self.cgroup.clone(),
+            pid: self.pid,
+            container: self.container.clone(),
+            netns: self.netns.clone(),
+        }
+    }
+
     /// The access control it asks for.
     #[must_use]
     pub fn access(&self) -> PortAccessControl {
@@ -82,6 +106,28 @@ impl AllocRequest {
             require_authentication: self.require_auth,
         }
     }
+}
+
+/// How a request names a port's owner cgroup and network namespace: at most one of
+/// `cgroup`, `pid` and `container`; `netns` alone or beside `cgroup`.
+///
+/// `PATCH /v1/ports/{port}/owner` takes it (without `netns`) to move a port to a new owner
+/// cgroup, as when a container restarts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OwnerSpec {
+    /// The owner's cgroup2 directory.
+    #[serde(default)]
+    pub cgroup: Option<PathBuf>,
+    /// A process: its cgroup, and its network namespace.
+    #[serde(default)]
+    pub pid: Option<u32>,
+    /// A container or pod: its cgroup, and its network namespace.
+    #[serde(default)]
+    pub container: Option<String>,
+    /// A network namespace path.
+    #[serde(default)]
+    pub netns: Option<PathBuf>,
 }
 
 /// `POST /v1/ports/{port}/renew`.
@@ -107,9 +153,17 @@ pub struct GrantRequest {
 /// An allocation as the API shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocationView {
-    /// The port (keys `port`, `proto`).
+    /// The port (keys `port`, `proto`, and `netns` with the namespace's cookie when it is
+    /// not the host's).
     #[serde(flatten, with = "spelling::PortIdFields")]
     pub id: PortId,
+    /// The namespace's label (its name under /run/netns, the container's id, or
+    /// `net:[INODE]`); absent for the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_label: Option<String>,
+    /// The host port it is published on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<u16>,
     /// Active, Draining or Closed.
     pub status: PortStatus,
     /// Owner name.
@@ -135,6 +189,8 @@ impl AllocationView {
     pub fn new(held: &Allocation, connections: u64) -> Self {
         Self {
             id: held.id,
+            netns_label: held.netns.as_ref().map(|netns| netns.label.clone()),
+            published: held.published,
             status: held.status,
             owner: held.owner.name.clone(),
             owner_uid: held.owner.uid,

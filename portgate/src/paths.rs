@@ -12,6 +12,14 @@ pub const KERNEL_BTF: &str = "/sys/kernel/btf/vmlinux";
 pub const OS_RELEASE: &str = "/proc/sys/kernel/osrelease";
 /// The calling thread's network namespace.
 pub const THREAD_NETNS: &str = "/proc/thread-self/ns/net";
+/// Where `ip netns add NAME` names network namespaces, one file per name.
+pub const NETNS_RUN_DIR: &str = "/run/netns";
+/// procfs: one directory per process, named by its pid.
+pub const PROC_DIR: &str = "/proc";
+/// A process's network namespace, relative to its directory under [`PROC_DIR`].
+pub const PROC_PID_NETNS: &str = "ns/net";
+/// The processes of a cgroup, one pid a line, in each cgroup2 directory.
+pub const CGROUP_PROCS: &str = "cgroup.procs";
 
 /// Subdirectory of the pin directory holding the maps, one file per map name.
 pub const MAPS_SUBDIR: &str = "maps";

@@ -5,15 +5,19 @@
 //! The kernel and this module speak of the same things with the same words: [`decide`]
 //! gives a [`Verdict`]. First match wins (DESIGN.md): unallocated, draining, not allowed,
 //! authentication required, connection limit, otherwise accepted. Ports outside the
-//! managed range are untouched.
+//! managed range are untouched, except another namespace's ports while allocated there (the
+//! range is the host's). A published port's host side is judged as the allocation it
+//! forwards to: its policy, grants and slots.
 
 use std::{collections::HashMap, net::IpAddr};
 
-use crate::model::{DropReason, PortId, PortPolicy, PortStatus, Protocol};
+use crate::model::{DropReason, NetnsId, PortId, PortPolicy, PortStatus, Protocol};
 
 /// What the verdict needs to know about a packet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Packet {
+    /// The namespace it is for (as the hook that sees it tells).
+    pub netns: NetnsId,
     /// Transport protocol.
     pub protocol: Protocol,
     /// Source address.
@@ -29,6 +33,7 @@ impl Packet {
     #[must_use]
     pub const fn tcp(source: IpAddr, dport: u16, syn: bool, ack: bool) -> Self {
         Self {
+            netns: NetnsId::HOST,
             protocol: Protocol::Tcp,
             source,
             dport,
@@ -40,6 +45,7 @@ impl Packet {
     #[must_use]
     pub const fn udp(source: IpAddr, dport: u16) -> Self {
         Self {
+            netns: NetnsId::HOST,
             protocol: Protocol::Udp,
             source,
             dport,
@@ -50,16 +56,22 @@ impl Packet {
     /// A new connection from `source` to `id`: a TCP SYN, or a UDP datagram.
     #[must_use]
     pub const fn new_connection(id: PortId, source: IpAddr) -> Self {
-        match id.protocol {
+        let mut packet = match id.protocol {
             Protocol::Tcp => Self::tcp(source, id.port, true, false),
             Protocol::Udp => Self::udp(source, id.port),
-        }
+        };
+        packet.netns = id.netns;
+        packet
     }
 
-    /// The port it is for.
+    /// The port it is for, as the hook sees it.
     #[must_use]
     pub const fn port(&self) -> PortId {
-        PortId::new(self.dport, self.protocol)
+        PortId {
+            netns: self.netns,
+            port: self.dport,
+            protocol: self.protocol,
+        }
     }
 }
 
@@ -88,8 +100,9 @@ impl Verdict {
 pub trait GateView {
     /// The managed range, `None` when nothing is managed.
     fn managed_range(&self) -> Option<(u16, u16)>;
-    /// The policy of a port, `None` when unallocated.
-    fn policy(&self, id: PortId) -> Option<&PortPolicy>;
+    /// The allocation a port belongs to (itself, or the one a published host port forwards
+    /// to) and its policy; `None` when unallocated.
+    fn policy(&self, id: PortId) -> Option<(PortId, &PortPolicy)>;
     /// Expiry (`CLOCK_MONOTONIC` ns) of the grant of `source` on a port.
     fn grant_expiry(&self, id: PortId, source: IpAddr) -> Option<u64>;
     /// Connection slots a TCP port holds (established plus handshakes in flight).
@@ -99,12 +112,16 @@ pub trait GateView {
 /// The verdict on `packet` at `now_ns` (`CLOCK_MONOTONIC`).
 #[must_use]
 pub fn decide(view: &impl GateView, packet: &Packet, now_ns: u64) -> Verdict {
-    match view.managed_range() {
-        Some((min, max)) if (min..=max).contains(&packet.dport) => {}
-        _ => return Verdict::Untouched,
+    let in_range = view
+        .managed_range()
+        .is_some_and(|(min, max)| (min..=max).contains(&packet.dport));
+    if !in_range && packet.netns.is_host() {
+        return Verdict::Untouched;
     }
-    let id = packet.port();
-    let Some(policy) = view.policy(id) else {
+    let Some((id, policy)) = view.policy(packet.port()) else {
+        if !in_range {
+            return Verdict::Untouched;
+        }
         return if packet.new_connection {
             Verdict::Drop(DropReason::Unallocated)
         } else {
@@ -142,6 +159,8 @@ pub fn decide(view: &impl GateView, packet: &Packet, now_ns: u64) -> Verdict {
 pub struct GateModel {
     range: Option<(u16, u16)>,
     policies: HashMap<PortId, PortPolicy>,
+    /// Host sides of published ports, with the allocation each forwards to.
+    published: HashMap<PortId, PortId>,
     grants: HashMap<(PortId, IpAddr), u64>,
     /// Slots per TCP port, with the policy epoch they were counted under: as in the
     /// kernel, they count only while the port's policy has that epoch.
@@ -158,14 +177,21 @@ impl GateModel {
         }
     }
 
-    /// Sets the policy of a port.
+    /// Sets the policy of a port (and of the host port it is published on).
     pub fn set_policy(&mut self, id: PortId, policy: PortPolicy) {
+        self.published.retain(|_, home| *home != id);
+        if let Some(port) = policy.published {
+            self.published.insert(PortId::new(port, id.protocol), id);
+        }
         self.policies.insert(id, policy);
     }
 
-    /// Removes the policy of a port and its grants.
+    /// Removes the policy of a port (and of its host port), its grants and its slots (the
+    /// kernel removes its slot row with its policy).
     pub fn remove_policy(&mut self, id: PortId) {
         self.policies.remove(&id);
+        self.slots.remove(&id);
+        self.published.retain(|_, home| *home != id);
         self.grants.retain(|&(granted, _), _| granted != id);
     }
 
@@ -210,8 +236,9 @@ impl GateView for GateModel {
         self.range
     }
 
-    fn policy(&self, id: PortId) -> Option<&PortPolicy> {
-        self.policies.get(&id)
+    fn policy(&self, id: PortId) -> Option<(PortId, &PortPolicy)> {
+        let home = self.published.get(&id).copied().unwrap_or(id);
+        self.policies.get(&home).map(|policy| (home, policy))
     }
 
     fn grant_expiry(&self, id: PortId, source: IpAddr) -> Option<u64> {

@@ -189,15 +189,14 @@ impl Client {
     /// `GET /v1/ports/{port}/check`: would a new connection from `ip` get in? A refusal is
     /// an answer (`allowed: false`), not an error.
     pub async fn check(&self, id: PortId, ip: IpAddr) -> Result<CheckResponse, ClientError> {
-        let PortId { port, protocol } = id;
-        let path = format!("/v1/ports/{port}/check?ip={ip}&proto={protocol}");
+        let path = format!("{}&ip={ip}", port_path(id, "/check"));
         self.call(Method::GET, path, NO_BODY).await
     }
 
     /// `GET /v1/stats`: counters and policy of every port, or of one.
     pub async fn stats(&self, port: Option<PortId>) -> Result<Vec<PortReport>, ClientError> {
         let path = match port {
-            Some(PortId { port, protocol }) => format!("/v1/stats?port={port}&proto={protocol}"),
+            Some(id) => format!("/v1/stats?port={}&{}", id.port, port_query(id)),
             None => "/v1/stats".to_owned(),
         };
         self.call(Method::GET, path, NO_BODY).await
@@ -410,9 +409,18 @@ impl Answer {
     }
 }
 
-/// `/v1/ports/{port}{tail}?proto={proto}`.
-fn port_path(PortId { port, protocol }: PortId, tail: &str) -> String {
-    format!("/v1/ports/{port}{tail}?proto={protocol}")
+/// `/v1/ports/{port}{tail}?proto={proto}[&netns={cookie}]`.
+fn port_path(id: PortId, tail: &str) -> String {
+    format!("/v1/ports/{}{tail}?{}", id.port, port_query(id))
+}
+
+/// The query naming a port's protocol, and its namespace unless it is the host's.
+fn port_query(id: PortId) -> String {
+    if id.netns.is_host() {
+        format!("proto={}", id.protocol)
+    } else {
+        format!("proto={}&netns={}", id.protocol, id.netns.0)
+    }
 }
 
 /// The error of a 4xx/5xx answer: the daemon's [`ErrorBody`], or what came instead.

@@ -24,6 +24,8 @@ pub(crate) async fn serve(router: axum::Router) -> (tempfile::TempDir, Client) {
 pub(crate) fn view(port: u16) -> AllocationView {
     AllocationView {
         id: PortId::new(port, Protocol::Tcp),
+        netns_label: None,
+        published: None,
         status: PortStatus::Active,
         owner: "web".to_owned(),
         owner_uid: Some(1000),

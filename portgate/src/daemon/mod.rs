@@ -313,8 +313,12 @@ fn install_gate(config: &Config) -> anyhow::Result<(Gate, PathBuf, gate::DenyEve
     gate.attach_cgroup(&cgroup)
         .with_context(|| format!("attaching to cgroup {}", cgroup.display()))?;
     for interface in &daemon.xdp_interfaces {
-        gate.attach_xdp(interface, aya::programs::XdpMode::default())
-            .with_context(|| format!("attaching XDP to {interface}"))?;
+        gate.attach_xdp(
+            interface,
+            crate::model::NetnsId::HOST,
+            aya::programs::XdpMode::default(),
+        )
+        .with_context(|| format!("attaching XDP to {interface}"))?;
     }
     let events = gate.events().context("opening the deny-event stream")?;
     Ok((gate, cgroup, events))

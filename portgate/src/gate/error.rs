@@ -17,6 +17,9 @@ pub enum GateError {
     /// The host lacks something the gate needs.
     #[error(transparent)]
     Host(#[from] HostError),
+    /// A network namespace could not be read or entered.
+    #[error(transparent)]
+    Netns(#[from] crate::host::netns::NetnsError),
     /// The kernel object could not be loaded (maps created, BTF read).
     #[error("loading the kernel object")]
     Load(#[source] Box<EbpfError>),

@@ -7,7 +7,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
-use portgate_common::{DenyEvent, map_names, reason};
+use portgate_common::{DenyEvent, PortKey, map_names, reason};
 use serde::Serialize;
 use tokio::io::unix::AsyncFd;
 
@@ -46,7 +46,7 @@ impl DenyEventRecord {
     fn from_kernel(event: &DenyEvent) -> Option<Self> {
         Some(Self {
             time_ns: event.time_ns,
-            id: port_of(event.port, event.proto)?,
+            id: port_of(&PortKey::new(event.netns, event.port, event.proto))?,
             addr: addr_from_bytes(event.family, event.addr),
             reason: reason::name(event.reason),
             drop_reason: DropReason::from_code(event.reason),

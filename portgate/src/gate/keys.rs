@@ -6,16 +6,20 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use portgate_common::{AddrKey, AllowKey, Policy, PortKey, family, policy_flags};
 
-use crate::model::{PortId, PortPolicy, Protocol};
+use crate::model::{NetnsId, PortId, PortPolicy, Protocol};
 
 /// The policy and slot key of a port.
 pub(super) const fn port_key(id: PortId) -> PortKey {
-    PortKey::new(id.port, id.protocol.number())
+    PortKey::new(id.netns.0, id.port, id.protocol.number())
 }
 
-/// The port of a kernel key's fields; `None` for a protocol portgate does not manage.
-pub(super) fn port_of(port: u16, proto: u8) -> Option<PortId> {
-    Protocol::from_number(proto).map(|protocol| PortId::new(port, protocol))
+/// The port of a kernel key; `None` for a protocol portgate does not manage.
+pub(super) fn port_of(key: &PortKey) -> Option<PortId> {
+    Protocol::from_number(key.proto).map(|protocol| PortId {
+        netns: NetnsId(key.netns),
+        port: key.port,
+        protocol,
+    })
 }
 
 /// The address bytes and family of `addr` as the kernel keys store them.
@@ -43,9 +47,11 @@ pub(super) fn addr_from_bytes(family_code: u8, bytes: [u8; 16]) -> IpAddr {
 pub(super) fn addr_key(id: PortId, addr: IpAddr) -> AddrKey {
     let (family, addr) = addr_bytes(addr);
     AddrKey {
+        netns: id.netns.0,
         port: id.port,
         proto: id.protocol.number(),
         family,
+        _pad: [0; 4],
         addr,
     }
 }
@@ -58,12 +64,13 @@ pub(super) fn allow_key(id: PortId, generation: u8, prefix: IpNet) -> (u32, Allo
     (
         AllowKey::PREFIX_BITS + u32::from(prefix.prefix_len()),
         AllowKey {
+            netns: id.netns.0,
             port: id.port,
             proto: id.protocol.number(),
             family,
             generation,
             addr,
-            _pad: 0,
+            _pad: [0; 3],
         },
     )
 }
@@ -77,9 +84,9 @@ pub(super) const fn generation_of(record: &Policy) -> u8 {
     }
 }
 
-/// The kernel record of a policy, with allowlist `generation` (0 or 1) in force; `None`
-/// when its status is Available.
-pub(super) fn policy_record(policy: &PortPolicy, generation: u8) -> Option<Policy> {
+/// The kernel record of the policy of port `id`, with allowlist `generation` (0 or 1) in
+/// force; `None` when its status is Available.
+pub(super) fn policy_record(id: PortId, policy: &PortPolicy, generation: u8) -> Option<Policy> {
     let status = policy.status.code()?;
     let mut flags = 0;
     if !policy.access.allowed_ips.is_empty() {
@@ -100,11 +107,30 @@ pub(super) fn policy_record(policy: &PortPolicy, generation: u8) -> Option<Polic
     };
     Some(Policy {
         epoch: policy.epoch,
-        _pad: 0,
         status,
         flags,
         max_connections: policy.access.max_connections,
         owner_level,
+        published_port: policy.published.unwrap_or(0),
+        _pad: 0,
         owner_cgroup,
+        home: port_key(id),
     })
+}
+
+/// The record of the host side of a published port: a copy of its allocation's `record`
+/// that points home to it. Binds of the host port are not the owner's to make: a container
+/// runtime's proxy may hold it.
+pub(super) const fn published_record(record: &Policy) -> Policy {
+    let mut published = *record;
+    published.flags &= !policy_flags::OWNER;
+    published.owner_cgroup = 0;
+    published.owner_level = 0;
+    published.published_port = 0;
+    published
+}
+
+/// The key of the host side of `id` published on host port `port`.
+pub(super) const fn published_key(id: PortId, port: u16) -> PortKey {
+    PortKey::new(NetnsId::HOST.0, port, id.protocol.number())
 }

@@ -22,7 +22,7 @@ const fn size<T>() -> u32 {
 }
 
 /// (name, key size, value size, max entries) of every map, as the object declares them.
-fn expected() -> [(&'static str, (u32, u32, u32)); 12] {
+fn expected() -> [(&'static str, (u32, u32, u32)); 13] {
     [
         (
             map_names::POLICY,
@@ -46,7 +46,7 @@ fn expected() -> [(&'static str, (u32, u32, u32)); 12] {
         ),
         (
             map_names::SLOTS,
-            (size::<u32>(), size::<ConnSlots>(), capacity::SLOTS),
+            (size::<PortKey>(), size::<ConnSlots>(), capacity::SLOTS),
         ),
         (
             map_names::PENDING,
@@ -69,6 +69,10 @@ fn expected() -> [(&'static str, (u32, u32, u32)); 12] {
         (
             map_names::HANDOFF,
             (size::<HandoffKey>(), size::<u64>(), capacity::HANDOFF),
+        ),
+        (
+            map_names::XDP_NETNS,
+            (size::<u32>(), size::<u64>(), capacity::XDP_NETNS),
         ),
     ]
 }

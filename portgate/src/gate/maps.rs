@@ -3,16 +3,16 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use portgate_common::{
-    AddrKey, ConnSlots, CounterKey, Counters, FlowKey, PendingSyn, Policy, capacity, hook,
+    AddrKey, ConnSlots, CounterKey, Counters, FlowKey, PendingSyn, Policy, PortKey, capacity, hook,
     map_names, reason, slot_word, stat,
 };
 use serde::Serialize;
 
 use super::{
     Gate, GateError,
-    keys::{addr_from_bytes, addr_key, port_of},
+    keys::{addr_from_bytes, addr_key, port_key, port_of},
 };
 use crate::model::{DropReason, PortId, PortMetrics, Protocol};
 
@@ -146,7 +146,7 @@ impl Gate {
         addr: IpAddr,
         expires_ns: u64,
     ) -> Result<(), GateError> {
-        self.check_managed(id.port)?;
+        self.check_managed(id)?;
         let mut grants: HashMap<&mut MapData, AddrKey, u64> =
             open_map!(mut self, HashMap, map_names::GRANTS, capacity::GRANTS);
         grants
@@ -172,8 +172,8 @@ impl Gate {
             false,
             None,
             |key, expires| {
-                if let (Some(id), Some(expires_ns)) = (port_of(key.port, key.proto), expires.next())
-                {
+                let port = PortKey::new(key.netns, key.port, key.proto);
+                if let (Some(id), Some(expires_ns)) = (port_of(&port), expires.next()) {
                     out.push(GrantRecord {
                         id,
                         addr: addr_from_bytes(key.family, key.addr),
@@ -197,7 +197,7 @@ impl Gate {
             None,
             |key, per_cpu| {
                 if let (Some(id), Some(hook_index)) = (
-                    port_of(key.port, key.proto),
+                    port_of(&key.port),
                     (key.hook < hook::COUNT).then_some(usize::from(key.hook)),
                 ) {
                     let port = out.entry(id).or_default();
@@ -211,29 +211,23 @@ impl Gate {
         Ok(out)
     }
 
-    /// Connection slots of every TCP port in `ports`, in one pass over the slots map, as
+    /// Connection slots of every allocated TCP port, in one pass over the slots map, as
     /// [`Gate::slots`] counts them.
-    pub fn all_slots(
-        &self,
-        ports: std::ops::RangeInclusive<u16>,
-    ) -> Result<BTreeMap<PortId, ConnSlots>, GateError> {
+    pub fn all_slots(&self) -> Result<BTreeMap<PortId, ConnSlots>, GateError> {
         let policies = self.policies()?;
         let mut out = BTreeMap::new();
-        self.batch_read::<u32, ConnSlots>(
+        self.batch_read::<PortKey, ConnSlots>(
             map_names::SLOTS,
             capacity::SLOTS,
             false,
-            // An array's batch token is the index before the first one read.
-            u32::from(*ports.start()).checked_sub(1),
-            |index, slots| {
-                let Ok(port) = u16::try_from(index) else {
-                    return false;
-                };
-                let id = PortId::new(port, Protocol::Tcp);
-                if let Some(slots) = slots.next() {
-                    out.insert(id, slots_of_epoch(&slots, policies.get(&id)));
+            None,
+            |key, slots| {
+                if let (Some(id), Some(slots)) = (port_of(&key), slots.next())
+                    && let Some(policy) = policies.get(&id)
+                {
+                    out.insert(id, slots_of_epoch(&slots, Some(policy)));
                 }
-                port < *ports.end()
+                true
             },
         )?;
         Ok(out)
@@ -246,9 +240,9 @@ impl Gate {
         let mut out = PortCounters::default();
         for hook_code in 0..hook::COUNT {
             let key = CounterKey {
-                port: id.port,
-                proto: id.protocol.number(),
+                port: port_key(id),
                 hook: hook_code,
+                _pad: [0; 7],
             };
             let per_cpu = absent_is_none(counters.get(&key, 0)).map_err(|err| {
                 GateError::map("reading", map_names::COUNTERS, capacity::COUNTERS, err)
@@ -269,11 +263,11 @@ impl Gate {
             return Ok(ConnSlots::default());
         }
         let policy = self.policy(id)?;
-        let slots: Array<&MapData, ConnSlots> =
-            open_map!(self, Array, map_names::SLOTS, capacity::SLOTS);
-        let row = slots
-            .get(&u32::from(id.port), 0)
-            .map_err(|err| GateError::map("reading", map_names::SLOTS, capacity::SLOTS, err))?;
+        let slots: HashMap<&MapData, PortKey, ConnSlots> =
+            open_map!(self, HashMap, map_names::SLOTS, capacity::SLOTS);
+        let row = absent_is_none(slots.get(&port_key(id), 0))
+            .map_err(|err| GateError::map("reading", map_names::SLOTS, capacity::SLOTS, err))?
+            .unwrap_or_default();
         Ok(slots_of_epoch(&row, policy.as_ref()))
     }
 
@@ -301,7 +295,7 @@ impl Gate {
 
     /// Reservations in flight (handshakes on limited ports holding a slot, expired ones
     /// not yet swept included), per port: one pass over the reservation map.
-    pub fn reservations(&self) -> Result<BTreeMap<u16, u64>, GateError> {
+    pub fn reservations(&self) -> Result<BTreeMap<PortId, u64>, GateError> {
         let mut out = BTreeMap::new();
         self.batch_read::<FlowKey, PendingSyn>(
             map_names::PENDING,
@@ -309,7 +303,9 @@ impl Gate {
             false,
             None,
             |flow, _| {
-                *out.entry(flow.dport).or_default() += 1;
+                if let Some(id) = port_of(&flow.home) {
+                    *out.entry(id).or_default() += 1;
+                }
                 true
             },
         )?;

@@ -37,13 +37,15 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData},
+    maps::{Array, HashMap, MapData},
     programs::{
         CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSockAddr, SockOps, Xdp, XdpMode,
         links::FdLink,
     },
 };
-use portgate_common::{GateConfig, config_flags, defaults, map_names, program_names};
+use portgate_common::{
+    GateConfig, PortKey, capacity, config_flags, defaults, map_names, program_names,
+};
 
 pub use self::{
     error::GateError,
@@ -52,7 +54,7 @@ pub use self::{
 };
 use crate::{
     host::{self, HostError},
-    model::PortId,
+    model::{NetnsId, PortId},
     paths,
 };
 
@@ -145,8 +147,10 @@ const CGROUP_LINKS: [(&str, &str); 4] = [
 
 impl Gate {
     /// Loads the gate into `settings.pin_dir`, or adopts the set already pinned there, and
-    /// writes the configuration (managed range, event rate, handshake TTL). Attaches
-    /// nothing: see [`Gate::attach_cgroup`] and [`Gate::attach_xdp`].
+    /// writes the configuration (managed range, event rate, handshake TTL, and the calling
+    /// thread's network namespace as the host's: its ports are those of
+    /// [`NetnsId::HOST`](crate::model::NetnsId::HOST)). Attaches nothing: see
+    /// [`Gate::attach_cgroup`] and [`Gate::attach_xdp`].
     pub fn install(settings: &GateSettings) -> Result<Self, GateError> {
         if settings.min_port == 0 || settings.min_port > settings.max_port {
             return Err(GateError::InvalidRange {
@@ -161,8 +165,10 @@ impl Gate {
             let dir = settings.pin_dir.join(sub);
             fs::create_dir_all(&dir).map_err(HostError::io("creating", &dir))?;
         }
+        let host_netns = host::netns::current_cookie()?;
         let mut gate = Self::load(&settings.pin_dir)?;
         let previous = gate.config()?;
+        gate.make_slot_row(PortKey::default())?;
         gate.write_config(&GateConfig {
             min_port: settings.min_port,
             max_port: settings.max_port,
@@ -170,6 +176,7 @@ impl Gate {
             flags: previous.flags,
             _pad: 0,
             pending_ttl_ns: u64::try_from(settings.pending_ttl.as_nanos()).unwrap_or(u64::MAX),
+            host_netns,
         })?;
         Ok(gate)
     }
@@ -271,11 +278,22 @@ impl Gate {
 
     /// Attaches the XDP program to interface `interface` of the calling thread's network
     /// namespace and pins the link. An attachment already pinned is kept.
-    pub fn attach_xdp(&mut self, interface: &str, mode: XdpMode) -> Result<(), GateError> {
+    ///
+    /// XDP sees no socket, so it cannot tell which namespace a packet is for: `carries`
+    /// says whose ports the interface's traffic is for (the host's for a host NIC, where
+    /// published ports arrive before their DNAT). The kernel keys that by ifindex, which is
+    /// unique only within one namespace: attach XDP from one namespace only.
+    pub fn attach_xdp(
+        &mut self,
+        interface: &str,
+        carries: NetnsId,
+        mode: XdpMode,
+    ) -> Result<(), GateError> {
         let ifindex =
             nix::net::if_::if_nametoindex(interface).map_err(|_| GateError::NoSuchInterface {
                 name: interface.to_owned(),
             })?;
+        self.set_interface_netns(ifindex, carries)?;
         let netns = host::kernel::current_netns_inode()?;
         let link_name = format!("xdp-{netns}-{ifindex}");
         let link_path = self.links_dir().join(&link_name);
@@ -285,6 +303,29 @@ impl Gate {
                 .attach_to_if_index(ifindex, mode));
         }
         self.set_config_flag(config_flags::XDP_ATTACHED)
+    }
+
+    /// Says whose ports the traffic XDP sees on interface `ifindex` is for (see
+    /// [`Gate::attach_xdp`]).
+    pub fn set_interface_netns(&mut self, ifindex: u32, carries: NetnsId) -> Result<(), GateError> {
+        let mut routes: HashMap<&mut MapData, u32, u64> = open_map!(
+            mut self,
+            HashMap,
+            map_names::XDP_NETNS,
+            capacity::XDP_NETNS
+        );
+        let failed = |doing| {
+            move |err| GateError::map(doing, map_names::XDP_NETNS, capacity::XDP_NETNS, err)
+        };
+        if carries.is_host() {
+            maps::absent_is_none(routes.remove(&ifindex))
+                .map(drop)
+                .map_err(failed("removing"))
+        } else {
+            routes
+                .insert(ifindex, carries.0, 0)
+                .map_err(failed("writing"))
+        }
     }
 
     /// What is attached: the names of the pinned links (`cgroup_skb_ingress`,

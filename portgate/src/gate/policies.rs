@@ -5,14 +5,17 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use aya::maps::{HashMap, MapData, MapError, lpm_trie::Key, lpm_trie::LpmTrie};
 use ipnet::IpNet;
-use portgate_common::{AllowKey, Policy, PortKey, capacity, map_names};
+use portgate_common::{AllowKey, ConnSlots, Policy, PortKey, capacity, map_names};
 
 use super::{
     AllowlistCache, Gate, GateError,
-    keys::{addr_from_bytes, allow_key, generation_of, policy_record, port_key, port_of},
+    keys::{
+        addr_from_bytes, allow_key, generation_of, policy_record, port_key, port_of, published_key,
+        published_record,
+    },
     maps::absent_is_none,
 };
-use crate::model::{Allowlist, PortId, PortPolicy};
+use crate::model::{Allowlist, PortId, PortPolicy, Protocol};
 
 /// What a handle knows of one port's allowlist in the trie.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -26,13 +29,15 @@ pub(super) struct KnownAllowlist {
 }
 
 impl Gate {
-    pub(super) fn check_managed(&self, port: u16) -> Result<(), GateError> {
+    /// A port of the host's namespace must be in the managed range; another namespace's
+    /// may be any port but 0 (the range is the host's).
+    pub(super) fn check_managed(&self, id: PortId) -> Result<(), GateError> {
         let config = self.config()?;
-        if config.manages(port) {
+        if config.manages(id.port) || (!id.netns.is_host() && id.port != 0) {
             Ok(())
         } else {
             Err(GateError::PortOutsideRange {
-                port,
+                port: id.port,
                 min: config.min_port,
                 max: config.max_port,
             })
@@ -53,11 +58,22 @@ impl Gate {
     /// out again). An error removing the old prefixes after the switch is returned with the
     /// new policy in force; what is left of them sits in the unused generation, which the
     /// port's next change clears before writing it.
+    ///
+    /// A policy [`published`](PortPolicy::published) on a host port is written there too,
+    /// as a record pointing home to `id`: XDP sees the host port before DNAT, the
+    /// container's hooks see `id` after it, and both judge and count the one allocation.
     pub fn set_policy(&mut self, id: PortId, policy: &PortPolicy) -> Result<(), GateError> {
-        self.check_managed(id.port)?;
-        let (Some(zero), Some(one)) = (policy_record(policy, 0), policy_record(policy, 1)) else {
+        self.check_managed(id)?;
+        if let Some(port) = policy.published {
+            self.check_managed(PortId::new(port, id.protocol))?;
+        }
+        let (Some(zero), Some(one)) = (policy_record(id, policy, 0), policy_record(id, policy, 1))
+        else {
             return self.remove_policy(id);
         };
+        if id.protocol == Protocol::Tcp {
+            self.make_slot_row(port_key(id))?;
+        }
         let wanted = policy.access.allowed_ips.iter().copied().collect();
         let mut known = self.take_known(id)?;
         let result = self.switch_policy(id, [zero, one], wanted, &mut known);
@@ -157,12 +173,59 @@ impl Gate {
         Ok(cache)
     }
 
+    /// Writes the record of `id`, then the record of its host side when it is published
+    /// (a host port it was published on before is freed).
     fn write_policy(&mut self, id: PortId, record: &Policy) -> Result<(), GateError> {
         let mut policies: HashMap<&mut MapData, PortKey, Policy> =
             open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
+        let failed =
+            |doing| move |err| GateError::map(doing, map_names::POLICY, capacity::POLICIES, err);
+        let previous = absent_is_none(policies.get(&port_key(id), 0)).map_err(failed("reading"))?;
         policies
             .insert(port_key(id), record, 0)
-            .map_err(|err| GateError::map("writing", map_names::POLICY, capacity::POLICIES, err))
+            .map_err(failed("writing"))?;
+        if record.published_port != 0 {
+            policies
+                .insert(
+                    published_key(id, record.published_port),
+                    published_record(record),
+                    0,
+                )
+                .map_err(failed("writing"))?;
+        }
+        if let Some(previous) = previous
+            && previous.published_port != 0
+            && previous.published_port != record.published_port
+        {
+            absent_is_none(policies.remove(&published_key(id, previous.published_port)))
+                .map_err(failed("removing"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes the connection-slot row of a TCP port (or of the sweep clock) unless it
+    /// exists: the kernel only updates rows in place.
+    pub(super) fn make_slot_row(&mut self, key: PortKey) -> Result<(), GateError> {
+        let mut slots: HashMap<&mut MapData, PortKey, ConnSlots> =
+            open_map!(mut self, HashMap, map_names::SLOTS, capacity::SLOTS);
+        match slots.insert(
+            key,
+            ConnSlots::default(),
+            u64::from(aya_obj::generated::BPF_NOEXIST),
+        ) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(err))
+                if err.io_error.raw_os_error() == Some(libc::EEXIST) =>
+            {
+                Ok(())
+            }
+            Err(err) => Err(GateError::map(
+                "writing",
+                map_names::SLOTS,
+                capacity::SLOTS,
+                err,
+            )),
+        }
     }
 
     /// Adds `prefixes` under `generation`; on an error, those added stay (the caller removes
@@ -241,8 +304,25 @@ impl Gate {
         {
             let mut policies: HashMap<&mut MapData, PortKey, Policy> =
                 open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
-            absent_is_none(policies.remove(&port_key(id))).map_err(|err| {
-                GateError::map("removing", map_names::POLICY, capacity::POLICIES, err)
+            let failed = |doing| {
+                move |err| GateError::map(doing, map_names::POLICY, capacity::POLICIES, err)
+            };
+            let record =
+                absent_is_none(policies.get(&port_key(id), 0)).map_err(failed("reading"))?;
+            // The host side first: it points home to the record.
+            if let Some(record) = record
+                && record.published_port != 0
+            {
+                absent_is_none(policies.remove(&published_key(id, record.published_port)))
+                    .map_err(failed("removing"))?;
+            }
+            absent_is_none(policies.remove(&port_key(id))).map_err(failed("removing"))?;
+        }
+        if id.protocol == Protocol::Tcp {
+            let mut slots: HashMap<&mut MapData, PortKey, ConnSlots> =
+                open_map!(mut self, HashMap, map_names::SLOTS, capacity::SLOTS);
+            absent_is_none(slots.remove(&port_key(id))).map_err(|err| {
+                GateError::map("removing", map_names::SLOTS, capacity::SLOTS, err)
             })?;
         }
         self.clear_generation(id, known, 0)?;
@@ -257,7 +337,8 @@ impl Gate {
             .map_err(|err| GateError::map("reading", map_names::POLICY, capacity::POLICIES, err))
     }
 
-    /// Every policy record, by port.
+    /// Every allocation's policy record, by port (the host sides of published ports are
+    /// [`Gate::published`]'s).
     pub fn policies(&self) -> Result<BTreeMap<PortId, Policy>, GateError> {
         let mut out = BTreeMap::new();
         self.batch_read::<PortKey, Policy>(
@@ -266,13 +347,47 @@ impl Gate {
             false,
             None,
             |key, policy| {
-                if let (Some(id), Some(policy)) = (port_of(key.port, key.proto), policy.next()) {
+                if let (Some(id), Some(policy)) = (port_of(&key), policy.next())
+                    && policy.home == key
+                {
                     out.insert(id, policy);
                 }
                 true
             },
         )?;
         Ok(out)
+    }
+
+    /// The host sides of published ports: each host port, with the allocation it points
+    /// home to.
+    pub fn published(&self) -> Result<BTreeMap<PortId, PortId>, GateError> {
+        let mut out = BTreeMap::new();
+        self.batch_read::<PortKey, Policy>(
+            map_names::POLICY,
+            capacity::POLICIES,
+            false,
+            None,
+            |key, policy| {
+                if let (Some(id), Some(policy)) = (port_of(&key), policy.next())
+                    && policy.home != key
+                    && let Some(home) = port_of(&policy.home)
+                {
+                    out.insert(id, home);
+                }
+                true
+            },
+        )?;
+        Ok(out)
+    }
+
+    /// Removes the record of a host side of a published port whose allocation is gone
+    /// (reconciliation's clean-up; [`Gate::remove_policy`] removes it with its allocation).
+    pub fn remove_published(&mut self, host_side: PortId) -> Result<(), GateError> {
+        let mut policies: HashMap<&mut MapData, PortKey, Policy> =
+            open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
+        absent_is_none(policies.remove(&port_key(host_side)))
+            .map(drop)
+            .map_err(|err| GateError::map("removing", map_names::POLICY, capacity::POLICIES, err))
     }
 
     /// Every allowlist in force, by port, each sorted: the generation its record names.
@@ -304,8 +419,9 @@ impl Gate {
                 GateError::map("listing", map_names::ALLOW, capacity::ALLOW_PREFIXES, err)
             })?;
             let data = key.data();
+            let port = PortKey::new(data.netns, data.port, data.proto);
             let (Some(id), Some(generation)) = (
-                port_of(data.port, data.proto),
+                port_of(&port),
                 (data.generation < 2).then_some(usize::from(data.generation)),
             ) else {
                 continue;

@@ -32,8 +32,7 @@ impl Gate {
         for grant in self.grants()? {
             grants.entry(grant.id).or_default().push(grant.view(now));
         }
-        let config = self.config()?;
-        let slots = self.all_slots(config.min_port..=config.max_port)?;
+        let slots = self.all_slots()?;
         let ids: BTreeSet<PortId> = policies
             .keys()
             .chain(counters.keys())

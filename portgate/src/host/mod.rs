@@ -1,14 +1,19 @@
 //! Facts about the host, one module each: the live sockets ([`sockets`]), the port sysctls
 //! ([`sysctls`]) and the port lists they hold ([`port_ranges`]), the cgroup2 hierarchy
-//! ([`cgroups`]), the mount table and bpffs ([`mounts`]), and what the running kernel grants
-//! this process ([`kernel`]).
+//! ([`cgroups`]), the mount table and bpffs ([`mounts`]), what the running kernel grants
+//! this process ([`kernel`]), the network namespaces ([`netns`]), and the containers and pods
+//! in the cgroup tree ([`containers`]).
 //!
 //! The socket tables and the port sysctls are those of the calling thread's network
-//! namespace. [`HostError`] is every way a fact can fail to be read or changed.
+//! namespace; [`netns::enter`] runs code in another. [`HostError`] is every way a fact can
+//! fail to be read or changed, except that [`netns`] and [`containers`] have their own errors
+//! ([`netns::NetnsError`], [`containers::ContainerError`]).
 
 pub mod cgroups;
+pub mod containers;
 pub mod kernel;
 pub mod mounts;
+pub mod netns;
 pub mod port_ranges;
 pub mod sockets;
 pub mod sysctls;

@@ -36,7 +36,7 @@ use std::{
 use tokio::sync::Mutex;
 
 pub use self::{
-    allocator::{PortAllocator, Ticked, Transition},
+    allocator::{Bound, PortAllocator, Ticked, Transition},
     error::{ErrorCategory, PortError, Result},
     monitor::{PortMonitor, PortsSnapshot, gate_warnings},
     quota::MAX_PREFIXES_PER_USER,
@@ -49,8 +49,8 @@ use crate::{
     gate::Gate,
     host::{self, sockets::SocketTable},
     model::{
-        AccessChange, Allocation, AllocationRequest, DropReason, PortId, PortReport, PortStatus,
-        Protocol, UnixMillis, now_millis,
+        AccessChange, Allocation, AllocationRequest, DropReason, HostPort, PortId, PortReport,
+        PortStatus, Protocol, UnixMillis, now_millis,
     },
     store::{HostChanges, Store},
     text::Chain,
@@ -101,13 +101,13 @@ impl State {
             .unwrap_or_default()
     }
 
-    /// Established connections of every TCP port in `range`, in one read of the slots map
+    /// Established connections of every allocated TCP port, in one read of the slots map
     /// (none without the gate, or when it cannot be read).
-    fn all_connections(&self, range: RangeInclusive<u16>) -> Established {
+    fn all_connections(&self) -> Established {
         Established(
             self.gate
                 .as_ref()
-                .and_then(|gate| gate.all_slots(range).ok())
+                .and_then(|gate| gate.all_slots().ok())
                 .unwrap_or_default(),
         )
     }
@@ -199,14 +199,15 @@ impl PortManager {
     /// one, else of the whole range. The socket tables take milliseconds to read: not under
     /// the lock, and not on an async worker (a snapshot still fresh is taken as it is,
     /// without a thread hop).
-    async fn bound_ports(
-        &self,
-        request: &AllocationRequest,
-    ) -> Result<std::collections::BTreeSet<u16>> {
+    async fn bound_ports(&self, request: &AllocationRequest) -> Result<Bound> {
         if request.port.is_none()
+            && request.netns.is_none()
             && let Some(bound) = self.sockets.fresh(request.protocol, self.range())
         {
-            return Ok(bound);
+            return Ok(Bound {
+                netns: bound.clone(),
+                host: bound,
+            });
         }
         let sockets = Arc::clone(&self.sockets);
         let (range, probe) = (self.range(), request.clone());
@@ -260,6 +261,18 @@ impl PortManager {
         .await
     }
 
+    /// Moves a port to a new owner cgroup (a container restarted into a new cgroup): from
+    /// the change on, only the new owner (and its descendants) may bind it.
+    pub async fn set_owner(
+        &self,
+        id: PortId,
+        cgroup: crate::model::OwnerCgroup,
+        actor: Actor,
+    ) -> Result<Allocation> {
+        self.change(id, actor, |allocator, _, _| allocator.set_owner(id, cgroup))
+            .await
+    }
+
     /// Grants `addr` on a port that requires authentication, for `ttl`. Grants live in the
     /// kernel (and its userspace mirror) only: they are short-lived by design and are not
     /// kept in the store.
@@ -300,7 +313,7 @@ impl PortManager {
     /// Every allocation with its live connections.
     pub async fn allocations(&self) -> Vec<(Allocation, u64)> {
         let state = self.state.lock().await;
-        let connections = state.all_connections(self.range());
+        let connections = state.all_connections();
         state
             .allocator
             .allocations()
@@ -374,7 +387,7 @@ impl PortManager {
     pub async fn metrics_text(&self) -> Result<String> {
         let snapshot = {
             let state = self.state.lock().await;
-            monitor::snapshot(&state, self.range())?
+            monitor::snapshot(&state)?
         };
         self.monitor
             .encode(snapshot)
@@ -520,20 +533,49 @@ impl PortManager {
     }
 }
 
-/// The live sockets an allocation of `request` in `range` must avoid: of its port when it
-/// names one (none when that port is outside the range: the allocator refuses it), else of
-/// the whole range.
+/// The live sockets an allocation of `request` in `range` must avoid, each read in its
+/// namespace: of its port when it names one (none when a host port is outside the range:
+/// the allocator refuses it), else of the whole range; and in the host's namespace, of the
+/// host port it publishes on.
 fn bound_for(
     sockets: &dyn SocketTable,
     range: RangeInclusive<u16>,
     request: &AllocationRequest,
-) -> Result<std::collections::BTreeSet<u16>> {
-    match request.port {
-        Some(port) if range.contains(&port) => sockets.bound_ports(request.protocol, port..=port),
-        Some(_) => Ok(std::collections::BTreeSet::new()),
-        None => sockets.bound_ports(request.protocol, range),
-    }
-    .map_err(|err| PortError::host("reading the socket tables", err))
+) -> Result<Bound> {
+    let failed = |err| PortError::host("reading the socket tables", err);
+    let ports = |named: Option<u16>, host: bool| match named {
+        Some(port) if range.contains(&port) || !host => Some(port..=port),
+        Some(_) => None,
+        None => Some(range.clone()),
+    };
+    let read = |table: &dyn SocketTable, wanted: Option<RangeInclusive<u16>>| {
+        wanted.map_or_else(
+            || Ok(std::collections::BTreeSet::new()),
+            |wanted| table.bound_ports(request.protocol, wanted),
+        )
+    };
+    let Some(netns) = &request.netns else {
+        let bound = read(sockets, ports(request.port, true)).map_err(failed)?;
+        return Ok(Bound {
+            netns: bound.clone(),
+            host: bound,
+        });
+    };
+    let wanted = ports(request.port, false);
+    let in_netns = host::netns::enter(&netns.path, || read(&host::sockets::ProcfsSockets, wanted))
+        .map_err(|err| {
+            PortError::host(format!("entering the namespace {}", netns.info.label), err)
+        })?
+        .map_err(failed)?;
+    let host = match request.publish {
+        None => std::collections::BTreeSet::new(),
+        Some(HostPort::Port(port)) => read(sockets, ports(Some(port), true)).map_err(failed)?,
+        Some(HostPort::Auto) => read(sockets, ports(None, true)).map_err(failed)?,
+    };
+    Ok(Bound {
+        netns: in_netns,
+        host,
+    })
 }
 
 /// What to do when the store refuses a change.

@@ -45,19 +45,16 @@ pub struct PortsSnapshot {
     pub handshakes_in_flight: u64,
 }
 
-/// What a scrape shows of `state`, read from the kernel in one pass per map (the ports in
-/// `range`): each allocation's status and counters, the drops on ports no allocation
-/// explains, the free ports, and the lost events.
-pub(super) fn snapshot(
-    state: &State,
-    range: std::ops::RangeInclusive<u16>,
-) -> Result<PortsSnapshot> {
+/// What a scrape shows of `state`, read from the kernel in one pass per map: each
+/// allocation's status and counters, the drops on ports no allocation explains, the free
+/// ports, and the lost events.
+pub(super) fn snapshot(state: &State) -> Result<PortsSnapshot> {
     let mut snapshot = PortsSnapshot::default();
     let mut counted = match state.gate.as_ref() {
         Some(gate) => gate.all_counters().map_err(PortError::counters)?,
         None => std::collections::BTreeMap::new(),
     };
-    let connections = state.all_connections(range);
+    let connections = state.all_connections();
     for held in state.allocator.allocations() {
         let counters = counted.remove(&held.id).unwrap_or_default();
         let active = connections.of(held.id);

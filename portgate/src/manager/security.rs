@@ -66,7 +66,7 @@ impl PortSecurity {
     /// The kernel policy of a port.
     #[must_use]
     pub fn policy(&self, id: PortId) -> Option<&PortPolicy> {
-        self.model.policy(id)
+        self.model.policy(id).map(|(_, policy)| policy)
     }
 
     /// Records an authentication grant for `source` until `expires_ns` (`CLOCK_MONOTONIC`).
@@ -124,7 +124,7 @@ impl GateView for WithSlots<'_> {
         self.model.managed_range()
     }
 
-    fn policy(&self, id: PortId) -> Option<&PortPolicy> {
+    fn policy(&self, id: PortId) -> Option<(PortId, &PortPolicy)> {
         self.model.policy(id)
     }
 

@@ -8,7 +8,7 @@ use super::{
     access::PortAccessControl,
     owner::Owner,
     policy::PortPolicy,
-    port::{PortId, PortStatus, Protocol},
+    port::{NetnsId, NetnsInfo, PortId, PortStatus, Protocol},
 };
 
 /// Milliseconds since the Unix epoch: the store's clock, so timers survive restarts.
@@ -65,6 +65,13 @@ impl Timeline {
 pub struct Allocation {
     /// The port.
     pub id: PortId,
+    /// The port's namespace, when it is not the host's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<NetnsInfo>,
+    /// The host port a container runtime forwards to this one (DNAT), held for it in the
+    /// host's namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<u16>,
     /// Who holds it.
     pub owner: Owner,
     /// Its access control.
@@ -92,6 +99,7 @@ impl Allocation {
                 reason = "the epoch is the low 32 bits"
             )]
             epoch: self.timeline.allocated_at as u32,
+            published: self.published,
         }
     }
 }
@@ -109,10 +117,37 @@ pub struct AllocationRequest {
     pub access: PortAccessControl,
     /// A lease length; `None` holds the port until it is released.
     pub ttl: Option<Duration>,
+    /// The port's namespace, found by the caller; `None` for the host's.
+    pub netns: Option<NetnsRef>,
+    /// The host port to publish the port on, for a container runtime's DNAT.
+    pub publish: Option<HostPort>,
+}
+
+/// A namespace other than the host's, as a request names it once it has been found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetnsRef {
+    /// Its cookie.
+    pub id: NetnsId,
+    /// Its label and inode, kept with the allocation.
+    pub info: NetnsInfo,
+    /// A path that opens it now (`/run/netns/NAME`, `/proc/PID/ns/net`): where its
+    /// sockets are read and its reserved ports written.
+    pub path: std::path::PathBuf,
+}
+
+/// The host port of a published port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostPort {
+    /// Any free port of the managed range.
+    Auto,
+    /// This port of the managed range.
+    #[serde(untagged)]
+    Port(u16),
 }
 
 impl AllocationRequest {
-    /// Any free TCP port for `owner`, no policy, no lease.
+    /// Any free TCP port of the host's namespace for `owner`, no policy, no lease.
     #[must_use]
     pub fn new(owner: &str) -> Self {
         Self {
@@ -121,6 +156,8 @@ impl AllocationRequest {
             protocol: Protocol::Tcp,
             access: PortAccessControl::default(),
             ttl: None,
+            netns: None,
+            publish: None,
         }
     }
 }
@@ -153,6 +190,8 @@ pub(crate) fn sample_allocation(port: u16, protocol: Protocol) -> Allocation {
 
     Allocation {
         id: PortId::new(port, protocol),
+        netns: None,
+        published: None,
         owner: Owner {
             name: format!("service-{port}"),
             uid: Some(1000),

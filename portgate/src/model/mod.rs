@@ -17,12 +17,13 @@ pub mod spelling;
 pub use self::{
     access::{AccessChange, Allowlist, PortAccessControl},
     allocation::{
-        Allocation, AllocationRequest, PortState, Timeline, UnixMillis, add_duration, now_millis,
+        Allocation, AllocationRequest, HostPort, NetnsRef, PortState, Timeline, UnixMillis,
+        add_duration, now_millis,
     },
     metrics::{DropCounts, GrantView, PortMetrics, PortReport},
     owner::{Owner, OwnerCgroup},
     policy::{DropReason, PortPolicy},
-    port::{PortId, PortStatus, Protocol, UnknownProtocol},
+    port::{NetnsId, NetnsInfo, PortId, PortStatus, Protocol, UnknownProtocol},
 };
 #[cfg(test)]
 pub(crate) use self::{allocation::sample_allocation, metrics::sample_metrics};

@@ -21,6 +21,11 @@ pub struct PortPolicy {
     /// earlier allocation never count against a later one's `max_connections`.
     #[serde(default)]
     pub epoch: u32,
+    /// The host port (in the host's namespace) that a container runtime forwards to this
+    /// one with DNAT: the kernel judges and counts the connections XDP sees there as this
+    /// port's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<u16>,
 }
 
 impl Default for PortPolicy {
@@ -30,6 +35,7 @@ impl Default for PortPolicy {
             access: PortAccessControl::default(),
             owner: None,
             epoch: 0,
+            published: None,
         }
     }
 }

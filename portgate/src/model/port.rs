@@ -71,12 +71,58 @@ impl FromStr for Protocol {
     }
 }
 
-/// One managed port: what allocations, policies, grants and counters are keyed by, on
-/// every layer.
+/// A network namespace as a port's identity names it: its netns cookie (what the kernel
+/// keys it by, never given to two namespaces while the system runs), or
+/// [`NetnsId::HOST`] for the host's own, the namespace the daemon runs in.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(transparent)]
+pub struct NetnsId(pub u64);
+
+impl NetnsId {
+    /// The host's namespace: the default wherever a port is named.
+    pub const HOST: Self = Self(portgate_common::HOST_NETNS);
+
+    /// Whether this is the host's namespace.
+    #[must_use]
+    pub const fn is_host(&self) -> bool {
+        self.0 == Self::HOST.0
+    }
+}
+
+impl fmt::Display for NetnsId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_host() {
+            f.write_str("host")
+        } else {
+            write!(f, "netns cookie {}", self.0)
+        }
+    }
+}
+
+/// What people and the daemon know a namespace other than the host's by: the label it is
+/// shown with and the inode it is found again by (its cookie is in the [`PortId`]).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NetnsInfo {
+    /// Stable and readable: the name under /run/netns, the container's id, else
+    /// `net:[INODE]`.
+    pub label: String,
+    /// The namespace's nsfs inode (`net:[INODE]`); inodes are reused once a namespace
+    /// is gone, so the cookie confirms a match.
+    pub inode: u64,
+}
+
+/// One managed port, (network namespace, protocol, port): what allocations, policies,
+/// grants and counters are keyed by, on every layer.
 ///
-/// A bare port number means TCP (`--proto` defaults to tcp wherever a port is named).
+/// A bare port number means TCP in the host's namespace (`--proto` defaults to tcp and the
+/// namespace to the host's wherever a port is named).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PortId {
+    /// The network namespace; absent in JSON for the host's.
+    #[serde(default, skip_serializing_if = "NetnsId::is_host")]
+    pub netns: NetnsId,
     /// The port number.
     pub port: u16,
     /// The transport protocol.
@@ -84,10 +130,14 @@ pub struct PortId {
 }
 
 impl PortId {
-    /// (port, protocol).
+    /// (port, protocol) in the host's namespace.
     #[must_use]
     pub const fn new(port: u16, protocol: Protocol) -> Self {
-        Self { port, protocol }
+        Self {
+            netns: NetnsId::HOST,
+            port,
+            protocol,
+        }
     }
 }
 
@@ -105,7 +155,11 @@ impl From<(u16, Protocol)> for PortId {
 
 impl fmt::Display for PortId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.port, self.protocol)
+        write!(f, "{}/{}", self.port, self.protocol)?;
+        if !self.netns.is_host() {
+            write!(f, " ({})", self.netns)?;
+        }
+        Ok(())
     }
 }
 

@@ -8,13 +8,16 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     access::{Allowlist, PortAccessControl},
-    port::{PortId, Protocol},
+    port::{NetnsId, PortId, Protocol},
 };
 
-/// [`PortId`] as the keys `port` and `proto`.
+/// [`PortId`] as the keys `port`, `proto` and `netns` (the namespace's cookie, absent for
+/// the host's).
 #[derive(Serialize, Deserialize)]
 #[serde(remote = "PortId")]
 pub struct PortIdFields {
+    #[serde(default, skip_serializing_if = "NetnsId::is_host")]
+    netns: NetnsId,
     port: u16,
     #[serde(rename = "proto")]
     protocol: Protocol,

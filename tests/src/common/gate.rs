@@ -67,7 +67,9 @@ impl LoopbackPort {
         let pins = PinDir::new();
         let cgroup = TestCgroup::new();
         let ns = NetNs::new();
-        let mut gate = install(&edit(settings(&pins)));
+        // The namespace is the gate's host namespace: its ports are the host's.
+        let settings = edit(settings(&pins));
+        let mut gate = ns.run(|| install(&settings));
         gate.attach_cgroup(cgroup.path())
             .expect("attach to the test cgroup");
         gate.set_policy(PortId::new(port, Protocol::Tcp), policy)

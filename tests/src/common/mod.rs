@@ -20,8 +20,10 @@ use portgate::{
     model::{Allowlist, PortAccessControl, PortPolicy},
 };
 
+pub mod container;
 pub mod gate;
 pub mod packet;
+pub mod podman;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

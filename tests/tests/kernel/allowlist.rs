@@ -36,7 +36,8 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
     let client_ns = NetNs::new();
     let veth = Veth::new(&server_ns, &client_ns);
     veth.add_to_b(&client_ns, 3);
-    let mut gate = install(&settings(&pins));
+    // The server's namespace is the gate's host namespace: its ports are the host's.
+    let mut gate = server_ns.run(|| install(&settings(&pins)));
     gate.attach_cgroup(cgroup.path())
         .expect("attach to the test cgroup");
     let mut events = gate.events().expect("event stream");
@@ -108,8 +109,12 @@ fn allowlist_is_enforced_by_cgroup_skb_and_by_xdp() {
 
     // Now XDP on the server's end of the veth as well.
     server_ns.run(|| {
-        gate.attach_xdp(&veth.a_name, aya::programs::XdpMode::default())
-            .expect("attach XDP to the test veth");
+        gate.attach_xdp(
+            &veth.a_name,
+            portgate::model::NetnsId::HOST,
+            aya::programs::XdpMode::default(),
+        )
+        .expect("attach XDP to the test veth");
     });
     let before = gate
         .counters(PortId::new(port_a, Protocol::Tcp))

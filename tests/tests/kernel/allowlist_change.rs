@@ -66,12 +66,13 @@ fn plant(gate: &mut Gate, port: u16, generation: u8, prefix: &str) {
     )
     .expect("an LPM trie");
     let data = AllowKey {
+        netns: portgate_common::HOST_NETNS,
         port,
         proto: portgate_common::proto::TCP,
         family: portgate_common::family::V4,
         generation,
         addr,
-        _pad: 0,
+        _pad: [0; 3],
     };
     trie.insert(
         &Key::new(AllowKey::PREFIX_BITS + u32::from(prefix.prefix_len()), data),

@@ -24,7 +24,7 @@ fn bind_follows_the_owner_cgroup_tree() {
     let owner_child = owner.child("worker");
     let other = parent.child("other");
     let ns = NetNs::new();
-    let mut gate = install(&settings(&pins));
+    let mut gate = ns.run(|| install(&settings(&pins)));
     gate.attach_cgroup(parent.path())
         .expect("attach to the test cgroup");
     let mut events = gate.events().expect("event stream");

@@ -3,8 +3,14 @@
 //! and packets, and the kernel's counters and deny events against what the userspace
 //! verdict implies.
 //!
-//! Needs: root (or `CAP_BPF` + `CAP_NET_ADMIN` + `CAP_SYS_ADMIN`), bpffs, BTF. Attaches
-//! nothing.
+//! Ports live in two namespaces: the host's and a test namespace (a "container"), with
+//! the same port numbers under different policies, container ports outside the managed
+//! range, and container ports published on host ports. `cgroup_skb` runs a container's
+//! packet from a thread inside its namespace (the test run's socket is made there); XDP
+//! is told that loopback carries the container's traffic.
+//!
+//! Needs: root (or `CAP_BPF` + `CAP_NET_ADMIN` + `CAP_SYS_ADMIN`), bpffs, BTF, iproute2.
+//! Attaches nothing.
 
 use std::{
     collections::BTreeMap,
@@ -17,8 +23,8 @@ use portgate::{
     gate::{Gate, GateSettings, HookCounters, PacketHook},
     host::kernel::monotonic_now_ns,
     model::{
-        Allowlist, DropReason, OwnerCgroup, PortAccessControl, PortId, PortPolicy, PortStatus,
-        Protocol,
+        Allowlist, DropReason, NetnsId, OwnerCgroup, PortAccessControl, PortId, PortPolicy,
+        PortStatus, Protocol,
     },
     verdict::{GateModel, GateView as _, Packet, Verdict, decide},
 };
@@ -26,7 +32,7 @@ use portgate_common::{hook, reason};
 use portgate_tests::{common, require_privileges};
 
 use common::{
-    PinDir,
+    NetNs, PinDir,
     packet::{PacketSpec, build_packet},
     pin_to_cpu0,
 };
@@ -36,6 +42,14 @@ const MIN_PORT: u16 = 20_000;
 const MAX_PORT: u16 = 20_063;
 const POLICY_ROUNDS: usize = 25;
 const PACKETS_PER_ROUND: usize = 800;
+/// The container's ports: some in the managed range (the same numbers as host ports),
+/// some outside it.
+const CONTAINER_PORTS: [u16; 6] = [80, 443, 8080, MIN_PORT, MIN_PORT + 1, MIN_PORT + 7];
+/// Host ports that only ever carry a published container port (container port `i` is
+/// published on `PUBLISHED_BASE + i`), never a host allocation of their own.
+const PUBLISHED_BASE: u16 = MAX_PORT - 5;
+/// The loopback interface's index: the interface of every XDP test run.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// Sources the generated allowlists and packets draw from, so prefixes hit and miss.
 fn address_pool() -> Vec<IpAddr> {
@@ -124,6 +138,7 @@ fn random_policy(rng: &mut StdRng, pool: &[IpAddr]) -> Option<PortPolicy> {
         }),
         // A few allocations per port: a new epoch starts the port's slots again.
         epoch: rng.random_range(0..3),
+        published: None,
     })
 }
 
@@ -189,6 +204,12 @@ fn kernel_verdict_matches_userspace_verdict() {
         // Longer than the test: no reservation expires behind the model's back.
         pending_ttl: Duration::from_hours(1),
     };
+    let container_ns = NetNs::new();
+    let container = NetnsId(
+        portgate::host::netns::open(&std::path::Path::new("/run/netns").join(container_ns.name()))
+            .expect("the container namespace")
+            .cookie,
+    );
     let mut gate = Gate::install(&settings).expect("install the gate");
     let mut events = gate.events().expect("take the event stream");
     let mut model = GateModel::new(MIN_PORT, MAX_PORT);
@@ -200,7 +221,7 @@ fn kernel_verdict_matches_userspace_verdict() {
 
     for round in 0..POLICY_ROUNDS {
         // New policies for every port and protocol (slots carry over, as in the kernel).
-        for port in MIN_PORT..=MAX_PORT {
+        for port in MIN_PORT..PUBLISHED_BASE {
             for protocol in Protocol::ALL {
                 if let Some(policy) = random_policy(&mut rng, &pool) {
                     gate.set_policy(PortId::new(port, protocol), &policy)
@@ -210,6 +231,22 @@ fn kernel_verdict_matches_userspace_verdict() {
                     gate.remove_policy(PortId::new(port, protocol))
                         .expect("remove policy");
                     model.remove_policy(PortId::new(port, protocol));
+                }
+            }
+        }
+        for (index, port) in (0u16..).zip(CONTAINER_PORTS) {
+            for protocol in Protocol::ALL {
+                let id = PortId {
+                    netns: container,
+                    ..PortId::new(port, protocol)
+                };
+                if let Some(mut policy) = random_policy(&mut rng, &pool) {
+                    policy.published = rng.random_bool(0.4).then_some(PUBLISHED_BASE + index);
+                    gate.set_policy(id, &policy).expect("set policy");
+                    model.set_policy(id, policy);
+                } else {
+                    gate.remove_policy(id).expect("remove policy");
+                    model.remove_policy(id);
                 }
             }
         }
@@ -224,18 +261,28 @@ fn kernel_verdict_matches_userspace_verdict() {
             } else {
                 now.saturating_sub(1)
             };
-            gate.add_grant(PortId::new(port, protocol), addr, expires)
-                .expect("add grant");
-            model.add_grant(PortId::new(port, protocol), addr, expires);
+            let id = if rng.random_bool(0.3) {
+                PortId {
+                    netns: container,
+                    ..PortId::new(*CONTAINER_PORTS.choose(&mut rng).expect("ports"), protocol)
+                }
+            } else {
+                PortId::new(port, protocol)
+            };
+            gate.add_grant(id, addr, expires).expect("add grant");
+            model.add_grant(id, addr, expires);
         }
 
         for _ in 0..PACKETS_PER_ROUND {
             cases += 1;
             let protocol = *Protocol::ALL.choose(&mut rng).expect("not empty");
-            // Mostly managed ports, sometimes just outside the range.
+            let in_container = rng.random_bool(0.3);
+            // Mostly managed ports, sometimes just outside the range; in the container,
+            // mostly its own ports.
             let dport = match rng.random_range(0..20) {
                 0 => MIN_PORT - 1,
                 1 => MAX_PORT + 1,
+                2..=11 if in_container => *CONTAINER_PORTS.choose(&mut rng).expect("ports"),
                 _ => rng.random_range(MIN_PORT..=MAX_PORT),
             };
             let source = *pool.choose(&mut rng).expect("not empty");
@@ -266,17 +313,24 @@ fn kernel_verdict_matches_userspace_verdict() {
                 },
             };
             let frame = build_packet(&spec);
-            let packet = match protocol {
+            let mut packet = match protocol {
                 Protocol::Tcp => Packet::tcp(source, dport, syn, ack),
                 Protocol::Udp => Packet::udp(source, dport),
             };
+            if in_container {
+                packet.netns = container;
+            }
             let verdict = decide(&model, &packet, monotonic_now_ns());
+            // Everything is counted under the allocation a packet is for.
+            let home = model
+                .policy(packet.port())
+                .map_or(packet.port(), |(home, _)| home);
             // A SYN takes a slot only on a limited port (an unlimited one takes none).
             let limited = model
                 .policy(packet.port())
-                .is_some_and(|policy| policy.access.max_connections != 0);
+                .is_some_and(|(_, policy)| policy.access.max_connections != 0);
             if verdict == Verdict::Accept && protocol == Protocol::Tcp && limited {
-                model.add_slot(packet.port());
+                model.add_slot(home);
             }
             let (hook_kind, hook_index, bytes) = if rng.random_bool(0.5) {
                 (PacketHook::Xdp, usize::from(hook::XDP), frame.len())
@@ -288,9 +342,19 @@ fn kernel_verdict_matches_userspace_verdict() {
                     frame.len() - 14,
                 )
             };
-            let outcome = gate
-                .test_run(hook_kind, &frame, 1)
-                .expect("BPF_PROG_TEST_RUN");
+            let outcome = if !in_container {
+                gate.test_run(hook_kind, &frame, 1)
+            } else if hook_kind == PacketHook::Xdp {
+                gate.set_interface_netns(LOOPBACK_IFINDEX, container)
+                    .expect("route loopback to the container");
+                let outcome = gate.test_run(hook_kind, &frame, 1);
+                gate.set_interface_netns(LOOPBACK_IFINDEX, NetnsId::HOST)
+                    .expect("route loopback back to the host");
+                outcome
+            } else {
+                container_ns.run(|| gate.test_run(hook_kind, &frame, 1))
+            }
+            .expect("BPF_PROG_TEST_RUN");
             assert_eq!(
                 outcome.passed,
                 verdict.passes(),
@@ -301,7 +365,7 @@ fn kernel_verdict_matches_userspace_verdict() {
             if let Verdict::Drop(reason) = verdict {
                 *by_reason.entry(reason.name()).or_default() += 1;
             }
-            expected.record(packet.port(), hook_index, bytes as u64, verdict);
+            expected.record(home, hook_index, bytes as u64, verdict);
         }
         // Drained every round, so the ring buffer never fills.
         deny_events.extend(events.drain());

@@ -656,6 +656,15 @@ impl PolicyClock {
 }
 
 /// Waits (bounded) until `counter` has gone `by` past `from`.
+/// Sets a stop flag when dropped, by a normal end or by a panic.
+struct StopOnDrop<'a>(&'a std::sync::atomic::AtomicBool);
+
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
 fn wait_for(counter: &AtomicU64, from: u64, by: u64, what: &str) {
     assert!(
         eventually(SETTLE_WITHIN, || counter.load(Ordering::SeqCst)
@@ -724,9 +733,14 @@ fn concurrent_checks_agree_with_the_policy_while_it_changes() {
                 })
             })
             .collect();
+        // Whatever panics, the checkers stop, so that the scope ends and reports it.
+        let _stop = StopOnDrop(&clock.stop);
         // The kernel's verdict: the cgroup_skb program run on a SYN from each source
-        // against the live maps, through a second handle on the daemon's pins.
+        // against the live maps, through a second handle on the daemon's pins, from the
+        // daemon's namespace (a test run's packet is for the namespace it is run from).
         let kernel = scope.spawn(|| {
+            let _stop = StopOnDrop(&clock.stop);
+            daemon.ns.run(|| {
             let mut gate = Gate::open(daemon.pins.path()).expect("open the pinned gate");
             let mut decisive = 0_u64;
             let mut n = 0_usize;
@@ -747,6 +761,7 @@ fn concurrent_checks_agree_with_the_policy_while_it_changes() {
                 kernel_checks.fetch_add(1, Ordering::SeqCst);
             }
             decisive
+            })
         });
         // The flipper: each change is acknowledged, then it waits until every checker has
         // finished one more check than it had in flight, so that at least one check of

@@ -26,4 +26,5 @@ mod maps;
 mod parsing;
 mod reservations;
 mod restart;
+mod topology;
 mod udp;

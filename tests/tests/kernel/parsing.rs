@@ -136,15 +136,20 @@ fn a_packet_xdp_passed_cannot_vouch_for_another_in_cgroup_skb() {
     }
     pin_to_cpu0();
     let pins = PinDir::new();
+    // Installed from the test's own namespace: the test runs below are its host's packets.
     let mut gate = install(&settings(&pins));
+    let (server_ns, client_ns) = (NetNs::new(), NetNs::new());
     let cgroup = TestCgroup::new();
     gate.attach_cgroup(cgroup.path())
         .expect("attach to the test cgroup");
-    let (server_ns, client_ns) = (NetNs::new(), NetNs::new());
     let veth = Veth::new(&server_ns, &client_ns);
     server_ns.run(|| {
-        gate.attach_xdp(&veth.a_name, aya::programs::XdpMode::default())
-            .expect("attach XDP to the test veth");
+        gate.attach_xdp(
+            &veth.a_name,
+            portgate::model::NetnsId::HOST,
+            aya::programs::XdpMode::default(),
+        )
+        .expect("attach XDP to the test veth");
     });
     let port = MIN_PORT + 71;
     let id = PortId::new(port, Protocol::Tcp);

@@ -101,7 +101,9 @@ fn a_syn_flood_at_one_port_leaves_the_other_ports_their_reservations() {
     // More SYNs than the map holds, at a port without a limit: all pass, none reserves.
     assert_eq!(flood(&mut gate, unlimited, 0, FLOOD), FLOOD);
     assert_eq!(
-        gate.reservations().expect("reservations").get(&unlimited),
+        gate.reservations()
+            .expect("reservations")
+            .get(&PortId::new(unlimited, Protocol::Tcp)),
         None,
         "a port without a limit takes no reservation"
     );
@@ -209,10 +211,7 @@ fn a_sweep_never_frees_a_reservation_made_while_it_runs() {
     assert_eq!(reserved, RESERVED, "every SYN at the target port passed");
     let id = PortId::new(target, Protocol::Tcp);
     assert_eq!(
-        gate.reservations()
-            .expect("reservations")
-            .get(&target)
-            .copied(),
+        gate.reservations().expect("reservations").get(&id).copied(),
         Some(u64::from(RESERVED)),
         "no sweep freed a live reservation"
     );

@@ -40,7 +40,7 @@ fn enforcement_outlives_the_handle_and_uninstall_removes_everything() {
     // are not this test's to judge.
     let others = our_programs();
     {
-        let mut gate = install(&settings(&pins));
+        let mut gate = ns.run(|| install(&settings(&pins)));
         gate.attach_cgroup(cgroup.path()).expect("attach");
         gate.set_policy(
             PortId::new(port, Protocol::Tcp),
@@ -58,7 +58,8 @@ fn enforcement_outlives_the_handle_and_uninstall_removes_everything() {
         "still enforced without a handle"
     );
 
-    let gate = install(&settings(&pins));
+    // Adopted from the same namespace: the host's stays the same.
+    let gate = ns.run(|| install(&settings(&pins)));
     let counters = gate
         .counters(PortId::new(port, Protocol::Tcp))
         .expect("counters")

@@ -22,7 +22,7 @@ fn udp_datagrams_follow_the_allowlist_each_counted() {
     let pins = PinDir::new();
     let cgroup = TestCgroup::new();
     let ns = NetNs::new();
-    let mut gate = install(&settings(&pins));
+    let mut gate = ns.run(|| install(&settings(&pins)));
     gate.attach_cgroup(cgroup.path()).expect("attach");
     let port = MIN_PORT + 60;
     gate.set_policy(

@@ -6,6 +6,7 @@
 //! is refused with a 4xx and an [`ErrorBody`] before the manager is asked, so it changes
 //! nothing. `ports` holds the calls on ports, `reads` the views of the whole daemon.
 
+mod placement;
 mod ports;
 mod reads;
 
@@ -34,7 +35,7 @@ use super::{
 use crate::{
     api::{ErrorBody, MAX_BODY_BYTES},
     manager::{Actor, PortError},
-    model::{PortId, Protocol, UnknownProtocol},
+    model::{NetnsId, PortId, Protocol, UnknownProtocol},
 };
 
 /// The API router.
@@ -45,6 +46,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/ports/{port}/drain", post(ports::drain))
         .route("/v1/ports/{port}/renew", post(ports::renew))
         .route("/v1/ports/{port}/access", patch(ports::access))
+        .route("/v1/ports/{port}/owner", patch(ports::owner))
         .route("/v1/ports/{port}/grants", post(ports::grant))
         .route("/v1/ports/{port}/check", get(ports::check))
         .route("/v1/stats", get(reads::stats))
@@ -210,14 +212,28 @@ impl Caller {
                 format!("{raw:?} is not a port number: give 1-65535"),
             )
         })?;
+        let netns = match query.get("netns").map(String::as_str) {
+            None | Some("host") => NetnsId::HOST,
+            Some(raw) => NetnsId(raw.parse().map_err(|_| {
+                ApiError::bad(
+                    "invalid_netns",
+                    format!(
+                        "{raw:?} is not a namespace cookie: give the `netns` number `portgate list --json` shows, or leave it out for the host's"
+                    ),
+                )
+            })?),
+        };
         let config = self.app.manager.config();
-        if !(config.min_port..=config.max_port).contains(&port) {
+        if netns.is_host() && !(config.min_port..=config.max_port).contains(&port) {
             return Err(ApiError::Port(PortError::InvalidPortRequest(format!(
                 "port {port} is outside the managed range {}-{}: see `portgate status`",
                 config.min_port, config.max_port
             ))));
         }
-        Ok(PortId::new(port, protocol(query)?))
+        Ok(PortId {
+            netns,
+            ..PortId::new(port, protocol(query)?)
+        })
     }
 }
 

@@ -1,16 +1,15 @@
 //! The calls on ports: allocate, list, show, release and drain, renew, change access,
 //! grant, check.
 
-use std::{net::IpAddr, path::Path};
+use std::net::IpAddr;
 
 use axum::{body::Bytes, extract::rejection::BytesRejection, http::StatusCode, response::Response};
 
-use super::{ApiError, ApiResult, Caller, PortCall, json_body};
+use super::{ApiError, Caller, PortCall, json_body, placement};
 use crate::{
-    api::{AllocRequest, AllocationView, CheckResponse, GrantRequest, RenewRequest},
-    host,
-    manager::{Actor, PortError},
-    model::{AccessChange, AllocationRequest, Owner, OwnerCgroup, PortId, Protocol},
+    api::{AllocRequest, AllocationView, CheckResponse, GrantRequest, OwnerSpec, RenewRequest},
+    manager::PortError,
+    model::{AccessChange, AllocationRequest, NetnsId, Owner, PortId, Protocol},
 };
 
 type Body = Result<Bytes, BytesRejection>;
@@ -22,15 +21,24 @@ pub(super) async fn alloc(caller: Caller, body: Body) -> Response {
             let request: AllocRequest = json_body(body)?;
             let protocol = request.proto.unwrap_or(Protocol::Tcp);
             audit.id = request.port.map(|port| PortId::new(port, protocol));
+            let placement = placement::resolve(&request.owner_spec(), actor)?;
+            if let (Some(port), Some(netns)) = (request.port, &placement.netns) {
+                audit.id = Some(PortId {
+                    netns: netns.id,
+                    ..PortId::new(port, protocol)
+                });
+            }
             let request = AllocationRequest {
                 owner: Owner {
-                    cgroup: owner_cgroup(&request, actor)?,
+                    cgroup: placement.owner,
                     ..Owner::named(&request.owner)
                 },
                 port: request.port,
                 protocol,
                 access: request.access(),
                 ttl: request.ttl,
+                netns: placement.netns,
+                publish: request.publish,
             };
             let allocation = caller.app.manager.allocate(request, actor).await?;
             audit.id = Some(allocation.id);
@@ -109,6 +117,38 @@ pub(super) async fn access(call: PortCall, body: Body) -> Response {
     .await
 }
 
+/// `PATCH /v1/ports/{port}/owner`: moves the port to the cgroup a request names (a
+/// container restarted into a new cgroup). A process or container named must be in the
+/// port's own namespace.
+pub(super) async fn owner(call: PortCall, body: Body) -> Response {
+    call.change("owner", StatusCode::OK, async |app, actor, id| {
+        let spec: OwnerSpec = json_body(body)?;
+        if spec.netns.is_some() {
+            return Err(ApiError::bad(
+                "invalid_port_request",
+                "a port keeps its namespace: name only its new owner (cgroup, pid or container)",
+            ));
+        }
+        let placement = placement::resolve(&spec, actor)?;
+        let Some(cgroup) = placement.owner else {
+            return Err(ApiError::bad(
+                "invalid_port_request",
+                "name the new owner: cgroup, pid or container",
+            ));
+        };
+        let named_netns = placement.netns.as_ref().map_or(NetnsId::HOST, |netns| netns.id);
+        if (spec.pid.is_some() || spec.container.is_some()) && named_netns != id.netns {
+            return Err(ApiError::Port(PortError::InvalidPortRequest(format!(
+                "the process or container named is in another network namespace than port {id}: name one in the port's namespace, or give its cgroup"
+            ))));
+        }
+        let held = app.manager.set_owner(id, cgroup, actor).await?;
+        let connections = app.manager.get_state(id).await.connections;
+        Ok(AllocationView::new(&held, connections))
+    })
+    .await
+}
+
 pub(super) async fn grant(call: PortCall, body: Body) -> Response {
     call.change("grant", StatusCode::NO_CONTENT, async |app, actor, id| {
         let request: GrantRequest = json_body(body)?;
@@ -144,54 +184,4 @@ pub(super) async fn check(call: PortCall) -> Response {
         })
     })
     .await
-}
-
-/// Resolves the owner cgroup of a request: `--cgroup PATH` or `--pid PID`.
-fn owner_cgroup(request: &AllocRequest, actor: Actor) -> ApiResult<Option<OwnerCgroup>> {
-    let path = match (&request.cgroup, request.pid) {
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad(
-                "invalid_port_request",
-                "give either cgroup or pid, not both",
-            ));
-        }
-        (Some(path), None) => {
-            if !path.is_absolute() {
-                return Err(ApiError::Port(PortError::InvalidPortRequest(format!(
-                    "cgroup {} is not an absolute path: give the cgroup2 directory, e.g. /sys/fs/cgroup/my.slice",
-                    path.display()
-                ))));
-            }
-            path.clone()
-        }
-        (None, Some(pid)) => {
-            host::cgroups::of_pid(pid).map_err(|err| {
-                ApiError::Port(PortError::InvalidPortRequest(format!(
-                    "the cgroup of process {pid} could not be found ({err}): give a running process of this host's pid namespace, or --cgroup"
-                )))
-            })?
-        }
-        (None, None) => return Ok(None),
-    };
-    // One open of the directory gives the owner, id and level together (no symlink race).
-    let info = host::cgroups::info(Path::new(&path));
-    if let Actor::User(uid) = actor {
-        // The same answer whatever the reason, so that it does not tell which paths exist.
-        if !info.as_ref().is_ok_and(|info| info.owner_uid == uid) {
-            return Err(ApiError::Port(PortError::AccessDenied(format!(
-                "{} is not a cgroup delegated to uid {uid}: name a cgroup directory you own, or ask an admin to allocate",
-                path.display()
-            ))));
-        }
-    }
-    let info = info.map_err(|err| {
-        ApiError::Port(PortError::InvalidPortRequest(format!(
-            "{err}: give a cgroup2 directory"
-        )))
-    })?;
-    Ok(Some(OwnerCgroup {
-        path: info.path,
-        id: info.id,
-        level: info.level,
-    }))
 }

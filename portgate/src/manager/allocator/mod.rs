@@ -17,8 +17,8 @@ use super::error::{PortError, Result};
 use crate::{
     config::PortConfig,
     model::{
-        Allocation, AllocationRequest, PortId, PortStatus, Protocol, Timeline, UnixMillis,
-        add_duration,
+        Allocation, AllocationRequest, HostPort, NetnsId, PortId, PortStatus, Protocol, Timeline,
+        UnixMillis, add_duration,
     },
 };
 
@@ -62,13 +62,29 @@ pub struct Ticked {
     pub before: Vec<Allocation>,
 }
 
-/// Hands out ports from the managed range and keeps their lifecycle.
+/// Ports with a live socket, which an allocation must avoid.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Bound {
+    /// In the allocation's namespace.
+    pub netns: BTreeSet<u16>,
+    /// In the host's namespace, for the host port of a published port (for an allocation
+    /// in the host's namespace, the same ports as `netns`).
+    pub host: BTreeSet<u16>,
+}
+
+/// Hands out ports and keeps their lifecycle. The managed range is the host's: its ports
+/// are handed out from it, and so are the host ports of published ports. A port of
+/// another namespace (a container's) may be any port; one not named is taken from the
+/// range too.
 pub struct PortAllocator {
     config: PortConfig,
     reserved: BTreeSet<u16>,
     allocations: BTreeMap<PortId, Allocation>,
-    /// Per protocol (index [`protocol_index`]): ports neither reserved nor allocated.
+    /// Per protocol (index [`protocol_index`]): host ports neither reserved, allocated nor
+    /// published.
     free: [BTreeSet<u16>; 2],
+    /// Host ports published for an allocation, with it.
+    published: BTreeMap<PortId, PortId>,
 }
 
 const fn protocol_index(protocol: Protocol) -> usize {
@@ -92,6 +108,7 @@ impl PortAllocator {
             reserved,
             allocations: BTreeMap::new(),
             free: [unreserved.clone(), unreserved],
+            published: BTreeMap::new(),
             config,
         })
     }
@@ -129,11 +146,14 @@ impl PortAllocator {
     /// `max_retries` random probes, then by a scan of the free ports from a random start.
     /// A port in `bound` (it has a live socket) is never handed out. The allocation is
     /// Active from `now`.
+    ///
+    /// A request in another namespace may name any port; a published one also takes a
+    /// host port (the one it names, or a free one) that nothing else is handed.
     pub fn claim(
         &mut self,
         request: AllocationRequest,
         now: UnixMillis,
-        bound: &BTreeSet<u16>,
+        bound: &Bound,
     ) -> Result<Allocation> {
         if request.owner.name.trim().is_empty() {
             return Err(PortError::InvalidPortRequest(
@@ -146,12 +166,47 @@ impl PortAllocator {
             ));
         }
         let protocol = request.protocol;
+        let (netns, netns_info) = match request.netns {
+            Some(found) => (found.id, Some(found.info)),
+            None => (NetnsId::HOST, None),
+        };
         let port = match request.port {
-            Some(port) => self.check_requested(PortId::new(port, protocol), bound)?,
-            None => self.find_free(protocol, bound)?,
+            Some(port) => self.check_requested(
+                PortId {
+                    netns,
+                    ..PortId::new(port, protocol)
+                },
+                &bound.netns,
+            )?,
+            None => self.find_free(netns, protocol, &bound.netns)?,
+        };
+        let id = PortId {
+            netns,
+            ..PortId::new(port, protocol)
+        };
+        let published = match request.publish {
+            None => None,
+            Some(_) if netns.is_host() => {
+                return Err(PortError::InvalidPortRequest(
+                    "only a port of a container's namespace is published: name it with --container, --pid or --netns".to_owned(),
+                ));
+            }
+            Some(HostPort::Port(host)) => Some(
+                self.check_requested(PortId::new(host, protocol), &bound.host)
+                    .map_err(|err| match err {
+                        PortError::PortUnavailable { why, .. } => PortError::PortUnavailable {
+                            id: PortId::new(host, protocol),
+                            why: format!("the host port cannot be published: {why}"),
+                        },
+                        other => other,
+                    })?,
+            ),
+            Some(HostPort::Auto) => Some(self.find_free(NetnsId::HOST, protocol, &bound.host)?),
         };
         let allocation = Allocation {
-            id: PortId::new(port, protocol),
+            id,
+            netns: netns_info,
+            published,
             owner: request.owner,
             access: request.access,
             status: PortStatus::Active,
@@ -162,9 +217,18 @@ impl PortAllocator {
     }
 
     fn check_requested(&self, id: PortId, bound: &BTreeSet<u16>) -> Result<u16> {
-        self.check_port(id.port)?;
         let unavailable = |why: String| PortError::PortUnavailable { id, why };
-        if self.reserved.contains(&id.port) {
+        if id.netns.is_host() {
+            self.check_port(id.port)?;
+        } else if id.port == 0 {
+            return Err(PortError::InvalidPortRequest(
+                "port 0 cannot be allocated: name a port from 1 to 65535".to_owned(),
+            ));
+        }
+        if let Some(home) = self.published.get(&id) {
+            return Err(unavailable(format!("it is published for {home}")));
+        }
+        if id.netns.is_host() && self.reserved.contains(&id.port) {
             return Err(unavailable(
                 "it is reserved ([ports] reserved_ports)".to_owned(),
             ));
@@ -183,13 +247,28 @@ impl PortAllocator {
         Ok(id.port)
     }
 
-    fn find_free(&self, protocol: Protocol, bound: &BTreeSet<u16>) -> Result<u16> {
-        let free = &self.free[protocol_index(protocol)];
+    fn find_free(&self, netns: NetnsId, protocol: Protocol, bound: &BTreeSet<u16>) -> Result<u16> {
         let exhausted = || PortError::RangeExhausted {
             protocol,
             min: self.config.min_port,
             max: self.config.max_port,
         };
+        if !netns.is_host() {
+            // Another namespace has the whole range to itself, less what it holds there.
+            let mut rng = rand::rng();
+            let start = rng.random_range(self.range());
+            return (start..=self.config.max_port)
+                .chain(self.config.min_port..start)
+                .find(|&port| {
+                    !bound.contains(&port)
+                        && !self.allocations.contains_key(&PortId {
+                            netns,
+                            ..PortId::new(port, protocol)
+                        })
+                })
+                .ok_or_else(exhausted);
+        }
+        let free = &self.free[protocol_index(protocol)];
         if free.is_empty() {
             return Err(exhausted());
         }
@@ -209,15 +288,33 @@ impl PortAllocator {
     }
 
     fn insert(&mut self, allocation: Allocation) {
-        self.free[protocol_index(allocation.id.protocol)].remove(&allocation.id.port);
+        let free = &mut self.free[protocol_index(allocation.id.protocol)];
+        if allocation.id.netns.is_host() {
+            free.remove(&allocation.id.port);
+        }
+        if let Some(host) = allocation.published {
+            free.remove(&host);
+            self.published
+                .insert(PortId::new(host, allocation.id.protocol), allocation.id);
+        }
         self.allocations.insert(allocation.id, allocation);
     }
 
-    /// Takes in an allocation read from the store (at start-up). A record outside the range
-    /// or on a reserved port is refused: the configuration changed under it.
+    /// Takes in an allocation read from the store (at start-up). A record of the host's
+    /// namespace outside the range or on a reserved port is refused, and so is a host port
+    /// published there: the configuration changed under it.
     pub fn load(&mut self, allocation: Allocation) -> Result<()> {
-        self.check_port(allocation.id.port)?;
-        if self.reserved.contains(&allocation.id.port) {
+        let host_ports = allocation
+            .id
+            .netns
+            .is_host()
+            .then_some(allocation.id.port)
+            .into_iter()
+            .chain(allocation.published);
+        for port in host_ports {
+            self.check_port(port)?;
+        }
+        if allocation.id.netns.is_host() && self.reserved.contains(&allocation.id.port) {
             return Err(PortError::configuration(
                 format!(
                     "port {} is allocated to {} but is now in [ports] reserved_ports: release it first or take it out of reserved_ports",
@@ -242,8 +339,21 @@ impl PortAllocator {
     /// Forgets an allocation at once; the port is free again.
     pub fn remove(&mut self, id: PortId) -> Option<Allocation> {
         let removed = self.allocations.remove(&id)?;
-        self.free[protocol_index(id.protocol)].insert(id.port);
+        let free = &mut self.free[protocol_index(id.protocol)];
+        if id.netns.is_host() {
+            free.insert(id.port);
+        }
+        if let Some(host) = removed.published {
+            free.insert(host);
+            self.published.remove(&PortId::new(host, id.protocol));
+        }
         Some(removed)
+    }
+
+    /// The allocation a host port is published for, if any.
+    #[must_use]
+    pub fn published_for(&self, host_side: PortId) -> Option<PortId> {
+        self.published.get(&host_side).copied()
     }
 
     /// The allocation of a port.
@@ -317,6 +427,22 @@ impl PortAllocator {
         Ok(())
     }
 
+    /// Changes the owner cgroup of an Active allocation.
+    pub fn set_owner(&mut self, id: PortId, cgroup: crate::model::OwnerCgroup) -> Result<()> {
+        let held = self
+            .allocations
+            .get_mut(&id)
+            .ok_or(PortError::NotAllocated(id))?;
+        if held.status != PortStatus::Active {
+            return Err(PortError::PolicyViolation(format!(
+                "port {id} is {} and keeps its owner: allocate a port again",
+                held.status
+            )));
+        }
+        held.owner.cgroup = Some(cgroup);
+        Ok(())
+    }
+
     /// Changes the access control kept with an allocation.
     pub fn set_access(
         &mut self,
@@ -380,313 +506,4 @@ impl PortAllocator {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::{collections::BTreeSet, time::Duration};
-
-    use super::{PortAllocator, Transition};
-    use crate::{
-        config::PortConfig,
-        manager::error::PortError,
-        model::{AllocationRequest, PortId, PortStatus, Protocol},
-    };
-
-    /// No port has a live socket.
-    const NOTHING_BOUND: BTreeSet<u16> = BTreeSet::new();
-
-    fn config(min: u16, max: u16) -> PortConfig {
-        PortConfig {
-            min_port: min,
-            max_port: max,
-            timeout: Duration::from_secs(30),
-            quarantine: Duration::from_secs(10),
-            ..PortConfig::default()
-        }
-    }
-
-    fn allocator(config: PortConfig) -> PortAllocator {
-        PortAllocator::from_config(config).unwrap()
-    }
-
-    fn status_of(allocator: &PortAllocator, id: PortId) -> PortStatus {
-        allocator
-            .allocation(id)
-            .map_or(PortStatus::Available, |held| held.status)
-    }
-
-    fn request(owner: &str, port: Option<u16>) -> AllocationRequest {
-        AllocationRequest {
-            port,
-            ..AllocationRequest::new(owner)
-        }
-    }
-
-    #[test]
-    fn a_specific_port_is_handed_out_once() {
-        let mut allocator = allocator(config(20_000, 20_009));
-        let held = allocator
-            .claim(request("a", Some(20_005)), 1_000, &NOTHING_BOUND)
-            .unwrap();
-        assert_eq!(held.id, PortId::new(20_005, Protocol::Tcp));
-        assert_eq!(held.status, PortStatus::Active);
-        let err = allocator
-            .claim(request("b", Some(20_005)), 1_000, &NOTHING_BOUND)
-            .unwrap_err();
-        assert!(matches!(err, PortError::PortUnavailable { .. }), "{err}");
-        assert!(err.to_string().contains("held by a"), "{err}");
-        // The same number for UDP is another port.
-        let udp = AllocationRequest {
-            protocol: Protocol::Udp,
-            ..request("b", Some(20_005))
-        };
-        assert_eq!(
-            allocator
-                .claim(udp, 1_000, &NOTHING_BOUND)
-                .unwrap()
-                .id
-                .protocol,
-            Protocol::Udp
-        );
-    }
-
-    #[test]
-    fn out_of_range_and_reserved_ports_are_refused() {
-        let mut allocator = allocator(PortConfig {
-            reserved_ports: vec![20_003],
-            ..config(20_000, 20_009)
-        });
-        let err = allocator
-            .claim(request("a", Some(19_999)), 0, &NOTHING_BOUND)
-            .unwrap_err();
-        assert!(matches!(err, PortError::InvalidPortRequest(_)), "{err}");
-        assert!(
-            err.to_string()
-                .contains("outside the managed range 20000-20009")
-        );
-        let err = allocator
-            .claim(request("a", Some(20_003)), 0, &NOTHING_BOUND)
-            .unwrap_err();
-        assert!(err.to_string().contains("reserved"), "{err}");
-        // Random allocation never lands on the reserved port.
-        let ports: BTreeSet<u16> = (0..9)
-            .map(|_| {
-                allocator
-                    .claim(request("a", None), 0, &NOTHING_BOUND)
-                    .unwrap()
-                    .id
-                    .port
-            })
-            .collect();
-        assert_eq!(ports.len(), 9);
-        assert!(!ports.contains(&20_003));
-    }
-
-    #[test]
-    fn an_exhausted_range_is_a_clear_error() {
-        let mut allocator = allocator(config(20_000, 20_003));
-        for _ in 0..4 {
-            allocator
-                .claim(request("a", None), 0, &NOTHING_BOUND)
-                .unwrap();
-        }
-        let err = allocator
-            .claim(request("a", None), 0, &NOTHING_BOUND)
-            .unwrap_err();
-        assert!(matches!(err, PortError::RangeExhausted { .. }), "{err}");
-        assert!(
-            err.to_string().contains("no free tcp port in 20000-20003"),
-            "{err}"
-        );
-        assert_eq!(allocator.free_count(Protocol::Tcp), 0);
-        assert_eq!(allocator.free_count(Protocol::Udp), 4);
-    }
-
-    #[test]
-    fn random_probes_then_a_scan_find_the_last_free_ports_at_99_percent() {
-        let mut allocator = allocator(PortConfig {
-            max_retries: 4,
-            ..config(20_000, 29_999)
-        });
-        for _ in 0..9_900 {
-            allocator
-                .claim(request("bulk", None), 0, &NOTHING_BOUND)
-                .unwrap();
-        }
-        assert_eq!(allocator.free_count(Protocol::Tcp), 100);
-        // With 1% free, 4 probes mostly miss: the scan must find every remaining port.
-        let mut last = BTreeSet::new();
-        for _ in 0..100 {
-            last.insert(
-                allocator
-                    .claim(request("tail", None), 0, &NOTHING_BOUND)
-                    .unwrap()
-                    .id
-                    .port,
-            );
-        }
-        assert_eq!(last.len(), 100);
-        assert!(matches!(
-            allocator.claim(request("x", None), 0, &NOTHING_BOUND),
-            Err(PortError::RangeExhausted { .. })
-        ));
-    }
-
-    #[test]
-    fn a_bound_port_is_skipped() {
-        let mut allocator = allocator(config(20_000, 20_002));
-        let bound = BTreeSet::from([20_000, 20_002]);
-        let err = allocator
-            .claim(request("a", Some(20_000)), 0, &bound)
-            .unwrap_err();
-        assert!(err.to_string().contains("already bound"), "{err}");
-        for _ in 0..3 {
-            // Only 20001 is neither allocated nor bound.
-            let held = allocator.claim(request("a", None), 0, &bound);
-            if let Ok(held) = held {
-                assert_eq!(held.id.port, 20_001);
-            } else {
-                assert!(matches!(held, Err(PortError::RangeExhausted { .. })));
-            }
-        }
-    }
-
-    #[test]
-    fn leases_expire_into_draining_and_renew_pushes_them_out() {
-        let mut allocator = allocator(config(20_000, 20_009));
-        let held = allocator
-            .claim(
-                AllocationRequest {
-                    ttl: Some(Duration::from_secs(5)),
-                    ..request("a", Some(20_001))
-                },
-                1_000,
-                &NOTHING_BOUND,
-            )
-            .unwrap();
-        assert_eq!(held.timeline.lease_expires_at, Some(6_000));
-        allocator.renew(held.id, None, 4_000).unwrap();
-        assert_eq!(
-            allocator
-                .allocation(held.id)
-                .unwrap()
-                .timeline
-                .lease_expires_at,
-            Some(9_000)
-        );
-        assert!(allocator.tick(8_999, |_| 1).steps.is_empty());
-        let renewed = allocator.allocation(held.id).unwrap().clone();
-        // Expired with a connection open: Draining, not yet Closed.
-        let ticked = allocator.tick(9_000, |_| 1);
-        assert_eq!(ticked.steps, vec![Transition::LeaseExpired(held.id)]);
-        assert_eq!(ticked.before, vec![renewed], "what it was before the tick");
-        assert_eq!(status_of(&allocator, held.id), PortStatus::Draining);
-        let err = allocator.renew(held.id, None, 9_001).unwrap_err();
-        assert!(err.to_string().contains("cannot be renewed"), "{err}");
-        // A port without a lease has nothing to renew.
-        let plain = allocator
-            .claim(request("b", None), 0, &NOTHING_BOUND)
-            .unwrap();
-        assert!(allocator.renew(plain.id, None, 0).is_err());
-        assert!(
-            allocator
-                .renew(plain.id, Some(Duration::from_secs(1)), 0)
-                .is_ok()
-        );
-    }
-
-    #[test]
-    fn the_lifecycle_runs_active_draining_closed_quarantine_available() {
-        let mut allocator = allocator(config(20_000, 20_000));
-        let id = allocator
-            .claim(request("a", None), 0, &NOTHING_BOUND)
-            .unwrap()
-            .id;
-        allocator
-            .set_status_at(id, PortStatus::Draining, 1_000)
-            .unwrap();
-        // One connection open: stays Draining until the drain timeout (30 s).
-        assert!(allocator.tick(2_000, |_| 1).steps.is_empty());
-        assert_eq!(
-            allocator.tick(31_000, |_| 1).steps,
-            vec![Transition::Closed(id)]
-        );
-        assert_eq!(status_of(&allocator, id), PortStatus::Closed);
-        // Quarantine (10 s): not free yet, and not allocatable.
-        assert!(allocator.tick(40_999, |_| 0).steps.is_empty());
-        assert!(
-            allocator
-                .claim(request("b", None), 40_999, &NOTHING_BOUND)
-                .is_err()
-        );
-        let err = allocator
-            .claim(request("b", Some(20_000)), 40_999, &NOTHING_BOUND)
-            .unwrap_err();
-        assert!(err.to_string().contains("quarantine"), "{err}");
-        assert_eq!(
-            allocator.tick(41_000, |_| 0).steps,
-            vec![Transition::Freed(id)]
-        );
-        assert_eq!(status_of(&allocator, id), PortStatus::Available);
-        let again = allocator
-            .claim(request("b", None), 41_000, &NOTHING_BOUND)
-            .unwrap();
-        assert_eq!(again.id, id);
-        assert_eq!(again.owner.name, "b");
-    }
-
-    #[test]
-    fn draining_closes_when_the_last_connection_ends() {
-        let mut allocator = allocator(PortConfig {
-            quarantine: Duration::ZERO,
-            ..config(20_000, 20_000)
-        });
-        let id = allocator
-            .claim(request("a", None), 0, &NOTHING_BOUND)
-            .unwrap()
-            .id;
-        allocator
-            .set_status_at(id, PortStatus::Draining, 0)
-            .unwrap();
-        assert!(allocator.tick(100, |_| 2).steps.is_empty());
-        // No connections and no quarantine: closed and freed in one step.
-        assert_eq!(
-            allocator.tick(200, |_| 0).steps,
-            vec![Transition::Closed(id), Transition::Freed(id)]
-        );
-        assert_eq!(allocator.free_count(Protocol::Tcp), 1);
-    }
-
-    #[test]
-    fn a_closed_port_is_not_reopened() {
-        let mut allocator = allocator(config(20_000, 20_000));
-        let id = allocator
-            .claim(request("a", None), 0, &NOTHING_BOUND)
-            .unwrap()
-            .id;
-        allocator.set_status_at(id, PortStatus::Closed, 0).unwrap();
-        let err = allocator
-            .set_status_at(id, PortStatus::Active, 1)
-            .unwrap_err();
-        assert!(err.to_string().contains("cannot go active"), "{err}");
-    }
-
-    #[test]
-    fn requests_are_checked() {
-        let mut allocator = allocator(config(20_000, 20_009));
-        let err = allocator
-            .claim(request(" ", None), 0, &NOTHING_BOUND)
-            .unwrap_err();
-        assert!(err.to_string().contains("owner name is empty"), "{err}");
-        let err = allocator
-            .claim(
-                AllocationRequest {
-                    ttl: Some(Duration::ZERO),
-                    ..request("a", None)
-                },
-                0,
-                &NOTHING_BOUND,
-            )
-            .unwrap_err();
-        assert!(err.to_string().contains("TTL of 0"), "{err}");
-        assert_eq!(allocator.free_count(Protocol::Tcp), 10);
-    }
-}
+mod tests;
