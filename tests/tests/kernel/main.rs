@@ -13,6 +13,7 @@ mod allowlist;
 mod allowlist_change;
 mod bind_ownership;
 mod conn_limit;
+mod containers;
 mod daemon_api;
 mod differential;
 mod draining;
