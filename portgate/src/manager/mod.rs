@@ -535,8 +535,8 @@ impl PortManager {
 
 /// The live sockets an allocation of `request` in `range` must avoid, each read in its
 /// namespace: of its port when it names one (none when a host port is outside the range:
-/// the allocator refuses it), else of the whole range; and in the host's namespace, of the
-/// host port it publishes on.
+/// the allocator refuses it, nor for a port named in another namespace), else of the whole
+/// range; and in the host's namespace, of the host port it publishes on.
 fn bound_for(
     sockets: &dyn SocketTable,
     range: RangeInclusive<u16>,
@@ -561,7 +561,10 @@ fn bound_for(
             host: bound,
         });
     };
-    let wanted = ports(request.port, false);
+    // A port named in a container's namespace is expected to be bound already: the
+    // container starts its server before it can be named (by its id, a pid or its
+    // namespace). Only a port picked for it avoids live sockets.
+    let wanted = request.port.is_none().then(|| range.clone());
     let in_netns = host::netns::enter(&netns.path, || read(&host::sockets::ProcfsSockets, wanted))
         .map_err(|err| {
             PortError::host(format!("entering the namespace {}", netns.info.label), err)

@@ -123,6 +123,8 @@ impl Drop for PodmanImage {
 pub struct PodmanContainer<'i> {
     id: String,
     _image: &'i PodmanImage,
+    /// The cgroup parent it was run under, whose v1 directories go with it.
+    cgroup_parent: Option<PathBuf>,
 }
 
 impl<'i> PodmanContainer<'i> {
@@ -131,10 +133,26 @@ impl<'i> PodmanContainer<'i> {
     /// processes) make runc fail with "error setting rlimit type 7 (then 6): operation not
     /// permitted".
     pub fn run(image: &'i PodmanImage, host_port: u16) -> Self {
+        Self::run_under(image, host_port, None)
+    }
+
+    /// [`PodmanContainer::run`] with the container's cgroup made below `cgroup_parent` (a
+    /// cgroup2 directory, as a test's cgroup with the gate's programs attached) instead of
+    /// [`CGROUP_PARENT`]. Podman also makes the parent in each cgroup v1 hierarchy of a
+    /// hybrid host: they are removed with the container.
+    pub fn run_under(image: &'i PodmanImage, host_port: u16, cgroup_parent: Option<&Path>) -> Self {
         let name = unique("portgate-test-");
         let publish = format!("{host_port}:{CONTAINER_PORT}");
-        let run = Command::new("podman")
-            .args(["--runtime", "runc", "run", "--detach", "--name", &name])
+        let mut command = Command::new("podman");
+        command.args(["--runtime", "runc", "run", "--detach", "--name", &name]);
+        if let Some(parent) = cgroup_parent {
+            let root = host::cgroups::root().expect("cgroup2 mount");
+            let relative = parent
+                .strip_prefix(&root)
+                .unwrap_or_else(|_| panic!("{} is not below {}", parent.display(), root.display()));
+            command.arg(format!("--cgroup-parent=/{}", relative.display()));
+        }
+        let run = command
             .args([
                 "--ulimit",
                 "nofile=10000:10000",
@@ -153,7 +171,11 @@ impl<'i> PodmanContainer<'i> {
             );
         }
         let id = String::from_utf8_lossy(&run.stdout).trim().to_owned();
-        let container = Self { id, _image: image };
+        let container = Self {
+            id,
+            _image: image,
+            cgroup_parent: cgroup_parent.map(Path::to_owned),
+        };
         assert!(
             container.id.len() == 64 && container.id.bytes().all(|b| b.is_ascii_hexdigit()),
             "podman run printed {:?}, not a container id",
@@ -194,7 +216,74 @@ impl Drop for PodmanContainer<'_> {
         // `--time 0`: httpd runs as pid 1, which SIGTERM does not stop, and podman would
         // wait ten seconds before it kills.
         quietly(&["rm", "--force", "--time", "0", &self.id]);
+        if let Some(parent) = &self.cgroup_parent {
+            remove_v1_parents(parent);
+        }
     }
+}
+
+/// Removes the (empty) directories podman made for `cgroup_parent` (a cgroup2 directory)
+/// in the cgroup v1 hierarchies of a hybrid host, deepest first; reports what it cannot.
+pub fn remove_v1_parents(cgroup_parent: &Path) {
+    let Ok(root) = host::cgroups::root() else {
+        return;
+    };
+    let Ok(relative) = cgroup_parent.strip_prefix(&root) else {
+        return;
+    };
+    let Some(mounts) = root.parent() else {
+        return;
+    };
+    let Ok(hierarchies) = fs::read_dir(mounts) else {
+        return;
+    };
+    for hierarchy in hierarchies.flatten() {
+        let dir = hierarchy.path().join(relative);
+        if hierarchy.path() == root || !dir.is_dir() {
+            continue;
+        }
+        let mut below: Vec<PathBuf> = walk_dirs(&dir);
+        below.sort_by_key(|path| std::cmp::Reverse(path.components().count()));
+        for path in below.into_iter().chain([dir.clone()]) {
+            if let Err(err) = fs::remove_dir(&path) {
+                eprintln!("clean-up: removing {}: {err}", path.display());
+            }
+        }
+    }
+}
+
+/// Every directory below `dir`.
+fn walk_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|kind| kind.is_dir()) {
+            found.extend(walk_dirs(&path));
+            found.push(path);
+        }
+    }
+    found
+}
+
+/// `GET /` over HTTP/1.0 from `to`, the whole answer; an error when the connection is not
+/// made within 2 s (the gate dropped its SYN) or not answered within 5 s.
+pub fn http_get(to: std::net::SocketAddr) -> io::Result<String> {
+    use std::io::Read as _;
+    let mut stream = std::net::TcpStream::connect_timeout(&to, std::time::Duration::from_secs(2))?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+    stream.write_all(format!("GET / HTTP/1.0\r\nHost: {to}\r\n\r\n").as_bytes())?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    Ok(response)
+}
+
+/// A TCP port free on the host now, chosen by the kernel: a fixed one could be taken by
+/// another program on a shared machine.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind(super::loopback(0))
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port()
 }
 
 /// The processes of the cgroup at `path` (its `cgroup.procs`).

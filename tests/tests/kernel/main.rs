@@ -25,6 +25,7 @@ mod lifecycle;
 mod load;
 mod maps;
 mod parsing;
+mod podman;
 mod reservations;
 mod restart;
 mod topology;

@@ -7,13 +7,13 @@
 use std::{
     fs,
     io::{self, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     os::unix::fs::MetadataExt as _,
     panic::{self, AssertUnwindSafe},
     path::PathBuf,
     sync::{Barrier, Mutex},
     thread,
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use portgate_tests::{
@@ -22,7 +22,8 @@ use portgate_tests::{
         container::{Client, Host, Publish, TestContainer, accept_within},
         echo, eventually, loopback, output,
         podman::{
-            CONTAINER_PORT, INDEX_HTML, PodmanContainer, PodmanImage, cgroup_pids, netns_of, podman,
+            CONTAINER_PORT, INDEX_HTML, PodmanContainer, PodmanImage, cgroup_pids, free_port,
+            http_get, netns_of, podman,
         },
     },
     require_podman, require_privileges,
@@ -250,25 +251,6 @@ fn listed_namespaces() -> Vec<String> {
         .filter_map(|line| line.split_whitespace().next())
         .map(str::to_owned)
         .collect()
-}
-
-/// `GET /` over HTTP/1.0: the whole response, headers and body.
-fn http_get(to: SocketAddr) -> io::Result<String> {
-    let mut stream = TcpStream::connect_timeout(&to, Duration::from_secs(2))?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    stream.write_all(format!("GET / HTTP/1.0\r\nHost: {to}\r\n\r\n").as_bytes())?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response)?;
-    Ok(response)
-}
-
-/// A TCP port free on the host now, chosen by the kernel: a fixed one could be taken by
-/// another program on a shared machine.
-fn free_port() -> u16 {
-    TcpListener::bind(loopback(0))
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port()
 }
 
 #[test]

@@ -111,9 +111,9 @@ fn container(id: &str) -> ApiResult<(PathBuf, Option<(PathBuf, netns::Netns)>)> 
         })?;
     let (path, mut found_netns) = netns::of_pid(pid)
         .map_err(|err| invalid(&format!("the network namespace of container {id}: {err}")))?;
-    if found_netns.label.starts_with("net:[") {
-        found_netns.label = short_id(&found.id);
-    }
+    // Named by the container, shown by its id (rather than a runtime's name for it under
+    // /run/netns, such as podman's `netns-<uuid>`).
+    found_netns.label = short_id(&found.id);
     Ok((found.cgroup, Some((path, found_netns))))
 }
 
