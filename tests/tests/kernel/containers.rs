@@ -113,7 +113,6 @@ impl Drop for StopServers {
 }
 
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn two_containers_serve_port_80_each_under_its_own_policy() {
     if !require_privileges!() {
         return;

@@ -24,7 +24,6 @@ use portgate_tests::{
 };
 
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn a_podman_containers_published_port_is_allocated_and_gated_by_container_id() {
     if !require_podman!() {
         return;
