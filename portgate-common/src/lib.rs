@@ -40,11 +40,27 @@ pub mod map_names {
     pub const HANDOFF: &str = "PG_HANDOFF";
     /// The namespace each XDP interface carries traffic for: netns cookie keyed by ifindex.
     pub const XDP_NETNS: &str = "PG_XDP_NETNS";
+    /// Socket-local storage: the namespace key ([`crate::PortKey::netns`]) of sockets of
+    /// other namespaces than the host's, for the `cgroup_skb` fallback
+    /// ([`crate::program_names::SKB_SOCKET_NETNS`]).
+    pub const SOCKET_NETNS: &str = "PG_SOCK_NETNS";
 
     /// Every map, in the order userspace pins, adopts and removes them.
-    pub const ALL: [&str; 13] = [
-        POLICY, ALLOW, GRANTS, COUNTERS, SLOTS, PENDING, SOCKETS, EVENTS, EVENT_RATE, CONFIG,
-        STATS, HANDOFF, XDP_NETNS,
+    pub const ALL: [&str; 14] = [
+        POLICY,
+        ALLOW,
+        GRANTS,
+        COUNTERS,
+        SLOTS,
+        PENDING,
+        SOCKETS,
+        EVENTS,
+        EVENT_RATE,
+        CONFIG,
+        STATS,
+        HANDOFF,
+        XDP_NETNS,
+        SOCKET_NETNS,
     ];
 }
 
@@ -52,8 +68,13 @@ pub mod map_names {
 pub mod program_names {
     /// XDP verdict, attached per interface.
     pub const XDP: &str = "portgate_xdp";
-    /// `cgroup_skb/ingress` verdict, attached to a cgroup.
+    /// `cgroup_skb/ingress` verdict, attached to a cgroup: finds each packet's namespace
+    /// with `bpf_get_netns_cookie` (Linux 6.15 and later).
     pub const SKB: &str = "portgate_skb";
+    /// The same verdict for older kernels, whose `cgroup_skb` cannot call
+    /// `bpf_get_netns_cookie`: reads the namespace the bind and `sock_ops` programs
+    /// recorded in the socket's storage ([`crate::map_names::SOCKET_NETNS`]).
+    pub const SKB_SOCKET_NETNS: &str = "portgate_skb_sk";
     /// `cgroup/bind4` bind ownership.
     pub const BIND4: &str = "portgate_bind4";
     /// `cgroup/bind6` bind ownership.

@@ -9,7 +9,7 @@ use portgate_common::{HOST_NETNS, PortKey, family, netns_key, policy_flags, prot
 
 use crate::{
     events,
-    maps::{CONFIG, POLICY},
+    maps::{CONFIG, POLICY, SOCKET_NETNS},
     verdict::{self, Refusal},
 };
 
@@ -36,6 +36,16 @@ pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> Result<(), Refusal> {
         unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
         config,
     );
+    if netns != HOST_NETNS {
+        // For the `cgroup_skb` fallback, which cannot ask the packet's namespace.
+        let mut key = netns;
+        // SAFETY: the context is the kernel's; the value lives on this stack for the call.
+        let stored = unsafe { SOCKET_NETNS.get_or_insert_ptr_mut(ctx, Some(&mut key)) };
+        if !stored.is_null() {
+            // SAFETY: the helper returned this socket's storage.
+            unsafe { *stored = netns };
+        }
+    }
     let in_range = config.manages(port);
     if !in_range && netns == HOST_NETNS {
         return Ok(());

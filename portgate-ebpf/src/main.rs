@@ -63,6 +63,16 @@ pub fn portgate_skb(ctx: SkBuffContext) -> i32 {
     }
 }
 
+/// `cgroup_skb/ingress` as `portgate_skb`, for kernels before 6.15: the packet's namespace
+/// comes from its socket's storage (userspace loads this one when the other is refused).
+#[cgroup_skb]
+pub fn portgate_skb_sk(ctx: SkBuffContext) -> i32 {
+    match skb::try_skb_socket_netns(&ctx) {
+        Ok(()) => 1,
+        Err(_) => 0,
+    }
+}
+
 /// `cgroup/bind4`: only the owner cgroup (or a descendant) binds a managed port; 0 makes
 /// `bind()` fail with EPERM.
 #[cgroup_sock_addr(bind4)]

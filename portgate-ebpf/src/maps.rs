@@ -2,7 +2,8 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    macros::map,
+    btf_maps::SkStorage,
+    macros::{btf_map, map},
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use portgate_common::{
@@ -67,6 +68,35 @@ pub static HANDOFF: LruHashMap<HandoffKey, u64> =
 /// The namespace each XDP interface carries traffic for, by ifindex (absent: the host's).
 #[map(name = "PG_XDP_NETNS")]
 pub static XDP_NETNS: HashMap<u32, u64> = HashMap::with_max_entries(capacity::XDP_NETNS, 0);
+
+/// The namespace key of sockets of other namespaces than the host's (absent: the host's),
+/// written at bind and when a passive connection is established, read by the `cgroup_skb`
+/// fallback of kernels older than 6.15.
+#[btf_map(name = "PG_SOCK_NETNS")]
+pub static SOCKET_NETNS: SkStorage<u64> = SkStorage::new();
+
+/// The storage of `sk` in [`SOCKET_NETNS`], made (holding `initial`) when `create` and
+/// absent. `sk` is a full socket pointer the kernel handed the program.
+#[inline(always)]
+pub fn socket_netns(
+    sk: *mut core::ffi::c_void,
+    initial: Option<&mut u64>,
+    create: bool,
+) -> *mut u64 {
+    let map: *mut core::ffi::c_void = (&raw const SOCKET_NETNS).cast_mut().cast();
+    let flags = if create {
+        u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
+    };
+    let value = initial.map_or(core::ptr::null_mut(), core::ptr::from_mut);
+    // SAFETY: the map is the socket storage map's definition (the loader turns its address
+    // into the map), `sk` a socket the kernel handed the program, `value` null or on the
+    // caller's stack for the call.
+    unsafe {
+        aya_ebpf::helpers::generated::bpf_sk_storage_get(map, sk, value.cast(), flags).cast::<u64>()
+    }
+}
 
 /// Adds one to the per-CPU statistic `index`. Atomic: programs running in process
 /// context (`sock_ops`, bind) can be preempted by another on the same CPU.

@@ -62,6 +62,21 @@ impl Reader for SkbReader<'_> {
 /// reassembly, as this hook sees packets) is dropped by [`verdict::unreadable`].
 #[inline(always)]
 pub fn try_skb(ctx: &SkBuffContext) -> Result<(), Refusal> {
+    judge(ctx, netns)
+}
+
+/// [`try_skb`] for kernels whose `cgroup_skb` cannot call `bpf_get_netns_cookie` (before
+/// 6.15): the packet's namespace is the one the bind or `sock_ops` program recorded for
+/// its socket, the host's when none did (a socket of the host, or one bound before the
+/// gate was attached).
+#[inline(always)]
+pub fn try_skb_socket_netns(ctx: &SkBuffContext) -> Result<(), Refusal> {
+    judge(ctx, recorded_netns)
+}
+
+/// Parses the packet and enforces the verdict, the packet's namespace found by `netns`.
+#[inline(always)]
+fn judge(ctx: &SkBuffContext, netns: impl FnOnce(&SkBuffContext) -> u64) -> Result<(), Refusal> {
     // `protocol` holds the ethertype in network byte order.
     #[expect(clippy::cast_possible_truncation, reason = "an ethertype is 16 bits")]
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
@@ -87,6 +102,29 @@ fn netns(ctx: &SkBuffContext) -> u64 {
     crate::maps::CONFIG
         .get(0)
         .map_or(cookie, |config| netns_key(cookie, config))
+}
+
+/// The namespace recorded in the storage of the packet's socket, the host's without one.
+#[inline(always)]
+fn recorded_netns(ctx: &SkBuffContext) -> u64 {
+    // SAFETY: the context pointer is the kernel's, valid for the program's run; the
+    // volatile read keeps a fixed offset from it, as the verifier requires.
+    let sk = unsafe { core::ptr::read_volatile(&raw const (*ctx.skb.skb).__bindgen_anon_2.sk) };
+    if sk.is_null() {
+        return portgate_common::HOST_NETNS;
+    }
+    // SAFETY: `sk` is the kernel's socket pointer of this skb, checked above.
+    let full = unsafe { bpf_sk_fullsock(sk) };
+    if full.is_null() {
+        return portgate_common::HOST_NETNS;
+    }
+    let stored = crate::maps::socket_netns(full.cast(), None, false);
+    if stored.is_null() {
+        portgate_common::HOST_NETNS
+    } else {
+        // SAFETY: the helper returned this socket's storage.
+        unsafe { *stored }
+    }
 }
 
 /// Whether the socket the packet is delivered to is listening: the packet then belongs

@@ -47,6 +47,21 @@ fn on_established(ctx: &SockOpsContext) {
     let port = ctx.local_port() as u16;
     // SAFETY: the context pointer is the kernel's, valid for the program's run.
     let netns = netns_key(unsafe { bpf_get_netns_cookie(ctx.ops.cast()) }, config);
+    if netns != HOST_NETNS {
+        // For the `cgroup_skb` fallback: the connection's socket is not the listener that
+        // the bind program marked.
+        let mut key = netns;
+        // SAFETY: the context pointer is the kernel's; on this callback `sk` is the new
+        // connection's full socket.
+        let sk = unsafe { core::ptr::read_volatile(&raw const (*ctx.ops).__bindgen_anon_2.sk) };
+        if !sk.is_null() {
+            let stored = crate::maps::socket_netns(sk.cast(), Some(&mut key), true);
+            if !stored.is_null() {
+                // SAFETY: the helper returned this socket's storage.
+                unsafe { *stored = netns };
+            }
+        }
+    }
     if !config.manages(port) && netns == HOST_NETNS {
         return;
     }

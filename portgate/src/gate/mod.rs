@@ -74,6 +74,8 @@ pub struct GateSettings {
     pub events_per_sec: u32,
     /// How long an admitted SYN holds a connection slot before its handshake completes.
     pub pending_ttl: Duration,
+    /// How the `cgroup_skb` program finds a packet's network namespace.
+    pub skb_netns: SkbNetns,
 }
 
 impl Default for GateSettings {
@@ -84,8 +86,25 @@ impl Default for GateSettings {
             max_port: 29_999,
             events_per_sec: defaults::EVENTS_PER_SEC,
             pending_ttl: Duration::from_nanos(defaults::PENDING_TTL_NS),
+            skb_netns: SkbNetns::Auto,
         }
     }
+}
+
+/// How the `cgroup_skb` program finds the network namespace a packet is for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SkbNetns {
+    /// [`SkbNetns::Cookie`] where the kernel allows it (Linux 6.15 and later), else
+    /// [`SkbNetns::SocketStorage`].
+    #[default]
+    Auto,
+    /// `bpf_get_netns_cookie` of the packet.
+    Cookie,
+    /// The namespace the bind and `sock_ops` programs recorded in the socket's storage:
+    /// for kernels before 6.15. A socket bound before the gate was attached (or before
+    /// its port's namespace was allocated anything) has no record and counts as the
+    /// host's.
+    SocketStorage,
 }
 
 /// Program `$name` of type `$kind`, loaded into the kernel (once).
@@ -131,15 +150,20 @@ macro_rules! attach_and_pin {
 pub struct Gate {
     pin_dir: PathBuf,
     ebpf: Ebpf,
+    skb_netns: SkbNetns,
     /// Allowlists as last written, filled on first use (see `take_known`).
     allow_cache: Option<AllowlistCache>,
 }
 
 type AllowlistCache = BTreeMap<PortId, policies::KnownAllowlist>;
 
-/// The cgroup programs: (program, link pin name).
-const CGROUP_LINKS: [(&str, &str); 4] = [
-    (program_names::SKB, "cgroup_skb_ingress"),
+/// The link pin name of the `cgroup_skb` program that asks a packet's namespace.
+const SKB_LINK: &str = "cgroup_skb_ingress";
+/// The link pin name of its socket-storage fallback.
+const SKB_SK_LINK: &str = "cgroup_skb_ingress_sk";
+
+/// The other cgroup programs: (program, link pin name).
+const CGROUP_LINKS: [(&str, &str); 3] = [
     (program_names::BIND4, "cgroup_bind4"),
     (program_names::BIND6, "cgroup_bind6"),
     (program_names::SOCK_OPS, "sock_ops"),
@@ -168,6 +192,7 @@ impl Gate {
         let host_netns = host::netns::current_cookie()?;
         let mut gate = Self::load(&settings.pin_dir)?;
         let previous = gate.config()?;
+        gate.skb_netns = settings.skb_netns;
         gate.make_slot_row(PortKey::default())?;
         gate.write_config(&GateConfig {
             min_port: settings.min_port,
@@ -211,6 +236,7 @@ impl Gate {
         Ok(Self {
             pin_dir: pin_dir.to_owned(),
             ebpf,
+            skb_netns: SkbNetns::Auto,
             allow_cache: None,
         })
     }
@@ -245,9 +271,16 @@ impl Gate {
 
     /// Attaches `cgroup_skb/ingress`, `cgroup/bind4`, `cgroup/bind6` and `sock_ops` to the
     /// cgroup2 directory `cgroup` and pins their links. Attachments already pinned are kept.
+    ///
+    /// The `cgroup_skb` program is the one [`GateSettings::skb_netns`] asks for; its link
+    /// is pinned as `cgroup_skb_ingress`, or `cgroup_skb_ingress_sk` for the socket-storage
+    /// fallback (so `attachments` tells which runs).
     pub fn attach_cgroup(&mut self, cgroup: &Path) -> Result<(), GateError> {
         let cgroup_dir = fs::File::open(cgroup).map_err(HostError::io("opening cgroup", cgroup))?;
         let links_dir = self.links_dir();
+        if !links_dir.join(SKB_LINK).exists() && !links_dir.join(SKB_SK_LINK).exists() {
+            self.attach_skb(&cgroup_dir, &links_dir)?;
+        }
         for (name, link_name) in CGROUP_LINKS {
             let link_path = links_dir.join(link_name);
             if link_path.exists() {
@@ -255,12 +288,6 @@ impl Gate {
             }
             let ebpf = &mut self.ebpf;
             match name {
-                program_names::SKB => attach_and_pin!(ebpf, name, CgroupSkb, &link_path, |p| p
-                    .attach(
-                        &cgroup_dir,
-                        CgroupSkbAttachType::Ingress,
-                        CgroupAttachMode::Single
-                    )),
                 program_names::SOCK_OPS => attach_and_pin!(ebpf, name, SockOps, &link_path, |p| p
                     .attach(&cgroup_dir, CgroupAttachMode::Single)),
                 _ => attach_and_pin!(ebpf, name, CgroupSockAddr, &link_path, |p| p
@@ -268,6 +295,39 @@ impl Gate {
             }
         }
         self.set_config_flag(config_flags::SKB_ATTACHED)
+    }
+
+    /// Loads and attaches the `cgroup_skb` program [`GateSettings::skb_netns`] asks for:
+    /// with `Auto`, the one that asks the packet's namespace, or the socket-storage one
+    /// when this kernel refuses it.
+    fn attach_skb(&mut self, cgroup_dir: &fs::File, links_dir: &Path) -> Result<(), GateError> {
+        let ebpf = &mut self.ebpf;
+        let with_cookie = match self.skb_netns {
+            SkbNetns::SocketStorage => false,
+            SkbNetns::Cookie => true,
+            SkbNetns::Auto => {
+                let program: &mut CgroupSkb = ebpf
+                    .program_mut(program_names::SKB)
+                    .ok_or(GateError::MissingProgram {
+                        name: program_names::SKB,
+                    })?
+                    .try_into()
+                    .map_err(|err| GateError::program("typing", program_names::SKB, err))?;
+                program.fd().is_ok() || program.load().is_ok()
+            }
+        };
+        let (name, link) = if with_cookie {
+            (program_names::SKB, SKB_LINK)
+        } else {
+            (program_names::SKB_SOCKET_NETNS, SKB_SK_LINK)
+        };
+        let link_path = links_dir.join(link);
+        attach_and_pin!(ebpf, name, CgroupSkb, &link_path, |p| p.attach(
+            cgroup_dir,
+            CgroupSkbAttachType::Ingress,
+            CgroupAttachMode::Single
+        ));
+        Ok(())
     }
 
     fn set_config_flag(&mut self, flag: u32) -> Result<(), GateError> {

@@ -21,7 +21,7 @@ use std::{
 
 use ipnet::IpNet;
 use portgate::{
-    gate::Gate,
+    gate::{Gate, GateSettings, SkbNetns},
     model::{NetnsId, OwnerCgroup, PortAccessControl, PortId, PortPolicy, Protocol},
 };
 use portgate_common::{hook, reason};
@@ -117,14 +117,39 @@ fn two_containers_serve_port_80_each_under_its_own_policy() {
     if !require_privileges!() {
         return;
     }
+    two_containers_on_port_80(SkbNetns::Cookie, "cgroup_skb_ingress");
+}
+
+/// The same with the `cgroup_skb` fallback of kernels before 6.15, which finds a packet's
+/// namespace in its socket's storage.
+#[test]
+fn two_containers_serve_port_80_with_the_socket_storage_fallback() {
+    if !require_privileges!() {
+        return;
+    }
+    two_containers_on_port_80(SkbNetns::SocketStorage, "cgroup_skb_ingress_sk");
+}
+
+fn two_containers_on_port_80(skb_netns: SkbNetns, skb_link: &str) {
     let pins = PinDir::new();
     let host = Host::new();
     let (a, b) = (TestContainer::new(&host), TestContainer::new(&host));
     let client = Client::new(&host);
     let stranger = host.cgroup().child("stranger");
-    let mut gate: Gate = host.ns.run(|| install(&settings(&pins)));
+    let settings = GateSettings {
+        skb_netns,
+        ..settings(&pins)
+    };
+    let mut gate: Gate = host.ns.run(|| install(&settings));
     gate.attach_cgroup(host.cgroup().path())
         .expect("attach to the containers' parent cgroup");
+    assert!(
+        gate.attachments()
+            .expect("attachments")
+            .iter()
+            .any(|name| name == skb_link),
+        "the cgroup_skb program asked for is attached"
+    );
     let (id_a, id_b) = (
         PortId {
             netns: netns_of(&a),

@@ -203,6 +203,7 @@ fn kernel_verdict_matches_userspace_verdict() {
         events_per_sec: 1_000_000,
         // Longer than the test: no reservation expires behind the model's back.
         pending_ttl: Duration::from_hours(1),
+        ..GateSettings::default()
     };
     let container_ns = NetNs::new();
     let container = NetnsId(

@@ -536,6 +536,7 @@ fn install(pins: &PinDir, events_per_sec: u32) -> Result<Gate> {
         max_port: MAX_PORT,
         events_per_sec,
         pending_ttl: PENDING_TTL,
+        ..GateSettings::default()
     })
     .context("installing the gate")
 }
