@@ -287,11 +287,12 @@ impl Gate {
                 continue;
             }
             let ebpf = &mut self.ebpf;
-            match name {
-                program_names::SOCK_OPS => attach_and_pin!(ebpf, name, SockOps, &link_path, |p| p
-                    .attach(&cgroup_dir, CgroupAttachMode::Single)),
-                _ => attach_and_pin!(ebpf, name, CgroupSockAddr, &link_path, |p| p
-                    .attach(&cgroup_dir, CgroupAttachMode::Single)),
+            if name == program_names::SOCK_OPS {
+                attach_and_pin!(ebpf, name, SockOps, &link_path, |p| p
+                    .attach(&cgroup_dir, CgroupAttachMode::Single));
+            } else {
+                attach_and_pin!(ebpf, name, CgroupSockAddr, &link_path, |p| p
+                    .attach(&cgroup_dir, CgroupAttachMode::Single));
             }
         }
         self.set_config_flag(config_flags::SKB_ATTACHED)
