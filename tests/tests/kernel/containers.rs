@@ -130,6 +130,7 @@ fn two_containers_serve_port_80_with_the_socket_storage_fallback() {
     two_containers_on_port_80(SkbNetns::SocketStorage, "cgroup_skb_ingress_sk");
 }
 
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn two_containers_on_port_80(skb_netns: SkbNetns, skb_link: &str) {
     let pins = PinDir::new();
     let host = Host::new();
