@@ -216,6 +216,10 @@ pub struct CheckResponse {
     pub reason: Option<String>,
     /// Why, for a person.
     pub message: Option<String>,
+    /// Something that makes the answer less than it seems: the port is published through a
+    /// userland proxy, so the container sees the proxy's address, not `ip`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// A deny event as the API sends it.
@@ -407,6 +411,7 @@ mod tests {
             allowed: false,
             reason: Some("not_allowed".into()),
             message: Some("m".into()),
+            warning: None,
         };
         same_bytes(&check, CHECK);
         let event = EventView {

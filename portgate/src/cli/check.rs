@@ -27,7 +27,12 @@ pub async fn run(
 ) -> anyhow::Result<Outcome> {
     let answer = client.check(args.port.id(), args.ip).await?;
     match output {
-        OutputFormat::Table => println!("{}", verdict_line(&answer)),
+        OutputFormat::Table => {
+            println!("{}", verdict_line(&answer));
+            if let Some(warning) = &answer.warning {
+                eprintln!("warning: {warning}");
+            }
+        }
         OutputFormat::Json => format::print_json(&answer)?,
     }
     Ok(if answer.allowed {
@@ -71,6 +76,7 @@ mod tests {
             message: Some(
                 "10.0.0.9 may not connect to 20001/tcp: not in the port's allowlist".to_owned(),
             ),
+            warning: None,
         }
     }
 

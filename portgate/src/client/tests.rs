@@ -132,6 +132,7 @@ async fn check_denied_is_an_answer() {
                 allowed: false,
                 reason: Some("not_allowed".to_owned()),
                 message: Some("not in the allowlist".to_owned()),
+                warning: None,
             })
         }),
     );

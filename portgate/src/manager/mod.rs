@@ -13,6 +13,7 @@
 pub mod allocator;
 pub mod error;
 pub mod monitor;
+mod published;
 mod quota;
 mod reconcile;
 mod reservations;

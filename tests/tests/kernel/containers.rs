@@ -21,17 +21,20 @@ use std::{
 
 use ipnet::IpNet;
 use portgate::{
+    api::AllocRequest,
+    client::Client as ApiClient,
     gate::{Gate, GateSettings, SkbNetns},
-    model::{NetnsId, OwnerCgroup, PortAccessControl, PortId, PortPolicy, Protocol},
+    model::{HostPort, NetnsId, OwnerCgroup, PortAccessControl, PortId, PortPolicy, Protocol},
 };
 use portgate_common::{hook, reason};
 use portgate_tests::{
     common::{
-        CONNECT_WITHIN, REFUSED_WITHIN, TestCgroup, connect_from,
+        CONNECT_WITHIN, NetNs, REFUSED_WITHIN, TestCgroup, connect_from,
         container::{Client, Host, Publish, TestContainer, accept_within},
         eventually,
         gate::{MIN_PORT, install, settings},
     },
+    daemon::Daemon,
     require_privileges,
 };
 
@@ -380,4 +383,59 @@ fn a_published_port_is_one_allocation_at_both_hooks() {
     );
     drop(gate);
     portgate::gate::uninstall(pins.path()).expect("uninstall");
+}
+
+/// A process listening on a published port's host port is a userland proxy: the
+/// container sees its address, so `status` and `check` warn that the allowlist judges the
+/// proxy.
+#[test]
+fn a_published_port_behind_a_userland_proxy_is_a_warning() {
+    if !require_privileges!() {
+        return;
+    }
+    let daemon = Daemon::start(46_300, 46_309);
+    let container = NetNs::new();
+    let host_port = 46_305;
+    let request = AllocRequest {
+        owner: "web".to_owned(),
+        port: Some(PORT),
+        netns: Some(Path::new("/run/netns").join(container.name())),
+        publish: Some(HostPort::Port(host_port)),
+        allow: vec!["192.0.2.1/32".parse().expect("a prefix")],
+        ..AllocRequest::default()
+    };
+    let view = daemon
+        .api(|client| client.alloc(&request))
+        .expect("allocate the container's port");
+    assert_eq!(view.published, Some(host_port));
+    let proxied = |warnings: &[String]| {
+        warnings
+            .iter()
+            .any(|warning| warning.contains("userland proxy"))
+    };
+    let status = daemon.api(ApiClient::status).expect("status");
+    assert!(!proxied(&status.warnings), "{:?}", status.warnings);
+    let source: IpAddr = "192.0.2.1".parse().expect("an address");
+    let answer = daemon
+        .api(|client| client.check(view.id, source))
+        .expect("check");
+    assert!(answer.allowed && answer.warning.is_none(), "{answer:?}");
+
+    // A proxy takes the host port in the host's (the daemon's) namespace.
+    let _proxy = daemon.ns.run(|| {
+        TcpListener::bind(SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), host_port))
+            .expect("a proxy binds the published host port")
+    });
+    let status = daemon.api(ApiClient::status).expect("status");
+    assert!(proxied(&status.warnings), "{:?}", status.warnings);
+    let answer = daemon
+        .api(|client| client.check(view.id, source))
+        .expect("check");
+    assert!(
+        answer
+            .warning
+            .as_deref()
+            .is_some_and(|warning| warning.contains("userland proxy")),
+        "{answer:?}"
+    );
 }

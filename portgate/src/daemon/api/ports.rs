@@ -181,6 +181,7 @@ pub(super) async fn check(call: PortCall) -> Response {
             allowed,
             reason,
             message,
+            warning: app.manager.proxy_warning_of(id).await,
         })
     })
     .await

@@ -141,6 +141,7 @@ pub(super) async fn status(caller: Caller) -> Response {
                     .iter()
                     .cloned()
                     .chain(app.manager.gate_warnings().await?)
+                    .chain(app.manager.proxy_warnings().await)
                     .collect(),
             })
         })
