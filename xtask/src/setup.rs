@@ -22,12 +22,19 @@ pub struct SetupArgs {
     /// Only check; install nothing.
     #[arg(long)]
     pub check: bool,
+    /// Also what the opt-in podman tests need: the distribution's podman, runc and
+    /// busybox-static.
+    #[arg(long)]
+    pub podman: bool,
 }
 
 /// Runs `cargo xtask setup`.
 pub fn run(args: &SetupArgs) -> Result<()> {
     toolchain(args.check)?;
-    let problems = host_checks(!args.check);
+    let mut problems = host_checks(!args.check);
+    if args.podman {
+        problems.extend(podman_tools(!args.check));
+    }
     if problems.is_empty() {
         println!("setup: everything is in place");
         Ok(())
@@ -253,6 +260,27 @@ fn mount_bpffs() -> Result<()> {
 
 fn install_iproute2() -> Result<()> {
     apt_install("iproute2")
+}
+
+/// The podman tests' packages, installed (when `fix`) when missing: podman, runc (crun
+/// refuses hybrid cgroup hosts) and busybox-static (the test image's one binary). Returns
+/// the problems left.
+pub fn podman_tools(fix: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (present, package) in [
+        (output("podman", &["--version"]).is_ok(), "podman"),
+        (output("runc", &["--version"]).is_ok(), "runc"),
+        (Path::new("/bin/busybox").exists(), "busybox-static"),
+    ] {
+        if present {
+            println!("ok: {package}");
+        } else if fix && apt_install(package).is_ok() {
+            println!("installed: {package}");
+        } else {
+            problems.push(format!("{package} is missing: `apt-get install {package}`"));
+        }
+    }
+    problems
 }
 
 /// What the benchmarks need beyond the tests: the distribution's nftables (the baseline

@@ -22,6 +22,10 @@ pub struct TestArgs {
     /// Only the kernel tests.
     #[arg(long)]
     pub kernel: bool,
+    /// Also the opt-in tests with a real podman container (sets `PORTGATE_TEST_PODMAN=1`;
+    /// the set-up installs podman, runc and busybox-static).
+    #[arg(long)]
+    pub podman: bool,
     /// Passed to the test binaries (a name filter, `--nocapture`, ...).
     #[arg(last = true)]
     pub passthrough: Vec<String>,
@@ -85,7 +89,10 @@ impl Totals {
 /// Runs `cargo xtask test`.
 pub fn run(args: &TestArgs) -> Result<()> {
     setup::toolchain(false)?;
-    let problems = setup::host_checks(true);
+    let mut problems = setup::host_checks(true);
+    if args.podman {
+        problems.extend(setup::podman_tools(true));
+    }
     let in_ci = std::env::var_os("CI").is_some();
     if !problems.is_empty() {
         let list = problems.join("\n  - ");
@@ -100,11 +107,13 @@ pub fn run(args: &TestArgs) -> Result<()> {
         let mut unit = cargo_test(
             &["-p", "portgate", "-p", "portgate-common", "-p", "xtask"],
             &args.passthrough,
+            None,
         )?;
         // The test crate's own unit tests (fixtures, the benchmark binary's helpers).
         unit.add(&cargo_test(
             &["-p", "portgate-tests", "--lib", "--bins"],
             &args.passthrough,
+            None,
         )?);
         println!(
             "unit tests: {} passed, {} failed, {} ignored",
@@ -118,7 +127,16 @@ pub fn run(args: &TestArgs) -> Result<()> {
         crate::setup::status("cargo", &["build", "-p", "portgate", "--bins"])?;
         let mut test_args = vec!["--test-threads=1".to_owned()];
         test_args.extend(args.passthrough.iter().cloned());
-        let kernel = cargo_test(&["-p", "portgate-tests", "--test", "kernel"], &test_args)?;
+        let podman = if args.podman {
+            Some(("PORTGATE_TEST_PODMAN", "1"))
+        } else {
+            None
+        };
+        let kernel = cargo_test(
+            &["-p", "portgate-tests", "--test", "kernel"],
+            &test_args,
+            podman,
+        )?;
         println!(
             "kernel tests: {} ran ({} passed, {} failed), {} skipped, {} ignored",
             kernel.ran(),
@@ -138,9 +156,18 @@ pub fn run(args: &TestArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test <packages> -- <test_args>`, streaming its output and counting results.
-fn cargo_test(packages: &[&str], test_args: &[String]) -> Result<Totals> {
-    let mut child = Command::new(env!("CARGO"))
+/// Runs `cargo test <packages> -- <test_args>` (with `env` set for the tests), streaming
+/// its output and counting results.
+fn cargo_test(
+    packages: &[&str],
+    test_args: &[String],
+    env: Option<(&str, &str)>,
+) -> Result<Totals> {
+    let mut command = Command::new(env!("CARGO"));
+    if let Some((name, value)) = env {
+        command.env(name, value);
+    }
+    let mut child = command
         .arg("test")
         .args(packages)
         .arg("--")
