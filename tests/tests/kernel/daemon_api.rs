@@ -321,11 +321,19 @@ fn a_port_of_another_namespace_is_named_by_label_cookie_or_path() {
     let inside: AllocationView = daemon.cli_json(
         None,
         &[
-            "alloc", "--owner", "inside", "--port", "80", "--netns", &path,
+            "alloc",
+            "--owner",
+            "inside",
+            "--netns",
+            &path,
+            "--publish",
+            "auto:80",
         ],
     );
+    assert_eq!(inside.id.port, 80);
     assert!(!inside.id.netns.is_host());
     assert_eq!(inside.netns_label.as_deref(), Some(other.name()));
+    let published = inside.published.expect("a host port");
 
     // Its label, its cookie and its path name it.
     let cookie = inside.id.netns.0.to_string();
@@ -364,6 +372,22 @@ fn a_port_of_another_namespace_is_named_by_label_cookie_or_path() {
             .eq(["80", "tcp", other.name()])),
         "{list}"
     );
+    let pins = daemon.pins.path().display().to_string();
+    let maps = daemon.cli_ok(None, &["maps", "--pin-dir", &pins]);
+    assert!(
+        maps.lines().any(|line| line.split_whitespace().take(4).eq([
+            "80",
+            "tcp",
+            other.name(),
+            &published.to_string()
+        ])),
+        "{maps}"
+    );
+    let line = format!(
+        "published {published}/tcp (host) -> 80/tcp in netns {}",
+        other.name()
+    );
+    assert!(maps.lines().any(|shown| shown == line), "{line} in {maps}");
     let metrics = daemon
         .api(portgate::client::Client::metrics)
         .expect("GET /metrics");
