@@ -1,15 +1,20 @@
 //! The local API's wire types: HTTP + JSON over the daemon's Unix socket. The daemon
 //! serves them ([`crate::daemon`]); the CLI sends them ([`crate::client`]).
 //!
-//! Routes (all JSON; `proto` defaults to tcp):
+//! Routes (all JSON; `proto` defaults to tcp, `netns` to the host's namespace: give a
+//! namespace's cookie, as `GET /v1/netns` finds it, or `host`):
 //! - `POST /v1/ports` [`AllocRequest`] → 201 [`AllocationView`]
-//! - `GET /v1/ports` → `[AllocationView]`; `GET /v1/ports/{port}?proto=` → [`AllocationView`]
-//! - `DELETE /v1/ports/{port}?proto=` (release), `POST /v1/ports/{port}/drain?proto=`,
-//!   `POST /v1/ports/{port}/renew?proto=` [`RenewRequest`] → [`AllocationView`]
-//! - `PATCH /v1/ports/{port}/access?proto=` [`AccessChange`] → [`AllocationView`]
-//! - `POST /v1/ports/{port}/grants?proto=` [`GrantRequest`] → 204
-//! - `GET /v1/ports/{port}/check?ip=&proto=` → [`CheckResponse`]
-//! - `GET /v1/stats[?port=&proto=]` → `[PortReport]` (the keys of `portgate maps`)
+//! - `GET /v1/ports` → `[AllocationView]`; `GET /v1/ports/{port}?proto=&netns=` →
+//!   [`AllocationView`]
+//! - `DELETE /v1/ports/{port}?proto=&netns=` (release), `POST /v1/ports/{port}/drain?...`,
+//!   `POST /v1/ports/{port}/renew?...` [`RenewRequest`] → [`AllocationView`]
+//! - `PATCH /v1/ports/{port}/access?...` [`AccessChange`] → [`AllocationView`]
+//! - `PATCH /v1/ports/{port}/owner?...` [`OwnerSpec`] → [`AllocationView`]
+//! - `POST /v1/ports/{port}/grants?...` [`GrantRequest`] → 204
+//! - `GET /v1/ports/{port}/check?ip=&proto=&netns=` → [`CheckResponse`]
+//! - `GET /v1/netns?name=` → [`NetnsView`]: the namespace a name given on the command line
+//!   means (an allocation's label, a cookie, or a path); 404 `unknown_netns` when none
+//! - `GET /v1/stats[?port=&proto=&netns=]` → `[PortReport]` (the keys of `portgate maps`)
 //!
 //! Views flatten the model's types ([`crate::model`]) under the spellings of
 //! [`crate::model::spelling`]: the API shows `port` and `proto`, `allow` and
@@ -31,7 +36,7 @@ use crate::{
     host::sockets::Listener,
     manager::{ErrorCategory, PortError},
     model::{
-        Allocation, HostPort, PortAccessControl, PortId, PortStatus, Protocol, Timeline,
+        Allocation, HostPort, NetnsId, PortAccessControl, PortId, PortStatus, Protocol, Timeline,
         UnixMillis, spelling,
     },
     text::error_chain,
@@ -189,7 +194,7 @@ impl AllocationView {
     pub fn new(held: &Allocation, connections: u64) -> Self {
         Self {
             id: held.id,
-            netns_label: held.netns.as_ref().map(|netns| netns.label.clone()),
+            netns_label: held.netns_label().map(str::to_owned),
             published: held.published,
             status: held.status,
             owner: held.owner.name.clone(),
@@ -200,6 +205,15 @@ impl AllocationView {
             connections,
         }
     }
+}
+
+/// `GET /v1/netns?name=`: the namespace a name means.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetnsView {
+    /// Its cookie: what `?netns=` takes (0 for the host's).
+    pub netns: NetnsId,
+    /// How views name it: `host`, an allocation's label, or the label found for a path.
+    pub label: String,
 }
 
 /// `GET /v1/ports/{port}/check`: would a new connection from `ip` get in?
@@ -227,9 +241,13 @@ pub struct CheckResponse {
 pub struct EventView {
     /// When the daemon read it (ms since the epoch).
     pub time: UnixMillis,
-    /// The port (keys `port`, `proto`).
+    /// The port (keys `port`, `proto`, and `netns` when it is not the host's).
     #[serde(flatten, with = "spelling::PortIdFields")]
     pub id: PortId,
+    /// The label of the port's namespace, when it is not the host's and an allocation
+    /// names it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_label: Option<String>,
     /// Source address (bind denials: the address bound).
     pub addr: IpAddr,
     /// Reason (`not_allowed`, ..., `bind_denied`).
@@ -243,12 +261,13 @@ pub struct EventView {
 }
 
 impl EventView {
-    /// The view of a kernel event read at `time`.
+    /// The view of a kernel event read at `time`, its namespace labelled `netns_label`.
     #[must_use]
-    pub fn new(event: &DenyEventRecord, time: UnixMillis) -> Self {
+    pub fn new(event: &DenyEventRecord, time: UnixMillis, netns_label: Option<String>) -> Self {
         Self {
             time,
             id: event.id,
+            netns_label,
             addr: event.addr,
             reason: event.reason.to_owned(),
             hook: event.hook.to_owned(),
@@ -350,10 +369,10 @@ impl ErrorBody {
 
 #[cfg(test)]
 mod tests {
-    use super::{AllocationView, CheckResponse, EventView};
+    use super::{AllocationView, CheckResponse, EventView, NetnsView};
     use crate::model::{
-        GrantView, PortAccessControl, PortId, PortReport, PortStatus, Protocol, sample_allocation,
-        sample_metrics,
+        GrantView, NetnsId, NetnsInfo, PortAccessControl, PortId, PortReport, PortStatus, Protocol,
+        sample_allocation, sample_metrics,
     };
 
     /// Answers as the API has always spelled them: the views flatten the model's types, and
@@ -392,6 +411,7 @@ mod tests {
         same_bytes(&AllocationView::new(&stored, 3), VIEW);
         let report = PortReport {
             id: PortId::new(20001, Protocol::Udp),
+            published: None,
             status: PortStatus::Draining,
             access: PortAccessControl {
                 max_connections: 7,
@@ -417,6 +437,7 @@ mod tests {
         let event = EventView {
             time: 5,
             id: PortId::new(20001, Protocol::Udp),
+            netns_label: None,
             addr: "::1".parse().unwrap(),
             reason: "conn_limit".into(),
             hook: "xdp".into(),
@@ -424,5 +445,29 @@ mod tests {
             pid: 0,
         };
         same_bytes(&event, EVENT);
+    }
+
+    /// A port of another namespace: its cookie as `netns`, its label beside it, and the
+    /// host port it is published on.
+    #[test]
+    fn views_name_another_namespace() {
+        let mut stored = sample_allocation(80, Protocol::Tcp);
+        stored.id.netns = NetnsId(4097);
+        stored.netns = Some(NetnsInfo {
+            label: "web1".into(),
+            inode: 4_026_532_000,
+        });
+        stored.published = Some(20080);
+        let view = serde_json::to_value(AllocationView::new(&stored, 0)).unwrap();
+        assert_eq!(view["netns"], 4097);
+        assert_eq!(view["netns_label"], "web1");
+        assert_eq!(view["published"], 20080);
+        assert_eq!(view["port"], 80);
+
+        let netns: NetnsView = serde_json::from_str(r#"{"netns":4097,"label":"web1"}"#).unwrap();
+        assert_eq!(netns.netns, NetnsId(4097));
+        assert_eq!(NetnsId(4097).name(Some("web1")), "web1");
+        assert_eq!(NetnsId(4097).name(None), "4097");
+        assert_eq!(NetnsId::HOST.name(Some("web1")), "host");
     }
 }

@@ -49,11 +49,13 @@ impl AccessArgs {
 
 /// Runs `portgate access`: prints the port's access control as it now is.
 pub async fn run(client: &Client, args: &AccessArgs, output: OutputFormat) -> anyhow::Result<()> {
-    let view = client.access(args.port.id(), &args.change()).await?;
+    let view = client
+        .access(args.port.id(client).await?, &args.change())
+        .await?;
     match output {
         OutputFormat::Table => println!(
             "{} access: allow {}; max conns {}; require auth {}",
-            view.id,
+            format::port(view.id, view.netns_label.as_deref()),
             format::allow_cell(&view.access.allowed_ips),
             format::limit(view.access.max_connections, "unlimited"),
             format::yes_no(view.access.require_authentication),

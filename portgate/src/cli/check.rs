@@ -25,7 +25,7 @@ pub async fn run(
     args: &CheckArgs,
     output: OutputFormat,
 ) -> anyhow::Result<Outcome> {
-    let answer = client.check(args.port.id(), args.ip).await?;
+    let answer = client.check(args.port.id(client).await?, args.ip).await?;
     match output {
         OutputFormat::Table => {
             println!("{}", verdict_line(&answer));
@@ -97,6 +97,7 @@ mod tests {
             port: PortArg {
                 port: 20001,
                 proto: Protocol::Tcp,
+                netns: None,
             },
             ip: "10.0.0.9".parse().expect("an address"),
         };

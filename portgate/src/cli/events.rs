@@ -62,7 +62,8 @@ fn header() -> String {
     line(["TIME", "PORT", "PROTO", "ADDR", "REASON", "HOOK"])
 }
 
-/// One event as a table line.
+/// One event as a table line; after it, in parentheses, the port's namespace when it is
+/// not the host's, and the process of a bind denial.
 fn row(event: &EventView) -> String {
     let mut line = line([
         &format::time(event.time),
@@ -72,9 +73,17 @@ fn row(event: &EventView) -> String {
         &event.reason,
         &event.hook,
     ]);
+    let mut details = Vec::new();
+    if !event.id.netns.is_host() {
+        let netns = event.id.netns.name(event.netns_label.as_deref());
+        details.push(format!("netns {netns}"));
+    }
     if event.pid != 0 {
+        details.push(format!("pid {}, cgroup {}", event.pid, event.cgroup_id));
+    }
+    if !details.is_empty() {
         // Writing to a String cannot fail.
-        let _infallible = write!(line, " (pid {}, cgroup {})", event.pid, event.cgroup_id);
+        let _infallible = write!(line, " ({})", details.join(", "));
     }
     line
 }
@@ -88,13 +97,17 @@ fn line([time, port, proto, addr, reason, hook]: [&str; 6]) -> String {
 #[cfg(test)]
 mod tests {
     use super::{header, row};
-    use crate::{api::EventView, model::PortId};
+    use crate::{
+        api::EventView,
+        model::{NetnsId, PortId},
+    };
 
     #[test]
     fn rows_line_up_with_the_header() {
         let mut event = EventView {
             time: 1_700_000_000_000,
             id: PortId::from(20001),
+            netns_label: None,
             addr: "10.0.0.9".parse().expect("an address"),
             reason: "not_allowed".to_owned(),
             hook: "xdp".to_owned(),
@@ -114,5 +127,19 @@ mod tests {
         event.pid = 42;
         event.cgroup_id = 7;
         assert!(row(&event).ends_with("bind4 (pid 42, cgroup 7)"));
+        event.id.netns = NetnsId(4097);
+        event.netns_label = Some("web1".to_owned());
+        assert!(
+            row(&event).ends_with("bind4 (netns web1, pid 42, cgroup 7)"),
+            "{}",
+            row(&event)
+        );
+        event.netns_label = None;
+        event.pid = 0;
+        assert!(
+            row(&event).ends_with("bind4 (netns 4097)"),
+            "{}",
+            row(&event)
+        );
     }
 }

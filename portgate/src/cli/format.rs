@@ -7,7 +7,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::model::{Allowlist, UnixMillis};
+use crate::model::{Allowlist, PortId, Protocol, UnixMillis};
 
 /// Prints `value` as indented JSON on stdout.
 pub fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
@@ -74,6 +74,31 @@ pub const fn yes_no(flag: bool) -> &'static str {
     if flag { "yes" } else { "no" }
 }
 
+/// A port in a sentence: `80/tcp`, or `80/tcp in netns web1` in another namespace than the
+/// host's (named by `netns_label`, else by its cookie).
+#[must_use]
+pub fn port(id: PortId, netns_label: Option<&str>) -> String {
+    let mut text = format!("{}/{}", id.port, id.protocol);
+    if !id.netns.is_host() {
+        let _infallible = write!(text, " in netns {}", id.netns.name(netns_label));
+    }
+    text
+}
+
+/// The arguments that name a port on the command line: `80`, `80 --proto udp`,
+/// `80 --netns web1`.
+#[must_use]
+pub fn port_args(id: PortId, netns_label: Option<&str>) -> String {
+    let mut text = id.port.to_string();
+    if id.protocol != Protocol::Tcp {
+        let _infallible = write!(text, " --proto {}", id.protocol);
+    }
+    if !id.netns.is_host() {
+        let _infallible = write!(text, " --netns {}", id.netns.name(netns_label));
+    }
+    text
+}
+
 /// `key: value` lines with the values aligned.
 #[must_use]
 pub fn key_values(pairs: &[(&str, String)]) -> String {
@@ -93,8 +118,8 @@ pub fn key_values(pairs: &[(&str, String)]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{allow_cell, expiry, key_values, remaining, time};
-    use crate::model::Allowlist;
+    use super::{allow_cell, expiry, key_values, port, port_args, remaining, time};
+    use crate::model::{Allowlist, NetnsId, PortId, Protocol};
 
     #[test]
     fn times_and_durations_read_as_people_write_them() {
@@ -140,5 +165,19 @@ mod tests {
             ]),
             "port:    20001\nstatus:  active\n"
         );
+    }
+
+    #[test]
+    fn ports_name_their_namespace_unless_it_is_the_hosts() {
+        let host = PortId::new(80, Protocol::Udp);
+        let inside = PortId {
+            netns: NetnsId(4097),
+            ..PortId::new(80, Protocol::Tcp)
+        };
+        assert_eq!(port(host, Some("ignored")), "80/udp");
+        assert_eq!(port(inside, Some("web1")), "80/tcp in netns web1");
+        assert_eq!(port(inside, None), "80/tcp in netns 4097");
+        assert_eq!(port_args(host, None), "80 --proto udp");
+        assert_eq!(port_args(inside, Some("web1")), "80 --netns web1");
     }
 }

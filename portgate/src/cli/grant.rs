@@ -5,7 +5,11 @@ use std::{net::IpAddr, time::Duration};
 use clap::Args;
 
 use super::{OutputFormat, PortArg, format};
-use crate::{api::GrantRequest, client::Client};
+use crate::{
+    api::GrantRequest,
+    client::Client,
+    model::{PortId, spelling},
+};
 
 /// Grant a source that has authenticated: new connections from it pass a port that
 /// requires authentication until the grant expires.
@@ -25,8 +29,8 @@ pub struct GrantArgs {
 /// What `portgate grant -o json` prints: the grant made.
 #[derive(Debug, serde::Serialize)]
 struct GrantMade {
-    port: u16,
-    proto: crate::model::Protocol,
+    #[serde(flatten, with = "spelling::PortIdFields")]
+    id: PortId,
     ip: IpAddr,
     #[serde(with = "humantime_serde")]
     ttl: Duration,
@@ -34,22 +38,21 @@ struct GrantMade {
 
 /// Runs `portgate grant`.
 pub async fn run(client: &Client, args: &GrantArgs, output: OutputFormat) -> anyhow::Result<()> {
-    let PortArg { port, proto } = args.port;
+    let id = args.port.id(client).await?;
     let request = GrantRequest {
         ip: args.ip,
         ttl: args.ttl,
     };
-    client.grant(args.port.id(), &request).await?;
+    client.grant(id, &request).await?;
     match output {
         OutputFormat::Table => println!(
             "granted {} on {} for {}",
             args.ip,
-            args.port.id(),
+            format::port(id, args.port.netns.as_deref()),
             format::duration(args.ttl)
         ),
         OutputFormat::Json => format::print_json(&GrantMade {
-            port,
-            proto,
+            id,
             ip: args.ip,
             ttl: args.ttl,
         })?,

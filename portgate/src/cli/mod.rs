@@ -24,7 +24,7 @@ pub mod stats;
 pub mod status;
 pub mod table;
 
-use std::{ffi::OsString, net::IpAddr, path::PathBuf, process::ExitCode};
+use std::{collections::BTreeMap, ffi::OsString, net::IpAddr, path::PathBuf, process::ExitCode};
 
 use clap::{
     Args, CommandFactory as _, Parser, Subcommand, ValueEnum, builder::TypedValueParser as _,
@@ -33,8 +33,8 @@ use ipnet::IpNet;
 
 use self::release::Verb;
 use crate::{
-    client::Client,
-    model::{PortId, Protocol},
+    client::{Client, ClientError},
+    model::{NetnsId, PortId, Protocol},
     paths,
 };
 
@@ -145,8 +145,8 @@ impl From<Outcome> for ExitCode {
     }
 }
 
-/// A port named on the command line (a bare number means TCP).
-#[derive(Clone, Copy, Debug, Args)]
+/// A port named on the command line (a bare number means TCP in the host's namespace).
+#[derive(Clone, Debug, Args)]
 pub struct PortArg {
     /// The port.
     #[arg(value_name = "PORT")]
@@ -154,14 +154,53 @@ pub struct PortArg {
     /// Its protocol.
     #[arg(long, value_name = "PROTO", default_value = "tcp", value_parser = protocol_parser())]
     pub proto: Protocol,
+    /// Its network namespace: a label as the NETNS column shows it (`host`, a name under
+    /// /run/netns, a container id, net:[INODE]), a cookie, or a path (/run/netns/NAME,
+    /// /proc/PID/ns/net) [default: the host's].
+    #[arg(long, value_name = "NAME")]
+    pub netns: Option<String>,
 }
 
 impl PortArg {
-    /// The port it names.
-    #[must_use]
-    pub const fn id(&self) -> PortId {
-        PortId::new(self.port, self.proto)
+    /// The port it names, its namespace found by the daemon.
+    pub async fn id(&self, client: &Client) -> Result<PortId, ClientError> {
+        port_id(client, self.port, self.proto, self.netns.as_deref()).await
     }
+}
+
+/// The port `port`/`proto` in the namespace `netns` names (the host's when `None`): the
+/// one way a verb turns what it was given into a [`PortId`]. The daemon says what a name
+/// means (`GET /v1/netns`); a relative path is taken from this process's directory.
+pub async fn port_id(
+    client: &Client,
+    port: u16,
+    proto: Protocol,
+    netns: Option<&str>,
+) -> Result<PortId, ClientError> {
+    let netns = match netns {
+        None => NetnsId::HOST,
+        // No label has a '/': a name with one is a path, which the daemon opens from `/`.
+        Some(path) if path.contains('/') => {
+            let path = std::path::absolute(path).unwrap_or_else(|_| PathBuf::from(path));
+            client.netns(&path.to_string_lossy()).await?.netns
+        }
+        Some(name) => client.netns(name).await?.netns,
+    };
+    Ok(PortId {
+        netns,
+        ..PortId::new(port, proto)
+    })
+}
+
+/// The labels of the namespaces the daemon's allocations are in, by cookie: what a NETNS
+/// column shows for a port whose view carries only the cookie.
+pub async fn netns_labels(client: &Client) -> Result<BTreeMap<NetnsId, String>, ClientError> {
+    Ok(client
+        .list()
+        .await?
+        .into_iter()
+        .filter_map(|view| Some((view.id.netns, view.netns_label?)))
+        .collect())
 }
 
 /// Runs the parsed command line.
@@ -185,7 +224,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Stats(args) => on_daemon(stats::run(&client, &args, output))?,
         Command::Events(args) => on_daemon(events::run(&client, &args, output))?,
         Command::Status(args) => on_daemon(status::run(&client, &args, output))?,
-        Command::Maps(args) => maps::run(&args, output)?,
+        Command::Maps(args) => maps::run(&client, &args, output)?,
         Command::Completions(args) => completions::run(&args)?,
         Command::Daemon(args) => daemon::run(args)?,
         Command::Uninstall(args) => daemon::uninstall(args)?,
@@ -257,8 +296,12 @@ mod tests {
 
     use clap::{CommandFactory as _, Parser as _, error::ErrorKind};
 
-    use super::{Cli, Command, OutputFormat, usage_line};
-    use crate::{model::Protocol, paths};
+    use super::{Cli, Command, OutputFormat, port_id, usage_line};
+    use crate::{
+        client::testing::{netns_route, serve},
+        model::{NetnsId, PortId, Protocol},
+        paths,
+    };
 
     fn argv(args: &[&str]) -> Vec<OsString> {
         std::iter::once("portgate")
@@ -415,5 +458,52 @@ mod tests {
             line,
             "invalid value 'sctp' for '--proto <PROTO>' [possible values: tcp, udp]: see `portgate release --help`"
         );
+    }
+
+    #[test]
+    fn every_port_verb_names_a_namespace() {
+        for args in [
+            &["show", "80", "--netns", "web1"][..],
+            &["release", "80", "--netns", "web1"],
+            &["drain", "80", "--netns", "web1"],
+            &["renew", "80", "--netns", "web1"],
+            &["access", "80", "--netns", "web1", "--max-conns", "1"],
+            &["grant", "80", "10.0.0.9", "--netns", "web1"],
+            &["check", "80", "10.0.0.9", "--netns", "web1"],
+            &["stats", "80", "--netns", "web1"],
+        ] {
+            parse(args).unwrap_or_else(|err| panic!("{args:?}: {err}"));
+        }
+        let err = parse(&["stats", "--netns", "web1"]).expect_err("no port");
+        assert_eq!(err.kind(), ErrorKind::MissingRequiredArgument);
+    }
+
+    #[tokio::test]
+    async fn a_namespace_name_becomes_its_cookie() {
+        let (_dir, client) = serve(netns_route()).await;
+
+        let id = port_id(&client, 80, Protocol::Tcp, Some("net:[4026532999]"))
+            .await
+            .expect("the namespace");
+        assert_eq!(
+            id,
+            PortId {
+                netns: NetnsId(4097),
+                ..PortId::new(80, Protocol::Tcp)
+            }
+        );
+        let err = port_id(&client, 80, Protocol::Tcp, Some("web2"))
+            .await
+            .expect_err("no such namespace");
+        assert_eq!(
+            err.to_string(),
+            r#"no allocation's namespace is labelled "web2""#
+        );
+        // The host's, without a question to the daemon.
+        let (_dir, nobody) = serve(axum::Router::new()).await;
+        let host = port_id(&nobody, 80, Protocol::Udp, None)
+            .await
+            .expect("the host's");
+        assert_eq!(host, PortId::new(80, Protocol::Udp));
     }
 }

@@ -31,9 +31,10 @@ pub async fn run(
     verb: Verb,
     output: OutputFormat,
 ) -> anyhow::Result<()> {
+    let id = args.port.id(client).await?;
     let (view, how) = match verb {
-        Verb::Release => (client.release(args.port.id()).await?, "released"),
-        Verb::Drain => (client.drain(args.port.id()).await?, "no new connections"),
+        Verb::Release => (client.release(id).await?, "released"),
+        Verb::Drain => (client.drain(id).await?, "no new connections"),
     };
     match output {
         OutputFormat::Table => println!("{}", wind_down_line(&view, how)),
@@ -44,7 +45,8 @@ pub async fn run(
 
 /// What became of a port that was released or drained (`how`).
 fn wind_down_line(view: &AllocationView, how: &str) -> String {
-    let id = view.id;
+    let label = view.netns_label.as_deref();
+    let id = format::port(view.id, label);
     match view.status {
         PortStatus::Draining => format!(
             "{id} draining ({how}); closes when its connections end or after the drain timeout"
@@ -54,7 +56,7 @@ fn wind_down_line(view: &AllocationView, how: &str) -> String {
         }
         status @ (PortStatus::Active | PortStatus::Available) => format!(
             "{id} is still {status}: the daemon did not release it; see `portgate show {}`",
-            view.id.port
+            format::port_args(view.id, label)
         ),
     }
 }

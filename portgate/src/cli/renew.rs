@@ -21,15 +21,15 @@ pub struct RenewArgs {
 /// Runs `portgate renew`.
 pub async fn run(client: &Client, args: &RenewArgs, output: OutputFormat) -> anyhow::Result<()> {
     let request = RenewRequest { ttl: args.ttl };
-    let view = client.renew(args.port.id(), &request).await?;
+    let view = client.renew(args.port.id(client).await?, &request).await?;
+    let port = format::port(view.id, view.netns_label.as_deref());
     match output {
         OutputFormat::Table => match view.timeline.lease_expires_at {
             Some(at) => println!(
-                "{} lease renewed: expires {}",
-                view.id,
+                "{port} lease renewed: expires {}",
                 format::expiry(at, now_millis())
             ),
-            None => println!("{} has no lease: it is held until released", view.id),
+            None => println!("{port} has no lease: it is held until released"),
         },
         OutputFormat::Json => format::print_json(&view)?,
     }

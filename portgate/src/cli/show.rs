@@ -15,7 +15,7 @@ pub struct ShowArgs {
 
 /// Runs `portgate show`.
 pub async fn run(client: &Client, args: &ShowArgs, output: OutputFormat) -> anyhow::Result<()> {
-    let view = client.show(args.port.id()).await?;
+    let view = client.show(args.port.id(client).await?).await?;
     match output {
         OutputFormat::Table => print!("{}", describe(&view, now_millis())),
         OutputFormat::Json => format::print_json(&view)?,
@@ -29,6 +29,24 @@ fn describe(view: &AllocationView, now: u64) -> String {
     let mut pairs = vec![
         ("port", view.id.port.to_string()),
         ("proto", view.id.protocol.to_string()),
+    ];
+    if !view.id.netns.is_host() {
+        pairs.push((
+            "netns",
+            format!(
+                "{} (cookie {})",
+                view.id.netns.name(view.netns_label.as_deref()),
+                view.id.netns.0
+            ),
+        ));
+    }
+    if let Some(port) = view.published {
+        pairs.push((
+            "published",
+            format!("{port}/{} on the host", view.id.protocol),
+        ));
+    }
+    pairs.extend([
         ("status", view.status.to_string()),
         ("owner", view.owner.clone()),
         (
@@ -72,7 +90,7 @@ fn describe(view: &AllocationView, now: u64) -> String {
                 .lease_expires_at
                 .map_or_else(none, |at| format::expiry(at, now)),
         ),
-    ];
+    ]);
     if let Some(since) = view.timeline.draining_since {
         pairs.push(("draining since", format::time(since)));
     }
@@ -85,7 +103,7 @@ fn describe(view: &AllocationView, now: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::describe;
-    use crate::client::testing::view;
+    use crate::{client::testing::view, model::NetnsId};
 
     #[test]
     fn shows_every_field_as_a_line() {
@@ -96,5 +114,19 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("draining since"), "{text}");
+        assert!(!text.contains("netns"), "{text}");
+    }
+
+    #[test]
+    fn another_namespace_is_named_with_its_cookie() {
+        let mut inside = view(80);
+        inside.id.netns = NetnsId(4097);
+        inside.netns_label = Some("web1".to_owned());
+        inside.published = Some(20080);
+        let text = describe(&inside, 1_700_000_000_000);
+        assert!(
+            text.contains("proto:          tcp\nnetns:          web1 (cookie 4097)\npublished:      20080/tcp on the host\nstatus:"),
+            "{text}"
+        );
     }
 }

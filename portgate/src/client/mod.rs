@@ -23,7 +23,7 @@ use tokio::net::UnixStream;
 
 use crate::{
     api::{
-        AllocRequest, AllocationView, CheckResponse, ErrorBody, EventView, GrantRequest,
+        AllocRequest, AllocationView, CheckResponse, ErrorBody, EventView, GrantRequest, NetnsView,
         RenewRequest, StatusView,
     },
     model::{AccessChange, PortId, PortReport},
@@ -191,6 +191,17 @@ impl Client {
     pub async fn check(&self, id: PortId, ip: IpAddr) -> Result<CheckResponse, ClientError> {
         let path = format!("{}&ip={ip}", port_path(id, "/check"));
         self.call(Method::GET, path, NO_BODY).await
+    }
+
+    /// `GET /v1/netns?name=`: the namespace `name` means: an allocation's label (as the
+    /// NETNS column shows it), a cookie, `host`, or a path (`/run/netns/NAME`,
+    /// `/proc/PID/ns/net`) the daemon opens.
+    pub async fn netns(&self, name: &str) -> Result<NetnsView, ClientError> {
+        let query = form_urlencoded::Serializer::new(String::new())
+            .append_pair("name", name)
+            .finish();
+        self.call(Method::GET, format!("/v1/netns?{query}"), NO_BODY)
+            .await
     }
 
     /// `GET /v1/stats`: counters and policy of every port, or of one.

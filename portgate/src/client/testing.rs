@@ -1,9 +1,13 @@
 //! A test server for the client and the CLI: a router on a socket of its own.
 
+use std::collections::HashMap;
+
+use axum::{Json, Router, extract::Query, http::StatusCode, routing::get};
+
 use super::Client;
 use crate::{
-    api::AllocationView,
-    model::{PortAccessControl, PortId, PortStatus, Protocol, Timeline},
+    api::{AllocationView, ErrorBody, NetnsView},
+    model::{NetnsId, PortAccessControl, PortId, PortStatus, Protocol, Timeline},
 };
 
 /// Serves `router` on a socket in a new temporary directory (kept while the directory
@@ -46,4 +50,26 @@ pub(crate) fn view(port: u16) -> AllocationView {
         },
         connections: 2,
     }
+}
+
+/// A stand-in for `GET /v1/netns`: `net:[4026532999]` is the namespace 4097; nothing else.
+pub(crate) fn netns_route() -> Router {
+    Router::new().route(
+        "/v1/netns",
+        get(|Query(query): Query<HashMap<String, String>>| async move {
+            match query["name"].as_str() {
+                "net:[4026532999]" => Ok(Json(NetnsView {
+                    netns: NetnsId(4097),
+                    label: "net:[4026532999]".to_owned(),
+                })),
+                name => Err((
+                    StatusCode::NOT_FOUND,
+                    Json(ErrorBody::bad_request(
+                        "unknown_netns",
+                        format!("no allocation's namespace is labelled {name:?}"),
+                    )),
+                )),
+            }
+        }),
+    )
 }

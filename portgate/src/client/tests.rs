@@ -22,12 +22,12 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::{
     ClientError,
-    testing::{serve, view},
+    testing::{netns_route, serve, view},
 };
 use crate::{
     api::{AllocRequest, CheckResponse, ErrorBody, EventView},
     manager::PortError,
-    model::{PortId, Protocol},
+    model::{NetnsId, PortId, Protocol},
 };
 
 #[tokio::test]
@@ -172,6 +172,7 @@ fn event(port: u16) -> EventView {
     EventView {
         time: 1_700_000_000_000 + u64::from(port),
         id: PortId::from(port),
+        netns_label: None,
         addr: "10.0.0.9".parse().expect("an address"),
         reason: "not_allowed".to_owned(),
         hook: "xdp".to_owned(),
@@ -228,4 +229,25 @@ async fn events_arrive_as_they_stream() {
     feeder.await.expect("the feeder");
 
     assert_eq!(seen, vec![event(20001), event(20002), event(20003)]);
+}
+
+#[tokio::test]
+async fn a_namespace_name_is_sent_whole() {
+    let (_dir, client) = serve(netns_route()).await;
+
+    let found = client
+        .netns("net:[4026532999]")
+        .await
+        .expect("the namespace");
+    assert_eq!(found.netns, NetnsId(4097));
+
+    let err = client.netns("a b&c").await.expect_err("no such namespace");
+    assert_eq!(
+        err.to_string(),
+        r#"no allocation's namespace is labelled "a b&c""#
+    );
+    assert!(
+        matches!(err, ClientError::Daemon { status: 404, ref code, .. } if code == "unknown_netns"),
+        "{err:?}"
+    );
 }

@@ -93,6 +93,9 @@ fn report_of(
 ) -> PortReport {
     PortReport {
         id,
+        published: policy
+            .map(|policy| policy.published_port)
+            .filter(|port| *port != 0),
         status: policy
             .and_then(|policy| PortStatus::from_code(policy.status))
             .unwrap_or(PortStatus::Available),

@@ -600,6 +600,7 @@ fn free_ports(allocator: &PortAllocator) -> Vec<(Protocol, u64)> {
 fn uncounted_report(held: &Allocation) -> PortReport {
     PortReport {
         id: held.id,
+        published: held.published,
         status: held.status,
         access: held.access.clone(),
         owner_cgroup: held.owner.cgroup.as_ref().map(|owner| owner.id),

@@ -8,7 +8,9 @@ use std::{
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric as _},
+    encoding::{
+        DescriptorEncoder, EncodeLabel as _, EncodeLabelSet, EncodeMetric as _, LabelSetEncoder,
+    },
     metrics::{
         MetricType,
         counter::{ConstCounter, Counter},
@@ -29,11 +31,25 @@ use crate::{
 /// The deny events kept for `portgate events` (the newest are kept).
 pub const RECENT_EVENTS: usize = 1024;
 
+/// One allocated port as a scrape shows it.
+#[derive(Clone, Debug)]
+pub struct PortSample {
+    /// The port.
+    pub id: PortId,
+    /// Its namespace's `netns` label ([`NetnsId::name`](crate::model::NetnsId::name)):
+    /// `host`, or its allocation's label.
+    pub netns: String,
+    /// Its status.
+    pub status: PortStatus,
+    /// Its counters.
+    pub metrics: PortMetrics,
+}
+
 /// What one scrape shows about the ports: filled in by the manager, encoded by the monitor.
 #[derive(Clone, Debug, Default)]
 pub struct PortsSnapshot {
-    /// Each allocated port: its status and counters.
-    pub ports: Vec<(PortId, PortStatus, PortMetrics)>,
+    /// Each allocated port.
+    pub ports: Vec<PortSample>,
     /// New connections dropped on managed ports without an allocation, per protocol.
     pub unallocated_drops: Vec<(Protocol, u64)>,
     /// Ports that can be handed out now, per protocol.
@@ -58,9 +74,12 @@ pub(super) fn snapshot(state: &State) -> Result<PortsSnapshot> {
     for held in state.allocator.allocations() {
         let counters = counted.remove(&held.id).unwrap_or_default();
         let active = connections.of(held.id);
-        snapshot
-            .ports
-            .push((held.id, held.status, counters.metrics(active)));
+        snapshot.ports.push(PortSample {
+            id: held.id,
+            netns: held.id.netns.name(held.netns_label()),
+            status: held.status,
+            metrics: counters.metrics(active),
+        });
     }
     // Ports without an allocation that were knocked on (scans): one total per protocol,
     // not a series per port a scanner tried.
@@ -259,19 +278,31 @@ struct PortsCollector {
 
 type Labels = Vec<(&'static str, String)>;
 
-/// A port's labels, encoded without allocating (a scrape writes 10 series per port).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct PortLabels {
+/// A port's labels, `port`, `proto` and `netns` in that order (then `reason` where a family
+/// has one), encoded without allocating (a scrape writes 10 series per port).
+#[derive(Clone, Copy, Debug)]
+struct PortLabels<'a> {
     port: u16,
     proto: &'static str,
+    netns: &'a str,
 }
 
-/// A port's labels with a drop reason.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
-struct DropLabels {
-    port: u16,
-    proto: &'static str,
-    reason: &'static str,
+impl<'a> PortLabels<'a> {
+    fn of(sample: &'a PortSample) -> Self {
+        Self {
+            port: sample.id.port,
+            proto: sample.id.protocol.name(),
+            netns: &sample.netns,
+        }
+    }
+}
+
+impl EncodeLabelSet for PortLabels<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder<'_>) -> Result<(), std::fmt::Error> {
+        ("port", self.port).encode(encoder.encode_label())?;
+        ("proto", self.proto).encode(encoder.encode_label())?;
+        ("netns", self.netns).encode(encoder.encode_label())
+    }
 }
 
 /// A per-port counter family: name, help, and how to read it.
@@ -289,13 +320,6 @@ const PORT_COUNTERS: [CounterFamily; 4] = [
     }),
 ];
 
-const fn port_labels(id: PortId) -> PortLabels {
-    PortLabels {
-        port: id.port,
-        proto: id.protocol.name(),
-    }
-}
-
 fn gauge(value: impl TryInto<i64>) -> ConstGauge<i64> {
     ConstGauge::new(value.try_into().unwrap_or(i64::MAX))
 }
@@ -308,9 +332,9 @@ impl PortsCollector {
         let ports = &snapshot.ports;
         for (name, help, value) in PORT_COUNTERS {
             let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-            for (id, _, metrics) in ports {
-                let labels = port_labels(*id);
-                ConstCounter::new(value(metrics)).encode(family.encode_family(&labels)?)?;
+            for sample in ports {
+                let labels = PortLabels::of(sample);
+                ConstCounter::new(value(&sample.metrics)).encode(family.encode_family(&labels)?)?;
             }
         }
         let mut family = encoder.encode_descriptor(
@@ -319,14 +343,10 @@ impl PortsCollector {
             None,
             MetricType::Counter,
         )?;
-        for (id, _, metrics) in ports {
+        for sample in ports {
             for reason in DropReason::ALL {
-                let labels = DropLabels {
-                    port: id.port,
-                    proto: id.protocol.name(),
-                    reason: reason.name(),
-                };
-                ConstCounter::new(metrics.dropped.get(reason))
+                let labels = (PortLabels::of(sample), [("reason", reason.name())]);
+                ConstCounter::new(sample.metrics.dropped.get(reason))
                     .encode(family.encode_family(&labels)?)?;
             }
         }
@@ -336,8 +356,8 @@ impl PortsCollector {
             None,
             MetricType::Gauge,
         )?;
-        for (id, _, metrics) in ports {
-            gauge(metrics.active).encode(family.encode_family(&port_labels(*id))?)?;
+        for sample in ports {
+            gauge(sample.metrics.active).encode(family.encode_family(&PortLabels::of(sample))?)?;
         }
         Ok(())
     }
@@ -352,7 +372,7 @@ impl PortsCollector {
                 let count = snapshot
                     .ports
                     .iter()
-                    .filter(|(id, held, _)| id.protocol == protocol && *held == status)
+                    .filter(|sample| sample.id.protocol == protocol && sample.status == status)
                     .count();
                 let labels = vec![
                     ("proto", protocol.to_string()),
@@ -508,26 +528,46 @@ impl Collector for PortsCollector {
 
 #[cfg(test)]
 mod tests {
-    use super::{PortMonitor, PortsSnapshot, gate_warnings};
+    use super::{PortMonitor, PortSample, PortsSnapshot, gate_warnings};
     use crate::gate::GateStats;
-    use crate::model::{PortId, PortMetrics, PortStatus, Protocol, sample_metrics};
+    use crate::model::{NetnsId, PortId, PortMetrics, PortStatus, Protocol, sample_metrics};
 
-    /// The exposition as portgate has always written it (`testdata/metrics.txt`, from the
-    /// code before the model was reshaped): names, help, labels and their order.
+    /// The exposition as portgate writes it (`testdata/metrics.txt`): names, help, labels
+    /// and their order (`port`, `proto`, `netns`, then `reason`), with a port of the host's
+    /// namespace, and one of a container's beside a host port of the same number.
     #[test]
     fn the_exposition_keeps_its_bytes() {
-        let counted = sample_metrics();
+        let sample = |id: PortId, netns: &str, status, metrics| PortSample {
+            id,
+            netns: netns.to_owned(),
+            status,
+            metrics,
+        };
         let snapshot = PortsSnapshot {
             ports: vec![
-                (
+                sample(
                     PortId::new(20001, Protocol::Tcp),
+                    "host",
                     PortStatus::Active,
-                    counted,
+                    sample_metrics(),
                 ),
-                (
+                sample(
                     PortId::new(20002, Protocol::Udp),
+                    "host",
                     PortStatus::Draining,
                     PortMetrics::default(),
+                ),
+                sample(
+                    PortId {
+                        netns: NetnsId(4097),
+                        ..PortId::new(20001, Protocol::Tcp)
+                    },
+                    "3f2a9c1b0d4e",
+                    PortStatus::Active,
+                    PortMetrics {
+                        accepted: 31,
+                        ..PortMetrics::default()
+                    },
                 ),
             ],
             unallocated_drops: vec![(Protocol::Tcp, 11), (Protocol::Udp, 12)],

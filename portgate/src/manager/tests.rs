@@ -457,3 +457,31 @@ async fn a_connection_limit_on_udp_is_refused_not_ignored() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn metrics_name_a_ports_namespace_by_its_label() {
+    let mut inside = crate::model::sample_allocation(80, Protocol::Tcp);
+    inside.id.netns = crate::model::NetnsId(4097);
+    inside.netns = Some(crate::model::NetnsInfo {
+        label: "web1".to_owned(),
+        inode: 4_026_532_999,
+    });
+    let store = MemoryStore::with_state(StoredState {
+        allocations: vec![
+            crate::model::sample_allocation(40_001, Protocol::Tcp),
+            inside,
+        ],
+        ..StoredState::default()
+    });
+    let manager = open(config(), Arc::new(store));
+
+    let text = manager.metrics_text().await.unwrap();
+
+    for series in [
+        r#"portgate_port_accepted_total{port="40001",proto="tcp",netns="host"} 0"#,
+        r#"portgate_port_accepted_total{port="80",proto="tcp",netns="web1"} 0"#,
+        r#"portgate_port_dropped_total{port="80",proto="tcp",netns="web1",reason="conn_limit"} 0"#,
+    ] {
+        assert!(text.contains(series), "{series} in\n{text}");
+    }
+}

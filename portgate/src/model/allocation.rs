@@ -84,6 +84,12 @@ pub struct Allocation {
 }
 
 impl Allocation {
+    /// Its namespace's label; `None` for the host's.
+    #[must_use]
+    pub fn netns_label(&self) -> Option<&str> {
+        self.netns.as_ref().map(|netns| netns.label.as_str())
+    }
+
     /// The kernel policy this allocation asks for. Its epoch is the allocation time's low
     /// 32 bits (milliseconds): the same for every change of one allocation, different for
     /// the port's next allocation (unless it comes a multiple of 49.7 days later to the

@@ -100,9 +100,13 @@ pub struct GrantView {
 /// connections (what `portgate maps` and `GET /v1/stats` show).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortReport {
-    /// The port (keys `port`, `proto`).
+    /// The port (keys `port`, `proto`, and `netns`, the namespace's cookie, when it is
+    /// not the host's).
     #[serde(flatten, with = "spelling::PortIdFields")]
     pub id: PortId,
+    /// The host port it is published on (the kernel judges that host port as this one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published: Option<u16>,
     /// Status; `available` for a managed port without policy that still has counters.
     pub status: PortStatus,
     /// Its access control (keys `allow`, `max_connections`, `require_auth`).

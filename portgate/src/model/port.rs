@@ -84,17 +84,32 @@ impl NetnsId {
     /// The host's namespace: the default wherever a port is named.
     pub const HOST: Self = Self(portgate_common::HOST_NETNS);
 
+    /// What views, `?netns=` and `--netns` call the host's namespace.
+    pub const HOST_NAME: &str = "host";
+
     /// Whether this is the host's namespace.
     #[must_use]
     pub const fn is_host(&self) -> bool {
         self.0 == Self::HOST.0
+    }
+
+    /// How views name this namespace (a NETNS column, the `netns` metric label): `host`
+    /// for the host's, else `label` when it is known, else the cookie. Each is a name
+    /// `--netns` takes back.
+    #[must_use]
+    pub fn name(self, label: Option<&str>) -> String {
+        match label {
+            _ if self.is_host() => Self::HOST_NAME.to_owned(),
+            Some(label) => label.to_owned(),
+            None => self.0.to_string(),
+        }
     }
 }
 
 impl fmt::Display for NetnsId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_host() {
-            f.write_str("host")
+            f.write_str(Self::HOST_NAME)
         } else {
             write!(f, "netns cookie {}", self.0)
         }

@@ -1,6 +1,6 @@
 //! The daemon's API: authorization by the caller's uid (through the CLI run as other
-//! users) with its audit log, cgroups a user may name, and bad requests refused with a 4xx
-//! and no change to the store or the kernel.
+//! users) with its audit log, cgroups a user may name, bad requests refused with a 4xx
+//! and no change to the store or the kernel, and the names `--netns` takes.
 
 use std::{
     collections::BTreeSet,
@@ -15,7 +15,7 @@ use portgate::{
     model::{AccessChange, PortId, PortStatus, Protocol},
 };
 use portgate_tests::{
-    common::allowlist,
+    common::{NetNs, allowlist},
     daemon::{Daemon, stderr},
     require_privileges,
 };
@@ -306,6 +306,101 @@ fn bad_requests_are_refused_and_change_nothing() {
     assert_eq!(
         daemon.kernel_policies(),
         BTreeSet::from([PortId::new(held.id.port, Protocol::Tcp)])
+    );
+}
+
+#[test]
+fn a_port_of_another_namespace_is_named_by_label_cookie_or_path() {
+    if !require_privileges!() {
+        return;
+    }
+    let daemon = Daemon::start(46_200, 46_209);
+    let other = NetNs::new();
+    let path = format!("/run/netns/{}", other.name());
+    let host: AllocationView = daemon.cli_json(None, &["alloc", "--owner", "on-host"]);
+    let inside: AllocationView = daemon.cli_json(
+        None,
+        &[
+            "alloc",
+            "--owner",
+            "inside",
+            "--netns",
+            &path,
+            "--publish",
+            "auto:80",
+        ],
+    );
+    assert_eq!(inside.id.port, 80);
+    assert!(!inside.id.netns.is_host());
+    assert_eq!(inside.netns_label.as_deref(), Some(other.name()));
+    let published = inside.published.expect("a host port");
+
+    // Its label, its cookie and its path name it.
+    let cookie = inside.id.netns.0.to_string();
+    for name in [other.name(), cookie.as_str(), path.as_str()] {
+        let shown: AllocationView = daemon.cli_json(None, &["show", "80", "--netns", name]);
+        assert_eq!(shown.id, inside.id, "--netns {name}");
+    }
+    // `host` is the daemon's own namespace.
+    let port = host.id.port.to_string();
+    let shown: AllocationView = daemon.cli_json(None, &["show", &port, "--netns", "host"]);
+    assert_eq!(shown.id, host.id);
+    // A name nothing has says where to look; a user may not name a path.
+    let unknown = daemon.cli(None, &["show", "80", "--netns", "no-such-ns"]);
+    assert!(!unknown.status.success());
+    assert!(
+        stderr(&unknown).contains("NETNS column of `portgate list`"),
+        "{}",
+        stderr(&unknown)
+    );
+    let by_user = daemon.cli(Some(USER_A), &["show", "80", "--netns", &path]);
+    assert!(
+        stderr(&by_user).contains("only an admin may name a namespace by path"),
+        "{}",
+        stderr(&by_user)
+    );
+    daemon.cli_ok(Some(USER_A), &["show", "80", "--netns", other.name()]);
+
+    // The views name it: a NETNS column, the metrics' netns label.
+    let list = daemon.cli_ok(None, &["list"]);
+    let header = list.lines().next().unwrap_or_default();
+    assert!(header.starts_with("PORT   PROTO  NETNS"), "{list}");
+    assert!(
+        list.lines().any(|line| line
+            .split_whitespace()
+            .take(3)
+            .eq(["80", "tcp", other.name()])),
+        "{list}"
+    );
+    let pins = daemon.pins.path().display().to_string();
+    let maps = daemon.cli_ok(None, &["maps", "--pin-dir", &pins]);
+    assert!(
+        maps.lines().any(|line| line.split_whitespace().take(4).eq([
+            "80",
+            "tcp",
+            other.name(),
+            &published.to_string()
+        ])),
+        "{maps}"
+    );
+    let line = format!(
+        "published {published}/tcp (host) -> 80/tcp in netns {}",
+        other.name()
+    );
+    assert!(maps.lines().any(|shown| shown == line), "{line} in {maps}");
+    let metrics = daemon
+        .api(portgate::client::Client::metrics)
+        .expect("GET /metrics");
+    let series = format!(
+        r#"portgate_port_accepted_total{{port="80",proto="tcp",netns="{}"}} 0"#,
+        other.name()
+    );
+    assert!(metrics.contains(&series), "{series} in {metrics}");
+
+    daemon.cli_ok(None, &["release", "80", "--netns", other.name()]);
+    assert_eq!(
+        daemon.allocations()[&inside.id].status,
+        PortStatus::Draining
     );
 }
 

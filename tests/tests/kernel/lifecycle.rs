@@ -94,7 +94,7 @@ fn end_to_end_through_the_cli() {
     let metrics = daemon.api(Client::metrics).expect("GET /metrics");
     assert!(
         metrics.contains(&format!(
-            r#"portgate_port_accepted_total{{port="{port}",proto="tcp"}} 2"#
+            r#"portgate_port_accepted_total{{port="{port}",proto="tcp",netns="host"}} 2"#
         )),
         "{metrics}"
     );

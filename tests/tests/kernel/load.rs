@@ -931,7 +931,7 @@ fn metrics_scraped_during_load_are_consistent() {
     let metrics_addr = SocketAddr::new(LOCAL, 9477);
     let (port, server) = serve_limited_port(&daemon, "traffic", LIMIT);
     let addr = loopback(port);
-    let labels = format!(r#"port="{port}",proto="tcp""#);
+    let labels = format!(r#"port="{port}",proto="tcp",netns="host""#);
     let progress = Progress::default();
     let allocs_started = AtomicU64::new(1);
     let allocs_done = AtomicU64::new(1);

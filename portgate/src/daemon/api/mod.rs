@@ -4,8 +4,10 @@
 //! histogram, and written to the audit log with its outcome: handlers answer through
 //! `Caller::answer`, which does all three. Bad input (JSON, ports, addresses, durations)
 //! is refused with a 4xx and an [`ErrorBody`] before the manager is asked, so it changes
-//! nothing. `ports` holds the calls on ports, `reads` the views of the whole daemon.
+//! nothing. `ports` holds the calls on ports, `reads` the views of the whole daemon,
+//! `namespace` what a namespace's name means.
 
+mod namespace;
 mod placement;
 mod ports;
 mod reads;
@@ -49,6 +51,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/ports/{port}/owner", patch(ports::owner))
         .route("/v1/ports/{port}/grants", post(ports::grant))
         .route("/v1/ports/{port}/check", get(ports::check))
+        .route("/v1/netns", get(namespace::find))
         .route("/v1/stats", get(reads::stats))
         .route("/v1/events", get(reads::events))
         .route("/v1/status", get(reads::status))
@@ -213,7 +216,8 @@ impl Caller {
             )
         })?;
         let netns = match query.get("netns").map(String::as_str) {
-            None | Some("host") => NetnsId::HOST,
+            None => NetnsId::HOST,
+            Some(name) if name == NetnsId::HOST_NAME => NetnsId::HOST,
             Some(raw) => NetnsId(raw.parse().map_err(|_| {
                 ApiError::bad(
                     "invalid_netns",

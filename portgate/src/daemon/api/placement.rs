@@ -127,7 +127,7 @@ fn short_id(id: &str) -> String {
 }
 
 /// `None` when `found` is the daemon's own namespace (the host's), else its reference.
-fn not_the_hosts(path: PathBuf, found: netns::Netns) -> ApiResult<Option<NetnsRef>> {
+pub(super) fn not_the_hosts(path: PathBuf, found: netns::Netns) -> ApiResult<Option<NetnsRef>> {
     let own = netns::host()
         .map_err(|err| ApiError::Port(PortError::host("reading the daemon's namespace", err)))?;
     if found.cookie == own.cookie {

@@ -1,6 +1,6 @@
 //! The views of the whole daemon: stats, the event stream, status, metrics.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
 use axum::{
     Router,
@@ -17,7 +17,7 @@ use super::{ApiError, Caller, QueryMap, query_map};
 use crate::{
     api::{EventView, RangeUsage, StatusView},
     daemon::App,
-    model::PortStatus,
+    model::{NetnsId, PortStatus},
 };
 
 pub(super) async fn stats(caller: Caller, query: QueryMap) -> Response {
@@ -52,26 +52,26 @@ pub(super) async fn events(caller: Caller, query: QueryMap) -> Response {
     let follow = matches!(query.get("follow").map(String::as_str), Some("true" | "1"));
     let app = &caller.app;
     let receiver = app.manager.monitor().subscribe();
-    let recent: Vec<Bytes> = app
-        .manager
-        .monitor()
-        .recent_events()
-        .iter()
-        .map(|(time, event)| json_line(&EventView::new(event, *time)))
-        .collect();
+    let mut labels = NetnsLabels::default();
+    let mut recent = Vec::new();
+    for (time, event) in app.manager.monitor().recent_events() {
+        let label = labels.of(app, event.id.netns).await;
+        recent.push(json_line(&EventView::new(&event, time, label)));
+    }
     caller.record(&super::Audit::started("events"), StatusCode::OK, "ok");
     let head = stream::iter(recent.into_iter().map(Ok::<_, std::io::Error>));
     let body = if follow {
         let shutdown = app.shutdown.clone();
         let tail = stream::unfold(
-            (receiver, shutdown),
-            |(mut receiver, mut shutdown)| async move {
+            (receiver, shutdown, Arc::clone(app), labels),
+            |(mut receiver, mut shutdown, app, mut labels)| async move {
                 loop {
                     tokio::select! {
                         event = receiver.recv() => match event {
                             Ok((time, event)) => {
-                                let line = json_line(&EventView::new(&event, time));
-                                return Some((Ok(line), (receiver, shutdown)));
+                                let label = labels.of(&app, event.id.netns).await;
+                                let line = json_line(&EventView::new(&event, time, label));
+                                return Some((Ok(line), (receiver, shutdown, app, labels)));
                             }
                             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
                             Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
@@ -86,6 +86,29 @@ pub(super) async fn events(caller: Caller, query: QueryMap) -> Response {
         Body::from_stream(head)
     };
     ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
+}
+
+/// The labels of the namespaces events name, as their allocations label them. A cookie's
+/// label never changes (cookies are not reused), so the allocations are read again only for
+/// a namespace not seen yet.
+#[derive(Default)]
+struct NetnsLabels(BTreeMap<NetnsId, Option<String>>);
+
+impl NetnsLabels {
+    /// The label of `netns`; `None` for the host's, or when no allocation is in it.
+    async fn of(&mut self, app: &App, netns: NetnsId) -> Option<String> {
+        if netns.is_host() {
+            return None;
+        }
+        if !self.0.contains_key(&netns) {
+            for (held, _) in app.manager.allocations().await {
+                let label = held.netns_label().map(str::to_owned);
+                self.0.entry(held.id.netns).or_insert(label);
+            }
+            self.0.entry(netns).or_insert(None);
+        }
+        self.0.get(&netns).cloned().flatten()
+    }
 }
 
 fn json_line(value: &impl Serialize) -> Bytes {
