@@ -420,6 +420,24 @@ mod tests {
     }
 
     #[test]
+    fn access_moves_the_owner_alone() {
+        let cli = parse(&["access", "80", "--netns", "web", "--container", "0123456789ab"])
+            .expect("an owner move");
+        let Command::Access(args) = cli.command else {
+            panic!("not access: {:?}", cli.command);
+        };
+        let owner = args.owner().expect("a new owner");
+        assert_eq!(owner.container.as_deref(), Some("0123456789ab"));
+        assert!(owner.cgroup.is_none() && owner.pid.is_none() && owner.netns.is_none());
+        let err = parse(&["access", "80", "--pid", "1", "--allow", "10.0.0.1"])
+            .expect_err("an owner move and an access change at once");
+        assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
+        let err = parse(&["access", "80", "--pid", "1", "--cgroup", "/sys/fs/cgroup/a"])
+            .expect_err("two owners");
+        assert_eq!(err.kind(), ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
     fn proto_defaults_to_tcp_and_refuses_others() {
         let cli = parse(&["check", "20001", "10.0.0.9"]).expect("parses");
         let Command::Check(args) = cli.command else {

@@ -24,7 +24,7 @@ use tokio::net::UnixStream;
 use crate::{
     api::{
         AllocRequest, AllocationView, CheckResponse, ErrorBody, EventView, GrantRequest, NetnsView,
-        RenewRequest, StatusView,
+        OwnerSpec, RenewRequest, StatusView,
     },
     model::{AccessChange, PortId, PortReport},
 };
@@ -175,6 +175,12 @@ impl Client {
     pub async fn access(&self, id: PortId, change: &AccessChange) -> Reply<AllocationView> {
         let path = port_path(id, "/access");
         self.call(Method::PATCH, path, Some(change)).await
+    }
+
+    /// `PATCH /v1/ports/{port}/owner`: moves a port to the owner cgroup `owner` names.
+    pub async fn owner(&self, id: PortId, owner: &OwnerSpec) -> Reply<AllocationView> {
+        let path = port_path(id, "/owner");
+        self.call(Method::PATCH, path, Some(owner)).await
     }
 
     /// `POST /v1/ports/{port}/grants`: lets an authenticated source connect for a while.
