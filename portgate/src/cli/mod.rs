@@ -421,8 +421,15 @@ mod tests {
 
     #[test]
     fn access_moves_the_owner_alone() {
-        let cli = parse(&["access", "80", "--netns", "web", "--container", "0123456789ab"])
-            .expect("an owner move");
+        let cli = parse(&[
+            "access",
+            "80",
+            "--netns",
+            "web",
+            "--container",
+            "0123456789ab",
+        ])
+        .expect("an owner move");
         let Command::Access(args) = cli.command else {
             panic!("not access: {:?}", cli.command);
         };
