@@ -7,7 +7,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::model::{Allowlist, PortId, Protocol, UnixMillis};
+use crate::model::{Allowlist, PortId, UnixMillis};
 
 /// Prints `value` as indented JSON on stdout.
 pub fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
@@ -85,20 +85,6 @@ pub fn port(id: PortId, netns_label: Option<&str>) -> String {
     text
 }
 
-/// The arguments that name a port on the command line: `80`, `80 --proto udp`,
-/// `80 --netns web1`.
-#[must_use]
-pub fn port_args(id: PortId, netns_label: Option<&str>) -> String {
-    let mut text = id.port.to_string();
-    if id.protocol != Protocol::Tcp {
-        let _infallible = write!(text, " --proto {}", id.protocol);
-    }
-    if !id.netns.is_host() {
-        let _infallible = write!(text, " --netns {}", id.netns.name(netns_label));
-    }
-    text
-}
-
 /// `key: value` lines with the values aligned.
 #[must_use]
 pub fn key_values(pairs: &[(&str, String)]) -> String {
@@ -118,7 +104,7 @@ pub fn key_values(pairs: &[(&str, String)]) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{allow_cell, expiry, key_values, port, port_args, remaining, time};
+    use super::{allow_cell, expiry, key_values, port, remaining, time};
     use crate::model::{Allowlist, NetnsId, PortId, Protocol};
 
     #[test]
@@ -177,7 +163,7 @@ mod tests {
         assert_eq!(port(host, Some("ignored")), "80/udp");
         assert_eq!(port(inside, Some("web1")), "80/tcp in netns web1");
         assert_eq!(port(inside, None), "80/tcp in netns 4097");
-        assert_eq!(port_args(host, None), "80 --proto udp");
-        assert_eq!(port_args(inside, Some("web1")), "80 --netns web1");
+        assert_eq!(host.cli_args(None), "80 --proto udp");
+        assert_eq!(inside.cli_args(Some("web1")), "80 --netns web1");
     }
 }

@@ -56,7 +56,7 @@ fn wind_down_line(view: &AllocationView, how: &str) -> String {
         }
         status @ (PortStatus::Active | PortStatus::Available) => format!(
             "{id} is still {status}: the daemon did not release it; see `portgate show {}`",
-            format::port_args(view.id, label)
+            view.id.cli_args(label)
         ),
     }
 }

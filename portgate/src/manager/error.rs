@@ -207,7 +207,7 @@ impl PortError {
             )),
             DropReason::NotAllowed => Self::AccessDenied(format!(
                 "{addr} may not connect to {id}: not in the port's allowlist (add it with `portgate access {} --allow CIDR`)",
-                id.port
+                id.cli_args(None)
             )),
             DropReason::AuthRequired => Self::AuthenticationFailed { id, addr },
             DropReason::ConnLimit => Self::LimitExceeded { id, addr, max },

@@ -252,7 +252,7 @@ impl PortManager {
             let access = change.apply(&held.access).map_err(|absent| {
                 PortError::InvalidPortRequest(format!(
                     "{absent} is not in the allowlist of {id}: see `portgate show {}`",
-                    id.port
+                    id.cli_args(None)
                 ))
             })?;
             PortSecurity::check_access_control(id.protocol, &access)?;

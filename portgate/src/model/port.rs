@@ -156,6 +156,25 @@ impl PortId {
     }
 }
 
+impl PortId {
+    /// How the CLI names this port after a verb: `80`, with `--proto udp` and `--netns
+    /// NAME` (the namespace's `label` when known, else its cookie) when they are not the
+    /// defaults.
+    #[must_use]
+    pub fn cli_args(&self, label: Option<&str>) -> String {
+        let mut args = self.port.to_string();
+        if self.protocol != Protocol::Tcp {
+            args.push_str(" --proto ");
+            args.push_str(self.protocol.name());
+        }
+        if !self.netns.is_host() {
+            args.push_str(" --netns ");
+            args.push_str(&self.netns.name(label));
+        }
+        args
+    }
+}
+
 impl From<u16> for PortId {
     fn from(port: u16) -> Self {
         Self::new(port, Protocol::Tcp)
