@@ -5,7 +5,8 @@
 //! maps, then submitted to the store, and acknowledged only once the store says it is
 //! durable; what the kernel or the store refuses is undone, so nothing is half-applied.
 //! Start-up (`reconcile`) makes the kernel equal to the store. `quota` says who may change
-//! what and how much one user may hold; `reservations` keeps the kernel's reserved ports.
+//! what and how much one user may hold; `reservations` keeps the kernel's reserved ports;
+//! `owners` follows owner cgroups and namespaces that go away.
 //! The specification's own names (`allocate_port`, `validate_connection`, ...) are one thin
 //! facade over these operations, in `spec`. Without a gate (no privileges, unit tests) the
 //! same verdict runs in userspace ([`PortSecurity`]).
@@ -13,6 +14,7 @@
 pub mod allocator;
 pub mod error;
 pub mod monitor;
+mod owners;
 mod quota;
 mod reconcile;
 mod reservations;
@@ -36,9 +38,10 @@ use std::{
 use tokio::sync::Mutex;
 
 pub use self::{
-    allocator::{Bound, PortAllocator, Ticked, Transition},
+    allocator::{Bound, Gone, PortAllocator, Ticked, Transition},
     error::{ErrorCategory, PortError, Result},
     monitor::{PortMonitor, PortsSnapshot, gate_warnings},
+    owners::OWNER_CHECK_PERIOD,
     quota::MAX_PREFIXES_PER_USER,
     reconcile::{StartReport, validate_stored},
     reservations::give_back_reserved_ports,
@@ -85,6 +88,8 @@ struct State {
     allocator: PortAllocator,
     security: PortSecurity,
     gate: Option<Gate>,
+    /// What the last look at owner cgroups and namespaces found gone.
+    gone: Gone,
 }
 
 impl State {
@@ -144,6 +149,8 @@ pub struct PortManager {
     /// store does not, so every later change is refused until a restart reconciles them.
     store_failed: AtomicBool,
     last_grant_sweep: std::sync::Mutex<Instant>,
+    /// When owners were last looked at (at start, a period ago: the first tick looks).
+    last_owner_check: std::sync::Mutex<Instant>,
 }
 
 impl PortManager {
@@ -397,15 +404,31 @@ impl PortManager {
             })
     }
 
-    /// Takes every lifecycle step due now (lease expiry, drain end, quarantine end), in
-    /// memory, kernel and store; returns them once they are durable. A port whose step the
-    /// kernel refuses stays as it was (its error is logged) and is tried again next time.
+    /// Takes every lifecycle step due now (lease expiry, drain end, quarantine end), and
+    /// every [`OWNER_CHECK_PERIOD`] those of owners that are gone
+    /// ([`PortManager::check_owners`]), in memory, kernel and store; returns them once they
+    /// are durable. A port whose step the kernel refuses stays as it was (its error is
+    /// logged) and is tried again next time.
     pub async fn tick(&self) -> Result<Vec<Transition>> {
-        if self.grant_sweep_due()
+        if due(&self.last_grant_sweep, GRANT_SWEEP_PERIOD)
             && let Err(err) = self.sweep_grants().await
         {
             log::error!("sweeping expired grants: {}", Chain(&err));
         }
+        let mut steps = Vec::new();
+        if due(&self.last_owner_check, OWNER_CHECK_PERIOD) {
+            match self.check_owners().await {
+                Ok(taken) => steps = taken,
+                // Looked at again next period; a store that failed stops the daemon.
+                Err(err) => log::error!("looking at owners: {}", Chain(&err)),
+            }
+        }
+        steps.extend(self.lifecycle_steps().await?);
+        Ok(steps)
+    }
+
+    /// The lifecycle steps due now, taken (see [`PortManager::tick`]).
+    async fn lifecycle_steps(&self) -> Result<Vec<Transition>> {
         let (steps, pending) = {
             let mut state = self.state.lock().await;
             let State {
@@ -446,18 +469,6 @@ impl PortManager {
         self.settle(pending, "the lifecycle steps".to_owned())
             .await?;
         Ok(steps)
-    }
-
-    fn grant_sweep_due(&self) -> bool {
-        let mut last = self
-            .last_grant_sweep
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let due = last.elapsed() >= GRANT_SWEEP_PERIOD;
-        if due {
-            *last = Instant::now();
-        }
-        due
     }
 
     /// Removes expired authentication grants from the kernel map (and the mirror), so that
@@ -576,6 +587,18 @@ fn bound_for(
         netns: in_netns,
         host,
     })
+}
+
+/// Whether `period` has passed since `last`; when so, `last` becomes now.
+fn due(last: &std::sync::Mutex<Instant>, period: Duration) -> bool {
+    let mut last = last
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let due = last.elapsed() >= period;
+    if due {
+        *last = Instant::now();
+    }
+    due
 }
 
 /// What to do when the store refuses a change.
