@@ -44,7 +44,7 @@ pub use self::{
     owners::OWNER_CHECK_PERIOD,
     quota::MAX_PREFIXES_PER_USER,
     reconcile::{StartReport, validate_stored},
-    reservations::give_back_reserved_ports,
+    reservations::{GiveBackError, give_back_reserved_ports},
     security::{MAX_ALLOWED_IPS, MAX_GRANT_TTL, MAX_GRANTS_PER_PORT, PortSecurity},
 };
 use crate::{
@@ -143,8 +143,9 @@ pub struct PortManager {
     store: Arc<dyn Store>,
     sockets: Arc<dyn SocketTable>,
     config: PortConfig,
-    /// What portgate changed on the host, as the store holds it.
-    host_changes: std::sync::Mutex<HostChanges>,
+    /// What portgate changed on the host, as the store holds it; held while a change to
+    /// the host and its record is made, so that such changes come one at a time.
+    host_changes: Mutex<HostChanges>,
     /// Set when the store refused a change: memory and kernel may then hold what the
     /// store does not, so every later change is refused until a restart reconciles them.
     store_failed: AtomicBool,
@@ -187,6 +188,7 @@ impl PortManager {
         self.refuse_after_store_failure()?;
         request.owner.uid = actor.uid();
         let bound = self.bound_ports(&request).await?;
+        let netns_path = request.netns.as_ref().map(|netns| netns.path.clone());
         let (allocation, pending) = {
             let mut state = self.state.lock().await;
             // Again under the lock: a request queued behind a failed commit must not pass.
@@ -198,8 +200,38 @@ impl PortManager {
         };
         self.settle(pending, format!("the allocation of {}", allocation.id))
             .await?;
+        if let Some(path) = netns_path
+            && let Err(err) = self.reserve_in_netns(&allocation, &path).await
+        {
+            self.undo_allocation(allocation.id).await;
+            return Err(err);
+        }
         self.monitor.record_allocation();
         Ok(allocation)
+    }
+
+    /// Takes back an allocation just made, at once and without quarantine, when what had
+    /// to come with it could not be done (nothing may have used it yet). A failure is
+    /// logged: the allocation's own error is the answer.
+    async fn undo_allocation(&self, id: PortId) {
+        let pending = {
+            let mut state = self.state.lock().await;
+            let before = state.allocator.remove(id);
+            if before.is_none() {
+                return;
+            }
+            self.apply(&mut state, vec![(id, before)])
+        };
+        let undone = match pending {
+            Ok(pending) => {
+                self.settle(pending, format!("undoing the allocation of {id}"))
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        if let Err(err) = undone {
+            log::error!("undoing the allocation of {id}: {}", Chain(&err));
+        }
     }
 
     /// The live sockets an allocation of `request` must avoid: of its port when it names

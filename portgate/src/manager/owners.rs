@@ -1,10 +1,11 @@
 //! Owners that come and go. A port whose owner cgroup is removed goes Draining (or stays
 //! Active, as `[ports] on_owner_exit` says) and is counted among those whose owner is gone;
 //! a port whose network namespace is gone (its container was removed) goes Closed at once,
-//! its kernel entries are removed, and quarantine frees it.
+//! its kernel entries are removed, and quarantine frees it; the ports portgate reserved in
+//! that namespace are forgotten, and those no allocation holds any more are given back.
 //!
 //! The tick looks every [`OWNER_CHECK_PERIOD`]: one `stat(2)` per owner cgroup, and, only
-//! while some allocation is in another namespace than the host's, one
+//! while some allocation or reserved port is in another namespace than the host's, one
 //! pass over `/run/netns` and `/proc` for all of them. The host is read off the manager's
 //! lock and off the async workers.
 
@@ -36,11 +37,11 @@ struct Found {
 
 impl PortManager {
     /// Looks at every owner cgroup and every namespace other than the host's that an
-    /// allocation is in, and takes the steps their end calls for, in
+    /// allocation (or a reserved port) is in, and takes the steps their end calls for, in
     /// memory, kernel and store, as [`PortManager::tick`] takes lifecycle steps; returns
     /// them once they are durable. The tick calls it every [`OWNER_CHECK_PERIOD`].
     pub async fn check_owners(&self) -> Result<Vec<Transition>> {
-        let (cgroups, namespaces) = {
+        let (cgroups, mut namespaces) = {
             let state = self.state.lock().await;
             let mut cgroups = BTreeSet::new();
             let mut namespaces = BTreeSet::new();
@@ -56,6 +57,7 @@ impl PortManager {
             }
             (cgroups, namespaces)
         };
+        namespaces.extend(self.reserved_netns().await);
         let found = tokio::task::spawn_blocking(move || look(&cgroups, namespaces))
             .await
             .map_err(|err| PortError::host("looking for owner cgroups and namespaces", err))?;
@@ -68,7 +70,10 @@ impl PortManager {
                 .map(|&(_, cookie)| crate::model::NetnsId(cookie))
                 .collect(),
         };
-        self.take_gone(gone).await
+        let steps = self.take_gone(gone).await?;
+        self.keep_netns_reservations(&found.checked, &found.alive)
+            .await?;
+        Ok(steps)
     }
 
     /// Takes the steps `gone` calls for (see [`super::PortAllocator::take_gone`]) and keeps

@@ -106,7 +106,7 @@ impl PortManager {
             store,
             sockets,
             config,
-            host_changes: std::sync::Mutex::new(stored.host),
+            host_changes: tokio::sync::Mutex::new(stored.host),
             store_failed: AtomicBool::new(false),
             last_grant_sweep: std::sync::Mutex::new(Instant::now()),
             last_owner_check: std::sync::Mutex::new(

@@ -14,7 +14,9 @@ use crate::{
         AccessChange, AllocationRequest, NetnsId, NetnsInfo, Owner, OwnerCgroup, PortAccessControl,
         PortId, PortStatus, Protocol, sample_allocation,
     },
-    store::{Change, Commit, MemoryStore, Store, StoreError, StoredState},
+    store::{
+        Change, Commit, HostChanges, MemoryStore, NetnsReservedPort, Store, StoreError, StoredState,
+    },
 };
 
 /// A host with no live socket: the manager's unit tests never read this machine's /proc.
@@ -544,7 +546,7 @@ async fn a_port_whose_owner_cgroup_is_removed_drains_or_stays_and_is_counted() {
 }
 
 #[tokio::test]
-async fn a_port_whose_namespace_is_gone_closes_and_leaves_the_kernel() {
+async fn a_port_whose_namespace_is_gone_closes_and_its_reserved_ports_are_forgotten() {
     // A namespace no process has (no nsfs inode is 1): gone while the daemon was down.
     let netns = NetnsId(u64::MAX - 7);
     let mut held = sample_allocation(80, Protocol::Tcp);
@@ -556,9 +558,17 @@ async fn a_port_whose_namespace_is_gone_closes_and_leaves_the_kernel() {
     held.owner.cgroup = None;
     held.timeline.lease_expires_at = None;
     let id = held.id;
+    let reserved = NetnsReservedPort {
+        netns,
+        inode: 1,
+        port: 80,
+    };
     let store = Arc::new(MemoryStore::with_state(StoredState {
         allocations: vec![held],
-        ..StoredState::default()
+        host: HostChanges {
+            netns_reserved_ports: vec![reserved],
+            ..HostChanges::default()
+        },
     }));
     let manager = open(
         PortConfig {
@@ -577,6 +587,10 @@ async fn a_port_whose_namespace_is_gone_closes_and_leaves_the_kernel() {
     assert_eq!(closed.policy(), None, "nothing of it stays in the kernel");
     let stored = store.load().unwrap();
     assert_eq!(stored.allocations, [closed], "kept through quarantine");
+    assert!(
+        stored.host.netns_reserved_ports.is_empty(),
+        "the namespace took its reserved ports with it"
+    );
     assert!(manager.check_owners().await.unwrap().is_empty(), "once");
     assert!(manager.tick().await.unwrap().is_empty(), "in quarantine");
 }

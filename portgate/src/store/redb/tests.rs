@@ -52,6 +52,11 @@ fn host_changes_round_trip() {
     let store = RedbStore::open(&database_path(&dir)).unwrap();
     let host = HostChanges {
         reserved_ports_added: vec![(20000, 20999), (30000, 30000)],
+        netns_reserved_ports: vec![crate::store::NetnsReservedPort {
+            netns: crate::model::NetnsId(7),
+            inode: 4_026_532_000,
+            port: 80,
+        }],
     };
     commit(&store, vec![Change::SetHostChanges(host.clone())]);
     assert_eq!(store.load().unwrap().host, host);
@@ -63,6 +68,7 @@ fn reopen_sees_every_committed_change() {
     let path = database_path(&dir);
     let host = HostChanges {
         reserved_ports_added: vec![(20000, 20999)],
+        ..HostChanges::default()
     };
     let expected = {
         let store = RedbStore::open(&path).unwrap();
