@@ -527,6 +527,11 @@ async fn a_port_whose_owner_cgroup_is_removed_drains_or_stays_and_is_counted() {
             1,
             "{exit:?}: counted either way"
         );
+        let metrics = manager.metrics_text().await.unwrap();
+        assert!(
+            metrics.contains("portgate_ports_owner_gone 1\n"),
+            "{metrics}"
+        );
         assert!(manager.check_owners().await.unwrap().is_empty(), "once");
 
         if exit == OwnerExit::Keep {
