@@ -23,7 +23,7 @@ use tokio::net::UnixStream;
 
 use crate::{
     api::{
-        AllocRequest, AllocationView, CheckResponse, ErrorBody, EventView, GrantRequest,
+        AllocRequest, AllocationView, CheckResponse, ErrorBody, EventView, GrantRequest, OwnerSpec,
         RenewRequest, StatusView,
     },
     model::{AccessChange, PortId, PortReport},
@@ -175,6 +175,13 @@ impl Client {
     pub async fn access(&self, id: PortId, change: &AccessChange) -> Reply<AllocationView> {
         let path = port_path(id, "/access");
         self.call(Method::PATCH, path, Some(change)).await
+    }
+
+    /// `PATCH /v1/ports/{port}/owner`: hands a port to the owner cgroup `owner` names (a
+    /// cgroup, a process or a container, not a namespace: the port keeps its own).
+    pub async fn set_owner(&self, id: PortId, owner: &OwnerSpec) -> Reply<AllocationView> {
+        let path = port_path(id, "/owner");
+        self.call(Method::PATCH, path, Some(owner)).await
     }
 
     /// `POST /v1/ports/{port}/grants`: lets an authenticated source connect for a while.

@@ -23,6 +23,7 @@ mod host;
 mod lifecycle;
 mod load;
 mod maps;
+mod owners;
 mod parsing;
 mod reservations;
 mod restart;
