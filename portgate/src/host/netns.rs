@@ -206,6 +206,9 @@ pub fn find(inode: u64, cookie: u64) -> Option<PathBuf> {
 /// holds is not found.
 #[must_use]
 pub fn find_all(wanted: &BTreeSet<(u64, u64)>) -> BTreeMap<(u64, u64), PathBuf> {
+    if wanted.is_empty() {
+        return BTreeMap::new();
+    }
     let mut unsettled: BTreeSet<u64> = wanted.iter().map(|(inode, _)| *inode).collect();
     let mut found = BTreeMap::new();
     let mut try_path = |path: &Path, unsettled: &mut BTreeSet<u64>| {

@@ -58,6 +58,11 @@ impl PortManager {
             (cgroups, namespaces)
         };
         namespaces.extend(self.reserved_netns().await);
+        if cgroups.is_empty() && namespaces.is_empty() {
+            // Nothing to look at (and nothing gone to count).
+            self.state.lock().await.gone = Gone::default();
+            return Ok(Vec::new());
+        }
         let found = tokio::task::spawn_blocking(move || look(&cgroups, namespaces))
             .await
             .map_err(|err| PortError::host("looking for owner cgroups and namespaces", err))?;

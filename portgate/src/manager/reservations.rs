@@ -229,7 +229,9 @@ async fn in_netns<T: Send + 'static>(
     tokio::task::spawn_blocking(move || match host::netns::enter(&path, f) {
         Ok(done) => done.map_err(|err| {
             PortError::host(
-                format!("net.ipv4.ip_local_reserved_ports in the namespace {label}"),
+                format!(
+                    "the reserved ports (net.ipv4.ip_local_reserved_ports) of the namespace {label}"
+                ),
                 err,
             )
         }),
