@@ -317,6 +317,10 @@ pub struct StatusView {
     pub store: String,
     /// Usage per protocol.
     pub usage: Vec<RangeUsage>,
+    /// Allocated ports whose owner cgroup no longer exists (whatever `[ports]
+    /// on_owner_exit` did with them: Draining, or still Active until given a new owner).
+    #[serde(default)]
+    pub owner_gone: u64,
     /// Listeners on managed ports that no allocation explains (found at start).
     pub unexplained_listeners: Vec<Listener>,
     /// Warnings (configuration, ephemeral range overlap).

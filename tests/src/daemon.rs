@@ -92,6 +92,28 @@ impl Daemon {
 
     /// [`Daemon::start`] with `admin_group` as the admin group.
     pub fn start_with(min: u16, max: u16, admin_group: &str) -> Self {
+        Self::launch(min, max, admin_group, "")
+    }
+
+    /// [`Daemon::start`] with `lines` (`key = value`, one a line) in the `[ports]` section
+    /// of its configuration, in place of the defaults above for the keys they name.
+    pub fn start_with_ports(min: u16, max: u16, lines: &str) -> Self {
+        Self::launch(min, max, "portgate-test-no-such-group", lines)
+    }
+
+    fn launch(min: u16, max: u16, admin_group: &str, lines: &str) -> Self {
+        let mut ports = vec![
+            format!("min_port = {min}"),
+            format!("max_port = {max}"),
+            "timeout = \"5s\"".to_owned(),
+            "quarantine = \"3s\"".to_owned(),
+        ];
+        for line in lines.lines().filter(|line| !line.trim().is_empty()) {
+            let key = line.split('=').next().unwrap_or_default().trim();
+            ports.retain(|default| !default.starts_with(&format!("{key} =")));
+            ports.push(line.trim().to_owned());
+        }
+        let ports = ports.join("\n");
         let dir = tempfile::Builder::new()
             .prefix("portgate-daemon-test-")
             .tempdir()
@@ -108,10 +130,7 @@ impl Daemon {
             &config,
             format!(
                 r#"[ports]
-min_port = {min}
-max_port = {max}
-timeout = "5s"
-quarantine = "3s"
+{ports}
 
 [daemon]
 state_dir = "{state}"

@@ -90,7 +90,7 @@ impl AccessArgs {
 pub async fn run(client: &Client, args: &AccessArgs, output: OutputFormat) -> anyhow::Result<()> {
     let id = args.port.id(client).await?;
     if let Some(owner) = args.owner() {
-        let view = client.owner(id, &owner).await?;
+        let view = client.set_owner(id, &owner).await?;
         match output {
             OutputFormat::Table => println!(
                 "{} owner: {}",

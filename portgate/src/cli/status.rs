@@ -8,7 +8,8 @@ use super::{OutputFormat, format};
 use crate::{api::StatusView, client::Client};
 
 /// Show the daemon (version, pid, uptime), its range and usage per protocol, the kernel
-/// gate and its attachments, the store, listeners no allocation explains, and warnings.
+/// gate and its attachments, the store, ports whose owner cgroup is gone, listeners no
+/// allocation explains, and warnings.
 #[derive(Debug, Args)]
 pub struct StatusArgs {}
 
@@ -72,6 +73,13 @@ fn describe(status: &StatusView) -> String {
     ));
     pairs.push(("store", status.store.clone()));
     pairs.push((
+        "owner gone",
+        format!(
+            "{} port(s) whose owner cgroup no longer exists",
+            status.owner_gone
+        ),
+    ));
+    pairs.push((
         "unexplained",
         format!(
             "{} listener(s) on managed ports without an allocation",
@@ -121,6 +129,7 @@ mod tests {
                 closed: 0,
                 free: 9995,
             }],
+            owner_gone: 2,
             unexplained_listeners: Vec::new(),
             warnings: vec!["the range overlaps the ephemeral range".to_owned()],
         };
@@ -135,6 +144,10 @@ mod tests {
         );
         assert!(
             text.contains("tcp:          3 active, 1 draining, 0 closed, 9995 free\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("owner gone:   2 port(s) whose owner cgroup no longer exists\n"),
             "{text}"
         );
         assert!(

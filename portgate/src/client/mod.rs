@@ -177,8 +177,9 @@ impl Client {
         self.call(Method::PATCH, path, Some(change)).await
     }
 
-    /// `PATCH /v1/ports/{port}/owner`: moves a port to the owner cgroup `owner` names.
-    pub async fn owner(&self, id: PortId, owner: &OwnerSpec) -> Reply<AllocationView> {
+    /// `PATCH /v1/ports/{port}/owner`: hands a port to the owner cgroup `owner` names (a
+    /// cgroup, a process or a container, not a namespace: the port keeps its own).
+    pub async fn set_owner(&self, id: PortId, owner: &OwnerSpec) -> Reply<AllocationView> {
         let path = port_path(id, "/owner");
         self.call(Method::PATCH, path, Some(owner)).await
     }

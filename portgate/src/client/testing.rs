@@ -47,6 +47,7 @@ pub(crate) fn view(port: u16) -> AllocationView {
             lease_expires_at: Some(1_700_000_300_000),
             draining_since: None,
             closed_at: None,
+            netns_gone_at: None,
         },
         connections: 2,
     }

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use self::{
     error::ConfigError,
-    values::{CgroupTarget, MAX_SOCKET_MODE, SocketMode, ValueError},
+    values::{CgroupTarget, MAX_SOCKET_MODE, OwnerExit, SocketMode, ValueError},
 };
 
 /// The highest [`PortConfig::max_retries`] accepted: more probes than this only delay the
@@ -60,6 +60,8 @@ pub struct PortConfig {
     /// Most ports one local user (not root, not the admin group) may hold at once; 0 is
     /// unlimited. Keeps one tenant from taking the range or filling the kernel's maps.
     pub max_ports_per_user: u32,
+    /// What happens to an Active port whose owner cgroup is removed.
+    pub on_owner_exit: OwnerExit,
 }
 
 impl Default for PortConfig {
@@ -73,6 +75,7 @@ impl Default for PortConfig {
             quarantine: Duration::from_secs(10),
             reserve_ephemeral: true,
             max_ports_per_user: 1024,
+            on_owner_exit: OwnerExit::Drain,
         }
     }
 }

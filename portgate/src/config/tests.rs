@@ -241,6 +241,27 @@ fn max_retries_too_high() {
 }
 
 #[test]
+fn on_owner_exit_is_drain_or_keep() {
+    assert_eq!(
+        parse("[ports]\non_owner_exit = \"keep\"\n")
+            .unwrap()
+            .ports
+            .on_owner_exit,
+        OwnerExit::Keep
+    );
+    assert_eq!(
+        parse("").unwrap().ports.on_owner_exit,
+        OwnerExit::Drain,
+        "drain by default"
+    );
+    let message = error_naming(
+        "[ports]\non_owner_exit = \"close\"\n",
+        "ports.on_owner_exit",
+    );
+    assert!(message.contains("write \"drain\" or \"keep\""), "{message}");
+}
+
+#[test]
 fn privileged_min_port_is_a_warning() {
     let config = parse("[ports]\nmin_port = 80\nmax_port = 90\n").unwrap();
     let warnings = config.validate().unwrap();

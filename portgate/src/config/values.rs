@@ -1,7 +1,8 @@
-//! The `[daemon]` values with a shape of their own, typed when the file is parsed: the
-//! cgroup to attach to ([`CgroupTarget`]), the socket's permission bits ([`SocketMode`]) and
-//! the metrics address ([`metrics_listen`]). Each is a string in the file, and serializes
-//! back to the string it was read from (up to spelling: "600" comes back as "0600").
+//! The values with a shape of their own, typed when the file is parsed: the cgroup to attach
+//! to ([`CgroupTarget`]), the socket's permission bits ([`SocketMode`]), the metrics address
+//! ([`metrics_listen`]) and what a port does when its owner goes ([`OwnerExit`]). Each is a
+//! string in the file, and serializes back to the string it was read from (up to spelling:
+//! "600" comes back as "0600").
 
 use std::{
     fmt,
@@ -24,8 +25,22 @@ pub fn advice(key: &str) -> Option<&'static str> {
         "daemon.metrics_listen" => {
             Some("write e.g. \"127.0.0.1:9477\" or \"[::1]:9477\", or \"\" to turn metrics off")
         }
+        "ports.on_owner_exit" => Some("write \"drain\" or \"keep\""),
         _ => None,
     }
+}
+
+/// What happens to an Active port whose owner cgroup is removed (`ports.on_owner_exit`).
+/// Either way `status` counts the port among those whose owner is gone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OwnerExit {
+    /// `"drain"`: the port goes Draining, as when its lease runs out.
+    #[default]
+    Drain,
+    /// `"keep"`: the port stays Active, for an owner that comes back in a new cgroup (a
+    /// restarted container) and is handed the port with `PATCH /v1/ports/{port}/owner`.
+    Keep,
 }
 
 /// The highest [`SocketMode`]: permission bits only, no setuid, setgid or sticky.

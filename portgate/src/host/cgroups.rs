@@ -37,6 +37,22 @@ pub fn id_and_level(path: &Path) -> Result<(u64, u32), HostError> {
     Ok((meta.ino(), level))
 }
 
+/// Whether the cgroup with id `id`, found at `path`, is gone: nothing is at `path` any more,
+/// or something else is (a cgroup made again at the same path is another cgroup, with a
+/// new id). `None` when that cannot be told (the path cannot be read for another reason).
+///
+/// One `stat(2)`, without reading the mount table, so that the daemon can ask it of every
+/// owner cgroup often: `path` is the resolved path an [`info`] gave, and a cgroup2 id is
+/// its directory's inode number, never reused while the system runs.
+#[must_use]
+pub fn is_gone(path: &Path, id: u64) -> Option<bool> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) => Some(!meta.is_dir() || meta.ino() != id),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => Some(true),
+        Err(_) => None,
+    }
+}
+
 /// A cgroup2 directory as found by one open of it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CgroupInfo {
@@ -89,4 +105,29 @@ pub fn of_pid(pid: u32) -> Result<PathBuf, HostError> {
             root: PathBuf::from("(cgroup v2)"),
         })?;
     Ok(root()?.join(relative.trim_start_matches('/')))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt as _;
+
+    use super::is_gone;
+
+    #[test]
+    fn a_directory_removed_or_made_again_is_gone() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let path = dir.path().join("owner");
+        std::fs::create_dir(&path).expect("make the directory");
+        let id = std::fs::metadata(&path).expect("its inode").ino();
+        assert_eq!(is_gone(&path, id), Some(false));
+        assert_eq!(
+            is_gone(&path, id + 1),
+            Some(true),
+            "another directory there"
+        );
+        std::fs::remove_dir(&path).expect("remove it");
+        assert_eq!(is_gone(&path, id), Some(true));
+        std::fs::write(&path, "").expect("a file where it was");
+        assert_eq!(is_gone(&path, id), Some(true), "a file is not the cgroup");
+    }
 }

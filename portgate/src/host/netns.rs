@@ -7,6 +7,7 @@
 //! `CAP_SYS_ADMIN`.
 
 use std::{
+    collections::{BTreeMap, BTreeSet},
     fs::{self, File},
     io,
     os::unix::fs::MetadataExt as _,
@@ -186,48 +187,87 @@ pub fn host() -> Result<Netns, NetnsError> {
 /// A path that opens the namespace with this inode and cookie now: a name under
 /// `/run/netns`, else `/proc/PID/ns/net` of a process in it. `None` once the namespace is
 /// gone, which is how a namespace's end is noticed without holding it open (that would keep
-/// it alive).
-///
-/// The cookie is checked by entering each candidate, since a freed namespace's inode is
-/// reused; without `CAP_SYS_ADMIN` only the caller's own namespace is found. A namespace that
-/// only an open file, a bind mount elsewhere, or a thread other than a process's main thread
-/// holds is not found.
+/// it alive). [`find_all`] for one namespace.
 #[must_use]
 pub fn find(inode: u64, cookie: u64) -> Option<PathBuf> {
+    find_all(&BTreeSet::from([(inode, cookie)]))
+        .into_values()
+        .next()
+}
+
+/// For each namespace of `wanted`, by (inode, cookie), a path that opens it now (see
+/// [`find`]); a namespace missing from the answer is gone. One pass over `/run/netns` and
+/// `/proc` serves them all, and stops once each is settled.
+///
+/// The cookie is checked by entering a candidate, since a freed namespace's inode is
+/// reused: each inode is entered at most once (only one namespace has it at a time).
+/// Without `CAP_SYS_ADMIN` only the caller's own namespace is found. A namespace that only
+/// an open file, a bind mount elsewhere, or a thread other than a process's main thread
+/// holds is not found.
+#[must_use]
+pub fn find_all(wanted: &BTreeSet<(u64, u64)>) -> BTreeMap<(u64, u64), PathBuf> {
+    if wanted.is_empty() {
+        return BTreeMap::new();
+    }
+    let mut unsettled: BTreeSet<u64> = wanted.iter().map(|(inode, _)| *inode).collect();
+    let mut found = BTreeMap::new();
+    let mut try_path = |path: &Path, unsettled: &mut BTreeSet<u64>| {
+        let Ok((file, inode)) = open_namespace(path) else {
+            return;
+        };
+        if !unsettled.contains(&inode) {
+            return;
+        }
+        let Ok(cookie) = cookie_of(&file, path, inode) else {
+            return;
+        };
+        // The one namespace with this inode now: wanted or not, the inode is settled.
+        unsettled.remove(&inode);
+        if wanted.contains(&(inode, cookie)) {
+            found.insert((inode, cookie), path.to_owned());
+        }
+    };
+    for (inode, _name, path) in names() {
+        if unsettled.contains(&inode) {
+            try_path(&path, &mut unsettled);
+        }
+    }
     let procs = fs::read_dir(paths::PROC_DIR)
         .into_iter()
         .flatten()
-        .flatten()
-        .filter(|entry| entry.file_name().to_str().is_some_and(is_pid))
-        .map(|entry| entry.path().join(paths::PROC_PID_NETNS))
-        .filter(|path| {
-            fs::read_link(path).is_ok_and(|link| parse_ns_link(&link) == Some(("net", inode)))
-        });
-    named(inode)
-        .into_iter()
-        .map(|(_name, path)| path)
-        .chain(procs)
-        .find(|path| {
-            open_namespace(path).is_ok_and(|(file, found)| {
-                found == inode && cookie_of(&file, path, found).is_ok_and(|got| got == cookie)
-            })
-        })
+        .flatten();
+    for entry in procs {
+        if unsettled.is_empty() {
+            break;
+        }
+        if !entry.file_name().to_str().is_some_and(is_pid) {
+            continue;
+        }
+        let path = entry.path().join(paths::PROC_PID_NETNS);
+        let linked = fs::read_link(&path).ok();
+        if let Some(("net", inode)) = linked.as_deref().and_then(parse_ns_link)
+            && unsettled.contains(&inode)
+        {
+            try_path(&path, &mut unsettled);
+        }
+    }
+    found
 }
 
 /// The label of the namespace with this inode: its name under `/run/netns` (the first in
 /// order when several name it), else `net:[INODE]`.
 #[must_use]
 pub fn label_for(inode: u64) -> String {
-    named(inode)
+    names()
         .into_iter()
-        .next()
-        .map_or_else(|| format!("net:[{inode}]"), |(name, _path)| name)
+        .find(|(named, _, _)| *named == inode)
+        .map_or_else(|| format!("net:[{inode}]"), |(_, name, _)| name)
 }
 
-/// The names under `/run/netns` of the namespace with this inode, in order, with their paths.
-fn named(inode: u64) -> Vec<(String, PathBuf)> {
-    // Namespaces of every kind share one inode numbering on nsfs: a file there with this
-    // inode is this namespace. A leftover file of another file system is not.
+/// The namespaces named under `/run/netns`, as (inode, name, path), in name order.
+fn names() -> Vec<(u64, String, PathBuf)> {
+    // Namespaces of every kind share one inode numbering on nsfs: a file there with an
+    // inode is that namespace. A leftover file of another file system is not.
     let Ok(nsfs) = own_file().map(|own| own.dev()) else {
         return Vec::new();
     };
@@ -235,12 +275,17 @@ fn named(inode: u64) -> Vec<(String, PathBuf)> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|entry| {
-            fs::metadata(entry.path()).is_ok_and(|meta| meta.ino() == inode && meta.dev() == nsfs)
+        .filter_map(|entry| {
+            let meta = fs::metadata(entry.path()).ok()?;
+            (meta.dev() == nsfs).then_some(())?;
+            Some((
+                meta.ino(),
+                entry.file_name().into_string().ok()?,
+                entry.path(),
+            ))
         })
-        .filter_map(|entry| Some((entry.file_name().into_string().ok()?, entry.path())))
         .collect();
-    names.sort();
+    names.sort_by(|a, b| a.1.cmp(&b.1));
     names
 }
 
@@ -463,6 +508,24 @@ mod tests {
         let host = host().expect("our namespace");
         assert!(find(host.inode, host.cookie).is_some());
         assert_eq!(find(host.inode, host.cookie.wrapping_add(1)), None);
+    }
+
+    #[test]
+    fn find_all_answers_only_the_namespaces_that_live() {
+        let host = host().expect("our namespace");
+        let wanted = BTreeSet::from([
+            (host.inode, host.cookie),
+            // Our inode with another cookie: a namespace that had our inode before us.
+            (host.inode, host.cookie.wrapping_add(1)),
+            // No namespace has inode 1 (nsfs numbers start far above).
+            (1, 2),
+        ]);
+        let found = find_all(&wanted);
+        assert_eq!(
+            found.keys().copied().collect::<Vec<_>>(),
+            [(host.inode, host.cookie)]
+        );
+        assert!(find_all(&BTreeSet::new()).is_empty());
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! maps, then submitted to the store, and acknowledged only once the store says it is
 //! durable; what the kernel or the store refuses is undone, so nothing is half-applied.
 //! Start-up (`reconcile`) makes the kernel equal to the store. `quota` says who may change
-//! what and how much one user may hold; `reservations` keeps the kernel's reserved ports.
+//! what and how much one user may hold; `reservations` keeps the kernel's reserved ports;
+//! `owners` follows owner cgroups and namespaces that go away.
 //! The specification's own names (`allocate_port`, `validate_connection`, ...) are one thin
 //! facade over these operations, in `spec`. Without a gate (no privileges, unit tests) the
 //! same verdict runs in userspace ([`PortSecurity`]).
@@ -13,6 +14,7 @@
 pub mod allocator;
 pub mod error;
 pub mod monitor;
+mod owners;
 mod published;
 mod quota;
 mod reconcile;
@@ -37,12 +39,13 @@ use std::{
 use tokio::sync::Mutex;
 
 pub use self::{
-    allocator::{Bound, PortAllocator, Ticked, Transition},
+    allocator::{Bound, Gone, PortAllocator, Ticked, Transition},
     error::{ErrorCategory, PortError, Result},
     monitor::{PortMonitor, PortsSnapshot, gate_warnings},
+    owners::OWNER_CHECK_PERIOD,
     quota::MAX_PREFIXES_PER_USER,
     reconcile::{StartReport, validate_stored},
-    reservations::give_back_reserved_ports,
+    reservations::{GiveBackError, give_back_reserved_ports},
     security::{MAX_ALLOWED_IPS, MAX_GRANT_TTL, MAX_GRANTS_PER_PORT, PortSecurity},
 };
 use crate::{
@@ -86,6 +89,8 @@ struct State {
     allocator: PortAllocator,
     security: PortSecurity,
     gate: Option<Gate>,
+    /// What the last look at owner cgroups and namespaces found gone.
+    gone: Gone,
 }
 
 impl State {
@@ -139,12 +144,15 @@ pub struct PortManager {
     store: Arc<dyn Store>,
     sockets: Arc<dyn SocketTable>,
     config: PortConfig,
-    /// What portgate changed on the host, as the store holds it.
-    host_changes: std::sync::Mutex<HostChanges>,
+    /// What portgate changed on the host, as the store holds it; held while a change to
+    /// the host and its record is made, so that such changes come one at a time.
+    host_changes: Mutex<HostChanges>,
     /// Set when the store refused a change: memory and kernel may then hold what the
     /// store does not, so every later change is refused until a restart reconciles them.
     store_failed: AtomicBool,
     last_grant_sweep: std::sync::Mutex<Instant>,
+    /// When owners were last looked at (at start, a period ago: the first tick looks).
+    last_owner_check: std::sync::Mutex<Instant>,
 }
 
 impl PortManager {
@@ -181,6 +189,7 @@ impl PortManager {
         self.refuse_after_store_failure()?;
         request.owner.uid = actor.uid();
         let bound = self.bound_ports(&request).await?;
+        let netns_path = request.netns.as_ref().map(|netns| netns.path.clone());
         let (allocation, pending) = {
             let mut state = self.state.lock().await;
             // Again under the lock: a request queued behind a failed commit must not pass.
@@ -192,8 +201,38 @@ impl PortManager {
         };
         self.settle(pending, format!("the allocation of {}", allocation.id))
             .await?;
+        if let Some(path) = netns_path
+            && let Err(err) = self.reserve_in_netns(&allocation, &path).await
+        {
+            self.undo_allocation(allocation.id).await;
+            return Err(err);
+        }
         self.monitor.record_allocation();
         Ok(allocation)
+    }
+
+    /// Takes back an allocation just made, at once and without quarantine, when what had
+    /// to come with it could not be done (nothing may have used it yet). A failure is
+    /// logged: the allocation's own error is the answer.
+    async fn undo_allocation(&self, id: PortId) {
+        let pending = {
+            let mut state = self.state.lock().await;
+            let before = state.allocator.remove(id);
+            if before.is_none() {
+                return;
+            }
+            self.apply(&mut state, vec![(id, before)])
+        };
+        let undone = match pending {
+            Ok(pending) => {
+                self.settle(pending, format!("undoing the allocation of {id}"))
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        if let Err(err) = undone {
+            log::error!("undoing the allocation of {id}: {}", Chain(&err));
+        }
     }
 
     /// The live sockets an allocation of `request` must avoid: of its port when it names
@@ -398,15 +437,31 @@ impl PortManager {
             })
     }
 
-    /// Takes every lifecycle step due now (lease expiry, drain end, quarantine end), in
-    /// memory, kernel and store; returns them once they are durable. A port whose step the
-    /// kernel refuses stays as it was (its error is logged) and is tried again next time.
+    /// Takes every lifecycle step due now (lease expiry, drain end, quarantine end), and
+    /// every [`OWNER_CHECK_PERIOD`] those of owners that are gone
+    /// ([`PortManager::check_owners`]), in memory, kernel and store; returns them once they
+    /// are durable. A port whose step the kernel refuses stays as it was (its error is
+    /// logged) and is tried again next time.
     pub async fn tick(&self) -> Result<Vec<Transition>> {
-        if self.grant_sweep_due()
+        if due(&self.last_grant_sweep, GRANT_SWEEP_PERIOD)
             && let Err(err) = self.sweep_grants().await
         {
             log::error!("sweeping expired grants: {}", Chain(&err));
         }
+        let mut steps = Vec::new();
+        if due(&self.last_owner_check, OWNER_CHECK_PERIOD) {
+            match self.check_owners().await {
+                Ok(taken) => steps = taken,
+                // Looked at again next period; a store that failed stops the daemon.
+                Err(err) => log::error!("looking at owners: {}", Chain(&err)),
+            }
+        }
+        steps.extend(self.lifecycle_steps().await?);
+        Ok(steps)
+    }
+
+    /// The lifecycle steps due now, taken (see [`PortManager::tick`]).
+    async fn lifecycle_steps(&self) -> Result<Vec<Transition>> {
         let (steps, pending) = {
             let mut state = self.state.lock().await;
             let State {
@@ -447,18 +502,6 @@ impl PortManager {
         self.settle(pending, "the lifecycle steps".to_owned())
             .await?;
         Ok(steps)
-    }
-
-    fn grant_sweep_due(&self) -> bool {
-        let mut last = self
-            .last_grant_sweep
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let due = last.elapsed() >= GRANT_SWEEP_PERIOD;
-        if due {
-            *last = Instant::now();
-        }
-        due
     }
 
     /// Removes expired authentication grants from the kernel map (and the mirror), so that
@@ -580,6 +623,18 @@ fn bound_for(
         netns: in_netns,
         host,
     })
+}
+
+/// Whether `period` has passed since `last`; when so, `last` becomes now.
+fn due(last: &std::sync::Mutex<Instant>, period: Duration) -> bool {
+    let mut last = last
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let due = last.elapsed() >= period;
+    if due {
+        *last = Instant::now();
+    }
+    due
 }
 
 /// What to do when the store refuses a change.

@@ -59,6 +59,8 @@ pub struct PortsSnapshot {
     pub gate: GateStats,
     /// Handshakes on limited ports holding a reservation now.
     pub handshakes_in_flight: u64,
+    /// Allocated ports whose owner cgroup no longer exists.
+    pub owner_gone: u64,
 }
 
 /// What a scrape shows of `state`, read from the kernel in one pass per map: each
@@ -99,6 +101,7 @@ pub(super) fn snapshot(state: &State) -> Result<PortsSnapshot> {
         snapshot.gate = gate.stats().map_err(PortError::counters)?;
     }
     snapshot.handshakes_in_flight = connections.in_flight();
+    snapshot.owner_gone = state.owner_gone();
     Ok(snapshot)
 }
 
@@ -405,6 +408,15 @@ impl PortsCollector {
         encode_values(
             encoder,
             (
+                "ports_owner_gone",
+                "Allocated ports whose owner cgroup no longer exists",
+            ),
+            MetricType::Gauge,
+            [(Labels::new(), snapshot.owner_gone)],
+        )?;
+        encode_values(
+            encoder,
+            (
                 "unallocated_dropped",
                 "New connections dropped on managed ports without an allocation, per protocol",
             ),
@@ -583,6 +595,7 @@ mod tests {
                 unreserved: 22,
             },
             handshakes_in_flight: 23,
+            owner_gone: 24,
         };
         let text = PortMonitor::new().encode(snapshot).unwrap();
         assert_eq!(text, include_str!("testdata/metrics.txt"));

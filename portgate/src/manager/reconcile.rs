@@ -78,7 +78,7 @@ impl PortManager {
         };
         load(&mut allocator, stored.allocations)?;
         for held in allocator.allocations() {
-            security.set_policy(held.id, Some(held.policy()));
+            security.set_policy(held.id, held.policy());
         }
         if let Some(gate) = gate.as_mut() {
             report.stale_policies_removed = make_kernel_equal(gate, &allocator, &mut security)?;
@@ -100,21 +100,27 @@ impl PortManager {
                 allocator,
                 security,
                 gate,
+                gone: super::Gone::default(),
             }),
             monitor: PortMonitor::new(),
             store,
             sockets,
             config,
-            host_changes: std::sync::Mutex::new(stored.host),
+            host_changes: tokio::sync::Mutex::new(stored.host),
             store_failed: AtomicBool::new(false),
             last_grant_sweep: std::sync::Mutex::new(Instant::now()),
+            last_owner_check: std::sync::Mutex::new(
+                Instant::now()
+                    .checked_sub(super::OWNER_CHECK_PERIOD)
+                    .unwrap_or_else(Instant::now),
+            ),
         };
         Ok((manager, report))
     }
 }
 
 /// Removes from the kernel what no allocation explains (policies, allowlists and grants of
-/// an allocation whose commit never finished), mirrors the grants that stay (they live in
+/// an allocation whose commit never finished, or whose namespace is gone), mirrors the grants that stay (they live in
 /// the kernel only), and writes every allocation's policy. Returns how many ports went.
 fn make_kernel_equal(
     gate: &mut Gate,
@@ -122,20 +128,40 @@ fn make_kernel_equal(
     security: &mut PortSecurity,
 ) -> Result<usize> {
     let grants = gate.grants()?;
+    let in_kernel = |id: PortId| {
+        allocator
+            .allocation(id)
+            .and_then(Allocation::policy)
+            .is_some()
+    };
     let mut stale: BTreeSet<PortId> = gate.policies()?.into_keys().collect();
     stale.extend(gate.allowlists()?.into_keys());
     stale.extend(grants.iter().map(|grant| grant.id));
-    stale.retain(|id| allocator.allocation(*id).is_none());
+    stale.retain(|id| !in_kernel(*id));
     for id in &stale {
         gate.remove_policy(*id)?;
     }
+    // Host sides of published ports whose allocation no longer publishes there.
+    let mut stale_published = 0;
+    for (host_side, home) in gate.published()? {
+        let published = allocator
+            .allocation(home)
+            .and_then(Allocation::policy)
+            .and_then(|policy| policy.published);
+        if published != Some(host_side.port) || host_side.protocol != home.protocol {
+            gate.remove_published(host_side)?;
+            stale_published += 1;
+        }
+    }
     for grant in grants {
-        if allocator.allocation(grant.id).is_some() {
+        if in_kernel(grant.id) {
             security.add_grant(grant.id, grant.addr, grant.expires_ns);
         }
     }
     for held in allocator.allocations() {
-        gate.set_policy(held.id, &held.policy())?;
+        if let Some(policy) = held.policy() {
+            gate.set_policy(held.id, &policy)?;
+        }
     }
-    Ok(stale.len())
+    Ok(stale.len() + stale_published)
 }

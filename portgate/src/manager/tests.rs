@@ -3,15 +3,20 @@
 
 use std::{collections::BTreeSet, net::IpAddr, ops::RangeInclusive, sync::Arc, time::Duration};
 
-use super::{Actor, MAX_ALLOWED_IPS, MAX_GRANTS_PER_PORT, PortError, PortManager};
+use super::{Actor, MAX_ALLOWED_IPS, MAX_GRANTS_PER_PORT, PortError, PortManager, Transition};
 use crate::{
-    config::PortConfig,
+    config::{OwnerExit, PortConfig},
     host::{
         HostError,
         sockets::{Listener, SocketTable},
     },
-    model::{AccessChange, AllocationRequest, PortAccessControl, PortId, PortStatus, Protocol},
-    store::{Change, Commit, MemoryStore, Store, StoreError, StoredState},
+    model::{
+        AccessChange, AllocationRequest, NetnsId, NetnsInfo, Owner, OwnerCgroup, PortAccessControl,
+        PortId, PortStatus, Protocol, sample_allocation,
+    },
+    store::{
+        Change, Commit, HostChanges, MemoryStore, NetnsReservedPort, Store, StoreError, StoredState,
+    },
 };
 
 /// A host with no live socket: the manager's unit tests never read this machine's /proc.
@@ -484,4 +489,141 @@ async fn metrics_name_a_ports_namespace_by_its_label() {
     ] {
         assert!(text.contains(series), "{series} in\n{text}");
     }
+}
+
+/// A directory standing in for an owner cgroup (its inode is the id).
+fn owner_dir(dir: &tempfile::TempDir, name: &str) -> OwnerCgroup {
+    use std::os::unix::fs::MetadataExt as _;
+    let path = dir.path().join(name);
+    std::fs::create_dir(&path).unwrap();
+    OwnerCgroup {
+        id: std::fs::metadata(&path).unwrap().ino(),
+        path,
+        level: 1,
+    }
+}
+
+fn owned_by(name: &str, cgroup: &OwnerCgroup) -> AllocationRequest {
+    AllocationRequest {
+        owner: Owner {
+            cgroup: Some(cgroup.clone()),
+            ..Owner::named(name)
+        },
+        ..AllocationRequest::new(name)
+    }
+}
+
+#[tokio::test]
+async fn a_port_whose_owner_cgroup_is_removed_drains_or_stays_and_is_counted() {
+    for exit in [OwnerExit::Drain, OwnerExit::Keep] {
+        let store = Arc::new(MemoryStore::default());
+        let config = PortConfig {
+            on_owner_exit: exit,
+            ..config()
+        };
+        let manager = open(config, store.clone());
+        let dir = tempfile::tempdir().unwrap();
+        let (leaving, staying) = (owner_dir(&dir, "leaving"), owner_dir(&dir, "staying"));
+        let orphan = manager
+            .allocate(owned_by("orphan", &leaving), Actor::Admin)
+            .await
+            .unwrap()
+            .id;
+        let kept = manager
+            .allocate(owned_by("kept", &staying), Actor::Admin)
+            .await
+            .unwrap()
+            .id;
+        assert!(manager.check_owners().await.unwrap().is_empty());
+        assert_eq!(manager.owner_gone().await, 0);
+
+        std::fs::remove_dir(&leaving.path).unwrap();
+        let steps = manager.check_owners().await.unwrap();
+        let (expected_steps, expected) = match exit {
+            OwnerExit::Drain => (vec![Transition::OwnerGone(orphan)], PortStatus::Draining),
+            OwnerExit::Keep => (Vec::new(), PortStatus::Active),
+        };
+        assert_eq!(steps, expected_steps, "{exit:?}");
+        let stored = |id: PortId| {
+            let allocations = store.load().unwrap().allocations;
+            allocations.into_iter().find(|held| held.id == id).unwrap()
+        };
+        assert_eq!(stored(orphan).status, expected, "{exit:?}: durable");
+        assert_eq!(stored(kept).status, PortStatus::Active, "{exit:?}");
+        assert_eq!(
+            manager.owner_gone().await,
+            1,
+            "{exit:?}: counted either way"
+        );
+        let metrics = manager.metrics_text().await.unwrap();
+        assert!(
+            metrics.contains("portgate_ports_owner_gone 1\n"),
+            "{metrics}"
+        );
+        assert!(manager.check_owners().await.unwrap().is_empty(), "once");
+
+        if exit == OwnerExit::Keep {
+            // Handed to a cgroup that lives, the port's owner is no longer gone.
+            manager
+                .set_owner(orphan, staying.clone(), Actor::Admin)
+                .await
+                .unwrap();
+            manager.check_owners().await.unwrap();
+            assert_eq!(manager.owner_gone().await, 0);
+        }
+        assert_eq!(
+            manager.allocation(kept).await.unwrap().status,
+            PortStatus::Active
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_port_whose_namespace_is_gone_closes_and_its_reserved_ports_are_forgotten() {
+    // A namespace no process has (no nsfs inode is 1): gone while the daemon was down.
+    let netns = NetnsId(u64::MAX - 7);
+    let mut held = sample_allocation(80, Protocol::Tcp);
+    held.id.netns = netns;
+    held.netns = Some(NetnsInfo {
+        label: "gone".to_owned(),
+        inode: 1,
+    });
+    held.owner.cgroup = None;
+    held.timeline.lease_expires_at = None;
+    let id = held.id;
+    let reserved = NetnsReservedPort {
+        netns,
+        inode: 1,
+        port: 80,
+    };
+    let store = Arc::new(MemoryStore::with_state(StoredState {
+        allocations: vec![held],
+        host: HostChanges {
+            netns_reserved_ports: vec![reserved],
+            ..HostChanges::default()
+        },
+    }));
+    let manager = open(
+        PortConfig {
+            quarantine: Duration::from_mins(1),
+            ..config()
+        },
+        store.clone(),
+    );
+    assert_eq!(
+        manager.check_owners().await.unwrap(),
+        [Transition::NetnsGone(id)]
+    );
+    let closed = manager.allocation(id).await.unwrap();
+    assert_eq!(closed.status, PortStatus::Closed);
+    assert!(closed.timeline.netns_gone_at.is_some());
+    assert_eq!(closed.policy(), None, "nothing of it stays in the kernel");
+    let stored = store.load().unwrap();
+    assert_eq!(stored.allocations, [closed], "kept through quarantine");
+    assert!(
+        stored.host.netns_reserved_ports.is_empty(),
+        "the namespace took its reserved ports with it"
+    );
+    assert!(manager.check_owners().await.unwrap().is_empty(), "once");
+    assert!(manager.tick().await.unwrap().is_empty(), "in quarantine");
 }

@@ -28,9 +28,9 @@ pub(super) struct Pending {
 
 impl State {
     /// Makes the kernel and the userspace mirror agree with `record`, a port's allocation
-    /// (`None`: unallocated).
+    /// (`None`: unallocated). An allocation whose namespace is gone has nothing in either.
     pub(super) fn enforce(&mut self, id: PortId, record: Option<&Allocation>) -> Result<()> {
-        let policy = record.map(Allocation::policy);
+        let policy = record.and_then(Allocation::policy);
         if let Some(gate) = self.gate.as_mut() {
             match &policy {
                 Some(policy) => gate.set_policy(id, policy)?,

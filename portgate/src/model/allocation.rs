@@ -44,6 +44,11 @@ pub struct Timeline {
     pub draining_since: Option<UnixMillis>,
     /// When it went Closed; it becomes Available once quarantine has passed.
     pub closed_at: Option<UnixMillis>,
+    /// When its network namespace was found gone: it went Closed then, and nothing of it
+    /// stays in the kernel while it waits out quarantine. Absent while the namespace lives
+    /// (and always for the host's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns_gone_at: Option<UnixMillis>,
 }
 
 impl Timeline {
@@ -56,6 +61,7 @@ impl Timeline {
             lease_expires_at: ttl.map(|ttl| add_duration(now, ttl)),
             draining_since: None,
             closed_at: None,
+            netns_gone_at: None,
         }
     }
 }
@@ -90,13 +96,18 @@ impl Allocation {
         self.netns.as_ref().map(|netns| netns.label.as_str())
     }
 
-    /// The kernel policy this allocation asks for. Its epoch is the allocation time's low
-    /// 32 bits (milliseconds): the same for every change of one allocation, different for
-    /// the port's next allocation (unless it comes a multiple of 49.7 days later to the
+    /// The kernel policy this allocation asks for; `None` once its namespace is gone (no
+    /// socket can use the port, and the allocation only holds its number, and a published
+    /// host port, through quarantine). Its epoch is the allocation time's low 32 bits
+    /// (milliseconds): the same for every change of one allocation, different for the
+    /// port's next allocation (unless it comes a multiple of 49.7 days later to the
     /// millisecond).
     #[must_use]
-    pub fn policy(&self) -> PortPolicy {
-        PortPolicy {
+    pub fn policy(&self) -> Option<PortPolicy> {
+        if self.timeline.netns_gone_at.is_some() {
+            return None;
+        }
+        Some(PortPolicy {
             status: self.status,
             access: self.access.clone(),
             owner: self.owner.cgroup.clone(),
@@ -106,7 +117,7 @@ impl Allocation {
             )]
             epoch: self.timeline.allocated_at as u32,
             published: self.published,
-        }
+        })
     }
 }
 
@@ -224,6 +235,7 @@ pub(crate) fn sample_allocation(port: u16, protocol: Protocol) -> Allocation {
             lease_expires_at: Some(1_700_003_600_000),
             draining_since: None,
             closed_at: None,
+            netns_gone_at: None,
         },
     }
 }

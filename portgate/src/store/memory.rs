@@ -122,6 +122,11 @@ mod tests {
         let store = MemoryStore::new();
         let host = HostChanges {
             reserved_ports_added: vec![(20000, 20999), (30000, 30000)],
+            netns_reserved_ports: vec![crate::store::NetnsReservedPort {
+                netns: crate::model::NetnsId(7),
+                inode: 4_026_532_000,
+                port: 80,
+            }],
         };
         store
             .submit(vec![Change::SetHostChanges(host.clone())])
@@ -150,6 +155,7 @@ mod tests {
             ],
             host: HostChanges {
                 reserved_ports_added: vec![(20000, 20999)],
+                ..HostChanges::default()
             },
         };
         let store = MemoryStore::with_state(state.clone());

@@ -14,13 +14,29 @@ pub use self::{
     memory::MemoryStore,
     redb::{CommitStats, RedbStore},
 };
-use crate::model::{Allocation, PortId};
+use crate::model::{Allocation, NetnsId, PortId};
 
 /// What portgate changed on the host and must undo on uninstall.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostChanges {
     /// Port ranges (inclusive) that portgate added to `net.ipv4.ip_local_reserved_ports`.
     pub reserved_ports_added: Vec<(u16, u16)>,
+    /// Ports that portgate added to other namespaces' `net.ipv4.ip_local_reserved_ports`
+    /// for their allocations, in order. Absent in records written before namespaces had
+    /// ports of their own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub netns_reserved_ports: Vec<NetnsReservedPort>,
+}
+
+/// A port that portgate added to the reserved ports of a namespace other than the host's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct NetnsReservedPort {
+    /// The namespace's cookie.
+    pub netns: NetnsId,
+    /// The namespace's nsfs inode, to find it again by (with the cookie).
+    pub inode: u64,
+    /// The port reserved there (for TCP and UDP alike: the sysctl is one list).
+    pub port: u16,
 }
 
 /// Everything the store holds.
@@ -124,6 +140,15 @@ mod tests {
     /// types must not change a byte of them.
     const RECORD: &str = r#"{"id":{"port":20001,"protocol":"tcp"},"owner":{"name":"service-20001","uid":1000,"cgroup":{"path":"/sys/fs/cgroup/service.slice","cgroup":{"id":4242,"level":1}}},"access":{"allowed_ips":["10.0.0.0/8","2001:db8::/32"],"max_connections":16,"require_authentication":true},"status":"active","allocated_at":1700000000000,"ttl":"1h","lease_expires_at":1700003600000,"draining_since":null,"closed_at":null}"#;
     const CLOSED_RECORD: &str = r#"{"id":{"port":20001,"protocol":"tcp"},"owner":{"name":"service-20001","uid":1000,"cgroup":null},"access":{"allowed_ips":["10.0.0.0/8","2001:db8::/32"],"max_connections":16,"require_authentication":true},"status":"closed","allocated_at":1700000000000,"ttl":null,"lease_expires_at":null,"draining_since":5,"closed_at":6}"#;
+
+    #[test]
+    fn host_changes_of_schema_1_load_and_keep_their_bytes() {
+        let old = r#"{"reserved_ports_added":[[20000,29999]]}"#;
+        let loaded: super::HostChanges = serde_json::from_str(old).unwrap();
+        assert_eq!(loaded.reserved_ports_added, [(20000, 29999)]);
+        assert!(loaded.netns_reserved_ports.is_empty());
+        assert_eq!(serde_json::to_string(&loaded).unwrap(), old);
+    }
 
     #[test]
     fn records_keep_schema_1s_bytes() {

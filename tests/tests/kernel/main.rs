@@ -24,6 +24,7 @@ mod host;
 mod lifecycle;
 mod load;
 mod maps;
+mod owners;
 mod parsing;
 mod podman;
 mod reservations;

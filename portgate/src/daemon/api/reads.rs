@@ -158,6 +158,7 @@ pub(super) async fn status(caller: Caller) -> Response {
                 attachments: app.manager.attachments().await?,
                 store: app.manager.store().describe(),
                 usage,
+                owner_gone: app.manager.owner_gone().await,
                 unexplained_listeners: app.start_report.unexplained_listeners.clone(),
                 warnings: app
                     .warnings

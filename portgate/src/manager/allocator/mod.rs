@@ -31,6 +31,12 @@ pub enum Transition {
     Closed(PortId),
     /// Quarantine passed: the port is Available again.
     Freed(PortId),
+    /// The owner cgroup was removed (`[ports] on_owner_exit = "drain"`): Active went
+    /// Draining.
+    OwnerGone(PortId),
+    /// The port's network namespace is gone: it went Closed (its connections went with the
+    /// namespace) and left the kernel; it is freed after quarantine.
+    NetnsGone(PortId),
 }
 
 impl std::fmt::Display for Transition {
@@ -39,6 +45,11 @@ impl std::fmt::Display for Transition {
             Self::LeaseExpired(id) => write!(f, "{id} lease expired: draining"),
             Self::Closed(id) => write!(f, "{id} closed: quarantine"),
             Self::Freed(id) => write!(f, "{id} available"),
+            Self::OwnerGone(id) => write!(f, "{id} owner cgroup removed: draining"),
+            Self::NetnsGone(id) => write!(
+                f,
+                "{id} network namespace gone: closed, kernel entries removed, quarantine"
+            ),
         }
     }
 }
@@ -48,7 +59,11 @@ impl Transition {
     #[must_use]
     pub const fn id(self) -> PortId {
         match self {
-            Self::LeaseExpired(id) | Self::Closed(id) | Self::Freed(id) => id,
+            Self::LeaseExpired(id)
+            | Self::Closed(id)
+            | Self::Freed(id)
+            | Self::OwnerGone(id)
+            | Self::NetnsGone(id) => id,
         }
     }
 }
@@ -60,6 +75,26 @@ pub struct Ticked {
     pub steps: Vec<Transition>,
     /// The allocations of the ports that moved, as they were before the tick.
     pub before: Vec<Allocation>,
+}
+
+/// What the manager found gone on the host, for [`PortAllocator::take_gone`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Gone {
+    /// Owner cgroups, by id (never reused while the system runs), that no longer exist.
+    pub cgroups: BTreeSet<u64>,
+    /// Network namespaces, by cookie, that no longer exist.
+    pub netns: BTreeSet<NetnsId>,
+}
+
+impl Gone {
+    /// Whether the owner cgroup of `held` is gone.
+    #[must_use]
+    pub fn owns(&self, held: &Allocation) -> bool {
+        held.owner
+            .cgroup
+            .as_ref()
+            .is_some_and(|owner| self.cgroups.contains(&owner.id))
+    }
 }
 
 /// Ports with a live socket, which an allocation must avoid.
@@ -455,6 +490,39 @@ impl PortAllocator {
             .ok_or(PortError::NotAllocated(id))?;
         held.access = access;
         Ok(())
+    }
+
+    /// Takes the steps that owners found `gone` call for at `now`. A port whose namespace is
+    /// gone goes Closed, whatever its status (its sockets and connections went with the
+    /// namespace), and is marked so ([`Timeline::netns_gone_at`]), which takes it out of
+    /// the kernel; quarantine then frees it as any closed port. With `drain`, an Active
+    /// port whose owner cgroup is gone goes Draining, as when its lease runs out.
+    pub fn take_gone(&mut self, gone: &Gone, drain: bool, now: UnixMillis) -> Ticked {
+        let mut ticked = Ticked::default();
+        for held in self.allocations.values_mut() {
+            let netns_gone =
+                gone.netns.contains(&held.id.netns) && held.timeline.netns_gone_at.is_none();
+            let owner_gone = drain && held.status == PortStatus::Active && gone.owns(held);
+            if !(netns_gone || owner_gone) {
+                continue;
+            }
+            ticked.before.push(held.clone());
+            let timeline = &mut held.timeline;
+            if netns_gone {
+                if held.status != PortStatus::Closed {
+                    held.status = PortStatus::Closed;
+                    timeline.draining_since.get_or_insert(now);
+                    timeline.closed_at = Some(now);
+                }
+                timeline.netns_gone_at = Some(now);
+                ticked.steps.push(Transition::NetnsGone(held.id));
+            } else {
+                held.status = PortStatus::Draining;
+                timeline.draining_since = Some(now);
+                ticked.steps.push(Transition::OwnerGone(held.id));
+            }
+        }
+        ticked
     }
 
     /// Takes every lifecycle step due at `now`: expired leases go Draining; Draining ports

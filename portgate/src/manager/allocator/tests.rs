@@ -1,11 +1,14 @@
 //! Tests of the allocator: claims, bound ports, lifecycle timers, published ports.
 use std::{collections::BTreeSet, time::Duration};
 
-use super::{Bound, PortAllocator, Transition};
+use super::{Bound, Gone, PortAllocator, Transition};
 use crate::{
     config::PortConfig,
     manager::error::PortError,
-    model::{AllocationRequest, PortId, PortStatus, Protocol},
+    model::{
+        AllocationRequest, HostPort, NetnsId, NetnsInfo, NetnsRef, Owner, OwnerCgroup, PortId,
+        PortStatus, Protocol,
+    },
 };
 
 /// No port has a live socket.
@@ -313,4 +316,114 @@ fn requests_are_checked() {
         .unwrap_err();
     assert!(err.to_string().contains("TTL of 0"), "{err}");
     assert_eq!(allocator.free_count(Protocol::Tcp), 10);
+}
+
+/// A request for `owner`, owned by the cgroup with id `cgroup`.
+fn owned(owner: &str, cgroup: u64) -> AllocationRequest {
+    AllocationRequest {
+        owner: Owner {
+            cgroup: Some(OwnerCgroup {
+                path: format!("/sys/fs/cgroup/{owner}").into(),
+                id: cgroup,
+                level: 1,
+            }),
+            ..Owner::named(owner)
+        },
+        ..AllocationRequest::new(owner)
+    }
+}
+
+/// `request` for `port` in the namespace with cookie `cookie`.
+fn in_netns(cookie: u64, port: u16, request: AllocationRequest) -> AllocationRequest {
+    AllocationRequest {
+        netns: Some(NetnsRef {
+            id: NetnsId(cookie),
+            info: NetnsInfo {
+                label: format!("c{cookie}"),
+                inode: 4_026_532_000 + cookie,
+            },
+            path: "/run/netns/unused".into(),
+        }),
+        port: Some(port),
+        ..request
+    }
+}
+
+#[test]
+fn owners_gone_drain_their_ports_and_a_namespace_gone_closes_its_own() {
+    let mut allocator = allocator(config(20_000, 20_009));
+    let mut claim = |request| allocator.claim(request, 0, &NOTHING_BOUND).unwrap().id;
+    let orphan = claim(owned("orphan", 7));
+    let kept = claim(owned("kept", 8));
+    let container = claim(in_netns(
+        5,
+        80,
+        AllocationRequest {
+            publish: Some(HostPort::Auto),
+            ..owned("container", 9)
+        },
+    ));
+    let draining = claim(in_netns(5, 81, owned("container", 9)));
+    let elsewhere = claim(in_netns(6, 80, owned("other", 10)));
+    allocator
+        .set_status_at(draining, PortStatus::Draining, 500)
+        .unwrap();
+    assert_eq!(
+        allocator.free_count(Protocol::Tcp),
+        7,
+        "one host port published"
+    );
+    let gone = Gone {
+        cgroups: [7, 9].into(),
+        netns: [NetnsId(5)].into(),
+    };
+
+    // Owners kept: only the namespace's ports close, whatever their status.
+    let ticked = allocator.take_gone(&gone, false, 1_000);
+    assert_eq!(
+        ticked.steps,
+        [
+            Transition::NetnsGone(container),
+            Transition::NetnsGone(draining)
+        ]
+    );
+    assert_eq!(ticked.before.len(), 2);
+    for id in [container, draining] {
+        let held = allocator.allocation(id).unwrap();
+        assert_eq!(held.status, PortStatus::Closed);
+        assert_eq!(held.timeline.closed_at, Some(1_000));
+        assert_eq!(held.timeline.netns_gone_at, Some(1_000));
+        assert_eq!(held.policy(), None, "nothing of it stays in the kernel");
+    }
+    let drained = allocator.allocation(draining).unwrap();
+    assert_eq!(drained.timeline.draining_since, Some(500));
+    assert_eq!(
+        allocator.free_count(Protocol::Tcp),
+        7,
+        "the published host port is held through quarantine"
+    );
+    assert!(gone.owns(allocator.allocation(orphan).unwrap()));
+    assert!(!gone.owns(allocator.allocation(kept).unwrap()));
+    assert_eq!(status_of(&allocator, orphan), PortStatus::Active);
+    assert!(allocator.take_gone(&gone, false, 1_100).steps.is_empty());
+
+    // Owners drained: the Active port whose owner is gone goes Draining, once.
+    let ticked = allocator.take_gone(&gone, true, 2_000);
+    assert_eq!(ticked.steps, [Transition::OwnerGone(orphan)]);
+    assert_eq!(status_of(&allocator, orphan), PortStatus::Draining);
+    assert_eq!(status_of(&allocator, kept), PortStatus::Active);
+    assert_eq!(status_of(&allocator, elsewhere), PortStatus::Active);
+    assert!(allocator.take_gone(&gone, true, 2_100).steps.is_empty());
+
+    // Quarantine (10 s from closing) frees the namespace's ports and the host port.
+    let ticked = allocator.tick(11_000, |_| 0);
+    assert_eq!(
+        ticked.steps,
+        [
+            Transition::Closed(orphan),
+            Transition::Freed(container),
+            Transition::Freed(draining)
+        ]
+    );
+    assert_eq!(allocator.free_count(Protocol::Tcp), 8);
 }

@@ -92,6 +92,10 @@ pub struct RoundSpec {
     pub port: u16,
     /// The nftables ruleset to load (nftables rounds).
     pub nft_rules: Option<PathBuf>,
+    /// The pin directory of the gate (portgate rounds): the child adopts it from its own
+    /// namespace, which makes that namespace the gate's host (whose ports the policies are).
+    #[serde(default)]
+    pub gate_pins: Option<PathBuf>,
     /// The load.
     pub shape: LoadShape,
 }
@@ -197,7 +201,7 @@ struct Fixture {
     gate: Gate,
     gated: TestCgroup,
     // Dropped last: uninstalls the gate (detaching it from `gated`).
-    _pins: PinDir,
+    pins: PinDir,
 }
 
 impl Fixture {
@@ -231,14 +235,7 @@ impl Fixture {
             .with_context(|| format!("setting the policy of {port}"))?;
         }
         let took = start.elapsed();
-        Ok((
-            Self {
-                gate,
-                gated,
-                _pins: pins,
-            },
-            took,
-        ))
+        Ok((Self { gate, gated, pins }, took))
     }
 
     fn counters(&self, port: u16) -> Result<PortCounters> {
@@ -310,6 +307,7 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
                     cgroup: ungated.path().to_owned(),
                     port,
                     nft_rules: None,
+                    gate_pins: None,
                     shape,
                 }),
                 Setup::Portgate => match (&fixture, &gate_setup) {
@@ -323,6 +321,7 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
                         cgroup: ungated.path().to_owned(),
                         port,
                         nft_rules: Some(path.clone()),
+                        gate_pins: None,
                         shape,
                     }),
                     Err(err) => Err(anyhow!("{err:#}")),
@@ -405,6 +404,7 @@ fn portgate_round(
         cgroup: fixture.gated.path().to_owned(),
         port,
         nft_rules: None,
+        gate_pins: Some(fixture.pins.path().to_owned()),
         shape,
     })?;
     let after = fixture.counters(port)?;
@@ -732,6 +732,17 @@ pub fn child(spec: &str) -> Result<()> {
     // goes away when it exits.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).context("unshare(CLONE_NEWNET)")?;
     portgate_tests::common::run("ip", &["link", "set", "lo", "up"]);
+    if let Some(pins) = &spec.gate_pins {
+        // The gate's host namespace is the one it is installed from: this one, for the
+        // round (the counters and slots stay the parent's to read).
+        Gate::install(&GateSettings {
+            pin_dir: pins.clone(),
+            min_port: MIN_PORT,
+            max_port: MAX_PORT,
+            ..GateSettings::default()
+        })
+        .context("adopting the gate from the round's namespace")?;
+    }
     let nft_load_s = match (&spec.setup, &spec.nft_rules) {
         (Setup::Nftables, Some(rules)) => Some(nft::load(rules)?.as_secs_f64()),
         (Setup::Nftables, None) => bail!("an nftables round without rules"),

@@ -19,12 +19,18 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::{Change, Commit, HostChanges, Store, StoreError, StoredState};
-use crate::model::{Allocation, PortId, Protocol};
+use crate::model::{Allocation, NetnsId, PortId, Protocol};
 
-/// Allocations by (port, IP protocol number), which sorts as [`PortId`] does. Values are the
-/// JSON of an [`Allocation`], kept as bytes so that a damaged record is reported as
-/// [`StoreError::Corrupt`] rather than failing redb's own UTF-8 decoding.
+/// Allocations of the host's namespace by (port, IP protocol number), which sorts as
+/// [`PortId`] does. Values are the JSON of an [`Allocation`], kept as bytes so that a damaged
+/// record is reported as [`StoreError::Corrupt`] rather than failing redb's own UTF-8
+/// decoding.
 const ALLOCATIONS: TableDefinition<(u16, u8), &[u8]> = TableDefinition::new("allocations");
+/// Allocations of other namespaces by (netns cookie, port, IP protocol number), which sorts
+/// as [`PortId`] does and after every host allocation (the host's cookie is 0). Two
+/// containers may both hold port 80: only the cookie tells their records apart.
+const NETNS_ALLOCATIONS: TableDefinition<(u64, u16, u8), &[u8]> =
+    TableDefinition::new("netns_allocations");
 /// Single records by name, JSON as bytes.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// The [`META`] record of the layout version.
@@ -32,8 +38,12 @@ const SCHEMA_VERSION_KEY: &str = "schema_version";
 /// The [`META`] record of the [`HostChanges`].
 const HOST_CHANGES_KEY: &str = "host_changes";
 /// The layout this code reads and writes; a change to the tables or records that older code
-/// would misread needs a new version.
-const SCHEMA_VERSION: u32 = 1;
+/// would misread needs a new version. Version 2 added [`NETNS_ALLOCATIONS`]: a portgate of
+/// version 1 would not see those allocations and could hand out the host ports they
+/// publish. A version 1 store is upgraded in place when opened (the table is created).
+const SCHEMA_VERSION: u32 = 2;
+/// The older layout this code upgrades: the same, without [`NETNS_ALLOCATIONS`].
+const SCHEMA_VERSION_1: u32 = 1;
 /// Most submissions in one transaction, so that one commit's latency stays bounded.
 const MAX_BATCH: usize = 4096;
 /// Name of the writer thread (shown by `top -H` and in panics).
@@ -157,10 +167,13 @@ impl RedbStore {
 
     fn allocation_count(&self) -> Result<u64, StoreError> {
         let transaction = self.database.begin_read().map_err(failed("reading"))?;
-        let allocations = transaction
+        let host = transaction
             .open_table(ALLOCATIONS)
             .map_err(failed("reading"))?;
-        allocations.len().map_err(failed("reading"))
+        let others = transaction
+            .open_table(NETNS_ALLOCATIONS)
+            .map_err(failed("reading"))?;
+        Ok(host.len().map_err(failed("reading"))? + others.len().map_err(failed("reading"))?)
     }
 }
 
@@ -183,20 +196,28 @@ impl Store for RedbStore {
     fn load(&self) -> Result<StoredState, StoreError> {
         let transaction = self.database.begin_read().map_err(failed("reading"))?;
 
-        let table = transaction
+        let host = transaction
             .open_table(ALLOCATIONS)
             .map_err(failed("reading"))?;
-        let allocations = table
+        let mut allocations = host
             .iter()
             .map_err(failed("reading"))?
             .map(|entry| {
                 let (key, value) = entry.map_err(failed("reading"))?;
-                decode_allocation(key.value(), value.value())
+                let (port, protocol) = key.value();
+                decode_allocation((0, port, protocol), value.value())
             })
-            .collect::<Result<_, _>>()?;
+            .collect::<Result<Vec<_>, _>>()?;
+        let others = transaction
+            .open_table(NETNS_ALLOCATIONS)
+            .map_err(failed("reading"))?;
+        for entry in others.iter().map_err(failed("reading"))? {
+            let (key, value) = entry.map_err(failed("reading"))?;
+            allocations.push(decode_allocation(key.value(), value.value())?);
+        }
 
         let meta = transaction.open_table(META).map_err(failed("reading"))?;
-        let host = match meta.get(HOST_CHANGES_KEY).map_err(failed("reading"))? {
+        let host_changes = match meta.get(HOST_CHANGES_KEY).map_err(failed("reading"))? {
             Some(value) => {
                 serde_json::from_slice(value.value()).map_err(|error| StoreError::Corrupt {
                     key: HOST_CHANGES_KEY.to_owned(),
@@ -206,7 +227,10 @@ impl Store for RedbStore {
             None => HostChanges::default(),
         };
 
-        Ok(StoredState { allocations, host })
+        Ok(StoredState {
+            allocations,
+            host: host_changes,
+        })
     }
 
     fn submit(&self, changes: Vec<Change>) -> Commit {
@@ -232,7 +256,8 @@ impl Store for RedbStore {
     }
 }
 
-/// Creates the tables of a new database, or checks the schema version of an existing one.
+/// Creates the tables of a new database, or checks the schema version of an existing one
+/// (upgrading version 1, which lacks only [`NETNS_ALLOCATIONS`], in the same transaction).
 fn prepare(database: &Database) -> Result<(), String> {
     let transaction = database
         .begin_write()
@@ -240,13 +265,16 @@ fn prepare(database: &Database) -> Result<(), String> {
     {
         let create_failed = |error: redb::TableError| format!("creating the tables: {error}");
         transaction.open_table(ALLOCATIONS).map_err(create_failed)?;
+        transaction
+            .open_table(NETNS_ALLOCATIONS)
+            .map_err(create_failed)?;
         let mut meta = transaction.open_table(META).map_err(create_failed)?;
         let found = meta
             .get(SCHEMA_VERSION_KEY)
             .map_err(|error| format!("reading the schema version: {error}"))?
             .map(|value| serde_json::from_slice::<u32>(value.value()));
         match found {
-            None => {
+            None | Some(Ok(SCHEMA_VERSION_1)) => {
                 let version = encode(&SCHEMA_VERSION)
                     .map_err(|error| format!("encoding the schema version: {error}"))?;
                 meta.insert(SCHEMA_VERSION_KEY, version.as_slice())
@@ -256,7 +284,8 @@ fn prepare(database: &Database) -> Result<(), String> {
             Some(Ok(version)) => {
                 return Err(format!(
                     "it has schema version {version} and this portgate reads only version \
-                     {SCHEMA_VERSION}; run the portgate release that wrote it"
+                     {SCHEMA_VERSION} (and upgrades {SCHEMA_VERSION_1}); run the portgate \
+                     release that wrote it"
                 ));
             }
             Some(Err(error)) => return Err(format!("its schema version is corrupt: {error}")),
@@ -317,22 +346,32 @@ fn apply<'a>(
     transaction: &WriteTransaction,
     changes: impl Iterator<Item = &'a Change>,
 ) -> Result<(), StoreError> {
-    let mut allocations = transaction
+    let mut host = transaction
         .open_table(ALLOCATIONS)
+        .map_err(failed("writing to"))?;
+    let mut others = transaction
+        .open_table(NETNS_ALLOCATIONS)
         .map_err(failed("writing to"))?;
     let mut meta = transaction.open_table(META).map_err(failed("writing to"))?;
     for change in changes {
         match change {
             Change::Put(allocation) => {
+                let id = allocation.id;
                 let value = encode(allocation).map_err(failed("encoding an allocation for"))?;
-                allocations
-                    .insert(key(allocation.id), value.as_slice())
-                    .map_err(failed_on("writing to", allocation.id))?;
+                let written = if id.netns.is_host() {
+                    host.insert(host_key(id), value.as_slice()).map(drop)
+                } else {
+                    others.insert(key(id), value.as_slice()).map(drop)
+                };
+                written.map_err(failed_on("writing to", id))?;
             }
             Change::Delete(id) => {
-                allocations
-                    .remove(key(*id))
-                    .map_err(failed_on("writing to", *id))?;
+                let removed = if id.netns.is_host() {
+                    host.remove(host_key(*id)).map(drop)
+                } else {
+                    others.remove(key(*id)).map(drop)
+                };
+                removed.map_err(failed_on("writing to", *id))?;
             }
             Change::SetHostChanges(host) => {
                 let value = encode(host).map_err(failed("encoding the host changes for"))?;
@@ -344,14 +383,20 @@ fn apply<'a>(
     Ok(())
 }
 
-/// The [`ALLOCATIONS`] key of a port.
-fn key(id: PortId) -> (u16, u8) {
+/// The [`ALLOCATIONS`] key of a port of the host's namespace.
+fn host_key(id: PortId) -> (u16, u8) {
     (id.port, id.protocol.number())
 }
 
-/// The allocation stored under `(port, protocol_number)`, checked against its key.
+/// The [`NETNS_ALLOCATIONS`] key of a port of another namespace.
+fn key(id: PortId) -> (u64, u16, u8) {
+    (id.netns.0, id.port, id.protocol.number())
+}
+
+/// The allocation stored under `(netns cookie, port, protocol_number)` (the host's records
+/// under cookie 0), checked against its key.
 fn decode_allocation(
-    (port, protocol_number): (u16, u8),
+    (netns, port, protocol_number): (u64, u16, u8),
     value: &[u8],
 ) -> Result<Allocation, StoreError> {
     let Some(protocol) = Protocol::from_number(protocol_number) else {
@@ -360,7 +405,10 @@ fn decode_allocation(
             message: "not a managed protocol".to_owned(),
         });
     };
-    let id = PortId::new(port, protocol);
+    let id = PortId {
+        netns: NetnsId(netns),
+        ..PortId::new(port, protocol)
+    };
     let corrupt = |message: String| StoreError::Corrupt {
         key: id.to_string(),
         message,
@@ -397,242 +445,4 @@ fn failed_on<E: fmt::Display>(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::sample_allocation;
-
-    fn database_path(dir: &tempfile::TempDir) -> PathBuf {
-        // A missing subdirectory, so `open` has to create it.
-        dir.path().join("state").join("portgate.redb")
-    }
-
-    fn commit(store: &RedbStore, changes: Vec<Change>) {
-        store.submit(changes).wait_blocking().unwrap();
-    }
-
-    #[test]
-    fn put_delete_load_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&database_path(&dir)).unwrap();
-        assert_eq!(store.load().unwrap(), StoredState::default());
-
-        let first = sample_allocation(20001, Protocol::Tcp);
-        let kept = sample_allocation(20001, Protocol::Udp);
-        let deleted = sample_allocation(20002, Protocol::Tcp);
-        // A lower port written later: load must still give key order.
-        let low = sample_allocation(900, Protocol::Tcp);
-        commit(
-            &store,
-            vec![
-                Change::Put(kept.clone()),
-                Change::Put(deleted.clone()),
-                Change::Put(first.clone()),
-            ],
-        );
-        commit(
-            &store,
-            vec![Change::Put(low.clone()), Change::Delete(deleted.id)],
-        );
-
-        let state = store.load().unwrap();
-        assert_eq!(state.allocations, vec![low, first, kept]);
-        assert_eq!(state.host, HostChanges::default());
-        assert_eq!(
-            store.describe(),
-            format!("redb at {} (3 allocations)", store.path().display())
-        );
-    }
-
-    #[test]
-    fn host_changes_round_trip() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&database_path(&dir)).unwrap();
-        let host = HostChanges {
-            reserved_ports_added: vec![(20000, 20999), (30000, 30000)],
-        };
-        commit(&store, vec![Change::SetHostChanges(host.clone())]);
-        assert_eq!(store.load().unwrap().host, host);
-    }
-
-    #[test]
-    fn reopen_sees_every_committed_change() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = database_path(&dir);
-        let host = HostChanges {
-            reserved_ports_added: vec![(20000, 20999)],
-        };
-        let expected = {
-            let store = RedbStore::open(&path).unwrap();
-            commit(
-                &store,
-                vec![
-                    Change::Put(sample_allocation(20001, Protocol::Tcp)),
-                    Change::Put(sample_allocation(20002, Protocol::Udp)),
-                    Change::SetHostChanges(host.clone()),
-                ],
-            );
-            // Not waited for: dropping the store must still write it.
-            let _ = store.submit(vec![Change::Put(sample_allocation(20003, Protocol::Tcp))]);
-            StoredState {
-                allocations: vec![
-                    sample_allocation(20001, Protocol::Tcp),
-                    sample_allocation(20002, Protocol::Udp),
-                    sample_allocation(20003, Protocol::Tcp),
-                ],
-                host,
-            }
-        };
-
-        let reopened = RedbStore::open(&path).unwrap();
-        assert_eq!(reopened.load().unwrap(), expected);
-    }
-
-    #[test]
-    fn concurrent_submitters_share_commits() {
-        const THREADS: u16 = 8;
-        const SUBMITS: u16 = 200;
-
-        let dir = tempfile::tempdir().unwrap();
-        let path = database_path(&dir);
-        let store = RedbStore::open(&path).unwrap();
-        thread::scope(|scope| {
-            for thread in 0..THREADS {
-                let store = &store;
-                scope.spawn(move || {
-                    for i in 0..SUBMITS {
-                        let allocation =
-                            sample_allocation(10000 + thread * SUBMITS + i, Protocol::Tcp);
-                        commit(store, vec![Change::Put(allocation)]);
-                    }
-                });
-            }
-        });
-
-        let total = u64::from(THREADS * SUBMITS);
-        let stats = store.commit_stats();
-        assert_eq!(stats.submissions, total);
-        assert_eq!(stats.changes, total);
-        assert!(
-            stats.batches < stats.submissions,
-            "no submissions shared a commit: {stats:?}"
-        );
-
-        drop(store);
-        let allocations = RedbStore::open(&path).unwrap().load().unwrap().allocations;
-        let ports: Vec<u16> = allocations
-            .iter()
-            .map(|allocation| allocation.id.port)
-            .collect();
-        let expected: Vec<u16> = (10000..10000 + THREADS * SUBMITS).collect();
-        assert_eq!(ports, expected);
-    }
-
-    /// Makes a store at `path`, then writes `value` under `key` in `table` with redb
-    /// itself, as a damaged or foreign file would hold it.
-    fn write_behind_the_store<K: redb::Key + 'static>(
-        path: &Path,
-        table: TableDefinition<K, &'static [u8]>,
-        key: K::SelfType<'_>,
-        value: &[u8],
-    ) {
-        drop(RedbStore::open(path).unwrap());
-        let database = Database::create(path).unwrap();
-        let transaction = database.begin_write().unwrap();
-        transaction
-            .open_table(table)
-            .unwrap()
-            .insert(key, value)
-            .unwrap();
-        transaction.commit().unwrap();
-    }
-
-    #[test]
-    fn corrupt_record_names_its_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = database_path(&dir);
-        write_behind_the_store(
-            &path,
-            ALLOCATIONS,
-            (20001, Protocol::Tcp.number()),
-            &[0xff, 0x00, 0x7b],
-        );
-
-        let store = RedbStore::open(&path).unwrap();
-        match store.load() {
-            Err(StoreError::Corrupt { key, .. }) => assert_eq!(key, "20001/tcp"),
-            other => panic!("expected Corrupt for 20001/tcp, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn record_under_another_key_is_corrupt() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = database_path(&dir);
-        let misplaced = encode(&sample_allocation(20002, Protocol::Tcp)).unwrap();
-        write_behind_the_store(
-            &path,
-            ALLOCATIONS,
-            (20001, Protocol::Tcp.number()),
-            &misplaced,
-        );
-
-        let store = RedbStore::open(&path).unwrap();
-        match store.load() {
-            Err(StoreError::Corrupt { key, message }) => {
-                assert_eq!(key, "20001/tcp");
-                assert!(message.contains("20002/tcp"), "{message}");
-            }
-            other => panic!("expected Corrupt for 20001/tcp, got {other:?}"),
-        }
-    }
-
-    #[test]
-    fn submission_order_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = database_path(&dir);
-        let allocation = sample_allocation(20001, Protocol::Tcp);
-        {
-            let store = RedbStore::open(&path).unwrap();
-            let put = store.submit(vec![Change::Put(allocation.clone())]);
-            let delete = store.submit(vec![Change::Delete(allocation.id)]);
-            put.wait_blocking().unwrap();
-            delete.wait_blocking().unwrap();
-        }
-        let reopened = RedbStore::open(&path).unwrap();
-        assert!(reopened.load().unwrap().allocations.is_empty());
-    }
-
-    #[test]
-    fn submit_after_shutdown_is_closed() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = RedbStore::open(&database_path(&dir)).unwrap();
-        let before = store.submit(vec![Change::Put(sample_allocation(20001, Protocol::Tcp))]);
-        store.shutdown();
-        before.wait_blocking().unwrap();
-        let after = store.submit(vec![Change::Delete(PortId::new(20001, Protocol::Tcp))]);
-        assert!(matches!(after.wait_blocking(), Err(StoreError::Closed)));
-        // Reads still work, and the refused delete left the record alone.
-        assert_eq!(store.load().unwrap().allocations.len(), 1);
-    }
-
-    #[test]
-    fn second_open_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = database_path(&dir);
-        let _store = RedbStore::open(&path).unwrap();
-        let error = RedbStore::open(&path).unwrap_err();
-        assert!(
-            error.to_string().contains("another process has it open"),
-            "{error}"
-        );
-    }
-
-    #[test]
-    fn newer_schema_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = database_path(&dir);
-        write_behind_the_store(&path, META, SCHEMA_VERSION_KEY, b"2");
-        let error = RedbStore::open(&path).unwrap_err();
-        assert!(error.to_string().contains("schema version 2"), "{error}");
-    }
-}
+mod tests;
