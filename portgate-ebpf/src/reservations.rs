@@ -17,7 +17,7 @@ use portgate_common::{FlowKey, GateConfig, PendingSyn, capacity, defaults, stat}
 use crate::{
     atomic::{compare_exchange, load},
     maps::{PENDING, bump_stat},
-    slots,
+    slots::{self, Row},
 };
 
 const EEXIST: i32 = 17;
@@ -57,6 +57,10 @@ fn live(created: u64, now: u64, ttl: u64) -> bool {
 #[inline(always)]
 pub fn reserve(config: &GateConfig, flow: &FlowKey, epoch: u32, max: u32, now: u64) -> Reservation {
     let ttl = ttl(config);
+    // Userspace makes the row with a TCP port's policy; none means no policy now.
+    let Some(row) = Row::of(&flow.home) else {
+        return Reservation::Refused;
+    };
     if let Some(entry) = PENDING.get_ptr_mut(flow) {
         // SAFETY: the pointer is into the map's value for `flow`.
         let created_field = unsafe { &raw mut (*entry).created_ns };
@@ -73,11 +77,11 @@ pub fn reserve(config: &GateConfig, flow: &FlowKey, epoch: u32, max: u32, now: u
             return Reservation::Refused;
         }
         let _unused = PENDING.remove(flow);
-        slots::give_back(&flow.home, held_epoch);
+        row.give_back(held_epoch);
     }
-    let mut outcome = try_reserve(flow, epoch, max, now);
+    let mut outcome = try_reserve(row, flow, epoch, max, now);
     if outcome.is_err() && sweep_if_due(config, now) {
-        outcome = try_reserve(flow, epoch, max, now);
+        outcome = try_reserve(row, flow, epoch, max, now);
     }
     match outcome {
         Ok(made_or_held) => made_or_held,
@@ -93,11 +97,17 @@ pub fn reserve(config: &GateConfig, flow: &FlowKey, epoch: u32, max: u32, now: u
 /// One attempt of [`reserve`]; a refusal carries the statistic that counts its cause
 /// (`None`: the port is at its limit, which its own counters show).
 #[inline(always)]
-fn try_reserve(flow: &FlowKey, epoch: u32, max: u32, now: u64) -> Result<Reservation, Option<u32>> {
-    if slots::in_flight(&flow.home, epoch) >= capacity::PENDING_PER_PORT {
+fn try_reserve(
+    row: Row,
+    flow: &FlowKey,
+    epoch: u32,
+    max: u32,
+    now: u64,
+) -> Result<Reservation, Option<u32>> {
+    if row.in_flight(epoch) >= capacity::PENDING_PER_PORT {
         return Err(Some(stat::PENDING_PORT_FULL));
     }
-    if !slots::take(&flow.home, epoch, max) {
+    if !row.take(epoch, max) {
         return Err(None);
     }
     let pending = PendingSyn {
@@ -108,7 +118,7 @@ fn try_reserve(flow: &FlowKey, epoch: u32, max: u32, now: u64) -> Result<Reserva
     match PENDING.insert(flow, pending, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(Reservation::Made),
         Err(err) => {
-            slots::give_back(&flow.home, epoch);
+            row.give_back(epoch);
             if err == -EEXIST {
                 // Another CPU reserved for the same flow in the meantime.
                 Ok(Reservation::Held)
@@ -227,7 +237,9 @@ extern "C" fn sweep_one(
         && compare_exchange(created_field, created, PendingSyn::CLAIMED)
     {
         let _unused = PENDING.remove(flow);
-        slots::give_back(&flow.home, epoch);
+        if let Some(row) = Row::of(&flow.home) {
+            row.give_back(epoch);
+        }
     }
     0
 }

@@ -20,12 +20,6 @@ use crate::{
 /// practice; a take that gives up is refused like a full port.
 const ATTEMPTS: usize = 16;
 
-/// The slot row of `port`; userspace makes it with the port's policy.
-#[inline(always)]
-fn row(port: &PortKey) -> Option<*mut ConnSlots> {
-    SLOTS.get_ptr_mut(port)
-}
-
 /// Adds one to the count of `epoch` in `word` unless it already holds `max` (0 is
 /// unlimited); a word of another epoch counts as zero and is started again.
 #[inline(always)]
@@ -58,60 +52,61 @@ fn remove_one(word: *mut u64, epoch: u32) {
     }
 }
 
-/// Takes a slot on `port` for `epoch` unless it already holds `max` (0 is unlimited).
-#[inline(always)]
-pub fn take(port: &PortKey, epoch: u32, max: u32) -> bool {
-    let Some(row) = row(port) else {
-        return false;
-    };
-    // SAFETY: `row` points into the map's value for `port`.
-    add_one(unsafe { &raw mut (*row).slots }, epoch, max)
-}
+/// One port's slot row, looked up once per packet or connection and used for every step.
+#[derive(Clone, Copy)]
+pub struct Row(*mut ConnSlots);
 
-/// Gives back one slot of `port` taken under `epoch`.
-#[inline(always)]
-pub fn give_back(port: &PortKey, epoch: u32) {
-    if let Some(row) = row(port) {
-        // SAFETY: `row` points into the map's value for `port`.
-        remove_one(unsafe { &raw mut (*row).slots }, epoch);
+impl Row {
+    /// The slot row of `port`; userspace makes it with the port's policy.
+    #[inline(always)]
+    pub fn of(port: &PortKey) -> Option<Self> {
+        SLOTS.get_ptr_mut(port).map(Self)
     }
-}
 
-/// Handshakes in flight on `port` under `epoch`: slots held that are not (yet)
-/// established connections. Two plain reads, so a bound, not an exact count.
-#[inline(always)]
-pub fn in_flight(port: &PortKey, epoch: u32) -> u32 {
-    let Some(row) = row(port) else {
-        return u32::MAX;
-    };
-    // SAFETY: `row` points into the map's value for `port`.
-    let (slots, established) = unsafe {
-        (
-            load(&raw const (*row).slots),
-            load(&raw const (*row).established),
-        )
-    };
-    slot_word::count_for(slots, epoch).saturating_sub(slot_word::count_for(established, epoch))
-}
-
-/// A connection holding a slot of `epoch` was established: it joins the port's active
-/// connections.
-#[inline(always)]
-pub fn establish(port: &PortKey, epoch: u32) {
-    if let Some(row) = row(port) {
-        // SAFETY: `row` points into the map's value for `port`.
-        add_one(unsafe { &raw mut (*row).established }, epoch, 0);
+    /// Takes a slot for `epoch` unless the row already holds `max` (0 is unlimited).
+    #[inline(always)]
+    pub fn take(self, epoch: u32, max: u32) -> bool {
+        // SAFETY: the pointer is into the map's value for the row's port.
+        add_one(unsafe { &raw mut (*self.0).slots }, epoch, max)
     }
-}
 
-/// A counted connection of `epoch` closed: its slot and its place among the established go.
-#[inline(always)]
-pub fn close(port: &PortKey, epoch: u32) {
-    if let Some(row) = row(port) {
-        // SAFETY: `row` points into the map's value for `port`.
-        remove_one(unsafe { &raw mut (*row).established }, epoch);
+    /// Gives back one slot taken under `epoch`.
+    #[inline(always)]
+    pub fn give_back(self, epoch: u32) {
         // SAFETY: as above.
-        remove_one(unsafe { &raw mut (*row).slots }, epoch);
+        remove_one(unsafe { &raw mut (*self.0).slots }, epoch);
+    }
+
+    /// Handshakes in flight under `epoch`: slots held that are not (yet) established
+    /// connections. Two plain reads, so a bound, not an exact count.
+    #[inline(always)]
+    pub fn in_flight(self, epoch: u32) -> u32 {
+        // SAFETY: as above.
+        let (slots, established) = unsafe {
+            (
+                load(&raw const (*self.0).slots),
+                load(&raw const (*self.0).established),
+            )
+        };
+        slot_word::count_for(slots, epoch).saturating_sub(slot_word::count_for(established, epoch))
+    }
+
+    /// A connection holding a slot of `epoch` was established: it joins the port's active
+    /// connections.
+    #[inline(always)]
+    pub fn establish(self, epoch: u32) {
+        // SAFETY: as above.
+        add_one(unsafe { &raw mut (*self.0).established }, epoch, 0);
+    }
+
+    /// A counted connection of `epoch` closed: its slot and its place among the
+    /// established go.
+    #[inline(always)]
+    pub fn close(self, epoch: u32) {
+        // SAFETY: as above.
+        remove_one(unsafe { &raw mut (*self.0).established }, epoch);
+        // SAFETY: as above.
+        remove_one(unsafe { &raw mut (*self.0).slots }, epoch);
     }
 }
 
@@ -120,5 +115,5 @@ pub fn close(port: &PortKey, epoch: u32) {
 #[inline(always)]
 pub fn sweep_clock() -> Option<*mut u64> {
     // SAFETY: the pointer is into the map's value for that key.
-    row(&PortKey::default()).map(|row| unsafe { &raw mut (*row).last_sweep_ns })
+    Row::of(&PortKey::default()).map(|row| unsafe { &raw mut (*row.0).last_sweep_ns })
 }

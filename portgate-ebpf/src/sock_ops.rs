@@ -71,10 +71,13 @@ fn on_established(ctx: &SockOpsContext) {
         return;
     };
     let home = policy.home;
+    let Some(row) = slots::Row::of(&home) else {
+        return;
+    };
     let epoch = if let Some(epoch) = reservations::claim(&flow_of(ctx, &home)) {
         epoch
     } else {
-        if !slots::take(&home, policy.epoch, policy.max_connections) {
+        if !row.take(policy.epoch, policy.max_connections) {
             bump_stat(stat::UNRESERVED);
             return;
         }
@@ -93,10 +96,10 @@ fn on_established(ctx: &SockOpsContext) {
     {
         // Untracked: give the slot back so nothing drifts.
         bump_stat(stat::SOCKETS_FULL);
-        slots::give_back(&home, epoch);
+        row.give_back(epoch);
         return;
     }
-    slots::establish(&home, epoch);
+    row.establish(epoch);
     let _unused = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG).cast_signed());
 }
 
@@ -110,7 +113,9 @@ fn on_close(ctx: &SockOpsContext) {
     };
     // Only the caller that removes the entry gives the slot back: exactly once.
     if SOCKETS.remove(cookie).is_ok() {
-        slots::close(&counted.home, counted.epoch);
+        if let Some(row) = slots::Row::of(&counted.home) {
+            row.close(counted.epoch);
+        }
     }
 }
 
