@@ -112,10 +112,10 @@ fn on_close(ctx: &SockOpsContext) {
         return;
     };
     // Only the caller that removes the entry gives the slot back: exactly once.
-    if SOCKETS.remove(cookie).is_ok() {
-        if let Some(row) = slots::Row::of(&counted.home) {
-            row.close(counted.epoch);
-        }
+    if SOCKETS.remove(cookie).is_ok()
+        && let Some(row) = slots::Row::of(&counted.home)
+    {
+        row.close(counted.epoch);
     }
 }
 
