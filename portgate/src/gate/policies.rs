@@ -341,20 +341,11 @@ impl Gate {
     /// [`Gate::published`]'s).
     pub fn policies(&self) -> Result<BTreeMap<PortId, Policy>, GateError> {
         let mut out = BTreeMap::new();
-        self.batch_read::<PortKey, Policy>(
-            map_names::POLICY,
-            capacity::POLICIES,
-            false,
-            None,
-            |key, policy| {
-                if let (Some(id), Some(policy)) = (port_of(&key), policy.next())
-                    && policy.home == key
-                {
-                    out.insert(id, policy);
-                }
-                true
-            },
-        )?;
+        self.each_record(|id, key, policy| {
+            if policy.home == *key {
+                out.insert(id, policy);
+            }
+        })?;
         Ok(out)
     }
 
@@ -362,22 +353,30 @@ impl Gate {
     /// home to.
     pub fn published(&self) -> Result<BTreeMap<PortId, PortId>, GateError> {
         let mut out = BTreeMap::new();
+        self.each_record(|id, key, policy| {
+            if policy.home != *key
+                && let Some(home) = port_of(&policy.home)
+            {
+                out.insert(id, home);
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `each` with every policy record of a managed protocol, in one batch read.
+    fn each_record(&self, mut each: impl FnMut(PortId, &PortKey, Policy)) -> Result<(), GateError> {
         self.batch_read::<PortKey, Policy>(
             map_names::POLICY,
             capacity::POLICIES,
             false,
             None,
             |key, policy| {
-                if let (Some(id), Some(policy)) = (port_of(&key), policy.next())
-                    && policy.home != key
-                    && let Some(home) = port_of(&policy.home)
-                {
-                    out.insert(id, home);
+                if let (Some(id), Some(policy)) = (port_of(&key), policy.next()) {
+                    each(id, &key, policy);
                 }
                 true
             },
-        )?;
-        Ok(out)
+        )
     }
 
     /// Removes the record of a host side of a published port whose allocation is gone

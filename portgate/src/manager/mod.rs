@@ -475,24 +475,7 @@ impl PortManager {
             if ticked.steps.is_empty() {
                 return Ok(Vec::new());
             }
-            let before = ticked
-                .before
-                .into_iter()
-                .map(|held| (held.id, Some(held)))
-                .collect();
-            let (pending, refused) = self.apply_each(&mut state, before);
-            for (id, err) in &refused {
-                log::error!(
-                    "lifecycle step of {id} not applied to the kernel, tried again later: {}",
-                    Chain(err)
-                );
-            }
-            let steps: Vec<Transition> = ticked
-                .steps
-                .into_iter()
-                .filter(|step| !refused.iter().any(|(id, _)| *id == step.id()))
-                .collect();
-            (steps, pending)
+            self.apply_steps(&mut state, ticked, "the lifecycle step")
         };
         for step in &steps {
             if let Transition::LeaseExpired(_) = step {

@@ -16,7 +16,7 @@ use std::{
 };
 
 use super::{PortManager, Result, Transition, allocator::Gone, error::PortError};
-use crate::{config::OwnerExit, host, model::now_millis, text::Chain};
+use crate::{config::OwnerExit, host, model::now_millis};
 
 /// How often owner cgroups and namespaces are looked at: a port whose owner went is
 /// drained, or closed, at most this long (and a lifecycle period) later.
@@ -92,24 +92,7 @@ impl PortManager {
             if ticked.steps.is_empty() {
                 return Ok(Vec::new());
             }
-            let before = ticked
-                .before
-                .into_iter()
-                .map(|held| (held.id, Some(held)))
-                .collect();
-            let (pending, refused) = self.apply_each(&mut state, before);
-            for (id, err) in &refused {
-                log::error!(
-                    "the end of the owner of {id} not applied to the kernel, tried again later: {}",
-                    Chain(err)
-                );
-            }
-            let steps: Vec<Transition> = ticked
-                .steps
-                .into_iter()
-                .filter(|step| !refused.iter().any(|(id, _)| *id == step.id()))
-                .collect();
-            (steps, pending)
+            self.apply_steps(&mut state, ticked, "the end of the owner")
         };
         self.settle(pending, "the steps of owners that are gone".to_owned())
             .await?;

@@ -9,7 +9,7 @@
 //! durable; if the store refuses it, every port still as the change left it is put back and
 //! no further change is taken until a restart (which makes the kernel equal to the store).
 
-use super::{PortError, PortManager, Result, STORE_ADVICE, State};
+use super::{PortError, PortManager, Result, STORE_ADVICE, State, Ticked, Transition};
 use crate::text::Chain;
 use crate::{
     model::{Allocation, PortId},
@@ -67,6 +67,36 @@ impl PortManager {
     /// Writes each port in `before` as the allocator now holds it to the kernel and the
     /// mirror, and submits the ports that changed to the store. A port the kernel refuses
     /// is put back and returned with its error.
+    /// Applies the steps one [`Ticked`] took in memory to the kernel and submits them to
+    /// the store, port by port: a port the kernel refuses stays as the allocator has it and
+    /// is logged (`what` names the steps), to be applied again by a later tick. Returns the
+    /// steps taken for the other ports, and the submission.
+    pub(super) fn apply_steps(
+        &self,
+        state: &mut State,
+        ticked: Ticked,
+        what: &str,
+    ) -> (Vec<Transition>, Pending) {
+        let before = ticked
+            .before
+            .into_iter()
+            .map(|held| (held.id, Some(held)))
+            .collect();
+        let (pending, refused) = self.apply_each(state, before);
+        for (id, err) in &refused {
+            log::error!(
+                "{what} of {id} not applied to the kernel, tried again later: {}",
+                Chain(err)
+            );
+        }
+        let steps = ticked
+            .steps
+            .into_iter()
+            .filter(|step| !refused.iter().any(|(id, _)| *id == step.id()))
+            .collect();
+        (steps, pending)
+    }
+
     pub(super) fn apply_each(
         &self,
         state: &mut State,

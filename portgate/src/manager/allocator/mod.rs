@@ -435,18 +435,24 @@ impl PortAllocator {
         Ok(())
     }
 
-    /// Renews the lease of an Active port for `ttl` (or its own TTL) from `now`.
-    pub fn renew(&mut self, id: PortId, ttl: Option<Duration>, now: UnixMillis) -> Result<()> {
+    /// The allocation of `id` if it is Active; otherwise an error saying that it `cannot`.
+    fn active_mut(&mut self, id: PortId, cannot: &str) -> Result<&mut Allocation> {
         let held = self
             .allocations
             .get_mut(&id)
             .ok_or(PortError::NotAllocated(id))?;
         if held.status != PortStatus::Active {
             return Err(PortError::PolicyViolation(format!(
-                "port {id} is {} and its lease cannot be renewed: allocate a port again",
+                "port {id} is {} and {cannot}: allocate a port again",
                 held.status
             )));
         }
+        Ok(held)
+    }
+
+    /// Renews the lease of an Active port for `ttl` (or its own TTL) from `now`.
+    pub fn renew(&mut self, id: PortId, ttl: Option<Duration>, now: UnixMillis) -> Result<()> {
+        let held = self.active_mut(id, "its lease cannot be renewed")?;
         let Some(ttl) = ttl.or(held.timeline.ttl) else {
             return Err(PortError::InvalidPortRequest(format!(
                 "port {id} has no lease to renew: give --ttl to start one"
@@ -464,16 +470,7 @@ impl PortAllocator {
 
     /// Changes the owner cgroup of an Active allocation.
     pub fn set_owner(&mut self, id: PortId, cgroup: crate::model::OwnerCgroup) -> Result<()> {
-        let held = self
-            .allocations
-            .get_mut(&id)
-            .ok_or(PortError::NotAllocated(id))?;
-        if held.status != PortStatus::Active {
-            return Err(PortError::PolicyViolation(format!(
-                "port {id} is {} and keeps its owner: allocate a port again",
-                held.status
-            )));
-        }
+        let held = self.active_mut(id, "keeps its owner")?;
         held.owner.cgroup = Some(cgroup);
         Ok(())
     }
