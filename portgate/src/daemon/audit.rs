@@ -26,6 +26,9 @@ pub struct AuditRecord<'a> {
     pub port: Option<u16>,
     /// Its protocol.
     pub proto: Option<&'a str>,
+    /// Its network namespace's cookie, when it is not the host's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u64>,
     /// `ok`, or the error code.
     pub result: &'a str,
     /// The HTTP status answered.

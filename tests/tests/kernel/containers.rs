@@ -408,6 +408,13 @@ fn a_published_port_behind_a_userland_proxy_is_a_warning() {
         .api(|client| client.alloc(&request))
         .expect("allocate the container's port");
     assert_eq!(view.published, Some(host_port));
+    let audited = daemon.audit();
+    let alloc = audited
+        .iter()
+        .rev()
+        .find(|record| record["action"] == "alloc")
+        .expect("the allocation's audit record");
+    assert_eq!(alloc["netns"], view.id.netns.0, "{alloc}");
     let proxied = |warnings: &[String]| {
         warnings
             .iter()

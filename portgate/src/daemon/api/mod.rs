@@ -193,6 +193,10 @@ impl Caller {
             action: audit.action,
             port: audit.id.map(|id| id.port),
             proto: proto.as_deref(),
+            netns: audit
+                .id
+                .filter(|id| !id.netns.is_host())
+                .map(|id| id.netns.0),
             result: code,
             status: status.as_u16(),
         });
