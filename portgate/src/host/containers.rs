@@ -4,7 +4,7 @@
 //! ([`super::netns::of_pid`]).
 
 use std::{
-    fmt, fs, io,
+    fmt, fs,
     path::{Path, PathBuf},
 };
 
@@ -106,16 +106,8 @@ pub enum ContainerError {
         matches: Vec<PathBuf>,
     },
     /// A cgroup directory or file could not be read.
-    #[error("{op} {path}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// On what.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Host(#[from] super::HostError),
 }
 
 fn list(paths: &[PathBuf]) -> String {
@@ -171,11 +163,7 @@ pub fn find(cgroup_root: &Path, id: &str) -> Result<Container, ContainerError> {
 /// `/proc/PID/ns/net` is the container's network namespace.
 pub fn any_pid(cgroup: &Path) -> Result<Option<u32>, ContainerError> {
     let procs = cgroup.join(paths::CGROUP_PROCS);
-    let text = fs::read_to_string(&procs).map_err(|source| ContainerError::Io {
-        op: "reading",
-        path: procs,
-        source,
-    })?;
+    let text = fs::read_to_string(&procs).map_err(super::HostError::io("reading", &procs))?;
     if let Some(pid) = first_pid(&text) {
         return Ok(Some(pid));
     }
@@ -200,11 +188,7 @@ fn tree(root: &Path) -> Result<Vec<PathBuf>, ContainerError> {
         let entries = match fs::read_dir(&dir) {
             Ok(entries) => entries,
             Err(source) if depth == 0 => {
-                return Err(ContainerError::Io {
-                    op: "reading",
-                    path: dir,
-                    source,
-                });
+                return Err(super::HostError::io("reading", &dir)(source).into());
             }
             Err(_) => continue,
         };
@@ -532,6 +516,9 @@ mod tests {
         assert_eq!(any_pid(&cgroup).expect("reading the pod"), Some(7));
 
         let missing = tree.root().join("gone");
-        assert!(matches!(any_pid(&missing), Err(ContainerError::Io { .. })));
+        assert!(matches!(
+            any_pid(&missing),
+            Err(ContainerError::Host(super::super::HostError::Io { .. }))
+        ));
     }
 }

@@ -69,16 +69,8 @@ pub enum NetnsError {
         what: String,
     },
     /// A file-system call failed.
-    #[error("{op} {path}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// On what.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Host(#[from] super::HostError),
     /// `setns` refused to enter the namespace.
     #[error(
         "entering the network namespace {path} (setns): entering another network namespace \
@@ -379,11 +371,7 @@ fn is_pid(name: &str) -> bool {
 }
 
 fn io_error<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> NetnsError + 'a {
-    move |source| NetnsError::Io {
-        op,
-        path: path.to_owned(),
-        source,
-    }
+    move |source| super::HostError::io(op, path)(source).into()
 }
 
 #[cfg(test)]
