@@ -263,6 +263,10 @@ pub mod config_flags {
     pub const SKB_ATTACHED: u32 = 1 << 0;
     /// XDP is attached somewhere: `cgroup_skb` looks for what XDP already judged.
     pub const XDP_ATTACHED: u32 = 1 << 1;
+    /// The `cgroup_skb` fallback that reads a socket's namespace from its storage is
+    /// attached: the bind and `sock_ops` programs record it (otherwise they spare each
+    /// socket that storage).
+    pub const SOCKET_NETNS: u32 = 1 << 2;
 }
 
 /// The network namespace of the host's own ports in every key: the namespace the gate was

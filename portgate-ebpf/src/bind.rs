@@ -5,7 +5,9 @@ use aya_ebpf::{
     helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie, bpf_ktime_get_ns},
     programs::SockAddrContext,
 };
-use portgate_common::{HOST_NETNS, PortKey, family, netns_key, policy_flags, proto, reason};
+use portgate_common::{
+    HOST_NETNS, PortKey, config_flags, family, netns_key, policy_flags, proto, reason,
+};
 
 use crate::{
     events,
@@ -36,7 +38,7 @@ pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> Result<(), Refusal> {
         unsafe { bpf_get_netns_cookie(ctx.sock_addr.cast()) },
         config,
     );
-    if netns != HOST_NETNS {
+    if netns != HOST_NETNS && config.flags & config_flags::SOCKET_NETNS != 0 {
         // For the `cgroup_skb` fallback, which cannot ask the packet's namespace.
         let mut key = netns;
         // SAFETY: the context is the kernel's; the value lives on this stack for the call.

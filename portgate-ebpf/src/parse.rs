@@ -29,7 +29,9 @@ pub const TCP_ACK: u8 = 0x10;
 /// What the verdict needs from a packet.
 #[derive(Clone, Copy)]
 pub struct PacketInfo {
-    /// The namespace the packet is for, as [`portgate_common::PortKey::netns`] keys it
+    /// The namespace the packet is for: its netns cookie, or
+    /// [`portgate_common::HOST_NETNS`] (the verdict keys both as
+    /// [`portgate_common::PortKey::netns`] does)
     /// (set by the hook: the parser cannot know it).
     pub netns: u64,
     /// [`family::V4`] or [`family::V6`].

@@ -12,7 +12,7 @@ use aya_ebpf::{
     helpers::{bpf_get_netns_cookie, bpf_sk_fullsock, bpf_sk_release, bpf_skc_lookup_tcp},
     programs::SkBuffContext,
 };
-use portgate_common::{family, hook, netns_key};
+use portgate_common::{family, hook};
 
 use crate::{
     parse::{PacketInfo, Parsed, Reader, parse_l3},
@@ -93,15 +93,13 @@ fn judge(ctx: &SkBuffContext, netns: impl FnOnce(&SkBuffContext) -> u64) -> Resu
     }
 }
 
-/// The namespace the packet is delivered in, as the keys name it. The helper takes an skb
-/// in `cgroup_skb` since Linux 6.15.
+/// The netns cookie of the namespace the packet is delivered in (the verdict turns the
+/// host's into [`portgate_common::HOST_NETNS`]). The helper takes an skb in `cgroup_skb`
+/// since Linux 6.15.
 #[inline(always)]
 fn netns(ctx: &SkBuffContext) -> u64 {
     // SAFETY: the context pointer is the kernel's, valid for the program's run.
-    let cookie = unsafe { bpf_get_netns_cookie(ctx.skb.skb.cast()) };
-    crate::maps::CONFIG
-        .get(0)
-        .map_or(cookie, |config| netns_key(cookie, config))
+    unsafe { bpf_get_netns_cookie(ctx.skb.skb.cast()) }
 }
 
 /// The namespace recorded in the storage of the packet's socket, the host's without one.

@@ -10,7 +10,7 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use portgate_common::{
-    CountedSocket, FlowKey, HOST_NETNS, PortKey, family, netns_key, proto, stat,
+    CountedSocket, FlowKey, HOST_NETNS, PortKey, config_flags, family, netns_key, proto, stat,
 };
 
 use crate::{
@@ -47,7 +47,7 @@ fn on_established(ctx: &SockOpsContext) {
     let port = ctx.local_port() as u16;
     // SAFETY: the context pointer is the kernel's, valid for the program's run.
     let netns = netns_key(unsafe { bpf_get_netns_cookie(ctx.ops.cast()) }, config);
-    if netns != HOST_NETNS {
+    if netns != HOST_NETNS && config.flags & config_flags::SOCKET_NETNS != 0 {
         // For the `cgroup_skb` fallback: the connection's socket is not the listener that
         // the bind program marked.
         let mut key = netns;

@@ -6,7 +6,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
 use portgate_common::{
     AddrKey, AllowKey, CounterKey, Counters, FlowKey, GateConfig, HOST_NETNS, HandoffKey, Policy,
-    PortKey, config_flags, defaults, hook, policy_flags, proto, reason, stat, status,
+    PortKey, config_flags, defaults, hook, netns_key, policy_flags, proto, reason, stat, status,
 };
 
 use crate::{
@@ -96,11 +96,12 @@ pub fn enforce(
         return Ok(());
     };
     let in_range = config.manages(info.dport);
-    if !in_range && info.netns == HOST_NETNS {
+    let netns = netns_key(info.netns, config);
+    if !in_range && netns == HOST_NETNS {
         return Ok(());
     }
     let mut clock = Clock(0);
-    let seen = PortKey::new(info.netns, info.dport, info.proto);
+    let seen = PortKey::new(netns, info.dport, info.proto);
     // SAFETY: the value is copied out at once; userspace replaces whole records.
     let policy = unsafe { POLICY.get(seen) }.copied();
     // Another namespace's port outside the range is managed only while allocated.

@@ -322,6 +322,11 @@ impl Gate {
         } else {
             (program_names::SKB_SOCKET_NETNS, SKB_SK_LINK)
         };
+        if !with_cookie {
+            // Before the program runs: the sockets it judges need their namespace recorded.
+            self.set_config_flag(config_flags::SOCKET_NETNS)?;
+        }
+        let ebpf = &mut self.ebpf;
         let link_path = links_dir.join(link);
         attach_and_pin!(ebpf, name, CgroupSkb, &link_path, |p| p.attach(
             cgroup_dir,
