@@ -15,7 +15,10 @@
 pub mod map_names {
     /// Per-port policy: [`crate::Policy`] keyed by [`crate::PortKey`].
     pub const POLICY: &str = "PG_POLICY";
-    /// Allowlist prefixes: LPM trie keyed by [`crate::AllowKey`] with a prefix length.
+    /// Allowlists: a hash of maps keyed by [`crate::PortKey`] (the allocation's,
+    /// [`crate::Policy::home`]), each value an LPM trie of that port's prefixes keyed by
+    /// [`crate::AllowKey`] with a prefix length. Userspace makes a port's trie when the
+    /// port first has an allowlist and removes it with the port's policy.
     pub const ALLOW: &str = "PG_ALLOW";
     /// Authentication grants: expiry (`CLOCK_MONOTONIC` ns) keyed by [`crate::AddrKey`].
     pub const GRANTS: &str = "PG_GRANTS";
@@ -26,7 +29,9 @@ pub mod map_names {
     /// SYNs admitted whose handshake has not completed: [`crate::PendingSyn`] keyed by
     /// [`crate::FlowKey`].
     pub const PENDING: &str = "PG_PENDING";
-    /// Passive TCP sockets counted as active: [`crate::CountedSocket`] keyed by socket cookie.
+    /// Socket-local storage: the [`crate::SocketState`] of sockets on managed ports (the
+    /// slot a connection holds, the policy generation it was judged under, its namespace).
+    /// The kernel frees each socket's value with the socket.
     pub const SOCKETS: &str = "PG_SOCKETS";
     /// Deny events: ring buffer of [`crate::DenyEvent`].
     pub const EVENTS: &str = "PG_EVENTS";
@@ -40,27 +45,11 @@ pub mod map_names {
     pub const HANDOFF: &str = "PG_HANDOFF";
     /// The namespace each XDP interface carries traffic for: netns cookie keyed by ifindex.
     pub const XDP_NETNS: &str = "PG_XDP_NETNS";
-    /// Socket-local storage: the namespace key ([`crate::PortKey::netns`]) of sockets of
-    /// other namespaces than the host's, for the `cgroup_skb` fallback
-    /// ([`crate::program_names::SKB_SOCKET_NETNS`]).
-    pub const SOCKET_NETNS: &str = "PG_SOCK_NETNS";
 
     /// Every map, in the order userspace pins, adopts and removes them.
-    pub const ALL: [&str; 14] = [
-        POLICY,
-        ALLOW,
-        GRANTS,
-        COUNTERS,
-        SLOTS,
-        PENDING,
-        SOCKETS,
-        EVENTS,
-        EVENT_RATE,
-        CONFIG,
-        STATS,
-        HANDOFF,
-        XDP_NETNS,
-        SOCKET_NETNS,
+    pub const ALL: [&str; 13] = [
+        POLICY, ALLOW, GRANTS, COUNTERS, SLOTS, PENDING, SOCKETS, EVENTS, EVENT_RATE, CONFIG,
+        STATS, HANDOFF, XDP_NETNS,
     ];
 }
 
@@ -73,7 +62,7 @@ pub mod program_names {
     pub const SKB: &str = "portgate_skb";
     /// The same verdict for older kernels, whose `cgroup_skb` cannot call
     /// `bpf_get_netns_cookie`: reads the namespace the bind and `sock_ops` programs
-    /// recorded in the socket's storage ([`crate::map_names::SOCKET_NETNS`]).
+    /// recorded in the socket's storage ([`crate::SocketState::netns`]).
     pub const SKB_SOCKET_NETNS: &str = "portgate_skb_sk";
     /// `cgroup/bind4` bind ownership.
     pub const BIND4: &str = "portgate_bind4";
@@ -88,8 +77,9 @@ pub mod capacity {
     /// Policy records: every port in both protocols of the host's namespace, once more
     /// for other namespaces' ports and the host sides of published ports.
     pub const POLICIES: u32 = 65_536 * 2 * 2;
-    /// Allowlist prefixes over all ports: room for 10,000 ports with 100 prefixes each
-    /// (the map is not preallocated: memory follows the prefixes actually stored).
+    /// Allowlist prefixes over all ports: room for 10,000 ports with 100 prefixes each.
+    /// Also each port's trie's own capacity; userspace keeps the sum within it. The tries
+    /// are not preallocated: memory follows the prefixes actually stored.
     pub const ALLOW_PREFIXES: u32 = 1 << 20;
     /// Unexpired authentication grants over all ports.
     pub const GRANTS: u32 = 131_072;
@@ -102,8 +92,6 @@ pub mod capacity {
     /// Handshakes in flight on one port: one port's SYNs cannot take more than this share
     /// of [`PENDING`], so a flood at one port leaves room for the others.
     pub const PENDING_PER_PORT: u32 = 4_096;
-    /// Established passive connections tracked over all ports.
-    pub const SOCKETS: u32 = 1_048_576;
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
     /// Rate-limiter rows: every port in both protocols.
@@ -151,8 +139,9 @@ pub mod policy_flags {
     /// Only the owner cgroup (or a descendant) may bind the port.
     pub const OWNER: u32 = 1 << 2;
     /// The allowlist in force is the one stored under generation 1 of [`crate::AllowKey`]
-    /// (clear: generation 0). A new allowlist is written under the other generation, then
-    /// one write of the record switches to it, so no packet ever sees half of a change.
+    /// in the port's trie (clear: generation 0). A new allowlist is written under the other
+    /// generation, then one write of the record switches to it, so no packet ever sees half
+    /// of a change, nor the new list with the old record.
     pub const ALLOW_GENERATION: u32 = 1 << 3;
 }
 
@@ -228,7 +217,8 @@ pub mod stat {
     /// Handshakes refused (counted `conn_limit` on their port) because the
     /// pending-handshake map was full.
     pub const PENDING_FULL: u32 = 2;
-    /// Established connections that could not be tracked (socket map full).
+    /// Established connections that could not be tracked: the kernel could not make their
+    /// socket storage (out of memory). They hold no slot and are not counted as active.
     pub const SOCKETS_FULL: u32 = 3;
     /// Sweeps of expired handshake reservations.
     pub const PENDING_SWEEPS: u32 = 4;
@@ -264,8 +254,8 @@ pub mod config_flags {
     /// XDP is attached somewhere: `cgroup_skb` looks for what XDP already judged.
     pub const XDP_ATTACHED: u32 = 1 << 1;
     /// The `cgroup_skb` fallback that reads a socket's namespace from its storage is
-    /// attached: the bind and `sock_ops` programs record it (otherwise they spare each
-    /// socket that storage).
+    /// attached: the bind and `sock_ops` programs record it in [`crate::SocketState::netns`]
+    /// (otherwise the bind program spares listening sockets that storage).
     pub const SOCKET_NETNS: u32 = 1 << 2;
 }
 
@@ -334,6 +324,12 @@ pub struct Policy {
     pub published_port: u16,
     /// Always zero, so this type has no implicit padding.
     pub _pad: u16,
+    /// Changes with every write of the record (never 0). An established connection
+    /// remembers the generation it was last judged under ([`SocketState::generation`]);
+    /// while the port's is the same, its packets pass without another allowlist lookup.
+    pub generation: u32,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad2: u32,
     /// cgroup id (the cgroup directory's inode number) of the owner; 0 when no owner.
     pub owner_cgroup: u64,
     /// The allocation this record belongs to: where its allowlist, grants, counters, slots
@@ -362,33 +358,27 @@ pub struct AddrKey {
     pub addr: [u8; 16],
 }
 
-/// An allowlist prefix's key data in the [`map_names::ALLOW`] LPM trie.
+/// Key data of an allowlist prefix in a port's trie ([`map_names::ALLOW`]).
 ///
-/// The first 104 bits (namespace, port, proto, family, generation) are always matched, so
-/// the prefix length of a CIDR `a/n` is `104 + n`. Each port has two generations of its allowlist;
-/// [`policy_flags::ALLOW_GENERATION`] of its record says which one is in force.
+/// The first 32 bits (generation, family, padding) are always matched, so the prefix
+/// length of a CIDR `a/n` is `32 + n`. Each port's trie holds two generations of its
+/// allowlist; [`policy_flags::ALLOW_GENERATION`] of its record says which one is in force.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct AllowKey {
-    /// The port's namespace, as in [`PortKey::netns`].
-    pub netns: u64,
-    /// Port number, host byte order.
-    pub port: u16,
-    /// [`proto::TCP`] or [`proto::UDP`].
-    pub proto: u8,
-    /// [`family::V4`] or [`family::V6`].
-    pub family: u8,
     /// 0 or 1: which of the port's two allowlists this prefix belongs to.
     pub generation: u8,
+    /// [`family::V4`] or [`family::V6`].
+    pub family: u8,
+    /// Always zero, so this type has no implicit padding.
+    pub _pad: [u8; 2],
     /// The address in network byte order; IPv4 in the first 4 bytes, the rest zero.
     pub addr: [u8; 16],
-    /// Always zero, so this type has no implicit padding (beyond any prefix).
-    pub _pad: [u8; 3],
 }
 
 impl AllowKey {
     /// Bits before the address in an LPM key.
-    pub const PREFIX_BITS: u32 = 104;
+    pub const PREFIX_BITS: u32 = 32;
 }
 
 /// Key of the per-CPU counters map: one row per (port, hook).
@@ -503,8 +493,9 @@ pub struct PendingSyn {
     pub created_ns: u64,
     /// The [`Policy::epoch`] whose slot it holds.
     pub epoch: u32,
-    /// Always zero, so this type has no implicit padding.
-    pub _pad: u32,
+    /// The [`Policy::generation`] the handshake was last judged under: the connection's
+    /// [`SocketState::generation`] once established.
+    pub generation: u32,
 }
 
 impl PendingSyn {
@@ -512,16 +503,31 @@ impl PendingSyn {
     pub const CLAIMED: u64 = u64::MAX;
 }
 
-/// An established passive TCP socket whose slot is held (keyed by socket cookie).
+/// What the gate keeps in a socket's local storage ([`map_names::SOCKETS`]), freed by the
+/// kernel with the socket.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CountedSocket {
-    /// The allocation whose slot it holds ([`Policy::home`]).
+pub struct SocketState {
+    /// The allocation the connection belongs to ([`Policy::home`]).
     pub home: PortKey,
-    /// The [`Policy::epoch`] it was counted under.
-    pub epoch: u32,
+    /// The slot the connection holds, as a [`slot_word`] (its epoch and a count of 1), or 0
+    /// when it holds none. Changed by compare-and-exchange only, so the slot is given back
+    /// exactly once.
+    pub slot: u64,
+    /// The namespace key ([`PortKey::netns`]) of the socket, for the `cgroup_skb` fallback
+    /// of kernels that cannot ask a packet's namespace
+    /// ([`program_names::SKB_SOCKET_NETNS`]). Written only while that fallback is attached.
+    pub netns: u64,
+    /// The [`Policy::generation`] the connection was last judged under, or
+    /// [`SocketState::UNJUDGED`].
+    pub generation: u32,
     /// Always zero, so this type has no implicit padding.
     pub _pad: u32,
+}
+
+impl SocketState {
+    /// [`SocketState::generation`] of a connection not judged yet (no record has it).
+    pub const UNJUDGED: u32 = 0;
 }
 
 /// A deny event, read from the ring buffer.
@@ -623,8 +629,8 @@ pub struct HandoffKey {
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        AddrKey, AllowKey, ConnSlots, CountedSocket, CounterKey, Counters, DenyEvent, EventRate,
-        FlowKey, GateConfig, HandoffKey, PendingSyn, Policy, PortKey,
+        AddrKey, AllowKey, ConnSlots, CounterKey, Counters, DenyEvent, EventRate, FlowKey,
+        GateConfig, HandoffKey, PendingSyn, Policy, PortKey, SocketState,
     };
 
     // SAFETY: each type is `#[repr(C)]`, `Copy`, made only of integers and integer arrays,
@@ -647,7 +653,7 @@ mod pod {
     // SAFETY: as above.
     unsafe impl aya::Pod for PendingSyn {}
     // SAFETY: as above.
-    unsafe impl aya::Pod for CountedSocket {}
+    unsafe impl aya::Pod for SocketState {}
     // SAFETY: as above.
     unsafe impl aya::Pod for DenyEvent {}
     // SAFETY: as above.

@@ -7,14 +7,14 @@ use super::*;
 #[test]
 fn pod_sizes_have_no_implicit_padding() {
     assert_eq!(size_of::<PortKey>(), 16);
-    assert_eq!(size_of::<Policy>(), 48);
+    assert_eq!(size_of::<Policy>(), 56);
     assert_eq!(size_of::<AddrKey>(), 32);
-    assert_eq!(size_of::<AllowKey>(), 32);
+    assert_eq!(size_of::<AllowKey>(), 20);
     assert_eq!(size_of::<CounterKey>(), 24);
     assert_eq!(size_of::<Counters>(), 8 * (4 + reason::DROP_COUNT));
     assert_eq!(size_of::<ConnSlots>(), 24);
     assert_eq!(size_of::<FlowKey>(), 40);
-    assert_eq!(size_of::<CountedSocket>(), 24);
+    assert_eq!(size_of::<SocketState>(), 40);
     assert_eq!(size_of::<DenyEvent>(), 56);
     assert_eq!(size_of::<EventRate>(), 16);
     assert_eq!(size_of::<GateConfig>(), 32);

@@ -11,7 +11,7 @@ use portgate_common::{
 
 use crate::{
     events,
-    maps::{CONFIG, POLICY, SOCKET_NETNS},
+    maps::{CONFIG, POLICY, SOCKETS},
     verdict::{self, Refusal},
 };
 
@@ -40,12 +40,11 @@ pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> Result<(), Refusal> {
     );
     if netns != HOST_NETNS && config.flags & config_flags::SOCKET_NETNS != 0 {
         // For the `cgroup_skb` fallback, which cannot ask the packet's namespace.
-        let mut key = netns;
-        // SAFETY: the context is the kernel's; the value lives on this stack for the call.
-        let stored = unsafe { SOCKET_NETNS.get_or_insert_ptr_mut(ctx, Some(&mut key)) };
+        // SAFETY: the context is the kernel's; no initial value makes the storage zeroed.
+        let stored = unsafe { SOCKETS.get_or_insert_ptr_mut(ctx, None) };
         if !stored.is_null() {
             // SAFETY: the helper returned this socket's storage.
-            unsafe { *stored = netns };
+            unsafe { (*stored).netns = netns };
         }
     }
     let in_range = config.manages(port);

@@ -2,23 +2,32 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::SkStorage,
+    btf_maps::{HashOfMaps, LpmTrie, SkStorage},
     macros::{btf_map, map},
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf},
 };
 use portgate_common::{
-    AddrKey, AllowKey, ConnSlots, CountedSocket, CounterKey, Counters, EventRate, FlowKey,
-    GateConfig, HandoffKey, PendingSyn, Policy, PortKey, capacity,
+    AddrKey, AllowKey, ConnSlots, CounterKey, Counters, EventRate, FlowKey, GateConfig, HandoffKey,
+    PendingSyn, Policy, PortKey, SocketState, capacity,
 };
 
 /// Per-port policy.
 #[map(name = "PG_POLICY")]
 pub static POLICY: HashMap<PortKey, Policy> = HashMap::with_max_entries(capacity::POLICIES, 0);
 
-/// Allowlist prefixes, longest-prefix match on (port, proto, family, generation, address).
-#[map(name = "PG_ALLOW")]
-pub static ALLOW: LpmTrie<AllowKey, u32> =
-    LpmTrie::with_max_entries(capacity::ALLOW_PREFIXES, BPF_F_NO_PREALLOC);
+/// One port's allowlist: longest-prefix match on (family, address).
+pub type PortAllowlist = LpmTrie<AllowKey, u32, { capacity::ALLOW_PREFIXES as usize }>;
+
+/// Allowlists by port (the allocation's key): each port's prefixes in a trie of its own,
+/// so that other ports' prefixes cost a lookup nothing. Userspace makes the tries; this
+/// declaration is their template.
+#[btf_map(name = "PG_ALLOW")]
+pub static ALLOW: HashOfMaps<
+    PortKey,
+    PortAllowlist,
+    { capacity::POLICIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashOfMaps::new();
 
 /// Authentication grants: expiry in `CLOCK_MONOTONIC` ns.
 #[map(name = "PG_GRANTS")]
@@ -37,11 +46,6 @@ pub static SLOTS: HashMap<PortKey, ConnSlots> = HashMap::with_max_entries(capaci
 #[map(name = "PG_PENDING")]
 pub static PENDING: HashMap<FlowKey, PendingSyn> =
     HashMap::with_max_entries(capacity::PENDING, BPF_F_NO_PREALLOC);
-
-/// Established passive sockets holding a slot, by socket cookie.
-#[map(name = "PG_SOCKETS")]
-pub static SOCKETS: HashMap<u64, CountedSocket> =
-    HashMap::with_max_entries(capacity::SOCKETS, BPF_F_NO_PREALLOC);
 
 /// Deny events for userspace.
 #[map(name = "PG_EVENTS")]
@@ -69,32 +73,29 @@ pub static HANDOFF: LruHashMap<HandoffKey, u64> =
 #[map(name = "PG_XDP_NETNS")]
 pub static XDP_NETNS: HashMap<u32, u64> = HashMap::with_max_entries(capacity::XDP_NETNS, 0);
 
-/// The namespace key of sockets of other namespaces than the host's (absent: the host's),
-/// written at bind and when a passive connection is established, read by the `cgroup_skb`
-/// fallback of kernels older than 6.15.
-#[btf_map(name = "PG_SOCK_NETNS")]
-pub static SOCKET_NETNS: SkStorage<u64> = SkStorage::new();
+/// The gate's state of each socket on a managed port: the slot a connection holds, the
+/// policy generation it was judged under, and (for the `cgroup_skb` fallback of kernels
+/// older than 6.15) its namespace. Freed by the kernel with its socket.
+#[btf_map(name = "PG_SOCKETS")]
+pub static SOCKETS: SkStorage<SocketState> = SkStorage::new();
 
-/// The storage of `sk` in [`SOCKET_NETNS`], made (holding `initial`) when `create` and
-/// absent. `sk` is a full socket pointer the kernel handed the program.
+/// The storage of `sk` in [`SOCKETS`]; made (all zero: no slot, not judged, the host's
+/// namespace) when `create` and absent. Null when absent and not made, or when the kernel
+/// could not make it. `sk` is a full socket pointer the kernel handed the program.
 #[inline(always)]
-pub fn socket_netns(
-    sk: *mut core::ffi::c_void,
-    initial: Option<&mut u64>,
-    create: bool,
-) -> *mut u64 {
-    let map: *mut core::ffi::c_void = (&raw const SOCKET_NETNS).cast_mut().cast();
+pub fn socket_state(sk: *mut core::ffi::c_void, create: bool) -> *mut SocketState {
+    let map: *mut core::ffi::c_void = (&raw const SOCKETS).cast_mut().cast();
     let flags = if create {
         u64::from(aya_ebpf::bindings::BPF_SK_STORAGE_GET_F_CREATE)
     } else {
         0
     };
-    let value = initial.map_or(core::ptr::null_mut(), core::ptr::from_mut);
     // SAFETY: the map is the socket storage map's definition (the loader turns its address
-    // into the map), `sk` a socket the kernel handed the program, `value` null or on the
-    // caller's stack for the call.
+    // into the map), `sk` a socket the kernel handed the program; a null value makes the
+    // storage zeroed.
     unsafe {
-        aya_ebpf::helpers::generated::bpf_sk_storage_get(map, sk, value.cast(), flags).cast::<u64>()
+        aya_ebpf::helpers::generated::bpf_sk_storage_get(map, sk, core::ptr::null_mut(), flags)
+            .cast::<SocketState>()
     }
 }
 

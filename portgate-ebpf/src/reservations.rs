@@ -12,7 +12,7 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{bindings::BPF_NOEXIST, helpers::generated::bpf_for_each_map_elem};
-use portgate_common::{FlowKey, GateConfig, PendingSyn, capacity, defaults, stat};
+use portgate_common::{FlowKey, GateConfig, PendingSyn, Policy, capacity, defaults, stat};
 
 use crate::{
     atomic::{compare_exchange, load},
@@ -49,13 +49,15 @@ fn live(created: u64, now: u64, ttl: u64) -> bool {
     created != PendingSyn::CLAIMED && now.saturating_sub(created) <= ttl
 }
 
-/// Reserves a slot of `port` under `epoch` for `flow`, unless the port holds `max`
-/// (non-zero) or [`capacity::PENDING_PER_PORT`] handshakes already, or the map is full.
-/// A dead reservation of the same flow (expired, or of an earlier epoch) is given back
-/// first. A refusal may sweep expired reservations (gate-wide, at most every
-/// [`defaults::SWEEP_INTERVAL_NS`]) and try once more.
+/// Reserves a slot of the port of `policy` under its epoch for `flow`, unless the port
+/// holds its `max_connections` (non-zero) or [`capacity::PENDING_PER_PORT`] handshakes
+/// already, or the map is full. A dead reservation of the same flow (expired, or of an
+/// earlier epoch) is given back first. A refusal may sweep expired reservations
+/// (gate-wide, at most every [`defaults::SWEEP_INTERVAL_NS`]) and try once more. The
+/// reservation records the policy generation the handshake was judged under.
 #[inline(always)]
-pub fn reserve(config: &GateConfig, flow: &FlowKey, epoch: u32, max: u32, now: u64) -> Reservation {
+pub fn reserve(config: &GateConfig, flow: &FlowKey, policy: &Policy, now: u64) -> Reservation {
+    let epoch = policy.epoch;
     let ttl = ttl(config);
     // Userspace makes the row with a TCP port's policy; none means no policy now.
     let Some(row) = Row::of(&flow.home) else {
@@ -79,9 +81,9 @@ pub fn reserve(config: &GateConfig, flow: &FlowKey, epoch: u32, max: u32, now: u
         let _unused = PENDING.remove(flow);
         row.give_back(held_epoch);
     }
-    let mut outcome = try_reserve(row, flow, epoch, max, now);
+    let mut outcome = try_reserve(row, flow, policy, now);
     if outcome.is_err() && sweep_if_due(config, now) {
-        outcome = try_reserve(row, flow, epoch, max, now);
+        outcome = try_reserve(row, flow, policy, now);
     }
     match outcome {
         Ok(made_or_held) => made_or_held,
@@ -100,10 +102,10 @@ pub fn reserve(config: &GateConfig, flow: &FlowKey, epoch: u32, max: u32, now: u
 fn try_reserve(
     row: Row,
     flow: &FlowKey,
-    epoch: u32,
-    max: u32,
+    policy: &Policy,
     now: u64,
 ) -> Result<Reservation, Option<u32>> {
+    let (epoch, max) = (policy.epoch, policy.max_connections);
     if row.in_flight(epoch) >= capacity::PENDING_PER_PORT {
         return Err(Some(stat::PENDING_PORT_FULL));
     }
@@ -113,7 +115,7 @@ fn try_reserve(
     let pending = PendingSyn {
         created_ns: now,
         epoch,
-        _pad: 0,
+        generation: policy.generation,
     };
     match PENDING.insert(flow, pending, u64::from(BPF_NOEXIST)) {
         Ok(()) => Ok(Reservation::Made),
@@ -129,38 +131,42 @@ fn try_reserve(
     }
 }
 
-/// The handshake of `flow` is completing: whether it holds a live reservation of `epoch`,
-/// renewed so that it is still live when the connection is established.
+/// The handshake of `flow` is completing: whether it holds a live reservation of the
+/// epoch of `policy`, renewed so that it is still live when the connection is
+/// established, and marked as judged under `policy`'s generation.
 #[inline(always)]
-pub fn confirm(config: &GateConfig, flow: &FlowKey, epoch: u32, now: u64) -> bool {
+pub fn confirm(config: &GateConfig, flow: &FlowKey, policy: &Policy, now: u64) -> bool {
     let Some(entry) = PENDING.get_ptr_mut(flow) else {
         return false;
     };
     // SAFETY: the pointer is into the map's value for `flow`.
     let created_field = unsafe { &raw mut (*entry).created_ns };
     // SAFETY: as above.
-    if unsafe { (*entry).epoch } != epoch {
+    if unsafe { (*entry).epoch } != policy.epoch {
         return false;
     }
     let created = load(created_field);
     if !live(created, now, ttl(config)) {
         return false;
     }
+    // SAFETY: as above. A plain store: the connection reads it once established, after
+    // this packet is through.
+    unsafe { (*entry).generation = policy.generation };
     // Renewed unless it was made after `now` was read; either way it is live unless a
     // sweep or the connection claimed it in between.
     created >= now || compare_exchange(created_field, created, now)
 }
 
 /// The established connection of `flow` takes its reservation for good: the reservation's
-/// epoch, whose slot the connection now holds, or `None` when it holds none (never made,
-/// or claimed by a sweep).
+/// epoch, whose slot the connection now holds, and the policy generation its handshake was
+/// judged under; `None` when it holds none (never made, or claimed by a sweep).
 #[inline(always)]
-pub fn claim(flow: &FlowKey) -> Option<u32> {
+pub fn claim(flow: &FlowKey) -> Option<(u32, u32)> {
     let entry = PENDING.get_ptr_mut(flow)?;
     // SAFETY: the pointer is into the map's value for `flow`.
     let created_field = unsafe { &raw mut (*entry).created_ns };
     // SAFETY: as above.
-    let epoch = unsafe { (*entry).epoch };
+    let (epoch, generation) = unsafe { ((*entry).epoch, (*entry).generation) };
     // Only a renewal by another packet of the handshake can change it meanwhile.
     for _ in 0..16 {
         let created = load(created_field);
@@ -169,7 +175,7 @@ pub fn claim(flow: &FlowKey) -> Option<u32> {
         }
         if compare_exchange(created_field, created, PendingSyn::CLAIMED) {
             let _unused = PENDING.remove(flow);
-            return Some(epoch);
+            return Some((epoch, generation));
         }
     }
     None

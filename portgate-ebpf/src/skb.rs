@@ -1,7 +1,7 @@
 //! The `cgroup_skb/ingress` hook: reads a packet delivered to a socket in the cgroup tree
 //! (its data starts at the L3 header), then hands it to the verdict.
 
-use core::mem::size_of;
+use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     bindings::{
@@ -82,9 +82,15 @@ fn judge(ctx: &SkBuffContext, netns: impl FnOnce(&SkBuffContext) -> u64) -> Resu
     let ethertype = u16::from_be(ctx.skb.protocol() as u16);
     match parse_l3(&SkbReader::new(ctx), ethertype, 0) {
         Parsed::Packet(mut info) => {
-            info.to_listener = to_listener(ctx);
+            let (socket, listening) = delivered_to(ctx);
+            info.to_listener = listening;
             info.netns = netns(ctx);
-            verdict::enforce(&info, hook::SKB, u64::from(ctx.len()), || {
+            let connection = if listening {
+                core::ptr::null_mut()
+            } else {
+                socket
+            };
+            verdict::enforce(&info, hook::SKB, u64::from(ctx.len()), connection, || {
                 handshake_done(ctx, &info)
             })
         }
@@ -105,43 +111,37 @@ fn netns(ctx: &SkBuffContext) -> u64 {
 /// The namespace recorded in the storage of the packet's socket, the host's without one.
 #[inline(always)]
 fn recorded_netns(ctx: &SkBuffContext) -> u64 {
-    // SAFETY: the context pointer is the kernel's, valid for the program's run; the
-    // volatile read keeps a fixed offset from it, as the verifier requires.
-    let sk = unsafe { core::ptr::read_volatile(&raw const (*ctx.skb.skb).__bindgen_anon_2.sk) };
-    if sk.is_null() {
+    let (socket, _) = delivered_to(ctx);
+    if socket.is_null() {
         return portgate_common::HOST_NETNS;
     }
-    // SAFETY: `sk` is the kernel's socket pointer of this skb, checked above.
-    let full = unsafe { bpf_sk_fullsock(sk) };
-    if full.is_null() {
-        return portgate_common::HOST_NETNS;
-    }
-    let stored = crate::maps::socket_netns(full.cast(), None, false);
+    let stored = crate::maps::socket_state(socket, false);
     if stored.is_null() {
         portgate_common::HOST_NETNS
     } else {
         // SAFETY: the helper returned this socket's storage.
-        unsafe { *stored }
+        unsafe { (*stored).netns }
     }
 }
 
-/// Whether the socket the packet is delivered to is listening: the packet then belongs
-/// to a handshake, not to an established connection.
+/// The full socket the packet is delivered to (null when there is none), and whether it is
+/// listening: the packet then belongs to a handshake, not to an established connection.
 #[inline(always)]
-fn to_listener(ctx: &SkBuffContext) -> bool {
+fn delivered_to(ctx: &SkBuffContext) -> (*mut c_void, bool) {
     // SAFETY: the context pointer is the kernel's, valid for the program's run; the
     // volatile read keeps a fixed offset from it, as the verifier requires.
     let sk = unsafe { core::ptr::read_volatile(&raw const (*ctx.skb.skb).__bindgen_anon_2.sk) };
     if sk.is_null() {
-        return false;
+        return (core::ptr::null_mut(), false);
     }
     // SAFETY: `sk` is the kernel's socket pointer of this skb, checked above.
     let full = unsafe { bpf_sk_fullsock(sk) };
     if full.is_null() {
-        return false;
+        return (core::ptr::null_mut(), false);
     }
     // SAFETY: `full` is a full socket, checked above.
-    unsafe { (*full).state == BPF_TCP_LISTEN }
+    let listening = unsafe { (*full).state == BPF_TCP_LISTEN };
+    (full.cast(), listening)
 }
 
 /// Whether the connection of a packet that reached the listening socket is established

@@ -1,20 +1,24 @@
 //! The `sock_ops` hook: counts established passive TCP connections on managed ports, once
 //! each, each holding the slot its reservation took, and gives it back when they close.
 
+use core::ffi::c_void;
+
 use aya_ebpf::{
     bindings::{
-        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_TCP_CLOSE,
     },
-    helpers::{bpf_get_netns_cookie, bpf_get_socket_cookie},
+    helpers::bpf_get_netns_cookie,
     programs::SockOpsContext,
 };
 use portgate_common::{
-    CountedSocket, FlowKey, HOST_NETNS, PortKey, config_flags, family, netns_key, proto, stat,
+    FlowKey, HOST_NETNS, PortKey, SocketState, config_flags, family, netns_key, proto, slot_word,
+    stat,
 };
 
 use crate::{
-    maps::{CONFIG, POLICY, SOCKETS, bump_stat},
+    atomic::{compare_exchange, load},
+    maps::{CONFIG, POLICY, bump_stat, socket_state},
     reservations, slots,
 };
 
@@ -22,7 +26,8 @@ const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
 
 /// Handles the two operations the gate asks for: a passive connection established, and a
-/// counted one closing. Nothing here refuses anything, so there is nothing to return.
+/// counted one closing. Every other callback returns at the first comparison. Nothing here
+/// refuses anything, so there is nothing to return.
 #[inline(always)]
 pub fn count_connections(ctx: &SockOpsContext) {
     match ctx.op() {
@@ -32,12 +37,24 @@ pub fn count_connections(ctx: &SockOpsContext) {
     }
 }
 
+/// The socket of the callback: on the two callbacks handled here, a full socket (null
+/// only if the kernel gave none).
+#[inline(always)]
+fn socket(ctx: &SockOpsContext) -> *mut c_void {
+    // SAFETY: the context pointer is the kernel's; the volatile read keeps a fixed offset
+    // from it, as the verifier requires.
+    unsafe { core::ptr::read_volatile(&raw const (*ctx.ops).__bindgen_anon_2.sk) }.cast()
+}
+
 /// A passive connection was established. It holds a slot only through its reservation:
 /// `cgroup_skb` let its handshake complete only with a live one (or a slot free at that
-/// moment), and here the connection takes it for good. A connection on an unlimited port
-/// takes a slot now. One on a limited port without a reservation (its handshake did not
-/// pass `cgroup_skb`) takes a slot only if one is free, else it is left uncounted and
-/// [`stat::UNRESERVED`] says so.
+/// moment), and here the connection takes it for good, with the policy generation its
+/// handshake was judged under. A connection on an unlimited port takes a slot now and is
+/// judged whole at its first packet. One on a limited port without a reservation (its
+/// handshake did not pass `cgroup_skb`) takes a slot only if one is free, else it is left
+/// uncounted and [`stat::UNRESERVED`] says so.
+///
+/// What the connection holds is kept in its socket storage, freed with the socket.
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
     let Some(config) = CONFIG.get(0) else {
@@ -47,19 +64,17 @@ fn on_established(ctx: &SockOpsContext) {
     let port = ctx.local_port() as u16;
     // SAFETY: the context pointer is the kernel's, valid for the program's run.
     let netns = netns_key(unsafe { bpf_get_netns_cookie(ctx.ops.cast()) }, config);
+    let sk = socket(ctx);
+    if sk.is_null() {
+        return;
+    }
     if netns != HOST_NETNS && config.flags & config_flags::SOCKET_NETNS != 0 {
         // For the `cgroup_skb` fallback: the connection's socket is not the listener that
         // the bind program marked.
-        let mut key = netns;
-        // SAFETY: the context pointer is the kernel's; on this callback `sk` is the new
-        // connection's full socket.
-        let sk = unsafe { core::ptr::read_volatile(&raw const (*ctx.ops).__bindgen_anon_2.sk) };
-        if !sk.is_null() {
-            let stored = crate::maps::socket_netns(sk.cast(), Some(&mut key), true);
-            if !stored.is_null() {
-                // SAFETY: the helper returned this socket's storage.
-                unsafe { *stored = netns };
-            }
+        let state = socket_state(sk, true);
+        if !state.is_null() {
+            // SAFETY: the helper returned this socket's storage.
+            unsafe { (*state).netns = netns };
         }
     }
     if !config.manages(port) && netns == HOST_NETNS {
@@ -74,48 +89,54 @@ fn on_established(ctx: &SockOpsContext) {
     let Some(row) = slots::Row::of(&home) else {
         return;
     };
-    let epoch = if let Some(epoch) = reservations::claim(&flow_of(ctx, &home)) {
-        epoch
+    let (epoch, generation) = if let Some(held) = reservations::claim(&flow_of(ctx, &home)) {
+        held
     } else {
         if !row.take(policy.epoch, policy.max_connections) {
             bump_stat(stat::UNRESERVED);
             return;
         }
-        policy.epoch
+        (policy.epoch, SocketState::UNJUDGED)
     };
-    // SAFETY: the context pointer is the kernel's, valid for the program's run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    let counted = CountedSocket {
-        home,
-        epoch,
-        _pad: 0,
-    };
-    if SOCKETS
-        .insert(cookie, counted, u64::from(BPF_NOEXIST))
-        .is_err()
-    {
+    let state = socket_state(sk, true);
+    if state.is_null() {
         // Untracked: give the slot back so nothing drifts.
         bump_stat(stat::SOCKETS_FULL);
         row.give_back(epoch);
         return;
     }
+    // SAFETY: the helper returned this socket's storage; nothing else writes it before
+    // the state callback asked for below.
+    unsafe {
+        (*state).home = home;
+        (*state).generation = generation;
+        (*state).netns = netns;
+        (*state).slot = slot_word::pack(epoch, 1);
+    }
     row.establish(epoch);
     let _unused = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG).cast_signed());
 }
 
+/// A counted connection closed: the slot its storage holds is given back, once.
 #[inline(always)]
 fn on_close(ctx: &SockOpsContext) {
-    // SAFETY: the context pointer is the kernel's, valid for the program's run.
-    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
-    // SAFETY: the value is copied out at once.
-    let Some(counted) = (unsafe { SOCKETS.get(cookie) }).copied() else {
+    let sk = socket(ctx);
+    if sk.is_null() {
         return;
-    };
-    // Only the caller that removes the entry gives the slot back: exactly once.
-    if SOCKETS.remove(cookie).is_ok()
-        && let Some(row) = slots::Row::of(&counted.home)
+    }
+    let state = socket_state(sk, false);
+    if state.is_null() {
+        return;
+    }
+    // SAFETY: the helper returned this socket's storage.
+    let (slot_field, home) = unsafe { (&raw mut (*state).slot, (*state).home) };
+    let held = load(slot_field);
+    // Only the caller that clears the slot gives it back: exactly once.
+    if held != 0
+        && compare_exchange(slot_field, held, 0)
+        && let Some(row) = slots::Row::of(&home)
     {
-        row.close(counted.epoch);
+        row.close(slot_word::epoch(held));
     }
 }
 

@@ -3,7 +3,9 @@
 //! differential test holds the two to each other); [`enforce`] applies it, with its
 //! counting, reservations, deny events and the hand-off of counts between the two hooks.
 
-use aya_ebpf::{bindings::BPF_NOEXIST, helpers::bpf_ktime_get_ns, maps::lpm_trie::Key};
+use core::ffi::c_void;
+
+use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::lpm_trie::Key, helpers::bpf_ktime_get_ns};
 use portgate_common::{
     AddrKey, AllowKey, CounterKey, Counters, FlowKey, GateConfig, HOST_NETNS, HandoffKey, Policy,
     PortKey, config_flags, defaults, hook, netns_key, policy_flags, proto, reason, stat, status,
@@ -11,7 +13,7 @@ use portgate_common::{
 
 use crate::{
     atomic, events,
-    maps::{ALLOW, CONFIG, COUNTERS, GRANTS, HANDOFF, POLICY, bump_stat},
+    maps::{ALLOW, CONFIG, COUNTERS, GRANTS, HANDOFF, POLICY, bump_stat, socket_state},
     parse::PacketInfo,
     reservations::{self, Reservation},
 };
@@ -85,11 +87,16 @@ pub fn unreadable(hook_code: u8) -> Result<(), Refusal> {
 /// `handshake_done` is asked, only for a packet that would end a handshake and is about to
 /// be refused or to take a reservation, whether its connection is established already
 /// (another packet of the handshake completed it): the packet is then that connection's.
+///
+/// `socket` is the full socket a `cgroup_skb` packet is delivered to when it is not a
+/// listening one (null otherwise, and for XDP): the established-flow fast path
+/// ([`judged_before`]) keeps in its storage the policy generation it was last judged under.
 #[inline(always)]
 pub fn enforce(
     info: &PacketInfo,
     hook_code: u8,
     bytes: u64,
+    socket: *mut c_void,
     handshake_done: impl FnOnce() -> bool,
 ) -> Result<(), Refusal> {
     let Some(config) = CONFIG.get(0) else {
@@ -123,14 +130,15 @@ pub fn enforce(
             (*row).bytes += bytes;
         }
     }
-    match decide(
-        config,
-        info,
-        policy.as_ref(),
-        &home,
-        &mut clock,
-        handshake_done,
-    ) {
+    let policy = policy.as_ref();
+    // Two separate paths, so that the verifier does not walk the whole of `decide` once
+    // with a socket and once without.
+    let verdict = if established_tcp(info) {
+        decide_established(info, policy, &home, socket)
+    } else {
+        decide(config, info, policy, &home, &mut clock, handshake_done)
+    };
+    match verdict {
         Verdict::Pass => {}
         Verdict::Accept => {
             if let Some(row) = counters
@@ -157,6 +165,56 @@ pub fn enforce(
         handoff_put(info, &home, clock.now());
     }
     Ok(())
+}
+
+/// [`decide`] for a segment of an established TCP connection ([`established_tcp`]), where
+/// only the allowlist applies, with the established-flow fast path: a connection whose
+/// socket storage says it was last judged under the port's current policy generation
+/// passes without a trie lookup, for nothing that applies to established traffic can have
+/// changed since. A connection that passes the allowlist is remembered so (its storage
+/// made if need be); a policy written meanwhile has another generation, so its next packet
+/// is judged whole again. Ports without an allowlist need none of it.
+///
+/// `socket` is the connection's full socket, null when the hook has none (XDP).
+#[inline(always)]
+fn decide_established(
+    info: &PacketInfo,
+    policy: Option<&Policy>,
+    home: &PortKey,
+    socket: *mut c_void,
+) -> Verdict {
+    let Some(policy) = policy else {
+        return Verdict::Pass;
+    };
+    if policy.flags & policy_flags::ALLOWLIST == 0 {
+        return Verdict::Pass;
+    }
+    let mut state = if socket.is_null() {
+        core::ptr::null_mut()
+    } else {
+        socket_state(socket, false)
+    };
+    // SAFETY: the helper returned this socket's storage (checked for null).
+    if !state.is_null() && unsafe { (*state).generation } == policy.generation {
+        return Verdict::Pass;
+    }
+    if !source_allowed(info, home, policy) {
+        return Verdict::Drop(reason::NOT_ALLOWED);
+    }
+    if state.is_null() && !socket.is_null() {
+        state = socket_state(socket, true);
+    }
+    if !state.is_null() {
+        // SAFETY: as above.
+        unsafe { (*state).generation = policy.generation };
+    }
+    Verdict::Pass
+}
+
+/// A TCP segment of an established connection: neither opening nor completing a handshake.
+#[inline(always)]
+fn established_tcp(info: &PacketInfo) -> bool {
+    info.proto == proto::TCP && !info.new_connection() && !info.completes_handshake()
 }
 
 /// First match wins: unallocated, draining, not allowed, auth required, connection limit.
@@ -220,12 +278,12 @@ fn decide<F: FnOnce() -> bool>(
     }
     let flow = flow_key(info, home);
     if handshake
-        && (reservations::confirm(config, &flow, policy.epoch, now)
+        && (reservations::confirm(config, &flow, policy, now)
             || handshake_done.take().is_some_and(|done| done()))
     {
         return Verdict::Pass;
     }
-    match reservations::reserve(config, &flow, policy.epoch, policy.max_connections, now) {
+    match reservations::reserve(config, &flow, policy, now) {
         Reservation::Made => Verdict::Accept,
         Reservation::Held => Verdict::Pass,
         Reservation::Refused => Verdict::Drop(reason::CONN_LIMIT),
@@ -243,6 +301,9 @@ fn flow_key(info: &PacketInfo, home: &PortKey) -> FlowKey {
     }
 }
 
+/// Whether the port's allowlist in force (in its own trie, the generation its record
+/// names) holds a prefix of the packet's source. A port whose record says it has one but
+/// whose trie is missing admits nobody.
 #[inline(always)]
 fn source_allowed(info: &PacketInfo, home: &PortKey, policy: &Policy) -> bool {
     let address_bits = if info.family == portgate_common::family::V4 {
@@ -250,19 +311,17 @@ fn source_allowed(info: &PacketInfo, home: &PortKey, policy: &Policy) -> bool {
     } else {
         128
     };
-    let generation = u8::from(policy.flags & policy_flags::ALLOW_GENERATION != 0);
-    let data = AllowKey {
-        netns: home.netns,
-        port: home.port,
-        proto: home.proto,
-        family: info.family,
-        generation,
-        addr: info.saddr,
-        _pad: [0; 3],
-    };
-    ALLOW
-        .get(Key::new(AllowKey::PREFIX_BITS + address_bits, data))
-        .is_some()
+    let key = Key::new(
+        AllowKey::PREFIX_BITS + address_bits,
+        AllowKey {
+            generation: u8::from(policy.flags & policy_flags::ALLOW_GENERATION != 0),
+            family: info.family,
+            _pad: [0; 2],
+            addr: info.saddr,
+        },
+    );
+    // SAFETY: only the presence of an entry is read.
+    unsafe { ALLOW.get_value(home, &key) }.is_some()
 }
 
 #[inline(always)]

@@ -56,27 +56,32 @@ pub(super) fn addr_key(id: PortId, addr: IpAddr) -> AddrKey {
     }
 }
 
-/// The LPM prefix length and key data of an allowlist prefix of a port, in `generation`
-/// (0 or 1) of its allowlist.
-pub(super) fn allow_key(id: PortId, generation: u8, prefix: IpNet) -> (u32, AllowKey) {
+/// The LPM prefix length and key data of an allowlist prefix in its port's trie, in
+/// `generation` (0 or 1) of the port's allowlist.
+pub(super) fn allow_key(generation: u8, prefix: IpNet) -> (u32, AllowKey) {
     let prefix = prefix.trunc();
     let (family, addr) = addr_bytes(prefix.addr());
     (
         AllowKey::PREFIX_BITS + u32::from(prefix.prefix_len()),
         AllowKey {
-            netns: id.netns.0,
-            port: id.port,
-            proto: id.protocol.number(),
-            family,
             generation,
+            family,
+            _pad: [0; 2],
             addr,
-            _pad: [0; 3],
         },
     )
 }
 
+/// The generation (0 or 1) and prefix a trie key holds; `None` for a key this build would
+/// not write.
+pub(super) fn prefix_of(prefix_len: u32, data: &AllowKey) -> Option<(usize, IpNet)> {
+    let bits = u8::try_from(prefix_len.checked_sub(AllowKey::PREFIX_BITS)?).ok()?;
+    let prefix = IpNet::new(addr_from_bytes(data.family, data.addr), bits).ok()?;
+    (data.generation < 2).then_some((usize::from(data.generation), prefix))
+}
+
 /// The generation of a port's allowlist that a policy record puts in force.
-pub(super) const fn generation_of(record: &Policy) -> u8 {
+pub(super) const fn allowlist_generation(record: &Policy) -> u8 {
     if record.flags & policy_flags::ALLOW_GENERATION == 0 {
         0
     } else {
@@ -84,9 +89,14 @@ pub(super) const fn generation_of(record: &Policy) -> u8 {
     }
 }
 
-/// The kernel record of the policy of port `id`, with allowlist `generation` (0 or 1) in
-/// force; `None` when its status is Available.
-pub(super) fn policy_record(id: PortId, policy: &PortPolicy, generation: u8) -> Option<Policy> {
+/// The kernel record of the policy of port `id`, with allowlist `allowlist` (0 or 1) in
+/// force, under `generation` ([`Policy::generation`]); `None` when its status is Available.
+pub(super) fn policy_record(
+    id: PortId,
+    policy: &PortPolicy,
+    allowlist: u8,
+    generation: u32,
+) -> Option<Policy> {
     let status = policy.status.code()?;
     let mut flags = 0;
     if !policy.access.allowed_ips.is_empty() {
@@ -95,7 +105,7 @@ pub(super) fn policy_record(id: PortId, policy: &PortPolicy, generation: u8) -> 
     if policy.access.require_authentication {
         flags |= policy_flags::REQUIRE_AUTH;
     }
-    if generation != 0 {
+    if allowlist != 0 {
         flags |= policy_flags::ALLOW_GENERATION;
     }
     let (owner_cgroup, owner_level) = match &policy.owner {
@@ -113,6 +123,8 @@ pub(super) fn policy_record(id: PortId, policy: &PortPolicy, generation: u8) -> 
         owner_level,
         published_port: policy.published.unwrap_or(0),
         _pad: 0,
+        generation,
+        _pad2: 0,
         owner_cgroup,
         home: port_key(id),
     })

@@ -5,8 +5,8 @@ use std::{mem::size_of, path::Path};
 
 use aya::maps::MapData;
 use portgate_common::{
-    AddrKey, AllowKey, ConnSlots, CountedSocket, CounterKey, Counters, EventRate, FlowKey,
-    GateConfig, HandoffKey, PendingSyn, Policy, PortKey, capacity, map_names,
+    AddrKey, ConnSlots, CounterKey, Counters, EventRate, FlowKey, GateConfig, HandoffKey,
+    PendingSyn, Policy, PortKey, SocketState, capacity, map_names,
 };
 
 use super::GateError;
@@ -22,19 +22,16 @@ const fn size<T>() -> u32 {
 }
 
 /// (name, key size, value size, max entries) of every map, as the object declares them.
-fn expected() -> [(&'static str, (u32, u32, u32)); 14] {
+fn expected() -> [(&'static str, (u32, u32, u32)); 13] {
     [
         (
             map_names::POLICY,
             (size::<PortKey>(), size::<Policy>(), capacity::POLICIES),
         ),
+        // A map of maps: its values are the inner maps' ids.
         (
             map_names::ALLOW,
-            (
-                4 + size::<AllowKey>(),
-                size::<u32>(),
-                capacity::ALLOW_PREFIXES,
-            ),
+            (size::<PortKey>(), size::<u32>(), capacity::POLICIES),
         ),
         (
             map_names::GRANTS,
@@ -52,9 +49,10 @@ fn expected() -> [(&'static str, (u32, u32, u32)); 14] {
             map_names::PENDING,
             (size::<FlowKey>(), size::<PendingSyn>(), capacity::PENDING),
         ),
+        // Socket storage has no entry count: one value per socket.
         (
             map_names::SOCKETS,
-            (size::<u64>(), size::<CountedSocket>(), capacity::SOCKETS),
+            (size::<i32>(), size::<SocketState>(), 0),
         ),
         (map_names::EVENTS, (0, 0, capacity::EVENTS_BYTES)),
         (
@@ -74,8 +72,6 @@ fn expected() -> [(&'static str, (u32, u32, u32)); 14] {
             map_names::XDP_NETNS,
             (size::<u32>(), size::<u64>(), capacity::XDP_NETNS),
         ),
-        // Socket storage has no entry count: one value per socket.
-        (map_names::SOCKET_NETNS, (size::<i32>(), size::<u64>(), 0)),
     ]
 }
 

@@ -29,7 +29,6 @@ mod policies;
 mod report;
 
 use std::{
-    collections::BTreeMap,
     fs,
     path::{Path, PathBuf},
     time::Duration,
@@ -54,7 +53,7 @@ pub use self::{
 };
 use crate::{
     host::{self, HostError},
-    model::{NetnsId, PortId},
+    model::NetnsId,
     paths,
 };
 
@@ -151,11 +150,9 @@ pub struct Gate {
     pin_dir: PathBuf,
     ebpf: Ebpf,
     skb_netns: SkbNetns,
-    /// Allowlists as last written, filled on first use (see `take_known`).
-    allow_cache: Option<AllowlistCache>,
+    /// What this handle wrote, read from the maps at its first change (see `Written`).
+    written: Option<policies::Written>,
 }
-
-type AllowlistCache = BTreeMap<PortId, policies::KnownAllowlist>;
 
 /// The link pin name of the `cgroup_skb` program that asks a packet's namespace.
 const SKB_LINK: &str = "cgroup_skb_ingress";
@@ -237,7 +234,7 @@ impl Gate {
             pin_dir: pin_dir.to_owned(),
             ebpf,
             skb_netns: SkbNetns::Auto,
-            allow_cache: None,
+            written: None,
         })
     }
 

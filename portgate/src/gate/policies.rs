@@ -1,23 +1,58 @@
 //! A port's policy record and allowlist in the maps, changed so that every packet sees
-//! either the whole old policy or the whole new one.
+//! either the whole old policy or the whole new one. Each port's allowlist lives in a trie
+//! of its own in the allowlists map, so a lookup walks that port's prefixes only.
+//!
+//! A port's trie is made when the port first has an allowlist and removed with its
+//! policy, not swapped at every change: an update of a map of maps waits for an RCU grace
+//! period (the kernel makes sure no program still reads the inner map it replaced), about
+//! 10-20 ms here, which a change of the record and of the trie's entries does not.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::{HashMap, MapData, MapError, lpm_trie::Key, lpm_trie::LpmTrie};
+use aya::maps::{HashMap, HashOfMaps, MapData, MapError, lpm_trie::Key, lpm_trie::LpmTrie};
 use ipnet::IpNet;
-use portgate_common::{AllowKey, ConnSlots, Policy, PortKey, capacity, map_names};
+use portgate_common::{AllowKey, ConnSlots, Policy, PortKey, SocketState, capacity, map_names};
 
 use super::{
-    AllowlistCache, Gate, GateError,
+    Gate, GateError,
     keys::{
-        addr_from_bytes, allow_key, generation_of, policy_record, port_key, port_of, published_key,
-        published_record,
+        allow_key, allowlist_generation, policy_record, port_key, port_of, prefix_of,
+        published_key, published_record,
     },
     maps::absent_is_none,
 };
 use crate::model::{Allowlist, PortId, PortPolicy, Protocol};
 
-/// What a handle knows of one port's allowlist in the trie.
+/// One port's trie, as userspace makes and reads it.
+type Trie = LpmTrie<MapData, AllowKey, u32>;
+
+/// What a handle knows of the allowlists and record generations it writes: read from the
+/// maps at the first change, and from then on this handle is taken to be the maps' only
+/// writer (the daemon is), so a change costs what it writes, not the maps' size.
+#[derive(Debug, Default)]
+pub(super) struct Written {
+    /// What the handle knows of each port's allowlist.
+    allowlists: BTreeMap<PortId, KnownAllowlist>,
+    /// Prefixes over all tries (both generations), kept within
+    /// [`capacity::ALLOW_PREFIXES`].
+    prefixes: usize,
+    /// The last [`Policy::generation`] written.
+    generation: u32,
+}
+
+impl Written {
+    /// A generation no record holds now (wrapping past `u32::MAX`, never
+    /// [`SocketState::UNJUDGED`]).
+    fn next_generation(&mut self) -> u32 {
+        self.generation = self.generation.wrapping_add(1);
+        if self.generation == SocketState::UNJUDGED {
+            self.generation += 1;
+        }
+        self.generation
+    }
+}
+
+/// What a handle knows of one port's allowlist in its trie.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub(super) struct KnownAllowlist {
     /// The generation in force: the one the port's record names (0 for a port the first
@@ -62,21 +97,28 @@ impl Gate {
     /// A policy [`published`](PortPolicy::published) on a host port is written there too,
     /// as a record pointing home to `id`: XDP sees the host port before DNAT, the
     /// container's hooks see `id` after it, and both judge and count the one allocation.
+    ///
+    /// Every write gives the record a new [`Policy::generation`], so that established
+    /// connections are judged whole again at their next packet.
     pub fn set_policy(&mut self, id: PortId, policy: &PortPolicy) -> Result<(), GateError> {
         self.check_managed(id)?;
         if let Some(port) = policy.published {
             self.check_managed(PortId::new(port, id.protocol))?;
         }
-        let (Some(zero), Some(one)) = (policy_record(id, policy, 0), policy_record(id, policy, 1))
-        else {
+        if policy.status.code().is_none() {
             return self.remove_policy(id);
-        };
+        }
         if id.protocol == Protocol::Tcp {
             self.make_slot_row(port_key(id))?;
         }
-        let wanted = policy.access.allowed_ips.iter().copied().collect();
+        let wanted: BTreeSet<IpNet> = policy.access.allowed_ips.iter().copied().collect();
         let mut known = self.take_known(id)?;
-        let result = self.switch_policy(id, [zero, one], wanted, &mut known);
+        let generation = self.written.as_mut().map_or(1, Written::next_generation);
+        let records = [0, 1].map(|allowlist| policy_record(id, policy, allowlist, generation));
+        let result = match records {
+            [Some(zero), Some(one)] => self.switch_policy(id, [zero, one], wanted, &mut known),
+            _ => Ok(()),
+        };
         self.put_known(id, known);
         result
     }
@@ -97,7 +139,15 @@ impl Gate {
         if wanted == known.prefixes[usize::from(in_force)] {
             return self.write_policy(id, &records[usize::from(in_force)]);
         }
+        let held = self.written.as_ref().map_or(0, |written| written.prefixes);
+        if held + wanted.len() > capacity::ALLOW_PREFIXES as usize {
+            return Err(GateError::MapFull {
+                map: map_names::ALLOW,
+                capacity: capacity::ALLOW_PREFIXES,
+            });
+        }
         // From here until they are taken out again, any of them may be in the trie.
+        self.count_prefixes(wanted.len(), 0);
         known.prefixes[usize::from(spare)] = wanted;
         let switched = self
             .insert_prefixes(id, spare, &known.prefixes[usize::from(spare)])
@@ -120,9 +170,18 @@ impl Gate {
         let prefixes = &mut known.prefixes[usize::from(generation)];
         if !prefixes.is_empty() {
             self.remove_prefixes(id, generation, prefixes)?;
+            let removed = prefixes.len();
             prefixes.clear();
+            self.count_prefixes(0, removed);
         }
         Ok(())
+    }
+
+    /// Keeps the gate-wide count of prefixes in the tries.
+    fn count_prefixes(&mut self, added: usize, removed: usize) {
+        if let Some(written) = self.written.as_mut() {
+            written.prefixes = (written.prefixes + added).saturating_sub(removed);
+        }
     }
 
     /// What this handle knows of a port's allowlist, taken out of its cache until
@@ -130,19 +189,22 @@ impl Gate {
     /// from then on this handle is taken to be the maps' only writer (the daemon is), so a
     /// change costs what it writes, not the trie's size.
     fn take_known(&mut self, id: PortId) -> Result<KnownAllowlist, GateError> {
-        let cache = match self.allow_cache.take() {
-            Some(cache) => cache,
-            None => self.walk_allowlists()?,
-        };
-        let cache = self.allow_cache.insert(cache);
-        Ok(cache.remove(&id).unwrap_or_default())
+        if self.written.is_none() {
+            let written = self.walk_allowlists()?;
+            self.written = Some(written);
+        }
+        Ok(self
+            .written
+            .as_mut()
+            .and_then(|written| written.allowlists.remove(&id))
+            .unwrap_or_default())
     }
 
     fn put_known(&mut self, id: PortId, known: KnownAllowlist) {
-        if let Some(cache) = self.allow_cache.as_mut()
+        if let Some(written) = self.written.as_mut()
             && known != KnownAllowlist::default()
         {
-            cache.insert(id, known);
+            written.allowlists.insert(id, known);
         }
     }
 
@@ -150,9 +212,12 @@ impl Gate {
     /// record puts in force. An allocated port's entries of the unused generation (left by
     /// a change cut short) are removed, so that no later switch can bring them in force.
     /// A port without a record keeps what it has (generation 0 counts as in force for it).
-    fn walk_allowlists(&mut self) -> Result<AllowlistCache, GateError> {
+    /// Also finds the highest record generation, for the next write to go past it.
+    fn walk_allowlists(&mut self) -> Result<Written, GateError> {
         let policies = self.policies()?;
-        let mut cache: AllowlistCache = self
+        let mut generation = 0;
+        self.each_record(|_, _, record| generation = generation.max(record.generation))?;
+        let mut cache: BTreeMap<PortId, KnownAllowlist> = self
             .stored_allowlists()?
             .into_iter()
             .map(|(id, prefixes)| {
@@ -165,12 +230,20 @@ impl Gate {
             .collect();
         for (id, record) in policies {
             let known = cache.entry(id).or_default();
-            known.generation = generation_of(&record);
+            known.generation = allowlist_generation(&record);
             let unused = known.generation ^ 1;
             self.clear_generation(id, known, unused)?;
         }
         cache.retain(|_, known| *known != KnownAllowlist::default());
-        Ok(cache)
+        let prefixes = cache
+            .values()
+            .map(|known| known.prefixes.iter().map(BTreeSet::len).sum::<usize>())
+            .sum();
+        Ok(Written {
+            allowlists: cache,
+            prefixes,
+            generation,
+        })
     }
 
     /// Writes the record of `id`, then the record of its host side when it is published
@@ -236,7 +309,7 @@ impl Gate {
         generation: u8,
         prefixes: &BTreeSet<IpNet>,
     ) -> Result<(), GateError> {
-        self.each_prefix(id, generation, prefixes, "adding a prefix", |trie, key| {
+        self.each_prefix(id, generation, prefixes, ADDING, |trie, key| {
             trie.insert(key, 1, 0)
         })
     }
@@ -257,28 +330,54 @@ impl Gate {
         )
     }
 
-    /// Applies `change` to the trie key of each of `prefixes` under `generation`, stopping
-    /// at the first error (`doing` names the step in it).
+    /// Applies `change` to the trie key of each of `prefixes` under `generation` in the
+    /// port's trie, stopping at the first error (`doing` names the step in it). Adding
+    /// makes the trie if the port has none; removing from a port without one is done.
     fn each_prefix(
         &mut self,
         id: PortId,
         generation: u8,
         prefixes: &BTreeSet<IpNet>,
         doing: &'static str,
-        change: impl Fn(
-            &mut LpmTrie<&mut MapData, AllowKey, u32>,
-            &Key<AllowKey>,
-        ) -> Result<(), MapError>,
+        change: impl Fn(&mut Trie, &Key<AllowKey>) -> Result<(), MapError>,
     ) -> Result<(), GateError> {
-        let mut trie: LpmTrie<&mut MapData, AllowKey, u32> =
-            open_map!(mut self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
+        let adding = doing == ADDING;
+        let Some(mut trie) = self.port_trie(id, adding)? else {
+            return Ok(());
+        };
         for prefix in prefixes {
-            let (bits, data) = allow_key(id, generation, *prefix);
+            let (bits, data) = allow_key(generation, *prefix);
             change(&mut trie, &Key::new(bits, data)).map_err(|err| {
                 GateError::map(doing, map_names::ALLOW, capacity::ALLOW_PREFIXES, err)
             })?;
         }
         Ok(())
+    }
+
+    /// The trie of port `id`; made (empty) and put in the allowlists map when it has none
+    /// and `make`.
+    fn port_trie(&mut self, id: PortId, make: bool) -> Result<Option<Trie>, GateError> {
+        let mut tries: HashOfMaps<&mut MapData, PortKey, Trie> =
+            open_map!(mut self, HashOfMaps, map_names::ALLOW, capacity::POLICIES);
+        let failed =
+            |doing| move |err| GateError::map(doing, map_names::ALLOW, capacity::POLICIES, err);
+        if let Some(trie) =
+            absent_is_none(tries.get(&port_key(id), 0)).map_err(failed("reading"))?
+        {
+            return Ok(Some(trie));
+        }
+        if !make {
+            return Ok(None);
+        }
+        let trie = Trie::create(
+            capacity::ALLOW_PREFIXES,
+            aya_obj::generated::BPF_F_NO_PREALLOC,
+        )
+        .map_err(failed("making a trie for"))?;
+        tries
+            .insert(port_key(id), &trie, 0)
+            .map_err(failed("writing"))?;
+        Ok(Some(trie))
     }
 
     /// Removes the policy of a port: it becomes unallocated, then its allowlist (both
@@ -326,7 +425,13 @@ impl Gate {
             })?;
         }
         self.clear_generation(id, known, 0)?;
-        self.clear_generation(id, known, 1)
+        self.clear_generation(id, known, 1)?;
+        // A port without a trie is not an error, and costs no wait.
+        let mut tries: HashOfMaps<&mut MapData, PortKey, Trie> =
+            open_map!(mut self, HashOfMaps, map_names::ALLOW, capacity::POLICIES);
+        absent_is_none(tries.remove(&port_key(id)))
+            .map(drop)
+            .map_err(|err| GateError::map("removing", map_names::ALLOW, capacity::POLICIES, err))
     }
 
     /// The policy record of a port, if allocated.
@@ -398,7 +503,7 @@ impl Gate {
             .stored_allowlists()?
             .into_iter()
             .filter_map(|(id, [zero, one])| {
-                let prefixes = match policies.get(&id).map(generation_of) {
+                let prefixes = match policies.get(&id).map(allowlist_generation) {
                     Some(0) => zero,
                     Some(_) => one,
                     None => zero.into_iter().chain(one).collect(),
@@ -408,29 +513,33 @@ impl Gate {
             .collect())
     }
 
-    /// Every prefix in the trie, by port and generation.
+    /// Every prefix in the tries, by port and generation.
     fn stored_allowlists(&self) -> Result<BTreeMap<PortId, [BTreeSet<IpNet>; 2]>, GateError> {
-        let trie: LpmTrie<&MapData, AllowKey, u32> =
-            open_map!(self, LpmTrie, map_names::ALLOW, capacity::ALLOW_PREFIXES);
+        let tries: HashOfMaps<&MapData, PortKey, Trie> =
+            open_map!(self, HashOfMaps, map_names::ALLOW, capacity::POLICIES);
+        let failed =
+            |doing| move |err| GateError::map(doing, map_names::ALLOW, capacity::POLICIES, err);
         let mut found: BTreeMap<PortId, [BTreeSet<IpNet>; 2]> = BTreeMap::new();
-        for key in trie.keys() {
-            let key = key.map_err(|err| {
-                GateError::map("listing", map_names::ALLOW, capacity::ALLOW_PREFIXES, err)
-            })?;
-            let data = key.data();
-            let port = PortKey::new(data.netns, data.port, data.proto);
-            let (Some(id), Some(generation)) = (
-                port_of(&port),
-                (data.generation < 2).then_some(usize::from(data.generation)),
-            ) else {
+        for key in tries.keys() {
+            let key = key.map_err(failed("listing"))?;
+            let Some(id) = port_of(&key) else {
                 continue;
             };
-            let addr = addr_from_bytes(data.family, data.addr);
-            let bits = key.prefix_len().saturating_sub(AllowKey::PREFIX_BITS);
-            if let Ok(prefix) = IpNet::new(addr, u8::try_from(bits).unwrap_or(u8::MAX)) {
-                found.entry(id).or_default()[generation].insert(prefix);
+            // A trie removed since its key was listed is not an error.
+            let Some(trie) = absent_is_none(tries.get(&key, 0)).map_err(failed("reading"))? else {
+                continue;
+            };
+            let prefixes = found.entry(id).or_default();
+            for entry in trie.keys() {
+                let entry = entry.map_err(failed("listing a trie of"))?;
+                if let Some((generation, prefix)) = prefix_of(entry.prefix_len(), &entry.data()) {
+                    prefixes[generation].insert(prefix);
+                }
             }
         }
         Ok(found)
     }
 }
+
+/// `doing` of [`Gate::each_prefix`] when it adds prefixes (and may make the port's trie).
+const ADDING: &str = "adding a prefix";

@@ -109,7 +109,7 @@ pub(super) fn snapshot(state: &State) -> Result<PortsSnapshot> {
 /// one of them means connections were refused, or counted wrong, for want of room.
 #[must_use]
 pub fn gate_warnings(stats: &GateStats) -> Vec<String> {
-    use portgate_common::capacity::{PENDING, PENDING_PER_PORT, SOCKETS};
+    use portgate_common::capacity::{PENDING, PENDING_PER_PORT};
     let mut warnings = Vec::new();
     if stats.pending_full > 0 {
         warnings.push(format!(
@@ -125,7 +125,7 @@ pub fn gate_warnings(stats: &GateStats) -> Vec<String> {
     }
     if stats.sockets_full > 0 {
         warnings.push(format!(
-            "{} established connections could not be tracked (room for {SOCKETS}): they hold no slot and are not counted as active",
+            "{} established connections could not be tracked (the kernel could not make their socket storage: out of memory): they hold no slot and are not counted as active",
             stats.sockets_full
         ));
     }

@@ -1,6 +1,8 @@
-//! Allowlist changes seen whole (issue #10 item 6): a packet is judged by the old policy or
-//! by the new one, never by the new allowlist with the old record; the old generation of
-//! prefixes is gone after a change, and leftovers of a change cut short never come in force.
+//! Allowlist changes seen whole (issue #10 item 6, issue #12): a packet is judged by the old
+//! policy or by the new one, never by the new allowlist with the old record; the old
+//! generation of prefixes is gone from the port's trie after a change, leftovers of a
+//! change cut short never come in force, every write gives the record a new generation,
+//! and a record whose trie is missing admits nobody.
 
 use std::{
     collections::BTreeSet,
@@ -10,13 +12,14 @@ use std::{
     time::{Duration, Instant},
 };
 
-use aya::maps::{LpmTrie, lpm_trie::Key};
+use aya::maps::{HashOfMaps, LpmTrie, MapData, MapError, lpm_trie::Key};
+use aya_obj::generated::BPF_F_NO_PREALLOC;
 use ipnet::IpNet;
 use portgate::{
     gate::{Gate, PacketHook},
     model::{PortAccessControl, PortId, PortPolicy, Protocol},
 };
-use portgate_common::{AllowKey, map_names, policy_flags, reason};
+use portgate_common::{AllowKey, PortKey, map_names, policy_flags, reason};
 use portgate_tests::{
     common::{
         PinDir, allowing, allowlist,
@@ -26,14 +29,30 @@ use portgate_tests::{
     require_privileges,
 };
 
-/// Every entry of the allowlist trie: (port, generation, prefix).
-fn trie_entries(gate: &mut Gate) -> BTreeSet<(u16, u8, IpNet)> {
-    let trie: LpmTrie<_, AllowKey, u32> = LpmTrie::try_from(
-        gate.ebpf_mut()
-            .map(map_names::ALLOW)
-            .expect("the allowlist map"),
+/// The allowlists map, one trie per port.
+type Tries<'a> = HashOfMaps<&'a MapData, PortKey, LpmTrie<MapData, AllowKey, u32>>;
+
+/// The key of a host TCP port in the allowlists map.
+fn tcp_key(port: u16) -> PortKey {
+    PortKey::new(
+        portgate_common::HOST_NETNS,
+        port,
+        portgate_common::proto::TCP,
     )
-    .expect("an LPM trie");
+}
+
+/// Every entry of the trie of TCP `port`: (generation, prefix); empty without a trie.
+fn port_entries(gate: &mut Gate, port: u16) -> BTreeSet<(u8, IpNet)> {
+    let map = gate
+        .ebpf_mut()
+        .map(map_names::ALLOW)
+        .expect("the allowlist map");
+    let tries: Tries<'_> = HashOfMaps::try_from(map).expect("a hash of maps");
+    let trie = match tries.get(&tcp_key(port), 0) {
+        Ok(trie) => trie,
+        Err(MapError::KeyNotFound) => return BTreeSet::new(),
+        Err(err) => panic!("reading the trie of port {port}: {err}"),
+    };
     trie.keys()
         .map(|key| {
             let key = key.expect("a key");
@@ -44,35 +63,51 @@ fn trie_entries(gate: &mut Gate) -> BTreeSet<(u16, u8, IpNet)> {
                 IpAddr::from(data.addr)
             };
             let bits = u8::try_from(key.prefix_len() - AllowKey::PREFIX_BITS).expect("bits");
-            (
-                data.port,
-                data.generation,
-                IpNet::new(addr, bits).expect("prefix"),
-            )
+            (data.generation, IpNet::new(addr, bits).expect("prefix"))
         })
         .collect()
 }
 
-/// Writes an IPv4 prefix straight into the trie under `generation`, as a change cut short
-/// by a crash would have left it.
+/// Whether TCP `port` has a trie in the allowlists map.
+fn has_trie(gate: &mut Gate, port: u16) -> bool {
+    let map = gate
+        .ebpf_mut()
+        .map(map_names::ALLOW)
+        .expect("the allowlist map");
+    let tries: Tries<'_> = HashOfMaps::try_from(map).expect("a hash of maps");
+    tries.keys().any(|key| key.expect("a key") == tcp_key(port))
+}
+
+/// Writes an IPv4 prefix straight into the trie of `port` under `generation` (making the
+/// trie if need be), as a change cut short by a crash would have left it.
 fn plant(gate: &mut Gate, port: u16, generation: u8, prefix: &str) {
     let prefix: ipnet::Ipv4Net = prefix.parse().expect("prefix");
     let mut addr = [0; 16];
     addr[..4].copy_from_slice(&prefix.addr().octets());
-    let mut trie: LpmTrie<_, AllowKey, u32> = LpmTrie::try_from(
-        gate.ebpf_mut()
-            .map_mut(map_names::ALLOW)
-            .expect("the allowlist map"),
-    )
-    .expect("an LPM trie");
+    let map = gate
+        .ebpf_mut()
+        .map_mut(map_names::ALLOW)
+        .expect("the allowlist map");
+    let mut tries: HashOfMaps<&mut MapData, PortKey, LpmTrie<MapData, AllowKey, u32>> =
+        HashOfMaps::try_from(map).expect("a hash of maps");
+    let mut trie = match tries.get(&tcp_key(port), 0) {
+        Ok(trie) => trie,
+        Err(MapError::KeyNotFound) => {
+            let trie =
+                LpmTrie::create(portgate_common::capacity::ALLOW_PREFIXES, BPF_F_NO_PREALLOC)
+                    .expect("a trie");
+            tries
+                .insert(tcp_key(port), &trie, 0)
+                .expect("put the trie in");
+            trie
+        }
+        Err(err) => panic!("reading the trie of port {port}: {err}"),
+    };
     let data = AllowKey {
-        netns: portgate_common::HOST_NETNS,
-        port,
-        proto: portgate_common::proto::TCP,
-        family: portgate_common::family::V4,
         generation,
+        family: portgate_common::family::V4,
+        _pad: [0; 2],
         addr,
-        _pad: [0; 3],
     };
     trie.insert(
         &Key::new(AllowKey::PREFIX_BITS + u32::from(prefix.prefix_len()), data),
@@ -80,6 +115,14 @@ fn plant(gate: &mut Gate, port: u16, generation: u8, prefix: &str) {
         0,
     )
     .expect("plant a prefix");
+}
+
+/// The record generation of a port ([`portgate_common::Policy::generation`]).
+fn record_generation(gate: &Gate, id: PortId) -> u32 {
+    gate.policy(id)
+        .expect("policy")
+        .expect("a record")
+        .generation
 }
 
 /// The generation a port's record puts in force.
@@ -188,15 +231,6 @@ fn a_policy_change_admits_nothing_that_neither_policy_admits() {
     );
 }
 
-/// The entries of `port` in the trie: (generation, prefix).
-fn port_entries(gate: &mut Gate, port: u16) -> BTreeSet<(u8, IpNet)> {
-    trie_entries(gate)
-        .into_iter()
-        .filter(|(entry_port, _, _)| *entry_port == port)
-        .map(|(_, generation, prefix)| (generation, prefix))
-        .collect()
-}
-
 /// `prefixes` as the trie should hold them for `id`: under the generation in force.
 fn in_force(gate: &Gate, id: PortId, prefixes: &[&str]) -> BTreeSet<(u8, IpNet)> {
     let generation = generation(gate, id);
@@ -219,6 +253,7 @@ fn a_change_leaves_only_the_new_allowlist_in_the_trie() {
     gate.set_policy(id, &allowing(&["10.1.0.0/16", "10.3.0.0/16"]))
         .expect("first policy");
     let first = generation(&gate, id);
+    let mut record_generations = BTreeSet::from([record_generation(&gate, id)]);
     for (step, prefixes) in [
         ["10.2.0.0/16", "10.3.0.0/16"],
         ["10.4.0.0/16", "10.1.0.0/16"],
@@ -231,6 +266,10 @@ fn a_change_leaves_only_the_new_allowlist_in_the_trie() {
             generation(&gate, id),
             first ^ u8::from(step % 2 == 0),
             "each change switches generation"
+        );
+        assert!(
+            record_generations.insert(record_generation(&gate, id)),
+            "step {step}: each write a new record generation"
         );
         assert_eq!(
             port_entries(&mut gate, port),
@@ -255,6 +294,17 @@ fn a_change_leaves_only_the_new_allowlist_in_the_trie() {
         before,
         "same allowlist, same generation"
     );
+    assert!(
+        record_generations.insert(record_generation(&gate, id)),
+        "a new record generation all the same (established connections are judged again)"
+    );
+    // A new handle (the daemon restarting) goes on past the generations written.
+    let mut again = Gate::open(pins.path()).expect("a new handle");
+    again.set_policy(id, &authenticated).expect("rewrite");
+    assert!(
+        record_generation(&again, id) > *record_generations.last().expect("generations"),
+        "a record generation not used before"
+    );
     assert_eq!(
         port_entries(&mut gate, port),
         in_force(&gate, id, &["10.4.0.0/16", "10.1.0.0/16"])
@@ -264,6 +314,10 @@ fn a_change_leaves_only_the_new_allowlist_in_the_trie() {
     assert!(
         port_entries(&mut gate, port).is_empty(),
         "no prefix left in either generation"
+    );
+    assert!(
+        !has_trie(&mut gate, port),
+        "the port's trie is gone with its policy"
     );
     assert!(!gate.allowlists().expect("allowlists").contains_key(&id));
 }
@@ -329,9 +383,37 @@ fn leftovers_of_a_change_cut_short_never_come_in_force() {
         port_entries(&mut fresh, orphan).is_empty(),
         "no prefix of the orphan left, in either generation"
     );
+    assert!(!has_trie(&mut fresh, orphan), "nor its trie");
     assert_eq!(
         port_entries(&mut fresh, port).len(),
         1,
         "the other port's kept"
     );
+}
+
+#[test]
+fn a_record_whose_trie_is_missing_admits_nobody() {
+    if !require_privileges!() {
+        return;
+    }
+    let pins = PinDir::new();
+    let mut gate = install(&settings(&pins));
+    let port = MIN_PORT + 44;
+    gate.set_policy(
+        PortId::new(port, Protocol::Tcp),
+        &allowing(&["10.4.0.0/16"]),
+    )
+    .expect("a policy");
+    assert!(
+        syn_passes(&mut gate, "10.4.0.1", port),
+        "the list is in force"
+    );
+    let map = gate
+        .ebpf_mut()
+        .map_mut(map_names::ALLOW)
+        .expect("the allowlist map");
+    let mut tries: HashOfMaps<&mut MapData, PortKey, LpmTrie<MapData, AllowKey, u32>> =
+        HashOfMaps::try_from(map).expect("a hash of maps");
+    tries.remove(&tcp_key(port)).expect("take the trie out");
+    assert!(!syn_passes(&mut gate, "10.4.0.1", port), "no trie: nobody");
 }
