@@ -2,7 +2,8 @@
 //! the allowlist is cut at its next packet while an allowed one carries on; an allowlist
 //! replaced whole under 64 concurrent clients never admits a source neither list has; and
 //! the per-connection state of many connections (connect, then close or reset) is freed
-//! with their sockets, so no map grows with the number of connections.
+//! with their sockets, so no map grows with the number of connections, nor does a bare
+//! ACK that reaches the listener without a handshake take a slot.
 //!
 //! Real sockets on the loopback of a test namespace, sources spread over `127.x.y.z` (all
 //! on `lo`), the server in a test cgroup with the gate's cgroup programs attached to it.
@@ -35,6 +36,8 @@ use portgate_tests::{
     },
     require_privileges,
 };
+
+mod state_freed;
 
 /// One TCP port on `127.0.0.1` inside a test namespace, under a gate installed there,
 /// served by a [`RecordingServer`] whose listener is in a test cgroup. Fields drop in
@@ -461,179 +464,4 @@ fn an_allowlist_replaced_whole_under_concurrent_clients_admits_only_its_sources(
     );
     // The last replacement is in force, whole.
     expect_in_force(&served, "last", replacements.is_multiple_of(2));
-}
-
-/// Makes connections `range` to `served` on `threads` threads: connection `n` from source
-/// `127.1.(n / 250 % 250).(n % 250 + 1)` (so that no source runs out of ephemeral ports
-/// through `TIME_WAIT`), closed with a FIN, or with a RST every third. Returns the connects
-/// that failed.
-fn connect_and_close(
-    served: &Served,
-    range: std::ops::Range<usize>,
-    threads: usize,
-) -> Vec<String> {
-    let failures = Mutex::new(Vec::new());
-    let port = served.id.port;
-    served.ns.run(|| {
-        thread::scope(|scope| {
-            for first in 0..threads {
-                let (range, failures) = (range.clone(), &failures);
-                scope.spawn(move || {
-                    for n in (range.start + first..range.end).step_by(threads) {
-                        let source = source_of(n);
-                        match connect_from(source, loopback(port), CONNECT_WITHIN) {
-                            Ok(stream) if n % 3 == 0 => reset(stream),
-                            Ok(stream) => drop(stream),
-                            Err(err) => failures
-                                .lock()
-                                .unwrap_or_else(PoisonError::into_inner)
-                                .push(format!("connection {n} from {source}: {err}")),
-                        }
-                    }
-                });
-            }
-        });
-    });
-    failures
-        .into_inner()
-        .unwrap_or_else(PoisonError::into_inner)
-}
-
-fn source_of(n: usize) -> IpAddr {
-    let host = u8::try_from(n % 250 + 1).expect("a host number");
-    let subnet = u8::try_from(n / 250 % 250).expect("a subnet number");
-    v4(1, subnet, host)
-}
-
-/// 100,000 connections to a port with an allowlist and a limit, opened and closed (FIN,
-/// or RST every third), leave no more entries in any map userspace can walk than a warm-up
-/// of a few left (counter rows appear at first use); every map is told apart by its type.
-/// Socket-local storage cannot be walked, so instead the port's slots go back to zero, no
-/// reservation is left, the gate-wide statistics show no connection left untracked, and
-/// the port counts each connection accepted exactly once. The last ACK of a teardown that
-/// reaches the listener after the server's socket has gone (the kernel answers it with a
-/// RST) is no connection either: it must not take a slot.
-///
-/// The sources are spread over 250 x 250 addresses of `127.1.0.0/16`, so that no source
-/// runs short of ephemeral ports through `TIME_WAIT`; the limit is above what four threads
-/// ever hold, so that no connect waits for a slot (the limit itself is `conn_limit`'s).
-/// About 5 s of connections in a debug build on two cores.
-#[test]
-#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
-fn connections_free_their_state_with_their_sockets() {
-    const CONNECTIONS: usize = 100_000;
-    const WARM_UP: usize = 200;
-    const THREADS: usize = 4;
-    const LIMIT: u32 = 4_000;
-    if !require_privileges!() {
-        return;
-    }
-    let policy = PortPolicy {
-        access: PortAccessControl {
-            allowed_ips: allowlist(&["127.1.0.0/16"]),
-            max_connections: LIMIT,
-            ..PortAccessControl::default()
-        },
-        ..PortPolicy::default()
-    };
-    let served = Served::new(MIN_PORT + 92, &policy, Serve::Close);
-
-    // Warm-up: the port's counter rows, its deny-event limiter and the like appear now.
-    let failures = connect_and_close(&served, 0..WARM_UP, THREADS);
-    assert!(failures.is_empty(), "warm-up connects failed: {failures:?}");
-    served.ns.run(|| {
-        thread::scope(|scope| {
-            for _ in 0..2 {
-                scope.spawn(|| {
-                    assert!(
-                        connect_from(v4(2, 0, 1), loopback(served.id.port), REFUSED_WITHIN)
-                            .is_err(),
-                        "a source outside the allowlist is refused"
-                    );
-                });
-            }
-        });
-    });
-    assert!(
-        served.all_closed(Duration::from_secs(20)),
-        "the warm-up's connections close: {}",
-        served.slot_state()
-    );
-    let before = map_entries(served.pins.path());
-
-    let begun = Instant::now();
-    let failures = connect_and_close(&served, WARM_UP..WARM_UP + CONNECTIONS, THREADS);
-    println!(
-        "{CONNECTIONS} connections on {THREADS} threads in {:?}; the server accepted {}",
-        begun.elapsed(),
-        served.server.count()
-    );
-    assert!(
-        failures.is_empty(),
-        "{} of {CONNECTIONS} connects failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(10)]
-    );
-    assert!(
-        served.all_closed(Duration::from_secs(20)),
-        "every connection leaves the port's active count when its socket closes: {}",
-        served.slot_state()
-    );
-    let slots_freed = served.no_slot_held();
-
-    let after = map_entries(served.pins.path());
-    println!(
-        "entries after the warm-up and at the end: {:?} -> {:?}; not walked (by type): {:?}",
-        before.counted, after.counted, after.not_iterable
-    );
-    let grown: Vec<_> = after
-        .counted
-        .iter()
-        .filter(|(name, count)| before.counted.get(*name) != Some(count))
-        .map(|(name, count)| (name, before.counted.get(name), count))
-        .collect();
-    assert!(
-        grown.is_empty(),
-        "maps whose entries changed over {CONNECTIONS} connections (name, after the warm-up, \
-         at the end): {grown:?}; {}",
-        served.slot_state()
-    );
-    assert_eq!(
-        before.not_iterable, after.not_iterable,
-        "the same maps, of the same types"
-    );
-    assert!(
-        slots_freed,
-        "every slot is given back: {}",
-        served.slot_state()
-    );
-    assert_eq!(
-        served
-            .gate
-            .reservations()
-            .expect("reservations")
-            .get(&served.id),
-        None,
-        "no reservation left"
-    );
-
-    let stats = served.gate.stats().expect("stats");
-    assert_eq!(
-        (
-            stats.sockets_full,
-            stats.unreserved,
-            stats.pending_full,
-            stats.pending_port_full
-        ),
-        (0, 0, 0, 0),
-        "no connection left untracked (the socket map full, or established without a \
-         reservation) and no handshake refused for want of room: {stats:?}"
-    );
-    let counters = served.gate.counters(served.id).expect("counters").total;
-    assert_eq!(
-        counters.accepted,
-        (WARM_UP + CONNECTIONS) as u64,
-        "every connection accepted exactly once, and nothing else: {}",
-        served.slot_state()
-    );
 }
