@@ -24,6 +24,7 @@ pub mod container;
 pub mod gate;
 pub mod packet;
 pub mod podman;
+pub mod recording;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

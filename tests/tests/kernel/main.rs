@@ -18,6 +18,7 @@ mod daemon_api;
 mod differential;
 mod draining;
 mod events;
+mod fast_path;
 mod grants;
 mod handshakes;
 mod host;
