@@ -267,6 +267,21 @@ pub fn number(value: f64) -> String {
     }
 }
 
+/// The median, or `None` when there are no values.
+pub fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        f64::midpoint(sorted[mid - 1], sorted[mid])
+    })
+}
+
 /// Latency percentiles of a set of samples.
 #[derive(Clone, Copy, Debug, Serialize)]
 pub struct Percentiles {
@@ -395,7 +410,14 @@ impl Timed {
 
 #[cfg(test)]
 mod tests {
-    use super::number;
+    use super::{median, number};
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+    }
 
     #[test]
     fn numbers_are_grouped_and_rounded() {
