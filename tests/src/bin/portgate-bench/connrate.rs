@@ -37,6 +37,7 @@ mod figures;
 
 use crate::{
     Options,
+    bpf_stats::{self, GatePrograms, ProgramRuns, StatsEnabled},
     loadgen::{self, LoadOutcome, LoadShape},
     nft::{self, NftPort, RuleHits},
     report::Figure,
@@ -196,11 +197,16 @@ struct Round {
     /// portgate rounds: the gate's `cgroup_skb` counters of the port over the round.
     gate_accepted: Option<u64>,
     gate_dropped: Option<u64>,
+    /// portgate rounds: the kernel's run counts and times of the gate's programs over the
+    /// round (see [`crate::bpf_stats`]).
+    kernel: Option<std::collections::BTreeMap<String, ProgramRuns>>,
 }
 
 /// The gate of one section and the cgroup it is attached to, set up once.
 struct Fixture {
     gate: Gate,
+    /// The programs the gate loaded, whose run-time statistics each round reads.
+    programs: GatePrograms,
     gated: TestCgroup,
     // Dropped last: uninstalls the gate (detaching it from `gated`).
     pins: PinDir,
@@ -237,7 +243,14 @@ impl Fixture {
             .with_context(|| format!("setting the policy of {port}"))?;
         }
         let took = start.elapsed();
-        Ok((Self { gate, gated, pins }, took))
+        let programs = GatePrograms::of(&mut gate);
+        let fixture = Self {
+            gate,
+            programs,
+            gated,
+            pins,
+        };
+        Ok((fixture, took))
     }
 
     fn counters(&self, port: u16) -> Result<PortCounters> {
@@ -292,6 +305,14 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
     })();
 
     let port = plan.measured;
+    // The kernel's run-time statistics, for the rounds only (they slow every program).
+    let stats = StatsEnabled::new().map_err(|err| format!("{err:#}"));
+    if rounds < bpf_stats::MIN_ROUNDS {
+        eprintln!(
+            "portgate-bench: {rounds} rounds are too few to state the spread of the gate's kernel time (at least {}; run without --quick)",
+            bpf_stats::MIN_ROUNDS
+        );
+    }
     let mut all: Vec<Round> = Vec::new();
     for round in 0..rounds {
         for setup in Setup::ALL {
@@ -302,6 +323,7 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
                 error: None,
                 gate_accepted: None,
                 gate_dropped: None,
+                kernel: None,
             };
             let result = match setup {
                 Setup::NoGate => run_child(&RoundSpec {
@@ -313,7 +335,10 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
                     shape,
                 }),
                 Setup::Portgate => match (&fixture, &gate_setup) {
-                    (Some(fixture), _) => portgate_round(fixture, port, shape, &mut record),
+                    (Some(fixture), _) => {
+                        let programs = stats.is_ok().then_some(&fixture.programs);
+                        portgate_round(fixture, programs, port, shape, &mut record)
+                    }
                     (None, Err(err)) => Err(anyhow!("the gate's set-up failed: {err}")),
                     (None, Ok(_)) => Err(anyhow!("no gate")),
                 },
@@ -341,6 +366,14 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
                         report.load.failures,
                         report.load.slow_connects,
                     );
+                    if let Some(kernel) = &record.kernel {
+                        let connects = report.load.connections + report.load.failures;
+                        eprintln!(
+                            "portgate-bench:   round {} portgate: {}",
+                            round + 1,
+                            bpf_stats::summary(kernel, connects)
+                        );
+                    }
                     record.report = Some(report);
                 }
                 Err(err) => {
@@ -355,6 +388,8 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
             all.push(record);
         }
     }
+    // Drops the guard: the statistics go back to how they were.
+    let stats_error = stats.err();
     drop(fixture);
     drop(ungated);
 
@@ -390,16 +425,20 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
         &rounds_raw,
         plan,
         &gate_setup,
+        stats_error.as_deref(),
     )
 }
 
-/// A portgate round: the child on the gated cgroup, the gate's counters around it.
+/// A portgate round: the child on the gated cgroup, the gate's counters around it, and
+/// the run-time statistics of `programs` when they are on.
 fn portgate_round(
     fixture: &Fixture,
+    programs: Option<&GatePrograms>,
     port: u16,
     shape: LoadShape,
     record: &mut Round,
 ) -> Result<RoundReport> {
+    let kernel_before = programs.map(GatePrograms::read);
     let before = fixture.counters(port)?;
     let report = run_child(&RoundSpec {
         setup: Setup::Portgate,
@@ -410,6 +449,9 @@ fn portgate_round(
         shape,
     })?;
     let after = fixture.counters(port)?;
+    if let (Some(programs), Some(kernel_before)) = (programs, kernel_before) {
+        record.kernel = Some(bpf_stats::since(&kernel_before, &programs.read()));
+    }
     let skb = usize::from(hook::SKB);
     record.gate_accepted = Some(after.hooks[skb].accepted - before.hooks[skb].accepted);
     record.gate_dropped = Some(

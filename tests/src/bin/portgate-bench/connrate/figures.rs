@@ -7,7 +7,10 @@ use std::time::Duration;
 use serde_json::json;
 
 use super::{Plan, Round, Setup};
-use crate::report::{Figure, median};
+use crate::{
+    bpf_stats::{self, RoundCost},
+    report::{Figure, median},
+};
 
 /// A per-round number of a set-up: the wall-clock rate, or connections per CPU-second.
 #[derive(Clone, Copy)]
@@ -96,6 +99,7 @@ pub(super) fn figures(
     rounds_raw: &serde_json::Value,
     plan: &Plan,
     gate_setup: &Result<Duration, String>,
+    stats_error: Option<&str>,
 ) -> Vec<Figure> {
     let first_error = |setup: Setup| -> String {
         all.iter()
@@ -178,6 +182,7 @@ pub(super) fn figures(
             name,
         ));
     }
+    figures.extend(kernel_figures(section, all, stats_error));
 
     // Every connection accepted everywhere, and each gate saw them.
     let failures: u64 = all
@@ -255,4 +260,27 @@ pub(super) fn figures(
         });
     }
     figures
+}
+
+/// The gate's own kernel time per connection (see [`crate::bpf_stats`]), beside no gate's
+/// CPU per connection of the same round.
+fn kernel_figures(section: &str, all: &[Round], stats_error: Option<&str>) -> Vec<Figure> {
+    let costs: Vec<RoundCost<'_>> = all
+        .iter()
+        .filter(|r| r.setup == Setup::Portgate)
+        .filter_map(|r| {
+            let load = &r.report.as_ref()?.load;
+            let no_gate_cpu_ns = all
+                .iter()
+                .find(|other| other.number == r.number && other.setup == Setup::NoGate)
+                .and_then(|other| other.report.as_ref())
+                .map(|other| 1e3 * other.load.process_cpu_us_per_connection);
+            Some(RoundCost {
+                connects: load.connections + load.failures,
+                programs: r.kernel.as_ref()?,
+                no_gate_cpu_ns,
+            })
+        })
+        .collect();
+    bpf_stats::figures(section, &costs, stats_error)
 }
