@@ -33,8 +33,11 @@ use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+mod figures;
+
 use crate::{
     Options,
+    bpf_stats::{self, GatePrograms, ProgramRuns, StatsEnabled},
     loadgen::{self, LoadOutcome, LoadShape},
     nft::{self, NftPort, RuleHits},
     report::Figure,
@@ -194,11 +197,16 @@ struct Round {
     /// portgate rounds: the gate's `cgroup_skb` counters of the port over the round.
     gate_accepted: Option<u64>,
     gate_dropped: Option<u64>,
+    /// portgate rounds: the kernel's run counts and times of the gate's programs over the
+    /// round (see [`crate::bpf_stats`]).
+    kernel: Option<std::collections::BTreeMap<String, ProgramRuns>>,
 }
 
 /// The gate of one section and the cgroup it is attached to, set up once.
 struct Fixture {
     gate: Gate,
+    /// The programs the gate loaded, whose run-time statistics each round reads.
+    programs: GatePrograms,
     gated: TestCgroup,
     // Dropped last: uninstalls the gate (detaching it from `gated`).
     pins: PinDir,
@@ -235,7 +243,14 @@ impl Fixture {
             .with_context(|| format!("setting the policy of {port}"))?;
         }
         let took = start.elapsed();
-        Ok((Self { gate, gated, pins }, took))
+        let programs = GatePrograms::of(&mut gate);
+        let fixture = Self {
+            gate,
+            programs,
+            gated,
+            pins,
+        };
+        Ok((fixture, took))
     }
 
     fn counters(&self, port: u16) -> Result<PortCounters> {
@@ -290,6 +305,14 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
     })();
 
     let port = plan.measured;
+    // The kernel's run-time statistics, for the rounds only (they slow every program).
+    let stats = StatsEnabled::new().map_err(|err| format!("{err:#}"));
+    if rounds < bpf_stats::MIN_ROUNDS {
+        eprintln!(
+            "portgate-bench: {rounds} rounds are too few to state the spread of the gate's kernel time (at least {}; run without --quick)",
+            bpf_stats::MIN_ROUNDS
+        );
+    }
     let mut all: Vec<Round> = Vec::new();
     for round in 0..rounds {
         for setup in Setup::ALL {
@@ -300,6 +323,7 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
                 error: None,
                 gate_accepted: None,
                 gate_dropped: None,
+                kernel: None,
             };
             let result = match setup {
                 Setup::NoGate => run_child(&RoundSpec {
@@ -311,7 +335,10 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
                     shape,
                 }),
                 Setup::Portgate => match (&fixture, &gate_setup) {
-                    (Some(fixture), _) => portgate_round(fixture, port, shape, &mut record),
+                    (Some(fixture), _) => {
+                        let programs = stats.is_ok().then_some(&fixture.programs);
+                        portgate_round(fixture, programs, port, shape, &mut record)
+                    }
                     (None, Err(err)) => Err(anyhow!("the gate's set-up failed: {err}")),
                     (None, Ok(_)) => Err(anyhow!("no gate")),
                 },
@@ -339,6 +366,14 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
                         report.load.failures,
                         report.load.slow_connects,
                     );
+                    if let Some(kernel) = &record.kernel {
+                        let connects = report.load.connections + report.load.failures;
+                        eprintln!(
+                            "portgate-bench:   round {} portgate: {}",
+                            round + 1,
+                            bpf_stats::summary(kernel, connects)
+                        );
+                    }
                     record.report = Some(report);
                 }
                 Err(err) => {
@@ -353,6 +388,8 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
             all.push(record);
         }
     }
+    // Drops the guard: the statistics go back to how they were.
+    let stats_error = stats.err();
     drop(fixture);
     drop(ungated);
 
@@ -381,23 +418,27 @@ fn compare(section: &str, options: &Options, plan: &Plan) -> Vec<Figure> {
         "nft_load_s": nft_load,
     });
     let rounds_raw = serde_json::to_value(&all).unwrap_or_default();
-    figures(
+    figures::figures(
         section,
         &all,
         &configuration,
         &rounds_raw,
         plan,
         &gate_setup,
+        stats_error.as_deref(),
     )
 }
 
-/// A portgate round: the child on the gated cgroup, the gate's counters around it.
+/// A portgate round: the child on the gated cgroup, the gate's counters around it, and
+/// the run-time statistics of `programs` when they are on.
 fn portgate_round(
     fixture: &Fixture,
+    programs: Option<&GatePrograms>,
     port: u16,
     shape: LoadShape,
     record: &mut Round,
 ) -> Result<RoundReport> {
+    let kernel_before = programs.map(GatePrograms::read);
     let before = fixture.counters(port)?;
     let report = run_child(&RoundSpec {
         setup: Setup::Portgate,
@@ -408,6 +449,9 @@ fn portgate_round(
         shape,
     })?;
     let after = fixture.counters(port)?;
+    if let (Some(programs), Some(kernel_before)) = (programs, kernel_before) {
+        record.kernel = Some(bpf_stats::since(&kernel_before, &programs.read()));
+    }
     let skb = usize::from(hook::SKB);
     record.gate_accepted = Some(after.hooks[skb].accepted - before.hooks[skb].accepted);
     record.gate_dropped = Some(
@@ -415,269 +459,6 @@ fn portgate_round(
             - before.hooks[skb].dropped.iter().sum::<u64>(),
     );
     Ok(report)
-}
-
-/// A per-round number of a set-up: the wall-clock rate, or connections per CPU-second.
-#[derive(Clone, Copy)]
-enum Metric {
-    Rate,
-    PerCpuSecond,
-}
-
-impl Metric {
-    fn of(self, round: &Round) -> Option<f64> {
-        let load = &round.report.as_ref()?.load;
-        match self {
-            Self::Rate => Some(load.rate),
-            Self::PerCpuSecond if load.process_cpu_s > 0.0 => {
-                #[expect(clippy::cast_precision_loss, reason = "a count far below 2^52")]
-                let made = load.measured_connections as f64;
-                Some(made / load.process_cpu_s)
-            }
-            Self::PerCpuSecond => None,
-        }
-    }
-
-    /// The values of `setup`, one per round that ran.
-    fn values(self, all: &[Round], setup: Setup) -> Vec<f64> {
-        all.iter()
-            .filter(|r| r.setup == setup)
-            .filter_map(|r| self.of(r))
-            .collect()
-    }
-
-    /// `top / bottom` within each round where both ran: slow drift and the load of other
-    /// work on the machine cancel out better than in a ratio of medians.
-    fn ratios(self, all: &[Round], top: Setup, bottom: Setup) -> Vec<f64> {
-        let rounds = all
-            .iter()
-            .map(|r| r.number)
-            .max()
-            .map_or(0, |last| last + 1);
-        (0..rounds)
-            .filter_map(|round| {
-                let find = |setup: Setup| {
-                    all.iter()
-                        .find(|r| r.number == round && r.setup == setup)
-                        .and_then(|r| self.of(r))
-                };
-                match (find(top), find(bottom)) {
-                    (Some(top), Some(bottom)) if bottom > 0.0 => Some(top / bottom),
-                    _ => None,
-                }
-            })
-            .collect()
-    }
-}
-
-/// A ratio's target: its words and its bound.
-type RatioTarget = Option<(&'static str, f64)>;
-
-/// The targets of the ratios: portgate within 3% of no gate, ahead of nftables.
-const RATIOS: [(Setup, Setup, RatioTarget); 3] = [
-    (
-        Setup::Portgate,
-        Setup::NoGate,
-        Some((">= 0.97 (ours: within 3% of no gate)", 0.97)),
-    ),
-    (Setup::Nftables, Setup::NoGate, None),
-    (
-        Setup::Portgate,
-        Setup::Nftables,
-        Some(("> 1 (ours: ahead of nftables)", 1.0)),
-    ),
-];
-
-fn meets(target: RatioTarget, value: f64) -> bool {
-    match target {
-        Some((text, bound)) if text.starts_with('>') && !text.starts_with(">=") => value > bound,
-        Some((_, bound)) => value >= bound,
-        None => true,
-    }
-}
-
-#[expect(clippy::too_many_lines, reason = "one figure after another")]
-fn figures(
-    section: &str,
-    all: &[Round],
-    configuration: &serde_json::Value,
-    rounds_raw: &serde_json::Value,
-    plan: &Plan,
-    gate_setup: &Result<Duration, String>,
-) -> Vec<Figure> {
-    let first_error = |setup: Setup| -> String {
-        all.iter()
-            .filter(|r| r.setup == setup)
-            .find_map(|r| r.error.clone())
-            .unwrap_or_else(|| "no round ran".to_owned())
-    };
-    let mut figures = Vec::new();
-    for setup in Setup::ALL {
-        let values = Metric::Rate.values(all, setup);
-        let name = format!("Connections/s, {} (median of rounds)", setup.label());
-        figures.push(match median(&values) {
-            Some(value) => {
-                let mut figure = Figure::measured(section, name, value, "conn/s");
-                if setup == Setup::Portgate {
-                    figure = figure.target(">= 10,000 conn/s (spec)", |v| v >= 10_000.0);
-                }
-                let mut raw = json!({ "rounds": values });
-                if setup == Setup::NoGate {
-                    raw["configuration"] = configuration.clone();
-                }
-                figure.raw(raw)
-            }
-            None => Figure::failed(section, name, first_error(setup)),
-        });
-    }
-    let ratio_figure = |metric: Metric, top: Setup, bottom: Setup, target, name: String| {
-        let values = metric.ratios(all, top, bottom);
-        let Some(value) = median(&values) else {
-            let why = [top, bottom]
-                .into_iter()
-                .find(|setup| metric.values(all, *setup).is_empty())
-                .map_or_else(|| "no round with both".to_owned(), first_error);
-            let mut figure = Figure::failed(section, name, why);
-            if let Some((text, _)) = target {
-                figure = figure.target(text, |_| false);
-            }
-            return figure;
-        };
-        let mut figure = Figure::measured(section, name, value, "x");
-        if let Some((text, _)) = target {
-            figure = figure.target(text, |v| meets(target, v));
-        }
-        figure.raw(json!({
-            "per_round": values,
-            "how": "median over rounds of the ratio within each round",
-        }))
-    };
-    for (top, bottom, target) in RATIOS {
-        let name = format!("Rate ratio {} / {}", top.label(), bottom.label());
-        figures.push(ratio_figure(Metric::Rate, top, bottom, target, name));
-    }
-    // The machine is shared (other work takes CPU at random moments), so the same figures
-    // per CPU-second of the benchmark process: what each set-up costs, whatever the load.
-    for setup in Setup::ALL {
-        let values = Metric::PerCpuSecond.values(all, setup);
-        let name = format!(
-            "CPU per connection, {} (client + server + kernel, median)",
-            setup.label()
-        );
-        figures.push(match median(&values) {
-            Some(value) => Figure::measured(section, name, 1e6 / value, "us").raw(json!({
-                "rounds_us": values.iter().map(|v| 1e6 / v).collect::<Vec<_>>(),
-                "how": "CPU time of the benchmark process (all threads, user + system; the kernel's loopback work runs in them) over the measured time, per connection made",
-            })),
-            None => Figure::failed(section, name, first_error(setup)),
-        });
-    }
-    for (top, bottom, target) in [RATIOS[0], RATIOS[2]] {
-        let name = format!(
-            "Connections per CPU-second ratio {} / {}",
-            top.label(),
-            bottom.label()
-        );
-        figures.push(ratio_figure(
-            Metric::PerCpuSecond,
-            top,
-            bottom,
-            target,
-            name,
-        ));
-    }
-
-    // Every connection accepted everywhere, and each gate saw them.
-    let failures: u64 = all
-        .iter()
-        .filter_map(|r| r.report.as_ref())
-        .map(|r| r.load.failures)
-        .sum();
-    let mut problems: Vec<String> = Vec::new();
-    for r in all {
-        let Some(report) = &r.report else { continue };
-        let load = &report.load;
-        if load.accepted != load.connections {
-            problems.push(format!(
-                "round {} {}: the server accepted {} of {} connections",
-                r.number + 1,
-                r.setup.label(),
-                load.accepted,
-                load.connections
-            ));
-        }
-        if r.setup == Setup::Portgate
-            && (r.gate_accepted != Some(load.connections + load.failures)
-                || r.gate_dropped != Some(0))
-        {
-            problems.push(format!(
-                "round {} portgate: the gate accepted {:?} and dropped {:?} for {} connects",
-                r.number + 1,
-                r.gate_accepted,
-                r.gate_dropped,
-                load.connections + load.failures
-            ));
-        }
-        if let Some(hits) = &report.nft_hits {
-            let dropped =
-                hits.not_allowed + hits.not_allowed_v6 + hits.conn_limit + hits.unallocated;
-            if dropped != 0 || hits.passed < load.connections {
-                problems.push(format!(
-                    "round {} nftables: the rules dropped {dropped} packets and passed {} for {} connections",
-                    r.number + 1,
-                    hits.passed,
-                    load.connections
-                ));
-            }
-        }
-    }
-    let name = "Failed connects, all rounds and set-ups";
-    #[expect(clippy::cast_precision_loss, reason = "a small count")]
-    let mut figure = Figure::measured(section, name, failures as f64, "connects")
-        .target("0, and every gate passed every connection", |v| {
-            v == 0.0 && problems.is_empty()
-        })
-        .raw(json!({ "problems": problems, "rounds": rounds_raw }));
-    if all.iter().all(|r| r.report.is_none()) {
-        figure = Figure::failed(section, name, "no round ran");
-    }
-    figures.push(figure);
-
-    // The cost of writing the policy, for the section with a large one.
-    if plan.ports.len() > 1 {
-        let name = "portgate: writing the policies (set_policy, all ports)";
-        figures.push(match gate_setup {
-            Ok(took) => Figure::measured(section, name, took.as_secs_f64(), "s"),
-            Err(err) => Figure::failed(section, name, err),
-        });
-        let loads: Vec<f64> = all
-            .iter()
-            .filter_map(|r| r.report.as_ref()?.nft_load_s)
-            .collect();
-        let name = "nftables: loading the ruleset (nft -f, median of rounds)";
-        figures.push(match median(&loads) {
-            Some(value) => {
-                Figure::measured(section, name, value, "s").raw(json!({ "rounds": loads }))
-            }
-            None => Figure::failed(section, name, first_error(Setup::Nftables)),
-        });
-    }
-    figures
-}
-
-/// The median, or `None` when there are no values.
-fn median(values: &[f64]) -> Option<f64> {
-    if values.is_empty() {
-        return None;
-    }
-    let mut sorted = values.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let mid = sorted.len() / 2;
-    Some(if sorted.len() % 2 == 1 {
-        sorted[mid]
-    } else {
-        f64::midpoint(sorted[mid - 1], sorted[mid])
-    })
 }
 
 /// Runs one round in a child process and reads its report.
@@ -786,7 +567,7 @@ fn in_cgroup<T>(cgroup: &Path, f: impl FnOnce() -> T) -> Result<T> {
 
 #[cfg(test)]
 mod tests {
-    use super::{median, random_prefixes};
+    use super::random_prefixes;
 
     #[test]
     fn prefixes_do_not_overlap_and_repeat() {
@@ -798,12 +579,5 @@ mod tests {
                 assert!(!a.contains(b) && !b.contains(a), "{a} and {b} overlap");
             }
         }
-    }
-
-    #[test]
-    fn median_of_odd_and_even() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
-        assert_eq!(median(&[]), None);
     }
 }

@@ -8,6 +8,7 @@
 //! `target/bench/`.
 
 mod allocation;
+mod bpf_stats;
 mod checks;
 mod connrate;
 mod daemon_load;

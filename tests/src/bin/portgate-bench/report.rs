@@ -18,6 +18,45 @@ pub struct Figure {
     pub target: Option<Target>,
     /// The raw numbers behind the figure (samples, rounds, settings).
     pub raw: serde_json::Value,
+    /// How the rounds behind a median spread, when the value is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spread: Option<Spread>,
+    /// What the figure is and how it is measured, printed below the section's table.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// How the per-round values behind a median spread.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Spread {
+    /// The rounds.
+    pub rounds: usize,
+    /// The smallest value of a round.
+    pub min: f64,
+    /// The largest value of a round.
+    pub max: f64,
+    /// `(max - min) / median`.
+    pub relative: f64,
+}
+
+impl Spread {
+    /// The median of `values` and their spread; `None` when there are none.
+    pub fn of(values: &[f64]) -> Option<(f64, Self)> {
+        let median = median(values)?;
+        let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+        let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let spread = Self {
+            rounds: values.len(),
+            min,
+            max,
+            relative: if median == 0.0 {
+                f64::NAN
+            } else {
+                (max - min) / median.abs()
+            },
+        };
+        Some((median, spread))
+    }
 }
 
 /// A figure's value, or the failure that left it without one.
@@ -64,6 +103,8 @@ impl Figure {
             },
             target: None,
             raw: serde_json::Value::Null,
+            spread: None,
+            note: None,
         }
     }
 
@@ -77,6 +118,8 @@ impl Figure {
             },
             target: None,
             raw: serde_json::Value::Null,
+            spread: None,
+            note: None,
         }
     }
 
@@ -90,6 +133,8 @@ impl Figure {
             },
             target: None,
             raw: serde_json::Value::Null,
+            spread: None,
+            note: None,
         }
     }
 
@@ -112,6 +157,20 @@ impl Figure {
     #[must_use]
     pub fn raw(mut self, raw: serde_json::Value) -> Self {
         self.raw = raw;
+        self
+    }
+
+    /// The spread of the rounds whose median the figure is, shown beside it.
+    #[must_use]
+    pub fn spread(mut self, spread: Spread) -> Self {
+        self.spread = Some(spread);
+        self
+    }
+
+    /// What the figure is and how it is measured, in a sentence below the table.
+    #[must_use]
+    pub fn note(mut self, note: impl Into<String>) -> Self {
+        self.note = Some(note.into());
         self
     }
 }
@@ -212,10 +271,20 @@ impl Report {
             let _ = writeln!(out, "| Benchmark | Result | Target | Met |");
             let _ = writeln!(out, "|---|---:|---|:-:|");
             for figure in self.figures.iter().filter(|f| f.section == section) {
-                let result = match &figure.outcome {
-                    Outcome::Measured { value, unit } => format!("{} {unit}", number(*value)),
-                    Outcome::Passed { detail } => format!("passed ({detail})"),
-                    Outcome::Failed { error } => {
+                let result = match (&figure.outcome, &figure.spread) {
+                    (Outcome::Measured { value, unit }, Some(spread)) => format!(
+                        "{} {unit} (min–max {}–{}, spread {}%, {} rounds)",
+                        number(*value),
+                        number(spread.min),
+                        number(spread.max),
+                        number(100.0 * spread.relative),
+                        spread.rounds
+                    ),
+                    (Outcome::Measured { value, unit }, None) => {
+                        format!("{} {unit}", number(*value))
+                    }
+                    (Outcome::Passed { detail }, _) => format!("passed ({detail})"),
+                    (Outcome::Failed { error }, _) => {
                         format!(
                             "**failed**: {}",
                             error.replace('|', "\\|").replace('\n', " ")
@@ -228,6 +297,18 @@ impl Report {
                 let _ = writeln!(out, "| {} | {result} | {target} | {met} |", figure.name);
             }
             out.push('\n');
+            for figure in self.figures.iter().filter(|f| f.section == section) {
+                if let Some(note) = &figure.note {
+                    let _ = writeln!(out, "- *{}*: {note}", figure.name);
+                }
+            }
+            if self
+                .figures
+                .iter()
+                .any(|f| f.section == section && f.note.is_some())
+            {
+                out.push('\n');
+            }
         }
         out
     }
@@ -265,6 +346,21 @@ pub fn number(value: f64) -> String {
         Some(fraction) => format!("{sign}{grouped}.{fraction}"),
         None => format!("{sign}{grouped}"),
     }
+}
+
+/// The median, or `None` when there are no values.
+pub fn median(values: &[f64]) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    Some(if sorted.len() % 2 == 1 {
+        sorted[mid]
+    } else {
+        f64::midpoint(sorted[mid - 1], sorted[mid])
+    })
 }
 
 /// Latency percentiles of a set of samples.
@@ -395,7 +491,14 @@ impl Timed {
 
 #[cfg(test)]
 mod tests {
-    use super::number;
+    use super::{median, number};
+
+    #[test]
+    fn median_of_odd_and_even() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+        assert_eq!(median(&[]), None);
+    }
 
     #[test]
     fn numbers_are_grouped_and_rounded() {
