@@ -44,9 +44,13 @@ pub mod map_names {
     /// other namespaces than the host's, for the `cgroup_skb` fallback
     /// ([`crate::program_names::SKB_SOCKET_NETNS`]).
     pub const SOCKET_NETNS: &str = "PG_SOCK_NETNS";
+    /// The programs' diagnostic lines: aya-log's ring buffer, declared (and named) by
+    /// aya-log-ebpf. Pinned with the others so that a restarted daemon reads the lines of
+    /// the programs it adopted.
+    pub const KERNEL_LOG: &str = "AYA_LOGS";
 
     /// Every map, in the order userspace pins, adopts and removes them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         POLICY,
         ALLOW,
         GRANTS,
@@ -61,6 +65,7 @@ pub mod map_names {
         HANDOFF,
         XDP_NETNS,
         SOCKET_NETNS,
+        KERNEL_LOG,
     ];
 }
 
@@ -106,6 +111,9 @@ pub mod capacity {
     pub const SOCKETS: u32 = 1_048_576;
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// The diagnostic lines' ring buffer in bytes: aya-log-ebpf 0.2.0 declares it this
+    /// size (the pin's layout check notices if another version changes it).
+    pub const KERNEL_LOG_BYTES: u32 = 1 << 17;
     /// Rate-limiter rows: every port in both protocols.
     pub const EVENT_RATE: u32 = 65_536 * 2;
     /// Interfaces with XDP attached.
@@ -267,6 +275,9 @@ pub mod config_flags {
     /// attached: the bind and `sock_ops` programs record it (otherwise they spare each
     /// socket that storage).
     pub const SOCKET_NETNS: u32 = 1 << 2;
+    /// The daemon reads the programs' diagnostic lines ([`crate::map_names::KERNEL_LOG`]):
+    /// a refusal is written there as a line.
+    pub const KERNEL_LOG: u32 = 1 << 3;
 }
 
 /// The network namespace of the host's own ports in every key: the namespace the gate was

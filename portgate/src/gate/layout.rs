@@ -22,7 +22,7 @@ const fn size<T>() -> u32 {
 }
 
 /// (name, key size, value size, max entries) of every map, as the object declares them.
-fn expected() -> [(&'static str, (u32, u32, u32)); 14] {
+fn expected() -> [(&'static str, (u32, u32, u32)); 15] {
     [
         (
             map_names::POLICY,
@@ -76,6 +76,7 @@ fn expected() -> [(&'static str, (u32, u32, u32)); 14] {
         ),
         // Socket storage has no entry count: one value per socket.
         (map_names::SOCKET_NETNS, (size::<i32>(), size::<u64>(), 0)),
+        (map_names::KERNEL_LOG, (0, 0, capacity::KERNEL_LOG_BYTES)),
     ]
 }
 
