@@ -21,6 +21,7 @@ mod events;
 mod grants;
 mod handshakes;
 mod host;
+mod kernel_log;
 mod lifecycle;
 mod load;
 mod maps;
