@@ -1,7 +1,8 @@
 //! The kernel's diagnostic lines (aya-log, the daemon's `kernel_log` key): none while the
 //! flag is clear, a line per refusal once a reader asks, and the pinned ring read across a
 //! restart that adopts the attached programs; XDP drops and refused binds reach the logger
-//! through the async reader the daemon runs.
+//! through the async reader the daemon runs; and the real daemon's log, with the key set
+//! at a restart.
 
 use std::{
     net::TcpListener,
@@ -23,6 +24,7 @@ use portgate_tests::{
         listen_in, loopback,
         packet::{DESTINATION, tcp_syn},
     },
+    daemon::Daemon,
     require_privileges,
 };
 
@@ -193,4 +195,45 @@ fn xdp_drops_and_refused_binds_reach_the_async_reader() {
     assert!(lines.wait_for(&bind, || ()), "a refused bind is a line");
     assert!(!reader.is_finished(), "the reader keeps reading");
     reader.abort();
+}
+
+#[test]
+fn the_daemon_logs_the_lines_once_a_restart_sets_the_key() {
+    if !require_privileges!() {
+        return;
+    }
+    let mut daemon = Daemon::start(41_600, 41_609);
+    let unallocated = 41_605;
+    let line = format!("portgate: refused a bind of port {unallocated} by pid");
+    assert!(
+        bind_in(&daemon, unallocated).is_err(),
+        "an unallocated managed port is not bound"
+    );
+    assert!(
+        !daemon.log().contains(&line),
+        "kernel_log = false: no line:\n{}",
+        daemon.log()
+    );
+
+    assert!(daemon.stop());
+    daemon.set_config("kernel_log", "true");
+    daemon.spawn();
+    assert!(
+        bind_in(&daemon, unallocated).is_err(),
+        "still refused after the restart"
+    );
+    assert!(
+        eventually(LINE_WITHIN, || daemon.log().contains(&line)),
+        "kernel_log = true: the adopted programs' line in the daemon's log:\n{}",
+        daemon.log()
+    );
+    assert!(daemon.log().contains(KERNEL_LOG_TARGET), "{}", daemon.log());
+}
+
+/// `bind()` of TCP `port` on loopback by a process in the daemon's cgroup and namespace.
+fn bind_in(daemon: &Daemon, port: u16) -> std::io::Result<()> {
+    daemon.ns.run(|| {
+        let _inside = daemon.cgroup.enter();
+        TcpListener::bind(loopback(port)).map(drop)
+    })
 }
