@@ -45,11 +45,15 @@ pub mod map_names {
     pub const HANDOFF: &str = "PG_HANDOFF";
     /// The namespace each XDP interface carries traffic for: netns cookie keyed by ifindex.
     pub const XDP_NETNS: &str = "PG_XDP_NETNS";
+    /// The programs' diagnostic lines: aya-log's ring buffer, declared (and named) by
+    /// aya-log-ebpf. Pinned with the others so that a restarted daemon reads the lines of
+    /// the programs it adopted.
+    pub const KERNEL_LOG: &str = "AYA_LOGS";
 
     /// Every map, in the order userspace pins, adopts and removes them.
-    pub const ALL: [&str; 13] = [
+    pub const ALL: [&str; 14] = [
         POLICY, ALLOW, GRANTS, COUNTERS, SLOTS, PENDING, SOCKETS, EVENTS, EVENT_RATE, CONFIG,
-        STATS, HANDOFF, XDP_NETNS,
+        STATS, HANDOFF, XDP_NETNS, KERNEL_LOG,
     ];
 }
 
@@ -94,6 +98,9 @@ pub mod capacity {
     pub const PENDING_PER_PORT: u32 = 4_096;
     /// Ring buffer size in bytes (a power of two, a multiple of the page size).
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// The diagnostic lines' ring buffer in bytes: aya-log-ebpf 0.2.0 declares it this
+    /// size (the pin's layout check notices if another version changes it).
+    pub const KERNEL_LOG_BYTES: u32 = 1 << 17;
     /// Rate-limiter rows: every port in both protocols.
     pub const EVENT_RATE: u32 = 65_536 * 2;
     /// Interfaces with XDP attached.
@@ -257,6 +264,9 @@ pub mod config_flags {
     /// attached: the bind and `sock_ops` programs record it in [`crate::SocketState::netns`]
     /// (otherwise the bind program spares listening sockets that storage).
     pub const SOCKET_NETNS: u32 = 1 << 2;
+    /// The daemon reads the programs' diagnostic lines ([`crate::map_names::KERNEL_LOG`]):
+    /// a refusal is written there as a line.
+    pub const KERNEL_LOG: u32 = 1 << 3;
 }
 
 /// The network namespace of the host's own ports in every key: the namespace the gate was

@@ -7,6 +7,8 @@
 //!   bind ownership;
 //! - `portgate_sockops` (`sock_ops.rs`) counts established passive TCP connections per port.
 //!
+//! A refusal is reported to the daemon's log through `diag.rs` when it asks for that.
+//!
 //! Ports outside the configured managed range are never touched. Userspace loads the
 //! programs by these function names.
 #![no_std]
@@ -27,6 +29,7 @@
 
 mod atomic;
 mod bind;
+mod diag;
 mod events;
 mod maps;
 mod parse;
@@ -42,14 +45,17 @@ use aya_ebpf::{
     macros::{cgroup_skb, cgroup_sock_addr, sock_ops, xdp},
     programs::{SkBuffContext, SockAddrContext, SockOpsContext, XdpContext},
 };
-use portgate_common::family;
+use portgate_common::{family, hook};
 
 /// XDP verdict for packets arriving on an interface.
 #[xdp]
 pub fn portgate_xdp(ctx: XdpContext) -> u32 {
     match xdp::try_xdp(&ctx) {
         Ok(()) => xdp_action::XDP_PASS,
-        Err(_) => xdp_action::XDP_DROP,
+        Err(refusal) => {
+            diag::packet_dropped(&ctx, hook::XDP, refusal.reason);
+            xdp_action::XDP_DROP
+        }
     }
 }
 
@@ -59,7 +65,10 @@ pub fn portgate_xdp(ctx: XdpContext) -> u32 {
 pub fn portgate_skb(ctx: SkBuffContext) -> i32 {
     match skb::try_skb(&ctx) {
         Ok(()) => 1,
-        Err(_) => 0,
+        Err(refusal) => {
+            diag::packet_dropped(&ctx, hook::SKB, refusal.reason);
+            0
+        }
     }
 }
 
@@ -69,7 +78,10 @@ pub fn portgate_skb(ctx: SkBuffContext) -> i32 {
 pub fn portgate_skb_sk(ctx: SkBuffContext) -> i32 {
     match skb::try_skb_socket_netns(&ctx) {
         Ok(()) => 1,
-        Err(_) => 0,
+        Err(refusal) => {
+            diag::packet_dropped(&ctx, hook::SKB, refusal.reason);
+            0
+        }
     }
 }
 
@@ -77,18 +89,22 @@ pub fn portgate_skb_sk(ctx: SkBuffContext) -> i32 {
 /// `bind()` fail with EPERM.
 #[cgroup_sock_addr(bind4)]
 pub fn portgate_bind4(ctx: SockAddrContext) -> i32 {
-    match bind::try_bind(&ctx, family::V4) {
-        Ok(()) => 1,
-        Err(_) => 0,
+    if bind::try_bind(&ctx, family::V4).is_ok() {
+        1
+    } else {
+        diag::bind_refused(&ctx);
+        0
     }
 }
 
 /// `cgroup/bind6`: as `portgate_bind4`.
 #[cgroup_sock_addr(bind6)]
 pub fn portgate_bind6(ctx: SockAddrContext) -> i32 {
-    match bind::try_bind(&ctx, family::V6) {
-        Ok(()) => 1,
-        Err(_) => 0,
+    if bind::try_bind(&ctx, family::V6).is_ok() {
+        1
+    } else {
+        diag::bind_refused(&ctx);
+        0
     }
 }
 

@@ -141,6 +141,7 @@ socket_mode = "0666"
 admin_group = "{admin_group}"
 metrics_listen = "127.0.0.1:9477"
 audit_log = "{audit}"
+kernel_log = false
 "#,
                 state = dir.path().join("state").display(),
                 pins = pins.path().display(),

@@ -103,6 +103,10 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The audit log (JSON lines).
     pub audit_log: PathBuf,
+    /// Have the kernel programs write a line for each refusal (a dropped packet with its
+    /// reason code, a refused bind) to the daemon's log, target `portgate::kernel`. For
+    /// diagnosis: every refusal is a line.
+    pub kernel_log: bool,
 }
 
 impl Default for DaemonConfig {
@@ -117,6 +121,7 @@ impl Default for DaemonConfig {
             admin_group: "portgate".to_owned(),
             metrics_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9477))),
             audit_log: PathBuf::from(crate::paths::DEFAULT_AUDIT_LOG),
+            kernel_log: false,
         }
     }
 }

@@ -102,7 +102,7 @@ fn empty_file_gives_the_defaults() {
 fn partial_file_keeps_the_other_defaults() {
     let config = parse(
         "[ports]\nmin_port = 40000\nmax_port = 40999\ntimeout = \"5m\"\n\
-         [daemon]\nxdp_interfaces = [\"eth0\"]\n",
+         [daemon]\nxdp_interfaces = [\"eth0\"]\nkernel_log = true\n",
     )
     .unwrap();
     let mut expected = Config::default();
@@ -110,6 +110,7 @@ fn partial_file_keeps_the_other_defaults() {
     expected.ports.max_port = 40_999;
     expected.ports.timeout = Duration::from_mins(5);
     expected.daemon.xdp_interfaces = vec!["eth0".to_owned()];
+    expected.daemon.kernel_log = true;
     assert_eq!(config, expected);
 }
 

@@ -30,7 +30,7 @@ use tokio::{
 use self::{audit::AuditLog, auth::AdminGroup};
 use crate::{
     config::{CgroupTarget, Config},
-    gate::{self, Gate, GateSettings},
+    gate::{self, Gate, GateSettings, KernelLog},
     host::{
         self,
         sockets::{CachedSockets, ProcfsSockets},
@@ -132,7 +132,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
             store_path.display()
         )
     })?;
-    let (gate, cgroup, events) = install_gate(&config)?;
+    let (gate, installed) = install_gate(&config)?;
     let (manager, start_report) = open_manager(&config, &store, stored, gate, &mut warnings)?;
     for warning in manager.reserve_ephemeral().await? {
         log::warn!("{warning}");
@@ -162,11 +162,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
         shutdown_rx.clone(),
         Arc::clone(&store_failed),
     ));
-    tasks.spawn(read_events(
-        Arc::clone(&manager),
-        events,
-        shutdown_rx.clone(),
-    ));
+    let cgroup = spawn_kernel_readers(&mut tasks, &manager, installed, &shutdown_rx);
     // The metrics address first: if it cannot be bound, no request has been taken yet.
     let metrics_server = spawn_metrics(&app, daemon.metrics_listen, shutdown_rx.clone()).await?;
     let api_server = spawn_api(listener, &app, shutdown_rx.clone());
@@ -299,8 +295,16 @@ async fn spawn_metrics(
     })))
 }
 
+/// What [`install_gate`] gives the daemon besides the gate.
+struct Installed {
+    cgroup: PathBuf,
+    events: gate::DenyEvents,
+    /// The kernel's diagnostic lines, when `daemon.kernel_log` asks for them.
+    kernel_log: Option<KernelLog<&'static dyn log::Log>>,
+}
+
 /// Installs (or adopts) the kernel gate and attaches it where the configuration says.
-fn install_gate(config: &Config) -> anyhow::Result<(Gate, PathBuf, gate::DenyEvents)> {
+fn install_gate(config: &Config) -> anyhow::Result<(Gate, Installed)> {
     let daemon = &config.daemon;
     let mut gate = Gate::install(&GateSettings {
         pin_dir: daemon.pin_dir.clone(),
@@ -321,7 +325,22 @@ fn install_gate(config: &Config) -> anyhow::Result<(Gate, PathBuf, gate::DenyEve
         .with_context(|| format!("attaching XDP to {interface}"))?;
     }
     let events = gate.events().context("opening the deny-event stream")?;
-    Ok((gate, cgroup, events))
+    let kernel_log = if daemon.kernel_log {
+        Some(
+            gate.kernel_log(log::logger())
+                .context("starting the kernel's diagnostic lines (daemon.kernel_log)")?,
+        )
+    } else {
+        None
+    };
+    Ok((
+        gate,
+        Installed {
+            cgroup,
+            events,
+            kernel_log,
+        },
+    ))
 }
 
 /// Takes an exclusive lock on the pin directory, failing at once when a daemon holds it.
@@ -401,6 +420,25 @@ async fn run_lifecycle_timers(
     }
 }
 
+/// Spawns the readers of what the kernel reports (deny events, and its diagnostic lines
+/// when asked for); gives back the cgroup the gate is attached to.
+fn spawn_kernel_readers(
+    tasks: &mut tokio::task::JoinSet<()>,
+    manager: &Arc<PortManager>,
+    installed: Installed,
+    shutdown: &watch::Receiver<bool>,
+) -> PathBuf {
+    tasks.spawn(read_events(
+        Arc::clone(manager),
+        installed.events,
+        shutdown.clone(),
+    ));
+    if let Some(kernel_log) = installed.kernel_log {
+        tasks.spawn(forward_kernel_log(kernel_log, shutdown.clone()));
+    }
+    installed.cgroup
+}
+
 /// Reads deny events from the kernel into the monitor.
 async fn read_events(
     manager: Arc<PortManager>,
@@ -421,6 +459,22 @@ async fn read_events(
             },
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
+    }
+}
+
+/// Hands the kernel's diagnostic lines to the daemon's log as they come.
+async fn forward_kernel_log(
+    kernel_log: KernelLog<&'static dyn log::Log>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    tokio::select! {
+        Err(err) = kernel_log.forward() => {
+            log::error!(
+                "reading the kernel's diagnostic lines: {}; no more will be read",
+                Chain(&err)
+            );
+        }
+        _ = shutdown.wait_for(|stop| *stop) => {}
     }
 }
 

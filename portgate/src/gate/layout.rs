@@ -22,7 +22,7 @@ const fn size<T>() -> u32 {
 }
 
 /// (name, key size, value size, max entries) of every map, as the object declares them.
-fn expected() -> [(&'static str, (u32, u32, u32)); 13] {
+fn expected() -> [(&'static str, (u32, u32, u32)); 14] {
     [
         (
             map_names::POLICY,
@@ -72,6 +72,7 @@ fn expected() -> [(&'static str, (u32, u32, u32)); 13] {
             map_names::XDP_NETNS,
             (size::<u32>(), size::<u64>(), capacity::XDP_NETNS),
         ),
+        (map_names::KERNEL_LOG, (0, 0, capacity::KERNEL_LOG_BYTES)),
     ]
 }
 

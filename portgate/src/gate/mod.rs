@@ -22,6 +22,7 @@ macro_rules! open_map {
 mod batch;
 mod error;
 mod events;
+mod kernel_log;
 mod keys;
 mod layout;
 mod maps;
@@ -49,6 +50,7 @@ use portgate_common::{
 pub use self::{
     error::GateError,
     events::{DenyEventRecord, DenyEvents},
+    kernel_log::{KernelLog, TARGET as KERNEL_LOG_TARGET},
     maps::{GateStats, GrantRecord, HookCounters, PortCounters},
 };
 use crate::{
@@ -195,7 +197,9 @@ impl Gate {
             min_port: settings.min_port,
             max_port: settings.max_port,
             events_per_sec: settings.events_per_sec,
-            flags: previous.flags,
+            // The kernel's lines only while a reader of this process asks for them
+            // (`Gate::kernel_log`): a previous daemon's reader is gone.
+            flags: previous.flags & !config_flags::KERNEL_LOG,
             _pad: 0,
             pending_ttl_ns: u64::try_from(settings.pending_ttl.as_nanos()).unwrap_or(u64::MAX),
             host_netns,

@@ -22,6 +22,7 @@ mod fast_path;
 mod grants;
 mod handshakes;
 mod host;
+mod kernel_log;
 mod lifecycle;
 mod load;
 mod maps;
