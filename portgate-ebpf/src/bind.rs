@@ -87,5 +87,6 @@ pub fn try_bind(ctx: &SockAddrContext, family_code: u8) -> Result<(), Refusal> {
     events::emit_bind(config, &key, family_code, addr, now);
     Err(Refusal {
         reason: reason::BIND_DENIED,
+        port,
     })
 }

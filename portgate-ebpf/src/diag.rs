@@ -11,7 +11,7 @@ use aya_ebpf::{EbpfContext, helpers::bpf_get_current_pid_tgid, programs::SockAdd
 use aya_log_ebpf::info;
 use portgate_common::{config_flags, hook};
 
-use crate::maps::CONFIG;
+use crate::{maps::CONFIG, verdict::Refusal};
 
 /// The `log` target of every line, as the daemon's logger filters it.
 const TARGET: &str = "portgate::kernel";
@@ -24,9 +24,10 @@ fn enabled() -> bool {
         .is_some_and(|config| config.flags & config_flags::KERNEL_LOG != 0)
 }
 
-/// A packet `hook_code` ([`hook::XDP`] or [`hook::SKB`]) dropped for `reason_code`.
+/// A packet `hook_code` ([`hook::XDP`] or [`hook::SKB`]) dropped, and why.
 #[inline(always)]
-pub fn packet_dropped<C: EbpfContext>(ctx: &C, hook_code: u8, reason_code: u8) {
+pub fn packet_dropped<C: EbpfContext>(ctx: &C, hook_code: u8, refusal: Refusal) {
+    let (reason_code, port) = (refusal.reason, refusal.port);
     if !enabled() {
         return;
     }
@@ -35,14 +36,16 @@ pub fn packet_dropped<C: EbpfContext>(ctx: &C, hook_code: u8, reason_code: u8) {
         info!(
             ctx,
             target: TARGET,
-            "portgate: XDP dropped a packet: reason {}",
+            "portgate: XDP dropped a packet to port {}: reason {}",
+            port,
             reason_code
         );
     } else {
         info!(
             ctx,
             target: TARGET,
-            "portgate: cgroup_skb dropped a packet: reason {}",
+            "portgate: cgroup_skb dropped a packet to port {}: reason {}",
+            port,
             reason_code
         );
     }

@@ -53,7 +53,7 @@ pub fn portgate_xdp(ctx: XdpContext) -> u32 {
     match xdp::try_xdp(&ctx) {
         Ok(()) => xdp_action::XDP_PASS,
         Err(refusal) => {
-            diag::packet_dropped(&ctx, hook::XDP, refusal.reason);
+            diag::packet_dropped(&ctx, hook::XDP, refusal);
             xdp_action::XDP_DROP
         }
     }
@@ -66,7 +66,7 @@ pub fn portgate_skb(ctx: SkBuffContext) -> i32 {
     match skb::try_skb(&ctx) {
         Ok(()) => 1,
         Err(refusal) => {
-            diag::packet_dropped(&ctx, hook::SKB, refusal.reason);
+            diag::packet_dropped(&ctx, hook::SKB, refusal);
             0
         }
     }
@@ -79,7 +79,7 @@ pub fn portgate_skb_sk(ctx: SkBuffContext) -> i32 {
     match skb::try_skb_socket_netns(&ctx) {
         Ok(()) => 1,
         Err(refusal) => {
-            diag::packet_dropped(&ctx, hook::SKB, refusal.reason);
+            diag::packet_dropped(&ctx, hook::SKB, refusal);
             0
         }
     }

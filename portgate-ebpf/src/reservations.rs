@@ -131,6 +131,13 @@ fn try_reserve(
     }
 }
 
+/// Whether the port of `policy` (its allocation `home`) has a slot free under its epoch
+/// now, without taking it.
+#[inline(always)]
+pub fn has_room(home: &portgate_common::PortKey, policy: &Policy) -> bool {
+    Row::of(home).is_some_and(|row| row.has_room(policy.epoch, policy.max_connections))
+}
+
 /// The handshake of `flow` is completing: whether it holds a live reservation of the
 /// epoch of `policy`, renewed so that it is still live when the connection is
 /// established, and marked as judged under `policy`'s generation.

@@ -16,7 +16,7 @@ use portgate_common::{family, hook};
 
 use crate::{
     parse::{PacketInfo, Parsed, Reader, parse_l3},
-    verdict::{self, Refusal},
+    verdict::{self, Handshake, Refusal},
 };
 
 /// Reads the linear part of an skb directly, and what lies beyond it (a non-linear skb)
@@ -91,7 +91,7 @@ fn judge(ctx: &SkBuffContext, netns: impl FnOnce(&SkBuffContext) -> u64) -> Resu
                 socket
             };
             verdict::enforce(&info, hook::SKB, u64::from(ctx.len()), connection, || {
-                handshake_done(ctx, &info)
+                handshake_state(ctx, &info)
             })
         }
         Parsed::Other => Ok(()),
@@ -144,11 +144,12 @@ fn delivered_to(ctx: &SkBuffContext) -> (*mut c_void, bool) {
     (full.cast(), listening)
 }
 
-/// Whether the connection of a packet that reached the listening socket is established
-/// already: another packet of the same handshake, on another CPU, completed it since this
-/// one was looked up. The packet then belongs to that connection, not to a new one.
+/// What became of the handshake of a packet that reached the listening socket: another
+/// packet of the same handshake, on another CPU, may have completed it since this one was
+/// looked up (the packet then belongs to that connection), a request socket may stand for
+/// it, or the kernel may know of none.
 #[inline(always)]
-fn handshake_done(ctx: &SkBuffContext, info: &PacketInfo) -> bool {
+fn handshake_state(ctx: &SkBuffContext, info: &PacketInfo) -> Handshake {
     // SAFETY: all-zero is a valid tuple (plain integers).
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = if info.family == family::V4 {
@@ -198,11 +199,15 @@ fn handshake_done(ctx: &SkBuffContext, info: &PacketInfo) -> bool {
         )
     };
     if found.is_null() {
-        return false;
+        return Handshake::Unknown;
     }
     // SAFETY: a socket the helper returned (a reference, released just below).
     let state = unsafe { (*found).state };
     // SAFETY: releases the reference the lookup took.
     unsafe { bpf_sk_release(found.cast()) };
-    state != BPF_TCP_LISTEN && state != BPF_TCP_NEW_SYN_RECV
+    match state {
+        BPF_TCP_LISTEN => Handshake::Unknown,
+        BPF_TCP_NEW_SYN_RECV => Handshake::InProgress,
+        _ => Handshake::Established,
+    }
 }

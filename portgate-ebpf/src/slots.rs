@@ -70,6 +70,14 @@ impl Row {
         add_one(unsafe { &raw mut (*self.0).slots }, epoch, max)
     }
 
+    /// Whether a slot of `epoch` is free now (`max` 0 is unlimited); a plain read.
+    #[inline(always)]
+    pub fn has_room(self, epoch: u32, max: u32) -> bool {
+        // SAFETY: as above.
+        let slots = load(unsafe { &raw const (*self.0).slots });
+        max == 0 || slot_word::count_for(slots, epoch) < max
+    }
+
     /// Gives back one slot taken under `epoch`.
     #[inline(always)]
     pub fn give_back(self, epoch: u32) {

@@ -39,6 +39,22 @@ impl Clock {
 pub struct Refusal {
     /// One of the [`reason`] codes, as counted and reported in the deny event.
     pub reason: u8,
+    /// The port refused (0 when a packet's ports could not be read).
+    pub port: u16,
+}
+
+/// What became of the handshake of a packet that would complete one, as the socket
+/// tables show it at that moment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Handshake {
+    /// Another packet of the handshake completed it: the connection is established, and
+    /// the packet is that connection's.
+    Established,
+    /// A request socket stands for it: a handshake the kernel is in the middle of.
+    InProgress,
+    /// Neither: no handshake the kernel knows of (a stray ACK, such as a teardown's last
+    /// one reaching the listener after the connection is gone, or a SYN-cookie ACK).
+    Unknown,
 }
 
 /// The verdict's answer.
@@ -70,7 +86,7 @@ pub fn unreadable(hook_code: u8) -> Result<(), Refusal> {
     }
     bump_stat(stat::UNPARSABLE);
     // No port, so no per-port drop reason: the gate-wide statistic counts it.
-    Err(Refusal { reason: 0 })
+    Err(Refusal { reason: 0, port: 0 })
 }
 
 /// Enforces the verdict on a parsed packet seen by `hook_code` ([`hook::XDP`] or
@@ -84,9 +100,8 @@ pub fn unreadable(hook_code: u8) -> Result<(), Refusal> {
 /// counting again a packet XDP passed and counted (its packets, bytes and acceptance);
 /// drops are counted by the hook that drops.
 ///
-/// `handshake_done` is asked, only for a packet that would end a handshake and is about to
-/// be refused or to take a reservation, whether its connection is established already
-/// (another packet of the handshake completed it): the packet is then that connection's.
+/// `handshake` is asked, only for a packet that would end a handshake and is about to be
+/// refused or to take a reservation, what became of its handshake ([`Handshake`]).
 ///
 /// `socket` is the full socket a `cgroup_skb` packet is delivered to when it is not a
 /// listening one (null otherwise, and for XDP): the established-flow fast path
@@ -97,7 +112,7 @@ pub fn enforce(
     hook_code: u8,
     bytes: u64,
     socket: *mut c_void,
-    handshake_done: impl FnOnce() -> bool,
+    handshake: impl FnOnce() -> Handshake,
 ) -> Result<(), Refusal> {
     let Some(config) = CONFIG.get(0) else {
         return Ok(());
@@ -136,7 +151,7 @@ pub fn enforce(
     let verdict = if established_tcp(info) {
         decide_established(info, policy, &home, socket)
     } else {
-        decide(config, info, policy, &home, &mut clock, handshake_done)
+        decide(config, info, policy, &home, &mut clock, handshake)
     };
     match verdict {
         Verdict::Pass => {}
@@ -156,7 +171,10 @@ pub fn enforce(
                     unsafe { (*row).dropped[index] += 1 };
                 }
             }
-            let refusal = Refusal { reason: code };
+            let refusal = Refusal {
+                reason: code,
+                port: info.dport,
+            };
             events::emit_packet(config, info, &home, refusal, hook_code, clock.now());
             return Err(refusal);
         }
@@ -221,39 +239,51 @@ fn established_tcp(info: &PacketInfo) -> bool {
 ///
 /// A new connection is judged at its SYN (or UDP datagram) and again at the packet that
 /// completes its handshake ([`PacketInfo::completes_handshake`]), where a limited port
-/// also needs a live reservation, or a slot free at that moment.
+/// also needs a live reservation, or a slot free at that moment. Such a packet without a
+/// reservation takes one only for a handshake the kernel is in the middle of: a stray ACK
+/// would hold a slot for a connection that never comes. Without one it passes while the
+/// port has room (a SYN-cookie ACK: `sock_ops` takes a slot for its connection) and is
+/// refused when the port is full.
 ///
 /// `policy` is the record of the port the packet is for, as the hook sees it (`None`: not
 /// allocated); `home` is the allocation's key ([`Policy::home`]).
 #[inline(always)]
-fn decide<F: FnOnce() -> bool>(
+fn decide<F: FnOnce() -> Handshake>(
     config: &GateConfig,
     info: &PacketInfo,
     policy: Option<&Policy>,
     home: &PortKey,
     clock: &mut Clock,
-    handshake_done: F,
+    handshake_state: F,
 ) -> Verdict {
     let handshake = info.completes_handshake();
     let new_connection = info.new_connection() || handshake;
+    // Asked at most once, and only of a packet completing a handshake.
+    let mut lookup = Some(handshake_state);
+    let mut state = || {
+        if handshake {
+            lookup.take().map_or(Handshake::Unknown, |look| look())
+        } else {
+            Handshake::Unknown
+        }
+    };
     // A packet of a handshake another packet completed meanwhile is established traffic.
-    let refuse = |code: u8, handshake_done: &mut Option<F>| {
-        if handshake && handshake_done.take().is_some_and(|done| done()) {
+    let mut refuse = |code: u8| {
+        if state() == Handshake::Established {
             Verdict::Pass
         } else {
             Verdict::Drop(code)
         }
     };
-    let mut handshake_done = Some(handshake_done);
     let Some(policy) = policy else {
         return if new_connection {
-            refuse(reason::UNALLOCATED, &mut handshake_done)
+            refuse(reason::UNALLOCATED)
         } else {
             Verdict::Pass
         };
     };
     if new_connection && policy.status != status::ACTIVE {
-        return refuse(reason::DRAINING, &mut handshake_done);
+        return refuse(reason::DRAINING);
     }
     if policy.flags & policy_flags::ALLOWLIST != 0 && !source_allowed(info, home, policy) {
         return Verdict::Drop(reason::NOT_ALLOWED);
@@ -263,7 +293,7 @@ fn decide<F: FnOnce() -> bool>(
     }
     let now = clock.now();
     if policy.flags & policy_flags::REQUIRE_AUTH != 0 && !granted(info, home, now) {
-        return refuse(reason::AUTH_REQUIRED, &mut handshake_done);
+        return refuse(reason::AUTH_REQUIRED);
     }
     if info.proto == proto::UDP {
         return Verdict::Accept;
@@ -277,10 +307,19 @@ fn decide<F: FnOnce() -> bool>(
         };
     }
     let flow = flow_key(info, home);
-    if handshake
-        && (reservations::confirm(config, &flow, policy, now)
-            || handshake_done.take().is_some_and(|done| done()))
-    {
+    if handshake && !reservations::confirm(config, &flow, policy, now) {
+        match state() {
+            Handshake::Established => return Verdict::Pass,
+            Handshake::InProgress => {}
+            Handshake::Unknown => {
+                return if reservations::has_room(home, policy) {
+                    Verdict::Pass
+                } else {
+                    Verdict::Drop(reason::CONN_LIMIT)
+                };
+            }
+        }
+    } else if handshake {
         return Verdict::Pass;
     }
     match reservations::reserve(config, &flow, policy, now) {

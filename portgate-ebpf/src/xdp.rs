@@ -66,7 +66,9 @@ pub fn try_xdp(ctx: &XdpContext) -> Result<(), Refusal> {
             // SAFETY: the context pointer is the kernel's, valid for the program's run.
             let bytes = unsafe { bpf_xdp_get_buff_len(ctx.ctx) };
             // XDP sees no socket: no packet of its is taken for the end of a handshake.
-            verdict::enforce(&info, hook::XDP, bytes, core::ptr::null_mut(), || false)
+            verdict::enforce(&info, hook::XDP, bytes, core::ptr::null_mut(), || {
+                verdict::Handshake::Unknown
+            })
         }
         Parsed::Other => Ok(()),
         Parsed::Unreadable => verdict::unreadable(hook::XDP),

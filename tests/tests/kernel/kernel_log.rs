@@ -133,7 +133,7 @@ fn lines_follow_the_flag_and_survive_a_restart() {
     assert!(lines.take().is_empty(), "nothing was written while off");
     refuse();
     let dropped = format!(
-        "portgate: cgroup_skb dropped a packet: reason {}",
+        "portgate: cgroup_skb dropped a packet to port {port}: reason {}",
         reason::NOT_ALLOWED
     );
     assert!(
@@ -178,7 +178,7 @@ fn xdp_drops_and_refused_binds_reach_the_async_reader() {
         .expect("test run");
     assert!(!outcome.passed, "an unallocated managed port is dropped");
     let dropped = format!(
-        "portgate: XDP dropped a packet: reason {}",
+        "portgate: XDP dropped a packet to port {unallocated}: reason {}",
         reason::UNALLOCATED
     );
     assert!(lines.wait_for(&dropped, || ()), "an XDP drop is a line");
