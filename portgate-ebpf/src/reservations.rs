@@ -52,8 +52,8 @@ fn live(created: u64, now: u64, ttl: u64) -> bool {
 /// Reserves a slot of the port of `policy` under its epoch for `flow`, unless the port
 /// holds its `max_connections` (non-zero) or [`capacity::PENDING_PER_PORT`] handshakes
 /// already, or the map is full. A dead reservation of the same flow (expired, or of an
-/// earlier epoch) is given back first. A refusal may sweep expired reservations
-/// (gate-wide, at most every [`defaults::SWEEP_INTERVAL_NS`]) and try once more. The
+/// earlier epoch) is given back first. Expired reservations are swept (gate-wide, at most
+/// every [`defaults::SWEEP_INTERVAL_NS`]); a refusal tries once more after a sweep. The
 /// reservation records the policy generation the handshake was judged under.
 #[inline(always)]
 pub fn reserve(config: &GateConfig, flow: &FlowKey, policy: &Policy, now: u64) -> Reservation {
@@ -82,7 +82,10 @@ pub fn reserve(config: &GateConfig, flow: &FlowKey, policy: &Policy, now: u64) -
         row.give_back(held_epoch);
     }
     let mut outcome = try_reserve(row, flow, policy, now);
-    if outcome.is_err() && sweep_if_due(config, now) {
+    // Due or not, whatever the outcome: a reservation whose handshake never completed
+    // (its last ACK lost to a full accept queue, its client gone) holds its slot until a
+    // sweep, so sweeps follow the handshakes, not only the refusals.
+    if sweep_if_due(config, now) && outcome.is_err() {
         outcome = try_reserve(row, flow, policy, now);
     }
     match outcome {
@@ -234,10 +237,11 @@ extern "C" fn sweep_one(
     value: *mut PendingSyn,
     context: *mut SweepContext,
 ) -> u64 {
-    // SAFETY: the helper passes valid pointers to this element and to our context.
+    // SAFETY: the helper passes valid pointers to this element and to our context. The
+    // key is read in place, not copied: this callback's stack adds to the program's.
     let (flow, created_field, epoch, now, ttl) = unsafe {
         (
-            *key,
+            &*key,
             &raw mut (*value).created_ns,
             (*value).epoch,
             (*context).now,
@@ -249,8 +253,10 @@ extern "C" fn sweep_one(
         && !live(created, now, ttl)
         && compare_exchange(created_field, created, PendingSyn::CLAIMED)
     {
+        // The row first: the element's memory is the key's.
+        let row = Row::of(&flow.home);
         let _unused = PENDING.remove(flow);
-        if let Some(row) = Row::of(&flow.home) {
+        if let Some(row) = row {
             row.give_back(epoch);
         }
     }
