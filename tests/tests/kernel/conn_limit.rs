@@ -182,6 +182,12 @@ fn a_retransmitted_syn_takes_no_second_slot_and_an_unfinished_handshake_gives_it
         },
     )
     .expect("set policy");
+    // Both programs loaded (and verified, which takes a while) before the sequence below:
+    // XDP hands its count over to cgroup_skb for HANDOFF_WINDOW_NS only.
+    let outside = tcp_syn([198, 18, 0, 9].into(), DESTINATION, 40_009, MIN_PORT - 1);
+    for hook in [PacketHook::Xdp, PacketHook::CgroupSkb] {
+        gate.test_run(hook, &outside, 1).expect("test run");
+    }
     let first = tcp_syn([198, 18, 0, 1].into(), DESTINATION, 40_000, port);
     for hook in [PacketHook::Xdp, PacketHook::CgroupSkb, PacketHook::Xdp] {
         let outcome = gate.test_run(hook, &first, 1).expect("test run");
