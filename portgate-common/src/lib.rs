@@ -15,10 +15,9 @@
 pub mod map_names {
     /// Per-port policy: [`crate::Policy`] keyed by [`crate::PortKey`].
     pub const POLICY: &str = "PG_POLICY";
-    /// Allowlists: a hash of maps keyed by [`crate::PortKey`] (the allocation's,
-    /// [`crate::Policy::home`]), each value an LPM trie of that port's prefixes keyed by
-    /// [`crate::AllowKey`] with a prefix length. Userspace makes a port's trie when the
-    /// port first has an allowlist and removes it with the port's policy.
+    /// Allowlists: a hash of maps keyed by trie number ([`crate::Policy::allowlist`]), each
+    /// value an LPM trie of one port's prefixes keyed by [`crate::AllowKey`] with a prefix
+    /// length. Userspace makes the tries ahead of need, in batches, and hands each port one.
     pub const ALLOW: &str = "PG_ALLOW";
     /// Authentication grants: expiry (`CLOCK_MONOTONIC` ns) keyed by [`crate::AddrKey`].
     pub const GRANTS: &str = "PG_GRANTS";
@@ -338,8 +337,9 @@ pub struct Policy {
     /// remembers the generation it was last judged under ([`SocketState::generation`]);
     /// while the port's is the same, its packets pass without another allowlist lookup.
     pub generation: u32,
-    /// Always zero, so this type has no implicit padding.
-    pub _pad2: u32,
+    /// The number of the port's trie in [`map_names::ALLOW`] (0: none), where its
+    /// allowlist is.
+    pub allowlist: u32,
     /// cgroup id (the cgroup directory's inode number) of the owner; 0 when no owner.
     pub owner_cgroup: u64,
     /// The allocation this record belongs to: where its allowlist, grants, counters, slots

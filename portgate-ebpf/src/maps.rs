@@ -18,12 +18,12 @@ pub static POLICY: HashMap<PortKey, Policy> = HashMap::with_max_entries(capacity
 /// One port's allowlist: longest-prefix match on (family, address).
 pub type PortAllowlist = LpmTrie<AllowKey, u32, { capacity::ALLOW_PREFIXES as usize }>;
 
-/// Allowlists by port (the allocation's key): each port's prefixes in a trie of its own,
-/// so that other ports' prefixes cost a lookup nothing. Userspace makes the tries; this
-/// declaration is their template.
+/// Allowlists by trie number ([`portgate_common::Policy::allowlist`]): each port's
+/// prefixes in a trie of its own, so that other ports' prefixes cost a lookup nothing.
+/// Userspace makes the tries; this declaration is their template.
 #[btf_map(name = "PG_ALLOW")]
 pub static ALLOW: HashOfMaps<
-    PortKey,
+    u32,
     PortAllowlist,
     { capacity::POLICIES as usize },
     { BPF_F_NO_PREALLOC as usize },

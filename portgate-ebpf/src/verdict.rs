@@ -149,7 +149,7 @@ pub fn enforce(
     // Two separate paths, so that the verifier does not walk the whole of `decide` once
     // with a socket and once without.
     let verdict = if established_tcp(info) {
-        decide_established(info, policy, &home, socket)
+        decide_established(info, policy, socket)
     } else {
         decide(config, info, policy, &home, &mut clock, handshake)
     };
@@ -195,12 +195,7 @@ pub fn enforce(
 ///
 /// `socket` is the connection's full socket, null when the hook has none (XDP).
 #[inline(always)]
-fn decide_established(
-    info: &PacketInfo,
-    policy: Option<&Policy>,
-    home: &PortKey,
-    socket: *mut c_void,
-) -> Verdict {
+fn decide_established(info: &PacketInfo, policy: Option<&Policy>, socket: *mut c_void) -> Verdict {
     let Some(policy) = policy else {
         return Verdict::Pass;
     };
@@ -216,7 +211,7 @@ fn decide_established(
     if !state.is_null() && unsafe { (*state).generation } == policy.generation {
         return Verdict::Pass;
     }
-    if !source_allowed(info, home, policy) {
+    if !source_allowed(info, policy) {
         return Verdict::Drop(reason::NOT_ALLOWED);
     }
     if state.is_null() && !socket.is_null() {
@@ -285,7 +280,7 @@ fn decide<F: FnOnce() -> Handshake>(
     if new_connection && policy.status != status::ACTIVE {
         return refuse(reason::DRAINING);
     }
-    if policy.flags & policy_flags::ALLOWLIST != 0 && !source_allowed(info, home, policy) {
+    if policy.flags & policy_flags::ALLOWLIST != 0 && !source_allowed(info, policy) {
         return Verdict::Drop(reason::NOT_ALLOWED);
     }
     if !new_connection {
@@ -344,7 +339,7 @@ fn flow_key(info: &PacketInfo, home: &PortKey) -> FlowKey {
 /// names) holds a prefix of the packet's source. A port whose record says it has one but
 /// whose trie is missing admits nobody.
 #[inline(always)]
-fn source_allowed(info: &PacketInfo, home: &PortKey, policy: &Policy) -> bool {
+fn source_allowed(info: &PacketInfo, policy: &Policy) -> bool {
     let address_bits = if info.family == portgate_common::family::V4 {
         32
     } else {
@@ -359,8 +354,9 @@ fn source_allowed(info: &PacketInfo, home: &PortKey, policy: &Policy) -> bool {
             addr: info.saddr,
         },
     );
+    let trie = policy.allowlist;
     // SAFETY: only the presence of an entry is read.
-    unsafe { ALLOW.get_value(home, &key) }.is_some()
+    unsafe { ALLOW.get_value(&trie, &key) }.is_some()
 }
 
 #[inline(always)]

@@ -2,8 +2,12 @@
 //! two per entry (`get_next_key`, then `lookup`), which is what aya 0.14's iterators do
 //! (it has no batch operations). A scrape of 10,000 ports reads 10,000 counter rows and
 //! 10,000 slot rows; one by one that is 30,000 syscalls held under the manager's lock.
+//! And many writes with `BPF_MAP_UPDATE_BATCH`, which a map of maps needs: the kernel waits
+//! for an RCU grace period after each update of one, but once per batch (Linux 6.7 and
+//! later; before, once per entry).
 //!
-//! Batch lookups exist since Linux 5.6 for hash maps (per-CPU ones included) and arrays.
+//! Batch operations exist since Linux 5.6 for hash maps (per-CPU ones and maps of maps
+//! included) and arrays.
 
 use std::{
     io,
@@ -82,5 +86,42 @@ pub(super) fn lookup_all(
         }
         std::mem::swap(&mut in_batch, &mut out_batch);
         first = false;
+    }
+}
+
+/// Writes `keys[i]` -> `values[i]` for every entry (`count` of them, each key `key_size`
+/// bytes and each value `value_size` bytes) into the map behind `fd`, in one syscall.
+/// On an error, the entries before the failing one are written.
+pub(super) fn update_all(
+    fd: BorrowedFd<'_>,
+    keys: &[u8],
+    values: &[u8],
+    count: usize,
+) -> io::Result<()> {
+    let raw_fd =
+        u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    let count = u32::try_from(count).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
+    // SAFETY: bpf_attr is a plain C union of integers; all zero is its empty value.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing the `batch` member of the union, as BPF_MAP_UPDATE_BATCH reads it.
+    let batch = unsafe { &mut attr.batch };
+    batch.keys = keys.as_ptr() as u64;
+    batch.values = values.as_ptr() as u64;
+    batch.count = count;
+    batch.map_fd = raw_fd;
+    // SAFETY: the buffers hold `count` keys and values of the map's sizes (the caller's
+    // contract) and outlive the call; the kernel only reads them.
+    let result = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long,
+            &raw mut attr,
+            std::mem::size_of::<bpf_attr>(),
+        )
+    };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }

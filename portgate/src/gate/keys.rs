@@ -124,7 +124,8 @@ pub(super) fn policy_record(
         published_port: policy.published.unwrap_or(0),
         _pad: 0,
         generation,
-        _pad2: 0,
+        // The port's trie, which the caller fills in.
+        allowlist: 0,
         owner_cgroup,
         home: port_key(id),
     })

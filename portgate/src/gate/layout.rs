@@ -31,7 +31,7 @@ fn expected() -> [(&'static str, (u32, u32, u32)); 14] {
         // A map of maps: its values are the inner maps' ids.
         (
             map_names::ALLOW,
-            (size::<PortKey>(), size::<u32>(), capacity::POLICIES),
+            (size::<u32>(), size::<u32>(), capacity::POLICIES),
         ),
         (
             map_names::GRANTS,

@@ -19,6 +19,7 @@ macro_rules! open_map {
     };
 }
 
+mod allowlists;
 mod batch;
 mod error;
 mod events;
@@ -48,6 +49,7 @@ use portgate_common::{
 };
 
 pub use self::{
+    allowlists::TRIES_PER_BATCH,
     error::GateError,
     events::{DenyEventRecord, DenyEvents},
     kernel_log::{KernelLog, TARGET as KERNEL_LOG_TARGET},
@@ -153,7 +155,7 @@ pub struct Gate {
     ebpf: Ebpf,
     skb_netns: SkbNetns,
     /// What this handle wrote, read from the maps at its first change (see `Written`).
-    written: Option<policies::Written>,
+    written: Option<allowlists::Written>,
 }
 
 /// The link pin name of the `cgroup_skb` program that asks a packet's namespace.
@@ -419,14 +421,15 @@ impl Gate {
         self.ebpf.map(name).ok_or(GateError::MissingMap { name })
     }
 
-    /// The file descriptor of a hash or array map, for the batch reads aya lacks.
+    /// The file descriptor of a hash or array map, for the batch operations aya lacks.
     fn map_fd(&self, name: &'static str) -> Result<std::os::fd::BorrowedFd<'_>, GateError> {
         use std::os::fd::AsFd as _;
         match self.map(name)? {
             aya::maps::Map::Array(data)
             | aya::maps::Map::PerCpuArray(data)
             | aya::maps::Map::HashMap(data)
-            | aya::maps::Map::PerCpuHashMap(data) => Ok(data.fd().as_fd()),
+            | aya::maps::Map::PerCpuHashMap(data)
+            | aya::maps::Map::HashOfMaps(data) => Ok(data.fd().as_fd()),
             _ => Err(GateError::MissingMap { name }),
         }
     }

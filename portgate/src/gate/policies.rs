@@ -1,67 +1,19 @@
-//! A port's policy record and allowlist in the maps, changed so that every packet sees
-//! either the whole old policy or the whole new one. Each port's allowlist lives in a trie
-//! of its own in the allowlists map, so a lookup walks that port's prefixes only.
-//!
-//! A port's trie is made when the port first has an allowlist and removed with its
-//! policy, not swapped at every change: an update of a map of maps waits for an RCU grace
-//! period (the kernel makes sure no program still reads the inner map it replaced), about
-//! 10-20 ms here, which a change of the record and of the trie's entries does not.
+//! A port's policy record in the maps, written with its allowlist (see
+//! [`super::allowlists`]) so that every packet sees either the whole old policy or the
+//! whole new one.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use aya::maps::{HashMap, HashOfMaps, MapData, MapError, lpm_trie::Key, lpm_trie::LpmTrie};
+use aya::maps::{HashMap, MapData, MapError};
 use ipnet::IpNet;
-use portgate_common::{AllowKey, ConnSlots, Policy, PortKey, SocketState, capacity, map_names};
+use portgate_common::{ConnSlots, Policy, PortKey, capacity, map_names};
 
 use super::{
     Gate, GateError,
-    keys::{
-        allow_key, allowlist_generation, policy_record, port_key, port_of, prefix_of,
-        published_key, published_record,
-    },
+    keys::{policy_record, port_key, port_of, published_key, published_record},
     maps::absent_is_none,
 };
-use crate::model::{Allowlist, PortId, PortPolicy, Protocol};
-
-/// One port's trie, as userspace makes and reads it.
-type Trie = LpmTrie<MapData, AllowKey, u32>;
-
-/// What a handle knows of the allowlists and record generations it writes: read from the
-/// maps at the first change, and from then on this handle is taken to be the maps' only
-/// writer (the daemon is), so a change costs what it writes, not the maps' size.
-#[derive(Debug, Default)]
-pub(super) struct Written {
-    /// What the handle knows of each port's allowlist.
-    allowlists: BTreeMap<PortId, KnownAllowlist>,
-    /// Prefixes over all tries (both generations), kept within
-    /// [`capacity::ALLOW_PREFIXES`].
-    prefixes: usize,
-    /// The last [`Policy::generation`] written.
-    generation: u32,
-}
-
-impl Written {
-    /// A generation no record holds now (wrapping past `u32::MAX`, never
-    /// [`SocketState::UNJUDGED`]).
-    fn next_generation(&mut self) -> u32 {
-        self.generation = self.generation.wrapping_add(1);
-        if self.generation == SocketState::UNJUDGED {
-            self.generation += 1;
-        }
-        self.generation
-    }
-}
-
-/// What a handle knows of one port's allowlist in its trie.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(super) struct KnownAllowlist {
-    /// The generation in force: the one the port's record names (0 for a port the first
-    /// walk found without a record).
-    generation: u8,
-    /// The prefixes under each generation. The unused one is empty, except after a failed
-    /// removal or for a port without a record; a change clears it before writing it.
-    prefixes: [BTreeSet<IpNet>; 2],
-}
+use crate::model::{PortId, PortPolicy, Protocol};
 
 impl Gate {
     /// A port of the host's namespace must be in the managed range; another namespace's
@@ -83,7 +35,7 @@ impl Gate {
     /// the whole new one, never by a mix: the record and the allowlist it enforces change
     /// together, in one write of the record.
     ///
-    /// Each port has two generations of its allowlist in the trie and its record names the
+    /// Each port has two generations of its allowlist in its trie and its record names the
     /// one in force. An unchanged allowlist costs one write of the record. A changed one is
     /// written whole under the unused generation, then the record switches to it, then the
     /// old generation's prefixes are removed: the change costs the new list plus the old,
@@ -113,137 +65,24 @@ impl Gate {
         }
         let wanted: BTreeSet<IpNet> = policy.access.allowed_ips.iter().copied().collect();
         let mut known = self.take_known(id)?;
-        let generation = self.written.as_mut().map_or(1, Written::next_generation);
-        let records = [0, 1].map(|allowlist| policy_record(id, policy, allowlist, generation));
-        let result = match records {
-            [Some(zero), Some(one)] => self.switch_policy(id, [zero, one], wanted, &mut known),
-            _ => Ok(()),
-        };
+        let generation = self.next_generation();
+        let result = (|| {
+            if !wanted.is_empty() {
+                self.give_trie(&mut known)?;
+            }
+            let trie = known.trie;
+            self.switch_allowlist(&mut known, wanted, |gate, allowlist| {
+                match policy_record(id, policy, allowlist, generation) {
+                    Some(mut record) => {
+                        record.allowlist = trie;
+                        gate.write_policy(id, &record)
+                    }
+                    None => Ok(()),
+                }
+            })
+        })();
         self.put_known(id, known);
         result
-    }
-
-    /// Puts in force `records[g]` (the policy's record naming generation `g`) with `wanted`
-    /// as its allowlist. `known` follows the trie at every step, failed ones included.
-    fn switch_policy(
-        &mut self,
-        id: PortId,
-        records: [Policy; 2],
-        wanted: BTreeSet<IpNet>,
-        known: &mut KnownAllowlist,
-    ) -> Result<(), GateError> {
-        let in_force = known.generation;
-        let spare = in_force ^ 1;
-        // Leftovers under the unused generation would come in force with it.
-        self.clear_generation(id, known, spare)?;
-        if wanted == known.prefixes[usize::from(in_force)] {
-            return self.write_policy(id, &records[usize::from(in_force)]);
-        }
-        let held = self.written.as_ref().map_or(0, |written| written.prefixes);
-        if held + wanted.len() > capacity::ALLOW_PREFIXES as usize {
-            return Err(GateError::MapFull {
-                map: map_names::ALLOW,
-                capacity: capacity::ALLOW_PREFIXES,
-            });
-        }
-        // From here until they are taken out again, any of them may be in the trie.
-        self.count_prefixes(wanted.len(), 0);
-        known.prefixes[usize::from(spare)] = wanted;
-        let switched = self
-            .insert_prefixes(id, spare, &known.prefixes[usize::from(spare)])
-            .and_then(|()| self.write_policy(id, &records[usize::from(spare)]));
-        if let Err(err) = switched {
-            self.clear_generation(id, known, spare)?;
-            return Err(err);
-        }
-        known.generation = spare;
-        self.clear_generation(id, known, in_force)
-    }
-
-    /// Removes a port's prefixes of `generation`, as `known` lists them, and forgets them.
-    fn clear_generation(
-        &mut self,
-        id: PortId,
-        known: &mut KnownAllowlist,
-        generation: u8,
-    ) -> Result<(), GateError> {
-        let prefixes = &mut known.prefixes[usize::from(generation)];
-        if !prefixes.is_empty() {
-            self.remove_prefixes(id, generation, prefixes)?;
-            let removed = prefixes.len();
-            prefixes.clear();
-            self.count_prefixes(0, removed);
-        }
-        Ok(())
-    }
-
-    /// Keeps the gate-wide count of prefixes in the tries.
-    fn count_prefixes(&mut self, added: usize, removed: usize) {
-        if let Some(written) = self.written.as_mut() {
-            written.prefixes = (written.prefixes + added).saturating_sub(removed);
-        }
-    }
-
-    /// What this handle knows of a port's allowlist, taken out of its cache until
-    /// [`Self::put_known`] puts it back. The trie is walked once, at the first change, and
-    /// from then on this handle is taken to be the maps' only writer (the daemon is), so a
-    /// change costs what it writes, not the trie's size.
-    fn take_known(&mut self, id: PortId) -> Result<KnownAllowlist, GateError> {
-        if self.written.is_none() {
-            let written = self.walk_allowlists()?;
-            self.written = Some(written);
-        }
-        Ok(self
-            .written
-            .as_mut()
-            .and_then(|written| written.allowlists.remove(&id))
-            .unwrap_or_default())
-    }
-
-    fn put_known(&mut self, id: PortId, known: KnownAllowlist) {
-        if let Some(written) = self.written.as_mut()
-            && known != KnownAllowlist::default()
-        {
-            written.allowlists.insert(id, known);
-        }
-    }
-
-    /// The first walk: every port's prefixes of both generations, and the generation its
-    /// record puts in force. An allocated port's entries of the unused generation (left by
-    /// a change cut short) are removed, so that no later switch can bring them in force.
-    /// A port without a record keeps what it has (generation 0 counts as in force for it).
-    /// Also finds the highest record generation, for the next write to go past it.
-    fn walk_allowlists(&mut self) -> Result<Written, GateError> {
-        let policies = self.policies()?;
-        let mut generation = 0;
-        self.each_record(|_, _, record| generation = generation.max(record.generation))?;
-        let mut cache: BTreeMap<PortId, KnownAllowlist> = self
-            .stored_allowlists()?
-            .into_iter()
-            .map(|(id, prefixes)| {
-                let known = KnownAllowlist {
-                    generation: 0,
-                    prefixes,
-                };
-                (id, known)
-            })
-            .collect();
-        for (id, record) in policies {
-            let known = cache.entry(id).or_default();
-            known.generation = allowlist_generation(&record);
-            let unused = known.generation ^ 1;
-            self.clear_generation(id, known, unused)?;
-        }
-        cache.retain(|_, known| *known != KnownAllowlist::default());
-        let prefixes = cache
-            .values()
-            .map(|known| known.prefixes.iter().map(BTreeSet::len).sum::<usize>())
-            .sum();
-        Ok(Written {
-            allowlists: cache,
-            prefixes,
-            generation,
-        })
     }
 
     /// Writes the record of `id`, then the record of its host side when it is published
@@ -301,90 +140,16 @@ impl Gate {
         }
     }
 
-    /// Adds `prefixes` under `generation`; on an error, those added stay (the caller removes
-    /// them).
-    fn insert_prefixes(
-        &mut self,
-        id: PortId,
-        generation: u8,
-        prefixes: &BTreeSet<IpNet>,
-    ) -> Result<(), GateError> {
-        self.each_prefix(id, generation, prefixes, ADDING, |trie, key| {
-            trie.insert(key, 1, 0)
-        })
-    }
-
-    /// Removes `prefixes` under `generation`; absent ones are not an error.
-    fn remove_prefixes(
-        &mut self,
-        id: PortId,
-        generation: u8,
-        prefixes: &BTreeSet<IpNet>,
-    ) -> Result<(), GateError> {
-        self.each_prefix(
-            id,
-            generation,
-            prefixes,
-            "removing a prefix",
-            |trie, key| absent_is_none(trie.remove(key)).map(drop),
-        )
-    }
-
-    /// Applies `change` to the trie key of each of `prefixes` under `generation` in the
-    /// port's trie, stopping at the first error (`doing` names the step in it). Adding
-    /// makes the trie if the port has none; removing from a port without one is done.
-    fn each_prefix(
-        &mut self,
-        id: PortId,
-        generation: u8,
-        prefixes: &BTreeSet<IpNet>,
-        doing: &'static str,
-        change: impl Fn(&mut Trie, &Key<AllowKey>) -> Result<(), MapError>,
-    ) -> Result<(), GateError> {
-        let adding = doing == ADDING;
-        let Some(mut trie) = self.port_trie(id, adding)? else {
-            return Ok(());
-        };
-        for prefix in prefixes {
-            let (bits, data) = allow_key(generation, *prefix);
-            change(&mut trie, &Key::new(bits, data)).map_err(|err| {
-                GateError::map(doing, map_names::ALLOW, capacity::ALLOW_PREFIXES, err)
-            })?;
-        }
-        Ok(())
-    }
-
-    /// The trie of port `id`; made (empty) and put in the allowlists map when it has none
-    /// and `make`.
-    fn port_trie(&mut self, id: PortId, make: bool) -> Result<Option<Trie>, GateError> {
-        let mut tries: HashOfMaps<&mut MapData, PortKey, Trie> =
-            open_map!(mut self, HashOfMaps, map_names::ALLOW, capacity::POLICIES);
-        let failed =
-            |doing| move |err| GateError::map(doing, map_names::ALLOW, capacity::POLICIES, err);
-        if let Some(trie) =
-            absent_is_none(tries.get(&port_key(id), 0)).map_err(failed("reading"))?
-        {
-            return Ok(Some(trie));
-        }
-        if !make {
-            return Ok(None);
-        }
-        let trie = Trie::create(
-            capacity::ALLOW_PREFIXES,
-            aya_obj::generated::BPF_F_NO_PREALLOC,
-        )
-        .map_err(failed("making a trie for"))?;
-        tries
-            .insert(port_key(id), &trie, 0)
-            .map_err(failed("writing"))?;
-        Ok(Some(trie))
-    }
-
-    /// Removes the policy of a port: it becomes unallocated, then its allowlist (both
-    /// generations) and grants go.
+    /// Removes the policy of a port: it becomes unallocated, then its allowlist and grants
+    /// go. Its trie, emptied, goes back to the pool.
     pub fn remove_policy(&mut self, id: PortId) -> Result<(), GateError> {
         let mut known = self.take_known(id)?;
-        let result = self.remove_record_and_allowlist(id, &mut known);
+        let result = self.remove_record(id).and_then(|()| {
+            self.clear_generation(&mut known, 0)?;
+            self.clear_generation(&mut known, 1)?;
+            self.take_back_trie(&mut known);
+            Ok(())
+        });
         self.put_known(id, known);
         result?;
         for grant in self.grants()? {
@@ -395,11 +160,9 @@ impl Gate {
         Ok(())
     }
 
-    fn remove_record_and_allowlist(
-        &mut self,
-        id: PortId,
-        known: &mut KnownAllowlist,
-    ) -> Result<(), GateError> {
+    /// Removes the record of a port (the host side of a published one first) and its slot
+    /// row.
+    fn remove_record(&mut self, id: PortId) -> Result<(), GateError> {
         {
             let mut policies: HashMap<&mut MapData, PortKey, Policy> =
                 open_map!(mut self, HashMap, map_names::POLICY, capacity::POLICIES);
@@ -424,14 +187,7 @@ impl Gate {
                 GateError::map("removing", map_names::SLOTS, capacity::SLOTS, err)
             })?;
         }
-        self.clear_generation(id, known, 0)?;
-        self.clear_generation(id, known, 1)?;
-        // A port without a trie is not an error, and costs no wait.
-        let mut tries: HashOfMaps<&mut MapData, PortKey, Trie> =
-            open_map!(mut self, HashOfMaps, map_names::ALLOW, capacity::POLICIES);
-        absent_is_none(tries.remove(&port_key(id)))
-            .map(drop)
-            .map_err(|err| GateError::map("removing", map_names::ALLOW, capacity::POLICIES, err))
+        Ok(())
     }
 
     /// The policy record of a port, if allocated.
@@ -469,7 +225,10 @@ impl Gate {
     }
 
     /// Calls `each` with every policy record of a managed protocol, in one batch read.
-    fn each_record(&self, mut each: impl FnMut(PortId, &PortKey, Policy)) -> Result<(), GateError> {
+    pub(super) fn each_record(
+        &self,
+        mut each: impl FnMut(PortId, &PortKey, Policy),
+    ) -> Result<(), GateError> {
         self.batch_read::<PortKey, Policy>(
             map_names::POLICY,
             capacity::POLICIES,
@@ -493,53 +252,4 @@ impl Gate {
             .map(drop)
             .map_err(|err| GateError::map("removing", map_names::POLICY, capacity::POLICIES, err))
     }
-
-    /// Every allowlist in force, by port, each sorted: the generation its record names.
-    /// A port without a record shows every prefix it has (of a change cut short, for
-    /// reconciliation to remove). Walks the whole trie.
-    pub fn allowlists(&self) -> Result<BTreeMap<PortId, Allowlist>, GateError> {
-        let policies = self.policies()?;
-        Ok(self
-            .stored_allowlists()?
-            .into_iter()
-            .filter_map(|(id, [zero, one])| {
-                let prefixes = match policies.get(&id).map(allowlist_generation) {
-                    Some(0) => zero,
-                    Some(_) => one,
-                    None => zero.into_iter().chain(one).collect(),
-                };
-                (!prefixes.is_empty()).then(|| (id, prefixes.into_iter().collect()))
-            })
-            .collect())
-    }
-
-    /// Every prefix in the tries, by port and generation.
-    fn stored_allowlists(&self) -> Result<BTreeMap<PortId, [BTreeSet<IpNet>; 2]>, GateError> {
-        let tries: HashOfMaps<&MapData, PortKey, Trie> =
-            open_map!(self, HashOfMaps, map_names::ALLOW, capacity::POLICIES);
-        let failed =
-            |doing| move |err| GateError::map(doing, map_names::ALLOW, capacity::POLICIES, err);
-        let mut found: BTreeMap<PortId, [BTreeSet<IpNet>; 2]> = BTreeMap::new();
-        for key in tries.keys() {
-            let key = key.map_err(failed("listing"))?;
-            let Some(id) = port_of(&key) else {
-                continue;
-            };
-            // A trie removed since its key was listed is not an error.
-            let Some(trie) = absent_is_none(tries.get(&key, 0)).map_err(failed("reading"))? else {
-                continue;
-            };
-            let prefixes = found.entry(id).or_default();
-            for entry in trie.keys() {
-                let entry = entry.map_err(failed("listing a trie of"))?;
-                if let Some((generation, prefix)) = prefix_of(entry.prefix_len(), &entry.data()) {
-                    prefixes[generation].insert(prefix);
-                }
-            }
-        }
-        Ok(found)
-    }
 }
-
-/// `doing` of [`Gate::each_prefix`] when it adds prefixes (and may make the port's trie).
-const ADDING: &str = "adding a prefix";

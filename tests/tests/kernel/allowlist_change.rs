@@ -2,7 +2,7 @@
 //! policy or by the new one, never by the new allowlist with the old record; the old
 //! generation of prefixes is gone from the port's trie after a change, leftovers of a
 //! change cut short never come in force, every write gives the record a new generation,
-//! and a record whose trie is missing admits nobody.
+//! tries are made in batches and reused, and a record whose trie is missing admits nobody.
 
 use std::{
     collections::BTreeSet,
@@ -13,13 +13,12 @@ use std::{
 };
 
 use aya::maps::{HashOfMaps, LpmTrie, MapData, MapError, lpm_trie::Key};
-use aya_obj::generated::BPF_F_NO_PREALLOC;
 use ipnet::IpNet;
 use portgate::{
     gate::{Gate, PacketHook},
     model::{PortAccessControl, PortId, PortPolicy, Protocol},
 };
-use portgate_common::{AllowKey, PortKey, map_names, policy_flags, reason};
+use portgate_common::{AllowKey, map_names, policy_flags, reason};
 use portgate_tests::{
     common::{
         PinDir, allowing, allowlist,
@@ -29,29 +28,37 @@ use portgate_tests::{
     require_privileges,
 };
 
-/// The allowlists map, one trie per port.
-type Tries<'a> = HashOfMaps<&'a MapData, PortKey, LpmTrie<MapData, AllowKey, u32>>;
+/// The allowlists map: the tries by number.
+type Tries<'a> = HashOfMaps<&'a MapData, u32, LpmTrie<MapData, AllowKey, u32>>;
 
-/// The key of a host TCP port in the allowlists map.
-fn tcp_key(port: u16) -> PortKey {
-    PortKey::new(
-        portgate_common::HOST_NETNS,
-        port,
-        portgate_common::proto::TCP,
-    )
+/// The number of the trie the record of TCP `port` names (0: none, or no record).
+fn trie_of(gate: &Gate, port: u16) -> u32 {
+    gate.policy(PortId::new(port, Protocol::Tcp))
+        .expect("policy")
+        .map_or(0, |record| record.allowlist)
 }
 
-/// Every entry of the trie of TCP `port`: (generation, prefix); empty without a trie.
-fn port_entries(gate: &mut Gate, port: u16) -> BTreeSet<(u8, IpNet)> {
+/// The numbers of every trie in the allowlists map.
+fn tries(gate: &mut Gate) -> BTreeSet<u32> {
     let map = gate
         .ebpf_mut()
         .map(map_names::ALLOW)
         .expect("the allowlist map");
     let tries: Tries<'_> = HashOfMaps::try_from(map).expect("a hash of maps");
-    let trie = match tries.get(&tcp_key(port), 0) {
+    tries.keys().map(|key| key.expect("a key")).collect()
+}
+
+/// Every entry of trie `number`: (generation, prefix); empty without that trie.
+fn trie_entries(gate: &mut Gate, number: u32) -> BTreeSet<(u8, IpNet)> {
+    let map = gate
+        .ebpf_mut()
+        .map(map_names::ALLOW)
+        .expect("the allowlist map");
+    let tries: Tries<'_> = HashOfMaps::try_from(map).expect("a hash of maps");
+    let trie = match tries.get(&number, 0) {
         Ok(trie) => trie,
         Err(MapError::KeyNotFound) => return BTreeSet::new(),
-        Err(err) => panic!("reading the trie of port {port}: {err}"),
+        Err(err) => panic!("reading trie {number}: {err}"),
     };
     trie.keys()
         .map(|key| {
@@ -68,41 +75,24 @@ fn port_entries(gate: &mut Gate, port: u16) -> BTreeSet<(u8, IpNet)> {
         .collect()
 }
 
-/// Whether TCP `port` has a trie in the allowlists map.
-fn has_trie(gate: &mut Gate, port: u16) -> bool {
-    let map = gate
-        .ebpf_mut()
-        .map(map_names::ALLOW)
-        .expect("the allowlist map");
-    let tries: Tries<'_> = HashOfMaps::try_from(map).expect("a hash of maps");
-    tries.keys().any(|key| key.expect("a key") == tcp_key(port))
+/// Every entry of the trie of TCP `port`'s record.
+fn port_entries(gate: &mut Gate, port: u16) -> BTreeSet<(u8, IpNet)> {
+    let number = trie_of(gate, port);
+    trie_entries(gate, number)
 }
 
-/// Writes an IPv4 prefix straight into the trie of `port` under `generation` (making the
-/// trie if need be), as a change cut short by a crash would have left it.
-fn plant(gate: &mut Gate, port: u16, generation: u8, prefix: &str) {
+/// Writes an IPv4 prefix straight into trie `number` under `generation`, as a change cut
+/// short by a crash would have left it.
+fn plant(gate: &mut Gate, number: u32, generation: u8, prefix: &str) {
     let prefix: ipnet::Ipv4Net = prefix.parse().expect("prefix");
     let mut addr = [0; 16];
     addr[..4].copy_from_slice(&prefix.addr().octets());
     let map = gate
         .ebpf_mut()
-        .map_mut(map_names::ALLOW)
+        .map(map_names::ALLOW)
         .expect("the allowlist map");
-    let mut tries: HashOfMaps<&mut MapData, PortKey, LpmTrie<MapData, AllowKey, u32>> =
-        HashOfMaps::try_from(map).expect("a hash of maps");
-    let mut trie = match tries.get(&tcp_key(port), 0) {
-        Ok(trie) => trie,
-        Err(MapError::KeyNotFound) => {
-            let trie =
-                LpmTrie::create(portgate_common::capacity::ALLOW_PREFIXES, BPF_F_NO_PREALLOC)
-                    .expect("a trie");
-            tries
-                .insert(tcp_key(port), &trie, 0)
-                .expect("put the trie in");
-            trie
-        }
-        Err(err) => panic!("reading the trie of port {port}: {err}"),
-    };
+    let tries: Tries<'_> = HashOfMaps::try_from(map).expect("a hash of maps");
+    let mut trie = tries.get(&number, 0).expect("the trie");
     let data = AllowKey {
         generation,
         family: portgate_common::family::V4,
@@ -253,6 +243,8 @@ fn a_change_leaves_only_the_new_allowlist_in_the_trie() {
     gate.set_policy(id, &allowing(&["10.1.0.0/16", "10.3.0.0/16"]))
         .expect("first policy");
     let first = generation(&gate, id);
+    let trie = trie_of(&gate, port);
+    assert_ne!(trie, 0, "the port has a trie");
     let mut record_generations = BTreeSet::from([record_generation(&gate, id)]);
     for (step, prefixes) in [
         ["10.2.0.0/16", "10.3.0.0/16"],
@@ -267,6 +259,7 @@ fn a_change_leaves_only_the_new_allowlist_in_the_trie() {
             first ^ u8::from(step % 2 == 0),
             "each change switches generation"
         );
+        assert_eq!(trie_of(&gate, port), trie, "step {step}: the same trie");
         assert!(
             record_generations.insert(record_generation(&gate, id)),
             "step {step}: each write a new record generation"
@@ -298,28 +291,38 @@ fn a_change_leaves_only_the_new_allowlist_in_the_trie() {
         record_generations.insert(record_generation(&gate, id)),
         "a new record generation all the same (established connections are judged again)"
     );
-    // A new handle (the daemon restarting) goes on past the generations written.
-    let mut again = Gate::open(pins.path()).expect("a new handle");
-    again.set_policy(id, &authenticated).expect("rewrite");
-    assert!(
-        record_generation(&again, id) > *record_generations.last().expect("generations"),
-        "a record generation not used before"
-    );
     assert_eq!(
         port_entries(&mut gate, port),
         in_force(&gate, id, &["10.4.0.0/16", "10.1.0.0/16"])
     );
+    // A new handle (the daemon restarting) goes on past the generations written.
+    drop(gate);
+    let mut gate = Gate::open(pins.path()).expect("a new handle");
+    gate.set_policy(id, &authenticated).expect("rewrite");
+    assert!(
+        record_generation(&gate, id) > *record_generations.last().expect("generations"),
+        "a record generation not used before"
+    );
 
+    // Released: the trie is emptied and handed to the next port with an allowlist.
     gate.remove_policy(id).expect("remove the policy");
     assert!(
-        port_entries(&mut gate, port).is_empty(),
-        "no prefix left in either generation"
-    );
-    assert!(
-        !has_trie(&mut gate, port),
-        "the port's trie is gone with its policy"
+        trie_entries(&mut gate, trie).is_empty(),
+        "nothing left in the trie"
     );
     assert!(!gate.allowlists().expect("allowlists").contains_key(&id));
+    let next = MIN_PORT + 45;
+    gate.set_policy(
+        PortId::new(next, Protocol::Tcp),
+        &allowing(&["10.7.0.0/16"]),
+    )
+    .expect("another port");
+    assert_eq!(trie_of(&gate, next), trie, "the trie is reused");
+    assert!(syn_passes(&mut gate, "10.7.0.1", next));
+    assert!(
+        !syn_passes(&mut gate, "10.4.0.1", next),
+        "nothing of the old list"
+    );
 }
 
 #[test]
@@ -338,8 +341,22 @@ fn leftovers_of_a_change_cut_short_never_come_in_force() {
     // handle (the daemon restarting) removes it on its first walk, so the next change does
     // not bring it in force.
     let unused = generation(&gate, id) ^ 1;
-    plant(&mut gate, port, unused, "10.9.0.0/16");
+    let trie = trie_of(&gate, port);
+    plant(&mut gate, trie, unused, "10.9.0.0/16");
+    // And a released port's trie (back in the pool) holds a leftover too.
+    let released = MIN_PORT + 42;
+    gate.set_policy(
+        PortId::new(released, Protocol::Tcp),
+        &allowing(&["10.6.0.0/16"]),
+    )
+    .expect("a policy");
+    let pooled = trie_of(&gate, released);
+    gate.remove_policy(PortId::new(released, Protocol::Tcp))
+        .expect("release");
+    plant(&mut gate, pooled, 0, "10.6.0.0/16");
+    plant(&mut gate, pooled, 1, "10.7.0.0/16");
     drop(gate);
+
     let mut gate = Gate::open(pins.path()).expect("a new handle");
     assert_eq!(
         gate.allowlists().expect("allowlists").get(&id),
@@ -366,28 +383,78 @@ fn leftovers_of_a_change_cut_short_never_come_in_force() {
         in_force(&gate, id, &["10.5.0.0/16"]),
         "the leftover is gone"
     );
-
-    // A port with no record (an allocation cut short) shows every prefix it has, of both
-    // generations, so reconciliation sees it; removing its policy removes them all.
-    let orphan = MIN_PORT + 42;
-    plant(&mut gate, orphan, 0, "10.6.0.0/16");
-    plant(&mut gate, orphan, 1, "10.7.0.0/16");
-    let orphan_id = PortId::new(orphan, Protocol::Tcp);
-    assert_eq!(
-        gate.allowlists().expect("allowlists").get(&orphan_id),
-        Some(&allowlist(&["10.6.0.0/16", "10.7.0.0/16"]))
-    );
-    let mut fresh = Gate::open(pins.path()).expect("a new handle");
-    fresh.remove_policy(orphan_id).expect("remove the orphan");
     assert!(
-        port_entries(&mut fresh, orphan).is_empty(),
-        "no prefix of the orphan left, in either generation"
+        trie_entries(&mut gate, pooled).is_empty(),
+        "the pooled trie was emptied by the first walk"
     );
-    assert!(!has_trie(&mut fresh, orphan), "nor its trie");
+    let next = MIN_PORT + 46;
+    gate.set_policy(
+        PortId::new(next, Protocol::Tcp),
+        &allowing(&["10.8.0.0/16"]),
+    )
+    .expect("a port that gets the pooled trie");
+    assert_eq!(trie_of(&gate, next), pooled);
+    assert!(
+        !syn_passes(&mut gate, "10.6.0.1", next),
+        "no leftover in force"
+    );
+    assert!(
+        !syn_passes(&mut gate, "10.7.0.1", next),
+        "in either generation"
+    );
+}
+
+#[test]
+fn tries_are_made_in_batches_and_reused() {
+    if !require_privileges!() {
+        return;
+    }
+    let pins = PinDir::new();
+    // Room for a few hundred ports (nothing is attached: the programs are only test-run).
+    let mut gate = install(&portgate::gate::GateSettings {
+        max_port: MIN_PORT + 999,
+        ..settings(&pins)
+    });
+    let batch = portgate::gate::TRIES_PER_BATCH;
+    let count = u16::try_from(batch + batch / 2).expect("a few hundred");
+    let first = MIN_PORT + 100;
+    for port in first..first + count {
+        gate.set_policy(
+            PortId::new(port, Protocol::Tcp),
+            &allowing(&["10.8.0.0/16"]),
+        )
+        .expect("a policy");
+    }
+    let numbers: BTreeSet<u32> = (first..first + count)
+        .map(|port| trie_of(&gate, port))
+        .collect();
+    assert_eq!(numbers.len(), usize::from(count), "a trie of its own each");
     assert_eq!(
-        port_entries(&mut fresh, port).len(),
-        1,
-        "the other port's kept"
+        tries(&mut gate).len(),
+        usize::try_from(2 * batch).expect("small"),
+        "made two batches at a time"
+    );
+    for port in first..first + count {
+        gate.remove_policy(PortId::new(port, Protocol::Tcp))
+            .expect("release");
+    }
+    let again = first + count;
+    for port in again..again + count {
+        gate.set_policy(
+            PortId::new(port, Protocol::Tcp),
+            &allowing(&["10.9.0.0/16"]),
+        )
+        .expect("a policy");
+    }
+    assert_eq!(
+        tries(&mut gate).len(),
+        usize::try_from(2 * batch).expect("small"),
+        "released tries were reused: no new ones made"
+    );
+    assert!(syn_passes(&mut gate, "10.9.0.1", again));
+    assert!(
+        !syn_passes(&mut gate, "10.8.0.1", again),
+        "nothing of the last owner's"
     );
 }
 
@@ -408,12 +475,13 @@ fn a_record_whose_trie_is_missing_admits_nobody() {
         syn_passes(&mut gate, "10.4.0.1", port),
         "the list is in force"
     );
+    let number = trie_of(&gate, port);
     let map = gate
         .ebpf_mut()
         .map_mut(map_names::ALLOW)
         .expect("the allowlist map");
-    let mut tries: HashOfMaps<&mut MapData, PortKey, LpmTrie<MapData, AllowKey, u32>> =
+    let mut tries: HashOfMaps<&mut MapData, u32, LpmTrie<MapData, AllowKey, u32>> =
         HashOfMaps::try_from(map).expect("a hash of maps");
-    tries.remove(&tcp_key(port)).expect("take the trie out");
+    tries.remove(&number).expect("take the trie out");
     assert!(!syn_passes(&mut gate, "10.4.0.1", port), "no trie: nobody");
 }
