@@ -94,6 +94,7 @@ impl fmt::Display for Family {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Verdict {
     Pass,
+    NewConnection,
     NotAllowed,
     ConnLimit,
     AuthRequired,
@@ -102,8 +103,9 @@ enum Verdict {
 }
 
 impl Verdict {
-    const ALL: [Self; 6] = [
+    const ALL: [Self; 7] = [
         Self::Pass,
+        Self::NewConnection,
         Self::NotAllowed,
         Self::ConnLimit,
         Self::AuthRequired,
@@ -114,6 +116,7 @@ impl Verdict {
     fn name(self) -> &'static str {
         match self {
             Self::Pass => "pass",
+            Self::NewConnection => "new connection",
             Self::NotAllowed => "not_allowed",
             Self::ConnLimit => "conn_limit",
             Self::AuthRequired => "auth_required",
@@ -125,7 +128,16 @@ impl Verdict {
     /// The packet each run judges, in words.
     fn packet(self) -> &'static str {
         match self {
-            Self::Pass => "TCP ACK (established flow) from an allowed source",
+            Self::Pass => {
+                "TCP ACK (established flow) from an allowed source: on cgroup_skb, after the \
+                 first run of a call, the established-flow fast path (the test run's socket \
+                 remembers the policy generation it passed under); on XDP, no socket: the \
+                 allowlist every time"
+            }
+            Self::NewConnection => {
+                "TCP SYN from an allowed source to the port without a limit: the allowlist, \
+                 accepted"
+            }
             Self::NotAllowed => "TCP SYN from a source in no listed prefix",
             Self::ConnLimit => "TCP SYN from an allowed source, the port's one slot held",
             Self::AuthRequired => "TCP SYN from an allowed source without a grant",
@@ -145,7 +157,7 @@ impl Verdict {
     /// The drop reason it must be counted under; `None` when it passes.
     fn drop_code(self) -> Option<u8> {
         match self {
-            Self::Pass | Self::OutsideRange => None,
+            Self::Pass | Self::NewConnection | Self::OutsideRange => None,
             Self::NotAllowed => Some(reason::NOT_ALLOWED),
             Self::ConnLimit => Some(reason::CONN_LIMIT),
             Self::AuthRequired => Some(reason::AUTH_REQUIRED),
@@ -448,6 +460,7 @@ impl World {
     fn packet(&self, verdict: Verdict) -> Vec<u8> {
         match verdict {
             Verdict::Pass => self.tcp(self.allowed, 41_000, MEASURED_PORT, false),
+            Verdict::NewConnection => self.syn(self.allowed, 41_006, MEASURED_PORT),
             Verdict::NotAllowed => self.syn(self.stranger, 41_001, MEASURED_PORT),
             // Another 4-tuple than the one holding the slot.
             Verdict::ConnLimit => self.syn(self.allowed, 41_002, MEASURED_PORT),
@@ -562,8 +575,13 @@ fn check_counted(
     } else {
         runs
     };
+    let expected_accepted = if verdict == Verdict::NewConnection {
+        runs
+    } else {
+        0
+    };
     let right = packets == expected_packets
-        && accepted == 0
+        && accepted == expected_accepted
         && match verdict.drop_code() {
             Some(code) => counted(code) == runs && dropped.iter().sum::<u64>() == runs,
             None => dropped.iter().all(|&d| d == 0),
