@@ -58,15 +58,7 @@ pub(super) fn lookup_all(
         // SAFETY: the buffers the attributes point to are as large as `count` entries of
         // the map's key and value sizes, and the tokens as large as the kernel writes;
         // they outlive the call.
-        let result = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
-                &raw mut attr,
-                std::mem::size_of::<bpf_attr>(),
-            )
-        };
-        let error = (result < 0).then(io::Error::last_os_error);
+        let error = unsafe { bpf(bpf_cmd::BPF_MAP_LOOKUP_BATCH, &mut attr) }.err();
         // SAFETY: reading back the member the kernel filled in.
         let count = unsafe { attr.batch.count } as usize;
         for i in 0..count.min(chunk) {
@@ -111,11 +103,22 @@ pub(super) fn update_all(
     batch.map_fd = raw_fd;
     // SAFETY: the buffers hold `count` keys and values of the map's sizes (the caller's
     // contract) and outlive the call; the kernel only reads them.
+    unsafe { bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) }
+}
+
+/// The `bpf()` syscall with command `cmd` and attributes `attr`.
+///
+/// # Safety
+///
+/// Every pointer in `attr` points to memory as large as `cmd` reads or writes, valid for
+/// the call.
+unsafe fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
+    // SAFETY: the caller's contract; `attr` is a whole `bpf_attr`.
     let result = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            bpf_cmd::BPF_MAP_UPDATE_BATCH as libc::c_long,
-            &raw mut attr,
+            cmd as libc::c_long,
+            std::ptr::from_mut(attr),
             std::mem::size_of::<bpf_attr>(),
         )
     };

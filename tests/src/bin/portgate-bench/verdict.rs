@@ -128,16 +128,11 @@ impl Verdict {
     /// The packet each run judges, in words.
     fn packet(self) -> &'static str {
         match self {
-            Self::Pass => {
-                "TCP ACK (established flow) from an allowed source: on cgroup_skb, after the \
-                 first run of a call, the established-flow fast path (the test run's socket \
-                 remembers the policy generation it passed under); on XDP, no socket: the \
-                 allowlist every time"
-            }
-            Self::NewConnection => {
-                "TCP SYN from an allowed source to the port without a limit: the allowlist, \
-                 accepted"
-            }
+            // cgroup_skb: the established-flow fast path after a call's first run (the
+            // test run's socket remembers the generation it passed under); XDP has no
+            // socket and checks the allowlist every time.
+            Self::Pass => "TCP ACK (established flow) from an allowed source",
+            Self::NewConnection => "TCP SYN from an allowed source, the port without a limit",
             Self::NotAllowed => "TCP SYN from a source in no listed prefix",
             Self::ConnLimit => "TCP SYN from an allowed source, the port's one slot held",
             Self::AuthRequired => "TCP SYN from an allowed source without a grant",
