@@ -59,7 +59,7 @@ pub fn run(client: &Client, args: &MapsArgs, output: OutputFormat) -> anyhow::Re
                 stats.events_lost_full, stats.events_rate_limited
             );
             println!(
-                "handshakes refused for room: {} (map full), {} (port's share full); sweeps {}; unreadable packets dropped {}; connections uncounted {} (socket map full), {} (unreserved)",
+                "handshakes refused for room: {} (map full), {} (port's share full); sweeps {}; unreadable packets dropped {}; connections uncounted {} (socket storage failed), {} (unreserved)",
                 stats.pending_full,
                 stats.pending_port_full,
                 stats.pending_sweeps,

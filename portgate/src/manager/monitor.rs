@@ -495,7 +495,7 @@ impl PortsCollector {
             ),
             MetricType::Counter,
             [
-                ("socket_map_full", gate.sockets_full),
+                ("socket_storage_failed", gate.sockets_full),
                 ("unreserved", gate.unreserved),
             ]
             .map(by_cause),
