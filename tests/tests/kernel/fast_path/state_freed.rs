@@ -216,7 +216,7 @@ fn connections_free_their_state_with_their_sockets() {
             stats.pending_port_full
         ),
         (0, 0, 0, 0),
-        "no connection left untracked (the socket map full, or established without a \
+        "no connection left untracked (no socket storage, or established without a \
          reservation) and no handshake refused for want of room: {stats:?}"
     );
     let counters = served.gate.counters(served.id).expect("counters").total;
