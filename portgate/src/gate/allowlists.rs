@@ -163,13 +163,25 @@ impl Gate {
             let fd = trie.map().fd().as_fd().as_raw_fd();
             fds.extend_from_slice(&u32::try_from(fd).unwrap_or(u32::MAX).to_ne_bytes());
         }
-        super::batch::update_all(self.map_fd(map_names::ALLOW)?, &keys, &fds, tries.len())
-            .map_err(|io_error| {
-                failed("writing")(MapError::SyscallError(aya::sys::SyscallError {
-                    call: "bpf_map_update_batch",
-                    io_error,
-                }))
-            })?;
+        match super::batch::update_all(self.map_fd(map_names::ALLOW)?, &keys, &fds, tries.len()) {
+            Ok(()) => {}
+            // A kernel without batch updates of this map type: one by one, a wait each.
+            Err(err) if batch_unsupported(&err) => {
+                let mut map: HashOfMaps<&mut MapData, u32, Trie> =
+                    open_map!(mut self, HashOfMaps, map_names::ALLOW, capacity::POLICIES);
+                for (number, trie) in (first..).zip(&tries) {
+                    map.insert(number, trie, 0).map_err(failed("writing"))?;
+                }
+            }
+            Err(io_error) => {
+                return Err(failed("writing")(MapError::SyscallError(
+                    aya::sys::SyscallError {
+                        call: "bpf_map_update_batch",
+                        io_error,
+                    },
+                )));
+            }
+        }
         if let Some(written) = self.written.as_mut() {
             written.next_trie = first + count;
             // Handed out lowest first.
@@ -369,4 +381,15 @@ impl Gate {
         }
         Ok(found)
     }
+}
+
+/// Whether a batch syscall failed because the kernel has no batch operation for the map
+/// (`EINVAL` from kernels that predate it for the map type, `ENOTSUPP`, `EOPNOTSUPP`).
+fn batch_unsupported(err: &std::io::Error) -> bool {
+    /// The kernel's internal `ENOTSUPP`, which reaches userspace from BPF syscalls.
+    const ENOTSUPP: i32 = 524;
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+    )
 }
