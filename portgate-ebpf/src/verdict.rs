@@ -105,7 +105,7 @@ pub fn unreadable(hook_code: u8) -> Result<(), Refusal> {
 ///
 /// `socket` is the full socket a `cgroup_skb` packet is delivered to when it is not a
 /// listening one (null otherwise, and for XDP): the established-flow fast path
-/// ([`judged_before`]) keeps in its storage the policy generation it was last judged under.
+/// ([`decide_established`]) keeps in its storage the policy generation it was last judged under.
 #[inline(always)]
 pub fn enforce(
     info: &PacketInfo,
