@@ -120,14 +120,7 @@ mod tests {
     #[test]
     fn host_changes_round_trip() {
         let store = MemoryStore::new();
-        let host = HostChanges {
-            reserved_ports_added: vec![(20000, 20999), (30000, 30000)],
-            netns_reserved_ports: vec![crate::store::NetnsReservedPort {
-                netns: crate::model::NetnsId(7),
-                inode: 4_026_532_000,
-                port: 80,
-            }],
-        };
+        let host = super::super::sample_host_changes();
         store
             .submit(vec![Change::SetHostChanges(host.clone())])
             .wait_blocking()

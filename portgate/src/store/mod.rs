@@ -131,6 +131,19 @@ impl Commit {
     }
 }
 
+/// Host changes of both kinds, for the stores' round-trip tests.
+#[cfg(test)]
+pub(crate) fn sample_host_changes() -> HostChanges {
+    HostChanges {
+        reserved_ports_added: vec![(20000, 20999), (30000, 30000)],
+        netns_reserved_ports: vec![NetnsReservedPort {
+            netns: NetnsId(7),
+            inode: 4_026_532_000,
+            port: 80,
+        }],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::Allocation;

@@ -50,14 +50,7 @@ fn put_delete_load_round_trip() {
 fn host_changes_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let store = RedbStore::open(&database_path(&dir)).unwrap();
-    let host = HostChanges {
-        reserved_ports_added: vec![(20000, 20999), (30000, 30000)],
-        netns_reserved_ports: vec![crate::store::NetnsReservedPort {
-            netns: crate::model::NetnsId(7),
-            inode: 4_026_532_000,
-            port: 80,
-        }],
-    };
+    let host = crate::store::sample_host_changes();
     commit(&store, vec![Change::SetHostChanges(host.clone())]);
     assert_eq!(store.load().unwrap().host, host);
 }
