@@ -14,6 +14,7 @@ pub mod config;
 pub mod daemon;
 pub mod gate;
 pub mod host;
+pub mod knock;
 pub mod manager;
 pub mod model;
 pub mod paths;
