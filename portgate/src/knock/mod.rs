@@ -25,7 +25,9 @@
 //! So a datagram is 67 to 146 bytes. Anything else is refused before any key is looked up:
 //! shorter or longer, another version, a malformed field, or bytes left over.
 
+mod keyfile;
 mod replay;
+mod send;
 
 use std::{
     fmt,
@@ -36,7 +38,11 @@ use std::{
 use hmac::{Hmac, Mac as _};
 use sha2::Sha256;
 
-pub use self::replay::ReplayCache;
+pub use self::{
+    keyfile::{KeyFile, KeyFileError},
+    replay::{Refused, ReplayCache},
+    send::{KnockRequest, knock},
+};
 use crate::model::Protocol;
 
 /// The version this build writes and reads.

@@ -4,8 +4,9 @@
 use std::{net::IpAddr, time::Duration};
 
 use super::{
-    KEY_BYTES, Key, Knock, KnockError, MAX_BYTES, MAX_KEY_NAME, MIN_BYTES, ReplayCache, encode,
-    parse, replay::Refused, valid_key_name,
+    KEY_BYTES, Key, KeyFile, KeyFileError, Knock, KnockError, KnockRequest, MAX_BYTES,
+    MAX_KEY_NAME, MIN_BYTES, Refused, ReplayCache, encode, knock as send_knock, parse,
+    valid_key_name,
 };
 use crate::model::Protocol;
 
@@ -171,4 +172,53 @@ fn the_replay_cache_refuses_a_nonce_seen_inside_the_window_and_stale_or_future_t
 fn a_key_never_prints() {
     assert_eq!(format!("{:?}", key(9)), "Key(..)");
     assert_ne!(Key::generate(), Key::generate());
+}
+
+#[test]
+fn a_key_file_round_trips_and_bad_ones_are_refused_by_cause() {
+    let file = KeyFile {
+        name: "alice".to_owned(),
+        key: Key::generate(),
+    };
+    let text = file.to_text();
+    assert!(text.starts_with("# portgate key file"));
+    assert_eq!(KeyFile::parse(&text).expect("parse"), file);
+    assert!(matches!(
+        KeyFile::parse("name = \"al ice\"\nkey = \"00\""),
+        Err(KeyFileError::Name(_))
+    ));
+    assert!(matches!(
+        KeyFile::parse("name = \"alice\"\nkey = \"abcd\""),
+        Err(KeyFileError::Key)
+    ));
+    assert!(matches!(
+        KeyFile::parse("name = \"alice\"\nkey = \"zz\"\nextra = 1"),
+        Err(KeyFileError::Syntax(_))
+    ));
+}
+
+#[test]
+fn a_knock_sent_to_loopback_arrives_signed_as_sent() {
+    let listener = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    listener
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let file = KeyFile {
+        name: "alice".to_owned(),
+        key: key(3),
+    };
+    let request = KnockRequest {
+        protocol: Protocol::Udp,
+        port: 5353,
+        ttl: Duration::from_secs(90),
+        address: None,
+    };
+    let sent = send_knock(listener.local_addr().expect("addr"), &file, &request).expect("send");
+    let mut buffer = [0; 512];
+    let (len, _) = listener.recv_from(&mut buffer).expect("a datagram");
+    let received = parse(&buffer[..len])
+        .and_then(|unverified| unverified.verify(&key(3)))
+        .expect("valid");
+    assert_eq!(received, sent);
+    assert_eq!((received.port, received.protocol), (5353, Protocol::Udp));
 }
