@@ -602,6 +602,7 @@ async fn a_port_whose_namespace_is_gone_closes_and_its_reserved_ports_are_forgot
             netns_reserved_ports: vec![reserved],
             ..HostChanges::default()
         },
+        keys: Vec::new(),
     }));
     let manager = open(
         PortConfig {

@@ -8,6 +8,7 @@
 
 mod access;
 mod allocation;
+mod client_key;
 mod metrics;
 mod owner;
 mod policy;
@@ -20,6 +21,7 @@ pub use self::{
         Allocation, AllocationRequest, HostPort, NetnsRef, PortState, Timeline, UnixMillis,
         add_duration, now_millis,
     },
+    client_key::{CLIENT_KEY_BYTES, ClientKey},
     metrics::{DropCounts, GrantView, PortMetrics, PortReport},
     owner::{Owner, OwnerCgroup},
     policy::{DropReason, PortPolicy},

@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::{Change, Commit, HostChanges, Store, StoreError, StoredState};
-use crate::model::{Allocation, PortId};
+use crate::model::{Allocation, ClientKey, PortId};
 
 /// A [`Store`] that keeps everything in memory: submissions apply and resolve at once, and
 /// nothing survives the process.
@@ -20,6 +20,7 @@ pub struct MemoryStore {
 struct Contents {
     allocations: BTreeMap<PortId, Allocation>,
     host: HostChanges,
+    keys: BTreeMap<String, ClientKey>,
 }
 
 impl MemoryStore {
@@ -41,6 +42,11 @@ impl MemoryStore {
             contents: Mutex::new(Contents {
                 allocations,
                 host: state.host,
+                keys: state
+                    .keys
+                    .into_iter()
+                    .map(|key| (key.name.clone(), key))
+                    .collect(),
             }),
         }
     }
@@ -57,6 +63,7 @@ impl Store for MemoryStore {
         Ok(StoredState {
             allocations: contents.allocations.values().cloned().collect(),
             host: contents.host.clone(),
+            keys: contents.keys.values().cloned().collect(),
         })
     }
 
@@ -71,6 +78,12 @@ impl Store for MemoryStore {
                     contents.allocations.remove(&id);
                 }
                 Change::SetHostChanges(host) => contents.host = host,
+                Change::PutKey(key) => {
+                    contents.keys.insert(key.name.clone(), key);
+                }
+                Change::DeleteKey(name) => {
+                    contents.keys.remove(&name);
+                }
             }
         }
         let (done, commit) = Commit::channel();
@@ -150,6 +163,7 @@ mod tests {
                 reserved_ports_added: vec![(20000, 20999)],
                 ..HostChanges::default()
             },
+            keys: Vec::new(),
         };
         let store = MemoryStore::with_state(state.clone());
         assert_eq!(store.load().unwrap(), state);

@@ -1,4 +1,4 @@
-//! Durable state: the allocations, behind a small trait so that a distributed backend can be
+//! Durable state: the allocations and the client keys, behind a small trait so that a distributed backend can be
 //! added later. The embedded default is [`RedbStore`].
 //!
 //! Changes are submitted in order and become durable in that order; a [`Commit`] resolves
@@ -14,7 +14,7 @@ pub use self::{
     memory::MemoryStore,
     redb::{CommitStats, RedbStore},
 };
-use crate::model::{Allocation, NetnsId, PortId};
+use crate::model::{Allocation, ClientKey, NetnsId, PortId};
 
 /// What portgate changed on the host and must undo on uninstall.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,14 +46,12 @@ pub struct StoredState {
     pub allocations: Vec<Allocation>,
     /// What to undo on uninstall.
     pub host: HostChanges,
+    /// The client keys for the knock, by name.
+    pub keys: Vec<ClientKey>,
 }
 
 /// One change to the store.
 #[derive(Clone, Debug, PartialEq, Eq)]
-#[expect(
-    clippy::large_enum_variant,
-    reason = "a change lives only from its submission to its commit, a few at a time"
-)]
 pub enum Change {
     /// Writes (inserts or replaces) an allocation.
     Put(Allocation),
@@ -61,6 +59,10 @@ pub enum Change {
     Delete(PortId),
     /// Replaces the record of host changes.
     SetHostChanges(HostChanges),
+    /// Writes (inserts or replaces) a client key.
+    PutKey(ClientKey),
+    /// Deletes a client key by name (nothing when there is none).
+    DeleteKey(String),
 }
 
 /// A store failure.

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::{Change, Commit, HostChanges, Store, StoreError, StoredState};
-use crate::model::{Allocation, NetnsId, PortId, Protocol};
+use crate::model::{Allocation, ClientKey, NetnsId, PortId, Protocol};
 
 /// Allocations of the host's namespace by (port, IP protocol number), which sorts as
 /// [`PortId`] does. Values are the JSON of an [`Allocation`], kept as bytes so that a damaged
@@ -33,6 +33,8 @@ const NETNS_ALLOCATIONS: TableDefinition<(u64, u16, u8), &[u8]> =
     TableDefinition::new("netns_allocations");
 /// Single records by name, JSON as bytes.
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+/// Client keys for the knock, by name (since schema version 3).
+const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
 /// The [`META`] record of the layout version.
 const SCHEMA_VERSION_KEY: &str = "schema_version";
 /// The [`META`] record of the [`HostChanges`].
@@ -41,9 +43,12 @@ const HOST_CHANGES_KEY: &str = "host_changes";
 /// would misread needs a new version. Version 2 added [`NETNS_ALLOCATIONS`]: a portgate of
 /// version 1 would not see those allocations and could hand out the host ports they
 /// publish. A version 1 store is upgraded in place when opened (the table is created).
-const SCHEMA_VERSION: u32 = 2;
-/// The older layout this code upgrades: the same, without [`NETNS_ALLOCATIONS`].
+const SCHEMA_VERSION: u32 = 3;
+/// The older layouts this code upgrades: version 1 lacks [`NETNS_ALLOCATIONS`] and
+/// [`KEYS`], version 2 lacks [`KEYS`]. Each missing table is created empty.
 const SCHEMA_VERSION_1: u32 = 1;
+/// See [`SCHEMA_VERSION_1`].
+const SCHEMA_VERSION_2: u32 = 2;
 /// Most submissions in one transaction, so that one commit's latency stays bounded.
 const MAX_BATCH: usize = 4096;
 /// Name of the writer thread (shown by `top -H` and in panics).
@@ -227,9 +232,24 @@ impl Store for RedbStore {
             None => HostChanges::default(),
         };
 
+        let keys = transaction
+            .open_table(KEYS)
+            .map_err(failed("reading"))?
+            .iter()
+            .map_err(failed("reading"))?
+            .map(|entry| {
+                let (name, value) = entry.map_err(failed("reading"))?;
+                serde_json::from_slice(value.value()).map_err(|error| StoreError::Corrupt {
+                    key: format!("key {}", name.value()),
+                    message: error.to_string(),
+                })
+            })
+            .collect::<Result<Vec<ClientKey>, _>>()?;
+
         Ok(StoredState {
             allocations,
             host: host_changes,
+            keys,
         })
     }
 
@@ -257,7 +277,7 @@ impl Store for RedbStore {
 }
 
 /// Creates the tables of a new database, or checks the schema version of an existing one
-/// (upgrading version 1, which lacks only [`NETNS_ALLOCATIONS`], in the same transaction).
+/// (upgrading versions 1 and 2, which lack tables, in the same transaction).
 fn prepare(database: &Database) -> Result<(), String> {
     let transaction = database
         .begin_write()
@@ -268,13 +288,14 @@ fn prepare(database: &Database) -> Result<(), String> {
         transaction
             .open_table(NETNS_ALLOCATIONS)
             .map_err(create_failed)?;
+        transaction.open_table(KEYS).map_err(create_failed)?;
         let mut meta = transaction.open_table(META).map_err(create_failed)?;
         let found = meta
             .get(SCHEMA_VERSION_KEY)
             .map_err(|error| format!("reading the schema version: {error}"))?
             .map(|value| serde_json::from_slice::<u32>(value.value()));
         match found {
-            None | Some(Ok(SCHEMA_VERSION_1)) => {
+            None | Some(Ok(SCHEMA_VERSION_1 | SCHEMA_VERSION_2)) => {
                 let version = encode(&SCHEMA_VERSION)
                     .map_err(|error| format!("encoding the schema version: {error}"))?;
                 meta.insert(SCHEMA_VERSION_KEY, version.as_slice())
@@ -284,7 +305,8 @@ fn prepare(database: &Database) -> Result<(), String> {
             Some(Ok(version)) => {
                 return Err(format!(
                     "it has schema version {version} and this portgate reads only version \
-                     {SCHEMA_VERSION} (and upgrades {SCHEMA_VERSION_1}); run the portgate \
+                     {SCHEMA_VERSION} (and upgrades {SCHEMA_VERSION_1} and {SCHEMA_VERSION_2}); \
+                     run the portgate \
                      release that wrote it"
                 ));
             }
@@ -353,6 +375,7 @@ fn apply<'a>(
         .open_table(NETNS_ALLOCATIONS)
         .map_err(failed("writing to"))?;
     let mut meta = transaction.open_table(META).map_err(failed("writing to"))?;
+    let mut keys = transaction.open_table(KEYS).map_err(failed("writing to"))?;
     for change in changes {
         match change {
             Change::Put(allocation) => {
@@ -377,6 +400,15 @@ fn apply<'a>(
                 let value = encode(host).map_err(failed("encoding the host changes for"))?;
                 meta.insert(HOST_CHANGES_KEY, value.as_slice())
                     .map_err(failed_on("writing to", HOST_CHANGES_KEY))?;
+            }
+            Change::PutKey(key) => {
+                let value = encode(key).map_err(failed("encoding a client key for"))?;
+                keys.insert(key.name.as_str(), value.as_slice())
+                    .map_err(failed_on("writing to", &key.name))?;
+            }
+            Change::DeleteKey(name) => {
+                keys.remove(name.as_str())
+                    .map_err(failed_on("writing to", name))?;
             }
         }
     }

@@ -55,6 +55,18 @@ fn host_changes_round_trip() {
     assert_eq!(store.load().unwrap().host, host);
 }
 
+/// A client key named `name` with a secret of its own.
+fn sample_key(name: &str) -> crate::model::ClientKey {
+    crate::model::ClientKey {
+        name: name.to_owned(),
+        secret: [name.len().try_into().unwrap_or(0); crate::model::CLIENT_KEY_BYTES],
+        ports: vec![crate::model::PortId::new(20001, Protocol::Tcp)],
+        max_ttl: std::time::Duration::from_mins(5),
+        any_source: name == "carol",
+        created_at: 1_800_000_000_000,
+    }
+}
+
 #[test]
 fn reopen_sees_every_committed_change() {
     let dir = tempfile::tempdir().unwrap();
@@ -71,6 +83,10 @@ fn reopen_sees_every_committed_change() {
                 Change::Put(sample_allocation(20001, Protocol::Tcp)),
                 Change::Put(sample_allocation(20002, Protocol::Udp)),
                 Change::SetHostChanges(host.clone()),
+                Change::PutKey(sample_key("alice")),
+                Change::PutKey(sample_key("bob")),
+                Change::PutKey(sample_key("carol")),
+                Change::DeleteKey("bob".to_owned()),
             ],
         );
         // Not waited for: dropping the store must still write it.
@@ -82,6 +98,7 @@ fn reopen_sees_every_committed_change() {
                 sample_allocation(20003, Protocol::Tcp),
             ],
             host,
+            keys: vec![sample_key("alice"), sample_key("carol")],
         }
     };
 
@@ -232,9 +249,9 @@ fn second_open_is_refused() {
 fn newer_schema_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = database_path(&dir);
-    write_behind_the_store(&path, META, SCHEMA_VERSION_KEY, b"3");
+    write_behind_the_store(&path, META, SCHEMA_VERSION_KEY, b"4");
     let error = RedbStore::open(&path).unwrap_err();
-    assert!(error.to_string().contains("schema version 3"), "{error}");
+    assert!(error.to_string().contains("schema version 4"), "{error}");
 }
 
 /// `sample_allocation` in the namespace with cookie `netns`.
@@ -313,5 +330,5 @@ fn a_schema_1_store_is_upgraded_in_place() {
         .get(SCHEMA_VERSION_KEY)
         .unwrap()
         .map(|value| value.value().to_vec());
-    assert_eq!(version.as_deref(), Some(b"2".as_slice()));
+    assert_eq!(version.as_deref(), Some(b"3".as_slice()));
 }
