@@ -13,6 +13,7 @@
 
 pub mod allocator;
 pub mod error;
+pub mod keys;
 pub mod monitor;
 mod owners;
 mod published;
@@ -153,6 +154,9 @@ pub struct PortManager {
     last_grant_sweep: std::sync::Mutex<Instant>,
     /// When owners were last looked at (at start, a period ago: the first tick looks).
     last_owner_check: std::sync::Mutex<Instant>,
+    /// The client keys for the knock, and what checking knocks remembers. Never held
+    /// while waiting for `state`'s lock.
+    keys: Mutex<keys::KeyRing>,
 }
 
 impl PortManager {

@@ -114,6 +114,10 @@ impl PortManager {
                     .checked_sub(super::OWNER_CHECK_PERIOD)
                     .unwrap_or_else(Instant::now),
             ),
+            keys: tokio::sync::Mutex::new(super::keys::KeyRing::new(
+                stored.keys,
+                super::keys::DEFAULT_KNOCK_WINDOW,
+            )),
         };
         Ok((manager, report))
     }

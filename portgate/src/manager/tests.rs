@@ -32,7 +32,7 @@ impl SocketTable for NoSockets {
     }
 }
 
-fn config() -> PortConfig {
+pub(super) fn config() -> PortConfig {
     PortConfig {
         min_port: 40_000,
         max_port: 40_099,
@@ -42,18 +42,18 @@ fn config() -> PortConfig {
 }
 
 /// A manager over `store` (holding what it holds), with no gate.
-fn open(config: PortConfig, store: Arc<dyn Store>) -> PortManager {
+pub(super) fn open(config: PortConfig, store: Arc<dyn Store>) -> PortManager {
     let stored = store.load().unwrap();
     PortManager::open(config, store, stored, None, Arc::new(NoSockets))
         .unwrap()
         .0
 }
 
-fn manager(config: PortConfig) -> PortManager {
+pub(super) fn manager(config: PortConfig) -> PortManager {
     open(config, Arc::new(MemoryStore::default()))
 }
 
-fn ip(text: &str) -> IpAddr {
+pub(super) fn ip(text: &str) -> IpAddr {
     text.parse().unwrap()
 }
 

@@ -1,0 +1,187 @@
+//! Keys and knocks through the manager (no gate: the userspace mirror stands for it).
+
+use std::{sync::Arc, time::Duration};
+
+use super::{KeyRequest, KnockRefusal, unix_now};
+use crate::{
+    knock::{self, Knock, KnockError, Refused},
+    manager::{
+        Actor, PortError, PortManager,
+        tests::{config, ip, manager, open},
+    },
+    model::{AllocationRequest, ClientKey, PortAccessControl, PortId, Protocol},
+    store::{MemoryStore, Store},
+};
+
+/// A port that requires authentication.
+async fn guarded(manager: &PortManager) -> PortId {
+    manager
+        .allocate(
+            AllocationRequest {
+                access: PortAccessControl {
+                    require_authentication: true,
+                    ..PortAccessControl::default()
+                },
+                ..AllocationRequest::new("db")
+            },
+            Actor::Admin,
+        )
+        .await
+        .unwrap()
+        .id
+}
+
+fn request(name: &str, ports: Vec<PortId>) -> KeyRequest {
+    KeyRequest {
+        name: name.to_owned(),
+        ports,
+        max_ttl: Duration::from_mins(2),
+        any_source: false,
+    }
+}
+
+/// A datagram of `key` for `id`, made at `timestamp`, with `nonce`.
+fn datagram(key: &ClientKey, id: PortId, timestamp: u64, nonce: u8) -> Vec<u8> {
+    let knock = Knock {
+        key_name: key.name.clone(),
+        protocol: id.protocol,
+        port: id.port,
+        ttl: Duration::from_mins(10),
+        timestamp,
+        nonce: [nonce; 16],
+        address: None,
+    };
+    knock::encode(&knock, &knock::Key(key.secret)).unwrap()
+}
+
+#[tokio::test]
+async fn a_knock_opens_its_port_to_its_source_once_and_for_the_keys_longest_grant() {
+    let manager = manager(config());
+    let id = guarded(&manager).await;
+    let key = manager
+        .add_key(request("alice", vec![id]), Actor::Admin)
+        .await
+        .unwrap();
+    let source = ip("192.0.2.9");
+    assert!(manager.validate_connection(id, source).await.is_err());
+    let now = unix_now();
+    let bytes = datagram(&key, id, now, 1);
+    let accepted = manager.knock(&bytes, source, now).await.unwrap();
+    assert_eq!((accepted.id, accepted.addr), (id, source));
+    assert_eq!(accepted.ttl, Duration::from_mins(2), "capped by the key");
+    manager.validate_connection(id, source).await.unwrap();
+    assert_eq!(
+        manager.knock(&bytes, source, now + 1).await,
+        Err(KnockRefusal::Replay(Refused::Replayed)),
+        "the same datagram again"
+    );
+}
+
+#[tokio::test]
+async fn knocks_are_refused_by_cause() {
+    let manager = manager(config());
+    let id = guarded(&manager).await;
+    let other = PortId::new(id.port + 1, Protocol::Tcp);
+    let key = manager
+        .add_key(request("alice", vec![id]), Actor::Admin)
+        .await
+        .unwrap();
+    let source = ip("192.0.2.9");
+    let now = unix_now();
+    let mut stranger = key.clone();
+    stranger.name = "mallory".to_owned();
+    let refusal = |bytes: Vec<u8>| {
+        let manager = &manager;
+        async move {
+            manager
+                .knock(&bytes, source, now)
+                .await
+                .unwrap_err()
+                .reason()
+        }
+    };
+    assert_eq!(
+        refusal(datagram(&stranger, id, now, 1)).await,
+        "unknown_key"
+    );
+    let mut forged = key.clone();
+    forged.secret[0] ^= 1;
+    assert_eq!(
+        refusal(datagram(&forged, id, now, 2)).await,
+        "bad_signature"
+    );
+    assert_eq!(refusal(datagram(&key, other, now, 3)).await, "not_covered");
+    assert_eq!(refusal(datagram(&key, id, now - 31, 4)).await, "stale");
+    assert_eq!(refusal(datagram(&key, id, now + 31, 5)).await, "future");
+    let mut truncated = datagram(&key, id, now, 6);
+    truncated.truncate(40);
+    assert_eq!(refusal(truncated).await, "truncated");
+    assert_eq!(
+        manager.knock(&[0; 400], source, now).await,
+        Err(KnockRefusal::Datagram(KnockError::Oversized(400)))
+    );
+    assert!(
+        manager.validate_connection(id, source).await.is_err(),
+        "nothing opened"
+    );
+}
+
+#[tokio::test]
+async fn keys_are_for_administrators_kept_by_the_store_and_revoked_with_their_grants() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let manager = open(config(), Arc::clone(&store));
+    let id = guarded(&manager).await;
+    assert!(matches!(
+        manager
+            .add_key(request("bob", vec![]), Actor::User(1000))
+            .await,
+        Err(PortError::AccessDenied(_))
+    ));
+    assert!(
+        manager
+            .add_key(request("b b", vec![]), Actor::Admin)
+            .await
+            .is_err()
+    );
+    let key = manager
+        .add_key(request("bob", vec![]), Actor::Admin)
+        .await
+        .unwrap();
+    assert!(
+        manager
+            .add_key(request("bob", vec![]), Actor::Admin)
+            .await
+            .is_err(),
+        "a name is made once"
+    );
+    assert_eq!(store.load().unwrap().keys, vec![key.clone()], "durable");
+    let now = unix_now();
+    let source = ip("198.51.100.4");
+    manager
+        .knock(&datagram(&key, id, now, 1), source, now)
+        .await
+        .unwrap();
+    manager.validate_connection(id, source).await.unwrap();
+
+    manager.revoke_key("bob", Actor::Admin).await.unwrap();
+    assert!(store.load().unwrap().keys.is_empty());
+    assert!(
+        manager.validate_connection(id, source).await.is_err(),
+        "its grant is withdrawn"
+    );
+    assert_eq!(
+        manager
+            .knock(&datagram(&key, id, now, 2), source, now)
+            .await
+            .unwrap_err()
+            .reason(),
+        "unknown_key"
+    );
+    // A manager reopened on the store knows the keys it holds.
+    let kept = manager
+        .add_key(request("carol", vec![]), Actor::Admin)
+        .await
+        .unwrap();
+    let reopened = open(config(), store);
+    assert_eq!(reopened.keys().await, vec![kept]);
+}
