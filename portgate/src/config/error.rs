@@ -137,6 +137,15 @@ pub enum ConfigError {
         /// `ports.max_port`.
         max: u16,
     },
+    /// `auth.window` is under a second or over an hour.
+    #[error(
+        "auth.window = {}: a knock's timestamp must be allowed between 1s and 1h from the daemon's clock; the default is \"30s\"",
+        humantime::format_duration(*value)
+    )]
+    KnockWindow {
+        /// The value given.
+        value: std::time::Duration,
+    },
     /// `ports.timeout` is zero.
     #[error(
         "ports.timeout = 0s: draining ports need time to close their connections; set it above zero, e.g. \"30s\""

@@ -126,6 +126,42 @@ impl Default for DaemonConfig {
     }
 }
 
+/// `[auth]`: the knock listener, by which a client holding a key opens a port to itself
+/// (see `portgate knock`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// UDP address of the knock listener; `None` (`""` in the file, the default) turns it
+    /// off. Its usual port is 62201, as fwknop's.
+    #[serde(with = "values::metrics_listen")]
+    pub listen: Option<SocketAddr>,
+    /// How far a knock's timestamp may be from the daemon's clock, either way.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            window: Duration::from_secs(30),
+        }
+    }
+}
+
+impl AuthConfig {
+    /// The longest window: a knock's nonce is remembered for as long.
+    pub const MAX_WINDOW: Duration = Duration::from_hours(1);
+
+    /// Checks the window.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.window < Duration::from_secs(1) || self.window > Self::MAX_WINDOW {
+            return Err(ConfigError::KnockWindow { value: self.window });
+        }
+        Ok(())
+    }
+}
+
 /// The whole configuration file.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -134,6 +170,8 @@ pub struct Config {
     pub ports: PortConfig,
     /// `[daemon]`.
     pub daemon: DaemonConfig,
+    /// `[auth]`.
+    pub auth: AuthConfig,
 }
 
 impl PortConfig {
@@ -282,6 +320,7 @@ impl Config {
     pub fn validate(&self) -> Result<Vec<String>, ConfigError> {
         let mut warnings = self.ports.validate()?;
         warnings.extend(self.daemon.validate()?);
+        self.auth.validate()?;
         Ok(warnings)
     }
 }

@@ -487,3 +487,16 @@ fn unreadable_path_is_a_read_error() {
     );
     assert_eq!(message.matches(&cause).count(), 1, "{message}");
 }
+
+#[test]
+fn the_knock_window_is_bounded_and_the_listener_off_by_default() {
+    let config = Config::default();
+    assert_eq!(config.auth.listen, None);
+    config.validate().unwrap();
+    for window in ["0s", "2h"] {
+        let mut config = Config::default();
+        config.auth.window = humantime::parse_duration(window).unwrap();
+        let err = config.validate().unwrap_err();
+        assert!(err.to_string().contains("auth.window"), "{err}");
+    }
+}

@@ -1,4 +1,4 @@
-//! The audit log: one JSON line per API request and its outcome.
+//! The audit log: one JSON line per API request and per knock, and its outcome.
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -31,8 +31,14 @@ pub struct AuditRecord<'a> {
     pub netns: Option<u64>,
     /// `ok`, or the error code.
     pub result: &'a str,
-    /// The HTTP status answered.
+    /// The HTTP status answered (0 for a knock, which is never answered).
     pub status: u16,
+    /// The client key a knock named.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<&'a str>,
+    /// The address a knock came from.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub addr: Option<std::net::IpAddr>,
 }
 
 /// The audit log file, appended to with one `write` per record (`O_APPEND` keeps lines

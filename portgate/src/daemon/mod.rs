@@ -10,6 +10,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod knock;
 
 use std::{
     fs,
@@ -165,6 +166,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     let cgroup = spawn_kernel_readers(&mut tasks, &manager, installed, &shutdown_rx);
     // The metrics address first: if it cannot be bound, no request has been taken yet.
     let metrics_server = spawn_metrics(&app, daemon.metrics_listen, shutdown_rx.clone()).await?;
+    spawn_knock_listener(&mut tasks, &app, &shutdown_rx).await?;
     let api_server = spawn_api(listener, &app, shutdown_rx.clone());
 
     if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {
@@ -460,6 +462,25 @@ async fn read_events(
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
     }
+}
+
+/// Binds the knock listener when `[auth] listen` asks for one, and serves it.
+async fn spawn_knock_listener(
+    tasks: &mut tokio::task::JoinSet<()>,
+    app: &Arc<App>,
+    shutdown: &watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let auth = &app.config.auth;
+    let Some(listen) = auth.listen else {
+        return Ok(());
+    };
+    app.manager.set_knock_window(auth.window).await;
+    let socket = tokio::net::UdpSocket::bind(listen)
+        .await
+        .with_context(|| format!("binding the knock listener to {listen} (auth.listen)"))?;
+    log::info!("taking knocks on udp {listen}");
+    tasks.spawn(knock::serve(Arc::clone(app), socket, shutdown.clone()));
+    Ok(())
 }
 
 /// Hands the kernel's diagnostic lines to the daemon's log as they come.

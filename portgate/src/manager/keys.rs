@@ -87,6 +87,9 @@ pub enum KnockRefusal {
     /// The port holds its most grants, or the kernel refused the grant.
     #[error("the grant was not made: {0}")]
     Grant(String),
+    /// The source sent more knocks than the listener takes from one source.
+    #[error("too many knocks from this source")]
+    RateLimited,
 }
 
 impl KnockRefusal {
@@ -101,6 +104,19 @@ impl KnockRefusal {
             Self::AddressNotAllowed(_) => "address_not_allowed",
             Self::Replay(refused) => refused.reason(),
             Self::Grant(_) => "grant_failed",
+            Self::RateLimited => "rate_limited",
+        }
+    }
+
+    /// The key the knock named, once that is known and worth recording.
+    #[must_use]
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            Self::Datagram(KnockError::BadSignature(key))
+            | Self::UnknownKey(key)
+            | Self::NotCovered { key, .. }
+            | Self::AddressNotAllowed(key) => Some(key),
+            _ => None,
         }
     }
 }
@@ -159,6 +175,12 @@ impl PortManager {
             ));
         }
         Ok(key)
+    }
+
+    /// Takes knocks whose timestamps are within `window` of now (`[auth] window`).
+    pub async fn set_knock_window(&self, window: Duration) {
+        let mut ring = self.keys.lock().await;
+        ring.replay = ReplayCache::new(window.as_secs(), REPLAY_CAPACITY);
     }
 
     /// Every key, by name.

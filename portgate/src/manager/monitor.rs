@@ -144,6 +144,13 @@ struct ActionLabel {
     action: String,
 }
 
+/// The labels of `portgate_auth_total`: `ok`, or `refused` with its reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KnockLabel {
+    result: &'static str,
+    reason: &'static str,
+}
+
 /// Counters, events and metrics.
 #[derive(Debug)]
 pub struct PortMonitor {
@@ -152,6 +159,7 @@ pub struct PortMonitor {
     allocations: Counter,
     lease_expiries: Counter,
     api_latency: Family<ActionLabel, Histogram>,
+    knocks: Family<KnockLabel, Counter>,
     events: broadcast::Sender<(UnixMillis, DenyEventRecord)>,
     recent: Mutex<VecDeque<(UnixMillis, DenyEventRecord)>>,
 }
@@ -188,6 +196,12 @@ impl PortMonitor {
             "Time to answer an API request, by action",
             api_latency.clone(),
         );
+        let knocks = Family::<KnockLabel, Counter>::default();
+        registry.register(
+            "auth",
+            "Knocks received, accepted (reason \"none\") or refused, by reason",
+            knocks.clone(),
+        );
         let snapshot = Arc::new(Mutex::new(PortsSnapshot::default()));
         registry.register_collector(Box::new(PortsCollector {
             snapshot: Arc::clone(&snapshot),
@@ -199,6 +213,7 @@ impl PortMonitor {
             allocations,
             lease_expiries,
             api_latency,
+            knocks,
             events,
             recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
         }
@@ -207,6 +222,22 @@ impl PortMonitor {
     /// Counts an allocation.
     pub fn record_allocation(&self) {
         self.allocations.inc();
+    }
+
+    /// Counts a knock: `"ok"`, or the reason it was refused.
+    pub fn record_knock(&self, outcome: &'static str) {
+        let label = if outcome == "ok" {
+            KnockLabel {
+                result: "accepted",
+                reason: "none",
+            }
+        } else {
+            KnockLabel {
+                result: "refused",
+                reason: outcome,
+            }
+        };
+        self.knocks.get_or_create(&label).inc();
     }
 
     /// Counts a lease expiry.

@@ -199,6 +199,8 @@ impl Caller {
                 .map(|id| id.netns.0),
             result: code,
             status: status.as_u16(),
+            key: None,
+            addr: None,
         });
     }
 
