@@ -155,6 +155,71 @@ pub struct GrantRequest {
     pub ttl: Duration,
 }
 
+/// A port a client key may open: `{"port": 5432, "proto": "tcp"}` (`proto` defaults to
+/// TCP).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPort {
+    /// The port.
+    pub port: u16,
+    /// Its protocol.
+    #[serde(default = "tcp")]
+    pub proto: Protocol,
+}
+
+const fn tcp() -> Protocol {
+    Protocol::Tcp
+}
+
+/// `POST /v1/keys`: a new client key for the knock (administrators only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyRequestBody {
+    /// Its name.
+    pub name: String,
+    /// The ports it may open; none: any port that requires authentication.
+    #[serde(default)]
+    pub ports: Vec<KeyPort>,
+    /// The longest grant a knock with it gets.
+    #[serde(with = "humantime_serde", default = "default_key_max_ttl")]
+    pub max_ttl: Duration,
+    /// Whether a knock may name the address its grant is for (clients behind NAT).
+    #[serde(default)]
+    pub any_source: bool,
+}
+
+/// The longest grant of a key made without `max_ttl`: 5 minutes.
+#[must_use]
+pub const fn default_key_max_ttl() -> Duration {
+    Duration::from_mins(5)
+}
+
+/// A client key as the API shows it: never its secret.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyView {
+    /// Its name.
+    pub name: String,
+    /// The ports it may open; none: any port that requires authentication.
+    pub ports: Vec<KeyPort>,
+    /// The longest grant a knock with it gets.
+    #[serde(with = "humantime_serde")]
+    pub max_ttl: Duration,
+    /// Whether a knock may name the address its grant is for.
+    pub any_source: bool,
+    /// When it was made (milliseconds since the epoch).
+    pub created_at: u64,
+}
+
+/// `POST /v1/keys`' answer: the key, and the key file its client keeps, shown this once.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyCreated {
+    /// The key.
+    #[serde(flatten)]
+    pub key: KeyView,
+    /// The key file's text (`portgate knock --key-file`).
+    pub key_file: String,
+}
+
 /// An allocation as the API shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AllocationView {

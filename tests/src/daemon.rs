@@ -142,6 +142,10 @@ admin_group = "{admin_group}"
 metrics_listen = "127.0.0.1:9477"
 audit_log = "{audit}"
 kernel_log = false
+
+[auth]
+listen = ""
+window = "30s"
 "#,
                 state = dir.path().join("state").display(),
                 pins = pins.path().display(),

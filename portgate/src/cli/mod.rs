@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod events;
 pub mod format;
 pub mod grant;
+pub mod key;
 pub mod knock;
 pub mod list;
 pub mod maps;
@@ -104,6 +105,8 @@ pub enum Command {
     Grant(grant::GrantArgs),
     /// Ask a daemon's knock listener to open a port to this client (needs a key file).
     Knock(knock::KnockArgs),
+    /// Client keys for the knock: add, list, revoke (administrators only).
+    Key(key::KeyArgs),
     /// Would a new connection from an address get in? Exit 0 if so, 1 if not.
     Check(check::CheckArgs),
     /// Counters and policy of every port, or of one (the columns of `maps`).
@@ -224,6 +227,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Access(args) => on_daemon(access::run(&client, &args, output))?,
         Command::Grant(args) => on_daemon(grant::run(&client, &args, output))?,
         Command::Knock(args) => knock::run(&args, output)?,
+        Command::Key(args) => on_daemon(key::run(&client, &args, output))?,
         Command::Check(args) => return on_daemon(check::run(&client, &args, output)),
         Command::Stats(args) => on_daemon(stats::run(&client, &args, output))?,
         Command::Events(args) => on_daemon(events::run(&client, &args, output))?,

@@ -23,8 +23,8 @@ use tokio::net::UnixStream;
 
 use crate::{
     api::{
-        AllocRequest, AllocationView, CheckResponse, ErrorBody, EventView, GrantRequest, NetnsView,
-        OwnerSpec, RenewRequest, StatusView,
+        AllocRequest, AllocationView, CheckResponse, ErrorBody, EventView, GrantRequest,
+        KeyCreated, KeyRequestBody, KeyView, NetnsView, OwnerSpec, RenewRequest, StatusView,
     },
     model::{AccessChange, PortId, PortReport},
 };
@@ -188,6 +188,27 @@ impl Client {
     pub async fn grant(&self, id: PortId, request: &GrantRequest) -> Result<(), ClientError> {
         let path = port_path(id, "/grants");
         self.exchange(Method::POST, path, Some(request))
+            .await?
+            .success()
+            .map(drop)
+    }
+
+    /// `POST /v1/keys`: a new client key (administrators only); the answer holds its key
+    /// file, shown this once.
+    pub async fn add_key(&self, request: &KeyRequestBody) -> Result<KeyCreated, ClientError> {
+        self.call(Method::POST, "/v1/keys".to_owned(), Some(request))
+            .await
+    }
+
+    /// `GET /v1/keys`: every client key, without its secret (administrators only).
+    pub async fn keys(&self) -> Result<Vec<KeyView>, ClientError> {
+        self.call(Method::GET, "/v1/keys".to_owned(), NO_BODY).await
+    }
+
+    /// `DELETE /v1/keys/{name}`: revokes a key and withdraws the grants it issued.
+    pub async fn revoke_key(&self, name: &str) -> Result<(), ClientError> {
+        let name: String = form_urlencoded::byte_serialize(name.as_bytes()).collect();
+        self.exchange(Method::DELETE, format!("/v1/keys/{name}"), NO_BODY)
             .await?
             .success()
             .map(drop)

@@ -23,6 +23,7 @@ mod grants;
 mod handshakes;
 mod host;
 mod kernel_log;
+mod knock;
 mod lifecycle;
 mod load;
 mod maps;

@@ -7,6 +7,7 @@
 //! nothing. `ports` holds the calls on ports, `reads` the views of the whole daemon,
 //! `namespace` what a namespace's name means.
 
+mod keys;
 mod namespace;
 mod placement;
 mod ports;
@@ -24,7 +25,7 @@ use axum::{
     http::{StatusCode, request::Parts},
     middleware::Next,
     response::{IntoResponse, Response},
-    routing::{get, patch, post},
+    routing::{delete, get, patch, post},
 };
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -52,6 +53,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/ports/{port}/grants", post(ports::grant))
         .route("/v1/ports/{port}/check", get(ports::check))
         .route("/v1/netns", get(namespace::find))
+        .route("/v1/keys", post(keys::add).get(keys::list))
+        .route("/v1/keys/{name}", delete(keys::revoke))
         .route("/v1/stats", get(reads::stats))
         .route("/v1/events", get(reads::events))
         .route("/v1/status", get(reads::status))

@@ -1,0 +1,98 @@
+//! `/v1/keys`: client keys for the knock (administrators only). A new key's secret is
+//! answered once, as the key file its client keeps; it is never shown again.
+
+use axum::{extract::Path as UrlPath, http::StatusCode, response::Response};
+
+use super::{ApiError, Caller, json_body};
+use crate::{
+    api::{KeyCreated, KeyPort, KeyRequestBody, KeyView},
+    knock::{self, KeyFile},
+    manager::keys::KeyRequest,
+    model::{ClientKey, PortId},
+};
+
+type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
+
+pub(super) async fn add(caller: Caller, body: Body) -> Response {
+    caller
+        .answer("key_add", StatusCode::CREATED, async |_| {
+            let request: KeyRequestBody = json_body(body)?;
+            let key = caller
+                .app
+                .manager
+                .add_key(
+                    KeyRequest {
+                        name: request.name,
+                        ports: request
+                            .ports
+                            .iter()
+                            .map(|port| PortId::new(port.port, port.proto))
+                            .collect(),
+                        max_ttl: request.max_ttl,
+                        any_source: request.any_source,
+                    },
+                    caller.actor()?,
+                )
+                .await?;
+            let key_file = KeyFile {
+                name: key.name.clone(),
+                key: knock::Key(key.secret),
+            }
+            .to_text();
+            Ok(KeyCreated {
+                key: view(&key),
+                key_file,
+            })
+        })
+        .await
+}
+
+pub(super) async fn list(caller: Caller) -> Response {
+    caller
+        .answer("key_list", StatusCode::OK, async |_| {
+            if caller.actor()? != crate::manager::Actor::Admin {
+                return Err(ApiError::Port(crate::manager::PortError::AccessDenied(
+                    "only an administrator may list keys".to_owned(),
+                )));
+            }
+            Ok(caller
+                .app
+                .manager
+                .keys()
+                .await
+                .iter()
+                .map(view)
+                .collect::<Vec<_>>())
+        })
+        .await
+}
+
+pub(super) async fn revoke(caller: Caller, UrlPath(name): UrlPath<String>) -> Response {
+    caller
+        .answer("key_revoke", StatusCode::NO_CONTENT, async |_| {
+            Ok(caller
+                .app
+                .manager
+                .revoke_key(&name, caller.actor()?)
+                .await?)
+        })
+        .await
+}
+
+/// A key as the API shows it.
+fn view(key: &ClientKey) -> KeyView {
+    KeyView {
+        name: key.name.clone(),
+        ports: key
+            .ports
+            .iter()
+            .map(|id| KeyPort {
+                port: id.port,
+                proto: id.protocol,
+            })
+            .collect(),
+        max_ttl: key.max_ttl,
+        any_source: key.any_source,
+        created_at: key.created_at,
+    }
+}

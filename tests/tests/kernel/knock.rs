@@ -1,0 +1,151 @@
+//! The knock (issue #13): a real daemon in a test namespace with its knock listener on, a
+//! port that requires authentication, a client key made through the CLI; a client is
+//! dropped until it knocks, the same datagram is refused the second time, and a revoked
+//! key's grant is withdrawn.
+
+use std::{
+    net::{SocketAddr, UdpSocket},
+    time::Duration,
+};
+
+use portgate::{
+    knock::{self, KeyFile, KnockRequest},
+    model::Protocol,
+};
+use portgate_tests::{
+    common::{
+        CONNECT_WITHIN, EchoServer, LOCAL, REFUSED_WITHIN, connect_from, eventually, listen_in,
+        loopback,
+    },
+    daemon::Daemon,
+    require_privileges,
+};
+
+const LISTENER: u16 = 62_201;
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn a_knock_opens_a_port_once_and_a_revoked_key_closes_it() {
+    if !require_privileges!() {
+        return;
+    }
+    let mut daemon = Daemon::start(41_700, 41_709);
+    assert!(daemon.stop());
+    daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));
+    daemon.spawn();
+    let port = 41_703;
+    daemon.cli_ok(
+        None,
+        &[
+            "alloc",
+            "--owner",
+            "db",
+            "--port",
+            &port.to_string(),
+            "--require-auth",
+        ],
+    );
+    let _server = daemon
+        .ns
+        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, loopback(port))));
+    let connect = |within| {
+        daemon
+            .ns
+            .run(|| connect_from(LOCAL, loopback(port), within))
+    };
+    assert!(connect(REFUSED_WITHIN).is_err(), "no grant: dropped");
+
+    let key_file = daemon.cli_ok(
+        None,
+        &[
+            "key",
+            "add",
+            "client-1",
+            "--port",
+            &port.to_string(),
+            "--max-ttl",
+            "1m",
+        ],
+    );
+    let key_file = KeyFile::parse(&key_file).expect("the CLI prints a key file");
+    assert_eq!(key_file.name, "client-1");
+    let listener = SocketAddr::new(LOCAL, LISTENER);
+    let request = KnockRequest {
+        protocol: Protocol::Tcp,
+        port,
+        ttl: Duration::from_mins(10),
+        address: None,
+    };
+    let sent = daemon
+        .ns
+        .run(|| knock::knock(listener, &key_file, &request))
+        .expect("knock");
+    assert!(
+        eventually(CONNECT_WITHIN, || connect(REFUSED_WITHIN).is_ok()),
+        "after the knock the client gets in:\n{}",
+        daemon.log()
+    );
+
+    // The same datagram again: refused, and audited as a replay.
+    let replay = knock::encode(&sent, &key_file.key).expect("encode");
+    daemon.ns.run(|| {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        socket.send_to(&replay, listener).expect("send");
+    });
+    let audited = |result: &str| {
+        daemon
+            .audit()
+            .iter()
+            .filter(|record| record["action"] == "knock" && record["result"] == result)
+            .count()
+    };
+    assert!(
+        eventually(CONNECT_WITHIN, || audited("replayed") == 1),
+        "the replay is audited: {:?}",
+        daemon.audit()
+    );
+    assert_eq!(audited("ok"), 1, "one knock accepted");
+
+    // A knock with another key's secret under this name: a bad signature.
+    let forged = KeyFile {
+        name: "client-1".to_owned(),
+        key: knock::Key([9; knock::KEY_BYTES]),
+    };
+    daemon
+        .ns
+        .run(|| knock::knock(listener, &forged, &request))
+        .expect("knock");
+    assert!(eventually(CONNECT_WITHIN, || audited("bad_signature") == 1));
+
+    // Revoked: the grant goes with the key.
+    let listed = daemon.cli_ok(None, &["key", "list"]);
+    assert!(listed.contains("client-1"), "{listed}");
+    assert!(
+        !listed.contains(&hex_of(&key_file)),
+        "a secret is never listed"
+    );
+    daemon.cli_ok(None, &["key", "revoke", "client-1"]);
+    assert!(
+        connect(REFUSED_WITHIN).is_err(),
+        "the revoked key's grant is withdrawn"
+    );
+    daemon
+        .ns
+        .run(|| knock::knock(listener, &key_file, &request))
+        .expect("knock");
+    assert!(eventually(CONNECT_WITHIN, || audited("unknown_key") == 1));
+    assert!(
+        connect(REFUSED_WITHIN).is_err(),
+        "a revoked key opens nothing"
+    );
+}
+
+/// The hexadecimal key of a key file, as it would show if listed.
+fn hex_of(key_file: &KeyFile) -> String {
+    key_file
+        .to_text()
+        .lines()
+        .find_map(|line| line.strip_prefix("key = \""))
+        .map(|rest| rest.trim_end_matches('"').to_owned())
+        .unwrap_or_default()
+}
