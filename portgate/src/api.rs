@@ -155,6 +155,20 @@ pub struct GrantRequest {
     pub ttl: Duration,
 }
 
+/// `GET /v1/ports/{port}/grants`: one grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantInfoView {
+    /// The address it lets in.
+    pub ip: IpAddr,
+    /// How long it still lasts.
+    #[serde(with = "humantime_serde")]
+    pub expires_in: Duration,
+    /// Who issued it (`administrator`, `uid N`, `key NAME`); absent when unknown (issued
+    /// before the daemon last started).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issued_by: Option<String>,
+}
+
 /// A port a client key may open: `{"port": 5432, "proto": "tcp"}` (`proto` defaults to
 /// TCP).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -209,6 +209,20 @@ impl GateModel {
             .count()
     }
 
+    /// The grants of a port: each source with its expiry (`CLOCK_MONOTONIC` ns), in
+    /// address order.
+    #[must_use]
+    pub fn grants_of(&self, id: PortId) -> Vec<(IpAddr, u64)> {
+        let mut grants: Vec<(IpAddr, u64)> = self
+            .grants
+            .iter()
+            .filter(|((granted, _), _)| *granted == id)
+            .map(|((_, source), expires)| (*source, *expires))
+            .collect();
+        grants.sort_unstable();
+        grants
+    }
+
     /// Withdraws a grant.
     pub fn remove_grant(&mut self, id: PortId, source: IpAddr) {
         self.grants.remove(&(id, source));

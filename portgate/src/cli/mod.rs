@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod events;
 pub mod format;
 pub mod grant;
+pub mod grants;
 pub mod key;
 pub mod knock;
 pub mod list;
@@ -103,6 +104,10 @@ pub enum Command {
     Access(access::AccessArgs),
     /// Let an authenticated source connect to a port that requires authentication.
     Grant(grant::GrantArgs),
+    /// List a port's grants, with who issued each.
+    Grants(grants::GrantsArgs),
+    /// Withdraw a port's grant for an address at once.
+    Revoke(grants::RevokeArgs),
     /// Ask a daemon's knock listener to open a port to this client (needs a key file).
     Knock(knock::KnockArgs),
     /// Client keys for the knock: add, list, revoke (administrators only).
@@ -226,6 +231,8 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Show(args) => on_daemon(show::run(&client, &args, output))?,
         Command::Access(args) => on_daemon(access::run(&client, &args, output))?,
         Command::Grant(args) => on_daemon(grant::run(&client, &args, output))?,
+        Command::Grants(args) => on_daemon(grants::run(&client, &args, output))?,
+        Command::Revoke(args) => on_daemon(grants::revoke(&client, &args, output))?,
         Command::Knock(args) => knock::run(&args, output)?,
         Command::Key(args) => on_daemon(key::run(&client, &args, output))?,
         Command::Check(args) => return on_daemon(check::run(&client, &args, output)),

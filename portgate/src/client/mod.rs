@@ -23,8 +23,9 @@ use tokio::net::UnixStream;
 
 use crate::{
     api::{
-        AllocRequest, AllocationView, CheckResponse, ErrorBody, EventView, GrantRequest,
-        KeyCreated, KeyRequestBody, KeyView, NetnsView, OwnerSpec, RenewRequest, StatusView,
+        AllocRequest, AllocationView, CheckResponse, ErrorBody, EventView, GrantInfoView,
+        GrantRequest, KeyCreated, KeyRequestBody, KeyView, NetnsView, OwnerSpec, RenewRequest,
+        StatusView,
     },
     model::{AccessChange, PortId, PortReport},
 };
@@ -188,6 +189,21 @@ impl Client {
     pub async fn grant(&self, id: PortId, request: &GrantRequest) -> Result<(), ClientError> {
         let path = port_path(id, "/grants");
         self.exchange(Method::POST, path, Some(request))
+            .await?
+            .success()
+            .map(drop)
+    }
+
+    /// `GET /v1/ports/{port}/grants`: the port's grants, with who issued each.
+    pub async fn grants(&self, id: PortId) -> Result<Vec<GrantInfoView>, ClientError> {
+        self.call(Method::GET, port_path(id, "/grants"), NO_BODY)
+            .await
+    }
+
+    /// `DELETE /v1/ports/{port}/grants?ip=`: withdraws a grant at once.
+    pub async fn revoke_grant(&self, id: PortId, ip: IpAddr) -> Result<(), ClientError> {
+        let path = format!("{}&ip={ip}", port_path(id, "/grants"));
+        self.exchange(Method::DELETE, path, NO_BODY)
             .await?
             .success()
             .map(drop)

@@ -2,9 +2,13 @@
 //! client's knock, signed with it, opens one port to one source for a while, through the
 //! same grant an administrator would issue.
 //!
-//! Partial: the grants a key issued are remembered in memory only, so a revocation after a
-//! restart does not withdraw the grants issued before it (they expire on their own, within
-//! the key's longest grant).
+//! Grants are objects here too: each remembers who issued it (an administrator, a user,
+//! or a key), so that they can be listed and withdrawn one by one or with their key.
+//!
+//! Partial: who issued a grant is remembered in memory only. After a restart the grants
+//! (kept by the kernel) show an unknown issuer, and revoking a key does not withdraw the
+//! grants it issued before the restart; they expire on their own, within the key's longest
+//! grant.
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
@@ -18,6 +22,9 @@ use crate::{
 /// How many knocks' nonces are remembered at once, within the window.
 pub const REPLAY_CAPACITY: usize = 65_536;
 
+/// Grants whose issuers are remembered before those of grants gone are forgotten.
+const GRANT_ISSUERS: usize = 131_072;
+
 /// How far from now a knock's timestamp may be, either way, by default.
 pub const DEFAULT_KNOCK_WINDOW: Duration = Duration::from_secs(30);
 
@@ -26,8 +33,40 @@ pub const DEFAULT_KNOCK_WINDOW: Duration = Duration::from_secs(30);
 pub struct KeyRing {
     keys: BTreeMap<String, ClientKey>,
     replay: ReplayCache,
-    /// The grants each key issued (port, address), to withdraw when it is revoked.
-    issued: BTreeMap<String, Vec<(PortId, IpAddr)>>,
+    /// Who issued each grant made since the daemon started.
+    issuers: BTreeMap<(PortId, IpAddr), Issuer>,
+}
+
+/// Who issued a grant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Issuer {
+    /// An administrator, through the API.
+    Administrator,
+    /// A user (the port's maker), through the API.
+    User(u32),
+    /// A client's knock, with this key.
+    Key(String),
+}
+
+impl std::fmt::Display for Issuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Administrator => f.write_str("administrator"),
+            Self::User(uid) => write!(f, "uid {uid}"),
+            Self::Key(name) => write!(f, "key {name}"),
+        }
+    }
+}
+
+/// A grant as [`PortManager::grants`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GrantInfo {
+    /// The address it lets in.
+    pub addr: IpAddr,
+    /// How long it still lasts.
+    pub expires_in: Duration,
+    /// Who issued it; `None` when unknown (issued before the daemon started).
+    pub issued_by: Option<Issuer>,
 }
 
 impl KeyRing {
@@ -40,7 +79,7 @@ impl KeyRing {
                 .map(|key| (key.name.clone(), key))
                 .collect(),
             replay: ReplayCache::new(window.as_secs(), REPLAY_CAPACITY),
-            issued: BTreeMap::new(),
+            issuers: BTreeMap::new(),
         }
     }
 }
@@ -200,7 +239,16 @@ impl PortManager {
                     "no key named {name:?}"
                 )));
             }
-            let issued = ring.issued.remove(name).unwrap_or_default();
+            let this_key = Issuer::Key(name.to_owned());
+            let issued: Vec<(PortId, IpAddr)> = ring
+                .issuers
+                .iter()
+                .filter(|(_, by)| **by == this_key)
+                .map(|(grant, _)| *grant)
+                .collect();
+            for grant in &issued {
+                ring.issuers.remove(grant);
+            }
             (
                 self.store.submit(vec![Change::DeleteKey(name.to_owned())]),
                 issued,
@@ -260,11 +308,86 @@ impl PortManager {
         self.keys
             .lock()
             .await
-            .issued
-            .entry(key.name.clone())
-            .or_default()
-            .push((accepted.id, accepted.addr));
+            .issuers
+            .insert((accepted.id, accepted.addr), Issuer::Key(key.name.clone()));
         Ok(accepted)
+    }
+
+    /// Records who issued the grant of `addr` on `id` (after [`PortManager::grant`]).
+    pub(super) async fn record_issuer(&self, id: PortId, addr: IpAddr, actor: Actor) {
+        let issuer = match actor {
+            Actor::Admin => Issuer::Administrator,
+            Actor::User(uid) => Issuer::User(uid),
+        };
+        // Bounded by the kernel's grants: the issuers of grants gone are forgotten now and
+        // then, the ring let go while the grants are read (never wait for `state` holding it).
+        let known: Vec<(PortId, IpAddr)> = {
+            let mut ring = self.keys.lock().await;
+            if ring.issuers.len() < GRANT_ISSUERS {
+                ring.issuers.insert((id, addr), issuer);
+                return;
+            }
+            ring.issuers.keys().copied().collect()
+        };
+        let live: std::collections::BTreeSet<(PortId, IpAddr)> = {
+            let state = self.state.lock().await;
+            known
+                .into_iter()
+                .filter(|(id, addr)| state.security.grants_of(*id).iter().any(|(a, _)| a == addr))
+                .collect()
+        };
+        let mut ring = self.keys.lock().await;
+        ring.issuers.retain(|grant, _| live.contains(grant));
+        ring.issuers.insert((id, addr), issuer);
+    }
+
+    /// The grants of a port, with who issued each (the port's maker or an administrator).
+    pub async fn grants(&self, id: PortId, actor: Actor) -> Result<Vec<GrantInfo>> {
+        let grants = {
+            let state = self.state.lock().await;
+            let held = state
+                .allocator
+                .allocation(id)
+                .ok_or(PortError::NotAllocated(id))?;
+            super::quota::authorize(held, actor)?;
+            state.security.grants_of(id)
+        };
+        let now = crate::host::kernel::monotonic_now_ns();
+        let ring = self.keys.lock().await;
+        Ok(grants
+            .into_iter()
+            .filter(|(_, expires)| *expires > now)
+            .map(|(addr, expires)| GrantInfo {
+                addr,
+                expires_in: Duration::from_nanos(expires - now),
+                issued_by: ring.issuers.get(&(id, addr)).cloned(),
+            })
+            .collect())
+    }
+
+    /// Withdraws the grant of `addr` on `id` at once (the port's maker or an
+    /// administrator): new connections from it are refused again.
+    pub async fn revoke_grant(&self, id: PortId, addr: IpAddr, actor: Actor) -> Result<()> {
+        {
+            let mut state = self.state.lock().await;
+            let held = state
+                .allocator
+                .allocation(id)
+                .ok_or(PortError::NotAllocated(id))?;
+            super::quota::authorize(held, actor)?;
+            if !state.security.grants_of(id).iter().any(|(a, _)| *a == addr) {
+                return Err(PortError::InvalidPortRequest(format!(
+                    "{id} holds no grant for {addr}"
+                )));
+            }
+            let super::State { security, gate, .. } = &mut *state;
+            if let Some(gate) = gate.as_mut() {
+                gate.remove_grant(id, addr)?;
+            }
+            security.remove_grant(id, addr);
+        }
+        self.keys.lock().await.issuers.remove(&(id, addr));
+        Ok(())
     }
 }
 

@@ -337,6 +337,8 @@ impl PortManager {
             gate.add_grant(id, addr, expires_ns)?;
         }
         state.security.add_grant(id, addr, expires_ns);
+        drop(state);
+        self.record_issuer(id, addr, actor).await;
         Ok(())
     }
 

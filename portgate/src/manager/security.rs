@@ -80,6 +80,12 @@ impl PortSecurity {
         self.model.grant_count(id)
     }
 
+    /// The grants of a port: each source with its expiry (`CLOCK_MONOTONIC` ns).
+    #[must_use]
+    pub fn grants_of(&self, id: PortId) -> Vec<(IpAddr, u64)> {
+        self.model.grants_of(id)
+    }
+
     /// Forgets a grant (expired, or withdrawn).
     pub fn remove_grant(&mut self, id: PortId, source: IpAddr) {
         self.model.remove_grant(id, source);

@@ -1,7 +1,7 @@
 //! The knock (issue #13): a real daemon in a test namespace with its knock listener on, a
 //! port that requires authentication, a client key made through the CLI; a client is
-//! dropped until it knocks, the same datagram is refused the second time, and a revoked
-//! key's grant is withdrawn.
+//! dropped until it knocks, its grant is listed with its key and can be withdrawn alone,
+//! the same datagram is refused the second time, and a revoked key's grant is withdrawn.
 
 use std::{
     net::{SocketAddr, UdpSocket},
@@ -86,6 +86,23 @@ fn a_knock_opens_a_port_once_and_a_revoked_key_closes_it() {
         daemon.log()
     );
 
+    // Grants are objects: listed with their issuer, withdrawn one by one.
+    let listed = daemon.cli_ok(None, &["grants", &port.to_string()]);
+    assert!(
+        listed.contains("127.0.0.1") && listed.contains("key client-1"),
+        "{listed}"
+    );
+    daemon.cli_ok(None, &["revoke", &port.to_string(), "127.0.0.1"]);
+    assert!(connect(REFUSED_WITHIN).is_err(), "revoked: dropped again");
+    daemon
+        .ns
+        .run(|| knock::knock(listener, &key_file, &request))
+        .expect("knock");
+    assert!(
+        eventually(CONNECT_WITHIN, || connect(REFUSED_WITHIN).is_ok()),
+        "a new knock (a new nonce) opens it again"
+    );
+
     // The same datagram again: refused, and audited as a replay.
     let replay = knock::encode(&sent, &key_file.key).expect("encode");
     daemon.ns.run(|| {
@@ -104,7 +121,7 @@ fn a_knock_opens_a_port_once_and_a_revoked_key_closes_it() {
         "the replay is audited: {:?}",
         daemon.audit()
     );
-    assert_eq!(audited("ok"), 1, "one knock accepted");
+    assert_eq!(audited("ok"), 2, "two knocks accepted");
 
     // A knock with another key's secret under this name: a bad signature.
     let forged = KeyFile {

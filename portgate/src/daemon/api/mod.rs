@@ -50,7 +50,12 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/ports/{port}/renew", post(ports::renew))
         .route("/v1/ports/{port}/access", patch(ports::access))
         .route("/v1/ports/{port}/owner", patch(ports::owner))
-        .route("/v1/ports/{port}/grants", post(ports::grant))
+        .route(
+            "/v1/ports/{port}/grants",
+            post(ports::grant)
+                .get(ports::grants)
+                .delete(ports::revoke_grant),
+        )
         .route("/v1/ports/{port}/check", get(ports::check))
         .route("/v1/netns", get(namespace::find))
         .route("/v1/keys", post(keys::add).get(keys::list))

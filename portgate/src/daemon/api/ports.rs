@@ -7,7 +7,10 @@ use axum::{body::Bytes, extract::rejection::BytesRejection, http::StatusCode, re
 
 use super::{ApiError, Caller, PortCall, json_body, placement};
 use crate::{
-    api::{AllocRequest, AllocationView, CheckResponse, GrantRequest, OwnerSpec, RenewRequest},
+    api::{
+        AllocRequest, AllocationView, CheckResponse, GrantInfoView, GrantRequest, OwnerSpec,
+        RenewRequest,
+    },
     manager::PortError,
     model::{AccessChange, AllocationRequest, NetnsId, Owner, PortId, Protocol},
 };
@@ -160,17 +163,47 @@ pub(super) async fn grant(call: PortCall, body: Body) -> Response {
     .await
 }
 
+pub(super) async fn grants(call: PortCall) -> Response {
+    let actor = call.caller.actor();
+    call.answer("grants", StatusCode::OK, async |app, id, _| {
+        let grants = app.manager.grants(id, actor?).await?;
+        Ok(grants
+            .into_iter()
+            .map(|grant| GrantInfoView {
+                ip: grant.addr,
+                expires_in: grant.expires_in,
+                issued_by: grant.issued_by.map(|by| by.to_string()),
+            })
+            .collect::<Vec<_>>())
+    })
+    .await
+}
+
+pub(super) async fn revoke_grant(call: PortCall) -> Response {
+    let actor = call.caller.actor();
+    call.answer("revoke", StatusCode::NO_CONTENT, async |app, id, query| {
+        let ip = query_ip(&query)?;
+        Ok(app.manager.revoke_grant(id, ip, actor?).await?)
+    })
+    .await
+}
+
+/// The `?ip=ADDR` of a request.
+fn query_ip(query: &std::collections::HashMap<String, String>) -> Result<IpAddr, ApiError> {
+    let raw = query
+        .get("ip")
+        .ok_or_else(|| ApiError::bad("missing_ip", "give the source address as ?ip=ADDR"))?;
+    raw.parse().map_err(|_| {
+        ApiError::bad(
+            "invalid_ip",
+            format!("{raw:?} is not an IP address: give an IPv4 or IPv6 address"),
+        )
+    })
+}
+
 pub(super) async fn check(call: PortCall) -> Response {
     call.answer("check", StatusCode::OK, async |app, id, query| {
-        let raw = query
-            .get("ip")
-            .ok_or_else(|| ApiError::bad("missing_ip", "give the source address as ?ip=ADDR"))?;
-        let ip: IpAddr = raw.parse().map_err(|_| {
-            ApiError::bad(
-                "invalid_ip",
-                format!("{raw:?} is not an IP address: give an IPv4 or IPv6 address"),
-            )
-        })?;
+        let ip = query_ip(&query)?;
         let (allowed, reason, message) = match app.manager.refusal(id, ip).await {
             None => (true, None, None),
             Some((reason, err)) => (false, Some(reason.name().to_owned()), Some(err.to_string())),

@@ -185,3 +185,66 @@ async fn keys_are_for_administrators_kept_by_the_store_and_revoked_with_their_gr
     let reopened = open(config(), store);
     assert_eq!(reopened.keys().await, vec![kept]);
 }
+
+#[tokio::test]
+async fn grants_are_listed_with_their_issuer_and_withdrawn_one_by_one() {
+    let manager = manager(config());
+    let id = guarded(&manager).await;
+    let key = manager
+        .add_key(request("dave", vec![id]), Actor::Admin)
+        .await
+        .unwrap();
+    let now = unix_now();
+    manager
+        .knock(&datagram(&key, id, now, 1), ip("192.0.2.1"), now)
+        .await
+        .unwrap();
+    manager
+        .grant(id, ip("192.0.2.2"), Duration::from_mins(1), Actor::Admin)
+        .await
+        .unwrap();
+    let listed: Vec<(String, String)> = manager
+        .grants(id, Actor::Admin)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|grant| {
+            (
+                grant.addr.to_string(),
+                grant.issued_by.map(|by| by.to_string()).unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        [
+            ("192.0.2.1".to_owned(), "key dave".to_owned()),
+            ("192.0.2.2".to_owned(), "administrator".to_owned())
+        ]
+    );
+    assert!(matches!(
+        manager.grants(id, Actor::User(4242)).await,
+        Err(PortError::AccessDenied(_))
+    ));
+    manager
+        .revoke_grant(id, ip("192.0.2.2"), Actor::Admin)
+        .await
+        .unwrap();
+    assert!(
+        manager
+            .validate_connection(id, ip("192.0.2.2"))
+            .await
+            .is_err()
+    );
+    manager
+        .validate_connection(id, ip("192.0.2.1"))
+        .await
+        .unwrap();
+    assert!(
+        manager
+            .revoke_grant(id, ip("192.0.2.2"), Actor::Admin)
+            .await
+            .is_err(),
+        "no grant left to withdraw"
+    );
+}
