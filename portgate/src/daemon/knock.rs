@@ -96,7 +96,11 @@ pub async fn serve(app: Arc<App>, socket: UdpSocket, mut shutdown: watch::Receiv
         } else {
             Err(KnockRefusal::RateLimited)
         };
-        record(audit, source, &outcome);
+        // A flood's datagrams beyond the source's share are counted, not each audited: the
+        // audit log would otherwise grow with the flood.
+        if !matches!(outcome, Err(KnockRefusal::RateLimited)) {
+            record(audit, source, &outcome);
+        }
         manager.monitor().record_knock(match &outcome {
             Ok(_) => "ok",
             Err(refusal) => refusal.reason(),

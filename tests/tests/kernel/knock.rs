@@ -166,3 +166,120 @@ fn hex_of(key_file: &KeyFile) -> String {
         .map(|rest| rest.trim_end_matches('"').to_owned())
         .unwrap_or_default()
 }
+
+#[test]
+fn keys_and_live_grants_survive_a_restart_and_a_flood_of_bad_knocks_leaves_the_api_answering() {
+    const BAD: usize = 100_000;
+    if !require_privileges!() {
+        return;
+    }
+    let mut daemon = Daemon::start(41_710, 41_719);
+    assert!(daemon.stop());
+    daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));
+    daemon.spawn();
+    let port = 41_713;
+    daemon.cli_ok(
+        None,
+        &[
+            "alloc",
+            "--owner",
+            "db",
+            "--port",
+            &port.to_string(),
+            "--require-auth",
+        ],
+    );
+    let _server = daemon
+        .ns
+        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, loopback(port))));
+    let key_file = KeyFile::parse(&daemon.cli_ok(
+        None,
+        &["key", "add", "client-2", "--port", &port.to_string()],
+    ))
+    .expect("a key file");
+    let listener = SocketAddr::new(LOCAL, LISTENER);
+    let request = KnockRequest {
+        protocol: Protocol::Tcp,
+        port,
+        ttl: Duration::from_mins(5),
+        address: None,
+    };
+    daemon
+        .ns
+        .run(|| knock::knock(listener, &key_file, &request))
+        .expect("knock");
+    assert!(eventually(CONNECT_WITHIN, || connect_to(
+        &daemon,
+        port,
+        REFUSED_WITHIN
+    )
+    .is_ok()));
+
+    // A restart keeps the key (in the store) and the grant (in the pinned kernel map).
+    assert!(daemon.stop());
+    daemon.spawn();
+    assert!(
+        connect_to(&daemon, port, CONNECT_WITHIN).is_ok(),
+        "the grant outlived the daemon"
+    );
+    let listed = daemon.cli_ok(None, &["key", "list"]);
+    assert!(listed.contains("client-2"), "{listed}");
+
+    // A flood of bad datagrams from one source: rate-limited, and the API still answers.
+    let sent = daemon.ns.run(|| {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        let mut sent = 0;
+        for i in 0..BAD {
+            let junk = [u8::try_from(i % 251).unwrap_or(0); 80];
+            if socket.send_to(&junk, listener).is_ok() {
+                sent += 1;
+            }
+        }
+        sent
+    });
+    assert!(sent > 0, "no datagram sent");
+    let status = daemon.cli_ok(None, &["status"]);
+    assert!(
+        status.contains("41710"),
+        "the API answers after the flood: {status}"
+    );
+    // After the flood (its source's bucket refills in 2 s), a good knock still works.
+    std::thread::sleep(Duration::from_secs(3));
+    daemon.cli_ok(None, &["revoke", &port.to_string(), "127.0.0.1"]);
+    assert!(connect_to(&daemon, port, REFUSED_WITHIN).is_err());
+    daemon
+        .ns
+        .run(|| knock::knock(listener, &key_file, &request))
+        .expect("knock");
+    assert!(
+        eventually(CONNECT_WITHIN, || connect_to(&daemon, port, REFUSED_WITHIN)
+            .is_ok()),
+        "a good knock gets through after the flood:\n{}",
+        daemon.log()
+    );
+    let refused = daemon
+        .audit()
+        .iter()
+        .filter(|record| record["action"] == "knock" && record["result"] != "ok")
+        .count();
+    println!("{sent} bad datagrams sent, {refused} refusals audited");
+    assert!(
+        refused > 0,
+        "the flood's first datagrams were refused and audited"
+    );
+    assert!(
+        refused < 1_000,
+        "a flood's datagrams beyond its share are counted, not audited one by one: {refused}"
+    );
+}
+
+/// A TCP connection from loopback to `port` in the daemon's namespace, within `within`.
+fn connect_to(
+    daemon: &Daemon,
+    port: u16,
+    within: Duration,
+) -> std::io::Result<std::net::TcpStream> {
+    daemon
+        .ns
+        .run(|| connect_from(LOCAL, loopback(port), within))
+}
