@@ -5,25 +5,20 @@
 //! Grants are objects here too: each remembers who issued it (an administrator, a user,
 //! or a key), so that they can be listed and withdrawn one by one or with their key.
 //!
-//! Partial: who issued a grant is remembered in memory only. After a restart the grants
-//! (kept by the kernel) show an unknown issuer, and revoking a key does not withdraw the
-//! grants it issued before the restart; they expire on their own, within the key's longest
-//! grant.
+//! Who issued each grant is kept in the store until the grant expires, so a restart keeps
+//! it; a grant issued by a version without this record shows an unknown issuer.
 
 use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 
 use super::{Actor, PortError, PortManager, Result, STORE_ADVICE};
 use crate::{
     knock::{self, Knock, KnockError, Refused, ReplayCache},
-    model::{CLIENT_KEY_BYTES, ClientKey, PortId, now_millis},
+    model::{CLIENT_KEY_BYTES, ClientKey, GrantIssued, Issuer, PortId, UnixMillis, now_millis},
     store::Change,
 };
 
 /// How many knocks' nonces are remembered at once, within the window.
 pub const REPLAY_CAPACITY: usize = 65_536;
-
-/// Grants whose issuers are remembered before those of grants gone are forgotten.
-const GRANT_ISSUERS: usize = 131_072;
 
 /// How far from now a knock's timestamp may be, either way, by default.
 pub const DEFAULT_KNOCK_WINDOW: Duration = Duration::from_secs(30);
@@ -33,29 +28,8 @@ pub const DEFAULT_KNOCK_WINDOW: Duration = Duration::from_secs(30);
 pub struct KeyRing {
     keys: BTreeMap<String, ClientKey>,
     replay: ReplayCache,
-    /// Who issued each grant made since the daemon started.
-    issuers: BTreeMap<(PortId, IpAddr), Issuer>,
-}
-
-/// Who issued a grant.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Issuer {
-    /// An administrator, through the API.
-    Administrator,
-    /// A user (the port's maker), through the API.
-    User(u32),
-    /// A client's knock, with this key.
-    Key(String),
-}
-
-impl std::fmt::Display for Issuer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Administrator => f.write_str("administrator"),
-            Self::User(uid) => write!(f, "uid {uid}"),
-            Self::Key(name) => write!(f, "key {name}"),
-        }
-    }
+    /// Who issued each live grant, and when it expires (wall clock).
+    issuers: BTreeMap<(PortId, IpAddr), (Issuer, UnixMillis)>,
 }
 
 /// A grant as [`PortManager::grants`] lists it.
@@ -70,16 +44,20 @@ pub struct GrantInfo {
 }
 
 impl KeyRing {
-    /// The ring of `keys`, taking knocks whose timestamps are within `window` of now.
+    /// The ring of `keys` and of the grants' issuers the store holds, taking knocks whose
+    /// timestamps are within `window` of now.
     #[must_use]
-    pub fn new(keys: Vec<ClientKey>, window: Duration) -> Self {
+    pub fn new(keys: Vec<ClientKey>, grants: Vec<GrantIssued>, window: Duration) -> Self {
         Self {
             keys: keys
                 .into_iter()
                 .map(|key| (key.name.clone(), key))
                 .collect(),
             replay: ReplayCache::new(window.as_secs(), REPLAY_CAPACITY),
-            issuers: BTreeMap::new(),
+            issuers: grants
+                .into_iter()
+                .map(|grant| ((grant.id, grant.addr), (grant.issuer, grant.expires_at)))
+                .collect(),
         }
     }
 }
@@ -243,16 +221,15 @@ impl PortManager {
             let issued: Vec<(PortId, IpAddr)> = ring
                 .issuers
                 .iter()
-                .filter(|(_, by)| **by == this_key)
+                .filter(|(_, (by, _))| *by == this_key)
                 .map(|(grant, _)| *grant)
                 .collect();
-            for grant in &issued {
-                ring.issuers.remove(grant);
+            let mut changes = vec![Change::DeleteKey(name.to_owned())];
+            for &(id, addr) in &issued {
+                ring.issuers.remove(&(id, addr));
+                changes.push(Change::DeleteGrant(id, addr));
             }
-            (
-                self.store.submit(vec![Change::DeleteKey(name.to_owned())]),
-                issued,
-            )
+            (self.store.submit(changes), issued)
         };
         {
             let mut state = self.state.lock().await;
@@ -302,43 +279,57 @@ impl PortManager {
             .await
             .replay
             .admit(&key.name, knock.nonce, knock.timestamp, now)?;
-        self.grant(accepted.id, accepted.addr, accepted.ttl, Actor::Admin)
-            .await
-            .map_err(|err| KnockRefusal::Grant(err.to_string()))?;
-        self.keys
-            .lock()
-            .await
-            .issuers
-            .insert((accepted.id, accepted.addr), Issuer::Key(key.name.clone()));
+        self.grant_issued(
+            accepted.id,
+            accepted.addr,
+            accepted.ttl,
+            Actor::Admin,
+            Issuer::Key(key.name.clone()),
+        )
+        .await
+        .map_err(|err| KnockRefusal::Grant(err.to_string()))?;
         Ok(accepted)
     }
 
-    /// Records who issued the grant of `addr` on `id` (after [`PortManager::grant`]).
-    pub(super) async fn record_issuer(&self, id: PortId, addr: IpAddr, actor: Actor) {
-        let issuer = match actor {
-            Actor::Admin => Issuer::Administrator,
-            Actor::User(uid) => Issuer::User(uid),
-        };
-        // Bounded by the kernel's grants: the issuers of grants gone are forgotten now and
-        // then, the ring let go while the grants are read (never wait for `state` holding it).
-        let known: Vec<(PortId, IpAddr)> = {
+    /// Records who issued the grant of `addr` on `id`, lasting `ttl` (after the grant is
+    /// made): in the store, waited for, and in memory. Records of grants expired by now are
+    /// forgotten in the same commit, so the store holds live grants only.
+    pub(super) async fn record_issuer(
+        &self,
+        id: PortId,
+        addr: IpAddr,
+        issuer: Issuer,
+        ttl: Duration,
+    ) {
+        let now = now_millis();
+        let expires_at = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let commit = {
             let mut ring = self.keys.lock().await;
-            if ring.issuers.len() < GRANT_ISSUERS {
-                ring.issuers.insert((id, addr), issuer);
-                return;
+            let expired: Vec<(PortId, IpAddr)> = ring
+                .issuers
+                .iter()
+                .filter(|(_, (_, expires))| *expires <= now)
+                .map(|(grant, _)| *grant)
+                .collect();
+            let mut changes: Vec<Change> = Vec::with_capacity(expired.len() + 1);
+            for (id, addr) in expired {
+                ring.issuers.remove(&(id, addr));
+                changes.push(Change::DeleteGrant(id, addr));
             }
-            ring.issuers.keys().copied().collect()
+            ring.issuers
+                .insert((id, addr), (issuer.clone(), expires_at));
+            changes.push(Change::PutGrant(GrantIssued {
+                id,
+                addr,
+                issuer,
+                expires_at,
+            }));
+            self.store.submit(changes)
         };
-        let live: std::collections::BTreeSet<(PortId, IpAddr)> = {
-            let state = self.state.lock().await;
-            known
-                .into_iter()
-                .filter(|(id, addr)| state.security.grants_of(*id).iter().any(|(a, _)| a == addr))
-                .collect()
-        };
-        let mut ring = self.keys.lock().await;
-        ring.issuers.retain(|grant, _| live.contains(grant));
-        ring.issuers.insert((id, addr), issuer);
+        // The grant stands either way; only who issued it would be lost at a restart.
+        if let Err(err) = commit.wait().await {
+            log::warn!("who issued the grant of {addr} on {id} was not saved: {err}");
+        }
     }
 
     /// The grants of a port, with who issued each (the port's maker or an administrator).
@@ -360,7 +351,7 @@ impl PortManager {
             .map(|(addr, expires)| GrantInfo {
                 addr,
                 expires_in: Duration::from_nanos(expires - now),
-                issued_by: ring.issuers.get(&(id, addr)).cloned(),
+                issued_by: ring.issuers.get(&(id, addr)).map(|(by, _)| by.clone()),
             })
             .collect())
     }
@@ -387,6 +378,14 @@ impl PortManager {
             security.remove_grant(id, addr);
         }
         self.keys.lock().await.issuers.remove(&(id, addr));
+        if let Err(err) = self
+            .store
+            .submit(vec![Change::DeleteGrant(id, addr)])
+            .wait()
+            .await
+        {
+            log::warn!("the record of the grant of {addr} on {id} was not removed: {err}");
+        }
         Ok(())
     }
 }

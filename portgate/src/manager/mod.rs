@@ -54,8 +54,8 @@ use crate::{
     gate::Gate,
     host::{self, sockets::SocketTable},
     model::{
-        AccessChange, Allocation, AllocationRequest, DropReason, HostPort, PortId, PortReport,
-        PortStatus, Protocol, UnixMillis, now_millis,
+        AccessChange, Allocation, AllocationRequest, DropReason, HostPort, Issuer, PortId,
+        PortReport, PortStatus, Protocol, UnixMillis, now_millis,
     },
     store::{HostChanges, Store},
     text::Chain,
@@ -321,6 +321,22 @@ impl PortManager {
     /// kernel (and its userspace mirror) only: they are short-lived by design and are not
     /// kept in the store.
     pub async fn grant(&self, id: PortId, addr: IpAddr, ttl: Duration, actor: Actor) -> Result<()> {
+        let issuer = match actor {
+            Actor::Admin => Issuer::Administrator,
+            Actor::User(uid) => Issuer::User(uid),
+        };
+        self.grant_issued(id, addr, ttl, actor, issuer).await
+    }
+
+    /// [`PortManager::grant`], recording `issuer` as who issued it.
+    async fn grant_issued(
+        &self,
+        id: PortId,
+        addr: IpAddr,
+        ttl: Duration,
+        actor: Actor,
+        issuer: Issuer,
+    ) -> Result<()> {
         quota::check_grant_ttl(ttl)?;
         self.refuse_after_store_failure()?;
         let mut state = self.state.lock().await;
@@ -338,7 +354,7 @@ impl PortManager {
         }
         state.security.add_grant(id, addr, expires_ns);
         drop(state);
-        self.record_issuer(id, addr, actor).await;
+        self.record_issuer(id, addr, issuer, ttl).await;
         Ok(())
     }
 

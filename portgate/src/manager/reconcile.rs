@@ -116,6 +116,7 @@ impl PortManager {
             ),
             keys: tokio::sync::Mutex::new(super::keys::KeyRing::new(
                 stored.keys,
+                stored.grants,
                 super::keys::DEFAULT_KNOCK_WINDOW,
             )),
         };

@@ -603,6 +603,7 @@ async fn a_port_whose_namespace_is_gone_closes_and_its_reserved_ports_are_forgot
             ..HostChanges::default()
         },
         keys: Vec::new(),
+        grants: Vec::new(),
     }));
     let manager = open(
         PortConfig {

@@ -1,7 +1,7 @@
 //! A client's key for the knock (see `portgate::knock`): what it may open, for how long,
 //! and the secret both sides hold.
 
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +51,41 @@ impl ClientKey {
     pub fn covers(&self, id: PortId) -> bool {
         self.ports.is_empty() || self.ports.contains(&id)
     }
+}
+
+/// Who issued a grant.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Issuer {
+    /// An administrator, through the API.
+    Administrator,
+    /// A user (the port's maker), through the API.
+    User(u32),
+    /// A client's knock, with this key.
+    Key(String),
+}
+
+impl std::fmt::Display for Issuer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Administrator => f.write_str("administrator"),
+            Self::User(uid) => write!(f, "uid {uid}"),
+            Self::Key(name) => write!(f, "key {name}"),
+        }
+    }
+}
+
+/// Who issued a live grant, as the store keeps it (the grant itself is the kernel's).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantIssued {
+    /// The port.
+    pub id: PortId,
+    /// The address granted.
+    pub addr: IpAddr,
+    /// Who issued it.
+    pub issuer: Issuer,
+    /// When it expires (wall clock), after which the record is forgotten.
+    pub expires_at: UnixMillis,
 }
 
 /// The secret as 64 hexadecimal digits.

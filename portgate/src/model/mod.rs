@@ -21,7 +21,7 @@ pub use self::{
         Allocation, AllocationRequest, HostPort, NetnsRef, PortState, Timeline, UnixMillis,
         add_duration, now_millis,
     },
-    client_key::{CLIENT_KEY_BYTES, ClientKey},
+    client_key::{CLIENT_KEY_BYTES, ClientKey, GrantIssued, Issuer},
     metrics::{DropCounts, GrantView, PortMetrics, PortReport},
     owner::{Owner, OwnerCgroup},
     policy::{DropReason, PortPolicy},

@@ -6,7 +6,7 @@ use std::{
 };
 
 use super::{Change, Commit, HostChanges, Store, StoreError, StoredState};
-use crate::model::{Allocation, ClientKey, PortId};
+use crate::model::{Allocation, ClientKey, GrantIssued, PortId};
 
 /// A [`Store`] that keeps everything in memory: submissions apply and resolve at once, and
 /// nothing survives the process.
@@ -21,6 +21,7 @@ struct Contents {
     allocations: BTreeMap<PortId, Allocation>,
     host: HostChanges,
     keys: BTreeMap<String, ClientKey>,
+    grants: BTreeMap<(PortId, std::net::IpAddr), GrantIssued>,
 }
 
 impl MemoryStore {
@@ -47,6 +48,11 @@ impl MemoryStore {
                     .into_iter()
                     .map(|key| (key.name.clone(), key))
                     .collect(),
+                grants: state
+                    .grants
+                    .into_iter()
+                    .map(|grant| ((grant.id, grant.addr), grant))
+                    .collect(),
             }),
         }
     }
@@ -64,6 +70,7 @@ impl Store for MemoryStore {
             allocations: contents.allocations.values().cloned().collect(),
             host: contents.host.clone(),
             keys: contents.keys.values().cloned().collect(),
+            grants: contents.grants.values().cloned().collect(),
         })
     }
 
@@ -83,6 +90,12 @@ impl Store for MemoryStore {
                 }
                 Change::DeleteKey(name) => {
                     contents.keys.remove(&name);
+                }
+                Change::PutGrant(grant) => {
+                    contents.grants.insert((grant.id, grant.addr), grant);
+                }
+                Change::DeleteGrant(id, addr) => {
+                    contents.grants.remove(&(id, addr));
                 }
             }
         }
@@ -164,6 +177,7 @@ mod tests {
                 ..HostChanges::default()
             },
             keys: Vec::new(),
+            grants: Vec::new(),
         };
         let store = MemoryStore::with_state(state.clone());
         assert_eq!(store.load().unwrap(), state);

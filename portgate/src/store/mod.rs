@@ -14,7 +14,7 @@ pub use self::{
     memory::MemoryStore,
     redb::{CommitStats, RedbStore},
 };
-use crate::model::{Allocation, ClientKey, NetnsId, PortId};
+use crate::model::{Allocation, ClientKey, GrantIssued, NetnsId, PortId};
 
 /// What portgate changed on the host and must undo on uninstall.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +48,8 @@ pub struct StoredState {
     pub host: HostChanges,
     /// The client keys for the knock, by name.
     pub keys: Vec<ClientKey>,
+    /// Who issued each live grant.
+    pub grants: Vec<GrantIssued>,
 }
 
 /// One change to the store.
@@ -63,6 +65,10 @@ pub enum Change {
     PutKey(ClientKey),
     /// Deletes a client key by name (nothing when there is none).
     DeleteKey(String),
+    /// Writes (inserts or replaces) who issued a grant.
+    PutGrant(GrantIssued),
+    /// Deletes the record of a grant (nothing when there is none).
+    DeleteGrant(PortId, std::net::IpAddr),
 }
 
 /// A store failure.

@@ -224,6 +224,11 @@ fn keys_and_live_grants_survive_a_restart_and_a_flood_of_bad_knocks_leaves_the_a
     );
     let listed = daemon.cli_ok(None, &["key", "list"]);
     assert!(listed.contains("client-2"), "{listed}");
+    let grants = daemon.cli_ok(None, &["grants", &port.to_string()]);
+    assert!(
+        grants.contains("127.0.0.1") && grants.contains("key client-2"),
+        "the grant and who issued it outlived the daemon: {grants}"
+    );
 
     // A flood of bad datagrams from one source: rate-limited, and the API still answers.
     let sent = daemon.ns.run(|| {

@@ -19,7 +19,7 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use super::{Change, Commit, HostChanges, Store, StoreError, StoredState};
-use crate::model::{Allocation, ClientKey, NetnsId, PortId, Protocol};
+use crate::model::{Allocation, ClientKey, GrantIssued, NetnsId, PortId, Protocol};
 
 /// Allocations of the host's namespace by (port, IP protocol number), which sorts as
 /// [`PortId`] does. Values are the JSON of an [`Allocation`], kept as bytes so that a damaged
@@ -35,6 +35,8 @@ const NETNS_ALLOCATIONS: TableDefinition<(u64, u16, u8), &[u8]> =
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 /// Client keys for the knock, by name (since schema version 3).
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
+/// Who issued each live grant, by `netns/port/proto/addr` (since schema version 3).
+const GRANTS: TableDefinition<&str, &[u8]> = TableDefinition::new("grants");
 /// The [`META`] record of the layout version.
 const SCHEMA_VERSION_KEY: &str = "schema_version";
 /// The [`META`] record of the [`HostChanges`].
@@ -246,10 +248,25 @@ impl Store for RedbStore {
             })
             .collect::<Result<Vec<ClientKey>, _>>()?;
 
+        let grants = transaction
+            .open_table(GRANTS)
+            .map_err(failed("reading"))?
+            .iter()
+            .map_err(failed("reading"))?
+            .map(|entry| {
+                let (name, value) = entry.map_err(failed("reading"))?;
+                serde_json::from_slice(value.value()).map_err(|error| StoreError::Corrupt {
+                    key: format!("grant {}", name.value()),
+                    message: error.to_string(),
+                })
+            })
+            .collect::<Result<Vec<GrantIssued>, _>>()?;
+
         Ok(StoredState {
             allocations,
             host: host_changes,
             keys,
+            grants,
         })
     }
 
@@ -289,6 +306,7 @@ fn prepare(database: &Database) -> Result<(), String> {
             .open_table(NETNS_ALLOCATIONS)
             .map_err(create_failed)?;
         transaction.open_table(KEYS).map_err(create_failed)?;
+        transaction.open_table(GRANTS).map_err(create_failed)?;
         let mut meta = transaction.open_table(META).map_err(create_failed)?;
         let found = meta
             .get(SCHEMA_VERSION_KEY)
@@ -376,6 +394,9 @@ fn apply<'a>(
         .map_err(failed("writing to"))?;
     let mut meta = transaction.open_table(META).map_err(failed("writing to"))?;
     let mut keys = transaction.open_table(KEYS).map_err(failed("writing to"))?;
+    let mut grants = transaction
+        .open_table(GRANTS)
+        .map_err(failed("writing to"))?;
     for change in changes {
         match change {
             Change::Put(allocation) => {
@@ -406,6 +427,19 @@ fn apply<'a>(
                 keys.insert(key.name.as_str(), value.as_slice())
                     .map_err(failed_on("writing to", &key.name))?;
             }
+            Change::PutGrant(grant) => {
+                let name = grant_key(grant.id, grant.addr);
+                let value = encode(grant).map_err(failed("encoding a grant for"))?;
+                grants
+                    .insert(name.as_str(), value.as_slice())
+                    .map_err(failed_on("writing to", &name))?;
+            }
+            Change::DeleteGrant(id, addr) => {
+                let name = grant_key(*id, *addr);
+                grants
+                    .remove(name.as_str())
+                    .map_err(failed_on("writing to", &name))?;
+            }
             Change::DeleteKey(name) => {
                 keys.remove(name.as_str())
                     .map_err(failed_on("writing to", name))?;
@@ -413,6 +447,11 @@ fn apply<'a>(
         }
     }
     Ok(())
+}
+
+/// The [`GRANTS`] key of a grant.
+fn grant_key(id: PortId, addr: std::net::IpAddr) -> String {
+    format!("{}/{}/{}/{addr}", id.netns.0, id.port, id.protocol)
 }
 
 /// The [`ALLOCATIONS`] key of a port of the host's namespace.

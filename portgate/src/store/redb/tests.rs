@@ -67,6 +67,16 @@ fn sample_key(name: &str) -> crate::model::ClientKey {
     }
 }
 
+/// Who issued a grant: a key.
+fn sample_grant() -> crate::model::GrantIssued {
+    crate::model::GrantIssued {
+        id: crate::model::PortId::new(20001, Protocol::Tcp),
+        addr: "192.0.2.7".parse().unwrap(),
+        issuer: crate::model::Issuer::Key("alice".to_owned()),
+        expires_at: 1_800_000_060_000,
+    }
+}
+
 #[test]
 fn reopen_sees_every_committed_change() {
     let dir = tempfile::tempdir().unwrap();
@@ -87,6 +97,15 @@ fn reopen_sees_every_committed_change() {
                 Change::PutKey(sample_key("bob")),
                 Change::PutKey(sample_key("carol")),
                 Change::DeleteKey("bob".to_owned()),
+                Change::PutGrant(sample_grant()),
+                Change::PutGrant(crate::model::GrantIssued {
+                    addr: "192.0.2.99".parse().unwrap(),
+                    ..sample_grant()
+                }),
+                Change::DeleteGrant(
+                    crate::model::PortId::new(20001, Protocol::Tcp),
+                    "192.0.2.99".parse().unwrap(),
+                ),
             ],
         );
         // Not waited for: dropping the store must still write it.
@@ -99,6 +118,7 @@ fn reopen_sees_every_committed_change() {
             ],
             host,
             keys: vec![sample_key("alice"), sample_key("carol")],
+            grants: vec![sample_grant()],
         }
     };
 
