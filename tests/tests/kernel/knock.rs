@@ -168,6 +168,7 @@ fn hex_of(key_file: &KeyFile) -> String {
 }
 
 #[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn keys_and_live_grants_survive_a_restart_and_a_flood_of_bad_knocks_leaves_the_api_answering() {
     const BAD: usize = 100_000;
     if !require_privileges!() {
