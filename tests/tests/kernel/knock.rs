@@ -134,6 +134,20 @@ fn a_knock_opens_a_port_once_and_a_revoked_key_closes_it() {
         .expect("knock");
     assert!(eventually(CONNECT_WITHIN, || audited("bad_signature") == 1));
 
+    // Counted by reason, as the metrics show them.
+    let metrics = daemon
+        .api(portgate::client::Client::metrics)
+        .expect("metrics");
+    for (result, reason, count) in [
+        ("accepted", "none", 2),
+        ("refused", "replayed", 1),
+        ("refused", "bad_signature", 1),
+    ] {
+        let line =
+            format!("portgate_auth_total{{result=\"{result}\",reason=\"{reason}\"}} {count}");
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+
     // Revoked: the grant goes with the key.
     let listed = daemon.cli_ok(None, &["key", "list"]);
     assert!(listed.contains("client-1"), "{listed}");
