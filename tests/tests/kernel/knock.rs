@@ -14,8 +14,8 @@ use portgate::{
 };
 use portgate_tests::{
     common::{
-        CONNECT_WITHIN, EchoServer, LOCAL, REFUSED_WITHIN, connect_from, eventually, listen_in,
-        loopback,
+        CONNECT_WITHIN, EchoServer, LOCAL, OTHER_LOCAL, REFUSED_WITHIN, connect_from, eventually,
+        listen_in, loopback,
     },
     daemon::Daemon,
     require_privileges,
@@ -302,4 +302,71 @@ fn connect_to(
     daemon
         .ns
         .run(|| connect_from(LOCAL, loopback(port), within))
+}
+
+#[test]
+fn a_key_made_for_any_source_grants_the_address_its_knock_names_and_no_other_key_may() {
+    if !require_privileges!() {
+        return;
+    }
+    let mut daemon = Daemon::start(41_720, 41_729);
+    assert!(daemon.stop());
+    daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));
+    daemon.spawn();
+    let port = 41_723;
+    daemon.cli_ok(
+        None,
+        &[
+            "alloc",
+            "--owner",
+            "db",
+            "--port",
+            &port.to_string(),
+            "--require-auth",
+        ],
+    );
+    let _server = daemon
+        .ns
+        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, loopback(port))));
+    let from = |source| {
+        daemon
+            .ns
+            .run(|| connect_from(source, loopback(port), REFUSED_WITHIN))
+    };
+    let key = |name: &str, extra: &[&str]| {
+        let mut args = vec!["key", "add", name];
+        args.extend_from_slice(extra);
+        KeyFile::parse(&daemon.cli_ok(None, &args)).expect("a key file")
+    };
+    let natted = key("behind-nat", &["--any-source"]);
+    let plain = key("plain", &[]);
+    let listener = SocketAddr::new(LOCAL, LISTENER);
+    let asking_for = |address| KnockRequest {
+        protocol: Protocol::Tcp,
+        port,
+        ttl: Duration::from_mins(1),
+        address,
+    };
+    // The knock comes from 127.0.0.1 and names 127.0.0.2: the grant is for 127.0.0.2.
+    daemon
+        .ns
+        .run(|| knock::knock(listener, &natted, &asking_for(Some(OTHER_LOCAL))))
+        .expect("knock");
+    assert!(
+        eventually(CONNECT_WITHIN, || from(OTHER_LOCAL).is_ok()),
+        "the named address gets in"
+    );
+    assert!(from(LOCAL).is_err(), "the knock's own source does not");
+    // A key without --any-source may not name an address.
+    daemon
+        .ns
+        .run(|| knock::knock(listener, &plain, &asking_for(Some(LOCAL))))
+        .expect("knock");
+    assert!(eventually(CONNECT_WITHIN, || {
+        daemon
+            .audit()
+            .iter()
+            .any(|record| record["result"] == "address_not_allowed" && record["key"] == "plain")
+    }));
+    assert!(from(LOCAL).is_err(), "nothing granted to it");
 }
