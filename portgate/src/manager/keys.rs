@@ -288,6 +288,14 @@ impl PortManager {
         )
         .await
         .map_err(|err| KnockRefusal::Grant(err.to_string()))?;
+        // The key may have been revoked while the grant was made: revoke_key took the
+        // grants it knew of before this one, so this one goes now.
+        if !self.keys.lock().await.keys.contains_key(&key.name) {
+            let _withdrawn = self
+                .revoke_grant(accepted.id, accepted.addr, Actor::Admin)
+                .await;
+            return Err(KnockRefusal::UnknownKey(key.name));
+        }
         Ok(accepted)
     }
 
