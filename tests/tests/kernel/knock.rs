@@ -370,3 +370,88 @@ fn a_key_made_for_any_source_grants_the_address_its_knock_names_and_no_other_key
     }));
     assert!(from(LOCAL).is_err(), "nothing granted to it");
 }
+
+#[test]
+fn refused_knocks_are_audited_and_counted_by_reason() {
+    if !require_privileges!() {
+        return;
+    }
+    let mut daemon = Daemon::start(41_730, 41_739);
+    assert!(daemon.stop());
+    daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));
+    daemon.spawn();
+    let (covered, other) = (41_733, 41_734);
+    for port in [covered, other] {
+        daemon.cli_ok(
+            None,
+            &[
+                "alloc",
+                "--owner",
+                "db",
+                "--port",
+                &port.to_string(),
+                "--require-auth",
+            ],
+        );
+    }
+    let key_file = KeyFile::parse(&daemon.cli_ok(
+        None,
+        &["key", "add", "client-3", "--port", &covered.to_string()],
+    ))
+    .expect("a key file");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs();
+    let signed = |port: u16, timestamp: u64, nonce: u8| {
+        let knock = knock::Knock {
+            key_name: key_file.name.clone(),
+            protocol: Protocol::Tcp,
+            port,
+            ttl: Duration::from_mins(1),
+            timestamp,
+            nonce: [nonce; 16],
+            address: None,
+        };
+        knock::encode(&knock, &key_file.key).expect("encode")
+    };
+    let cases: [(&str, Vec<u8>); 5] = [
+        ("stale", signed(covered, now - 3_600, 1)),
+        ("future", signed(covered, now + 3_600, 2)),
+        ("not_covered", signed(other, now, 3)),
+        ("truncated", signed(covered, now, 4)[..40].to_vec()),
+        ("oversized", vec![1; 200]),
+    ];
+    let listener = SocketAddr::new(LOCAL, LISTENER);
+    daemon.ns.run(|| {
+        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
+        for (_, datagram) in &cases {
+            socket.send_to(datagram, listener).expect("send");
+        }
+    });
+    let audited = || -> Vec<String> {
+        daemon
+            .audit()
+            .iter()
+            .filter(|record| record["action"] == "knock")
+            .filter_map(|record| record["result"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert!(
+        eventually(CONNECT_WITHIN, || audited().len() == cases.len()),
+        "every knock audited: {:?}",
+        audited()
+    );
+    let metrics = daemon
+        .api(portgate::client::Client::metrics)
+        .expect("metrics");
+    for (reason, _) in &cases {
+        assert!(
+            audited().iter().any(|result| result == reason),
+            "{reason}: {:?}",
+            audited()
+        );
+        let line = format!("portgate_auth_total{{result=\"refused\",reason=\"{reason}\"}} 1");
+        assert!(metrics.contains(&line), "{line} in:\n{metrics}");
+    }
+}
