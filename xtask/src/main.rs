@@ -1,6 +1,7 @@
-//! portgate's developer tasks: `cargo xtask setup | test | bench | run | lint`.
+//! portgate's developer tasks: `cargo xtask setup | test | bench | fuzz | run | lint`.
 
 mod bench;
+mod fuzz;
 mod lint;
 mod run;
 mod setup;
@@ -26,6 +27,9 @@ enum Command {
     /// Set up (nftables too), build in release mode, run the load tests bigger and the
     /// benchmarks; prints a markdown table and writes JSON under `target/bench/`.
     Bench(bench::BenchArgs),
+    /// Fuzz the parsers for a while (cargo-fuzz on nightly, installed when missing); a
+    /// failing input fails the run and is kept under `fuzz/artifacts/`.
+    Fuzz(fuzz::FuzzArgs),
     /// Set up, build, and run the `portgate` binary with the given arguments.
     Run(run::RunArgs),
     /// Check formatting, run clippy on every crate (the kernel crate on nightly), and check
@@ -38,6 +42,7 @@ fn main() -> std::process::ExitCode {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Lint => lint::run(),
     };

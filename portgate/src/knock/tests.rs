@@ -225,17 +225,17 @@ fn a_knock_sent_to_loopback_arrives_signed_as_sent() {
 
 #[test]
 fn datagrams_made_from_the_documented_layout_by_another_program_verify() {
-    // Written by a Python script from docs/knock.md alone (the fuzz corpus's seeds), signed
+    // Written by a Python script from docs/knock.md alone (the fuzz target's seeds), signed
     // with the key of 32 bytes 0x5a.
     let key = Key([0x5a; KEY_BYTES]);
-    let v4 = include_bytes!("../../../fuzz/corpus/knock_datagram/signed_v4");
+    let v4 = include_bytes!("../../../fuzz/seeds/knock_datagram/signed_v4");
     let knock = parse(v4).and_then(|u| u.verify(&key)).expect("valid");
     assert_eq!(knock.key_name, "alice");
     assert_eq!((knock.port, knock.protocol), (5432, Protocol::Tcp));
     assert_eq!(knock.ttl, Duration::from_mins(5));
     assert_eq!(knock.timestamp, 1_800_000_000);
     assert_eq!(knock.address, Some("192.0.2.7".parse().expect("address")));
-    let longest = include_bytes!("../../../fuzz/corpus/knock_datagram/signed_v6");
+    let longest = include_bytes!("../../../fuzz/seeds/knock_datagram/signed_v6");
     assert_eq!(longest.len(), MAX_BYTES);
     parse(longest).and_then(|u| u.verify(&key)).expect("valid");
 }
