@@ -122,7 +122,9 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     let _pin_lock = lock_pin_dir(&daemon.pin_dir)?;
     // The store next: its file lock keeps a second daemon out, and what it holds must fit
     // the configuration before the gate's range or policies are touched.
-    fs::create_dir_all(&daemon.state_dir)
+    // Root's alone when it is made here (the store in it holds client keys' secrets).
+    std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&daemon.state_dir)
         .with_context(|| format!("creating {}", daemon.state_dir.display()))?;
     let store_path = daemon.state_dir.join(paths::STORE_FILE);
     let store = Arc::new(RedbStore::open(&store_path)?);

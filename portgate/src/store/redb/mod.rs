@@ -108,6 +108,9 @@ impl RedbStore {
                 ))
             })?;
         }
+        // The store holds client keys' secrets: root's alone, from its first byte on.
+        restrict_to_owner(path)
+            .map_err(|error| open_failed(format!("making {} private: {error}", path.display())))?;
         let database = Database::create(path).map_err(|error| {
             open_failed(match error {
                 DatabaseError::DatabaseAlreadyOpen => {
@@ -513,6 +516,18 @@ fn failed_on<E: fmt::Display>(
         op,
         message: format!("{record}: {error}"),
     }
+}
+
+/// Creates `path` if it is missing, readable and writable by its owner only, and makes an
+/// existing one so.
+fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
 #[cfg(test)]

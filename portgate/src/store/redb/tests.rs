@@ -352,3 +352,25 @@ fn a_schema_1_store_is_upgraded_in_place() {
         .map(|value| value.value().to_vec());
     assert_eq!(version.as_deref(), Some(b"3".as_slice()));
 }
+
+#[test]
+fn the_store_file_is_its_owners_alone_new_or_found_open_to_others() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let path = database_path(&dir);
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    drop(RedbStore::open(&path).unwrap());
+    assert_eq!(mode(&path), 0o600, "made private");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = RedbStore::open(&path).unwrap();
+    assert_eq!(
+        mode(&path),
+        0o600,
+        "an existing store open to others is made private"
+    );
+    assert_eq!(
+        store.load().unwrap(),
+        StoredState::default(),
+        "and still opens"
+    );
+}
