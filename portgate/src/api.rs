@@ -225,13 +225,22 @@ pub struct KeyView {
 }
 
 /// `POST /v1/keys`' answer: the key, and the key file its client keeps, shown this once.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyCreated {
     /// The key.
     #[serde(flatten)]
     pub key: KeyView,
     /// The key file's text (`portgate knock --key-file`).
     pub key_file: String,
+}
+
+impl std::fmt::Debug for KeyCreated {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The key file holds the secret: never printed.
+        f.debug_struct("KeyCreated")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
 }
 
 /// An allocation as the API shows it.

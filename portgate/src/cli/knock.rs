@@ -14,7 +14,7 @@ use clap::Args;
 
 use super::{OutputFormat, format, protocol_parser};
 use crate::{
-    knock::{self, DEFAULT_PORT, KeyFile, KnockRequest},
+    knock::{self, DEFAULT_PORT, GrantFor, KeyFile, KnockRequest},
     model::Protocol,
 };
 
@@ -41,9 +41,15 @@ pub struct KnockArgs {
     #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = humantime::parse_duration)]
     pub ttl: Duration,
     /// The address the grant is for, when the daemon sees this client through a NAT (the
-    /// key must allow any source); by default the address the datagram arrives from.
-    #[arg(long = "for", value_name = "IP")]
+    /// key must allow any source). By default this host's own address on the way to the
+    /// daemon, signed.
+    #[arg(long = "for", value_name = "IP", conflicts_with = "behind_nat")]
     pub address: Option<IpAddr>,
+    /// Sign no address: the grant goes to the address the datagram arrives from, for a
+    /// client behind a NAT whose key does not allow any source. Weaker: whoever holds the
+    /// datagram back on the way and sends it first gets the grant.
+    #[arg(long)]
+    pub behind_nat: bool,
 }
 
 /// What `portgate knock -o json` prints.
@@ -73,26 +79,41 @@ pub fn run(args: &KnockArgs, output: OutputFormat) -> anyhow::Result<()> {
             args.key_file.display()
         );
     }
-    let listener = (args.host.as_str(), args.knock_port)
+    // IPv4 first: a listener on 0.0.0.0 (the documented set-up) takes nothing over IPv6.
+    let addresses: Vec<SocketAddr> = (args.host.as_str(), args.knock_port)
         .to_socket_addrs()
         .with_context(|| format!("resolving {}", args.host))?
-        .next()
+        .collect();
+    let listener = addresses
+        .iter()
+        .find(|addr| addr.is_ipv4())
+        .or_else(|| addresses.first())
+        .copied()
         .with_context(|| format!("{} has no address", args.host))?;
+    let grant_for = match (args.address, args.behind_nat) {
+        (Some(addr), _) => GrantFor::Address(addr),
+        (None, true) => GrantFor::Arrival,
+        (None, false) => GrantFor::ThisHost,
+    };
     let request = KnockRequest {
         protocol: args.proto,
         port: args.port,
         ttl: args.ttl,
-        address: args.address,
+        grant_for,
     };
     let sent = knock::knock(listener, &key_file, &request)
         .with_context(|| format!("knocking at {listener}"))?;
     match output {
         OutputFormat::Table => println!(
-            "knocked at {listener} with key {} for {}/{} for {} (no answer comes: connect to the port)",
+            "knocked at {listener} with key {} for {}/{} for {}, for {} (no answer comes: connect to the port)",
             sent.key_name,
             args.port,
             args.proto,
-            format::duration(sent.ttl)
+            format::duration(sent.ttl),
+            sent.address.map_or_else(
+                || "the address it arrives from".to_owned(),
+                |addr| addr.to_string()
+            )
         ),
         OutputFormat::Json => format::print_json(&Knocked {
             listener,

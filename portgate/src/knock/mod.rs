@@ -41,7 +41,7 @@ use sha2::Sha256;
 pub use self::{
     keyfile::{KeyFile, KeyFileError},
     replay::{Refused, ReplayCache},
-    send::{KnockRequest, knock},
+    send::{GrantFor, KnockRequest, knock},
 };
 use crate::model::Protocol;
 

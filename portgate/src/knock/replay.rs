@@ -2,7 +2,7 @@
 //! window, so that a datagram sent again is refused. Bounded: when it is full of live
 //! entries, new knocks are refused rather than an old nonce forgotten.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use super::NONCE_BYTES;
 
@@ -15,10 +15,14 @@ pub enum Refused {
     /// Its timestamp is more than the window after now.
     #[error("the timestamp is in the future")]
     Future,
+    /// Its timestamp is before the cache was made (the daemon started): the nonces of the
+    /// knocks taken before are not known, so such a knock might be one sent again.
+    #[error("the timestamp is before the daemon started")]
+    BeforeStart,
     /// Its nonce was seen inside the window.
     #[error("the nonce was seen before")]
     Replayed,
-    /// The cache holds its most live entries.
+    /// The cache, or the key's share of it, holds its most live entries.
     #[error("too many knocks inside the window")]
     Full,
 }
@@ -30,6 +34,7 @@ impl Refused {
         match self {
             Self::Stale => "stale",
             Self::Future => "future",
+            Self::BeforeStart => "before_start",
             Self::Replayed => "replayed",
             Self::Full => "replay_cache_full",
         }
@@ -38,29 +43,51 @@ impl Refused {
 
 /// The nonces of the knocks accepted inside the window, each forgotten once its
 /// timestamp has left the window (a knock that old is refused as stale anyway).
+///
+/// Time only goes forward here: `now` is the latest it has been told, so a wall clock
+/// stepped back cannot bring a forgotten nonce's timestamp back inside the window.
 #[derive(Debug)]
 pub struct ReplayCache {
     /// How far (seconds) a timestamp may be from now, either way.
     window: u64,
     /// The most nonces held.
     capacity: usize,
+    /// The most nonces held for one key, so that one key cannot crowd out the others.
+    per_key: usize,
+    /// Timestamps before this (seconds since the epoch) are refused.
+    not_before: u64,
+    /// The latest `now` seen.
+    latest: u64,
     /// The nonces held, each with its key's name.
     seen: HashSet<(String, [u8; NONCE_BYTES])>,
-    /// The same entries by the time (seconds) after which they may be forgotten.
-    by_expiry: BTreeSet<(u64, String, [u8; NONCE_BYTES])>,
+    /// How many each key holds.
+    held: HashMap<String, usize>,
+    /// The same entries by their knock's timestamp, oldest first.
+    by_time: BTreeSet<(u64, String, [u8; NONCE_BYTES])>,
 }
 
 impl ReplayCache {
-    /// A cache for timestamps within `window` seconds of now, holding at most `capacity`
-    /// nonces.
+    /// A cache made at `started` (seconds since the epoch: knocks with older timestamps are
+    /// refused) for timestamps within `window` seconds of now, holding at most `capacity`
+    /// nonces and at most `per_key` of one key.
     #[must_use]
-    pub fn new(window: u64, capacity: usize) -> Self {
+    pub fn new(window: u64, capacity: usize, per_key: usize, started: u64) -> Self {
         Self {
             window,
             capacity,
+            per_key,
+            not_before: started,
+            latest: started,
             seen: HashSet::new(),
-            by_expiry: BTreeSet::new(),
+            held: HashMap::new(),
+            by_time: BTreeSet::new(),
         }
+    }
+
+    /// Takes timestamps within `window` seconds of now from now on, keeping the nonces
+    /// it holds (each is forgotten once its timestamp leaves the window in force then).
+    pub fn set_window(&mut self, window: u64) {
+        self.window = window;
     }
 
     /// Checks a knock of key `key_name` made at `timestamp` with `nonce`, at `now` (both
@@ -73,23 +100,28 @@ impl ReplayCache {
         timestamp: u64,
         now: u64,
     ) -> Result<(), Refused> {
+        self.latest = self.latest.max(now);
+        let now = self.latest;
         if timestamp.saturating_add(self.window) < now {
             return Err(Refused::Stale);
         }
         if timestamp > now.saturating_add(self.window) {
             return Err(Refused::Future);
         }
+        if timestamp < self.not_before {
+            return Err(Refused::BeforeStart);
+        }
         self.forget_before(now);
         let entry = (key_name.to_owned(), nonce);
         if self.seen.contains(&entry) {
             return Err(Refused::Replayed);
         }
-        if self.seen.len() >= self.capacity {
+        let of_key = self.held.get(key_name).copied().unwrap_or(0);
+        if self.seen.len() >= self.capacity || of_key >= self.per_key {
             return Err(Refused::Full);
         }
-        // Refused as stale from then on: no need to remember it longer.
-        let expires = timestamp.saturating_add(self.window);
-        self.by_expiry.insert((expires, entry.0.clone(), entry.1));
+        self.by_time.insert((timestamp, entry.0.clone(), entry.1));
+        *self.held.entry(entry.0.clone()).or_insert(0) += 1;
         self.seen.insert(entry);
         Ok(())
     }
@@ -106,14 +138,21 @@ impl ReplayCache {
         self.seen.is_empty()
     }
 
-    /// Forgets the nonces whose timestamps left the window before `now`.
+    /// Forgets the nonces whose timestamps left the window before `now`: a knock with one
+    /// of them is refused as stale from then on.
     fn forget_before(&mut self, now: u64) {
         while self
-            .by_expiry
+            .by_time
             .first()
-            .is_some_and(|(expires, _, _)| *expires < now)
+            .is_some_and(|(timestamp, _, _)| timestamp.saturating_add(self.window) < now)
         {
-            if let Some((_, name, nonce)) = self.by_expiry.pop_first() {
+            if let Some((_, name, nonce)) = self.by_time.pop_first() {
+                if let Some(count) = self.held.get_mut(&name) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.held.remove(&name);
+                    }
+                }
                 self.seen.remove(&(name, nonce));
             }
         }

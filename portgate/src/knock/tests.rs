@@ -4,7 +4,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use super::{
-    KEY_BYTES, Key, KeyFile, KeyFileError, Knock, KnockError, KnockRequest, MAX_BYTES,
+    GrantFor, KEY_BYTES, Key, KeyFile, KeyFileError, Knock, KnockError, KnockRequest, MAX_BYTES,
     MAX_KEY_NAME, MIN_BYTES, Refused, ReplayCache, encode, knock as send_knock, parse,
     valid_key_name,
 };
@@ -128,13 +128,10 @@ fn what_the_format_cannot_carry_is_not_encoded() {
 
 #[test]
 fn the_replay_cache_refuses_a_nonce_seen_inside_the_window_and_stale_or_future_times() {
-    let mut cache = ReplayCache::new(30, 3);
     let now = 1_000;
+    let mut cache = ReplayCache::new(30, 3, 3, now - 100);
     assert_eq!(cache.admit("a", [1; 16], now, now), Ok(()));
-    assert_eq!(
-        cache.admit("a", [1; 16], now, now + 5),
-        Err(Refused::Replayed)
-    );
+    assert_eq!(cache.admit("a", [1; 16], now, now), Err(Refused::Replayed));
     assert_eq!(
         cache.admit("b", [1; 16], now, now),
         Ok(()),
@@ -165,6 +162,52 @@ fn the_replay_cache_refuses_a_nonce_seen_inside_the_window_and_stale_or_future_t
     assert_eq!(
         cache.admit("a", [1; 16], now, now + 31),
         Err(Refused::Stale)
+    );
+}
+
+#[test]
+fn the_replay_cache_refuses_knocks_from_before_it_was_made_and_holds_a_share_per_key() {
+    let started = 1_000;
+    let mut cache = ReplayCache::new(30, 4, 2, started);
+    assert_eq!(
+        cache.admit("a", [1; 16], started - 1, started + 1),
+        Err(Refused::BeforeStart),
+        "a knock the daemon before this one may have taken"
+    );
+    assert_eq!(cache.admit("a", [1; 16], started, started), Ok(()));
+    assert_eq!(cache.admit("a", [2; 16], started, started), Ok(()));
+    assert_eq!(
+        cache.admit("a", [3; 16], started, started),
+        Err(Refused::Full),
+        "the key's share is used"
+    );
+    assert_eq!(
+        cache.admit("b", [3; 16], started, started),
+        Ok(()),
+        "another key still gets in"
+    );
+}
+
+#[test]
+fn a_wall_clock_stepped_back_does_not_bring_a_forgotten_nonce_back() {
+    let mut cache = ReplayCache::new(30, 8, 8, 900);
+    assert_eq!(cache.admit("a", [1; 16], 1_000, 1_000), Ok(()));
+    // Forgotten once its timestamp leaves the window...
+    assert_eq!(cache.admit("a", [2; 16], 1_040, 1_040), Ok(()));
+    assert_eq!(cache.len(), 1);
+    // ...and refused as stale even when the clock then says an earlier time.
+    assert_eq!(cache.admit("a", [1; 16], 1_000, 1_010), Err(Refused::Stale));
+}
+
+#[test]
+fn a_wider_window_keeps_the_nonces_it_now_covers() {
+    let mut cache = ReplayCache::new(30, 8, 8, 900);
+    assert_eq!(cache.admit("a", [1; 16], 1_000, 1_000), Ok(()));
+    cache.set_window(120);
+    assert_eq!(
+        cache.admit("a", [1; 16], 1_000, 1_100),
+        Err(Refused::Replayed),
+        "still inside the new window, so still remembered"
     );
 }
 
@@ -211,7 +254,7 @@ fn a_knock_sent_to_loopback_arrives_signed_as_sent() {
         protocol: Protocol::Udp,
         port: 5353,
         ttl: Duration::from_secs(90),
-        address: None,
+        grant_for: GrantFor::ThisHost,
     };
     let sent = send_knock(listener.local_addr().expect("addr"), &file, &request).expect("send");
     let mut buffer = [0; 512];
@@ -221,6 +264,11 @@ fn a_knock_sent_to_loopback_arrives_signed_as_sent() {
         .expect("valid");
     assert_eq!(received, sent);
     assert_eq!((received.port, received.protocol), (5353, Protocol::Udp));
+    assert_eq!(
+        received.address,
+        Some("127.0.0.1".parse().unwrap()),
+        "this host's address on the way, signed"
+    );
 }
 
 #[test]

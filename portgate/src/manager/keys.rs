@@ -20,6 +20,13 @@ use crate::{
 /// How many knocks' nonces are remembered at once, within the window.
 pub const REPLAY_CAPACITY: usize = 65_536;
 
+/// How many of them one key may hold, so that one key's knocks cannot crowd out the
+/// others'.
+pub const REPLAY_PER_KEY: usize = 4_096;
+
+/// The most ports one key may list.
+pub const MAX_KEY_PORTS: usize = 1_024;
+
 /// How far from now a knock's timestamp may be, either way, by default.
 pub const DEFAULT_KNOCK_WINDOW: Duration = Duration::from_secs(30);
 
@@ -45,15 +52,21 @@ pub struct GrantInfo {
 
 impl KeyRing {
     /// The ring of `keys` and of the grants' issuers the store holds, taking knocks whose
-    /// timestamps are within `window` of now.
+    /// timestamps are within `window` of now and not before `started` (seconds since the
+    /// epoch: the nonces seen before it are not known).
     #[must_use]
-    pub fn new(keys: Vec<ClientKey>, grants: Vec<GrantIssued>, window: Duration) -> Self {
+    pub fn new(
+        keys: Vec<ClientKey>,
+        grants: Vec<GrantIssued>,
+        window: Duration,
+        started: u64,
+    ) -> Self {
         Self {
             keys: keys
                 .into_iter()
                 .map(|key| (key.name.clone(), key))
                 .collect(),
-            replay: ReplayCache::new(window.as_secs(), REPLAY_CAPACITY),
+            replay: ReplayCache::new(window.as_secs(), REPLAY_CAPACITY, REPLAY_PER_KEY, started),
             issuers: grants
                 .into_iter()
                 .map(|grant| ((grant.id, grant.addr), (grant.issuer, grant.expires_at)))
@@ -92,21 +105,58 @@ pub enum KnockRefusal {
         /// The port.
         id: PortId,
     },
+    /// The knock names an address and its key may not name that one.
+    #[error("key {key:?} may not name {addr} as the address of its grant")]
+    AddressNotAllowed {
+        /// The key.
+        key: String,
+        /// The address named.
+        addr: IpAddr,
+    },
     /// The port is not allocated.
-    #[error("{0} is not allocated")]
-    NotAllocated(PortId),
-    /// The knock names an address and its key may not.
-    #[error("key {0:?} may not name the address of its grant")]
-    AddressNotAllowed(String),
-    /// The timestamp or the nonce: stale, future, replayed, or too many knocks at once.
-    #[error(transparent)]
-    Replay(#[from] Refused),
+    #[error("{id} is not allocated")]
+    NotAllocated {
+        /// The key.
+        key: String,
+        /// The port.
+        id: PortId,
+    },
+    /// The port does not require authentication: a grant would mean nothing there.
+    #[error("{id} does not require authentication")]
+    AuthNotRequired {
+        /// The key.
+        key: String,
+        /// The port.
+        id: PortId,
+    },
+    /// The timestamp or the nonce: stale, future, before the daemon started, replayed,
+    /// or too many knocks at once.
+    #[error("key {key:?}: {refused}")]
+    Replay {
+        /// The key.
+        key: String,
+        /// The port.
+        id: PortId,
+        /// What the replay cache said.
+        refused: Refused,
+    },
     /// The port holds its most grants, or the kernel refused the grant.
-    #[error("the grant was not made: {0}")]
-    Grant(String),
-    /// The source sent more knocks than the listener takes from one source.
+    #[error("the grant was not made: {message}")]
+    Grant {
+        /// The key.
+        key: String,
+        /// The port.
+        id: PortId,
+        /// Why.
+        message: String,
+    },
+    /// The source sent more knocks than the listener takes from one source, or the
+    /// listener is full of sources it is holding back.
     #[error("too many knocks from this source")]
     RateLimited,
+    /// The listener took its most knocks this second, from all sources together.
+    #[error("too many knocks at the listener")]
+    ListenerBusy,
 }
 
 impl KnockRefusal {
@@ -117,11 +167,13 @@ impl KnockRefusal {
             Self::Datagram(err) => err.reason(),
             Self::UnknownKey(_) => "unknown_key",
             Self::NotCovered { .. } => "not_covered",
-            Self::NotAllocated(_) => "not_allocated",
-            Self::AddressNotAllowed(_) => "address_not_allowed",
-            Self::Replay(refused) => refused.reason(),
-            Self::Grant(_) => "grant_failed",
+            Self::AddressNotAllowed { .. } => "address_not_allowed",
+            Self::NotAllocated { .. } => "not_allocated",
+            Self::AuthNotRequired { .. } => "auth_not_required",
+            Self::Replay { refused, .. } => refused.reason(),
+            Self::Grant { .. } => "grant_failed",
             Self::RateLimited => "rate_limited",
+            Self::ListenerBusy => "listener_busy",
         }
     }
 
@@ -132,8 +184,29 @@ impl KnockRefusal {
             Self::Datagram(KnockError::BadSignature(key))
             | Self::UnknownKey(key)
             | Self::NotCovered { key, .. }
-            | Self::AddressNotAllowed(key) => Some(key),
-            _ => None,
+            | Self::AddressNotAllowed { key, .. }
+            | Self::NotAllocated { key, .. }
+            | Self::AuthNotRequired { key, .. }
+            | Self::Replay { key, .. }
+            | Self::Grant { key, .. } => Some(key),
+            Self::Datagram(_) | Self::RateLimited | Self::ListenerBusy => None,
+        }
+    }
+
+    /// The port a signed knock asked for, once its signature is checked.
+    #[must_use]
+    pub const fn port(&self) -> Option<PortId> {
+        match self {
+            Self::NotCovered { id, .. }
+            | Self::NotAllocated { id, .. }
+            | Self::AuthNotRequired { id, .. }
+            | Self::Replay { id, .. }
+            | Self::Grant { id, .. } => Some(*id),
+            Self::Datagram(_)
+            | Self::UnknownKey(_)
+            | Self::AddressNotAllowed { .. }
+            | Self::RateLimited
+            | Self::ListenerBusy => None,
         }
     }
 }
@@ -164,10 +237,11 @@ impl PortManager {
             )));
         }
         super::quota::check_grant_ttl(request.max_ttl)?;
+        let ports = key_ports(request.ports)?;
         let key = ClientKey {
             name: request.name,
             secret: rand::random::<[u8; CLIENT_KEY_BYTES]>(),
-            ports: request.ports,
+            ports,
             max_ttl: request.max_ttl,
             any_source: request.any_source,
             created_at: now_millis(),
@@ -196,8 +270,7 @@ impl PortManager {
 
     /// Takes knocks whose timestamps are within `window` of now (`[auth] window`).
     pub async fn set_knock_window(&self, window: Duration) {
-        let mut ring = self.keys.lock().await;
-        ring.replay = ReplayCache::new(window.as_secs(), REPLAY_CAPACITY);
+        self.keys.lock().await.replay.set_window(window.as_secs());
     }
 
     /// Every key, by name.
@@ -206,17 +279,19 @@ impl PortManager {
     }
 
     /// Revokes a key (administrators only): its knocks are refused from now on, and the
-    /// grants it issued since the daemon started are withdrawn.
+    /// grants it issued are withdrawn. The key goes from memory first, so that no knock
+    /// checked from then on passes; if the store does not take the revocation, the key is
+    /// put back and nothing else changes.
     pub async fn revoke_key(&self, name: &str, actor: Actor) -> Result<()> {
         admin_only(actor, "revoke keys")?;
         self.refuse_after_store_failure()?;
-        let (commit, issued) = {
+        let (commit, key, issued) = {
             let mut ring = self.keys.lock().await;
-            if ring.keys.remove(name).is_none() {
+            let Some(key) = ring.keys.remove(name) else {
                 return Err(PortError::InvalidPortRequest(format!(
                     "no key named {name:?}"
                 )));
-            }
+            };
             let this_key = Issuer::Key(name.to_owned());
             let issued: Vec<(PortId, IpAddr)> = ring
                 .issuers
@@ -225,35 +300,59 @@ impl PortManager {
                 .map(|(grant, _)| *grant)
                 .collect();
             let mut changes = vec![Change::DeleteKey(name.to_owned())];
-            for &(id, addr) in &issued {
-                ring.issuers.remove(&(id, addr));
-                changes.push(Change::DeleteGrant(id, addr));
-            }
-            (self.store.submit(changes), issued)
+            changes.extend(
+                issued
+                    .iter()
+                    .map(|&(id, addr)| Change::DeleteGrant(id, addr)),
+            );
+            (self.store.submit(changes), key, issued)
         };
+        if let Err(err) = commit.wait().await {
+            self.keys.lock().await.keys.insert(name.to_owned(), key);
+            return Err(PortError::state(
+                format!("key {name} was not revoked: the store did not take it. {STORE_ADVICE}"),
+                Some(Box::new(err)),
+            ));
+        }
+        // Every grant is tried; a grant the kernel would not give up keeps its record,
+        // so that it is listed as the key's until it expires or is withdrawn.
+        let mut kept: Vec<((PortId, IpAddr), String)> = Vec::new();
         {
             let mut state = self.state.lock().await;
+            let super::State { security, gate, .. } = &mut *state;
             for (id, addr) in issued {
-                let super::State { security, gate, .. } = &mut *state;
-                if let Some(gate) = gate.as_mut() {
-                    gate.remove_grant(id, addr)?;
+                let withdrawn = gate
+                    .as_mut()
+                    .map_or(Ok(()), |gate| gate.remove_grant(id, addr));
+                match withdrawn {
+                    Ok(()) => security.remove_grant(id, addr),
+                    Err(err) => kept.push(((id, addr), format!("{addr} on {id}: {err}"))),
                 }
-                security.remove_grant(id, addr);
             }
         }
-        commit.wait().await.map_err(|err| {
-            self.store_failed
-                .store(true, std::sync::atomic::Ordering::Release);
-            PortError::state(
-                format!("the revocation of key {name} was not saved. {STORE_ADVICE}"),
-                Some(Box::new(err)),
-            )
-        })
+        let this_key = Issuer::Key(name.to_owned());
+        self.keys
+            .lock()
+            .await
+            .issuers
+            .retain(|grant, (by, _)| *by != this_key || kept.iter().any(|(kept, _)| kept == grant));
+        if kept.is_empty() {
+            return Ok(());
+        }
+        let reasons: Vec<String> = kept.into_iter().map(|(_, reason)| reason).collect();
+        Err(PortError::state(
+            format!(
+                "key {name} is revoked, but the kernel kept {} of its grants ({}): withdraw them with `portgate revoke PORT ADDR`",
+                reasons.len(),
+                reasons.join("; ")
+            ),
+            None,
+        ))
     }
 
     /// Checks a knock datagram from `source` at `now` (seconds since the epoch) and, when
     /// it passes every check, grants its port to its address for min(asked, the key's
-    /// most).
+    /// most). A knock never shortens a grant its address already holds.
     pub async fn knock(
         &self,
         datagram: &[u8],
@@ -271,29 +370,53 @@ impl PortManager {
             (unverified.verify(&knock::Key(key.secret))?, key)
         };
         let accepted = admissible(&knock, &key, source)?;
-        if self.allocation(accepted.id).await.is_none() {
-            return Err(KnockRefusal::NotAllocated(accepted.id));
+        let id = accepted.id;
+        let held = self
+            .allocation(id)
+            .await
+            .ok_or_else(|| KnockRefusal::NotAllocated {
+                key: key.name.clone(),
+                id,
+            })?;
+        if !held.access.require_authentication {
+            return Err(KnockRefusal::AuthNotRequired {
+                key: key.name.clone(),
+                id,
+            });
         }
         self.keys
             .lock()
             .await
             .replay
-            .admit(&key.name, knock.nonce, knock.timestamp, now)?;
-        self.grant_issued(
-            accepted.id,
-            accepted.addr,
-            accepted.ttl,
-            Actor::Admin,
-            Issuer::Key(key.name.clone()),
-        )
-        .await
-        .map_err(|err| KnockRefusal::Grant(err.to_string()))?;
-        // The key may have been revoked while the grant was made: revoke_key took the
-        // grants it knew of before this one, so this one goes now.
-        if !self.keys.lock().await.keys.contains_key(&key.name) {
-            let _withdrawn = self
-                .revoke_grant(accepted.id, accepted.addr, Actor::Admin)
-                .await;
+            .admit(&key.name, knock.nonce, knock.timestamp, now)
+            .map_err(|refused| KnockRefusal::Replay {
+                key: key.name.clone(),
+                id,
+                refused,
+            })?;
+        let issuer = Issuer::Key(key.name.clone());
+        let made = self
+            .grant_issued(id, accepted.addr, accepted.ttl, Actor::Admin, issuer)
+            .await
+            .map_err(|err| KnockRefusal::Grant {
+                key: key.name.clone(),
+                id,
+                message: err.to_string(),
+            })?;
+        // The key may have been revoked (and perhaps made again under its name) while the
+        // grant was made: revoke_key took the grants it knew of before this one, so this
+        // one goes now.
+        let still_valid = self
+            .keys
+            .lock()
+            .await
+            .keys
+            .get(&key.name)
+            .is_some_and(|now_key| now_key.created_at == key.created_at);
+        if !still_valid {
+            if made {
+                let _withdrawn = self.revoke_grant(id, accepted.addr, Actor::Admin).await;
+            }
             return Err(KnockRefusal::UnknownKey(key.name));
         }
         Ok(accepted)
@@ -398,7 +521,9 @@ impl PortManager {
     }
 }
 
-/// The grant a signed knock asks for, if its key allows it.
+/// The grant a signed knock asks for, if its key allows it: a key made with
+/// `--any-source` may name any address; another only the datagram's own source (a client
+/// that signs its address keeps a held-back datagram from being used from elsewhere).
 fn admissible(
     knock: &Knock,
     key: &ClientKey,
@@ -412,8 +537,13 @@ fn admissible(
         });
     }
     let addr = match knock.address {
-        Some(addr) if key.any_source => addr,
-        Some(_) => return Err(KnockRefusal::AddressNotAllowed(key.name.clone())),
+        Some(addr) if key.any_source || addr.to_canonical() == source => addr.to_canonical(),
+        Some(addr) => {
+            return Err(KnockRefusal::AddressNotAllowed {
+                key: key.name.clone(),
+                addr,
+            });
+        }
         None => source,
     };
     Ok(KnockAccepted {
@@ -422,6 +552,24 @@ fn admissible(
         addr,
         ttl: knock.ttl.min(key.max_ttl),
     })
+}
+
+/// A new key's ports: each once, in order, none 0, at most [`MAX_KEY_PORTS`].
+fn key_ports(mut ports: Vec<PortId>) -> Result<Vec<PortId>> {
+    if let Some(zero) = ports.iter().find(|id| id.port == 0) {
+        return Err(PortError::InvalidPortRequest(format!(
+            "a key cannot open port 0 ({zero})"
+        )));
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    if ports.len() > MAX_KEY_PORTS {
+        return Err(PortError::InvalidPortRequest(format!(
+            "a key may list at most {MAX_KEY_PORTS} ports ({} given)",
+            ports.len()
+        )));
+    }
+    Ok(ports)
 }
 
 fn admin_only(actor: Actor, what: &str) -> Result<()> {

@@ -318,17 +318,20 @@ impl PortManager {
     }
 
     /// Grants `addr` on a port that requires authentication, for `ttl`. Grants live in the
-    /// kernel (and its userspace mirror) only: they are short-lived by design and are not
-    /// kept in the store.
+    /// kernel (and its userspace mirror); the store keeps only who issued each, until it
+    /// expires. A grant the address already holds is replaced.
     pub async fn grant(&self, id: PortId, addr: IpAddr, ttl: Duration, actor: Actor) -> Result<()> {
         let issuer = match actor {
             Actor::Admin => Issuer::Administrator,
             Actor::User(uid) => Issuer::User(uid),
         };
-        self.grant_issued(id, addr, ttl, actor, issuer).await
+        self.grant_issued(id, addr, ttl, actor, issuer).await?;
+        Ok(())
     }
 
-    /// [`PortManager::grant`], recording `issuer` as who issued it.
+    /// [`PortManager::grant`], recording `issuer` as who issued it. A key's grant never
+    /// shortens one the address holds: that one stands, with its issuer, and this returns
+    /// `false`; `true` when the grant is this one.
     async fn grant_issued(
         &self,
         id: PortId,
@@ -336,7 +339,7 @@ impl PortManager {
         ttl: Duration,
         actor: Actor,
         issuer: Issuer,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         quota::check_grant_ttl(ttl)?;
         self.refuse_after_store_failure()?;
         let mut state = self.state.lock().await;
@@ -346,16 +349,28 @@ impl PortManager {
             .allocation(id)
             .ok_or(PortError::NotAllocated(id))?;
         quota::authorize(held, actor)?;
-        quota::check_grant_count(state.security.grant_count(id), id)?;
-        let expires_ns = host::kernel::monotonic_now_ns()
-            .saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
+        let now = host::kernel::monotonic_now_ns();
+        let expires_ns = now.saturating_add(u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX));
+        let held_until = state
+            .security
+            .grants_of(id)
+            .into_iter()
+            .find(|(source, expires)| *source == addr && *expires > now)
+            .map(|(_, expires)| expires);
+        match held_until {
+            Some(until) if matches!(issuer, Issuer::Key(_)) && until >= expires_ns => {
+                return Ok(false);
+            }
+            Some(_) => {}
+            None => quota::check_grant_count(state.security.grant_count(id), id)?,
+        }
         if let Some(gate) = state.gate.as_mut() {
             gate.add_grant(id, addr, expires_ns)?;
         }
         state.security.add_grant(id, addr, expires_ns);
         drop(state);
         self.record_issuer(id, addr, issuer, ttl).await;
-        Ok(())
+        Ok(true)
     }
 
     /// Why a new connection from `addr` would be refused now (the kernel's drop reason and

@@ -42,6 +42,17 @@ fn request(name: &str, ports: Vec<PortId>) -> KeyRequest {
 
 /// A datagram of `key` for `id`, made at `timestamp`, with `nonce`.
 fn datagram(key: &ClientKey, id: PortId, timestamp: u64, nonce: u8) -> Vec<u8> {
+    signed_for(key, id, timestamp, nonce, None)
+}
+
+/// The same, naming `address` as the grant's.
+fn signed_for(
+    key: &ClientKey,
+    id: PortId,
+    timestamp: u64,
+    nonce: u8,
+    address: Option<std::net::IpAddr>,
+) -> Vec<u8> {
     let knock = Knock {
         key_name: key.name.clone(),
         protocol: id.protocol,
@@ -49,7 +60,7 @@ fn datagram(key: &ClientKey, id: PortId, timestamp: u64, nonce: u8) -> Vec<u8> {
         ttl: Duration::from_mins(10),
         timestamp,
         nonce: [nonce; 16],
-        address: None,
+        address,
     };
     knock::encode(&knock, &knock::Key(key.secret)).unwrap()
 }
@@ -72,7 +83,11 @@ async fn a_knock_opens_its_port_to_its_source_once_and_for_the_keys_longest_gran
     manager.validate_connection(id, source).await.unwrap();
     assert_eq!(
         manager.knock(&bytes, source, now + 1).await,
-        Err(KnockRefusal::Replay(Refused::Replayed)),
+        Err(KnockRefusal::Replay {
+            key: "alice".to_owned(),
+            id,
+            refused: Refused::Replayed
+        }),
         "the same datagram again"
     );
 }
@@ -247,4 +262,103 @@ async fn grants_are_listed_with_their_issuer_and_withdrawn_one_by_one() {
             .is_err(),
         "no grant left to withdraw"
     );
+}
+
+#[tokio::test]
+async fn a_knock_is_refused_where_no_authentication_is_required_and_for_an_address_not_its_own() {
+    let manager = manager(config());
+    let open_port = manager
+        .allocate(AllocationRequest::new("web"), Actor::Admin)
+        .await
+        .unwrap()
+        .id;
+    let id = guarded(&manager).await;
+    let key = manager
+        .add_key(request("erin", vec![]), Actor::Admin)
+        .await
+        .unwrap();
+    let (source, elsewhere) = (ip("192.0.2.7"), ip("192.0.2.8"));
+    let now = unix_now();
+    assert_eq!(
+        manager
+            .knock(&datagram(&key, open_port, now, 1), source, now)
+            .await
+            .unwrap_err()
+            .reason(),
+        "auth_not_required",
+        "a key for every port opens only those that require authentication"
+    );
+    assert_eq!(
+        manager
+            .knock(&signed_for(&key, id, now, 2, Some(elsewhere)), source, now)
+            .await
+            .unwrap_err()
+            .reason(),
+        "address_not_allowed"
+    );
+    // Its own address, signed, is what the client sends by default.
+    let accepted = manager
+        .knock(&signed_for(&key, id, now, 3, Some(source)), source, now)
+        .await
+        .unwrap();
+    assert_eq!(accepted.addr, source);
+    assert!(manager.validate_connection(id, elsewhere).await.is_err());
+}
+
+#[tokio::test]
+async fn a_knock_never_shortens_an_administrators_grant_nor_takes_it_over() {
+    let manager = manager(config());
+    let id = guarded(&manager).await;
+    let mut asked = request("frank", vec![id]);
+    asked.any_source = true;
+    let key = manager.add_key(asked, Actor::Admin).await.unwrap();
+    let granted = ip("192.0.2.20");
+    manager
+        .grant(id, granted, Duration::from_hours(1), Actor::Admin)
+        .await
+        .unwrap();
+    let now = unix_now();
+    manager
+        .knock(
+            &signed_for(&key, id, now, 1, Some(granted)),
+            ip("192.0.2.30"),
+            now,
+        )
+        .await
+        .unwrap();
+    let grant = manager.grants(id, Actor::Admin).await.unwrap().remove(0);
+    assert!(grant.expires_in > Duration::from_mins(59), "not shortened");
+    assert_eq!(
+        grant.issued_by.map(|by| by.to_string()).as_deref(),
+        Some("administrator")
+    );
+    manager.revoke_key("frank", Actor::Admin).await.unwrap();
+    manager.validate_connection(id, granted).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_keys_ports_are_bounded_and_each_listed_once() {
+    let manager = manager(config());
+    let id = PortId::new(20_000, Protocol::Tcp);
+    assert!(matches!(
+        manager
+            .add_key(
+                request("zero", vec![PortId::new(0, Protocol::Tcp)]),
+                Actor::Admin
+            )
+            .await,
+        Err(PortError::InvalidPortRequest(_))
+    ));
+    let many: Vec<PortId> = (1..=1_025)
+        .map(|port| PortId::new(port, Protocol::Udp))
+        .collect();
+    assert!(matches!(
+        manager.add_key(request("many", many), Actor::Admin).await,
+        Err(PortError::InvalidPortRequest(_))
+    ));
+    let key = manager
+        .add_key(request("twice", vec![id, id]), Actor::Admin)
+        .await
+        .unwrap();
+    assert_eq!(key.ports, vec![id]);
 }
