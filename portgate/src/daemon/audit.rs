@@ -36,9 +36,13 @@ pub struct AuditRecord<'a> {
     /// The client key a knock named.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key: Option<&'a str>,
-    /// The address a knock came from.
+    /// The address a knock came from, or the grant's address a request named.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<std::net::IpAddr>,
+    /// How many refused knocks this record stands for (`"result": "not_audited"`: those
+    /// beyond the audit's rate, counted since the last knock record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
 }
 
 /// The audit log file, appended to with one `write` per record (`O_APPEND` keeps lines

@@ -1,14 +1,20 @@
-//! The knock listener (`[auth] listen`): reads knock datagrams, rate-limited per source,
-//! hands each to the manager, and audits the outcome. It never answers, so a scanner
-//! learns nothing; a client learns it worked by connecting.
+//! The knock listener (`[auth] listen`): reads knock datagrams, rate-limited for the whole
+//! listener and per source, hands each to the manager, and audits the outcome. It never
+//! answers, so a scanner learns nothing; a client learns it worked by connecting.
 
 use std::{
-    collections::HashMap,
-    net::IpAddr,
+    net::{IpAddr, Ipv6Addr},
+    num::NonZeroU32,
     sync::Arc,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
+use governor::{
+    Quota, RateLimiter,
+    clock::{Clock, DefaultClock},
+    middleware::NoOpMiddleware,
+    state::{InMemoryState, NotKeyed, keyed::DefaultKeyedStateStore},
+};
 use tokio::{net::UdpSocket, sync::watch};
 
 use super::{
@@ -21,49 +27,49 @@ use crate::{
 };
 
 /// Knocks a source may send per second, on average.
-pub const KNOCKS_PER_SECOND: f64 = 5.0;
+pub const KNOCKS_PER_SECOND: u32 = 5;
 /// Knocks a source may send at once, after being quiet.
 pub const KNOCK_BURST: u32 = 10;
+/// Knocks the listener looks at per second from all sources together (and at once): a
+/// flood from many (spoofed) sources costs at most this much work.
+pub const LISTENER_PER_SECOND: u32 = 1_000;
 /// Sources remembered by the limiter; when it is full of recent ones, new sources wait.
+/// The listener's own limit keeps it far from full: a source is forgotten two seconds
+/// after its last knock, so at most about 2,000 are remembered.
 pub const LIMITED_SOURCES: usize = 65_536;
+/// Refused knocks audited one by one per second (and at once); the rest are counted, and
+/// their number is audited with the next one that is.
+pub const AUDITED_REFUSALS_PER_SECOND: u32 = 100;
 
-/// A token bucket per source address, bounded in the sources it remembers.
+type Keyed<C> =
+    RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, C, NoOpMiddleware<<C as Clock>::Instant>>;
+type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
+
+/// Whether the listener looks at a datagram: the listener's own limit, then a token
+/// bucket per source (an IPv6 source by its /64, what one host usually holds), bounded in
+/// the sources it remembers.
 #[derive(Debug)]
-pub struct SourceLimiter {
-    buckets: HashMap<IpAddr, (f64, Instant)>,
+pub struct SourceLimiter<C: Clock = DefaultClock> {
+    listener: Direct<C>,
+    sources: Keyed<C>,
+}
+
+/// What [`SourceLimiter::check`] says of a datagram.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Look at it.
+    Allowed,
+    /// Its source sent more than its share (or the limiter is full of recent sources).
+    SourceLimited,
+    /// The listener took its most datagrams this second.
+    ListenerBusy,
 }
 
 impl SourceLimiter {
-    /// An empty limiter.
+    /// An empty limiter on the monotonic clock.
     #[must_use]
     pub fn new() -> Self {
-        Self {
-            buckets: HashMap::new(),
-        }
-    }
-
-    /// Whether a datagram from `source` at `now` may be looked at.
-    pub fn allow(&mut self, source: IpAddr, now: Instant) -> bool {
-        if !self.buckets.contains_key(&source) && self.buckets.len() >= LIMITED_SOURCES {
-            // A source whose bucket has been full again for a while is forgotten.
-            let idle = Duration::from_secs_f64(f64::from(KNOCK_BURST) / KNOCKS_PER_SECOND);
-            self.buckets
-                .retain(|_, (_, last)| now.saturating_duration_since(*last) < idle);
-            if self.buckets.len() >= LIMITED_SOURCES {
-                return false;
-            }
-        }
-        let burst = f64::from(KNOCK_BURST);
-        let (tokens, last) = self.buckets.entry(source).or_insert((burst, now));
-        let refill = now.saturating_duration_since(*last).as_secs_f64() * KNOCKS_PER_SECOND;
-        *tokens = (*tokens + refill).min(burst);
-        *last = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+        Self::with_clock(&DefaultClock::default())
     }
 }
 
@@ -73,91 +79,232 @@ impl Default for SourceLimiter {
     }
 }
 
+impl<C: Clock + Clone> SourceLimiter<C> {
+    /// An empty limiter on `clock`.
+    #[must_use]
+    pub fn with_clock(clock: &C) -> Self {
+        Self {
+            listener: RateLimiter::direct_with_clock(
+                per_second(LISTENER_PER_SECOND, LISTENER_PER_SECOND),
+                clock.clone(),
+            ),
+            sources: RateLimiter::new(
+                per_second(KNOCKS_PER_SECOND, KNOCK_BURST),
+                DefaultKeyedStateStore::default(),
+                clock.clone(),
+            ),
+        }
+    }
+
+    /// Whether a datagram from `source` may be looked at now.
+    pub fn check(&self, source: IpAddr) -> Admission {
+        if self.listener.check().is_err() {
+            return Admission::ListenerBusy;
+        }
+        if self.sources.len() >= LIMITED_SOURCES {
+            // Sources whose buckets are full again are forgotten; if every one is recent,
+            // no new one is taken until some are.
+            self.sources.retain_recent();
+            if self.sources.len() >= LIMITED_SOURCES {
+                return Admission::SourceLimited;
+            }
+        }
+        if self.sources.check_key(&bucket(source)).is_err() {
+            return Admission::SourceLimited;
+        }
+        Admission::Allowed
+    }
+}
+
+/// The quota of `rate` a second with bursts of `burst`.
+fn per_second(rate: u32, burst: u32) -> Quota {
+    let nonzero = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+    Quota::per_second(nonzero(rate)).allow_burst(nonzero(burst))
+}
+
+/// The bucket of a source: an IPv4 address, or an IPv6 address's /64.
+fn bucket(source: IpAddr) -> IpAddr {
+    match source.to_canonical() {
+        IpAddr::V6(v6) => {
+            let prefix = u128::from(v6) & !u128::from(u64::MAX);
+            IpAddr::V6(Ipv6Addr::from(prefix))
+        }
+        v4 @ IpAddr::V4(_) => v4,
+    }
+}
+
+/// The audit of refused knocks, bounded: beyond its rate they are counted, and the count
+/// is written with the next record that gets through.
+struct RefusalAudit {
+    limit: Direct<DefaultClock>,
+    unwritten: u64,
+}
+
 /// Serves knocks on `socket` until `shutdown`: through `app`'s manager, into its audit log.
 pub async fn serve(app: Arc<App>, socket: UdpSocket, mut shutdown: watch::Receiver<bool>) {
     let (manager, audit) = (&app.manager, &app.audit);
-    let mut limiter = SourceLimiter::new();
+    let limiter = SourceLimiter::new();
+    let mut refusals = RefusalAudit {
+        limit: RateLimiter::direct(per_second(
+            AUDITED_REFUSALS_PER_SECOND,
+            AUDITED_REFUSALS_PER_SECOND,
+        )),
+        unwritten: 0,
+    };
     // Room for one byte more than the largest knock, so that a longer one reads as such.
     let mut buffer = [0_u8; MAX_BYTES + 1];
     loop {
-        let (len, from) = tokio::select! {
-            received = socket.recv_from(&mut buffer) => match received {
-                Ok(received) => received,
-                Err(err) => {
-                    log::warn!("reading a knock: {err}");
-                    continue;
-                }
-            },
+        let received = tokio::select! {
+            received = socket.recv_from(&mut buffer) => received,
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
-        let source = from.ip().to_canonical();
-        let outcome = if limiter.allow(source, Instant::now()) {
-            manager.knock(&buffer[..len], source, unix_now()).await
-        } else {
-            Err(KnockRefusal::RateLimited)
+        let (len, from) = match received {
+            Ok(received) => received,
+            Err(err) => {
+                // A lasting error must not spin: wait a little before the next read.
+                log::warn!("reading a knock: {err}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
         };
-        // A flood's datagrams beyond the source's share are counted, not each audited: the
-        // audit log would otherwise grow with the flood.
-        if !matches!(outcome, Err(KnockRefusal::RateLimited)) {
-            record(audit, source, &outcome);
-        }
+        let source = from.ip().to_canonical();
+        let outcome = match limiter.check(source) {
+            Admission::Allowed => manager.knock(&buffer[..len], source, unix_now()).await,
+            Admission::SourceLimited => Err(KnockRefusal::RateLimited),
+            Admission::ListenerBusy => Err(KnockRefusal::ListenerBusy),
+        };
         manager.monitor().record_knock(match &outcome {
             Ok(_) => "ok",
             Err(refusal) => refusal.reason(),
         });
+        // A flood's datagrams beyond their share are counted, not each audited: the
+        // audit log would otherwise grow with the flood.
+        match &outcome {
+            Err(KnockRefusal::RateLimited | KnockRefusal::ListenerBusy) => {}
+            Ok(_) => record(audit, source, &outcome, &mut refusals.unwritten),
+            Err(_) if refusals.limit.check().is_ok() => {
+                record(audit, source, &outcome, &mut refusals.unwritten);
+            }
+            Err(_) => refusals.unwritten += 1,
+        }
     }
 }
 
-/// Audits one knock: its key, address and port when it got that far, and its outcome.
-fn record(audit: &AuditLog, source: IpAddr, outcome: &Result<KnockAccepted, KnockRefusal>) {
-    let (port, proto, key, result) = match outcome {
-        Ok(accepted) => (
-            Some(accepted.id.port),
-            Some(accepted.id.protocol.to_string()),
-            Some(accepted.key.as_str()),
-            "ok",
-        ),
-        Err(refusal) => (None, None, refusal.key(), refusal.reason()),
+/// Audits one knock: its key, address and port when it got that far, and its outcome;
+/// first, the number of refusals not audited since the last record, if any.
+fn record(
+    audit: &AuditLog,
+    source: IpAddr,
+    outcome: &Result<KnockAccepted, KnockRefusal>,
+    unwritten: &mut u64,
+) {
+    if *unwritten > 0 {
+        audit.record(&AuditRecord {
+            count: Some(*unwritten),
+            ..knock_record("not_audited", None, None, None)
+        });
+        *unwritten = 0;
+    }
+    let (id, key, result) = match outcome {
+        Ok(accepted) => (Some(accepted.id), Some(accepted.key.as_str()), "ok"),
+        Err(refusal) => (refusal.port(), refusal.key(), refusal.reason()),
     };
+    let proto = id.map(|id| id.protocol.to_string());
     audit.record(&AuditRecord {
+        proto: proto.as_deref(),
+        ..knock_record(result, id.map(|id| id.port), key, Some(source))
+    });
+}
+
+/// A knock's audit record.
+fn knock_record<'a>(
+    result: &'a str,
+    port: Option<u16>,
+    key: Option<&'a str>,
+    addr: Option<IpAddr>,
+) -> AuditRecord<'a> {
+    AuditRecord {
         time: now_rfc3339(),
         uid: None,
         pid: None,
         action: "knock",
         port,
-        proto: proto.as_deref(),
+        proto: None,
         netns: None,
         result,
         status: 0,
         key,
-        addr: Some(source),
-    });
+        addr,
+        count: None,
+    }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
-    use super::{KNOCK_BURST, KNOCKS_PER_SECOND, SourceLimiter};
+    use governor::clock::FakeRelativeClock;
+
+    use super::{Admission, KNOCK_BURST, KNOCKS_PER_SECOND, LISTENER_PER_SECOND, SourceLimiter};
 
     #[test]
     fn a_source_gets_its_burst_then_its_rate_and_others_are_not_held_back() {
-        let mut limiter = SourceLimiter::new();
-        let start = Instant::now();
+        let clock = FakeRelativeClock::default();
+        let limiter = SourceLimiter::with_clock(&clock);
         let a = "192.0.2.1".parse().unwrap();
         let b = "192.0.2.2".parse().unwrap();
-        let let_in = (0..100).filter(|_| limiter.allow(a, start)).count();
+        let let_in = (0..100)
+            .filter(|_| limiter.check(a) == Admission::Allowed)
+            .count();
         assert_eq!(
             u32::try_from(let_in).unwrap(),
             KNOCK_BURST,
             "the burst, then nothing at the same instant"
         );
-        assert!(limiter.allow(b, start), "another source is not held back");
-        let later = start + Duration::from_secs_f64(1.0 / KNOCKS_PER_SECOND);
-        assert!(
-            limiter.allow(a, later),
+        assert_eq!(
+            limiter.check(b),
+            Admission::Allowed,
+            "another source is not held back"
+        );
+        clock.advance(Duration::from_secs(1) / KNOCKS_PER_SECOND);
+        assert_eq!(
+            limiter.check(a),
+            Admission::Allowed,
             "one more after its share of a second"
         );
-        assert!(!limiter.allow(a, later));
+        assert_eq!(limiter.check(a), Admission::SourceLimited);
+    }
+
+    #[test]
+    fn an_ipv6_host_is_one_source_whatever_its_64_bit_suffix() {
+        let limiter = SourceLimiter::with_clock(&FakeRelativeClock::default());
+        let let_in = (0..100_u16)
+            .filter(|i| {
+                let source = format!("2001:db8::{i:x}").parse().unwrap();
+                limiter.check(source) == Admission::Allowed
+            })
+            .count();
+        assert_eq!(u32::try_from(let_in).unwrap(), KNOCK_BURST);
+        let other_host = "2001:db8:0:1::1".parse().unwrap();
+        assert_eq!(limiter.check(other_host), Admission::Allowed);
+    }
+
+    #[test]
+    fn a_flood_from_many_sources_is_held_to_the_listeners_rate() {
+        let clock = FakeRelativeClock::default();
+        let limiter = SourceLimiter::with_clock(&clock);
+        let looked_at = (0..5_000_u32)
+            .filter(|i| {
+                let source = std::net::Ipv4Addr::from(0x0a00_0000 + i).into();
+                limiter.check(source) == Admission::Allowed
+            })
+            .count();
+        assert_eq!(u32::try_from(looked_at).unwrap(), LISTENER_PER_SECOND);
+        clock.advance(Duration::from_secs(1));
+        assert_eq!(
+            limiter.check("192.0.2.1".parse().unwrap()),
+            Admission::Allowed,
+            "a second later the listener takes knocks again"
+        );
     }
 }

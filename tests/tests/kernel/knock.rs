@@ -9,7 +9,7 @@ use std::{
 };
 
 use portgate::{
-    knock::{self, KeyFile, KnockRequest},
+    knock::{self, GrantFor, KeyFile, KnockRequest},
     model::Protocol,
 };
 use portgate_tests::{
@@ -74,7 +74,7 @@ fn a_knock_opens_a_port_once_and_a_revoked_key_closes_it() {
         protocol: Protocol::Tcp,
         port,
         ttl: Duration::from_mins(10),
-        address: None,
+        grant_for: GrantFor::ThisHost,
     };
     let sent = daemon
         .ns
@@ -217,7 +217,7 @@ fn keys_and_live_grants_survive_a_restart_and_a_flood_of_bad_knocks_leaves_the_a
         protocol: Protocol::Tcp,
         port,
         ttl: Duration::from_mins(5),
-        address: None,
+        grant_for: GrantFor::ThisHost,
     };
     daemon
         .ns
@@ -293,6 +293,9 @@ fn keys_and_live_grants_survive_a_restart_and_a_flood_of_bad_knocks_leaves_the_a
     );
 }
 
+/// A third loopback address, neither a knock's source nor the one it names.
+const THIRD_LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 3));
+
 /// A TCP connection from loopback to `port` in the daemon's namespace, within `within`.
 fn connect_to(
     daemon: &Daemon,
@@ -345,22 +348,22 @@ fn a_key_made_for_any_source_grants_the_address_its_knock_names_and_no_other_key
         protocol: Protocol::Tcp,
         port,
         ttl: Duration::from_mins(1),
-        address,
+        grant_for: GrantFor::Address(address),
     };
     // The knock comes from 127.0.0.1 and names 127.0.0.2: the grant is for 127.0.0.2.
     daemon
         .ns
-        .run(|| knock::knock(listener, &natted, &asking_for(Some(OTHER_LOCAL))))
+        .run(|| knock::knock(listener, &natted, &asking_for(OTHER_LOCAL)))
         .expect("knock");
     assert!(
         eventually(CONNECT_WITHIN, || from(OTHER_LOCAL).is_ok()),
         "the named address gets in"
     );
     assert!(from(LOCAL).is_err(), "the knock's own source does not");
-    // A key without --any-source may not name an address.
+    // A key without --any-source may name no address but the datagram's own source.
     daemon
         .ns
-        .run(|| knock::knock(listener, &plain, &asking_for(Some(LOCAL))))
+        .run(|| knock::knock(listener, &plain, &asking_for(THIRD_LOCAL)))
         .expect("knock");
     assert!(eventually(CONNECT_WITHIN, || {
         daemon
@@ -454,4 +457,132 @@ fn refused_knocks_are_audited_and_counted_by_reason() {
         let line = format!("portgate_auth_total{{result=\"refused\",reason=\"{reason}\"}} 1");
         assert!(metrics.contains(&line), "{line} in:\n{metrics}");
     }
+}
+
+/// 100,000 bad datagrams from 1,000 loopback sources: most are held back by the
+/// listener's and the sources' limits, the audit log holds every refusal looked at either
+/// one by one or in a `not_audited` count (exactly what `portgate_auth_total` counted),
+/// the API answers, and a good knock from another source gets through afterwards.
+#[test]
+fn a_flood_from_many_sources_is_held_to_the_listeners_rate_and_accounted_for() {
+    if !require_privileges!() {
+        return;
+    }
+    let mut daemon = Daemon::start(41_740, 41_749);
+    assert!(daemon.stop());
+    daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));
+    daemon.spawn();
+    let port = 41_741;
+    daemon.cli_ok(
+        None,
+        &[
+            "alloc",
+            "--owner",
+            "db",
+            "--port",
+            &port.to_string(),
+            "--require-auth",
+        ],
+    );
+    let _server = daemon
+        .ns
+        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, loopback(port))));
+    let key_file = KeyFile::parse(&daemon.cli_ok(
+        None,
+        &["key", "add", "client-5", "--port", &port.to_string()],
+    ))
+    .expect("a key file");
+    let listener = SocketAddr::new(LOCAL, LISTENER);
+    let sent = daemon.ns.run(|| {
+        let mut sent = 0_u32;
+        for third in 1..=4_u8 {
+            for fourth in 1..=250_u8 {
+                let socket = UdpSocket::bind((std::net::Ipv4Addr::new(127, 9, third, fourth), 0))
+                    .expect("bind a flood source");
+                for i in 0..100_u8 {
+                    if socket.send_to(&[i; 80], listener).is_ok() {
+                        sent += 1;
+                    }
+                }
+            }
+        }
+        sent
+    });
+    assert!(sent > 0, "no datagram sent");
+    let status = daemon.cli_ok(None, &["status"]);
+    assert!(
+        status.contains("41740"),
+        "the API answers after the flood: {status}"
+    );
+    // One more bad datagram, later, from a source of its own: it is audited, after a
+    // record of how many were not.
+    std::thread::sleep(Duration::from_millis(1_500));
+    daemon.ns.run(|| {
+        UdpSocket::bind("127.0.0.5:0")
+            .expect("bind")
+            .send_to(&[7; 80], listener)
+            .expect("send");
+    });
+    let last_source = |record: &serde_json::Value| record["addr"] == "127.0.0.5";
+    assert!(
+        eventually(CONNECT_WITHIN, || daemon.audit().iter().any(last_source)),
+        "the last bad datagram is audited"
+    );
+    let metrics = daemon
+        .api(portgate::client::Client::metrics)
+        .expect("metrics");
+    let counted = |reason: &str| -> u64 {
+        let prefix = format!("portgate_auth_total{{result=\"refused\",reason=\"{reason}\"}} ");
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(&prefix))
+            .map_or(0, |value| value.trim().parse().expect("a count"))
+    };
+    let looked_at = counted("malformed") + counted("version") + counted("truncated");
+    let held_back = counted("rate_limited") + counted("listener_busy");
+    let knocks: Vec<serde_json::Value> = daemon
+        .audit()
+        .into_iter()
+        .filter(|record| record["action"] == "knock")
+        .collect();
+    let one_by_one = knocks
+        .iter()
+        .filter(|record| record["result"] != "not_audited")
+        .count();
+    let in_counts: u64 = knocks
+        .iter()
+        .filter_map(|record| record["count"].as_u64())
+        .sum();
+    println!(
+        "{sent} sent; {looked_at} looked at, {held_back} held back; {one_by_one} audited one by one, {in_counts} in counts"
+    );
+    assert!(looked_at > 0 && held_back > 0, "{metrics}");
+    assert_eq!(
+        u64::try_from(one_by_one).expect("count") + in_counts,
+        looked_at,
+        "every refusal looked at is in the audit log, one by one or counted"
+    );
+    // How many were written one by one depends on how fast this machine looked at them
+    // (100 a second); the sum above does not.
+    daemon
+        .ns
+        .run(|| {
+            knock::knock(
+                listener,
+                &key_file,
+                &KnockRequest {
+                    protocol: Protocol::Tcp,
+                    port,
+                    ttl: Duration::from_mins(1),
+                    grant_for: GrantFor::ThisHost,
+                },
+            )
+        })
+        .expect("knock");
+    assert!(
+        eventually(CONNECT_WITHIN, || connect_to(&daemon, port, REFUSED_WITHIN)
+            .is_ok()),
+        "a good knock gets through after the flood:\n{}",
+        daemon.log()
+    );
 }

@@ -15,8 +15,9 @@ type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
 
 pub(super) async fn add(caller: Caller, body: Body) -> Response {
     caller
-        .answer("key_add", StatusCode::CREATED, async |_| {
+        .answer("key_add", StatusCode::CREATED, async |audit| {
             let request: KeyRequestBody = json_body(body)?;
+            audit.key = Some(request.name.clone());
             let key = caller
                 .app
                 .manager
@@ -69,7 +70,8 @@ pub(super) async fn list(caller: Caller) -> Response {
 
 pub(super) async fn revoke(caller: Caller, UrlPath(name): UrlPath<String>) -> Response {
     caller
-        .answer("key_revoke", StatusCode::NO_CONTENT, async |_| {
+        .answer("key_revoke", StatusCode::NO_CONTENT, async |audit| {
+            audit.key = Some(name.clone());
             Ok(caller
                 .app
                 .manager

@@ -13,7 +13,7 @@ mod placement;
 mod ports;
 mod reads;
 
-use std::{collections::HashMap, convert::Infallible, sync::Arc, time::Instant};
+use std::{collections::HashMap, convert::Infallible, net::IpAddr, sync::Arc, time::Instant};
 
 use axum::{
     Json, Router,
@@ -131,6 +131,10 @@ type ApiResult<T> = Result<T, ApiError>;
 struct Audit {
     action: &'static str,
     id: Option<PortId>,
+    /// The client key named.
+    key: Option<String>,
+    /// The source address named (a grant's).
+    addr: Option<IpAddr>,
     started: Instant,
 }
 
@@ -140,6 +144,8 @@ impl Audit {
         Self {
             action,
             id: None,
+            key: None,
+            addr: None,
             started: Instant::now(),
         }
     }
@@ -207,8 +213,9 @@ impl Caller {
                 .map(|id| id.netns.0),
             result: code,
             status: status.as_u16(),
-            key: None,
-            addr: None,
+            key: audit.key.as_deref(),
+            addr: audit.addr,
+            count: None,
         });
     }
 
@@ -301,6 +308,7 @@ impl PortCall {
                 let query = query_map(query)?;
                 let id = caller.port_id(&port, &query)?;
                 audit.id = Some(id);
+                audit.addr = query.get("ip").and_then(|ip| ip.parse().ok());
                 call(&caller.app, id, query).await
             })
             .await
