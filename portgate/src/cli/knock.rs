@@ -42,12 +42,12 @@ pub struct KnockArgs {
     pub ttl: Duration,
     /// The address the grant is for, when the daemon sees this client through a NAT (the
     /// key must allow any source). By default this host's own address on the way to the
-    /// daemon, signed.
+    /// daemon, signed (none for a key made with `--any-source`).
     #[arg(long = "for", value_name = "IP", conflicts_with = "behind_nat")]
     pub address: Option<IpAddr>,
     /// Sign no address: the grant goes to the address the datagram arrives from, for a
-    /// client behind a NAT whose key does not allow any source. Weaker: whoever holds the
-    /// datagram back on the way and sends it first gets the grant.
+    /// client behind a NAT. Weaker: whoever holds the datagram back on the way and sends it
+    /// first gets the grant. The default for a key made with `--any-source`.
     #[arg(long)]
     pub behind_nat: bool,
 }
@@ -90,7 +90,9 @@ pub fn run(args: &KnockArgs, output: OutputFormat) -> anyhow::Result<()> {
         .or_else(|| addresses.first())
         .copied()
         .with_context(|| format!("{} has no address", args.host))?;
-    let grant_for = match (args.address, args.behind_nat) {
+    // A key made for any source is for a client behind a NAT: its own address is not the
+    // one the daemon sees, so it signs none unless told which.
+    let grant_for = match (args.address, args.behind_nat || key_file.any_source) {
         (Some(addr), _) => GrantFor::Address(addr),
         (None, true) => GrantFor::Arrival,
         (None, false) => GrantFor::ThisHost,

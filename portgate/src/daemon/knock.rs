@@ -11,7 +11,7 @@ use std::{
 
 use governor::{
     Quota, RateLimiter,
-    clock::{Clock, DefaultClock},
+    clock::{Clock, DefaultClock, Reference as _},
     middleware::NoOpMiddleware,
     state::{InMemoryState, NotKeyed, keyed::DefaultKeyedStateStore},
 };
@@ -33,9 +33,10 @@ pub const KNOCK_BURST: u32 = 10;
 /// Knocks the listener looks at per second from all sources together (and at once): a
 /// flood from many (spoofed) sources costs at most this much work.
 pub const LISTENER_PER_SECOND: u32 = 1_000;
-/// Sources remembered by the limiter; when it is full of recent ones, new sources wait.
-/// The listener's own limit keeps it far from full: a source is forgotten two seconds
-/// after its last knock, so at most about 2,000 are remembered.
+/// Sources remembered by the limiter. When it is full, the sources whose buckets are full
+/// again (two seconds after their last knock) are forgotten, at most once a second; while
+/// it stays full of recent ones, every datagram waits (a spoofed flood can keep honest
+/// clients out while it lasts; it cannot open anything).
 pub const LIMITED_SOURCES: usize = 65_536;
 /// Refused knocks audited one by one per second (and at once); the rest are counted, and
 /// their number is audited with the next one that is.
@@ -45,13 +46,16 @@ type Keyed<C> =
     RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, C, NoOpMiddleware<<C as Clock>::Instant>>;
 type Direct<C> = RateLimiter<NotKeyed, InMemoryState, C, NoOpMiddleware<<C as Clock>::Instant>>;
 
-/// Whether the listener looks at a datagram: the listener's own limit, then a token
-/// bucket per source (an IPv6 source by its /64, what one host usually holds), bounded in
-/// the sources it remembers.
+/// Whether the listener looks at a datagram: a token bucket per source (an IPv6 source
+/// by its /64, what one host usually holds), bounded in the sources it remembers, then
+/// the listener's own limit, charged only for datagrams within their source's share, so
+/// that one source cannot use up the others' room.
 #[derive(Debug)]
 pub struct SourceLimiter<C: Clock = DefaultClock> {
+    clock: C,
     listener: Direct<C>,
     sources: Keyed<C>,
+    last_sweep: Option<C::Instant>,
 }
 
 /// What [`SourceLimiter::check`] says of a datagram.
@@ -84,6 +88,8 @@ impl<C: Clock + Clone> SourceLimiter<C> {
     #[must_use]
     pub fn with_clock(clock: &C) -> Self {
         Self {
+            clock: clock.clone(),
+            last_sweep: None,
             listener: RateLimiter::direct_with_clock(
                 per_second(LISTENER_PER_SECOND, LISTENER_PER_SECOND),
                 clock.clone(),
@@ -97,20 +103,28 @@ impl<C: Clock + Clone> SourceLimiter<C> {
     }
 
     /// Whether a datagram from `source` may be looked at now.
-    pub fn check(&self, source: IpAddr) -> Admission {
-        if self.listener.check().is_err() {
-            return Admission::ListenerBusy;
-        }
+    pub fn check(&mut self, source: IpAddr) -> Admission {
         if self.sources.len() >= LIMITED_SOURCES {
-            // Sources whose buckets are full again are forgotten; if every one is recent,
-            // no new one is taken until some are.
-            self.sources.retain_recent();
+            // Sources whose buckets are full again are forgotten, at most once a second
+            // (it walks them all); if every one is recent, nothing is taken until some go.
+            let now = self.clock.now();
+            let due = self.last_sweep.is_none_or(|last| {
+                Duration::from(now.duration_since(last)) >= Duration::from_secs(1)
+            });
+            if due {
+                self.last_sweep = Some(now);
+                self.sources.retain_recent();
+                self.sources.shrink_to_fit();
+            }
             if self.sources.len() >= LIMITED_SOURCES {
                 return Admission::SourceLimited;
             }
         }
         if self.sources.check_key(&bucket(source)).is_err() {
             return Admission::SourceLimited;
+        }
+        if self.listener.check().is_err() {
+            return Admission::ListenerBusy;
         }
         Admission::Allowed
     }
@@ -143,7 +157,7 @@ struct RefusalAudit {
 /// Serves knocks on `socket` until `shutdown`: through `app`'s manager, into its audit log.
 pub async fn serve(app: Arc<App>, socket: UdpSocket, mut shutdown: watch::Receiver<bool>) {
     let (manager, audit) = (&app.manager, &app.audit);
-    let limiter = SourceLimiter::new();
+    let mut limiter = SourceLimiter::new();
     let mut refusals = RefusalAudit {
         limit: RateLimiter::direct(per_second(
             AUDITED_REFUSALS_PER_SECOND,
@@ -151,12 +165,19 @@ pub async fn serve(app: Arc<App>, socket: UdpSocket, mut shutdown: watch::Receiv
         )),
         unwritten: 0,
     };
+    // The refusals not audited one by one are written as a count within a second.
+    let mut flush = tokio::time::interval(Duration::from_secs(1));
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Room for one byte more than the largest knock, so that a longer one reads as such.
     let mut buffer = [0_u8; MAX_BYTES + 1];
     loop {
         let received = tokio::select! {
             received = socket.recv_from(&mut buffer) => received,
-            _ = shutdown.wait_for(|stop| *stop) => return,
+            _ = flush.tick() => {
+                refusals.flush(audit);
+                continue;
+            }
+            _ = shutdown.wait_for(|stop| *stop) => break,
         };
         let (len, from) = match received {
             Ok(received) => received,
@@ -181,30 +202,33 @@ pub async fn serve(app: Arc<App>, socket: UdpSocket, mut shutdown: watch::Receiv
         // audit log would otherwise grow with the flood.
         match &outcome {
             Err(KnockRefusal::RateLimited | KnockRefusal::ListenerBusy) => {}
-            Ok(_) => record(audit, source, &outcome, &mut refusals.unwritten),
+            Ok(_) => record(audit, source, &outcome),
             Err(_) if refusals.limit.check().is_ok() => {
-                record(audit, source, &outcome, &mut refusals.unwritten);
+                refusals.flush(audit);
+                record(audit, source, &outcome);
             }
             Err(_) => refusals.unwritten += 1,
         }
     }
+    refusals.flush(audit);
 }
 
-/// Audits one knock: its key, address and port when it got that far, and its outcome;
-/// first, the number of refusals not audited since the last record, if any.
-fn record(
-    audit: &AuditLog,
-    source: IpAddr,
-    outcome: &Result<KnockAccepted, KnockRefusal>,
-    unwritten: &mut u64,
-) {
-    if *unwritten > 0 {
-        audit.record(&AuditRecord {
-            count: Some(*unwritten),
-            ..knock_record("not_audited", None, None, None)
-        });
-        *unwritten = 0;
+impl RefusalAudit {
+    /// Writes the number of refusals not audited one by one since the last such record,
+    /// if any.
+    fn flush(&mut self, audit: &AuditLog) {
+        if self.unwritten > 0 {
+            audit.record(&AuditRecord {
+                count: Some(self.unwritten),
+                ..knock_record("not_audited", None, None, None)
+            });
+            self.unwritten = 0;
+        }
     }
+}
+
+/// Audits one knock: its key, address and port when it got that far, and its outcome.
+fn record(audit: &AuditLog, source: IpAddr, outcome: &Result<KnockAccepted, KnockRefusal>) {
     let (id, key, result) = match outcome {
         Ok(accepted) => (Some(accepted.id), Some(accepted.key.as_str()), "ok"),
         Err(refusal) => (refusal.port(), refusal.key(), refusal.reason()),
@@ -245,12 +269,15 @@ mod tests {
 
     use governor::clock::FakeRelativeClock;
 
-    use super::{Admission, KNOCK_BURST, KNOCKS_PER_SECOND, LISTENER_PER_SECOND, SourceLimiter};
+    use super::{
+        Admission, KNOCK_BURST, KNOCKS_PER_SECOND, LIMITED_SOURCES, LISTENER_PER_SECOND,
+        SourceLimiter,
+    };
 
     #[test]
     fn a_source_gets_its_burst_then_its_rate_and_others_are_not_held_back() {
         let clock = FakeRelativeClock::default();
-        let limiter = SourceLimiter::with_clock(&clock);
+        let mut limiter = SourceLimiter::with_clock(&clock);
         let a = "192.0.2.1".parse().unwrap();
         let b = "192.0.2.2".parse().unwrap();
         let let_in = (0..100)
@@ -277,7 +304,7 @@ mod tests {
 
     #[test]
     fn an_ipv6_host_is_one_source_whatever_its_64_bit_suffix() {
-        let limiter = SourceLimiter::with_clock(&FakeRelativeClock::default());
+        let mut limiter = SourceLimiter::with_clock(&FakeRelativeClock::default());
         let let_in = (0..100_u16)
             .filter(|i| {
                 let source = format!("2001:db8::{i:x}").parse().unwrap();
@@ -292,7 +319,7 @@ mod tests {
     #[test]
     fn a_flood_from_many_sources_is_held_to_the_listeners_rate() {
         let clock = FakeRelativeClock::default();
-        let limiter = SourceLimiter::with_clock(&clock);
+        let mut limiter = SourceLimiter::with_clock(&clock);
         let looked_at = (0..5_000_u32)
             .filter(|i| {
                 let source = std::net::Ipv4Addr::from(0x0a00_0000 + i).into();
@@ -305,6 +332,42 @@ mod tests {
             limiter.check("192.0.2.1".parse().unwrap()),
             Admission::Allowed,
             "a second later the listener takes knocks again"
+        );
+    }
+
+    #[test]
+    fn one_source_cannot_use_up_the_listeners_room() {
+        let mut limiter = SourceLimiter::with_clock(&FakeRelativeClock::default());
+        let loud = "192.0.2.1".parse().unwrap();
+        let let_in = (0..5_000)
+            .filter(|_| limiter.check(loud) == Admission::Allowed)
+            .count();
+        assert_eq!(u32::try_from(let_in).unwrap(), KNOCK_BURST);
+        assert_eq!(
+            limiter.check("192.0.2.2".parse().unwrap()),
+            Admission::Allowed,
+            "the loud source's refused datagrams cost the listener nothing"
+        );
+    }
+
+    #[test]
+    fn a_full_limiter_forgets_quiet_sources_at_most_once_a_second() {
+        let clock = FakeRelativeClock::default();
+        let mut limiter = SourceLimiter::with_clock(&clock);
+        for i in 0..u32::try_from(LIMITED_SOURCES).unwrap() {
+            let _ = limiter.check(std::net::Ipv4Addr::from(0x0a00_0000 + i).into());
+        }
+        let newcomer = "192.0.2.9".parse().unwrap();
+        assert_eq!(
+            limiter.check(newcomer),
+            Admission::SourceLimited,
+            "full of recent sources"
+        );
+        clock.advance(Duration::from_secs(3));
+        assert_eq!(
+            limiter.check(newcomer),
+            Admission::Allowed,
+            "the quiet ones were forgotten"
         );
     }
 }

@@ -6,6 +6,7 @@
 //! # portgate key file: keep it secret (mode 0600).
 //! name = "alice"
 //! key = "5e4f...64 hex digits"
+//! any_source = true   # only for a key made with --any-source
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -19,6 +20,10 @@ pub struct KeyFile {
     pub name: String,
     /// The key.
     pub key: Key,
+    /// Whether the key was made with `--any-source` (then `portgate knock` signs no
+    /// address by default: the client is behind a NAT and its own address is not the one
+    /// the daemon sees).
+    pub any_source: bool,
 }
 
 /// Why a key file was refused.
@@ -41,6 +46,8 @@ pub enum KeyFileError {
 struct Fields {
     name: String,
     key: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    any_source: bool,
 }
 
 impl KeyFile {
@@ -50,8 +57,9 @@ impl KeyFile {
         let fields = Fields {
             name: self.name.clone(),
             key: hex::encode(self.key.0),
+            any_source: self.any_source,
         };
-        // Two strings: serializing cannot fail.
+        // Two strings and a flag: serializing cannot fail.
         let body = toml::to_string(&fields).unwrap_or_default();
         format!("# portgate key file: keep it secret (mode 0600).\n{body}")
     }
@@ -67,6 +75,7 @@ impl KeyFile {
         Ok(Self {
             name: fields.name,
             key: Key(key),
+            any_source: fields.any_source,
         })
     }
 }

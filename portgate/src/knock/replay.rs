@@ -15,10 +15,11 @@ pub enum Refused {
     /// Its timestamp is more than the window after now.
     #[error("the timestamp is in the future")]
     Future,
-    /// Its timestamp is before the cache was made (the daemon started): the nonces of the
-    /// knocks taken before are not known, so such a knock might be one sent again.
-    #[error("the timestamp is before the daemon started")]
-    BeforeStart,
+    /// Its timestamp is no later than its key's last knock accepted before the daemon
+    /// started: the nonces of the knocks taken before are not known, so such a knock
+    /// might be one sent again.
+    #[error("the timestamp is no later than the key's last knock before the daemon started")]
+    BeforeRestart,
     /// Its nonce was seen inside the window.
     #[error("the nonce was seen before")]
     Replayed,
@@ -34,7 +35,7 @@ impl Refused {
         match self {
             Self::Stale => "stale",
             Self::Future => "future",
-            Self::BeforeStart => "before_start",
+            Self::BeforeRestart => "before_restart",
             Self::Replayed => "replayed",
             Self::Full => "replay_cache_full",
         }
@@ -54,8 +55,12 @@ pub struct ReplayCache {
     capacity: usize,
     /// The most nonces held for one key, so that one key cannot crowd out the others.
     per_key: usize,
-    /// Timestamps before this (seconds since the epoch) are refused.
+    /// Timestamps before this (seconds since the epoch) are refused as stale: raised when
+    /// the window widens, past the nonces forgotten under the narrower one.
     not_before: u64,
+    /// For each key, its last knock accepted before the daemon started: its knocks must
+    /// be later.
+    floors: HashMap<String, u64>,
     /// The latest `now` seen.
     latest: u64,
     /// The nonces held, each with its key's name.
@@ -67,17 +72,17 @@ pub struct ReplayCache {
 }
 
 impl ReplayCache {
-    /// A cache made at `started` (seconds since the epoch: knocks with older timestamps are
-    /// refused) for timestamps within `window` seconds of now, holding at most `capacity`
+    /// A cache for timestamps within `window` seconds of now, holding at most `capacity`
     /// nonces and at most `per_key` of one key.
     #[must_use]
-    pub fn new(window: u64, capacity: usize, per_key: usize, started: u64) -> Self {
+    pub fn new(window: u64, capacity: usize, per_key: usize) -> Self {
         Self {
             window,
             capacity,
             per_key,
-            not_before: started,
-            latest: started,
+            not_before: 0,
+            floors: HashMap::new(),
+            latest: 0,
             seen: HashSet::new(),
             held: HashMap::new(),
             by_time: BTreeSet::new(),
@@ -85,9 +90,28 @@ impl ReplayCache {
     }
 
     /// Takes timestamps within `window` seconds of now from now on, keeping the nonces
-    /// it holds (each is forgotten once its timestamp leaves the window in force then).
+    /// it holds (each is forgotten once its timestamp leaves the window in force then). A
+    /// wider window does not take the timestamps of nonces the narrower one forgot.
     pub fn set_window(&mut self, window: u64) {
+        if window > self.window {
+            self.not_before = self.not_before.max(self.latest.saturating_sub(self.window));
+        }
         self.window = window;
+    }
+
+    /// Refuses knocks of `key_name` with timestamps no later than `last_knock`: the last
+    /// one accepted before the daemon started (the store keeps it).
+    pub fn set_floor(&mut self, key_name: &str, last_knock: u64) {
+        if last_knock > 0 {
+            self.floors.insert(key_name.to_owned(), last_knock);
+        }
+    }
+
+    /// Whether the wall clock `now` is further back than the window from the latest time
+    /// seen: it was stepped back, and knocks are refused as stale until it catches up.
+    #[must_use]
+    pub fn clock_behind(&self, now: u64) -> bool {
+        now.saturating_add(self.window) < self.latest
     }
 
     /// Checks a knock of key `key_name` made at `timestamp` with `nonce`, at `now` (both
@@ -102,14 +126,18 @@ impl ReplayCache {
     ) -> Result<(), Refused> {
         self.latest = self.latest.max(now);
         let now = self.latest;
-        if timestamp.saturating_add(self.window) < now {
+        if timestamp.saturating_add(self.window) < now || timestamp < self.not_before {
             return Err(Refused::Stale);
         }
         if timestamp > now.saturating_add(self.window) {
             return Err(Refused::Future);
         }
-        if timestamp < self.not_before {
-            return Err(Refused::BeforeStart);
+        if self
+            .floors
+            .get(key_name)
+            .is_some_and(|floor| timestamp <= *floor)
+        {
+            return Err(Refused::BeforeRestart);
         }
         self.forget_before(now);
         let entry = (key_name.to_owned(), nonce);

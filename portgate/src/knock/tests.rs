@@ -129,7 +129,7 @@ fn what_the_format_cannot_carry_is_not_encoded() {
 #[test]
 fn the_replay_cache_refuses_a_nonce_seen_inside_the_window_and_stale_or_future_times() {
     let now = 1_000;
-    let mut cache = ReplayCache::new(30, 3, 3, now - 100);
+    let mut cache = ReplayCache::new(30, 3, 3);
     assert_eq!(cache.admit("a", [1; 16], now, now), Ok(()));
     assert_eq!(cache.admit("a", [1; 16], now, now), Err(Refused::Replayed));
     assert_eq!(
@@ -166,23 +166,30 @@ fn the_replay_cache_refuses_a_nonce_seen_inside_the_window_and_stale_or_future_t
 }
 
 #[test]
-fn the_replay_cache_refuses_knocks_from_before_it_was_made_and_holds_a_share_per_key() {
-    let started = 1_000;
-    let mut cache = ReplayCache::new(30, 4, 2, started);
+fn the_replay_cache_refuses_a_keys_knocks_up_to_its_last_before_a_restart_and_holds_a_share_per_key()
+ {
+    let now = 1_000;
+    let mut cache = ReplayCache::new(30, 4, 2);
+    cache.set_floor("a", now - 5);
     assert_eq!(
-        cache.admit("a", [1; 16], started - 1, started + 1),
-        Err(Refused::BeforeStart),
+        cache.admit("a", [1; 16], now - 5, now),
+        Err(Refused::BeforeRestart),
         "a knock the daemon before this one may have taken"
     );
-    assert_eq!(cache.admit("a", [1; 16], started, started), Ok(()));
-    assert_eq!(cache.admit("a", [2; 16], started, started), Ok(()));
     assert_eq!(
-        cache.admit("a", [3; 16], started, started),
+        cache.admit("b", [1; 16], now - 5, now),
+        Ok(()),
+        "another key's"
+    );
+    assert_eq!(cache.admit("a", [1; 16], now - 4, now), Ok(()));
+    assert_eq!(cache.admit("a", [2; 16], now, now), Ok(()));
+    assert_eq!(
+        cache.admit("a", [3; 16], now, now),
         Err(Refused::Full),
         "the key's share is used"
     );
     assert_eq!(
-        cache.admit("b", [3; 16], started, started),
+        cache.admit("c", [3; 16], now, now),
         Ok(()),
         "another key still gets in"
     );
@@ -190,24 +197,36 @@ fn the_replay_cache_refuses_knocks_from_before_it_was_made_and_holds_a_share_per
 
 #[test]
 fn a_wall_clock_stepped_back_does_not_bring_a_forgotten_nonce_back() {
-    let mut cache = ReplayCache::new(30, 8, 8, 900);
+    let mut cache = ReplayCache::new(30, 8, 8);
     assert_eq!(cache.admit("a", [1; 16], 1_000, 1_000), Ok(()));
     // Forgotten once its timestamp leaves the window...
     assert_eq!(cache.admit("a", [2; 16], 1_040, 1_040), Ok(()));
     assert_eq!(cache.len(), 1);
     // ...and refused as stale even when the clock then says an earlier time.
-    assert_eq!(cache.admit("a", [1; 16], 1_000, 1_010), Err(Refused::Stale));
+    assert_eq!(cache.admit("a", [1; 16], 1_000, 1_005), Err(Refused::Stale));
+    assert!(cache.clock_behind(1_005), "and the step back is seen");
+    assert!(!cache.clock_behind(1_035));
 }
 
 #[test]
-fn a_wider_window_keeps_the_nonces_it_now_covers() {
-    let mut cache = ReplayCache::new(30, 8, 8, 900);
+fn a_wider_window_keeps_the_nonces_it_holds_and_takes_none_it_forgot() {
+    let mut cache = ReplayCache::new(30, 8, 8);
     assert_eq!(cache.admit("a", [1; 16], 1_000, 1_000), Ok(()));
+    assert_eq!(
+        cache.admit("a", [2; 16], 1_040, 1_040),
+        Ok(()),
+        "forgets [1]"
+    );
     cache.set_window(120);
     assert_eq!(
-        cache.admit("a", [1; 16], 1_000, 1_100),
+        cache.admit("a", [2; 16], 1_040, 1_100),
         Err(Refused::Replayed),
         "still inside the new window, so still remembered"
+    );
+    assert_eq!(
+        cache.admit("a", [1; 16], 1_000, 1_100),
+        Err(Refused::Stale),
+        "forgotten under the narrower window: not taken under the wider one"
     );
 }
 
@@ -222,10 +241,17 @@ fn a_key_file_round_trips_and_bad_ones_are_refused_by_cause() {
     let file = KeyFile {
         name: "alice".to_owned(),
         key: Key::generate(),
+        any_source: false,
     };
     let text = file.to_text();
     assert!(text.starts_with("# portgate key file"));
+    assert!(!text.contains("any_source"), "written only when set");
     assert_eq!(KeyFile::parse(&text).expect("parse"), file);
+    let natted = KeyFile {
+        any_source: true,
+        ..file
+    };
+    assert_eq!(KeyFile::parse(&natted.to_text()).expect("parse"), natted);
     assert!(matches!(
         KeyFile::parse("name = \"al ice\"\nkey = \"00\""),
         Err(KeyFileError::Name(_))
@@ -249,6 +275,7 @@ fn a_knock_sent_to_loopback_arrives_signed_as_sent() {
     let file = KeyFile {
         name: "alice".to_owned(),
         key: key(3),
+        any_source: false,
     };
     let request = KnockRequest {
         protocol: Protocol::Udp,

@@ -51,22 +51,26 @@ pub struct GrantInfo {
 }
 
 impl KeyRing {
+    /// Who issued the live grant of `addr` on `id`, when known.
+    pub(super) fn issued_by(&self, id: PortId, addr: IpAddr) -> Option<&Issuer> {
+        self.issuers.get(&(id, addr)).map(|(by, _)| by)
+    }
+
     /// The ring of `keys` and of the grants' issuers the store holds, taking knocks whose
-    /// timestamps are within `window` of now and not before `started` (seconds since the
-    /// epoch: the nonces seen before it are not known).
+    /// timestamps are within `window` of now and, for each key, later than its last knock
+    /// the store kept (the nonces seen before are not known).
     #[must_use]
-    pub fn new(
-        keys: Vec<ClientKey>,
-        grants: Vec<GrantIssued>,
-        window: Duration,
-        started: u64,
-    ) -> Self {
+    pub fn new(keys: Vec<ClientKey>, grants: Vec<GrantIssued>, window: Duration) -> Self {
+        let mut replay = ReplayCache::new(window.as_secs(), REPLAY_CAPACITY, REPLAY_PER_KEY);
+        for key in &keys {
+            replay.set_floor(&key.name, key.last_knock);
+        }
         Self {
             keys: keys
                 .into_iter()
                 .map(|key| (key.name.clone(), key))
                 .collect(),
-            replay: ReplayCache::new(window.as_secs(), REPLAY_CAPACITY, REPLAY_PER_KEY, started),
+            replay,
             issuers: grants
                 .into_iter()
                 .map(|grant| ((grant.id, grant.addr), (grant.issuer, grant.expires_at)))
@@ -106,10 +110,12 @@ pub enum KnockRefusal {
         id: PortId,
     },
     /// The knock names an address and its key may not name that one.
-    #[error("key {key:?} may not name {addr} as the address of its grant")]
+    #[error("key {key:?} may not name {addr} as the address of its grant on {id}")]
     AddressNotAllowed {
         /// The key.
         key: String,
+        /// The port.
+        id: PortId,
         /// The address named.
         addr: IpAddr,
     },
@@ -198,15 +204,14 @@ impl KnockRefusal {
     pub const fn port(&self) -> Option<PortId> {
         match self {
             Self::NotCovered { id, .. }
+            | Self::AddressNotAllowed { id, .. }
             | Self::NotAllocated { id, .. }
             | Self::AuthNotRequired { id, .. }
             | Self::Replay { id, .. }
             | Self::Grant { id, .. } => Some(*id),
-            Self::Datagram(_)
-            | Self::UnknownKey(_)
-            | Self::AddressNotAllowed { .. }
-            | Self::RateLimited
-            | Self::ListenerBusy => None,
+            Self::Datagram(_) | Self::UnknownKey(_) | Self::RateLimited | Self::ListenerBusy => {
+                None
+            }
         }
     }
 }
@@ -245,6 +250,7 @@ impl PortManager {
             max_ttl: request.max_ttl,
             any_source: request.any_source,
             created_at: now_millis(),
+            last_knock: 0,
         };
         self.refuse_after_store_failure()?;
         let commit = {
@@ -259,7 +265,15 @@ impl PortManager {
             self.store.submit(vec![Change::PutKey(key.clone())])
         };
         if let Err(err) = commit.wait().await {
-            self.keys.lock().await.keys.remove(&key.name);
+            // Unless a revocation and a new key took the name meanwhile.
+            let mut ring = self.keys.lock().await;
+            if ring
+                .keys
+                .get(&key.name)
+                .is_some_and(|held| held.created_at == key.created_at)
+            {
+                ring.keys.remove(&key.name);
+            }
             return Err(PortError::state(
                 format!("key {} was not saved. {STORE_ADVICE}", key.name),
                 Some(Box::new(err)),
@@ -308,7 +322,14 @@ impl PortManager {
             (self.store.submit(changes), key, issued)
         };
         if let Err(err) = commit.wait().await {
-            self.keys.lock().await.keys.insert(name.to_owned(), key);
+            // Back where it was, unless a new key took the name meanwhile (the store holds
+            // that one then: its commit came after this one).
+            self.keys
+                .lock()
+                .await
+                .keys
+                .entry(name.to_owned())
+                .or_insert(key);
             return Err(PortError::state(
                 format!("key {name} was not revoked: the store did not take it. {STORE_ADVICE}"),
                 Some(Box::new(err)),
@@ -384,16 +405,43 @@ impl PortManager {
                 id,
             });
         }
-        self.keys
-            .lock()
-            .await
-            .replay
-            .admit(&key.name, knock.nonce, knock.timestamp, now)
-            .map_err(|refused| KnockRefusal::Replay {
+        // The nonce is taken, and the key's last knock kept in the store before the grant
+        // is made: a restart then refuses this datagram even if the grant outlives it.
+        let kept = {
+            let mut ring = self.keys.lock().await;
+            let KeyRing { keys, replay, .. } = &mut *ring;
+            let Some(held) = keys
+                .get_mut(&key.name)
+                .filter(|held| held.created_at == key.created_at)
+            else {
+                return Err(KnockRefusal::UnknownKey(key.name));
+            };
+            if let Err(refused) = replay.admit(&key.name, knock.nonce, knock.timestamp, now) {
+                if replay.clock_behind(now) {
+                    log::warn!(
+                        "a knock was refused because the wall clock is further back than the window from the latest time it said: knocks are refused until it catches up"
+                    );
+                }
+                return Err(KnockRefusal::Replay {
+                    key: key.name.clone(),
+                    id,
+                    refused,
+                });
+            }
+            (knock.timestamp > held.last_knock).then(|| {
+                held.last_knock = knock.timestamp;
+                self.store.submit(vec![Change::PutKey(held.clone())])
+            })
+        };
+        if let Some(commit) = kept
+            && let Err(err) = commit.wait().await
+        {
+            return Err(KnockRefusal::Grant {
                 key: key.name.clone(),
                 id,
-                refused,
-            })?;
+                message: format!("the key's last knock was not saved: {err}"),
+            });
+        }
         let issuer = Issuer::Key(key.name.clone());
         let made = self
             .grant_issued(id, accepted.addr, accepted.ttl, Actor::Admin, issuer)
@@ -422,45 +470,40 @@ impl PortManager {
         Ok(accepted)
     }
 
-    /// Records who issued the grant of `addr` on `id`, lasting `ttl` (after the grant is
-    /// made): in the store, waited for, and in memory. Records of grants expired by now are
-    /// forgotten in the same commit, so the store holds live grants only.
-    pub(super) async fn record_issuer(
+    /// Records in `ring` that `issuer` issued the grant of `addr` on `id`, lasting `ttl`
+    /// (the grant just made), and submits the record to the store; the caller waits for it
+    /// after letting go of its locks. Records of grants expired by now are forgotten in the
+    /// same commit, so the store holds live grants only.
+    pub(super) fn note_issuer(
         &self,
+        ring: &mut KeyRing,
         id: PortId,
         addr: IpAddr,
         issuer: Issuer,
         ttl: Duration,
-    ) {
+    ) -> crate::store::Commit {
         let now = now_millis();
         let expires_at = now.saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
-        let commit = {
-            let mut ring = self.keys.lock().await;
-            let expired: Vec<(PortId, IpAddr)> = ring
-                .issuers
-                .iter()
-                .filter(|(_, (_, expires))| *expires <= now)
-                .map(|(grant, _)| *grant)
-                .collect();
-            let mut changes: Vec<Change> = Vec::with_capacity(expired.len() + 1);
-            for (id, addr) in expired {
-                ring.issuers.remove(&(id, addr));
-                changes.push(Change::DeleteGrant(id, addr));
-            }
-            ring.issuers
-                .insert((id, addr), (issuer.clone(), expires_at));
-            changes.push(Change::PutGrant(GrantIssued {
-                id,
-                addr,
-                issuer,
-                expires_at,
-            }));
-            self.store.submit(changes)
-        };
-        // The grant stands either way; only who issued it would be lost at a restart.
-        if let Err(err) = commit.wait().await {
-            log::warn!("who issued the grant of {addr} on {id} was not saved: {err}");
+        let expired: Vec<(PortId, IpAddr)> = ring
+            .issuers
+            .iter()
+            .filter(|(_, (_, expires))| *expires <= now)
+            .map(|(grant, _)| *grant)
+            .collect();
+        let mut changes: Vec<Change> = Vec::with_capacity(expired.len() + 1);
+        for (id, addr) in expired {
+            ring.issuers.remove(&(id, addr));
+            changes.push(Change::DeleteGrant(id, addr));
         }
+        ring.issuers
+            .insert((id, addr), (issuer.clone(), expires_at));
+        changes.push(Change::PutGrant(GrantIssued {
+            id,
+            addr,
+            issuer,
+            expires_at,
+        }));
+        self.store.submit(changes)
     }
 
     /// The grants of a port, with who issued each (the port's maker or an administrator).
@@ -541,6 +584,7 @@ fn admissible(
         Some(addr) => {
             return Err(KnockRefusal::AddressNotAllowed {
                 key: key.name.clone(),
+                id,
                 addr,
             });
         }

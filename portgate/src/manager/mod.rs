@@ -329,9 +329,12 @@ impl PortManager {
         Ok(())
     }
 
-    /// [`PortManager::grant`], recording `issuer` as who issued it. A key's grant never
-    /// shortens one the address holds: that one stands, with its issuer, and this returns
-    /// `false`; `true` when the grant is this one.
+    /// [`PortManager::grant`], recording `issuer` as who issued it. A key's knock never
+    /// changes a grant someone else issued (an administrator, a user, another key, or an
+    /// issuer not known), nor shortens its own key's: that grant stands as it is and this
+    /// returns `false`; `true` when the grant is this one. Who issued it is decided and
+    /// recorded under the state lock, so that two grants of one address at once cannot
+    /// leave the one in force recorded as the other's.
     async fn grant_issued(
         &self,
         id: PortId,
@@ -357,9 +360,14 @@ impl PortManager {
             .into_iter()
             .find(|(source, expires)| *source == addr && *expires > now)
             .map(|(_, expires)| expires);
+        // The keys' lock inside the state's: nothing takes them the other way round.
+        let mut ring = self.keys.lock().await;
         match held_until {
-            Some(until) if matches!(issuer, Issuer::Key(_)) && until >= expires_ns => {
-                return Ok(false);
+            Some(until) if matches!(issuer, Issuer::Key(_)) => {
+                let same_key = ring.issued_by(id, addr) == Some(&issuer);
+                if !same_key || until >= expires_ns {
+                    return Ok(false);
+                }
             }
             Some(_) => {}
             None => quota::check_grant_count(state.security.grant_count(id), id)?,
@@ -368,8 +376,12 @@ impl PortManager {
             gate.add_grant(id, addr, expires_ns)?;
         }
         state.security.add_grant(id, addr, expires_ns);
-        drop(state);
-        self.record_issuer(id, addr, issuer, ttl).await;
+        let commit = self.note_issuer(&mut ring, id, addr, issuer, ttl);
+        drop((ring, state));
+        // The grant stands either way; only who issued it would be lost at a restart.
+        if let Err(err) = commit.wait().await {
+            log::warn!("who issued the grant of {addr} on {id} was not saved: {err}");
+        }
         Ok(true)
     }
 

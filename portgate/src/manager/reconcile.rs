@@ -118,7 +118,6 @@ impl PortManager {
                 stored.keys,
                 stored.grants,
                 super::keys::DEFAULT_KNOCK_WINDOW,
-                super::keys::unix_now(),
             )),
         };
         Ok((manager, report))

@@ -30,6 +30,11 @@ pub struct ClientKey {
     pub any_source: bool,
     /// When it was made.
     pub created_at: UnixMillis,
+    /// The timestamp (seconds since the epoch) of the latest knock accepted with it, kept
+    /// before its grant is made: after a restart, knocks no later than it are refused, as
+    /// the nonces of the knocks before the restart are not known.
+    #[serde(default)]
+    pub last_knock: u64,
 }
 
 impl std::fmt::Debug for ClientKey {
@@ -41,6 +46,7 @@ impl std::fmt::Debug for ClientKey {
             .field("max_ttl", &self.max_ttl)
             .field("any_source", &self.any_source)
             .field("created_at", &self.created_at)
+            .field("last_knock", &self.last_knock)
             .finish_non_exhaustive()
     }
 }

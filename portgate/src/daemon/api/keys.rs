@@ -38,6 +38,7 @@ pub(super) async fn add(caller: Caller, body: Body) -> Response {
             let key_file = KeyFile {
                 name: key.name.clone(),
                 key: knock::Key(key.secret),
+                any_source: key.any_source,
             }
             .to_text();
             Ok(KeyCreated {

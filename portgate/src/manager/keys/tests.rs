@@ -332,8 +332,62 @@ async fn a_knock_never_shortens_an_administrators_grant_nor_takes_it_over() {
         grant.issued_by.map(|by| by.to_string()).as_deref(),
         Some("administrator")
     );
+    // Nor one that ends sooner than the knock asks: it is the administrator's still.
+    let briefly = ip("192.0.2.21");
+    manager
+        .grant(id, briefly, Duration::from_secs(30), Actor::Admin)
+        .await
+        .unwrap();
+    manager
+        .knock(
+            &signed_for(&key, id, now, 2, Some(briefly)),
+            ip("192.0.2.30"),
+            now,
+        )
+        .await
+        .unwrap();
+    let grants = manager.grants(id, Actor::Admin).await.unwrap();
+    let brief = grants.iter().find(|grant| grant.addr == briefly).unwrap();
+    assert!(brief.expires_in <= Duration::from_secs(30));
+    assert_eq!(
+        brief.issued_by.as_ref().map(ToString::to_string).as_deref(),
+        Some("administrator")
+    );
     manager.revoke_key("frank", Actor::Admin).await.unwrap();
     manager.validate_connection(id, granted).await.unwrap();
+    manager.validate_connection(id, briefly).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_knock_taken_before_a_restart_is_refused_after_it() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let manager = open(config(), Arc::clone(&store));
+    let id = guarded(&manager).await;
+    let key = manager
+        .add_key(request("grace", vec![id]), Actor::Admin)
+        .await
+        .unwrap();
+    let (source, now) = (ip("192.0.2.40"), unix_now());
+    let taken = datagram(&key, id, now, 1);
+    manager.knock(&taken, source, now).await.unwrap();
+    assert_eq!(
+        store.load().unwrap().keys[0].last_knock,
+        now,
+        "kept before the grant"
+    );
+    let reopened = open(config(), store);
+    assert_eq!(
+        reopened
+            .knock(&taken, source, now)
+            .await
+            .unwrap_err()
+            .reason(),
+        "before_restart"
+    );
+    reopened
+        .knock(&datagram(&key, id, now + 1, 2), source, now + 1)
+        .await
+        .expect("a later knock is taken");
 }
 
 #[tokio::test]

@@ -64,6 +64,7 @@ fn sample_key(name: &str) -> crate::model::ClientKey {
         max_ttl: std::time::Duration::from_mins(5),
         any_source: name == "carol",
         created_at: 1_800_000_000_000,
+        last_knock: 1_800_000_100,
     }
 }
 
