@@ -39,6 +39,9 @@ pub struct AuditRecord<'a> {
     /// The address a knock came from, or the grant's address a request named.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<std::net::IpAddr>,
+    /// The address an accepted knock's grant is for (its source's, or the one it named).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grant_for: Option<std::net::IpAddr>,
     /// How many refused knocks this record stands for (`"result": "not_audited"`: those
     /// beyond the audit's rate, counted since the last knock record).
     #[serde(skip_serializing_if = "Option::is_none")]

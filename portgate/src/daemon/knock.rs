@@ -39,7 +39,7 @@ pub const LISTENER_PER_SECOND: u32 = 1_000;
 /// clients out while it lasts; it cannot open anything).
 pub const LIMITED_SOURCES: usize = 65_536;
 /// Refused knocks audited one by one per second (and at once); the rest are counted, and
-/// their number is audited with the next one that is.
+/// their number is audited once a second.
 pub const AUDITED_REFUSALS_PER_SECOND: u32 = 100;
 
 type Keyed<C> =
@@ -203,10 +203,7 @@ pub async fn serve(app: Arc<App>, socket: UdpSocket, mut shutdown: watch::Receiv
         match &outcome {
             Err(KnockRefusal::RateLimited | KnockRefusal::ListenerBusy) => {}
             Ok(_) => record(audit, source, &outcome),
-            Err(_) if refusals.limit.check().is_ok() => {
-                refusals.flush(audit);
-                record(audit, source, &outcome);
-            }
+            Err(_) if refusals.limit.check().is_ok() => record(audit, source, &outcome),
             Err(_) => refusals.unwritten += 1,
         }
     }
@@ -215,7 +212,7 @@ pub async fn serve(app: Arc<App>, socket: UdpSocket, mut shutdown: watch::Receiv
 
 impl RefusalAudit {
     /// Writes the number of refusals not audited one by one since the last such record,
-    /// if any.
+    /// if any (once a second, and at shutdown).
     fn flush(&mut self, audit: &AuditLog) {
         if self.unwritten > 0 {
             audit.record(&AuditRecord {
@@ -229,13 +226,19 @@ impl RefusalAudit {
 
 /// Audits one knock: its key, address and port when it got that far, and its outcome.
 fn record(audit: &AuditLog, source: IpAddr, outcome: &Result<KnockAccepted, KnockRefusal>) {
-    let (id, key, result) = match outcome {
-        Ok(accepted) => (Some(accepted.id), Some(accepted.key.as_str()), "ok"),
-        Err(refusal) => (refusal.port(), refusal.key(), refusal.reason()),
+    let (id, key, result, grant_for) = match outcome {
+        Ok(accepted) => (
+            Some(accepted.id),
+            Some(accepted.key.as_str()),
+            "ok",
+            Some(accepted.addr),
+        ),
+        Err(refusal) => (refusal.port(), refusal.key(), refusal.reason(), None),
     };
     let proto = id.map(|id| id.protocol.to_string());
     audit.record(&AuditRecord {
         proto: proto.as_deref(),
+        grant_for,
         ..knock_record(result, id.map(|id| id.port), key, Some(source))
     });
 }
@@ -259,6 +262,7 @@ fn knock_record<'a>(
         status: 0,
         key,
         addr,
+        grant_for: None,
         count: None,
     }
 }

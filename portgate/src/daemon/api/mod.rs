@@ -215,6 +215,7 @@ impl Caller {
             status: status.as_u16(),
             key: audit.key.as_deref(),
             addr: audit.addr,
+            grant_for: None,
             count: None,
         });
     }
