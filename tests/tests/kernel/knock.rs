@@ -29,25 +29,7 @@ fn a_knock_opens_a_port_once_and_a_revoked_key_closes_it() {
     if !require_privileges!() {
         return;
     }
-    let mut daemon = Daemon::start(41_700, 41_709);
-    assert!(daemon.stop());
-    daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));
-    daemon.spawn();
-    let port = 41_703;
-    daemon.cli_ok(
-        None,
-        &[
-            "alloc",
-            "--owner",
-            "db",
-            "--port",
-            &port.to_string(),
-            "--require-auth",
-        ],
-    );
-    let _server = daemon
-        .ns
-        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, loopback(port))));
+    let (daemon, port, _server) = knocking_daemon(41_700);
     let connect = |within| {
         daemon
             .ns
@@ -183,31 +165,12 @@ fn hex_of(key_file: &KeyFile) -> String {
 }
 
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn keys_and_live_grants_survive_a_restart_and_a_flood_of_bad_knocks_leaves_the_api_answering() {
     const BAD: usize = 100_000;
     if !require_privileges!() {
         return;
     }
-    let mut daemon = Daemon::start(41_710, 41_719);
-    assert!(daemon.stop());
-    daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));
-    daemon.spawn();
-    let port = 41_713;
-    daemon.cli_ok(
-        None,
-        &[
-            "alloc",
-            "--owner",
-            "db",
-            "--port",
-            &port.to_string(),
-            "--require-auth",
-        ],
-    );
-    let _server = daemon
-        .ns
-        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, loopback(port))));
+    let (mut daemon, port, _server) = knocking_daemon(41_710);
     let key_file = KeyFile::parse(&daemon.cli_ok(
         None,
         &["key", "add", "client-2", "--port", &port.to_string()],
@@ -247,23 +210,7 @@ fn keys_and_live_grants_survive_a_restart_and_a_flood_of_bad_knocks_leaves_the_a
     );
 
     // A flood of bad datagrams from one source: rate-limited, and the API still answers.
-    let sent = daemon.ns.run(|| {
-        let socket = UdpSocket::bind("127.0.0.1:0").expect("bind");
-        let mut sent = 0;
-        for i in 0..BAD {
-            let junk = [u8::try_from(i % 251).unwrap_or(0); 80];
-            if socket.send_to(&junk, listener).is_ok() {
-                sent += 1;
-            }
-        }
-        sent
-    });
-    assert!(sent > 0, "no datagram sent");
-    let status = daemon.cli_ok(None, &["status"]);
-    assert!(
-        status.contains("41710"),
-        "the API answers after the flood: {status}"
-    );
+    let sent = flood(&daemon, &[LOCAL], BAD);
     // After the flood (its source's bucket refills in 2 s), a good knock still works.
     std::thread::sleep(Duration::from_secs(3));
     daemon.cli_ok(None, &["revoke", &port.to_string(), "127.0.0.1"]);
@@ -297,6 +244,63 @@ fn keys_and_live_grants_survive_a_restart_and_a_flood_of_bad_knocks_leaves_the_a
 /// A third loopback address, neither a knock's source nor the one it names.
 const THIRD_LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 3));
 
+/// A daemon on ports `first..=first + 9` with its knock listener on, and the port
+/// `first + 3`, which requires authentication, served by an echo server in the daemon's
+/// cgroup: the daemon, the port and the server.
+fn knocking_daemon(first: u16) -> (Daemon, u16, EchoServer) {
+    let mut daemon = Daemon::start(first, first + 9);
+    assert!(daemon.stop());
+    daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));
+    daemon.spawn();
+    let port = first + 3;
+    require_auth(&daemon, port);
+    let server = daemon
+        .ns
+        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, loopback(port))));
+    (daemon, port, server)
+}
+
+/// Sends `each` bad datagrams from each of `sources` to the knock listener; returns how
+/// many were sent, once the API has answered after them.
+fn flood(daemon: &Daemon, sources: &[std::net::IpAddr], each: usize) -> usize {
+    let listener = SocketAddr::new(LOCAL, LISTENER);
+    let sent = daemon.ns.run(|| {
+        let mut sent = 0;
+        for &source in sources {
+            let socket = UdpSocket::bind((source, 0)).expect("bind a flood source");
+            for i in 0..each {
+                let junk = [u8::try_from(i % 251).unwrap_or(0); 80];
+                if socket.send_to(&junk, listener).is_ok() {
+                    sent += 1;
+                }
+            }
+        }
+        sent
+    });
+    assert!(sent > 0, "no datagram sent");
+    let status = daemon.cli_ok(None, &["status"]);
+    assert!(
+        status.contains("attachments"),
+        "the API answers after the flood: {status}"
+    );
+    sent
+}
+
+/// Allocates `port`, requiring authentication.
+fn require_auth(daemon: &Daemon, port: u16) {
+    daemon.cli_ok(
+        None,
+        &[
+            "alloc",
+            "--owner",
+            "db",
+            "--port",
+            &port.to_string(),
+            "--require-auth",
+        ],
+    );
+}
+
 /// A TCP connection from loopback to `port` in the daemon's namespace, within `within`.
 fn connect_to(
     daemon: &Daemon,
@@ -313,25 +317,7 @@ fn a_key_made_for_any_source_grants_the_address_its_knock_names_and_no_other_key
     if !require_privileges!() {
         return;
     }
-    let mut daemon = Daemon::start(41_720, 41_729);
-    assert!(daemon.stop());
-    daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));
-    daemon.spawn();
-    let port = 41_723;
-    daemon.cli_ok(
-        None,
-        &[
-            "alloc",
-            "--owner",
-            "db",
-            "--port",
-            &port.to_string(),
-            "--require-auth",
-        ],
-    );
-    let _server = daemon
-        .ns
-        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, loopback(port))));
+    let (daemon, port, _server) = knocking_daemon(41_720);
     let from = |source| {
         daemon
             .ns
@@ -380,24 +366,9 @@ fn refused_knocks_are_audited_and_counted_by_reason() {
     if !require_privileges!() {
         return;
     }
-    let mut daemon = Daemon::start(41_730, 41_739);
-    assert!(daemon.stop());
-    daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));
-    daemon.spawn();
-    let (covered, other) = (41_733, 41_734);
-    for port in [covered, other] {
-        daemon.cli_ok(
-            None,
-            &[
-                "alloc",
-                "--owner",
-                "db",
-                "--port",
-                &port.to_string(),
-                "--require-auth",
-            ],
-        );
-    }
+    let (daemon, covered, _server) = knocking_daemon(41_730);
+    let other = covered + 1;
+    require_auth(&daemon, other);
     let key_file = KeyFile::parse(&daemon.cli_ok(
         None,
         &["key", "add", "client-3", "--port", &covered.to_string()],
@@ -469,52 +440,17 @@ fn a_flood_from_many_sources_is_held_to_the_listeners_rate_and_accounted_for() {
     if !require_privileges!() {
         return;
     }
-    let mut daemon = Daemon::start(41_740, 41_749);
-    assert!(daemon.stop());
-    daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));
-    daemon.spawn();
-    let port = 41_741;
-    daemon.cli_ok(
-        None,
-        &[
-            "alloc",
-            "--owner",
-            "db",
-            "--port",
-            &port.to_string(),
-            "--require-auth",
-        ],
-    );
-    let _server = daemon
-        .ns
-        .run(|| EchoServer::serve(listen_in(&daemon.cgroup, loopback(port))));
+    let (daemon, port, _server) = knocking_daemon(41_740);
     let key_file = KeyFile::parse(&daemon.cli_ok(
         None,
         &["key", "add", "client-5", "--port", &port.to_string()],
     ))
     .expect("a key file");
     let listener = SocketAddr::new(LOCAL, LISTENER);
-    let sent = daemon.ns.run(|| {
-        let mut sent = 0_u32;
-        for third in 1..=4_u8 {
-            for fourth in 1..=250_u8 {
-                let socket = UdpSocket::bind((std::net::Ipv4Addr::new(127, 9, third, fourth), 0))
-                    .expect("bind a flood source");
-                for i in 0..100_u8 {
-                    if socket.send_to(&[i; 80], listener).is_ok() {
-                        sent += 1;
-                    }
-                }
-            }
-        }
-        sent
-    });
-    assert!(sent > 0, "no datagram sent");
-    let status = daemon.cli_ok(None, &["status"]);
-    assert!(
-        status.contains("41740"),
-        "the API answers after the flood: {status}"
-    );
+    let sources: Vec<std::net::IpAddr> = (1..=4_u8)
+        .flat_map(|third| (1..=250_u8).map(move |fourth| [127, 9, third, fourth].into()))
+        .collect();
+    let sent = flood(&daemon, &sources, 100);
     // Bad datagrams from a source of their own until one is audited: the socket delivers
     // in order, so the flood was looked at before it (how long that takes does not matter).
     let last_source = |record: &serde_json::Value| record["addr"] == "127.0.0.5";

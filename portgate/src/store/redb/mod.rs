@@ -237,33 +237,8 @@ impl Store for RedbStore {
             None => HostChanges::default(),
         };
 
-        let keys = transaction
-            .open_table(KEYS)
-            .map_err(failed("reading"))?
-            .iter()
-            .map_err(failed("reading"))?
-            .map(|entry| {
-                let (name, value) = entry.map_err(failed("reading"))?;
-                serde_json::from_slice(value.value()).map_err(|error| StoreError::Corrupt {
-                    key: format!("key {}", name.value()),
-                    message: error.to_string(),
-                })
-            })
-            .collect::<Result<Vec<ClientKey>, _>>()?;
-
-        let grants = transaction
-            .open_table(GRANTS)
-            .map_err(failed("reading"))?
-            .iter()
-            .map_err(failed("reading"))?
-            .map(|entry| {
-                let (name, value) = entry.map_err(failed("reading"))?;
-                serde_json::from_slice(value.value()).map_err(|error| StoreError::Corrupt {
-                    key: format!("grant {}", name.value()),
-                    message: error.to_string(),
-                })
-            })
-            .collect::<Result<Vec<GrantIssued>, _>>()?;
+        let keys: Vec<ClientKey> = read_records(&transaction, KEYS, "key")?;
+        let grants: Vec<GrantIssued> = read_records(&transaction, GRANTS, "grant")?;
 
         Ok(StoredState {
             allocations,
@@ -516,6 +491,27 @@ fn failed_on<E: fmt::Display>(
         op,
         message: format!("{record}: {error}"),
     }
+}
+
+/// Every record of a table of JSON records by name (`what` names one in errors).
+fn read_records<T: serde::de::DeserializeOwned>(
+    transaction: &redb::ReadTransaction,
+    table: TableDefinition<&str, &[u8]>,
+    what: &str,
+) -> Result<Vec<T>, StoreError> {
+    transaction
+        .open_table(table)
+        .map_err(failed("reading"))?
+        .iter()
+        .map_err(failed("reading"))?
+        .map(|entry| {
+            let (name, value) = entry.map_err(failed("reading"))?;
+            serde_json::from_slice(value.value()).map_err(|error| StoreError::Corrupt {
+                key: format!("{what} {}", name.value()),
+                message: error.to_string(),
+            })
+        })
+        .collect()
 }
 
 /// Creates `path` if it is missing, readable and writable by its owner only, and makes an
