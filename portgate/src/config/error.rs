@@ -188,6 +188,14 @@ pub enum ConfigError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// A `[cluster]` setting breaks its rule.
+    #[error("{key}: {why}")]
+    Cluster {
+        /// Full key path, e.g. `cluster.etcd`.
+        key: &'static str,
+        /// What is wrong and what to write instead.
+        why: String,
+    },
     /// An interface is listed twice in `daemon.xdp_interfaces`.
     #[error("daemon.xdp_interfaces: {name:?} is listed more than once; remove the duplicate")]
     DuplicateInterface {

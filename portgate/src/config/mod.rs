@@ -10,6 +10,7 @@
 //! without a file (the values need not come from one) and are wrapped in
 //! [`ConfigError::Invalid`] by [`Config::from_toml_str`], which knows the file.
 
+mod cluster;
 mod error;
 #[cfg(test)]
 mod tests;
@@ -26,6 +27,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 pub use self::{
+    cluster::{ClusterConfig, MAX_ENDPOINTS, MAX_NODE_NAME, valid_node_name},
     error::ConfigError,
     values::{CgroupTarget, MAX_SOCKET_MODE, OwnerExit, SocketMode, ValueError},
 };
@@ -172,6 +174,9 @@ pub struct Config {
     pub daemon: DaemonConfig,
     /// `[auth]`.
     pub auth: AuthConfig,
+    /// `[cluster]`: fleet mode, through etcd; absent, the daemon keeps to its own store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl PortConfig {
@@ -321,6 +326,9 @@ impl Config {
         let mut warnings = self.ports.validate()?;
         warnings.extend(self.daemon.validate()?);
         self.auth.validate()?;
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
+        }
         Ok(warnings)
     }
 }

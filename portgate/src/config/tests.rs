@@ -500,3 +500,62 @@ fn the_knock_window_is_bounded_and_the_listener_off_by_default() {
         assert!(err.to_string().contains("auth.window"), "{err}");
     }
 }
+
+#[test]
+fn a_cluster_section_turns_fleet_mode_on_with_defaults_and_bad_values_are_refused() {
+    assert_eq!(
+        Config::default().cluster,
+        None,
+        "no [cluster]: the local store"
+    );
+    let config = parse("[cluster]\netcd = [\"http://127.0.0.1:2379\"]\nnode = \"a-1\"\n").unwrap();
+    let cluster = config.cluster.expect("fleet mode");
+    assert_eq!(cluster.prefix, "/portgate");
+    assert_eq!(cluster.timeout, Duration::from_secs(5));
+    assert_eq!(cluster.lease, Duration::from_secs(10));
+    assert_eq!(cluster.node_name().unwrap(), "a-1");
+    for (text, key) in [
+        ("etcd = []", "cluster.etcd"),
+        ("etcd = [\"127.0.0.1:2379\"]", "cluster.etcd"),
+        ("etcd = [\"https://e:2379\"]", "cluster.etcd"),
+        (
+            "etcd = [\"http://e:2379\"]\nca_file = \"/etc/ca.pem\"",
+            "cluster.etcd",
+        ),
+        ("etcd = [\"http://e:2379\"]\nnode = \"a b\"", "cluster.node"),
+        (
+            "etcd = [\"http://e:2379\"]\nprefix = \"pg\"",
+            "cluster.prefix",
+        ),
+        (
+            "etcd = [\"http://e:2379\"]\nprefix = \"/pg/\"",
+            "cluster.prefix",
+        ),
+        (
+            "etcd = [\"http://e:2379\"]\nusername = \"pg\"",
+            "cluster.username",
+        ),
+        (
+            "etcd = [\"http://e:2379\"]\nusername = \"pg\"\npassword_file = \"pw\"",
+            "cluster.password_file",
+        ),
+        (
+            "etcd = [\"https://e:2379\"]\ncert_file = \"/c.pem\"",
+            "cluster.cert_file",
+        ),
+        (
+            "etcd = [\"http://e:2379\"]\ntimeout = \"10ms\"",
+            "cluster.timeout",
+        ),
+        (
+            "etcd = [\"http://e:2379\"]\nlease = \"1s\"",
+            "cluster.lease",
+        ),
+        (
+            "etcd = [\"http://e:2379\"]\nleader = true",
+            "cluster.leader",
+        ),
+    ] {
+        error_naming(&format!("[cluster]\n{text}\n"), key);
+    }
+}
