@@ -46,7 +46,8 @@ pub fn run(args: &SetupArgs) -> Result<()> {
     }
 }
 
-/// rust-src for the nightly toolchain, and bpf-linker built against the nightly's LLVM.
+/// rust-src for the nightly toolchain, protoc (the distribution's protobuf-compiler), and
+/// bpf-linker built against the nightly's LLVM.
 pub fn toolchain(check_only: bool) -> Result<()> {
     let installed = output(
         "rustup",
@@ -65,6 +66,16 @@ pub fn toolchain(check_only: bool) -> Result<()> {
             &["component", "add", "rust-src", "--toolchain", "nightly"],
         )?;
         println!("installed: rust-src for nightly");
+    }
+
+    // The etcd client's build generates its gRPC code with protoc.
+    if let Ok(version) = output("protoc", &["--version"]) {
+        println!("ok: {} (the etcd client's build uses it)", version.trim());
+    } else if check_only {
+        bail!("protoc is missing: run `cargo xtask setup` (or `apt-get install protobuf-compiler`)");
+    } else {
+        apt_install("protobuf-compiler")?;
+        println!("installed: protobuf-compiler");
     }
 
     if let Ok(version) = output("bpf-linker", &["--version"])
@@ -212,6 +223,22 @@ pub fn host_checks(fix: bool) -> Vec<String> {
         println!("installed: nftables");
     } else {
         problems.push("nftables' `nft` is missing: `apt-get install nftables`".to_owned());
+    }
+    problems.extend(fleet_tools(fix));
+    problems
+}
+
+/// What fleet mode's tests need: the distribution's etcd server (the tests start it as a
+/// plain process on loopback). Installed, when `fix`, when missing; returns the problems left.
+pub fn fleet_tools(fix: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Ok(version) = output("etcd", &["--version"]) {
+        let first = version.lines().next().unwrap_or_default().trim().to_owned();
+        println!("ok: {first} (the fleet tests run it on loopback)");
+    } else if fix && apt_install("etcd-server").is_ok() {
+        println!("installed: etcd-server");
+    } else {
+        problems.push("etcd is missing: `apt-get install etcd-server`".to_owned());
     }
     problems
 }
