@@ -4,7 +4,8 @@
 //! the ones below it (`docs/ARCHITECTURE.md`; `cargo xtask lint` checks it), from the bottom:
 //! [`paths`] and [`text`]; [`model`] (the records every layer shares) and [`config`];
 //! [`host`] (what the host provides); [`gate`] (the kernel programs and their pinned maps),
-//! [`store`] and [`verdict`] (the same packet verdict in plain Rust); [`manager`]; [`api`];
+//! [`store`], [`fleet`] (the store fleet mode shares through etcd), [`verdict`] (the same
+//! packet verdict in plain Rust) and [`knock`]; [`manager`]; [`api`];
 //! [`daemon`] and [`client`]; [`cli`].
 
 pub mod api;
@@ -12,6 +13,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
+pub mod fleet;
 pub mod gate;
 pub mod host;
 pub mod knock;

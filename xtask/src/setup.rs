@@ -72,7 +72,9 @@ pub fn toolchain(check_only: bool) -> Result<()> {
     if let Ok(version) = output("protoc", &["--version"]) {
         println!("ok: {} (the etcd client's build uses it)", version.trim());
     } else if check_only {
-        bail!("protoc is missing: run `cargo xtask setup` (or `apt-get install protobuf-compiler`)");
+        bail!(
+            "protoc is missing: run `cargo xtask setup` (or `apt-get install protobuf-compiler`)"
+        );
     } else {
         apt_install("protobuf-compiler")?;
         println!("installed: protobuf-compiler");

@@ -25,8 +25,9 @@ pub const LAYERS: [&[&str]; 8] = [
     &["model", "config"],
     // Facts of the host: sockets, sysctls, cgroups, mounts, the kernel.
     &["host"],
-    // The kernel gate, the durable store, the userspace verdict, the knock datagram.
-    &["gate", "store", "verdict", "knock"],
+    // The kernel gate, the durable store, the fleet's store (etcd), the userspace verdict,
+    // the knock datagram.
+    &["gate", "store", "fleet", "verdict", "knock"],
     // The port manager.
     &["manager"],
     // The local API's wire types.

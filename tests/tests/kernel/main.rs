@@ -19,6 +19,7 @@ mod differential;
 mod draining;
 mod events;
 mod fast_path;
+mod fleet;
 mod grants;
 mod handshakes;
 mod host;
