@@ -413,6 +413,24 @@ pub struct StatusView {
     pub unexplained_listeners: Vec<Listener>,
     /// Warnings (configuration, ephemeral range overlap).
     pub warnings: Vec<String>,
+    /// Where this node stands in its fleet (fleet mode only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet: Option<FleetView>,
+}
+
+/// A node's place in its fleet, as `status` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetView {
+    /// This node's name.
+    pub node: String,
+    /// Whether the node has reached etcd since it started.
+    pub joined: bool,
+    /// Whether etcd answered the last request.
+    pub reachable: bool,
+    /// The etcd revision applied to this node's kernel.
+    pub revision: i64,
+    /// How many revisions behind the latest one it heard of.
+    pub behind: i64,
 }
 
 /// An error answer.

@@ -188,6 +188,14 @@ window = "30s"
         fs::write(&self.config, changed.join("\n") + "\n").expect("write the config");
     }
 
+    /// Appends `text` (a section of its own, e.g. `[cluster]`) to the configuration.
+    pub fn append_config(&self, text: &str) {
+        let mut config = fs::read_to_string(&self.config).expect("read the config");
+        config.push('\n');
+        config.push_str(text);
+        fs::write(&self.config, config).expect("write the config");
+    }
+
     /// Starts the daemon and expects it to fail; returns what it printed.
     pub fn spawn_failing(&mut self) -> String {
         let output = self.daemon_command().output().expect("run the daemon");

@@ -12,15 +12,18 @@ use std::{
 
 use nix::{sys::signal, unistd::Pid};
 
+use crate::common::NetNs;
+
 /// How long etcd may take to answer its health check after it starts.
 const READY_WITHIN: Duration = Duration::from_secs(30);
 
 /// A running etcd server.
-#[derive(Debug)]
 pub struct EtcdServer {
     child: Child,
     client: SocketAddr,
     data: tempfile::TempDir,
+    /// The namespace it runs in, when not the host's (dropped after it).
+    ns: Option<NetNs>,
 }
 
 impl EtcdServer {
@@ -29,19 +32,36 @@ impl EtcdServer {
     /// # Panics
     /// When etcd is missing (`cargo xtask setup` installs it) or does not become healthy.
     pub fn start() -> Self {
+        let (client, peer) = (free_port(), free_port());
+        Self::launch(client, peer, None)
+    }
+
+    /// Starts etcd in `ns` (a test namespace: daemons in other namespaces reach it over
+    /// veth pairs), listening on every address there.
+    pub fn start_in(ns: NetNs) -> Self {
+        let (client, peer) = ns.run(|| (free_port(), free_port()));
+        Self::launch(client, peer, Some(ns))
+    }
+
+    fn launch(client: SocketAddr, peer: SocketAddr, ns: Option<NetNs>) -> Self {
         let data = tempfile::Builder::new()
             .prefix("portgate-etcd-")
             .tempdir()
             .expect("a data directory for etcd");
-        let (client, peer) = (free_port(), free_port());
+        let listen_client = if ns.is_some() {
+            format!("http://0.0.0.0:{}", client.port())
+        } else {
+            format!("http://{client}")
+        };
         let client_url = format!("http://{client}");
         let peer_url = format!("http://{peer}");
         let log = std::fs::File::create(data.path().join("etcd.log")).expect("etcd's log");
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        command
             .args(["--name", "portgate-test"])
             .arg("--data-dir")
             .arg(data.path().join("data"))
-            .args(["--listen-client-urls", &client_url])
+            .args(["--listen-client-urls", &listen_client])
             .args(["--advertise-client-urls", &client_url])
             .args(["--listen-peer-urls", &peer_url])
             .args(["--initial-advertise-peer-urls", &peer_url])
@@ -49,21 +69,40 @@ impl EtcdServer {
             .args(["--log-level", "warn"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("etcd's log"))
-            .stderr(log)
-            .spawn()
-            .expect("etcd runs (`cargo xtask setup` installs the distribution's etcd-server)");
+            .stderr(log);
+        let mut spawn = move || {
+            command
+                .spawn()
+                .expect("etcd runs (`cargo xtask setup` installs the distribution's etcd-server)")
+        };
+        // Forked from a thread in the namespace, etcd runs there.
+        let child = match &ns {
+            Some(ns) => ns.run(spawn),
+            None => spawn(),
+        };
         let server = Self {
             child,
             client,
             data,
+            ns,
         };
         server.wait_healthy();
         server
     }
 
-    /// Its client URL.
+    /// Its client URL (from its own namespace).
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.client)
+    }
+
+    /// Its client URL at `addr`, one of its namespace's addresses.
+    pub fn endpoint_at(&self, addr: std::net::IpAddr) -> String {
+        format!("http://{}", SocketAddr::new(addr, self.client.port()))
+    }
+
+    /// The namespace it runs in, when not the host's.
+    pub fn ns(&self) -> Option<&NetNs> {
+        self.ns.as_ref()
     }
 
     /// Its process id.
@@ -108,6 +147,13 @@ impl EtcdServer {
 
     /// Whether `/health` says so now.
     pub fn healthy(&self) -> bool {
+        match &self.ns {
+            Some(ns) => ns.run(|| self.healthy_here()),
+            None => self.healthy_here(),
+        }
+    }
+
+    fn healthy_here(&self) -> bool {
         let Ok(mut stream) = TcpStream::connect_timeout(&self.client, Duration::from_secs(1))
         else {
             return false;

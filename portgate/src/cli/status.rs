@@ -72,6 +72,29 @@ fn describe(status: &StatusView) -> String {
         },
     ));
     pairs.push(("store", status.store.clone()));
+    if let Some(fleet) = &status.fleet {
+        pairs.push((
+            "fleet",
+            if fleet.joined {
+                format!(
+                    "node {}, revision {} applied ({} behind), etcd {}",
+                    fleet.node,
+                    fleet.revision,
+                    fleet.behind,
+                    if fleet.reachable {
+                        "reachable"
+                    } else {
+                        "unreachable: fleet changes are refused"
+                    }
+                )
+            } else {
+                format!(
+                    "node {}, etcd not reached since the start: fleet changes are refused",
+                    fleet.node
+                )
+            },
+        ));
+    }
     pairs.push((
         "owner gone",
         format!(
@@ -132,6 +155,7 @@ mod tests {
             owner_gone: 2,
             unexplained_listeners: Vec::new(),
             warnings: vec!["the range overlaps the ephemeral range".to_owned()],
+            fleet: None,
         };
         let text = describe(&status);
         assert!(

@@ -10,6 +10,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod fleet;
 pub mod knock;
 
 use std::{
@@ -169,6 +170,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     // The metrics address first: if it cannot be bound, no request has been taken yet.
     let metrics_server = spawn_metrics(&app, daemon.metrics_listen, shutdown_rx.clone()).await?;
     spawn_knock_listener(&mut tasks, &app, &shutdown_rx).await?;
+    fleet::spawn_fleet(&mut tasks, &manager, &config, &shutdown_rx)?;
     let api_server = spawn_api(listener, &app, shutdown_rx.clone());
 
     if let Err(err) = sd_notify::notify(&[sd_notify::NotifyState::Ready]) {

@@ -13,6 +13,7 @@
 
 pub mod allocator;
 pub mod error;
+pub mod fleet;
 pub mod keys;
 pub mod monitor;
 mod owners;
@@ -157,6 +158,10 @@ pub struct PortManager {
     /// The client keys for the knock, and what checking knocks remembers. Never held
     /// while waiting for `state`'s lock.
     keys: Mutex<keys::KeyRing>,
+    /// The fleet, in fleet mode (set once, when the follower first connects).
+    fleet: std::sync::OnceLock<fleet::FleetLink>,
+    /// Set in fleet mode from the start: changes are refused until `fleet` is set.
+    fleet_expected: AtomicBool,
 }
 
 impl PortManager {
@@ -192,6 +197,9 @@ impl PortManager {
         security::PortSecurity::check_access_control(request.protocol, &request.access)?;
         self.refuse_after_store_failure()?;
         request.owner.uid = actor.uid();
+        if let Some(link) = self.fleet_mode()? {
+            return self.allocate_in_fleet(link, request, actor).await;
+        }
         let bound = self.bound_ports(&request).await?;
         let netns_path = request.netns.as_ref().map(|netns| netns.path.clone());
         let (allocation, pending) = {
@@ -213,30 +221,6 @@ impl PortManager {
         }
         self.monitor.record_allocation();
         Ok(allocation)
-    }
-
-    /// Takes back an allocation just made, at once and without quarantine, when what had
-    /// to come with it could not be done (nothing may have used it yet). A failure is
-    /// logged: the allocation's own error is the answer.
-    async fn undo_allocation(&self, id: PortId) {
-        let pending = {
-            let mut state = self.state.lock().await;
-            let before = state.allocator.remove(id);
-            if before.is_none() {
-                return;
-            }
-            self.apply(&mut state, vec![(id, before)])
-        };
-        let undone = match pending {
-            Ok(pending) => {
-                self.settle(pending, format!("undoing the allocation of {id}"))
-                    .await
-            }
-            Err(err) => Err(err),
-        };
-        if let Err(err) = undone {
-            log::error!("undoing the allocation of {id}: {}", Chain(&err));
-        }
     }
 
     /// The live sockets an allocation of `request` must avoid: of its port when it names
@@ -505,7 +489,10 @@ impl PortManager {
                 Err(err) => log::error!("looking at owners: {}", Chain(&err)),
             }
         }
-        steps.extend(self.lifecycle_steps().await?);
+        match self.fleet.get() {
+            Some(link) => steps.extend(self.fleet_lifecycle_steps(link).await?),
+            None => steps.extend(self.lifecycle_steps().await?),
+        }
         Ok(steps)
     }
 
@@ -565,6 +552,9 @@ impl PortManager {
         step: impl FnOnce(&mut PortAllocator, &Allocation, UnixMillis) -> Result<()>,
     ) -> Result<Allocation> {
         self.refuse_after_store_failure()?;
+        if let Some(link) = self.fleet_mode()?.filter(|_| id.netns.is_host()) {
+            return self.change_in_fleet(link, id, actor, step).await;
+        }
         let (after, pending) = {
             let mut state = self.state.lock().await;
             self.refuse_after_store_failure()?;

@@ -119,6 +119,8 @@ impl PortManager {
                 stored.grants,
                 super::keys::DEFAULT_KNOCK_WINDOW,
             )),
+            fleet: std::sync::OnceLock::new(),
+            fleet_expected: std::sync::atomic::AtomicBool::new(false),
         };
         Ok((manager, report))
     }

@@ -54,6 +54,30 @@ impl State {
 }
 
 impl PortManager {
+    /// Takes back an allocation just made, at once and without quarantine, when what had
+    /// to come with it could not be done (nothing may have used it yet). A failure is
+    /// logged: the allocation's own error is the answer.
+    pub(super) async fn undo_allocation(&self, id: PortId) {
+        let pending = {
+            let mut state = self.state.lock().await;
+            let before = state.allocator.remove(id);
+            if before.is_none() {
+                return;
+            }
+            self.apply(&mut state, vec![(id, before)])
+        };
+        let undone = match pending {
+            Ok(pending) => {
+                self.settle(pending, format!("undoing the allocation of {id}"))
+                    .await
+            }
+            Err(err) => Err(err),
+        };
+        if let Err(err) = undone {
+            log::error!("undoing the allocation of {id}: {}", Chain(&err));
+        }
+    }
+
     /// [`PortManager::apply_each`] for a change that stands or falls whole: the kernel's
     /// first refusal is the answer.
     pub(super) fn apply(&self, state: &mut State, before: Vec<Before>) -> Result<Pending> {

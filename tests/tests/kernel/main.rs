@@ -20,6 +20,7 @@ mod draining;
 mod events;
 mod fast_path;
 mod fleet;
+mod fleet_daemons;
 mod grants;
 mod handshakes;
 mod host;

@@ -167,9 +167,31 @@ pub(super) async fn status(caller: Caller) -> Response {
                     .chain(app.manager.gate_warnings().await?)
                     .chain(app.manager.proxy_warnings().await)
                     .collect(),
+                fleet: fleet_view(app),
             })
         })
         .await
+}
+
+/// The node's place in its fleet, in fleet mode.
+fn fleet_view(app: &crate::daemon::App) -> Option<crate::api::FleetView> {
+    let cluster = app.config.cluster.as_ref()?;
+    Some(app.manager.fleet_status().map_or_else(
+        || crate::api::FleetView {
+            node: cluster.node_name().unwrap_or_default(),
+            joined: false,
+            reachable: false,
+            revision: 0,
+            behind: 0,
+        },
+        |status| crate::api::FleetView {
+            node: status.node,
+            joined: true,
+            reachable: status.reachable,
+            revision: status.applied,
+            behind: status.behind,
+        },
+    ))
 }
 
 pub(super) async fn metrics(caller: Caller) -> Response {

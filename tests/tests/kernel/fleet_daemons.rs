@@ -1,0 +1,229 @@
+//! Fleet mode end to end (issue #14, in progress): three daemons (three network
+//! namespaces, cgroups and pin directories) on one etcd, which runs in a namespace of its
+//! own and reaches each daemon over a veth pair.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use portgate::{
+    api::AllocationView,
+    model::{AccessChange, PortId, Protocol},
+};
+use portgate_tests::{
+    common::{NetNs, Veth, eventually},
+    daemon::Daemon,
+    etcd::EtcdServer,
+    require_privileges,
+};
+
+/// The range the fleet shares.
+const RANGE: (u16, u16) = (47_100, 47_199);
+
+/// How long a change may take to reach every node before a test gives up (a bound for
+/// the test, not the figure: the benchmarks measure it).
+const CONVERGE_WITHIN: Duration = Duration::from_secs(30);
+
+/// An etcd and three daemons in fleet mode on it.
+struct Fleet {
+    daemons: Vec<Daemon>,
+    // Dropped after the daemons: their namespaces hold the veth ends.
+    _links: Vec<Veth>,
+    etcd: EtcdServer,
+}
+
+impl Fleet {
+    fn start() -> Self {
+        let etcd = EtcdServer::start_in(NetNs::new());
+        let mut daemons = Vec::new();
+        let mut links = Vec::new();
+        for node in ["node-a", "node-b", "node-c"] {
+            let mut daemon = Daemon::start(RANGE.0, RANGE.1);
+            assert!(daemon.stop());
+            let link = Veth::new(etcd.ns().expect("etcd's namespace"), &daemon.ns);
+            daemon.append_config(&format!(
+                "[cluster]\netcd = [\"{}\"]\nnode = \"{node}\"\ntimeout = \"2s\"\nlease = \"4s\"\n",
+                etcd.endpoint_at(link.v4(1))
+            ));
+            daemon.spawn();
+            links.push(link);
+            daemons.push(daemon);
+        }
+        let fleet = Self {
+            daemons,
+            _links: links,
+            etcd,
+        };
+        for daemon in &fleet.daemons {
+            assert!(
+                eventually(CONVERGE_WITHIN, || joined(daemon)),
+                "a daemon did not join its fleet:\n{}\netcd:\n{}",
+                daemon.log(),
+                fleet.etcd.log()
+            );
+        }
+        fleet
+    }
+}
+
+/// Whether the daemon has reached etcd and applied the fleet.
+fn joined(daemon: &Daemon) -> bool {
+    daemon
+        .api(portgate::client::Client::status)
+        .ok()
+        .and_then(|status| status.fleet)
+        .is_some_and(|fleet| fleet.joined && fleet.reachable)
+}
+
+/// The host ports a daemon holds.
+fn ports(daemon: &Daemon) -> BTreeSet<u16> {
+    daemon
+        .api(portgate::client::Client::list)
+        .unwrap_or_default()
+        .iter()
+        .map(|view: &AllocationView| view.id.port)
+        .collect()
+}
+
+/// Allocates a port through `daemon`'s CLI; the port, or what it said.
+fn allocate(daemon: &Daemon) -> Result<u16, String> {
+    let output = daemon.cli(None, &["alloc", "--owner", "fleet-test"]);
+    if output.status.success() {
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .map_err(|err| format!("{err}"))
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+#[test]
+fn sixty_four_allocations_over_three_nodes_never_hand_out_a_port_twice() {
+    if !require_privileges!() {
+        return;
+    }
+    let fleet = Fleet::start();
+    let won: Vec<u16> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..64)
+            .map(|i| {
+                let daemon = &fleet.daemons[i % 3];
+                scope.spawn(move || allocate(daemon))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|handle| handle.join().expect("an allocation thread"))
+            .collect::<Result<Vec<u16>, String>>()
+            .expect("every allocation succeeds")
+    });
+    let distinct: BTreeSet<u16> = won.iter().copied().collect();
+    assert_eq!(distinct.len(), 64, "a port handed out twice: {won:?}");
+    for daemon in &fleet.daemons {
+        assert!(
+            eventually(CONVERGE_WITHIN, || ports(daemon) == distinct),
+            "every node holds the fleet's 64 ports: {:?}",
+            ports(daemon)
+        );
+    }
+}
+
+#[test]
+fn a_policy_changed_through_one_node_is_enforced_by_the_others_kernels() {
+    if !require_privileges!() {
+        return;
+    }
+    let fleet = Fleet::start();
+    let port = allocate(&fleet.daemons[0]).expect("allocate");
+    let id = PortId::new(port, Protocol::Tcp);
+    for daemon in &fleet.daemons {
+        assert!(eventually(CONVERGE_WITHIN, || ports(daemon).contains(&port)));
+    }
+    let change = AccessChange {
+        max_connections: Some(7),
+        ..AccessChange::default()
+    };
+    let changed = Instant::now();
+    fleet.daemons[0]
+        .api(|client| client.access(id, &change))
+        .expect("change the policy through node a");
+    for daemon in &fleet.daemons[1..] {
+        // What the node's kernel holds for the port (the daemon reads its pinned maps).
+        let enforced = || {
+            daemon
+                .api(|client| client.stats(Some(id)))
+                .ok()
+                .and_then(|reports| reports.first().map(|report| report.access.max_connections))
+                == Some(7)
+        };
+        assert!(
+            eventually(CONVERGE_WITHIN, enforced),
+            "the change reached this node's kernel:\n{}",
+            daemon.log()
+        );
+    }
+    println!(
+        "policy change enforced by both other nodes' kernels after {:?} (this run, polled)",
+        changed.elapsed()
+    );
+}
+
+#[test]
+fn with_etcd_stopped_allocations_are_refused_and_connections_still_judged_then_all_converge() {
+    if !require_privileges!() {
+        return;
+    }
+    let fleet = Fleet::start();
+    let before = allocate(&fleet.daemons[0]).expect("allocate");
+    for daemon in &fleet.daemons {
+        assert!(eventually(CONVERGE_WITHIN, || ports(daemon).contains(&before)));
+    }
+    fleet.etcd.pause();
+    let refused = allocate(&fleet.daemons[1]).expect_err("refused while etcd is stopped");
+    assert!(refused.contains("etcd"), "a clear error: {refused}");
+    // The kernel still holds and judges what it was given.
+    let check = fleet.daemons[2].cli(None, &["check", &before.to_string(), "127.0.0.1"]);
+    assert!(
+        check.status.success(),
+        "the port's policy still lets loopback in: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    fleet.etcd.resume();
+    let after = {
+        let mut got = Err(String::new());
+        let deadline = Instant::now() + CONVERGE_WITHIN;
+        while Instant::now() < deadline {
+            got = allocate(&fleet.daemons[1]);
+            if got.is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        got.expect("allocations work again after SIGCONT")
+    };
+    let expected: BTreeSet<u16> = [before, after].into_iter().collect();
+    for daemon in &fleet.daemons {
+        assert!(
+            eventually(CONVERGE_WITHIN, || ports(daemon) == expected),
+            "all three converge: {:?}",
+            ports(daemon)
+        );
+    }
+}
+
+#[test]
+fn a_node_killed_and_restarted_catches_up() {
+    if !require_privileges!() {
+        return;
+    }
+    let mut fleet = Fleet::start();
+    fleet.daemons[2].kill9();
+    let made = allocate(&fleet.daemons[0]).expect("allocate while a node is down");
+    fleet.daemons[2].spawn();
+    assert!(
+        eventually(CONVERGE_WITHIN, || ports(&fleet.daemons[2]).contains(&made)),
+        "the restarted node has the allocation made while it was down:\n{}",
+        fleet.daemons[2].log()
+    );
+}
