@@ -423,7 +423,8 @@ pub struct StatusView {
 pub struct FleetView {
     /// This node's name.
     pub node: String,
-    /// Whether the node has reached etcd since it started.
+    /// Whether the node has applied a list of the fleet since it started (until then it
+    /// enforces what its local store held).
     pub joined: bool,
     /// Whether etcd answered the last request.
     pub reachable: bool,

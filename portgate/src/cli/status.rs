@@ -89,7 +89,7 @@ fn describe(status: &StatusView) -> String {
                 )
             } else {
                 format!(
-                    "node {}, etcd not reached since the start: fleet changes are refused",
+                    "node {}, the fleet not read since the start: enforcing the local store; fleet changes are refused while etcd is unreachable",
                     fleet.node
                 )
             },

@@ -45,6 +45,10 @@ pub struct FleetRecord {
     pub node: String,
     /// The allocation, the same on every node.
     pub allocation: Allocation,
+    /// A random token of the claim that made it: a node whose claim got no answer in time
+    /// (and told its caller so) knows it again if etcd took it after all, and releases it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<u64>,
 }
 
 /// A record with the `mod_revision` of its key, which a change must compare.
@@ -207,14 +211,16 @@ impl Fleet {
         &self.node
     }
 
-    /// Claims `allocation`'s port for the fleet: creates its key only if it does not exist.
-    /// Returns the key's revision, which a later change or release compares.
-    pub async fn claim(&self, allocation: &Allocation) -> Result<i64, FleetError> {
+    /// Claims `allocation`'s port for the fleet with the random `token`: creates its key
+    /// only if it does not exist. Returns the key's revision, which a later change or
+    /// release compares.
+    pub async fn claim(&self, allocation: &Allocation, token: u64) -> Result<i64, FleetError> {
         let id = allocation.id;
         let key = self.keys.alloc(id)?;
         let record = FleetRecord {
             node: self.node.clone(),
             allocation: allocation.clone(),
+            claim: Some(token),
         };
         let value = serde_json::to_vec(&record).map_err(|err| FleetError::Etcd(err.to_string()))?;
         let answer = self
@@ -250,6 +256,7 @@ impl Fleet {
         let record = FleetRecord {
             node: self.node.clone(),
             allocation: allocation.clone(),
+            claim: None,
         };
         let value = serde_json::to_vec(&record).map_err(|err| FleetError::Etcd(err.to_string()))?;
         let answer = self

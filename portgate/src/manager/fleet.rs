@@ -46,6 +46,11 @@ pub struct FleetLink {
     latest: AtomicI64,
     /// Whether etcd answered the last request.
     reachable: AtomicBool,
+    /// Whether a list of the fleet has been applied since the daemon started.
+    synced: AtomicBool,
+    /// Claims that got no answer in time (their callers were told they failed), by port,
+    /// with their tokens: if etcd took one after all, this node releases it.
+    in_doubt: SyncMutex<BTreeMap<PortId, u64>>,
 }
 
 /// Where a node stands in its fleet, for `status`.
@@ -59,6 +64,9 @@ pub struct FleetStatus {
     pub behind: i64,
     /// Whether etcd answered the last request.
     pub reachable: bool,
+    /// Whether a list of the fleet has been applied since the daemon started (until then
+    /// the node enforces what its local store held).
+    pub synced: bool,
 }
 
 impl FleetLink {
@@ -70,7 +78,9 @@ impl FleetLink {
             revisions: SyncMutex::new(BTreeMap::new()),
             applied: AtomicI64::new(0),
             latest: AtomicI64::new(0),
-            reachable: AtomicBool::new(true),
+            reachable: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
+            in_doubt: SyncMutex::new(BTreeMap::new()),
         }
     }
 
@@ -85,6 +95,7 @@ impl FleetLink {
         FleetRecord {
             node: self.fleet.node().to_owned(),
             allocation: allocation.clone(),
+            claim: None,
         }
     }
 
@@ -102,6 +113,12 @@ impl FleetLink {
 
     fn revision_of(&self, id: PortId) -> Option<i64> {
         self.revisions().get(&id).map(|(revision, _)| *revision)
+    }
+
+    fn in_doubt(&self) -> std::sync::MutexGuard<'_, BTreeMap<PortId, u64>> {
+        self.in_doubt
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether this node wrote `id`'s record last (and so takes its lifecycle steps).
@@ -180,6 +197,7 @@ impl PortManager {
             applied,
             behind: (link.latest.load(Ordering::Relaxed) - applied).max(0),
             reachable: link.reachable.load(Ordering::Relaxed),
+            synced: link.synced.load(Ordering::Relaxed),
         })
     }
 
@@ -213,6 +231,7 @@ impl PortManager {
         link.applied.fetch_max(snapshot.revision, Ordering::Relaxed);
         link.latest.fetch_max(snapshot.revision, Ordering::Relaxed);
         link.reachable.store(true, Ordering::Relaxed);
+        link.synced.store(true, Ordering::Relaxed);
         Ok(())
     }
 
@@ -253,6 +272,25 @@ impl PortManager {
         };
         if link.revision_of(id).is_some_and(|known| known > revision) {
             return Ok(());
+        }
+        let mut record = record;
+        if let Some(token) = record.as_ref().and_then(|record| record.claim)
+            && record
+                .as_ref()
+                .is_some_and(|record| record.node == link.fleet.node())
+            && link.in_doubt().get(&id) == Some(&token)
+        {
+            // A claim its caller was told had failed: etcd took it after all. Released.
+            let released = link.fleet.release(id, revision).await;
+            link.heard(&released);
+            if released.is_err() {
+                return Ok(()); // Tried again at the next list.
+            }
+            link.in_doubt().remove(&id);
+            log::info!(
+                "released {id}: etcd took its claim after this node had answered that it failed"
+            );
+            record = None;
         }
         let node = record.as_ref().map(|record| record.node.clone());
         let record = record.map(|record| record.allocation);
@@ -305,11 +343,17 @@ impl PortManager {
                 state.allocator.remove(picked.id);
                 picked
             };
-            let claimed = link.fleet.claim(&picked).await;
+            let token = rand::random::<u64>();
+            let claimed = link.fleet.claim(&picked, token).await;
             link.heard(&claimed);
             match claimed {
                 Ok(revision) => {
-                    self.apply_fleet_record(picked.id, Some(link.record(&picked)), revision)
+                    link.in_doubt().remove(&picked.id);
+                    let record = FleetRecord {
+                        claim: Some(token),
+                        ..link.record(&picked)
+                    };
+                    self.apply_fleet_record(picked.id, Some(record), revision)
                         .await?;
                     self.monitor.record_allocation();
                     return Ok(picked);
@@ -317,6 +361,10 @@ impl PortManager {
                 // Someone else's: the watch will bring it here; pick again.
                 Err(FleetError::Taken { .. }) if request.port.is_none() => {
                     last = Some(picked.id);
+                }
+                Err(unanswered @ FleetError::Unreachable(_)) => {
+                    link.in_doubt().insert(picked.id, token);
+                    return Err(unanswered.into());
                 }
                 Err(other) => return Err(other.into()),
             }

@@ -71,7 +71,7 @@ fn sixty_four_claims_from_three_nodes_at_once_never_hold_a_port_twice() {
                 let start = rand::random::<u16>() % size;
                 for step in 0..size {
                     let port = RANGE.0 + (start + step) % size;
-                    match node.claim(&allocation(port)).await {
+                    match node.claim(&allocation(port), 1).await {
                         Ok(_) => return Some(port),
                         Err(FleetError::Taken { .. }) => {}
                         Err(other) => panic!("claiming {port}: {other}"),
@@ -115,7 +115,7 @@ fn a_release_racing_a_change_of_the_same_port_lets_exactly_one_through() {
             .expect("b");
         for port in RANGE.0..RANGE.0 + 16 {
             let held = allocation(port);
-            let revision = a.claim(&held).await.expect("claim");
+            let revision = a.claim(&held, 1).await.expect("claim");
             let mut drained = held.clone();
             drained.status = PortStatus::Draining;
             let (released, changed) =
@@ -143,7 +143,7 @@ fn a_watch_sees_claims_changes_and_releases_and_reports_a_compaction() {
         assert!(listed.held.is_empty());
         let mut watch = b.watch(listed.revision + 1).await.expect("watch");
         let mut held = allocation(RANGE.0);
-        let claimed = a.claim(&held).await.expect("claim");
+        let claimed = a.claim(&held, 1).await.expect("claim");
         held.access.max_connections = 5;
         let changed = a.update(&held, claimed).await.expect("update");
         a.release(held.id, changed).await.expect("release");
@@ -165,7 +165,7 @@ fn a_watch_sees_claims_changes_and_releases_and_reports_a_compaction() {
 
         // A watch from a revision etcd compacted away says so: the node lists again.
         for port in RANGE.0..RANGE.0 + 4 {
-            a.claim(&allocation(port)).await.expect("claim");
+            a.claim(&allocation(port), 1).await.expect("claim");
         }
         let latest = a.list().await.expect("list").revision;
         a.compact(latest).await.expect("compact");
@@ -190,12 +190,14 @@ fn a_paused_etcd_fails_requests_within_their_deadline_and_they_work_again_after(
         let a = Fleet::connect(&cluster(&etcd), "a", RANGE)
             .await
             .expect("a");
-        a.claim(&allocation(RANGE.0)).await.expect("claim");
+        a.claim(&allocation(RANGE.0), 1).await.expect("claim");
         etcd.pause();
-        let refused =
-            tokio::time::timeout(Duration::from_secs(30), a.claim(&allocation(RANGE.0 + 1)))
-                .await
-                .expect("the request fails instead of hanging");
+        let refused = tokio::time::timeout(
+            Duration::from_secs(30),
+            a.claim(&allocation(RANGE.0 + 1), 1),
+        )
+        .await
+        .expect("the request fails instead of hanging");
         assert!(
             matches!(refused, Err(FleetError::Unreachable(_))),
             "{refused:?}"
@@ -203,7 +205,7 @@ fn a_paused_etcd_fails_requests_within_their_deadline_and_they_work_again_after(
         etcd.resume();
         let mut again = Err(FleetError::Unreachable(String::new()));
         for _ in 0..20 {
-            again = a.claim(&allocation(RANGE.0 + 1)).await;
+            again = a.claim(&allocation(RANGE.0 + 1), 1).await;
             if !matches!(again, Err(FleetError::Unreachable(_))) {
                 break;
             }

@@ -171,10 +171,11 @@ fn a_policy_changed_through_one_node_is_enforced_by_the_others_kernels() {
 
 #[test]
 fn with_etcd_stopped_allocations_are_refused_and_connections_still_judged_then_all_converge() {
+    // (and a node restarted meanwhile enforces its local store)
     if !require_privileges!() {
         return;
     }
-    let fleet = Fleet::start();
+    let mut fleet = Fleet::start();
     let before = allocate(&fleet.daemons[0]).expect("allocate");
     for daemon in &fleet.daemons {
         assert!(eventually(CONVERGE_WITHIN, || ports(daemon).contains(&before)));
@@ -182,6 +183,12 @@ fn with_etcd_stopped_allocations_are_refused_and_connections_still_judged_then_a
     fleet.etcd.pause();
     let refused = allocate(&fleet.daemons[1]).expect_err("refused while etcd is stopped");
     assert!(refused.contains("etcd"), "a clear error: {refused}");
+    // A node restarted while etcd is stopped starts from its local store and enforces it.
+    assert!(fleet.daemons[2].stop());
+    fleet.daemons[2].spawn();
+    let status = fleet.daemons[2].cli_ok(None, &["status"]);
+    assert!(status.contains("enforcing the local store"), "{status}");
+    assert!(ports(&fleet.daemons[2]).contains(&before));
     // The kernel still holds and judges what it was given.
     let check = fleet.daemons[2].cli(None, &["check", &before.to_string(), "127.0.0.1"]);
     assert!(
@@ -226,4 +233,49 @@ fn a_node_killed_and_restarted_catches_up() {
         "the restarted node has the allocation made while it was down:\n{}",
         fleet.daemons[2].log()
     );
+}
+
+#[test]
+fn an_allocation_racing_the_release_of_its_port_gets_it_once_freed_and_only_then() {
+    if !require_privileges!() {
+        return;
+    }
+    let fleet = Fleet::start();
+    let port = allocate(&fleet.daemons[0]).expect("allocate");
+    for daemon in &fleet.daemons {
+        assert!(eventually(CONVERGE_WITHIN, || ports(daemon).contains(&port)));
+    }
+    let released = Instant::now();
+    fleet.daemons[0].cli_ok(None, &["release", &port.to_string()]);
+    // Node b asks for the same port over and over while node a drains, closes and frees
+    // it (quarantine 3 s): refused until it is free, then handed to b once.
+    let mut refusals = 0;
+    let deadline = released + CONVERGE_WITHIN;
+    let got = loop {
+        assert!(
+            Instant::now() < deadline,
+            "the port was never handed to node b"
+        );
+        let output = fleet.daemons[1].cli(
+            None,
+            &["alloc", "--owner", "racer", "--port", &port.to_string()],
+        );
+        if output.status.success() {
+            break released.elapsed();
+        }
+        refusals += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(refusals > 0, "handed out while it was still held");
+    println!("port {port} handed to node b {got:?} after its release ({refusals} refusals before)");
+    for daemon in &fleet.daemons {
+        assert!(
+            eventually(CONVERGE_WITHIN, || daemon
+                .api(portgate::client::Client::list)
+                .is_ok_and(|views| views.len() == 1
+                    && views[0].id.port == port
+                    && views[0].owner == "racer")),
+            "every node holds the port for its new owner"
+        );
+    }
 }

@@ -186,7 +186,7 @@ fn fleet_view(app: &crate::daemon::App) -> Option<crate::api::FleetView> {
         },
         |status| crate::api::FleetView {
             node: status.node,
-            joined: true,
+            joined: status.synced,
             reachable: status.reachable,
             revision: status.applied,
             behind: status.behind,
