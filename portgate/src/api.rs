@@ -418,6 +418,34 @@ pub struct StatusView {
     pub fleet: Option<FleetView>,
 }
 
+/// `POST /v1/fleet/repair`: the repair pass for a dead node (administrators only).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RepairRequest {
+    /// The dead node's name.
+    pub node: String,
+}
+
+/// `POST /v1/fleet/repair`'s answer: the ports taken over and released.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairView {
+    /// The node repaired.
+    pub node: String,
+    /// Its ports, now draining under this node.
+    pub released: Vec<PortId>,
+}
+
+/// A live node of the fleet (`GET /v1/fleet/nodes`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Its name.
+    pub node: String,
+    /// Its portgate version.
+    pub version: String,
+    /// When it joined (milliseconds since the epoch).
+    pub joined_at: u64,
+}
+
 /// A node's place in its fleet, as `status` shows it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FleetView {

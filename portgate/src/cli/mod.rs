@@ -13,8 +13,9 @@ pub mod check;
 pub mod completions;
 pub mod daemon;
 pub mod events;
+pub mod fleet;
 pub mod format;
-pub mod grant;
+mod grant;
 pub mod grants;
 pub mod key;
 pub mod knock;
@@ -112,6 +113,8 @@ pub enum Command {
     Knock(knock::KnockArgs),
     /// Client keys for the knock: add, list, revoke (administrators only).
     Key(key::KeyArgs),
+    /// Fleet mode: the live nodes, and the repair pass for a dead one.
+    Fleet(fleet::FleetArgs),
     /// Would a new connection from an address get in? Exit 0 if so, 1 if not.
     Check(check::CheckArgs),
     /// Counters and policy of every port, or of one (the columns of `maps`).
@@ -235,6 +238,7 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Revoke(args) => on_daemon(grants::revoke(&client, &args, output))?,
         Command::Knock(args) => knock::run(&args, output)?,
         Command::Key(args) => on_daemon(key::run(&client, &args, output))?,
+        Command::Fleet(args) => on_daemon(fleet::run(&client, &args, output))?,
         Command::Check(args) => return on_daemon(check::run(&client, &args, output)),
         Command::Stats(args) => on_daemon(stats::run(&client, &args, output))?,
         Command::Events(args) => on_daemon(events::run(&client, &args, output))?,

@@ -216,6 +216,22 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/fleet/nodes`: the fleet's live nodes (fleet mode).
+    pub async fn fleet_nodes(&self) -> Result<Vec<crate::api::NodeView>, ClientError> {
+        self.call(Method::GET, "/v1/fleet/nodes".to_owned(), NO_BODY)
+            .await
+    }
+
+    /// `POST /v1/fleet/repair`: takes over a dead node's ports and releases them
+    /// (administrators only; answers once the node was seen gone twice, a lease apart).
+    pub async fn fleet_repair(
+        &self,
+        request: &crate::api::RepairRequest,
+    ) -> Result<crate::api::RepairView, ClientError> {
+        self.call(Method::POST, "/v1/fleet/repair".to_owned(), Some(request))
+            .await
+    }
+
     /// `GET /v1/keys`: every client key, without its secret (administrators only).
     pub async fn keys(&self) -> Result<Vec<KeyView>, ClientError> {
         self.call(Method::GET, "/v1/keys".to_owned(), NO_BODY).await

@@ -12,8 +12,11 @@
 //! Lifecycle steps (lease expiry, drained to closed, freed after quarantine) of a fleet
 //! port are taken by the node that wrote its record last, through etcd.
 //!
-//! Not yet here: owners by cgroup are refused in fleet mode (a cgroup is one host's), and a
-//! node's death is not repaired (its ports keep their last state until a repair pass).
+//! A node's death frees nothing by itself: its ports keep their last state until an
+//! administrator runs the repair pass ([`PortManager::repair_fleet_node`]), which checks
+//! twice that the node is gone before taking its ports over and releasing them.
+//!
+//! Not yet here: owners by cgroup are refused in fleet mode (a cgroup is one host's).
 
 use std::{
     collections::BTreeMap,
@@ -25,7 +28,7 @@ use std::{
 
 use super::{Actor, PortError, PortManager, Result, Transition, quota};
 use crate::{
-    fleet::{Fleet, FleetError, FleetEvent, FleetRecord, Held, Snapshot},
+    fleet::{Fleet, FleetError, FleetEvent, FleetRecord, Held, NodeInfo, Snapshot},
     model::{Allocation, AllocationRequest, PortId, UnixMillis, now_millis},
 };
 
@@ -468,4 +471,73 @@ impl PortManager {
         }
         Ok(taken)
     }
+
+    /// The nodes of the fleet whose liveness keys are there now.
+    pub async fn fleet_nodes(&self) -> Result<Vec<NodeInfo>> {
+        let link = self.fleet_mode()?.ok_or_else(not_in_fleet)?;
+        let nodes = link.fleet.nodes().await;
+        link.heard(&nodes);
+        Ok(nodes?)
+    }
+
+    /// The repair pass for a node that died (administrators only): once `node`'s liveness
+    /// key has been gone at two looks `confirm_after` apart, this node takes over the
+    /// ports it wrote last and releases them (each drains, closes and is freed after
+    /// quarantine, by this node's lifecycle steps). Returns those ports.
+    pub async fn repair_fleet_node(
+        &self,
+        node: &str,
+        confirm_after: std::time::Duration,
+        actor: Actor,
+    ) -> Result<Vec<PortId>> {
+        if actor != Actor::Admin {
+            return Err(PortError::AccessDenied(
+                "only an administrator may repair the fleet".to_owned(),
+            ));
+        }
+        let link = self.fleet_mode()?.ok_or_else(not_in_fleet)?;
+        if node == link.fleet.node() {
+            return Err(PortError::InvalidPortRequest(format!(
+                "{node} is this node: repair a dead node from another one"
+            )));
+        }
+        for look in 0..2 {
+            if look > 0 {
+                tokio::time::sleep(confirm_after).await;
+            }
+            if self
+                .fleet_nodes()
+                .await?
+                .iter()
+                .any(|alive| alive.node == node)
+            {
+                return Err(PortError::PolicyViolation(format!(
+                    "node {node} is alive (its liveness key is there): only a dead node's ports are repaired"
+                )));
+            }
+        }
+        let ports: Vec<PortId> = link
+            .revisions()
+            .iter()
+            .filter(|(_, (_, writer))| writer == node)
+            .map(|(id, _)| *id)
+            .collect();
+        for &id in &ports {
+            self.change_in_fleet(link, id, Actor::Admin, |allocator, held, now| {
+                if held.status == crate::model::PortStatus::Active {
+                    allocator.set_status_at(id, crate::model::PortStatus::Draining, now)?;
+                }
+                Ok(())
+            })
+            .await?;
+            log::info!("fleet repair: took over {id} from dead node {node} and released it");
+        }
+        Ok(ports)
+    }
+}
+
+fn not_in_fleet() -> PortError {
+    PortError::InvalidPortRequest(
+        "this daemon is not in fleet mode (no [cluster] section)".to_owned(),
+    )
 }

@@ -279,3 +279,47 @@ fn an_allocation_racing_the_release_of_its_port_gets_it_once_freed_and_only_then
         );
     }
 }
+
+#[test]
+fn a_dead_nodes_ports_stay_until_the_repair_pass_confirms_it_is_gone_then_are_freed() {
+    if !require_privileges!() {
+        return;
+    }
+    let fleet = Fleet::start();
+    let made: BTreeSet<u16> = (0..2)
+        .map(|_| allocate(&fleet.daemons[2]).expect("allocate on node c"))
+        .collect();
+    for daemon in &fleet.daemons {
+        assert!(eventually(CONVERGE_WITHIN, || ports(daemon) == made));
+    }
+    fleet.daemons[2].kill9();
+    // Its lease (4 s) still holds: the node counts as alive, and nothing is repaired.
+    let early = fleet.daemons[0].cli(None, &["fleet", "repair", "node-c"]);
+    assert!(!early.status.success(), "repaired while its lease holds");
+    assert!(
+        String::from_utf8_lossy(&early.stderr).contains("alive"),
+        "{}",
+        String::from_utf8_lossy(&early.stderr)
+    );
+    assert_eq!(ports(&fleet.daemons[1]), made, "a dead node's ports stay");
+    let gone = || {
+        !fleet.daemons[0]
+            .cli_ok(None, &["fleet", "nodes"])
+            .contains("node-c")
+    };
+    assert!(
+        eventually(CONVERGE_WITHIN, gone),
+        "node c's liveness key went"
+    );
+    let repaired = fleet.daemons[0].cli_ok(None, &["fleet", "repair", "node-c"]);
+    assert!(repaired.contains("released 2 port(s)"), "{repaired}");
+    // Drained, closed and freed (quarantine 3 s) by node a, on every live node.
+    for daemon in &fleet.daemons[..2] {
+        assert!(
+            eventually(CONVERGE_WITHIN, || ports(daemon).is_empty()),
+            "the dead node's ports are freed: {:?}\n{}",
+            ports(daemon),
+            daemon.log()
+        );
+    }
+}

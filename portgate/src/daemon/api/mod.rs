@@ -7,6 +7,7 @@
 //! nothing. `ports` holds the calls on ports, `reads` the views of the whole daemon,
 //! `namespace` what a namespace's name means.
 
+mod fleet;
 mod keys;
 mod namespace;
 mod placement;
@@ -60,6 +61,8 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/netns", get(namespace::find))
         .route("/v1/keys", post(keys::add).get(keys::list))
         .route("/v1/keys/{name}", delete(keys::revoke))
+        .route("/v1/fleet/nodes", get(fleet::nodes))
+        .route("/v1/fleet/repair", post(fleet::repair))
         .route("/v1/stats", get(reads::stats))
         .route("/v1/events", get(reads::events))
         .route("/v1/status", get(reads::status))
