@@ -21,7 +21,7 @@ pub struct BenchArgs {
     /// The short run (a few minutes): fewer repeats, rounds and seconds.
     #[arg(long)]
     pub quick: bool,
-    /// Only these benchmark sections (1-7), comma-separated.
+    /// Only these benchmark sections (1-8), comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u8>,
 }

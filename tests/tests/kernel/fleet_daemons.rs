@@ -11,70 +11,14 @@ use portgate::{
     api::AllocationView,
     model::{AccessChange, PortId, Protocol},
 };
-use portgate_tests::{
-    common::{NetNs, Veth, eventually},
-    daemon::Daemon,
-    etcd::EtcdServer,
-    require_privileges,
-};
+use portgate_tests::{common::eventually, daemon::Daemon, fleet::Fleet, require_privileges};
 
 /// The range the fleet shares.
 const RANGE: (u16, u16) = (47_100, 47_199);
 
 /// How long a change may take to reach every node before a test gives up (a bound for
 /// the test, not the figure: the benchmarks measure it).
-const CONVERGE_WITHIN: Duration = Duration::from_secs(30);
-
-/// An etcd and three daemons in fleet mode on it.
-struct Fleet {
-    daemons: Vec<Daemon>,
-    // Dropped after the daemons: their namespaces hold the veth ends.
-    _links: Vec<Veth>,
-    etcd: EtcdServer,
-}
-
-impl Fleet {
-    fn start() -> Self {
-        let etcd = EtcdServer::start_in(NetNs::new());
-        let mut daemons = Vec::new();
-        let mut links = Vec::new();
-        for node in ["node-a", "node-b", "node-c"] {
-            let mut daemon = Daemon::start(RANGE.0, RANGE.1);
-            assert!(daemon.stop());
-            let link = Veth::new(etcd.ns().expect("etcd's namespace"), &daemon.ns);
-            daemon.append_config(&format!(
-                "[cluster]\netcd = [\"{}\"]\nnode = \"{node}\"\ntimeout = \"2s\"\nlease = \"4s\"\n",
-                etcd.endpoint_at(link.v4(1))
-            ));
-            daemon.spawn();
-            links.push(link);
-            daemons.push(daemon);
-        }
-        let fleet = Self {
-            daemons,
-            _links: links,
-            etcd,
-        };
-        for daemon in &fleet.daemons {
-            assert!(
-                eventually(CONVERGE_WITHIN, || joined(daemon)),
-                "a daemon did not join its fleet:\n{}\netcd:\n{}",
-                daemon.log(),
-                fleet.etcd.log()
-            );
-        }
-        fleet
-    }
-}
-
-/// Whether the daemon has reached etcd and applied the fleet.
-fn joined(daemon: &Daemon) -> bool {
-    daemon
-        .api(portgate::client::Client::status)
-        .ok()
-        .and_then(|status| status.fleet)
-        .is_some_and(|fleet| fleet.joined && fleet.reachable)
-}
+const CONVERGE_WITHIN: Duration = portgate_tests::fleet::CONVERGE_WITHIN;
 
 /// The host ports a daemon holds.
 fn ports(daemon: &Daemon) -> BTreeSet<u16> {
@@ -104,7 +48,7 @@ fn sixty_four_allocations_over_three_nodes_never_hand_out_a_port_twice() {
     if !require_privileges!() {
         return;
     }
-    let fleet = Fleet::start();
+    let fleet = Fleet::start(RANGE);
     let won: Vec<u16> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..64)
             .map(|i| {
@@ -134,7 +78,7 @@ fn a_policy_changed_through_one_node_is_enforced_by_the_others_kernels() {
     if !require_privileges!() {
         return;
     }
-    let fleet = Fleet::start();
+    let fleet = Fleet::start(RANGE);
     let port = allocate(&fleet.daemons[0]).expect("allocate");
     let id = PortId::new(port, Protocol::Tcp);
     for daemon in &fleet.daemons {
@@ -175,7 +119,7 @@ fn with_etcd_stopped_allocations_are_refused_and_connections_still_judged_then_a
     if !require_privileges!() {
         return;
     }
-    let mut fleet = Fleet::start();
+    let mut fleet = Fleet::start(RANGE);
     let before = allocate(&fleet.daemons[0]).expect("allocate");
     for daemon in &fleet.daemons {
         assert!(eventually(CONVERGE_WITHIN, || ports(daemon).contains(&before)));
@@ -224,7 +168,7 @@ fn a_node_killed_and_restarted_catches_up() {
     if !require_privileges!() {
         return;
     }
-    let mut fleet = Fleet::start();
+    let mut fleet = Fleet::start(RANGE);
     fleet.daemons[2].kill9();
     let made = allocate(&fleet.daemons[0]).expect("allocate while a node is down");
     fleet.daemons[2].spawn();
@@ -240,7 +184,7 @@ fn an_allocation_racing_the_release_of_its_port_gets_it_once_freed_and_only_then
     if !require_privileges!() {
         return;
     }
-    let fleet = Fleet::start();
+    let fleet = Fleet::start(RANGE);
     let port = allocate(&fleet.daemons[0]).expect("allocate");
     for daemon in &fleet.daemons {
         assert!(eventually(CONVERGE_WITHIN, || ports(daemon).contains(&port)));
@@ -285,7 +229,7 @@ fn a_dead_nodes_ports_stay_until_the_repair_pass_confirms_it_is_gone_then_are_fr
     if !require_privileges!() {
         return;
     }
-    let fleet = Fleet::start();
+    let fleet = Fleet::start(RANGE);
     let made: BTreeSet<u16> = (0..2)
         .map(|_| allocate(&fleet.daemons[2]).expect("allocate on node c"))
         .collect();

@@ -12,6 +12,7 @@ mod bpf_stats;
 mod checks;
 mod connrate;
 mod daemon_load;
+mod fleet;
 mod load;
 mod loadgen;
 mod nft;
@@ -37,7 +38,7 @@ struct Cli {
     /// The short run: fewer repeats, rounds and seconds (a few minutes in all).
     #[arg(long)]
     quick: bool,
-    /// Only these sections (1-7); all when absent.
+    /// Only these sections (1-8; 7 is the load tests'); all when absent.
     #[arg(long, value_delimiter = ',')]
     only: Vec<u8>,
     /// Where the JSON and markdown go.
@@ -79,6 +80,7 @@ const SECTIONS: &[Section] = &[
     (4, "4. Allocation", allocation::run),
     (5, "5. Checks, metrics scrape, `portgate maps`", checks::run),
     (6, daemon_load::SECTION, daemon_load::under_load),
+    (8, fleet::SECTION, fleet::run),
 ];
 
 fn main() -> std::process::ExitCode {
