@@ -244,3 +244,55 @@ fn a_nodes_liveness_key_lives_with_its_lease() {
         "the key goes a lease after the keep-alive stops"
     );
 }
+
+#[test]
+fn with_authentication_on_the_right_password_gets_in_and_a_wrong_one_is_refused() {
+    if !require_privileges!() {
+        return;
+    }
+    let etcd = EtcdServer::start();
+    let files = tempfile::tempdir().expect("a directory for the password files");
+    runtime().block_on(async {
+        let mut admin = etcd_client::Client::connect([etcd.endpoint()], None)
+            .await
+            .expect("connect");
+        admin.user_add("root", "root-pw", None).await.expect("root");
+        admin
+            .user_grant_role("root", "root")
+            .await
+            .expect("root's role");
+        admin
+            .user_add("portgate", "s3cret", None)
+            .await
+            .expect("user");
+        admin
+            .user_grant_role("portgate", "root")
+            .await
+            .expect("user's role");
+        admin.auth_enable().await.expect("authentication on");
+        let with_password = |password: &str| {
+            let file = files.path().join(format!("{password}.txt"));
+            std::fs::write(&file, format!("{password}\n")).expect("a password file");
+            ClusterConfig {
+                username: Some("portgate".to_owned()),
+                password_file: Some(file),
+                ..cluster(&etcd)
+            }
+        };
+        let node = Fleet::connect(&with_password("s3cret"), "a", RANGE)
+            .await
+            .expect("the right password");
+        node.claim(&allocation(RANGE.0), 1)
+            .await
+            .expect("a claim as that user");
+        let wrong = Fleet::connect(&with_password("guess"), "b", RANGE).await;
+        assert!(wrong.is_err(), "a wrong password is refused");
+        let anonymous = Fleet::connect(&cluster(&etcd), "c", RANGE)
+            .await
+            .expect("connecting is lazy without a user");
+        assert!(
+            anonymous.claim(&allocation(RANGE.0 + 1), 1).await.is_err(),
+            "no user, no claim"
+        );
+    });
+}
