@@ -39,7 +39,7 @@ impl Fleet {
             assert!(daemon.stop());
             let link = Veth::new(etcd.ns().expect("etcd's namespace"), &daemon.ns);
             daemon.append_config(&format!(
-                "[cluster]\netcd = [\"{}\"]\nnode = \"{node}\"\ntimeout = \"2s\"\nlease = \"4s\"\n",
+                "[cluster]\netcd = [\"{}\"]\nnode = \"{node}\"\ntimeout = \"5s\"\nlease = \"6s\"\n",
                 etcd.endpoint_at(link.v4(1))
             ));
             daemon.spawn();

@@ -19,6 +19,9 @@ use crate::{
 /// The longest pause between two attempts to reach etcd.
 pub const MAX_PAUSE: Duration = Duration::from_secs(10);
 
+/// The first pause, and the one after a list was applied.
+const FIRST_PAUSE: Duration = Duration::from_millis(250);
+
 /// Joins the fleet when `[cluster]` asks for it: the manager refuses changes to the
 /// host's ports until the follower has connected, and the follower runs on a task.
 pub fn spawn_fleet(
@@ -58,7 +61,7 @@ async fn follow(
     range: (u16, u16),
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let mut pause = Duration::from_millis(250);
+    let mut pause = FIRST_PAUSE;
     let link = loop {
         match Fleet::connect(&cluster, &node, range).await {
             Ok(fleet) => break fleet,
@@ -77,7 +80,7 @@ async fn follow(
     };
     let mut liveness: Option<Liveness> = None;
     loop {
-        let round = follow_once(&manager, link.fleet(), &cluster, &mut liveness);
+        let round = follow_once(&manager, link.fleet(), &cluster, &mut liveness, &mut pause);
         tokio::select! {
             result = round => {
                 if let Err(err) = result {
@@ -99,7 +102,17 @@ async fn follow_once(
     fleet: &Fleet,
     cluster: &ClusterConfig,
     liveness: &mut Option<Liveness>,
+    pause: &mut Duration,
 ) -> Result<(), FleetError> {
+    // The liveness key first: a node that reaches etcd is alive, whatever its list does.
+    if liveness.is_none() {
+        let info = NodeInfo {
+            node: fleet.node().to_owned(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            joined_at: now_millis(),
+        };
+        *liveness = Some(fleet.join(cluster.lease, &info).await?);
+    }
     let snapshot = fleet.list().await?;
     let revision = snapshot.revision;
     manager
@@ -107,13 +120,7 @@ async fn follow_once(
         .await
         .map_err(|err| FleetError::Etcd(format!("applying the fleet's list: {}", Chain(&err))))?;
     log::info!("fleet: applied everything up to revision {revision}");
-    *liveness = None;
-    let info = NodeInfo {
-        node: fleet.node().to_owned(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        joined_at: now_millis(),
-    };
-    *liveness = Some(fleet.join(cluster.lease, &info).await?);
+    *pause = FIRST_PAUSE;
     let mut watch = fleet.watch(revision + 1).await?;
     loop {
         let events = watch.next().await?;

@@ -18,9 +18,7 @@
 //! request and HTTP/2 keep-alive, so that an etcd that stops answering fails requests
 //! instead of hanging them), claim, compare-and-swap update, guarded release, list with
 //! its revision, watch from a revision (a compaction is reported so that the caller lists
-//! again), and the liveness key. The manager does not use it yet: fleet allocation,
-//! applying the fleet's policy to the kernel, status, the partition behaviour and the
-//! three-daemon tests are still to come (see the notes).
+//! again), and the liveness key. `crate::manager`'s fleet mode builds on it.
 
 mod keys;
 
@@ -279,8 +277,9 @@ impl Fleet {
         }
     }
 
-    /// Releases `id` for the fleet if its key is still at `revision`.
-    pub async fn release(&self, id: PortId, revision: i64) -> Result<(), FleetError> {
+    /// Releases `id` for the fleet if its key is still at `revision`; returns the
+    /// revision of the delete.
+    pub async fn release(&self, id: PortId, revision: i64) -> Result<i64, FleetError> {
         let key = self.keys.alloc(id)?;
         let answer = self
             .client
@@ -296,7 +295,7 @@ impl Fleet {
             )
             .await?;
         if answer.succeeded() {
-            Ok(())
+            revision_of(answer.header())
         } else {
             Err(FleetError::Changed(id))
         }
@@ -355,31 +354,56 @@ impl Fleet {
     }
 
     /// Writes this node's liveness key on a lease of `ttl` and keeps the lease alive on a
-    /// task until the returned [`Liveness`] is dropped (the key goes a lease later).
+    /// task until the returned [`Liveness`] is dropped (the key goes a lease later). A
+    /// lease that ran out (etcd unreachable for longer) is granted again, with the key.
     pub async fn join(&self, ttl: Duration, info: &NodeInfo) -> Result<Liveness, FleetError> {
         let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
-        let mut leases = self.client.lease_client();
-        let lease = leases.grant(seconds, None).await?.id();
         let value = serde_json::to_vec(info).map_err(|err| FleetError::Etcd(err.to_string()))?;
+        let first = self.put_alive(seconds, &value).await?;
+        let period = Duration::from_secs(u64::try_from(seconds).unwrap_or(1)) / 3;
+        let fleet = self.clone();
+        let task = tokio::spawn(async move {
+            let mut lease = first;
+            loop {
+                if let Err(err) = fleet.keep_alive(lease, period).await {
+                    log::warn!("the fleet liveness lease ended ({err}); granting a new one");
+                }
+                lease = loop {
+                    match fleet.put_alive(seconds, &value).await {
+                        Ok(lease) => break lease,
+                        Err(_) => tokio::time::sleep(period).await,
+                    }
+                };
+            }
+        });
+        Ok(Liveness { lease: first, task })
+    }
+
+    /// Grants a lease of `seconds` and writes this node's liveness key on it.
+    async fn put_alive(&self, seconds: i64, value: &[u8]) -> Result<i64, FleetError> {
+        let lease = self.client.lease_client().grant(seconds, None).await?.id();
         self.client
             .kv_client()
             .put(
                 self.keys.node(&self.node),
-                value,
+                value.to_vec(),
                 Some(PutOptions::new().with_lease(lease)),
             )
             .await?;
-        let (mut keeper, mut answers) = leases.keep_alive(lease).await?;
-        let period = Duration::from_secs(u64::try_from(seconds).unwrap_or(1)) / 3;
-        let task = tokio::spawn(async move {
-            loop {
-                if keeper.keep_alive().await.is_err() || answers.message().await.is_err() {
-                    log::warn!("the fleet liveness lease could not be renewed; retrying");
-                }
-                tokio::time::sleep(period).await;
+        Ok(lease)
+    }
+
+    /// Keeps `lease` alive every `period` until it fails or has run out.
+    async fn keep_alive(&self, lease: i64, period: Duration) -> Result<(), FleetError> {
+        let (mut keeper, mut answers) = self.client.lease_client().keep_alive(lease).await?;
+        loop {
+            keeper.keep_alive().await?;
+            match answers.message().await? {
+                Some(answer) if answer.ttl() > 0 => {}
+                _ => return Err(FleetError::Etcd(format!("lease {lease} ran out"))),
             }
-        });
-        Ok(Liveness { lease, task })
+            tokio::time::sleep(period).await;
+        }
     }
 
     /// The nodes whose liveness keys are there now.

@@ -41,8 +41,10 @@ const CLAIM_ATTEMPTS: usize = 16;
 pub struct FleetLink {
     fleet: Fleet,
     /// The revision of each fleet port's key as this node last applied it, and the node
-    /// that wrote it (which takes its lifecycle steps).
-    revisions: SyncMutex<BTreeMap<PortId, (i64, String)>>,
+    /// that wrote it (which takes its lifecycle steps); a released port keeps its
+    /// release's revision with no node, so that an older change the watch brings late is
+    /// not applied over it.
+    revisions: SyncMutex<BTreeMap<PortId, (i64, Option<String>)>>,
     /// The etcd revision this node has applied everything up to.
     applied: AtomicI64,
     /// The latest etcd revision this node has heard of.
@@ -51,9 +53,10 @@ pub struct FleetLink {
     reachable: AtomicBool,
     /// Whether a list of the fleet has been applied since the daemon started.
     synced: AtomicBool,
-    /// Claims that got no answer in time (their callers were told they failed), by port,
-    /// with their tokens: if etcd took one after all, this node releases it.
-    in_doubt: SyncMutex<BTreeMap<PortId, u64>>,
+    /// Claims sent and not answered yet, and claims that got no answer in time (their
+    /// callers were told they failed), by port: the token, and whether it failed. If etcd
+    /// took a failed one after all, this node releases it.
+    in_doubt: SyncMutex<BTreeMap<PortId, (u64, bool)>>,
 }
 
 /// Where a node stands in its fleet, for `status`.
@@ -108,17 +111,26 @@ impl FleetLink {
         self.reachable.store(reachable, Ordering::Relaxed);
     }
 
-    fn revisions(&self) -> std::sync::MutexGuard<'_, BTreeMap<PortId, (i64, String)>> {
+    fn revisions(&self) -> std::sync::MutexGuard<'_, BTreeMap<PortId, (i64, Option<String>)>> {
         self.revisions
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The revision of `id`'s record as applied here, while it is allocated.
     fn revision_of(&self, id: PortId) -> Option<i64> {
+        self.revisions()
+            .get(&id)
+            .filter(|(_, node)| node.is_some())
+            .map(|(revision, _)| *revision)
+    }
+
+    /// The last revision of `id` applied here, a release's included.
+    fn applied_of(&self, id: PortId) -> Option<i64> {
         self.revisions().get(&id).map(|(revision, _)| *revision)
     }
 
-    fn in_doubt(&self) -> std::sync::MutexGuard<'_, BTreeMap<PortId, u64>> {
+    fn in_doubt(&self) -> std::sync::MutexGuard<'_, BTreeMap<PortId, (u64, bool)>> {
         self.in_doubt
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -128,15 +140,19 @@ impl FleetLink {
     fn written_here(&self, id: PortId) -> bool {
         self.revisions()
             .get(&id)
-            .is_some_and(|(_, node)| node == self.fleet.node())
+            .is_some_and(|(_, node)| node.as_deref() == Some(self.fleet.node()))
     }
 
     /// Notes that `id` is at `revision`, written by `node` (`None`: released).
     fn note(&self, id: PortId, revision: i64, node: Option<&str>) {
-        match node {
-            Some(node) => self.revisions().insert(id, (revision, node.to_owned())),
-            None => self.revisions().remove(&id),
-        };
+        let mut revisions = self.revisions();
+        if revisions
+            .get(&id)
+            .is_none_or(|(known, _)| *known <= revision)
+        {
+            revisions.insert(id, (revision, node.map(str::to_owned)));
+        }
+        drop(revisions);
         self.latest.fetch_max(revision, Ordering::Relaxed);
     }
 }
@@ -224,12 +240,31 @@ impl PortManager {
                 .map(|held| held.id)
                 .collect()
         };
-        for id in gone {
-            self.apply_fleet_record(id, None, snapshot.revision).await?;
+        // A record this node cannot apply (its kernel refused it) is logged and skipped:
+        // the others are applied, the node follows the watch, and the next list (or a
+        // change to that record) tries it again.
+        let mut skipped = 0;
+        for (id, record, revision) in gone
+            .into_iter()
+            .map(|id| (id, None, snapshot.revision))
+            .chain(
+                listed
+                    .into_iter()
+                    .map(|(id, held)| (id, Some(held.record), held.revision)),
+            )
+        {
+            if let Err(err) = self.apply_fleet_record(id, record, revision).await {
+                log::error!(
+                    "the fleet's record of {id} is not applied here: {}",
+                    crate::text::Chain(&err)
+                );
+                skipped += 1;
+            }
         }
-        for (id, held) in listed {
-            self.apply_fleet_record(id, Some(held.record), held.revision)
-                .await?;
+        if skipped > 0 {
+            log::error!(
+                "{skipped} of the fleet's records could not be applied here: this node does not enforce them"
+            );
         }
         link.applied.fetch_max(snapshot.revision, Ordering::Relaxed);
         link.latest.fetch_max(snapshot.revision, Ordering::Relaxed);
@@ -273,45 +308,49 @@ impl PortManager {
         let Some(link) = self.fleet.get() else {
             return Ok(());
         };
-        if link.revision_of(id).is_some_and(|known| known > revision) {
-            return Ok(());
-        }
         let mut record = record;
+        let mut revision = revision;
         if let Some(token) = record.as_ref().and_then(|record| record.claim)
             && record
                 .as_ref()
                 .is_some_and(|record| record.node == link.fleet.node())
-            && link.in_doubt().get(&id) == Some(&token)
+            && link.in_doubt().get(&id) == Some(&(token, true))
         {
             // A claim its caller was told had failed: etcd took it after all. Released.
             let released = link.fleet.release(id, revision).await;
             link.heard(&released);
-            if released.is_err() {
+            let Ok(deleted) = released else {
                 return Ok(()); // Tried again at the next list.
-            }
+            };
             link.in_doubt().remove(&id);
             log::info!(
                 "released {id}: etcd took its claim after this node had answered that it failed"
             );
             record = None;
+            revision = deleted;
         }
         let node = record.as_ref().map(|record| record.node.clone());
         let record = record.map(|record| record.allocation);
+        // Checked, applied and noted under the state lock: applies of one port (a watch's,
+        // a list's, this node's own writes) take effect in revision order, never older
+        // over newer.
         let pending = {
             let mut state = self.state.lock().await;
+            if link.applied_of(id).is_some_and(|known| known > revision) {
+                return Ok(());
+            }
             let before = state.allocator.allocation(id).cloned();
             if before == record {
-                drop(state);
                 link.note(id, revision, node.as_deref());
                 return Ok(());
             }
             state.allocator.set(id, record.clone());
-            self.apply(&mut state, vec![(id, before)])?
+            let pending = self.apply(&mut state, vec![(id, before)])?;
+            link.note(id, revision, node.as_deref());
+            pending
         };
         self.settle(pending, format!("the fleet's change to {id}"))
-            .await?;
-        link.note(id, revision, node.as_deref());
-        Ok(())
+            .await
     }
 
     /// [`PortManager::allocate`] in fleet mode: the port is picked here, claimed in etcd
@@ -328,9 +367,7 @@ impl PortManager {
             ));
         }
         if request.owner.cgroup.is_some() {
-            return Err(PortError::InvalidPortRequest(
-                "in fleet mode an owner cgroup (--cgroup, --pid, --container) is not taken yet: a cgroup is one host's".to_owned(),
-            ));
+            refuse_owner_cgroup(Some(link))?;
         }
         let bound = self.bound_ports(&request).await?;
         let mut last = None;
@@ -347,27 +384,43 @@ impl PortManager {
                 picked
             };
             let token = rand::random::<u64>();
+            // Noted before it is sent: its answer may come after a watch brought it back.
+            link.in_doubt().insert(picked.id, (token, false));
             let claimed = link.fleet.claim(&picked, token).await;
             link.heard(&claimed);
+            if matches!(claimed, Err(FleetError::Unreachable(_))) {
+                link.in_doubt().insert(picked.id, (token, true));
+                // Brought here by the watch meanwhile: given back now if etcd answers, else
+                // when a list or the watch brings it again.
+                if let Some(revision) = link
+                    .revision_of(picked.id)
+                    .filter(|_| link.written_here(picked.id))
+                {
+                    let _given_back = self.write_fleet(link, picked.id, None, revision).await;
+                }
+            } else {
+                link.in_doubt().remove(&picked.id);
+            }
             match claimed {
                 Ok(revision) => {
-                    link.in_doubt().remove(&picked.id);
                     let record = FleetRecord {
                         claim: Some(token),
                         ..link.record(&picked)
                     };
-                    self.apply_fleet_record(picked.id, Some(record), revision)
-                        .await?;
+                    if let Err(err) = self
+                        .apply_fleet_record(picked.id, Some(record), revision)
+                        .await
+                    {
+                        // Not enforceable here: given back to the fleet, and the error told.
+                        let _given_back = self.write_fleet(link, picked.id, None, revision).await;
+                        return Err(err);
+                    }
                     self.monitor.record_allocation();
                     return Ok(picked);
                 }
                 // Someone else's: the watch will bring it here; pick again.
                 Err(FleetError::Taken { .. }) if request.port.is_none() => {
                     last = Some(picked.id);
-                }
-                Err(unanswered @ FleetError::Unreachable(_)) => {
-                    link.in_doubt().insert(picked.id, token);
-                    return Err(unanswered.into());
                 }
                 Err(other) => return Err(other.into()),
             }
@@ -437,9 +490,7 @@ impl PortManager {
         } else {
             let released = link.fleet.release(id, revision).await;
             link.heard(&released);
-            released?;
-            // The delete's own revision comes with the watch; any later one will do here.
-            self.apply_fleet_record(id, None, revision + 1).await
+            self.apply_fleet_record(id, None, released?).await
         }
     }
 
@@ -467,7 +518,12 @@ impl PortManager {
                 log::warn!("the lifecycle step of fleet port {id} is tried again later: {err}");
                 continue;
             }
-            taken.extend(ticked.steps.iter().filter(|step| step.id() == id).copied());
+            for step in ticked.steps.iter().filter(|step| step.id() == id) {
+                if let Transition::LeaseExpired(_) = step {
+                    self.monitor.record_lease_expiry();
+                }
+                taken.push(*step);
+            }
         }
         Ok(taken)
     }
@@ -519,7 +575,7 @@ impl PortManager {
         let ports: Vec<PortId> = link
             .revisions()
             .iter()
-            .filter(|(_, (_, writer))| writer == node)
+            .filter(|(_, (_, writer))| writer.as_deref() == Some(node))
             .map(|(id, _)| *id)
             .collect();
         for &id in &ports {
@@ -533,6 +589,16 @@ impl PortManager {
             log::info!("fleet repair: took over {id} from dead node {node} and released it");
         }
         Ok(ports)
+    }
+}
+
+/// Refuses an owner cgroup for a fleet port (`link` is the fleet's, when the port is one).
+pub(super) fn refuse_owner_cgroup(link: Option<&FleetLink>) -> Result<()> {
+    match link {
+        Some(_) => Err(PortError::InvalidPortRequest(
+            "in fleet mode an owner cgroup (--cgroup, --pid, --container) is not taken yet: a cgroup is one host's".to_owned(),
+        )),
+        None => Ok(()),
     }
 }
 

@@ -297,6 +297,7 @@ impl PortManager {
         cgroup: crate::model::OwnerCgroup,
         actor: Actor,
     ) -> Result<Allocation> {
+        fleet::refuse_owner_cgroup(self.fleet_mode()?.filter(|_| id.netns.is_host()))?;
         self.change(id, actor, |allocator, _, _| allocator.set_owner(id, cgroup))
             .await
     }
@@ -489,9 +490,11 @@ impl PortManager {
                 Err(err) => log::error!("looking at owners: {}", Chain(&err)),
             }
         }
-        match self.fleet.get() {
-            Some(link) => steps.extend(self.fleet_lifecycle_steps(link).await?),
-            None => steps.extend(self.lifecycle_steps().await?),
+        match self.fleet_mode() {
+            Ok(Some(link)) => steps.extend(self.fleet_lifecycle_steps(link).await?),
+            Ok(None) => steps.extend(self.lifecycle_steps().await?),
+            // Not joined yet: the fleet's ports keep their state until the node follows it.
+            Err(_) => {}
         }
         Ok(steps)
     }

@@ -45,7 +45,15 @@ impl PortManager {
             let state = self.state.lock().await;
             let mut cgroups = BTreeSet::new();
             let mut namespaces = BTreeSet::new();
+            // In fleet mode the host's ports are the fleet's, with no owner cgroup: a cgroup
+            // is one host's, and one host's look must not change them.
+            let fleet = self
+                .fleet_expected
+                .load(std::sync::atomic::Ordering::Acquire);
             for held in state.allocator.allocations() {
+                if fleet && held.id.netns.is_host() {
+                    continue;
+                }
                 if let Some(owner) = &held.owner.cgroup {
                     cgroups.insert((owner.path.clone(), owner.id));
                 }

@@ -237,7 +237,7 @@ fn a_dead_nodes_ports_stay_until_the_repair_pass_confirms_it_is_gone_then_are_fr
         assert!(eventually(CONVERGE_WITHIN, || ports(daemon) == made));
     }
     fleet.daemons[2].kill9();
-    // Its lease (4 s) still holds: the node counts as alive, and nothing is repaired.
+    // Its lease (6 s) still holds: the node counts as alive, and nothing is repaired.
     let early = fleet.daemons[0].cli(None, &["fleet", "repair", "node-c"]);
     assert!(!early.status.success(), "repaired while its lease holds");
     assert!(
