@@ -35,12 +35,16 @@ pub async fn run(client: &Client, args: &FleetArgs, output: OutputFormat) -> any
             match output {
                 OutputFormat::Json => format::print_json(&nodes)?,
                 OutputFormat::Table => {
-                    println!(
-                        "{:<24} {:<10} JOINED (ms since the epoch)",
-                        "NODE", "VERSION"
-                    );
+                    println!("{:<24} {:<10} JOINED", "NODE", "VERSION");
                     for node in &nodes {
-                        println!("{:<24} {:<10} {}", node.node, node.version, node.joined_at);
+                        let joined = std::time::UNIX_EPOCH
+                            + std::time::Duration::from_millis(node.joined_at);
+                        println!(
+                            "{:<24} {:<10} {}",
+                            node.node,
+                            node.version,
+                            humantime::format_rfc3339_seconds(joined)
+                        );
                     }
                 }
             }

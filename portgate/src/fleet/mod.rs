@@ -257,41 +257,27 @@ impl Fleet {
             claim: None,
         };
         let value = serde_json::to_vec(&record).map_err(|err| FleetError::Etcd(err.to_string()))?;
-        let answer = self
-            .client
-            .kv_client()
-            .txn(
-                Txn::new()
-                    .when([Compare::mod_revision(
-                        key.clone(),
-                        CompareOp::Equal,
-                        revision,
-                    )])
-                    .and_then([TxnOp::put(key, value, None)]),
-            )
-            .await?;
-        if answer.succeeded() {
-            revision_of(answer.header())
-        } else {
-            Err(FleetError::Changed(id))
-        }
+        self.if_at(id, revision, TxnOp::put(key, value, None)).await
     }
 
     /// Releases `id` for the fleet if its key is still at `revision`; returns the
     /// revision of the delete.
     pub async fn release(&self, id: PortId, revision: i64) -> Result<i64, FleetError> {
         let key = self.keys.alloc(id)?;
+        self.if_at(id, revision, TxnOp::delete(key, None)).await
+    }
+
+    /// Does `op` on `id`'s key if the key is still at `revision`; returns the revision it
+    /// was done at, or [`FleetError::Changed`].
+    async fn if_at(&self, id: PortId, revision: i64, op: TxnOp) -> Result<i64, FleetError> {
+        let key = self.keys.alloc(id)?;
         let answer = self
             .client
             .kv_client()
             .txn(
                 Txn::new()
-                    .when([Compare::mod_revision(
-                        key.clone(),
-                        CompareOp::Equal,
-                        revision,
-                    )])
-                    .and_then([TxnOp::delete(key, None)]),
+                    .when([Compare::mod_revision(key, CompareOp::Equal, revision)])
+                    .and_then([op]),
             )
             .await?;
         if answer.succeeded() {
