@@ -445,13 +445,7 @@ impl PortManager {
     ) -> Result<Allocation> {
         let (after, revision) = {
             let mut state = self.state.lock().await;
-            self.refuse_after_store_failure()?;
-            let before = state
-                .allocator
-                .allocation(id)
-                .cloned()
-                .ok_or(PortError::NotAllocated(id))?;
-            quota::authorize(&before, actor)?;
+            let before = self.changeable(&state, id, actor)?;
             let revision = link.revision_of(id).ok_or_else(|| {
                 PortError::state(
                     format!("{id} has no fleet revision here yet: retry once the node caught up"),
@@ -498,15 +492,24 @@ impl PortManager {
     /// drained to closed, freed after quarantine), each written to etcd, then applied.
     /// The other nodes' ports are theirs to step.
     pub(super) async fn fleet_lifecycle_steps(&self, link: &FleetLink) -> Result<Vec<Transition>> {
+        // Worked out by the allocator's own tick, then put back: etcd decides, and the
+        // steps come back through the watch (and write_fleet's apply).
         let (ticked, afters) = {
-            let state = self.state.lock().await;
-            let mut scratch = state.allocator.clone();
-            let ticked = scratch.tick(now_millis(), |id| state.connections(id));
+            let mut state = self.state.lock().await;
+            let super::State {
+                allocator, gate, ..
+            } = &mut *state;
+            let ticked = allocator.tick(now_millis(), |id| {
+                super::slots_in(gate.as_ref(), id).established
+            });
             let afters: Vec<(PortId, Option<Allocation>)> = ticked
                 .before
                 .iter()
-                .map(|before| (before.id, scratch.allocation(before.id).cloned()))
+                .map(|before| (before.id, allocator.allocation(before.id).cloned()))
                 .collect();
+            for before in &ticked.before {
+                allocator.set(before.id, Some(before.clone()));
+            }
             (ticked, afters)
         };
         let mut taken = Vec::new();

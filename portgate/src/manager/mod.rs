@@ -103,10 +103,7 @@ impl State {
 
     /// A port's connection slots in the kernel (zero without the gate, or when unreadable).
     fn slots_of(&self, id: PortId) -> portgate_common::ConnSlots {
-        self.gate
-            .as_ref()
-            .and_then(|gate| gate.slots(id).ok())
-            .unwrap_or_default()
+        slots_in(self.gate.as_ref(), id)
     }
 
     /// Established connections of every allocated TCP port, in one read of the slots map
@@ -119,6 +116,12 @@ impl State {
                 .unwrap_or_default(),
         )
     }
+}
+
+/// A port's connection slots in `gate` (zero without it, or when unreadable).
+fn slots_in(gate: Option<&Gate>, id: PortId) -> portgate_common::ConnSlots {
+    gate.and_then(|gate| gate.slots(id).ok())
+        .unwrap_or_default()
 }
 
 /// The connection slots of every TCP port, as one read of the slots map found them.
@@ -506,11 +509,7 @@ impl PortManager {
             let State {
                 allocator, gate, ..
             } = &mut *state;
-            let ticked = allocator.tick(now_millis(), |id| {
-                gate.as_ref()
-                    .and_then(|gate| gate.slots(id).ok())
-                    .map_or(0, |slots| slots.established)
-            });
+            let ticked = allocator.tick(now_millis(), |id| slots_in(gate.as_ref(), id).established);
             if ticked.steps.is_empty() {
                 return Ok(Vec::new());
             }
@@ -560,13 +559,7 @@ impl PortManager {
         }
         let (after, pending) = {
             let mut state = self.state.lock().await;
-            self.refuse_after_store_failure()?;
-            let before = state
-                .allocator
-                .allocation(id)
-                .cloned()
-                .ok_or(PortError::NotAllocated(id))?;
-            quota::authorize(&before, actor)?;
+            let before = self.changeable(&state, id, actor)?;
             step(&mut state.allocator, &before, now_millis())?;
             let after = state
                 .allocator
@@ -578,6 +571,19 @@ impl PortManager {
         };
         self.settle(pending, format!("the change to {id}")).await?;
         Ok(after)
+    }
+
+    /// The allocation of `id` as it is now, when `actor` may change it and changes are
+    /// taken (called under the state lock, again after waiting for it).
+    fn changeable(&self, state: &State, id: PortId, actor: Actor) -> Result<Allocation> {
+        self.refuse_after_store_failure()?;
+        let before = state
+            .allocator
+            .allocation(id)
+            .cloned()
+            .ok_or(PortError::NotAllocated(id))?;
+        quota::authorize(&before, actor)?;
+        Ok(before)
     }
 
     /// Whether the store refused a change: memory and kernel may hold what the store does

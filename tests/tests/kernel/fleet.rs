@@ -39,6 +39,13 @@ fn cluster(etcd: &EtcdServer) -> ClusterConfig {
     }
 }
 
+/// Node `name` of `etcd`'s fleet, connected.
+async fn node(etcd: &EtcdServer, name: &str) -> Fleet {
+    Fleet::connect(&cluster(etcd), name, RANGE)
+        .await
+        .unwrap_or_else(|err| panic!("connecting node {name}: {err}"))
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -56,11 +63,7 @@ fn sixty_four_claims_from_three_nodes_at_once_never_hold_a_port_twice() {
     runtime().block_on(async {
         let mut nodes = Vec::new();
         for name in ["a", "b", "c"] {
-            nodes.push(Arc::new(
-                Fleet::connect(&cluster(&etcd), name, RANGE)
-                    .await
-                    .expect("connect"),
-            ));
+            nodes.push(Arc::new(node(&etcd, name).await));
         }
         // 64 claimants for 32 ports, each from a random offset, as the allocator probes.
         let size = RANGE.1 - RANGE.0 + 1;
@@ -107,12 +110,8 @@ fn a_release_racing_a_change_of_the_same_port_lets_exactly_one_through() {
     }
     let etcd = EtcdServer::start();
     runtime().block_on(async {
-        let a = Fleet::connect(&cluster(&etcd), "a", RANGE)
-            .await
-            .expect("a");
-        let b = Fleet::connect(&cluster(&etcd), "b", RANGE)
-            .await
-            .expect("b");
+        let a = node(&etcd, "a").await;
+        let b = node(&etcd, "b").await;
         for port in RANGE.0..RANGE.0 + 16 {
             let held = allocation(port);
             let revision = a.claim(&held, 1).await.expect("claim");
@@ -137,8 +136,8 @@ fn a_watch_sees_claims_changes_and_releases_and_reports_a_compaction() {
     }
     let etcd = EtcdServer::start();
     runtime().block_on(async {
-        let a = Fleet::connect(&cluster(&etcd), "a", RANGE).await.expect("a");
-        let b = Fleet::connect(&cluster(&etcd), "b", RANGE).await.expect("b");
+        let a = node(&etcd, "a").await;
+        let b = node(&etcd, "b").await;
         let listed = b.list().await.expect("list");
         assert!(listed.held.is_empty());
         let mut watch = b.watch(listed.revision + 1).await.expect("watch");
@@ -187,9 +186,7 @@ fn a_paused_etcd_fails_requests_within_their_deadline_and_they_work_again_after(
     }
     let etcd = EtcdServer::start();
     runtime().block_on(async {
-        let a = Fleet::connect(&cluster(&etcd), "a", RANGE)
-            .await
-            .expect("a");
+        let a = node(&etcd, "a").await;
         a.claim(&allocation(RANGE.0), 1).await.expect("claim");
         etcd.pause();
         let refused = tokio::time::timeout(
@@ -223,9 +220,7 @@ fn a_nodes_liveness_key_lives_with_its_lease() {
     }
     let etcd = EtcdServer::start();
     let rt = runtime();
-    let a = rt
-        .block_on(Fleet::connect(&cluster(&etcd), "a", RANGE))
-        .expect("a");
+    let a = rt.block_on(node(&etcd, "a"));
     let info = NodeInfo {
         node: "a".to_owned(),
         version: "test".to_owned(),

@@ -111,7 +111,6 @@ pub struct Bound {
 /// are handed out from it, and so are the host ports of published ports. A port of
 /// another namespace (a container's) may be any port; one not named is taken from the
 /// range too.
-#[derive(Clone)]
 pub struct PortAllocator {
     config: PortConfig,
     reserved: BTreeSet<u16>,

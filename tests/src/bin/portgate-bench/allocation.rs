@@ -135,16 +135,17 @@ fn rate_figures(
     )
 }
 
-/// Allocations through the API of a release daemon: `clients` tasks, each with its own
-/// connection per request (as the CLI does), `total` allocations in all.
-async fn api_run(
-    socket: &std::path::Path,
+/// Allocations through the API of release daemons: `clients` tasks, client `n` through
+/// the daemon at `sockets[n % len]`, each with its own connection per request (as the CLI
+/// does), `total` allocations in all.
+pub async fn api_run(
+    sockets: &[std::path::PathBuf],
     clients: usize,
     total: usize,
 ) -> Result<(Duration, Vec<Duration>)> {
-    let socket = socket.to_owned();
+    let sockets = sockets.to_vec();
     run_concurrently(clients, total, move |client_number, i| {
-        let client = Client::new(&socket);
+        let client = Client::new(&sockets[client_number % sockets.len()]);
         async move {
             let request = AllocRequest {
                 owner: format!("bench-{client_number}-{i}"),
@@ -178,7 +179,11 @@ fn through_api(runtime: &tokio::runtime::Runtime, options: &Options) -> Vec<Figu
     ] {
         let what = format!("daemon API, durable, {clients} client(s)");
         let before = daemon.pid().and_then(|pid| Sample::of(pid).ok());
-        match runtime.block_on(api_run(&daemon.socket, clients, total)) {
+        match runtime.block_on(api_run(
+            std::slice::from_ref(&daemon.socket),
+            clients,
+            total,
+        )) {
             Ok((elapsed, mut samples)) => {
                 let after = daemon.pid().and_then(|pid| Sample::of(pid).ok());
                 let mut got = rate_figures(
@@ -222,11 +227,17 @@ fn through_api(runtime: &tokio::runtime::Runtime, options: &Options) -> Vec<Figu
     let what = "daemon API, durable, 8 clients, 99% allocated";
     let result = runtime
         .block_on(api_run(
-            &daemon.socket,
+            std::slice::from_ref(&daemon.socket),
             64,
             prefill.saturating_sub(allocated),
         ))
-        .and_then(|_| runtime.block_on(api_run(&daemon.socket, 8, size - prefill)));
+        .and_then(|_| {
+            runtime.block_on(api_run(
+                std::slice::from_ref(&daemon.socket),
+                8,
+                size - prefill,
+            ))
+        });
     match result {
         Ok((elapsed, mut samples)) => figures.extend(rate_figures(
             what,

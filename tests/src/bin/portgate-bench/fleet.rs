@@ -17,8 +17,8 @@ use serde_json::json;
 
 use crate::{
     Options,
-    allocation::runtime,
-    report::{Figure, Percentiles, Timed, run_concurrently},
+    allocation::{api_run, runtime},
+    report::{Figure, Percentiles, Timed},
 };
 
 /// The section's title.
@@ -49,7 +49,7 @@ pub fn run(options: &Options) -> Vec<Figure> {
         (64, options.pick(4_000, 1_500)),
     ] {
         let what = format!("fleet allocation, {clients} client(s) over 3 nodes");
-        match runtime.block_on(allocate(&sockets, clients, total)) {
+        match runtime.block_on(api_run(&sockets, clients, total)) {
             Ok((elapsed, mut samples)) => figures.extend(
                 Timed::of(
                     elapsed,
@@ -91,30 +91,6 @@ pub fn run(options: &Options) -> Vec<Figure> {
         Err(err) => figures.push(Figure::failed(SECTION, "policy propagation", err)),
     }
     figures
-}
-
-/// `total` allocations by `clients` tasks, client `n` through node `n % 3`.
-async fn allocate(
-    sockets: &[std::path::PathBuf],
-    clients: usize,
-    total: usize,
-) -> Result<(Duration, Vec<Duration>)> {
-    let sockets = sockets.to_vec();
-    run_concurrently(clients, total, move |client_number, i| {
-        let client = Client::new(&sockets[client_number % sockets.len()]);
-        async move {
-            let request = AllocRequest {
-                owner: format!("fleet-bench-{client_number}-{i}"),
-                ..AllocRequest::default()
-            };
-            client
-                .alloc(&request)
-                .await
-                .with_context(|| format!("client {client_number}, allocation {i}"))?;
-            Ok(())
-        }
-    })
-    .await
 }
 
 /// `rounds` policy changes through node a, each timed until both other nodes' kernels
