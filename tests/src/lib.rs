@@ -28,6 +28,7 @@ pub mod common;
 pub mod daemon;
 pub mod etcd;
 pub mod fleet;
+pub mod stress;
 
 /// Whether the calling test can run its kernel part: [`common::require_privileges`] under
 /// the test's own name, as libtest prints it (`allowlist::allowlist_is_enforced_...`). The
