@@ -11,6 +11,7 @@ pub mod api;
 pub mod audit;
 pub mod auth;
 pub mod fleet;
+mod gate_watch;
 pub mod knock;
 
 use std::{
@@ -106,21 +107,9 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     // Before anything is changed, so that a signal during start-up is a clean stop too.
     let mut terminate = signal(SignalKind::terminate()).context("handling SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("handling SIGINT")?;
-    let missing = host::kernel::missing_capabilities();
-    if !missing.is_empty() {
-        bail!(
-            "the daemon needs {}: run it as root (or under the systemd unit in dist/)",
-            missing.join(", ")
-        );
-    }
     let ports = &config.ports;
     let daemon = &config.daemon;
-    // Another daemon on the same socket (or store) must be found before anything is
-    // touched: a second daemon reconciling the kernel maps would undo the first one's work.
-    refuse_a_second_daemon(&daemon.socket)?;
-    // And one daemon per pin directory, whatever its socket and store: held until exit.
-    host::mounts::prepare_pin_dir(&daemon.pin_dir)?;
-    let _pin_lock = lock_pin_dir(&daemon.pin_dir)?;
+    let pin_lock = claim_host(daemon)?;
     // The store next: its file lock keeps a second daemon out, and what it holds must fit
     // the configuration before the gate's range or policies are touched.
     // Root's alone when it is made here (the store in it holds client keys' secrets).
@@ -167,6 +156,13 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
         Arc::clone(&store_failed),
     ));
     let cgroup = spawn_kernel_readers(&mut tasks, &manager, installed, &shutdown_rx);
+    let watched = (daemon.pin_dir.clone(), Arc::clone(&pin_lock));
+    tasks.spawn(gate_watch::watch_gate(
+        Arc::clone(&manager),
+        cgroup.clone(),
+        watched,
+        shutdown_rx.clone(),
+    ));
     // The metrics address first: if it cannot be bound, no request has been taken yet.
     let metrics_server = spawn_metrics(&app, daemon.metrics_listen, shutdown_rx.clone()).await?;
     spawn_knock_listener(&mut tasks, &app, &shutdown_rx).await?;
@@ -210,6 +206,25 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
         );
     }
     Ok(())
+}
+
+/// Checks the daemon's privileges and that no other daemon serves its socket or pin
+/// directory, before anything is touched: a second daemon reconciling the kernel maps would
+/// undo the first one's work. Returns the pin directory's lock, held until exit.
+fn claim_host(daemon: &crate::config::DaemonConfig) -> anyhow::Result<gate_watch::PinLock> {
+    let missing = host::kernel::missing_capabilities();
+    if !missing.is_empty() {
+        bail!(
+            "the daemon needs {}: run it as root (or under the systemd unit in dist/)",
+            missing.join(", ")
+        );
+    }
+    refuse_a_second_daemon(&daemon.socket)?;
+    // One daemon per pin directory, whatever its socket and store.
+    host::mounts::prepare_pin_dir(&daemon.pin_dir)?;
+    Ok(Arc::new(std::sync::Mutex::new(lock_pin_dir(
+        &daemon.pin_dir,
+    )?)))
 }
 
 /// Waits (bounded) for the servers to finish what they are answering, and stops the tasks.

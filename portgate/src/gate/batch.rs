@@ -103,16 +103,17 @@ pub(super) fn update_all(
     batch.map_fd = raw_fd;
     // SAFETY: the buffers hold `count` keys and values of the map's sizes (the caller's
     // contract) and outlive the call; the kernel only reads them.
-    unsafe { bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) }
+    unsafe { bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) }.map(drop)
 }
 
-/// The `bpf()` syscall with command `cmd` and attributes `attr`.
+/// The `bpf()` syscall with command `cmd` and attributes `attr`: what it returned (a new
+/// descriptor, for the commands that make one).
 ///
 /// # Safety
 ///
 /// Every pointer in `attr` points to memory as large as `cmd` reads or writes, valid for
 /// the call.
-unsafe fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
+pub(super) unsafe fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<libc::c_long> {
     // SAFETY: the caller's contract; `attr` is a whole `bpf_attr`.
     let result = unsafe {
         libc::syscall(
@@ -125,6 +126,6 @@ unsafe fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<()> {
     if result < 0 {
         Err(io::Error::last_os_error())
     } else {
-        Ok(())
+        Ok(result)
     }
 }

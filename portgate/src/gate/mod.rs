@@ -27,6 +27,7 @@ mod kernel_log;
 mod keys;
 mod layout;
 mod maps;
+mod pins;
 mod policies;
 mod report;
 
@@ -54,6 +55,7 @@ pub use self::{
     events::{DenyEventRecord, DenyEvents},
     kernel_log::{KernelLog, TARGET as KERNEL_LOG_TARGET},
     maps::{GateStats, GrantRecord, HookCounters, PortCounters},
+    pins::{CgroupLinks, PinsRestored},
 };
 use crate::{
     host::{self, HostError},
@@ -156,6 +158,8 @@ pub struct Gate {
     skb_netns: SkbNetns,
     /// What this handle wrote, read from the maps at its first change (see `Written`).
     written: Option<allowlists::Written>,
+    /// Descriptors on the pinned maps and links of an installed gate (see `pins`).
+    held: pins::Held,
 }
 
 /// The link pin name of the `cgroup_skb` program that asks a packet's namespace.
@@ -192,6 +196,7 @@ impl Gate {
         }
         let host_netns = host::netns::current_cookie()?;
         let mut gate = Self::load(&settings.pin_dir)?;
+        gate.hold_pins()?;
         let previous = gate.config()?;
         gate.skb_netns = settings.skb_netns;
         gate.make_slot_row(PortKey::default())?;
@@ -241,6 +246,7 @@ impl Gate {
             ebpf,
             skb_netns: SkbNetns::Auto,
             written: None,
+            held: pins::Held::default(),
         })
     }
 
@@ -298,6 +304,7 @@ impl Gate {
                     .attach(&cgroup_dir, CgroupAttachMode::Single));
             }
         }
+        self.hold_pins()?;
         self.set_config_flag(config_flags::SKB_ATTACHED)
     }
 
@@ -371,6 +378,7 @@ impl Gate {
             attach_and_pin!(ebpf, program_names::XDP, Xdp, &link_path, |p| p
                 .attach_to_if_index(ifindex, mode));
         }
+        self.hold_pins()?;
         self.set_config_flag(config_flags::XDP_ATTACHED)
     }
 

@@ -14,6 +14,7 @@
 pub mod allocator;
 pub mod error;
 pub mod fleet;
+mod gate_watch;
 pub mod keys;
 pub mod monitor;
 mod owners;
@@ -43,6 +44,7 @@ use tokio::sync::Mutex;
 pub use self::{
     allocator::{Bound, Gone, PortAllocator, Ticked, Transition},
     error::{ErrorCategory, PortError, Result},
+    gate_watch::{GATE_CHECK_PERIOD, GateCheck, GateWatch},
     monitor::{PortMonitor, PortsSnapshot, gate_warnings},
     owners::OWNER_CHECK_PERIOD,
     quota::MAX_PREFIXES_PER_USER,
@@ -445,19 +447,6 @@ impl PortManager {
     /// Whether the manager drives the kernel gate.
     pub async fn has_gate(&self) -> bool {
         self.state.lock().await.gate.is_some()
-    }
-
-    /// What the kernel gate counted that an operator should know about (a full
-    /// reservation map, connections left uncounted), as `status` shows it; none without
-    /// the gate.
-    pub async fn gate_warnings(&self) -> Result<Vec<String>> {
-        let state = self.state.lock().await;
-        match state.gate.as_ref() {
-            Some(gate) => Ok(monitor::gate_warnings(
-                &gate.stats().map_err(PortError::counters)?,
-            )),
-            None => Ok(Vec::new()),
-        }
     }
 
     /// The Prometheus text exposition.

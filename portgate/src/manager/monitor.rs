@@ -160,6 +160,7 @@ pub struct PortMonitor {
     lease_expiries: Counter,
     api_latency: Family<ActionLabel, Histogram>,
     knocks: Family<KnockLabel, Counter>,
+    gate_watch: super::GateWatch,
     events: broadcast::Sender<(UnixMillis, DenyEventRecord)>,
     recent: Mutex<VecDeque<(UnixMillis, DenyEventRecord)>>,
 }
@@ -202,6 +203,8 @@ impl PortMonitor {
             "Knocks received, accepted (reason \"none\") or refused, by reason",
             knocks.clone(),
         );
+        let gate_watch = super::GateWatch::default();
+        gate_watch.register(&mut registry);
         let snapshot = Arc::new(Mutex::new(PortsSnapshot::default()));
         registry.register_collector(Box::new(PortsCollector {
             snapshot: Arc::clone(&snapshot),
@@ -214,9 +217,16 @@ impl PortMonitor {
             lease_expiries,
             api_latency,
             knocks,
+            gate_watch,
             events,
             recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
         }
+    }
+
+    /// The gate's watch: pins put back, the cgroup attachment.
+    #[must_use]
+    pub const fn gate_watch(&self) -> &super::GateWatch {
+        &self.gate_watch
     }
 
     /// Counts an allocation.
