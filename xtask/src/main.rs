@@ -1,4 +1,4 @@
-//! portgate's developer tasks: `cargo xtask setup | test | bench | fuzz | run | lint`.
+//! portgate's developer tasks: `cargo xtask setup | test | stress | bench | fuzz | run | lint`.
 
 mod bench;
 mod fuzz;
@@ -6,6 +6,7 @@ mod lint;
 mod run;
 mod setup;
 mod shape;
+mod stress;
 mod test;
 
 use clap::{Parser, Subcommand};
@@ -24,6 +25,9 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Set up, then run the unit tests and the kernel tests.
     Test(test::TestArgs),
+    /// The adversarial suite at its larger size (floods, faults, hostile clients), then
+    /// every fuzz target for a while; writes RELIABILITY.md from what it measured.
+    Stress(stress::StressArgs),
     /// Set up (nftables too), build in release mode, run the load tests bigger and the
     /// benchmarks; prints a markdown table and writes JSON under `target/bench/`.
     Bench(bench::BenchArgs),
@@ -41,6 +45,7 @@ fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Setup(args) => setup::run(&args),
         Command::Test(args) => test::run(&args),
+        Command::Stress(args) => stress::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
         Command::Run(args) => run::run(&args),

@@ -107,13 +107,13 @@ pub fn run(args: &TestArgs) -> Result<()> {
         let mut unit = cargo_test(
             &["-p", "portgate", "-p", "portgate-common", "-p", "xtask"],
             &args.passthrough,
-            None,
+            &[],
         )?;
         // The test crate's own unit tests (fixtures, the benchmark binary's helpers).
         unit.add(&cargo_test(
             &["-p", "portgate-tests", "--lib", "--bins"],
             &args.passthrough,
-            None,
+            &[],
         )?);
         println!(
             "unit tests: {} passed, {} failed, {} ignored",
@@ -127,10 +127,10 @@ pub fn run(args: &TestArgs) -> Result<()> {
         crate::setup::status("cargo", &["build", "-p", "portgate", "--bins"])?;
         let mut test_args = vec!["--test-threads=1".to_owned()];
         test_args.extend(args.passthrough.iter().cloned());
-        let podman = if args.podman {
-            Some(("PORTGATE_TEST_PODMAN", "1"))
+        let podman: &[(&str, &str)] = if args.podman {
+            &[("PORTGATE_TEST_PODMAN", "1")]
         } else {
-            None
+            &[]
         };
         let kernel = cargo_test(
             &["-p", "portgate-tests", "--test", "kernel"],
@@ -158,15 +158,9 @@ pub fn run(args: &TestArgs) -> Result<()> {
 
 /// Runs `cargo test <packages> -- <test_args>` (with `env` set for the tests), streaming
 /// its output and counting results.
-fn cargo_test(
-    packages: &[&str],
-    test_args: &[String],
-    env: Option<(&str, &str)>,
-) -> Result<Totals> {
+pub fn cargo_test(packages: &[&str], test_args: &[String], env: &[(&str, &str)]) -> Result<Totals> {
     let mut command = Command::new(env!("CARGO"));
-    if let Some((name, value)) = env {
-        command.env(name, value);
-    }
+    command.envs(env.iter().copied());
     let mut child = command
         .arg("test")
         .args(packages)
