@@ -1,14 +1,22 @@
 //! Kernel-side faults under a running daemon (issue #15): its pin directory removed, and
 //! the cgroup its gate is attached to removed and made again. Neither may leave the gate
 //! silently open: the daemon holds its links, pins them again by itself, attaches to the
-//! cgroup again when it exists, and says so in its log, its metrics and `status`.
+//! cgroup again when it exists, and says so in its log, its metrics and `status`. And a
+//! full kernel map (grants) refuses the change as its own error and admits no one more.
 
 use std::{fs, path::Path, time::Instant};
 
-use portgate_common::map_names;
+use portgate::{
+    gate::GateError,
+    host::kernel::monotonic_now_ns,
+    model::{PortAccessControl, PortId, PortPolicy, Protocol},
+};
+use portgate_common::{capacity, map_names};
 use portgate_tests::{
     common::{
-        CONNECT_WITHIN, EchoServer, LOCAL, OTHER_LOCAL, REFUSED_WITHIN, connect_from, eventually,
+        CONNECT_WITHIN, EchoServer, LOCAL, OTHER_LOCAL, REFUSED_WITHIN, connect_from, echo,
+        eventually,
+        gate::{LoopbackPort, MIN_PORT},
         listen_in, loopback,
     },
     daemon::Daemon,
@@ -206,5 +214,65 @@ fn a_removed_cgroup_is_reported_and_attached_again_once_made_again() {
         "The cgroup the daemon's gate is attached to removed under it, then made again at the same path.",
         "The daemon reported the gate detached (log, `portgate_gate_detached`, `status`) and attached it again to the new cgroup by itself; a server there was behind the allowlist again.",
         &serde_json::json!({ "reattached_within_ms": reattached_after.as_millis() }),
+    );
+}
+
+#[test]
+fn a_full_grant_map_refuses_the_grant_and_admits_no_one_without_one() {
+    if !require_privileges!() {
+        return;
+    }
+    let port = MIN_PORT + 35;
+    let id = PortId::new(port, Protocol::Tcp);
+    let mut fixture = LoopbackPort::new(
+        port,
+        &PortPolicy {
+            access: PortAccessControl {
+                require_authentication: true,
+                ..PortAccessControl::default()
+            },
+            ..PortPolicy::default()
+        },
+    );
+    let expires = monotonic_now_ns() + 600_000_000_000;
+    fixture
+        .gate
+        .add_grant(id, OTHER_LOCAL, expires)
+        .expect("a grant before the map is full");
+    // The rest of the map: addresses in 10.0.0.0/8, one grant each.
+    let mut filled = 1_u32;
+    let full = loop {
+        let addr = std::net::Ipv4Addr::from(0x0a00_0000 + filled).into();
+        match fixture.gate.add_grant(id, addr, expires) {
+            Ok(()) => filled += 1,
+            Err(err) => break err,
+        }
+        assert!(filled <= capacity::GRANTS, "more grants than the map holds");
+    };
+    assert!(
+        matches!(full, GateError::MapFull { .. }),
+        "a full map is its own error: {full}"
+    );
+    assert_eq!(filled, capacity::GRANTS, "the map holds its capacity");
+    let refused = fixture.gate.add_grant(id, LOCAL, expires);
+    assert!(
+        matches!(refused, Err(GateError::MapFull { .. })),
+        "one more grant is refused as a full map: {refused:?}"
+    );
+    let manager_error = portgate::manager::PortError::from(refused.expect_err("refused"));
+    assert_eq!(manager_error.http_status(), 507, "{manager_error}");
+    assert!(
+        fixture.connect(LOCAL, REFUSED_WITHIN).is_err(),
+        "the source whose grant was refused is dropped: the gate fails closed"
+    );
+    let mut granted = fixture
+        .connect(OTHER_LOCAL, CONNECT_WITHIN)
+        .expect("a grant made before the map filled still admits");
+    echo(&mut granted, b"granted").expect("echo");
+    report(
+        "kernel",
+        "The kernel's grant map filled to its capacity, then one more grant asked for.",
+        "The grant was refused as a full map (HTTP 507 from the manager); the source without it stayed dropped (auth_required) and the grants already made kept admitting.",
+        &serde_json::json!({ "grants": filled }),
     );
 }
