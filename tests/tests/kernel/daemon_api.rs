@@ -398,9 +398,12 @@ fn a_port_of_another_namespace_is_named_by_label_cookie_or_path() {
     assert!(metrics.contains(&series), "{series} in {metrics}");
 
     daemon.cli_ok(None, &["release", "80", "--netns", other.name()]);
-    assert_eq!(
-        daemon.allocations()[&inside.id].status,
-        PortStatus::Draining
+    // With no connection it goes on to Closed at the lifecycle's next tick (200 ms), which
+    // a loaded machine may reach before the next request.
+    let status = daemon.allocations()[&inside.id].status;
+    assert!(
+        matches!(status, PortStatus::Draining | PortStatus::Closed),
+        "released: {status:?}"
     );
 }
 
