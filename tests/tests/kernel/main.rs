@@ -21,6 +21,7 @@ mod events;
 mod fast_path;
 mod fleet;
 mod fleet_daemons;
+mod floods;
 mod grants;
 mod handshakes;
 mod host;
