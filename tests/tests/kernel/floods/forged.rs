@@ -19,7 +19,10 @@ use portgate_tests::{
 };
 use serde_json::json;
 
-use super::{Flags, Site, raw_sender, segment, send};
+use super::{
+    Site,
+    raw::{Flags, raw_sender, segment, send},
+};
 
 /// `TCP_REPAIR_QUEUE` values (`linux/tcp.h`), which the libc crate does not name.
 const TCP_RECV_QUEUE: libc::c_int = 1;
