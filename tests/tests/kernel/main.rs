@@ -21,6 +21,7 @@ mod events;
 mod fast_path;
 mod fleet;
 mod fleet_daemons;
+mod floods;
 mod gate_faults;
 mod grants;
 mod handshakes;
