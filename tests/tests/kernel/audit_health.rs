@@ -375,7 +375,7 @@ fn a_full_disk_under_the_audit_log_fails_no_request_and_the_log_resumes() {
         &format!(
             "{requests} allocations were asked for while the audit log's disk (a 256 KiB tmpfs) was full, then {after} more once space was freed"
         ),
-        "every allocation succeeded and was in the kernel and the store after a restart; each record not written was counted in portgate_errors_total{category=\"audit\"} and logged once; the log resumed when space returned",
+        "every allocation succeeded and was in the kernel and the store after a restart; every request had either a whole record (those that still fit in the file's last page) or a count in portgate_errors_total{category=\"audit\"}, logged once; the log resumed when space returned",
         &json!({
             "requests_on_full_disk": requests,
             "records_written": written,
