@@ -188,6 +188,22 @@ pub enum ConfigError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// `daemon.audit_max_bytes` is outside [`super::AUDIT_MAX_BYTES_RANGE`].
+    #[error(
+        "daemon.audit_max_bytes = {value}: the audit log's rotation size must be between 4096 (4 KiB) and 1099511627776 (1 TiB); the default is 67108864 (64 MiB)"
+    )]
+    AuditMaxBytes {
+        /// The value given.
+        value: u64,
+    },
+    /// `daemon.audit_keep` is outside [`super::AUDIT_KEEP_RANGE`].
+    #[error(
+        "daemon.audit_keep = {value}: keep between 1 and 100 rotated audit logs; the default is 5"
+    )]
+    AuditKeep {
+        /// The value given.
+        value: u32,
+    },
     /// A `[cluster]` setting breaks its rule.
     #[error("{key}: {why}")]
     Cluster {

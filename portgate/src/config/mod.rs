@@ -36,6 +36,16 @@ pub use self::{
 /// scan of the free ports that follows them.
 pub const MAX_RETRIES_LIMIT: u32 = 1_000_000;
 
+/// The default [`DaemonConfig::audit_max_bytes`]: 64 MiB.
+pub const DEFAULT_AUDIT_MAX_BYTES: u64 = 64 << 20;
+/// The default [`DaemonConfig::audit_keep`].
+pub const DEFAULT_AUDIT_KEEP: u32 = 5;
+/// The accepted [`DaemonConfig::audit_max_bytes`]: from 4 KiB (a few records; one record
+/// is at most a few KiB) to 1 TiB.
+pub const AUDIT_MAX_BYTES_RANGE: std::ops::RangeInclusive<u64> = (4 << 10)..=(1 << 40);
+/// The accepted [`DaemonConfig::audit_keep`]: at least one rotated file, at most 100.
+pub const AUDIT_KEEP_RANGE: std::ops::RangeInclusive<u32> = 1..=100;
+
 /// The longest interface name the kernel accepts (`IFNAMSIZ` - 1, for the NUL).
 pub const MAX_IFNAME_LEN: usize = 15;
 
@@ -105,6 +115,11 @@ pub struct DaemonConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// The audit log (JSON lines).
     pub audit_log: PathBuf,
+    /// The size at which the audit log is rotated (`audit.log` becomes `audit.log.1`, ...).
+    pub audit_max_bytes: u64,
+    /// Rotated audit logs kept (`audit.log.1` ..= `audit.log.N`); the oldest goes first.
+    /// With the live file, the log takes at most `(audit_keep + 1) * audit_max_bytes`.
+    pub audit_keep: u32,
     /// Have the kernel programs write a line for each refusal (a dropped packet with its
     /// reason code, a refused bind) to the daemon's log, target `portgate::kernel`. For
     /// diagnosis: every refusal is a line.
@@ -123,6 +138,8 @@ impl Default for DaemonConfig {
             admin_group: "portgate".to_owned(),
             metrics_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 9477))),
             audit_log: PathBuf::from(crate::paths::DEFAULT_AUDIT_LOG),
+            audit_max_bytes: DEFAULT_AUDIT_MAX_BYTES,
+            audit_keep: DEFAULT_AUDIT_KEEP,
             kernel_log: false,
         }
     }
@@ -240,6 +257,16 @@ impl DaemonConfig {
         }
         if self.admin_group.trim().is_empty() {
             return Err(ConfigError::EmptyAdminGroup);
+        }
+        if !AUDIT_MAX_BYTES_RANGE.contains(&self.audit_max_bytes) {
+            return Err(ConfigError::AuditMaxBytes {
+                value: self.audit_max_bytes,
+            });
+        }
+        if !AUDIT_KEEP_RANGE.contains(&self.audit_keep) {
+            return Err(ConfigError::AuditKeep {
+                value: self.audit_keep,
+            });
         }
         let mut seen = HashSet::with_capacity(self.xdp_interfaces.len());
         for name in &self.xdp_interfaces {

@@ -559,3 +559,26 @@ fn a_cluster_section_turns_fleet_mode_on_with_defaults_and_bad_values_are_refuse
         error_naming(&format!("[cluster]\n{text}\n"), key);
     }
 }
+
+#[test]
+fn audit_rotation_is_bounded_both_ways() {
+    for bad in ["0", "4095", "1099511627777"] {
+        let message = error_naming(
+            &format!("[daemon]\naudit_max_bytes = {bad}\n"),
+            &format!("daemon.audit_max_bytes = {bad}:"),
+        );
+        assert!(message.contains("between 4096"), "{message}");
+    }
+    for bad in ["0", "101"] {
+        error_naming(
+            &format!("[daemon]\naudit_keep = {bad}\n"),
+            &format!("daemon.audit_keep = {bad}: keep between 1 and 100"),
+        );
+    }
+    error_naming("[daemon]\naudit_keep = -1\n", "daemon.audit_keep");
+    let config = parse("[daemon]\naudit_max_bytes = 4096\naudit_keep = 100\n").unwrap();
+    assert_eq!(
+        (config.daemon.audit_max_bytes, config.daemon.audit_keep),
+        (4096, 100)
+    );
+}

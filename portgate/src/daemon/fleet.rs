@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use crate::{
     config::{ClusterConfig, Config},
     fleet::{Fleet, FleetError, Liveness, NodeInfo},
-    manager::{PortManager, fleet::FleetLink},
+    manager::{ErrorSource, PortManager, fleet::FleetLink},
     model::now_millis,
     text::Chain,
 };
@@ -65,13 +65,17 @@ async fn follow(
     let link = loop {
         match Fleet::connect(&cluster, &node, range).await {
             Ok(fleet) => break fleet,
-            Err(err) => log::warn!("connecting to the fleet's etcd: {err}; trying again"),
+            Err(err) => {
+                manager.monitor().record_error(ErrorSource::Fleet);
+                log::warn!("connecting to the fleet's etcd: {err}; trying again");
+            }
         }
         if wait(&mut shutdown, &mut pause).await {
             return;
         }
     };
     if let Err(err) = manager.join_fleet(FleetLink::new(link)) {
+        manager.monitor().record_error(ErrorSource::Fleet);
         log::error!("joining the fleet: {}", Chain(&err));
         return;
     }
@@ -84,6 +88,7 @@ async fn follow(
         tokio::select! {
             result = round => {
                 if let Err(err) = result {
+                    manager.monitor().record_error(ErrorSource::Fleet);
                     log::warn!("following the fleet: {err}; listing again");
                 }
             }

@@ -19,7 +19,7 @@ use tokio::{net::UdpSocket, sync::watch};
 
 use super::{
     App,
-    audit::{AuditLog, AuditRecord, now_rfc3339},
+    audit::{AuditLog, AuditParams, AuditRecord, now_rfc3339},
 };
 use crate::{
     knock::MAX_BYTES,
@@ -226,19 +226,24 @@ impl RefusalAudit {
 
 /// Audits one knock: its key, address and port when it got that far, and its outcome.
 fn record(audit: &AuditLog, source: IpAddr, outcome: &Result<KnockAccepted, KnockRefusal>) {
-    let (id, key, result, grant_for) = match outcome {
+    let (id, key, result, grant_for, ttl) = match outcome {
         Ok(accepted) => (
             Some(accepted.id),
             Some(accepted.key.as_str()),
             "ok",
             Some(accepted.addr),
+            Some(AuditParams::duration(accepted.ttl)),
         ),
-        Err(refusal) => (refusal.port(), refusal.key(), refusal.reason(), None),
+        Err(refusal) => (refusal.port(), refusal.key(), refusal.reason(), None, None),
     };
     let proto = id.map(|id| id.protocol.to_string());
     audit.record(&AuditRecord {
         proto: proto.as_deref(),
         grant_for,
+        params: AuditParams {
+            ttl,
+            ..AuditParams::default()
+        },
         ..knock_record(result, id.map(|id| id.port), key, Some(source))
     });
 }
@@ -264,6 +269,7 @@ fn knock_record<'a>(
         addr,
         grant_for: None,
         count: None,
+        params: AuditParams::default(),
     }
 }
 

@@ -38,7 +38,7 @@ use crate::{
         self,
         sockets::{CachedSockets, ProcfsSockets},
     },
-    manager::{self, PortManager, StartReport},
+    manager::{self, ErrorSource, PortManager, StartReport},
     paths,
     store::{RedbStore, Store, StoredState},
     text::Chain,
@@ -132,8 +132,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
         warnings.push(warning);
     }
 
-    let audit = AuditLog::open(&daemon.audit_log)
-        .with_context(|| format!("opening the audit log {}", daemon.audit_log.display()))?;
+    let audit = open_audit(daemon, &manager)?;
     let admin = AdminGroup::resolve(&daemon.admin_group);
     let listener = bind_socket(&daemon.socket, daemon.socket_mode.bits(), &admin)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -225,6 +224,22 @@ fn claim_host(daemon: &crate::config::DaemonConfig) -> anyhow::Result<gate_watch
     Ok(Arc::new(std::sync::Mutex::new(lock_pin_dir(
         &daemon.pin_dir,
     )?)))
+}
+
+/// Opens the audit log with its rotation, its failures counted by the manager's monitor.
+fn open_audit(
+    daemon: &crate::config::DaemonConfig,
+    manager: &PortManager,
+) -> anyhow::Result<AuditLog> {
+    AuditLog::open(
+        &daemon.audit_log,
+        audit::Rotation {
+            max_bytes: daemon.audit_max_bytes,
+            keep: daemon.audit_keep,
+        },
+        manager.monitor().error_counter(ErrorSource::Audit),
+    )
+    .with_context(|| format!("opening the audit log {}", daemon.audit_log.display()))
 }
 
 /// Waits (bounded) for the servers to finish what they are answering, and stops the tasks.
@@ -471,6 +486,7 @@ async fn read_events(
             event = events.next() => match event {
                 Ok(event) => manager.monitor().record_event(event),
                 Err(err) => {
+                    manager.monitor().record_error(ErrorSource::Kernel);
                     log::error!(
                         "reading deny events: {}; no more events will be read",
                         Chain(&err)

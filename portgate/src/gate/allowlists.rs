@@ -29,7 +29,7 @@ use super::{
 use crate::model::{Allowlist, PortId};
 
 /// One port's trie, as userspace makes and reads it.
-type Trie = LpmTrie<MapData, AllowKey, u32>;
+pub(super) type Trie = LpmTrie<MapData, AllowKey, u32>;
 
 /// Tries made and put in the map per batch. Each is an open file descriptor until its
 /// batch is in, so a batch stays well under the usual limit of 1,024 descriptors.
@@ -98,6 +98,11 @@ impl Gate {
         {
             written.allowlists.insert(id, known);
         }
+    }
+
+    /// The prefixes over all tries (both generations), once this handle has read them.
+    pub(super) fn allow_prefixes(&self) -> Option<usize> {
+        self.written.as_ref().map(|written| written.prefixes)
     }
 
     /// A new record generation (see [`Written::next_generation`]).

@@ -3,10 +3,10 @@
 
 use std::{collections::BTreeMap, net::IpAddr};
 
-use aya::maps::{HashMap, MapData, MapError, PerCpuArray, PerCpuHashMap};
+use aya::maps::{HashMap, HashOfMaps, MapData, MapError, PerCpuArray, PerCpuHashMap};
 use portgate_common::{
-    AddrKey, ConnSlots, CounterKey, Counters, FlowKey, PendingSyn, Policy, PortKey, capacity, hook,
-    map_names, reason, slot_word, stat,
+    AddrKey, ConnSlots, CounterKey, Counters, EventRate, FlowKey, HandoffKey, PendingSyn, Policy,
+    PortKey, capacity, hook, map_names, reason, slot_word, stat,
 };
 use serde::Serialize;
 
@@ -310,6 +310,111 @@ impl Gate {
             },
         )?;
         Ok(out)
+    }
+}
+
+/// How full one kernel map is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct MapFill {
+    /// The map's name ([`map_names`]), or [`ALLOW_PREFIXES`] for the prefixes in its tries.
+    pub map: &'static str,
+    /// Entries in it now.
+    pub entries: u64,
+    /// The most it holds.
+    pub capacity: u64,
+}
+
+/// The [`MapFill::map`] of the allowlist prefixes over all tries of [`map_names::ALLOW`].
+pub const ALLOW_PREFIXES: &str = "PG_ALLOW_PREFIXES";
+
+impl Gate {
+    /// How full each map with a bound on its entries is: the hash maps' entries counted in
+    /// one batch read each (the cost of a pass over them, as a scrape's counters take),
+    /// the allowlist tries by their keys, and the prefixes over all tries as this handle
+    /// keeps them (left out until its first change has read them).
+    pub fn map_fill(&self) -> Result<Vec<MapFill>, GateError> {
+        let fill = |map, entries: u64, capacity: u32| MapFill {
+            map,
+            entries,
+            capacity: u64::from(capacity),
+        };
+        let tries: HashOfMaps<&MapData, u32, super::allowlists::Trie> =
+            open_map!(self, HashOfMaps, map_names::ALLOW, capacity::POLICIES);
+        let tries = tries.keys().flatten().count() as u64;
+        let mut out = vec![
+            fill(
+                map_names::POLICY,
+                self.count::<PortKey, Policy>(map_names::POLICY, capacity::POLICIES, false)?,
+                capacity::POLICIES,
+            ),
+            fill(map_names::ALLOW, tries, capacity::POLICIES),
+        ];
+        if let Some(prefixes) = self.allow_prefixes() {
+            out.push(fill(
+                ALLOW_PREFIXES,
+                prefixes as u64,
+                capacity::ALLOW_PREFIXES,
+            ));
+        }
+        for (name, entries, capacity) in [
+            (
+                map_names::GRANTS,
+                self.count::<AddrKey, u64>(map_names::GRANTS, capacity::GRANTS, false)?,
+                capacity::GRANTS,
+            ),
+            (
+                map_names::COUNTERS,
+                self.count::<CounterKey, Counters>(map_names::COUNTERS, capacity::COUNTERS, true)?,
+                capacity::COUNTERS,
+            ),
+            (
+                map_names::SLOTS,
+                self.count::<PortKey, ConnSlots>(map_names::SLOTS, capacity::SLOTS, false)?,
+                capacity::SLOTS,
+            ),
+            (
+                map_names::PENDING,
+                self.count::<FlowKey, PendingSyn>(map_names::PENDING, capacity::PENDING, false)?,
+                capacity::PENDING,
+            ),
+            (
+                map_names::EVENT_RATE,
+                self.count::<PortKey, EventRate>(
+                    map_names::EVENT_RATE,
+                    capacity::EVENT_RATE,
+                    false,
+                )?,
+                capacity::EVENT_RATE,
+            ),
+            (
+                map_names::HANDOFF,
+                self.count::<HandoffKey, u64>(map_names::HANDOFF, capacity::HANDOFF, false)?,
+                capacity::HANDOFF,
+            ),
+            (
+                map_names::XDP_NETNS,
+                self.count::<u32, u64>(map_names::XDP_NETNS, capacity::XDP_NETNS, false)?,
+                capacity::XDP_NETNS,
+            ),
+        ] {
+            out.push(fill(name, entries, capacity));
+        }
+        Ok(out)
+    }
+
+    /// The entries of a hash map, by one batch read of it.
+    fn count<K: aya::Pod, V: aya::Pod>(
+        &self,
+        name: &'static str,
+        capacity: u32,
+        per_cpu: bool,
+    ) -> Result<u64, GateError> {
+        let mut entries = 0;
+        self.batch_read::<K, V>(name, capacity, per_cpu, None, |_, _| {
+            entries += 1;
+            true
+        })?;
+        Ok(entries)
     }
 }
 

@@ -54,7 +54,7 @@ pub use self::{
     error::GateError,
     events::{DenyEventRecord, DenyEvents},
     kernel_log::{KernelLog, TARGET as KERNEL_LOG_TARGET},
-    maps::{GateStats, GrantRecord, HookCounters, PortCounters},
+    maps::{ALLOW_PREFIXES, GateStats, GrantRecord, HookCounters, MapFill, PortCounters},
     pins::{CgroupLinks, PinsRestored},
 };
 use crate::{
@@ -437,6 +437,7 @@ impl Gate {
             | aya::maps::Map::PerCpuArray(data)
             | aya::maps::Map::HashMap(data)
             | aya::maps::Map::PerCpuHashMap(data)
+            | aya::maps::Map::LruHashMap(data)
             | aya::maps::Map::HashOfMaps(data) => Ok(data.fd().as_fd()),
             _ => Err(GateError::MissingMap { name }),
         }

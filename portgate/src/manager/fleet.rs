@@ -254,6 +254,7 @@ impl PortManager {
             )
         {
             if let Err(err) = self.apply_fleet_record(id, record, revision).await {
+                self.monitor.record_error(super::ErrorSource::Fleet);
                 log::error!(
                     "the fleet's record of {id} is not applied here: {}",
                     crate::text::Chain(&err)
@@ -518,6 +519,7 @@ impl PortManager {
                 continue;
             };
             if let Err(err) = self.write_fleet(link, id, after.as_ref(), revision).await {
+                self.monitor.record_error(super::ErrorSource::Fleet);
                 log::warn!("the lifecycle step of fleet port {id} is tried again later: {err}");
                 continue;
             }

@@ -125,8 +125,16 @@ fn watch_failed(err: crate::gate::GateError) -> PortError {
 impl PortManager {
     /// Puts back removed pins, and attaches the gate to `cgroup` again when its links
     /// were detached from it (the cgroup was removed) and it exists again. Nothing to do
-    /// without the gate.
+    /// without the gate. A failure is counted as a kernel error.
     pub async fn check_gate(&self, cgroup: &Path) -> Result<GateCheck> {
+        let checked = self.try_check_gate(cgroup).await;
+        if checked.is_err() {
+            self.monitor.record_error(super::ErrorSource::Kernel);
+        }
+        checked
+    }
+
+    async fn try_check_gate(&self, cgroup: &Path) -> Result<GateCheck> {
         let mut check = GateCheck::default();
         {
             let mut state = self.state.lock().await;

@@ -558,6 +558,7 @@ impl PortManager {
             .wait()
             .await
         {
+            self.monitor.record_error(super::ErrorSource::Store);
             log::warn!("the record of the grant of {addr} on {id} was not removed: {err}");
         }
         Ok(())

@@ -15,6 +15,7 @@ pub mod allocator;
 pub mod error;
 pub mod fleet;
 mod gate_watch;
+pub mod health;
 pub mod keys;
 pub mod monitor;
 mod owners;
@@ -45,6 +46,7 @@ pub use self::{
     allocator::{Bound, Gone, PortAllocator, Ticked, Transition},
     error::{ErrorCategory, PortError, Result},
     gate_watch::{GATE_CHECK_PERIOD, GateCheck, GateWatch},
+    health::{ErrorSource, ProcessStats},
     monitor::{PortMonitor, PortsSnapshot, gate_warnings},
     owners::OWNER_CHECK_PERIOD,
     quota::MAX_PREFIXES_PER_USER,
@@ -370,6 +372,7 @@ impl PortManager {
         drop((ring, state));
         // The grant stands either way; only who issued it would be lost at a restart.
         if let Err(err) = commit.wait().await {
+            self.monitor.record_error(ErrorSource::Store);
             log::warn!("who issued the grant of {addr} on {id} was not saved: {err}");
         }
         Ok(true)
@@ -449,20 +452,6 @@ impl PortManager {
         self.state.lock().await.gate.is_some()
     }
 
-    /// The Prometheus text exposition.
-    pub async fn metrics_text(&self) -> Result<String> {
-        let snapshot = {
-            let state = self.state.lock().await;
-            monitor::snapshot(&state)?
-        };
-        self.monitor
-            .encode(snapshot)
-            .map_err(|err| PortError::MetricCollection {
-                what: "the metrics text",
-                cause: Box::new(err),
-            })
-    }
-
     /// Takes every lifecycle step due now (lease expiry, drain end, quarantine end), and
     /// every [`OWNER_CHECK_PERIOD`] those of owners that are gone
     /// ([`PortManager::check_owners`]), in memory, kernel and store; returns them once they
@@ -472,6 +461,7 @@ impl PortManager {
         if due(&self.last_grant_sweep, GRANT_SWEEP_PERIOD)
             && let Err(err) = self.sweep_grants().await
         {
+            self.monitor.record_error(ErrorSource::Kernel);
             log::error!("sweeping expired grants: {}", Chain(&err));
         }
         let mut steps = Vec::new();
@@ -479,7 +469,10 @@ impl PortManager {
             match self.check_owners().await {
                 Ok(taken) => steps = taken,
                 // Looked at again next period; a store that failed stops the daemon.
-                Err(err) => log::error!("looking at owners: {}", Chain(&err)),
+                Err(err) => {
+                    self.monitor.record_error(ErrorSource::Host);
+                    log::error!("looking at owners: {}", Chain(&err));
+                }
             }
         }
         match self.fleet_mode() {

@@ -22,7 +22,10 @@ use prometheus_client::{
 };
 use tokio::sync::broadcast;
 
-use super::{PortError, Result, State};
+use super::{
+    PortError, Result, State,
+    health::{Health, HealthCollector, HealthSnapshot, ProcessCollector},
+};
 use crate::{
     gate::{DenyEventRecord, GateStats},
     model::{DropReason, PortId, PortMetrics, PortStatus, Protocol, UnixMillis, now_millis},
@@ -61,6 +64,8 @@ pub struct PortsSnapshot {
     pub handshakes_in_flight: u64,
     /// Allocated ports whose owner cgroup no longer exists.
     pub owner_gone: u64,
+    /// The daemon's own health: the kernel maps' fill and the process's figures.
+    pub health: HealthSnapshot,
 }
 
 /// What a scrape shows of `state`, read from the kernel in one pass per map: each
@@ -163,6 +168,9 @@ pub struct PortMonitor {
     gate_watch: super::GateWatch,
     events: broadcast::Sender<(UnixMillis, DenyEventRecord)>,
     recent: Mutex<VecDeque<(UnixMillis, DenyEventRecord)>>,
+    pub(super) health: Arc<Health>,
+    /// The process's figures, unprefixed (`process_cpu_seconds_total`, ...).
+    process: Registry,
 }
 
 impl Default for PortMonitor {
@@ -209,6 +217,15 @@ impl PortMonitor {
         registry.register_collector(Box::new(PortsCollector {
             snapshot: Arc::clone(&snapshot),
         }));
+        let health = Arc::new(Health::new());
+        registry.register_collector(Box::new(HealthCollector {
+            health: Arc::clone(&health),
+            snapshot: Arc::clone(&snapshot),
+        }));
+        let mut process = Registry::default();
+        process.register_collector(Box::new(ProcessCollector {
+            snapshot: Arc::clone(&snapshot),
+        }));
         let (events, _) = broadcast::channel(RECENT_EVENTS);
         Self {
             registry,
@@ -220,6 +237,8 @@ impl PortMonitor {
             gate_watch,
             events,
             recent: Mutex::new(VecDeque::with_capacity(RECENT_EVENTS)),
+            health,
+            process,
         }
     }
 
@@ -309,7 +328,9 @@ impl PortMonitor {
         let mut text = String::new();
         // The collector locks the snapshot itself: release it first.
         drop(guard);
-        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        prometheus_client::encoding::text::encode_registry(&mut text, &self.registry)?;
+        prometheus_client::encoding::text::encode_registry(&mut text, &self.process)?;
+        prometheus_client::encoding::text::encode_eof(&mut text)?;
         Ok(text)
     }
 }
@@ -583,6 +604,7 @@ impl Collector for PortsCollector {
 mod tests {
     use super::{PortMonitor, PortSample, PortsSnapshot, gate_warnings};
     use crate::gate::GateStats;
+    use crate::manager::health::{ErrorSource, HealthSnapshot, ProcessStats};
     use crate::model::{NetnsId, PortId, PortMetrics, PortStatus, Protocol, sample_metrics};
 
     /// The exposition as portgate writes it (`testdata/metrics.txt`): names, help, labels
@@ -637,8 +659,26 @@ mod tests {
             },
             handshakes_in_flight: 23,
             owner_gone: 24,
+            health: HealthSnapshot {
+                maps: vec![crate::gate::MapFill {
+                    map: "PG_POLICY",
+                    entries: 3,
+                    capacity: 262_144,
+                }],
+                process: ProcessStats {
+                    cpu_seconds: 1.5,
+                    resident_bytes: 25,
+                    virtual_bytes: 26,
+                    open_fds: 27,
+                    max_fds: 28,
+                    start_time_seconds: 29.0,
+                },
+            },
         };
-        let text = PortMonitor::new().encode(snapshot).unwrap();
+        let monitor = PortMonitor::new();
+        monitor.record_error(ErrorSource::Audit);
+        monitor.error_counter(ErrorSource::Store).inc();
+        let text = monitor.encode(snapshot).unwrap();
         assert_eq!(text, include_str!("testdata/metrics.txt"));
     }
 

@@ -95,6 +95,10 @@ impl PortManager {
                 });
             report.unexplained_listeners.extend(listeners);
         }
+        let monitor = PortMonitor::new();
+        if let Some(commits) = store.commit_latency() {
+            monitor.watch_commits(commits);
+        }
         let manager = Self {
             state: tokio::sync::Mutex::new(State {
                 allocator,
@@ -102,7 +106,7 @@ impl PortManager {
                 gate,
                 gone: super::Gone::default(),
             }),
-            monitor: PortMonitor::new(),
+            monitor,
             store,
             sockets,
             config,

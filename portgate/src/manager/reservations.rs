@@ -173,6 +173,7 @@ impl PortManager {
             })
             .await;
             if let Err(err) = given {
+                self.monitor.record_error(super::ErrorSource::Host);
                 log::error!(
                     "giving back reserved ports of {label}, tried again later: {}",
                     Chain(&err)

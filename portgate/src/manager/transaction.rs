@@ -9,7 +9,7 @@
 //! durable; if the store refuses it, every port still as the change left it is put back and
 //! no further change is taken until a restart (which makes the kernel equal to the store).
 
-use super::{PortError, PortManager, Result, STORE_ADVICE, State, Ticked, Transition};
+use super::{ErrorSource, PortError, PortManager, Result, STORE_ADVICE, State, Ticked, Transition};
 use crate::text::Chain;
 use crate::{
     model::{Allocation, PortId},
@@ -136,6 +136,7 @@ impl PortManager {
             match state.enforce(id, after.as_ref()) {
                 Ok(()) => changed.push((id, before, after)),
                 Err(err) => {
+                    self.monitor.record_error(ErrorSource::Kernel);
                     state.put_back(id, before);
                     refused.push((id, err));
                 }
@@ -162,6 +163,7 @@ impl PortManager {
         let Err(err) = commit.wait().await else {
             return Ok(());
         };
+        self.monitor.record_error(ErrorSource::Store);
         // First, so that no change queued behind this one is taken meanwhile.
         self.store_failed
             .store(true, std::sync::atomic::Ordering::Release);

@@ -114,6 +114,18 @@ pub trait Store: Send + Sync + 'static {
     fn submit(&self, changes: Vec<Change>) -> Commit;
     /// One line saying what and where the store is (for `portgate status`).
     fn describe(&self) -> String;
+    /// The times its commits take, when it measures them (the metrics show them).
+    fn commit_latency(&self) -> Option<prometheus_client::metrics::histogram::Histogram> {
+        None
+    }
+}
+
+/// The histogram of commit times a store fills: buckets from 100 us to about 3.3 s.
+#[must_use]
+pub fn commit_histogram() -> prometheus_client::metrics::histogram::Histogram {
+    prometheus_client::metrics::histogram::Histogram::new(
+        prometheus_client::metrics::histogram::exponential_buckets(0.000_1, 2.0, 16),
+    )
 }
 
 /// The outcome of a submission: resolves once its changes are durable.

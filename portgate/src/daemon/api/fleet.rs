@@ -29,8 +29,9 @@ pub(super) async fn nodes(caller: Caller) -> Response {
 
 pub(super) async fn repair(caller: Caller, body: Body) -> Response {
     caller
-        .answer("fleet_repair", StatusCode::OK, async |_| {
+        .answer("fleet_repair", StatusCode::OK, async |audit| {
             let request: RepairRequest = json_body(body)?;
+            audit.params.node = Some(crate::daemon::audit::AuditParams::text(&request.node));
             // The second look comes a lease later: a node that is only slow renews by then.
             let confirm_after = caller
                 .app

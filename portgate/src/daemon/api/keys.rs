@@ -6,6 +6,7 @@ use axum::{extract::Path as UrlPath, http::StatusCode, response::Response};
 use super::{ApiError, Caller, json_body};
 use crate::{
     api::{KeyCreated, KeyPort, KeyRequestBody, KeyView},
+    daemon::audit::AuditParams,
     knock::{self, KeyFile},
     manager::keys::KeyRequest,
     model::{ClientKey, PortId},
@@ -18,6 +19,8 @@ pub(super) async fn add(caller: Caller, body: Body) -> Response {
         .answer("key_add", StatusCode::CREATED, async |audit| {
             let request: KeyRequestBody = json_body(body)?;
             audit.key = Some(request.name.clone());
+            audit.params.ttl = Some(AuditParams::duration(request.max_ttl));
+            audit.params.any_source = Some(request.any_source);
             let key = caller
                 .app
                 .manager

@@ -33,12 +33,12 @@ use serde::{Serialize, de::DeserializeOwned};
 pub use self::reads::{metrics_response, metrics_router};
 use super::{
     App,
-    audit::{AuditRecord, now_rfc3339},
+    audit::{AuditParams, AuditRecord, now_rfc3339},
     auth::Peer,
 };
 use crate::{
     api::{ErrorBody, MAX_BODY_BYTES},
-    manager::{Actor, PortError},
+    manager::{Actor, ErrorSource, PortError},
     model::{NetnsId, PortId, Protocol, UnknownProtocol},
 };
 
@@ -138,6 +138,8 @@ struct Audit {
     key: Option<String>,
     /// The source address named (a grant's).
     addr: Option<IpAddr>,
+    /// What the request asked for.
+    params: AuditParams,
     started: Instant,
 }
 
@@ -149,6 +151,7 @@ impl Audit {
             id: None,
             key: None,
             addr: None,
+            params: AuditParams::default(),
             started: Instant::now(),
         }
     }
@@ -192,16 +195,18 @@ impl Caller {
             Ok(value) => (ok, "ok".to_owned(), (ok, Json(value)).into_response()),
             Err(err) => (err.status(), err.code(), err.into_response()),
         };
-        self.record(&audit, status, &code);
+        self.record(audit, status, &code);
         response
     }
 
-    /// Times an answered request and writes its audit record.
-    fn record(&self, audit: &Audit, status: StatusCode, code: &str) {
-        self.app
-            .manager
-            .monitor()
-            .record_api_latency(audit.action, audit.started.elapsed().as_secs_f64());
+    /// Times an answered request and writes its audit record; a request that failed
+    /// with a 5xx is counted as an error of the API.
+    fn record(&self, audit: Audit, status: StatusCode, code: &str) {
+        let monitor = self.app.manager.monitor();
+        monitor.record_api_latency(audit.action, audit.started.elapsed().as_secs_f64());
+        if status.is_server_error() {
+            monitor.record_error(ErrorSource::Api);
+        }
         let proto = audit.id.map(|id| id.protocol.to_string());
         self.app.audit.record(&AuditRecord {
             time: now_rfc3339(),
@@ -220,6 +225,7 @@ impl Caller {
             addr: audit.addr,
             grant_for: None,
             count: None,
+            params: audit.params,
         });
     }
 
@@ -300,7 +306,7 @@ impl PortCall {
         self,
         action: &'static str,
         ok: StatusCode,
-        call: impl AsyncFnOnce(&App, PortId, HashMap<String, String>) -> ApiResult<T>,
+        call: impl AsyncFnOnce(&App, PortId, HashMap<String, String>, &mut Audit) -> ApiResult<T>,
     ) -> Response {
         let Self {
             caller,
@@ -313,7 +319,7 @@ impl PortCall {
                 let id = caller.port_id(&port, &query)?;
                 audit.id = Some(id);
                 audit.addr = query.get("ip").and_then(|ip| ip.parse().ok());
-                call(&caller.app, id, query).await
+                call(&caller.app, id, query, audit).await
             })
             .await
     }
@@ -323,11 +329,13 @@ impl PortCall {
         self,
         action: &'static str,
         ok: StatusCode,
-        call: impl AsyncFnOnce(&App, Actor, PortId) -> ApiResult<T>,
+        call: impl AsyncFnOnce(&App, Actor, PortId, &mut Audit) -> ApiResult<T>,
     ) -> Response {
         let actor = self.caller.actor();
-        self.answer(action, ok, async |app, id, _| call(app, actor?, id).await)
-            .await
+        self.answer(action, ok, async |app, id, _, audit| {
+            call(app, actor?, id, audit).await
+        })
+        .await
     }
 }
 

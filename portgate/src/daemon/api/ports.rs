@@ -11,6 +11,7 @@ use crate::{
         AllocRequest, AllocationView, CheckResponse, GrantInfoView, GrantRequest, OwnerSpec,
         RenewRequest,
     },
+    daemon::audit::AuditParams,
     manager::PortError,
     model::{AccessChange, AllocationRequest, NetnsId, Owner, PortId, Protocol},
 };
@@ -22,6 +23,7 @@ pub(super) async fn alloc(caller: Caller, body: Body) -> Response {
         .answer("alloc", StatusCode::CREATED, async |audit| {
             let actor = caller.actor()?;
             let request: AllocRequest = json_body(body)?;
+            audit.params = alloc_params(&request);
             let protocol = request.proto.unwrap_or(Protocol::Tcp);
             audit.id = request.port.map(|port| PortId::new(port, protocol));
             let placement = placement::resolve(&request.owner_spec(), actor)?;
@@ -50,6 +52,33 @@ pub(super) async fn alloc(caller: Caller, body: Body) -> Response {
         .await
 }
 
+/// What an allocation request asks for, as its audit record shows it.
+fn alloc_params(request: &AllocRequest) -> AuditParams {
+    let (allow, allow_count) = AuditParams::prefixes(request.allow.iter());
+    AuditParams {
+        owner: Some(AuditParams::text(&request.owner)),
+        allow,
+        allow_count,
+        max_connections: request.max_conns,
+        require_auth: request.require_auth.then_some(true),
+        ttl: request.ttl.map(AuditParams::duration),
+        publish: request.publish,
+        ..owner_params(&request.owner_spec())
+    }
+}
+
+/// The owner (cgroup, process, container, namespace) a request names, as its audit record
+/// shows it.
+fn owner_params(spec: &OwnerSpec) -> AuditParams {
+    AuditParams {
+        cgroup: spec.cgroup.as_deref().map(AuditParams::path),
+        owner_pid: spec.pid,
+        container: spec.container.as_deref().map(AuditParams::text),
+        netns_path: spec.netns.as_deref().map(AuditParams::path),
+        ..AuditParams::default()
+    }
+}
+
 pub(super) async fn list(caller: Caller) -> Response {
     caller
         .answer("list", StatusCode::OK, async |_| {
@@ -66,7 +95,7 @@ pub(super) async fn list(caller: Caller) -> Response {
 }
 
 pub(super) async fn show(call: PortCall) -> Response {
-    call.answer("show", StatusCode::OK, async |app, id, _| {
+    call.answer("show", StatusCode::OK, async |app, id, _, _| {
         let held = app
             .manager
             .allocation(id)
@@ -81,7 +110,7 @@ pub(super) async fn show(call: PortCall) -> Response {
 /// `DELETE /v1/ports/{port}` and `POST .../drain` are the one release: the port goes
 /// Draining. The audit log names the action asked for.
 async fn release_as(call: PortCall, action: &'static str) -> Response {
-    call.change(action, StatusCode::OK, async |app, actor, id| {
+    call.change(action, StatusCode::OK, async |app, actor, id, _| {
         let held = app.manager.release(id, actor).await?;
         let connections = app.manager.get_state(id).await.connections;
         Ok(AllocationView::new(&held, connections))
@@ -98,12 +127,13 @@ pub(super) async fn drain(call: PortCall) -> Response {
 }
 
 pub(super) async fn renew(call: PortCall, body: Body) -> Response {
-    call.change("renew", StatusCode::OK, async |app, actor, id| {
+    call.change("renew", StatusCode::OK, async |app, actor, id, audit| {
         let request: RenewRequest = if body.as_ref().is_ok_and(Bytes::is_empty) {
             RenewRequest::default()
         } else {
             json_body(body)?
         };
+        audit.params.ttl = request.ttl.map(AuditParams::duration);
         let held = app.manager.renew(id, request.ttl, actor).await?;
         Ok(AllocationView::new(&held, 0))
     })
@@ -111,8 +141,19 @@ pub(super) async fn renew(call: PortCall, body: Body) -> Response {
 }
 
 pub(super) async fn access(call: PortCall, body: Body) -> Response {
-    call.change("access", StatusCode::OK, async |app, actor, id| {
+    call.change("access", StatusCode::OK, async |app, actor, id, audit| {
         let change: AccessChange = json_body(body)?;
+        let (allow, allow_count) = AuditParams::prefixes(change.allow.iter());
+        let (remove, remove_count) = AuditParams::prefixes(change.remove.iter());
+        audit.params = AuditParams {
+            allow,
+            allow_count,
+            remove,
+            remove_count,
+            max_connections: change.max_connections,
+            require_auth: change.require_authentication,
+            ..AuditParams::default()
+        };
         let held = app.manager.set_access(id, change, actor).await?;
         let connections = app.manager.get_state(id).await.connections;
         Ok(AllocationView::new(&held, connections))
@@ -124,8 +165,9 @@ pub(super) async fn access(call: PortCall, body: Body) -> Response {
 /// container restarted into a new cgroup). A process or container named must be in the
 /// port's own namespace.
 pub(super) async fn owner(call: PortCall, body: Body) -> Response {
-    call.change("owner", StatusCode::OK, async |app, actor, id| {
+    call.change("owner", StatusCode::OK, async |app, actor, id, audit| {
         let spec: OwnerSpec = json_body(body)?;
+        audit.params = owner_params(&spec);
         if spec.netns.is_some() {
             return Err(ApiError::bad(
                 "invalid_port_request",
@@ -153,19 +195,25 @@ pub(super) async fn owner(call: PortCall, body: Body) -> Response {
 }
 
 pub(super) async fn grant(call: PortCall, body: Body) -> Response {
-    call.change("grant", StatusCode::NO_CONTENT, async |app, actor, id| {
-        let request: GrantRequest = json_body(body)?;
-        Ok(app
-            .manager
-            .grant(id, request.ip, request.ttl, actor)
-            .await?)
-    })
+    call.change(
+        "grant",
+        StatusCode::NO_CONTENT,
+        async |app, actor, id, audit| {
+            let request: GrantRequest = json_body(body)?;
+            audit.addr = Some(request.ip);
+            audit.params.ttl = Some(AuditParams::duration(request.ttl));
+            Ok(app
+                .manager
+                .grant(id, request.ip, request.ttl, actor)
+                .await?)
+        },
+    )
     .await
 }
 
 pub(super) async fn grants(call: PortCall) -> Response {
     let actor = call.caller.actor();
-    call.answer("grants", StatusCode::OK, async |app, id, _| {
+    call.answer("grants", StatusCode::OK, async |app, id, _, _| {
         let grants = app.manager.grants(id, actor?).await?;
         Ok(grants
             .into_iter()
@@ -181,10 +229,14 @@ pub(super) async fn grants(call: PortCall) -> Response {
 
 pub(super) async fn revoke_grant(call: PortCall) -> Response {
     let actor = call.caller.actor();
-    call.answer("revoke", StatusCode::NO_CONTENT, async |app, id, query| {
-        let ip = query_ip(&query)?;
-        Ok(app.manager.revoke_grant(id, ip, actor?).await?)
-    })
+    call.answer(
+        "revoke",
+        StatusCode::NO_CONTENT,
+        async |app, id, query, _| {
+            let ip = query_ip(&query)?;
+            Ok(app.manager.revoke_grant(id, ip, actor?).await?)
+        },
+    )
     .await
 }
 
@@ -202,7 +254,7 @@ fn query_ip(query: &std::collections::HashMap<String, String>) -> Result<IpAddr,
 }
 
 pub(super) async fn check(call: PortCall) -> Response {
-    call.answer("check", StatusCode::OK, async |app, id, query| {
+    call.answer("check", StatusCode::OK, async |app, id, query, _| {
         let ip = query_ip(&query)?;
         let (allowed, reason, message) = match app.manager.refusal(id, ip).await {
             None => (true, None, None),

@@ -58,7 +58,7 @@ pub(super) async fn events(caller: Caller, query: QueryMap) -> Response {
         let label = labels.of(app, event.id.netns).await;
         recent.push(json_line(&EventView::new(&event, time, label)));
     }
-    caller.record(&super::Audit::started("events"), StatusCode::OK, "ok");
+    caller.record(super::Audit::started("events"), StatusCode::OK, "ok");
     let head = stream::iter(recent.into_iter().map(Ok::<_, std::io::Error>));
     let body = if follow {
         let shutdown = app.shutdown.clone();
@@ -197,7 +197,7 @@ fn fleet_view(app: &crate::daemon::App) -> Option<crate::api::FleetView> {
 pub(super) async fn metrics(caller: Caller) -> Response {
     match caller.app.manager.metrics_text().await {
         Ok(text) => {
-            caller.record(&super::Audit::started("metrics"), StatusCode::OK, "ok");
+            caller.record(super::Audit::started("metrics"), StatusCode::OK, "ok");
             metrics_response(text)
         }
         Err(err) => {

@@ -11,6 +11,7 @@ use std::{
     thread,
 };
 
+use prometheus_client::metrics::histogram::Histogram;
 use redb::{
     Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
     TableDefinition, WriteTransaction,
@@ -84,6 +85,8 @@ pub struct RedbStore {
     submissions: RwLock<Option<mpsc::Sender<Submission>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
     stats: Arc<Mutex<CommitStats>>,
+    /// How long each transaction took to write and sync, failed ones included.
+    commit_latency: Histogram,
 }
 
 impl RedbStore {
@@ -123,13 +126,15 @@ impl RedbStore {
 
         let database = Arc::new(database);
         let stats = Arc::new(Mutex::new(CommitStats::default()));
+        let commit_latency = super::commit_histogram();
         let (sender, receiver) = mpsc::channel();
         let writer = thread::Builder::new()
             .name(WRITER_THREAD.to_owned())
             .spawn({
                 let database = Arc::clone(&database);
                 let stats = Arc::clone(&stats);
-                move || write_loop(&database, &receiver, &stats)
+                let latency = commit_latency.clone();
+                move || write_loop(&database, &receiver, &stats, &latency)
             })
             .map_err(|error| open_failed(format!("starting the writer thread: {error}")))?;
         Ok(Self {
@@ -138,6 +143,7 @@ impl RedbStore {
             submissions: RwLock::new(Some(sender)),
             writer: Mutex::new(Some(writer)),
             stats,
+            commit_latency,
         })
     }
 
@@ -262,6 +268,10 @@ impl Store for RedbStore {
         commit
     }
 
+    fn commit_latency(&self) -> Option<Histogram> {
+        Some(self.commit_latency.clone())
+    }
+
     fn describe(&self) -> String {
         // The count is a header field, not a scan; a failed read just leaves it out.
         match self.allocation_count() {
@@ -320,12 +330,15 @@ fn write_loop(
     database: &Database,
     submissions: &mpsc::Receiver<Submission>,
     stats: &Mutex<CommitStats>,
+    latency: &Histogram,
 ) {
     while let Ok(first) = submissions.recv() {
         let mut batch = vec![first];
         batch.extend(submissions.try_iter().take(MAX_BATCH - 1));
 
+        let started = std::time::Instant::now();
         let outcome = write_batch(database, &batch);
+        latency.observe(started.elapsed().as_secs_f64());
         if outcome.is_ok() {
             let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
             stats.batches += 1;
