@@ -50,7 +50,11 @@ fn check_access(protocol: Protocol, access: &PortAccessControl) {
 /// An owner spec that passes its check names at most one owner, a namespace only beside a
 /// cgroup, and a cgroup by an absolute path.
 fn check_owner(spec: &OwnerSpec) {
-    let named = [spec.cgroup.is_some(), spec.pid.is_some(), spec.container.is_some()];
+    let named = [
+        spec.cgroup.is_some(),
+        spec.pid.is_some(),
+        spec.container.is_some(),
+    ];
     if spec.check().is_ok() {
         assert!(named.iter().filter(|given| **given).count() <= 1);
         assert!(spec.netns.is_none() || (spec.pid.is_none() && spec.container.is_none()));

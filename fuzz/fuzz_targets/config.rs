@@ -44,9 +44,11 @@ fuzz_target!(|data: &[u8]| {
     }
     assert!(daemon.socket_mode.bits() <= MAX_SOCKET_MODE);
     assert!(!daemon.admin_group.trim().is_empty());
-    assert!(daemon.xdp_interfaces.iter().all(|name| {
-        (1..=MAX_IFNAME_LEN).contains(&name.len()) && !name.contains(['/', ':'])
-    }));
+    assert!(
+        daemon.xdp_interfaces.iter().all(|name| {
+            (1..=MAX_IFNAME_LEN).contains(&name.len()) && !name.contains(['/', ':'])
+        })
+    );
     assert!(config.auth.window >= std::time::Duration::from_secs(1));
     assert!(config.auth.window <= AuthConfig::MAX_WINDOW);
     if let Some(cluster) = &config.cluster {
@@ -58,7 +60,11 @@ fuzz_target!(|data: &[u8]| {
     // Written back, it loads again to the same configuration.
     let written = toml::to_string(&config)
         .unwrap_or_else(|err| panic!("{config:?} does not write as TOML: {err}"));
-    let again = Config::from_toml_str(&written, origin)
-        .unwrap_or_else(|err| panic!("the configuration written back is refused: {err}\n{written}"));
-    assert_eq!(again, config, "the configuration changes when written back:\n{written}");
+    let again = Config::from_toml_str(&written, origin).unwrap_or_else(|err| {
+        panic!("the configuration written back is refused: {err}\n{written}")
+    });
+    assert_eq!(
+        again, config,
+        "the configuration changes when written back:\n{written}"
+    );
 });

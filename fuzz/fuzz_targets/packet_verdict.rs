@@ -47,7 +47,9 @@ fn harness() -> &'static Mutex<Harness> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let mut harness = harness().lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut harness = harness()
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     harness.start_input();
     let mut rest = data;
     for _ in 0..MAX_FRAMES {
@@ -66,7 +68,11 @@ fuzz_target!(|data: &[u8]| {
             panic!(
                 "the kernel and the userspace verdict differ on a frame for {hook:?}{}: \
                  {divergence:?}\nframe: {frame:02x?}",
-                if in_container { " in the container" } else { "" }
+                if in_container {
+                    " in the container"
+                } else {
+                    ""
+                }
             );
         }
     }

@@ -88,14 +88,22 @@ fn ports() -> Vec<Port> {
             policy(Active, &["198.18.0.0/24", "fd00:7067::/32"], 2, false),
         ),
         host(20_002, Protocol::Tcp, policy(Active, &[], 1, true)),
-        host(20_003, Protocol::Tcp, policy(Draining, &["198.18.0.0/16"], 0, false)),
+        host(
+            20_003,
+            Protocol::Tcp,
+            policy(Draining, &["198.18.0.0/16"], 0, false),
+        ),
         host(
             20_004,
             Protocol::Udp,
             policy(Active, &["203.0.113.0/25", "2001:db8::/48"], 0, true),
         ),
         host(20_005, Protocol::Udp, policy(Closed, &[], 0, false)),
-        host(20_006, Protocol::Tcp, policy(Active, &["0.0.0.0/0"], 1, false)),
+        host(
+            20_006,
+            Protocol::Tcp,
+            policy(Active, &["0.0.0.0/0"], 1, false),
+        ),
         container(
             80,
             Protocol::Tcp,
@@ -201,7 +209,8 @@ impl Harness {
         let mut model = GateModel::new(MIN_PORT, MAX_PORT);
         let ports = ports();
         for port in &ports {
-            gate.set_policy(port.id, &port.policy).expect("set a policy");
+            gate.set_policy(port.id, &port.policy)
+                .expect("set a policy");
             model.set_policy(port.id, port.policy.clone());
         }
         let now = monotonic_now_ns();
@@ -254,7 +263,12 @@ impl Harness {
     ///
     /// # Panics
     /// When the test run itself fails.
-    pub fn judge(&mut self, hook: Hook, in_container: bool, frame: &[u8]) -> Result<(), Divergence> {
+    pub fn judge(
+        &mut self,
+        hook: Hook,
+        in_container: bool,
+        frame: &[u8],
+    ) -> Result<(), Divergence> {
         let Some(read) = frame::read(hook, frame) else {
             return Ok(());
         };
@@ -297,9 +311,10 @@ impl Harness {
         };
         packet.netns = netns;
         let verdict = decide(&self.model, &packet, monotonic_now_ns());
-        let limited = self.model.policy(packet.port()).map(|(home, policy)| {
-            (home, policy.access.max_connections != 0)
-        });
+        let limited = self
+            .model
+            .policy(packet.port())
+            .map(|(home, policy)| (home, policy.access.max_connections != 0));
         match (verdict, limited) {
             // A limited TCP port's new connection that gets this far takes a reservation
             // for its flow, or passes on the one it holds.

@@ -16,8 +16,8 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use serde_json::json;
 use clap::Args;
+use serde_json::json;
 
 use crate::setup;
 
@@ -102,9 +102,10 @@ struct Summary {
 }
 
 impl Summary {
+    /// The summary line, and the coverage reached on the next (indented) line.
     fn line(&self) -> String {
         format!(
-            "fuzz: {}: {} runs in {} s, {} crashes (cov {}, ft {}, corpus {})",
+            "fuzz: {}: {} runs in {} s, {} crashes\n  coverage {}, features {}, corpus {}",
             self.target,
             self.runs,
             self.seconds,

@@ -82,7 +82,10 @@ mod tests {
     #[test]
     fn a_bad_body_is_answered_with_the_field_that_is_wrong() {
         let err = decode_body::<AllocRequest>(br#"{"owner":"web","port":70000}"#).unwrap_err();
-        assert!(err.starts_with("the request body's field port is not valid"), "{err}");
+        assert!(
+            err.starts_with("the request body's field port is not valid"),
+            "{err}"
+        );
         let err = decode_body::<AllocRequest>(b"[").unwrap_err();
         assert!(err.starts_with("the request body is not valid"), "{err}");
     }
@@ -90,12 +93,20 @@ mod tests {
     #[test]
     fn an_owner_is_named_once_and_a_new_owner_without_a_namespace() {
         let spec = |json: &str| decode_body::<OwnerSpec>(json.as_bytes()).unwrap();
-        assert!(spec(r#"{"cgroup":"/sys/fs/cgroup/a","netns":"/run/netns/b"}"#).check().is_ok());
+        assert!(
+            spec(r#"{"cgroup":"/sys/fs/cgroup/a","netns":"/run/netns/b"}"#)
+                .check()
+                .is_ok()
+        );
         assert!(spec(r#"{"cgroup":"/a","pid":1}"#).check().is_err());
         assert!(spec(r#"{"pid":1,"netns":"/run/netns/b"}"#).check().is_err());
         assert!(spec(r#"{"cgroup":"relative"}"#).check().is_err());
         assert!(spec(r#"{"pid":1}"#).check_new_owner().is_ok());
         assert!(spec("{}").check_new_owner().is_err());
-        assert!(spec(r#"{"cgroup":"/a","netns":"/b"}"#).check_new_owner().is_err());
+        assert!(
+            spec(r#"{"cgroup":"/a","netns":"/b"}"#)
+                .check_new_owner()
+                .is_err()
+        );
     }
 }
