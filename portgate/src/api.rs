@@ -24,11 +24,14 @@
 //!
 //! Errors answer a 4xx/5xx status with [`ErrorBody`].
 
+pub mod checks;
+
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+pub use self::checks::decode_body;
 #[doc(no_inline)]
 pub use crate::model::{AccessChange, PortReport};
 use crate::{

@@ -37,7 +37,7 @@ use super::{
     auth::Peer,
 };
 use crate::{
-    api::{ErrorBody, MAX_BODY_BYTES},
+    api::{ErrorBody, MAX_BODY_BYTES, decode_body},
     manager::{Actor, ErrorSource, PortError},
     model::{NetnsId, PortId, Protocol, UnknownProtocol},
 };
@@ -360,19 +360,7 @@ fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiRes
             ),
         ),
     })?;
-    let mut decoder = serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(&mut decoder).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        ApiError::bad(
-            "bad_json",
-            if path == "." {
-                format!("the request body is not valid: {inner}")
-            } else {
-                format!("the request body's field {path} is not valid: {inner}")
-            },
-        )
-    })
+    decode_body(&bytes).map_err(|message| ApiError::bad("bad_json", message))
 }
 
 type QueryMap = Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>;

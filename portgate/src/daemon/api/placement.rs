@@ -21,39 +21,14 @@ pub(super) struct Placement {
     pub owner: Option<OwnerCgroup>,
 }
 
-/// Finds the owner cgroup and the namespace `spec` names. At most one of `cgroup`, `pid`
-/// and `container` names the owner; `netns` names the namespace only beside `cgroup` or
-/// alone (a process and a container have their own). Only an admin may name a namespace
-/// other than the host's.
+/// Finds the owner cgroup and the namespace `spec` names, once its shape checks out
+/// ([`OwnerSpec::check`]: at most one of `cgroup`, `pid` and `container` names the owner;
+/// `netns` names the namespace only beside `cgroup` or alone, a process and a container
+/// having their own). Only an admin may name a namespace other than the host's.
 pub(super) fn resolve(spec: &OwnerSpec, actor: Actor) -> ApiResult<Placement> {
-    let named = [
-        spec.cgroup.is_some(),
-        spec.pid.is_some(),
-        spec.container.is_some(),
-    ]
-    .into_iter()
-    .filter(|given| *given)
-    .count();
-    if named > 1 {
-        return Err(invalid(
-            "give one of cgroup, pid and container, not several",
-        ));
-    }
-    if spec.netns.is_some() && (spec.pid.is_some() || spec.container.is_some()) {
-        return Err(invalid(
-            "a process or a container names its own namespace: give netns only with cgroup, or alone",
-        ));
-    }
+    spec.check().map_err(|message| invalid(&message))?;
     let (cgroup, found_netns) = match (&spec.cgroup, spec.pid, &spec.container) {
-        (Some(path), _, _) => {
-            if !path.is_absolute() {
-                return Err(invalid(&format!(
-                    "cgroup {} is not an absolute path: give the cgroup2 directory, e.g. /sys/fs/cgroup/my.slice",
-                    path.display()
-                )));
-            }
-            (Some(path.clone()), None)
-        }
+        (Some(path), _, _) => (Some(path.clone()), None),
         (None, Some(pid), _) => {
             let cgroup = host::cgroups::of_pid(pid).map_err(|err| {
                 invalid(&format!(

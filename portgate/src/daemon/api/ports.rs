@@ -168,14 +168,11 @@ pub(super) async fn owner(call: PortCall, body: Body) -> Response {
     call.change("owner", StatusCode::OK, async |app, actor, id, audit| {
         let spec: OwnerSpec = json_body(body)?;
         audit.params = owner_params(&spec);
-        if spec.netns.is_some() {
-            return Err(ApiError::bad(
-                "invalid_port_request",
-                "a port keeps its namespace: name only its new owner (cgroup, pid or container)",
-            ));
-        }
+        spec.check_new_owner()
+            .map_err(|message| ApiError::bad("invalid_port_request", message))?;
         let placement = placement::resolve(&spec, actor)?;
         let Some(cgroup) = placement.owner else {
+            // check_new_owner made sure one is named, and every one names a cgroup.
             return Err(ApiError::bad(
                 "invalid_port_request",
                 "name the new owner: cgroup, pid or container",
