@@ -259,23 +259,37 @@ fn render(run: &Run, findings: &[Finding], fuzz: Option<&Value>, machine: &str) 
     text
 }
 
-/// The fuzzing table from `target/fuzz/summary.json` (an array of objects, one per
-/// target); whether there was one.
+/// The fuzzing table from `target/fuzz/summary.json` (`cargo xtask fuzz`'s: an object
+/// whose `targets` are one object per target); whether there was one.
 fn render_fuzz(text: &mut String, run: &Run, fuzz: Option<&Value>) -> bool {
     if run.fuzz_seconds == 0 {
         let _ = writeln!(text, "Not run (`--fuzz-seconds 0`).");
         return true;
     }
-    let Some(Value::Array(targets)) = fuzz else {
+    let Some(Value::Array(targets)) = fuzz.and_then(|summary| summary.get("targets")) else {
         return false;
     };
     let _ = writeln!(
         text,
-        "Every fuzz target for {} s (libFuzzer, address sanitizer, from the seeds in `fuzz/seeds/`):\n",
+        "Every fuzz target for {} s (libFuzzer with the address sanitizer, from the seeds in \
+         `fuzz/seeds/`; what each target checks is in `docs/fuzzing.md`):\n\n\
+         | target | inputs run | seconds | crashes | coverage | features | corpus |\n\
+         |---|---:|---:|---:|---:|---:|---:|",
         run.fuzz_seconds
     );
     for target in targets {
-        let _ = writeln!(text, "- {}", figures_line(target));
+        let cell = |key: &str| target.get(key).map_or_else(String::new, plain);
+        let _ = writeln!(
+            text,
+            "| `{}` | {} | {} | {} | {} | {} | {} |",
+            cell("target"),
+            cell("runs"),
+            cell("seconds"),
+            cell("crashes"),
+            cell("coverage"),
+            cell("features"),
+            cell("corpus")
+        );
     }
     true
 }
