@@ -7,12 +7,14 @@
 //! nothing. `ports` holds the calls on ports, `reads` the views of the whole daemon,
 //! `namespace` what a namespace's name means.
 
+pub mod connections;
 mod fleet;
 mod keys;
 mod namespace;
 mod placement;
 mod ports;
 mod reads;
+mod serve;
 
 use std::{collections::HashMap, convert::Infallible, net::IpAddr, sync::Arc, time::Instant};
 
@@ -347,13 +349,22 @@ fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiRes
         body: ErrorBody::bad_request(
             "bad_body",
             format!(
-                "{}: a request body may have at most {MAX_BODY_BYTES} bytes",
-                rejection.body_text()
+                "{}: a request body may have at most {MAX_BODY_BYTES} bytes, sent within {:?} of its head",
+                rejection.body_text(),
+                connections::BODY_TIMEOUT
             ),
         ),
     })?;
+    // Every body is an object: serde would also take an array for a struct (`[]` as an
+    // empty change), which no client means.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(ApiError::bad(
+            "bad_json",
+            "the request body is not a JSON object: send one object, {\"field\": value, ...}",
+        ));
+    }
     let mut decoder = serde_json::Deserializer::from_slice(&bytes);
-    serde_path_to_error::deserialize(&mut decoder).map_err(|err| {
+    let value = serde_path_to_error::deserialize(&mut decoder).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         ApiError::bad(
@@ -364,7 +375,15 @@ fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiRes
                 format!("the request body's field {path} is not valid: {inner}")
             },
         )
-    })
+    })?;
+    // Anything after the value (`{...}garbage`, a second value) makes the body wrong too.
+    decoder.end().map_err(|err| {
+        ApiError::bad(
+            "bad_json",
+            format!("the request body is not valid: {err}: send one JSON value"),
+        )
+    })?;
+    Ok(value)
 }
 
 type QueryMap = Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>;
