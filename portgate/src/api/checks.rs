@@ -8,10 +8,18 @@ use serde::de::DeserializeOwned;
 use super::OwnerSpec;
 
 /// Decodes a JSON request body as the daemon does; `Err` is the message of its
-/// `bad_json` answer, naming the field that is wrong.
+/// `bad_json` answer, naming the field that is wrong. A body is exactly one JSON object.
 pub fn decode_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+    // Every body is an object: serde would also take an array for a struct (`[]` as an
+    // empty change), which no client means.
+    if bytes.trim_ascii_start().first() != Some(&b'{') {
+        return Err(
+            "the request body is not a JSON object: send one object, {\"field\": value, ...}"
+                .to_owned(),
+        );
+    }
     let mut decoder = serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(&mut decoder).map_err(|err| {
+    let value = serde_path_to_error::deserialize(&mut decoder).map_err(|err| {
         let path = err.path().to_string();
         let inner = err.into_inner();
         if path == "." {
@@ -19,7 +27,12 @@ pub fn decode_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
         } else {
             format!("the request body's field {path} is not valid: {inner}")
         }
-    })
+    })?;
+    // Anything after the value (`{...}garbage`, a second value) makes the body wrong too.
+    decoder
+        .end()
+        .map_err(|err| format!("the request body is not valid: {err}: send one JSON value"))?;
+    Ok(value)
 }
 
 impl OwnerSpec {

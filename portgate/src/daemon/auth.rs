@@ -1,8 +1,7 @@
 //! Who is calling: the peer credentials of the API socket, and the admin group.
 
-use axum::serve::IncomingStream;
 use nix::unistd::{Gid, Group, Uid, User};
-use tokio::net::UnixListener;
+use tokio::net::UnixStream;
 
 use crate::manager::Actor;
 
@@ -29,9 +28,11 @@ impl Peer {
     }
 }
 
-impl axum::extract::connect_info::Connected<IncomingStream<'_, UnixListener>> for Peer {
-    fn connect_info(stream: IncomingStream<'_, UnixListener>) -> Self {
-        match stream.io().peer_cred() {
+impl Peer {
+    /// The peer at the other end of an API connection, as the kernel tells it.
+    #[must_use]
+    pub fn of(stream: &UnixStream) -> Self {
+        match stream.peer_cred() {
             Ok(cred) => Self {
                 uid: Some(cred.uid()),
                 gid: Some(cred.gid()),

@@ -72,6 +72,8 @@ pub struct App {
     pub start_report: StartReport,
     /// Becomes `true` at shutdown (ends event streams).
     pub shutdown: watch::Receiver<bool>,
+    /// The API's connections, their limits and metrics.
+    pub connections: Arc<api::connections::ApiConnections>,
 }
 
 /// The configuration at `path` (or the default file, which may be missing).
@@ -134,6 +136,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
 
     let audit = open_audit(daemon, &manager)?;
     let admin = AdminGroup::resolve(&daemon.admin_group);
+    let connections = open_connections();
     let listener = bind_socket(&daemon.socket, daemon.socket_mode.bits(), &admin)?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let app = Arc::new(App {
@@ -145,6 +148,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
         warnings,
         start_report,
         shutdown: shutdown_rx.clone(),
+        connections,
     });
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -293,27 +297,44 @@ fn open_manager(
     Ok((Arc::new(manager), start_report))
 }
 
+/// The API's connection limits, fitted to the open-file limit (raised first as far as they
+/// need).
+fn open_connections() -> Arc<api::connections::ApiConnections> {
+    use api::connections::{ApiConnections, Limits, MAX_CONNECTIONS, raise_open_file_limit};
+    let descriptors = raise_open_file_limit();
+    let limits = Limits::fitted(descriptors);
+    if limits.total < MAX_CONNECTIONS {
+        log::warn!(
+            "the open-file limit is {descriptors}: the API takes {} connections at once rather than {MAX_CONNECTIONS} (raise LimitNOFILE)",
+            limits.total
+        );
+    }
+    ApiConnections::new(limits)
+}
+
 /// Serves the API on the socket until shutdown.
 fn spawn_api(
     listener: UnixListener,
     app: &Arc<App>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> tokio::task::JoinHandle<std::io::Result<()>> {
-    let api = api::router(Arc::clone(app)).into_make_service_with_connect_info::<auth::Peer>();
-    tokio::spawn(async move {
-        axum::serve(listener, api)
-            .with_graceful_shutdown(async move {
-                let _closed = shutdown.wait_for(|stop| *stop).await;
-            })
-            .await
-    })
+    let router = api::router(Arc::clone(app)).layer(axum::middleware::from_fn_with_state(
+        Arc::clone(&app.connections),
+        api::connections::pace_whole_reads,
+    ));
+    tokio::spawn(api::connections::serve_socket(
+        listener,
+        router,
+        Arc::clone(&app.connections),
+        shutdown,
+    ))
 }
 
 /// Serves `GET /metrics` on `address` (nothing when it is `None`).
 async fn spawn_metrics(
     app: &Arc<App>,
     address: Option<SocketAddr>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<Option<tokio::task::JoinHandle<std::io::Result<()>>>> {
     let Some(address) = address else {
         return Ok(None);
@@ -321,14 +342,16 @@ async fn spawn_metrics(
     let tcp = TcpListener::bind(address)
         .await
         .with_context(|| format!("listening on {address} for metrics"))?;
-    let router = api::metrics_router(Arc::clone(app));
-    Ok(Some(tokio::spawn(async move {
-        axum::serve(tcp, router)
-            .with_graceful_shutdown(async move {
-                let _closed = shutdown.wait_for(|stop| *stop).await;
-            })
-            .await
-    })))
+    let router = api::metrics_router(Arc::clone(app)).layer(axum::middleware::from_fn_with_state(
+        Arc::clone(&app.connections),
+        api::connections::pace_whole_reads,
+    ));
+    Ok(Some(tokio::spawn(api::connections::serve_metrics(
+        tcp,
+        router,
+        Arc::clone(&app.connections),
+        shutdown,
+    ))))
 }
 
 /// What [`install_gate`] gives the daemon besides the gate.

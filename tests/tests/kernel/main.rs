@@ -11,6 +11,7 @@
 
 mod allowlist;
 mod allowlist_change;
+mod api_abuse;
 mod audit_health;
 mod bind_ownership;
 mod conn_limit;

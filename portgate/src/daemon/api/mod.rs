@@ -7,12 +7,14 @@
 //! nothing. `ports` holds the calls on ports, `reads` the views of the whole daemon,
 //! `namespace` what a namespace's name means.
 
+pub mod connections;
 mod fleet;
 mod keys;
 mod namespace;
 mod placement;
 mod ports;
 mod reads;
+mod serve;
 
 use std::{collections::HashMap, convert::Infallible, net::IpAddr, sync::Arc, time::Instant};
 
@@ -355,8 +357,9 @@ fn json_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> ApiRes
         body: ErrorBody::bad_request(
             "bad_body",
             format!(
-                "{}: a request body may have at most {MAX_BODY_BYTES} bytes",
-                rejection.body_text()
+                "{}: a request body may have at most {MAX_BODY_BYTES} bytes, sent within {:?} of its head",
+                rejection.body_text(),
+                connections::BODY_TIMEOUT
             ),
         ),
     })?;

@@ -198,7 +198,7 @@ pub(super) async fn metrics(caller: Caller) -> Response {
     match caller.app.manager.metrics_text().await {
         Ok(text) => {
             caller.record(super::Audit::started("metrics"), StatusCode::OK, "ok");
-            metrics_response(text)
+            metrics_response(caller.app.connections.append_metrics(text))
         }
         Err(err) => {
             caller
@@ -232,7 +232,7 @@ pub fn metrics_router(app: Arc<App>) -> Router {
             "/metrics",
             get(|State(app): State<Arc<App>>| async move {
                 match app.manager.metrics_text().await {
-                    Ok(text) => metrics_response(text),
+                    Ok(text) => metrics_response(app.connections.append_metrics(text)),
                     Err(err) => ApiError::Port(err).into_response(),
                 }
             }),
