@@ -99,8 +99,19 @@ mod tests {
             err.starts_with("the request body's field port is not valid"),
             "{err}"
         );
+        let err = decode_body::<AllocRequest>(b"{").unwrap_err();
+        assert!(err.contains("EOF while parsing"), "{err}");
+        // One object and nothing else: not an array, not a second value, not trailing bytes.
         let err = decode_body::<AllocRequest>(b"[").unwrap_err();
-        assert!(err.starts_with("the request body is not valid"), "{err}");
+        assert!(
+            err.starts_with("the request body is not a JSON object"),
+            "{err}"
+        );
+        for body in [&br#"{"owner":"a"}{"owner":"b"}"#[..], br#"{"owner":"a"} x"#] {
+            let err = decode_body::<AllocRequest>(body).unwrap_err();
+            assert!(err.ends_with("send one JSON value"), "{err}");
+        }
+        assert!(decode_body::<AllocRequest>(b" {\"owner\":\"a\"} \n").is_ok());
     }
 
     #[test]
