@@ -34,5 +34,6 @@ mod parsing;
 mod podman;
 mod reservations;
 mod restart;
+mod store_faults;
 mod topology;
 mod udp;

@@ -3,16 +3,28 @@
 //! One writer thread owns every write. It takes whatever submissions are queued, applies them
 //! in submission order in one transaction and commits once, so concurrent submitters share one
 //! fsync (group commit). Reads run beside it on their own snapshots.
+//!
+//! The file is checked for damage when opened (every page's checksum): a damaged store is
+//! refused with what to do, never trusted. While the store is open, the writer looks every
+//! second (and before each commit) whether the file is still at its path: a file deleted
+//! under the daemon (`rm -rf` of the state directory) would take every later commit with it
+//! when the process ends, so the writer puts a copy of the open file back at its path and
+//! goes on writing there; a path that now names another file (a backup put in its place)
+//! fails every later commit, so that the daemon stops and its restart reads that file.
 
 use std::{
     fmt,
+    fs::File,
+    io::{Seek as _, SeekFrom},
+    os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError, RwLock, mpsc},
     thread,
+    time::Duration,
 };
 
 use redb::{
-    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata, StorageError,
     TableDefinition, WriteTransaction,
 };
 use serde::Serialize;
@@ -55,6 +67,13 @@ const SCHEMA_VERSION_2: u32 = 2;
 const MAX_BATCH: usize = 4096;
 /// Name of the writer thread (shown by `top -H` and in panics).
 const WRITER_THREAD: &str = "portgate-store";
+/// How often the writer looks whether its file is still at its path when no submission
+/// wakes it sooner.
+const FILE_CHECK_PERIOD: Duration = Duration::from_secs(1);
+/// What to do about a damaged store file, said with every error that finds one.
+const DAMAGED_ADVICE: &str = "the file is damaged: restore it from a backup (the kernel keeps \
+     enforcing the ports it held meanwhile), or move it aside and run `portgate uninstall` \
+     before starting afresh with an empty store";
 
 /// What the writer has committed since the store was opened: fewer batches than submissions
 /// means submissions shared transactions.
@@ -78,12 +97,34 @@ struct Submission {
 ///
 /// Dropping it (or [`RedbStore::shutdown`]) writes everything already submitted first.
 pub struct RedbStore {
-    path: PathBuf,
-    database: Arc<Database>,
+    shared: Arc<Shared>,
     /// The writer's queue; `None` once shut down.
     submissions: RwLock<Option<mpsc::Sender<Submission>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
-    stats: Arc<Mutex<CommitStats>>,
+}
+
+/// What the writer thread and the readers share.
+struct Shared {
+    path: PathBuf,
+    /// The database; the writer replaces it when it puts a deleted file back.
+    database: RwLock<Arc<Database>>,
+    stats: Mutex<CommitStats>,
+    /// What became of the file while the store was open (deleted and put back, replaced),
+    /// for [`Store::describe`]; `None` while nothing has.
+    file_note: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn database(&self) -> Arc<Database> {
+        Arc::clone(&self.database.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn note(&self, note: String) {
+        *self
+            .file_note
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(note);
+    }
 }
 
 impl RedbStore {
@@ -109,48 +150,46 @@ impl RedbStore {
             })?;
         }
         // The store holds client keys' secrets: root's alone, from its first byte on.
-        restrict_to_owner(path)
+        let file = restrict_to_owner(path)
             .map_err(|error| open_failed(format!("making {} private: {error}", path.display())))?;
-        let database = Database::create(path).map_err(|error| {
-            open_failed(match error {
-                DatabaseError::DatabaseAlreadyOpen => {
-                    "another process has it open; stop the other portgate daemon first".to_owned()
-                }
-                other => other.to_string(),
-            })
-        })?;
+        let database = open_database(path).map_err(open_failed)?;
         prepare(&database).map_err(open_failed)?;
 
-        let database = Arc::new(database);
-        let stats = Arc::new(Mutex::new(CommitStats::default()));
+        let shared = Arc::new(Shared {
+            path: path.to_owned(),
+            database: RwLock::new(Arc::new(database)),
+            stats: Mutex::new(CommitStats::default()),
+            file_note: Mutex::new(None),
+        });
         let (sender, receiver) = mpsc::channel();
         let writer = thread::Builder::new()
             .name(WRITER_THREAD.to_owned())
             .spawn({
-                let database = Arc::clone(&database);
-                let stats = Arc::clone(&stats);
-                move || write_loop(&database, &receiver, &stats)
+                let shared = Arc::clone(&shared);
+                move || write_loop(&shared, file, &receiver)
             })
             .map_err(|error| open_failed(format!("starting the writer thread: {error}")))?;
         Ok(Self {
-            path: path.to_owned(),
-            database,
+            shared,
             submissions: RwLock::new(Some(sender)),
             writer: Mutex::new(Some(writer)),
-            stats,
         })
     }
 
     /// The database file.
     #[must_use]
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.shared.path
     }
 
     /// What the writer has committed so far.
     #[must_use]
     pub fn commit_stats(&self) -> CommitStats {
-        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+        *self
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Writes everything already submitted, then stops the writer; later submissions resolve
@@ -176,7 +215,11 @@ impl RedbStore {
     }
 
     fn allocation_count(&self) -> Result<u64, StoreError> {
-        let transaction = self.database.begin_read().map_err(failed("reading"))?;
+        let transaction = self
+            .shared
+            .database()
+            .begin_read()
+            .map_err(failed("reading"))?;
         let host = transaction
             .open_table(ALLOCATIONS)
             .map_err(failed("reading"))?;
@@ -196,7 +239,7 @@ impl Drop for RedbStore {
 impl fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedbStore")
-            .field("path", &self.path)
+            .field("path", &self.shared.path)
             .field("commit_stats", &self.commit_stats())
             .finish_non_exhaustive()
     }
@@ -204,7 +247,11 @@ impl fmt::Debug for RedbStore {
 
 impl Store for RedbStore {
     fn load(&self) -> Result<StoredState, StoreError> {
-        let transaction = self.database.begin_read().map_err(failed("reading"))?;
+        let transaction = self
+            .shared
+            .database()
+            .begin_read()
+            .map_err(failed("reading"))?;
 
         let host = transaction
             .open_table(ALLOCATIONS)
@@ -264,11 +311,53 @@ impl Store for RedbStore {
 
     fn describe(&self) -> String {
         // The count is a header field, not a scan; a failed read just leaves it out.
-        match self.allocation_count() {
-            Ok(count) => format!("redb at {} ({count} allocations)", self.path.display()),
-            Err(_) => format!("redb at {}", self.path.display()),
+        let mut line = match self.allocation_count() {
+            Ok(count) => format!("redb at {} ({count} allocations)", self.path().display()),
+            Err(_) => format!("redb at {}", self.path().display()),
+        };
+        if let Some(note) = self
+            .shared
+            .file_note
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            line.push_str("; ");
+            line.push_str(note);
         }
+        line
     }
+}
+
+/// Opens (or creates) the database at `path`, checking every page of an existing one, so
+/// that a file damaged outside redb is refused with what to do rather than trusted (redb
+/// may panic on one it trusts).
+fn open_database(path: &Path) -> Result<Database, String> {
+    Database::builder()
+        .set_check_integrity_on_open(true)
+        .create(path)
+        .map_err(|error| match error {
+            DatabaseError::DatabaseAlreadyOpen => {
+                "another process has it open; stop the other portgate daemon first".to_owned()
+            }
+            DatabaseError::Storage(StorageError::Corrupted(why)) => {
+                format!("{why}: {DAMAGED_ADVICE}")
+            }
+            // What redb says of a file that is not one of its databases (damaged header).
+            DatabaseError::Storage(StorageError::Io(io)) if is_damage(&io) => {
+                format!("{io}: {DAMAGED_ADVICE}")
+            }
+            other => other.to_string(),
+        })
+}
+
+/// Whether an I/O error of an open says the file's contents are wrong (a bad header, or
+/// a file cut shorter than its header), rather than that it could not be read.
+fn is_damage(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// Creates the tables of a new database, or checks the schema version of an existing one
@@ -315,19 +404,29 @@ fn prepare(database: &Database) -> Result<(), String> {
 }
 
 /// The writer thread: commits queued submissions in batches until every sender is gone and
-/// the queue is empty.
-fn write_loop(
-    database: &Database,
-    submissions: &mpsc::Receiver<Submission>,
-    stats: &Mutex<CommitStats>,
-) {
-    while let Ok(first) = submissions.recv() {
+/// the queue is empty. `file` is the store's file as opened: before each batch, and every
+/// [`FILE_CHECK_PERIOD`] without one, the writer checks that the path still names it
+/// ([`keep_at_path`]).
+fn write_loop(shared: &Shared, mut file: File, submissions: &mpsc::Receiver<Submission>) {
+    loop {
+        let first = match submissions.recv_timeout(FILE_CHECK_PERIOD) {
+            Ok(first) => Some(first),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let at_path = keep_at_path(shared, &mut file);
+        let Some(first) = first else {
+            if let Err(error) = at_path {
+                log::error!("{error}");
+            }
+            continue;
+        };
         let mut batch = vec![first];
         batch.extend(submissions.try_iter().take(MAX_BATCH - 1));
 
-        let outcome = write_batch(database, &batch);
+        let outcome = at_path.and_then(|()| write_batch(&shared.database(), &batch));
         if outcome.is_ok() {
-            let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut stats = shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
             stats.batches += 1;
             stats.submissions += batch.len() as u64;
             stats.changes += batch
@@ -340,6 +439,96 @@ fn write_loop(
             let _ = submission.done.send(outcome.clone());
         }
     }
+}
+
+/// Checks that the store's path still names `file`, the file the store writes. A file gone
+/// from its path (deleted, or its directory deleted) is put back: a copy of it, taken
+/// between commits, is written beside the path and renamed onto it, and the store goes on
+/// in the copy; without that, every commit would go to a file that ends with the process.
+/// A path that names another file fails, and keeps failing: the daemon stops and its
+/// restart reads the file found there.
+fn keep_at_path(shared: &Shared, file: &mut File) -> Result<(), StoreError> {
+    let path = &shared.path;
+    let failed = |message: String| StoreError::Transaction {
+        op: "keeping",
+        message: format!("{}: {message}", path.display()),
+    };
+    let ours = file
+        .metadata()
+        .map_err(|error| failed(format!("reading the open file's status: {error}")))?;
+    match std::fs::metadata(path) {
+        Ok(there) if (there.dev(), there.ino()) == (ours.dev(), ours.ino()) => Ok(()),
+        Ok(_) => {
+            let why = "another file took its place while the daemon ran: the daemon stops \
+                       at the next change, and reads that file when it starts again"
+                .to_owned();
+            shared.note(format!("its path now names another file; {why}"));
+            Err(failed(why))
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            put_back(shared, file).map_err(|why| {
+                let why = format!(
+                    "deleted while the daemon ran, and it could not be put back: {why}; \
+                     everything acknowledged is in the daemon's open copy until it stops: \
+                     make the directory writable and it is put back within a second"
+                );
+                shared.note(why.clone());
+                failed(why)
+            })?;
+            let note = format!(
+                "its file was deleted while the daemon ran and was put back from the \
+                 daemon's open copy at {}",
+                humantime::format_rfc3339_seconds(std::time::SystemTime::now())
+            );
+            log::warn!("the store {}: {note}", path.display());
+            shared.note(note);
+            Ok(())
+        }
+        Err(error) => Err(failed(format!("looking for it: {error}"))),
+    }
+}
+
+/// Writes a copy of `file` (the open store, between commits) at the store's path, opens
+/// the copy and makes it the store's database and `file`.
+fn put_back(shared: &Shared, file: &mut File) -> Result<(), String> {
+    let path = &shared.path;
+    let parent = path
+        .parent()
+        .filter(|parent| !parent.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)
+        .map_err(|error| format!("creating {}: {error}", parent.display()))?;
+    let mut staging_name = path.file_name().unwrap_or_default().to_owned();
+    staging_name.push(".restoring");
+    let staging = path.with_file_name(staging_name);
+    let copied = (|| -> std::io::Result<()> {
+        let mut copy = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&staging)?;
+        file.seek(SeekFrom::Start(0))?;
+        std::io::copy(file, &mut copy)?;
+        copy.sync_all()?;
+        std::fs::rename(&staging, path)?;
+        File::open(parent)?.sync_all()
+    })();
+    copied.map_err(|error| format!("copying the open file to {}: {error}", path.display()))?;
+    let database = open_database(path)?;
+    *file = std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(path)
+        .map_err(|error| format!("opening the copy: {error}"))?;
+    *shared
+        .database
+        .write()
+        .unwrap_or_else(PoisonError::into_inner) = Arc::new(database);
+    Ok(())
 }
 
 /// Applies `batch` in order in one transaction and commits it; on any failure nothing of it
@@ -515,15 +704,17 @@ fn read_records<T: serde::de::DeserializeOwned>(
 }
 
 /// Creates `path` if it is missing, readable and writable by its owner only, and makes an
-/// existing one so.
-fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    std::fs::OpenOptions::new()
+/// existing one so; returns it open (for reading: the writer's copy if it is deleted).
+fn restrict_to_owner(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
         .create(true)
         .append(true)
         .mode(0o600)
         .open(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
 }
 
 #[cfg(test)]
