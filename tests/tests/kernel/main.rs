@@ -27,6 +27,7 @@ mod host;
 mod kernel_log;
 mod knock;
 mod lifecycle;
+mod lifecycle_abuse;
 mod load;
 mod maps;
 mod owners;
