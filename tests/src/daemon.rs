@@ -75,6 +75,8 @@ pub struct Daemon {
     client: Client,
     /// Where [`Daemon::api`] runs the client's calls, made on first use.
     runtime: OnceLock<tokio::runtime::Runtime>,
+    /// Environment variables the daemon is started with (see [`Daemon::set_env`]).
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -162,6 +164,7 @@ window = "30s"
             child: Mutex::new(None),
             client: Client::new(&socket),
             runtime: OnceLock::new(),
+            env: Vec::new(),
             config,
             socket,
             audit_log,
@@ -191,6 +194,11 @@ window = "30s"
         fs::write(&self.config, changed.join("\n") + "\n").expect("write the config");
     }
 
+    /// Starts the daemon from now on with `key=value` in its environment (e.g. `LD_PRELOAD`).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Appends `text` (a section of its own, e.g. `[cluster]`) to the configuration.
     pub fn append_config(&self, text: &str) {
         let mut config = fs::read_to_string(&self.config).expect("read the config");
@@ -215,6 +223,7 @@ window = "30s"
     pub fn daemon_command_with(&self, config: &Path) -> Command {
         let mut command = self.command_in_ns("daemon", config);
         command.env("RUST_LOG", "info");
+        command.envs(self.env.iter().map(|(key, value)| (key, value)));
         command
     }
 

@@ -303,3 +303,172 @@ fn thousands_of_allocate_release_cycles_leave_maps_store_fds_and_memory_as_they_
         }),
     );
 }
+
+/// Where the distribution's libfaketime (`faketime` package) puts the library that fakes
+/// the wall clock of a dynamically linked program (`cargo xtask setup` installs it).
+const LIBFAKETIME: [&str; 3] = [
+    "/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/aarch64-linux-gnu/faketime/libfaketimeMT.so.1",
+    "/usr/lib/faketime/libfaketimeMT.so.1",
+];
+
+/// Milliseconds since the epoch on the real clock.
+fn real_now_ms() -> i64 {
+    i64::try_from(portgate::model::now_millis()).expect("a time")
+}
+
+/// The allocation of `id`.
+fn view_of(daemon: &Daemon, id: PortId) -> Option<AllocationView> {
+    daemon.allocations().remove(&id)
+}
+
+#[test]
+#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
+fn a_wall_clock_stepped_an_hour_forward_and_back_leaves_grants_and_long_leases_alone() {
+    if !require_privileges!() {
+        return;
+    }
+    let Some(library) = LIBFAKETIME
+        .into_iter()
+        .find(|path| fs::metadata(path).is_ok())
+    else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "libfaketime is missing: run `cargo xtask setup` (apt-get install faketime)"
+        );
+        println!("SKIPPED: lifecycle_abuse::a_wall_clock_stepped: libfaketime is missing");
+        return;
+    };
+    // The daemon's wall clock (CLOCK_REALTIME) is this file's offset from the real one,
+    // read at every call; its monotonic clock, and the kernel's, are left alone. The
+    // machine's clock is never touched.
+    let mut daemon = Daemon::start(44_000, 44_099);
+    assert!(daemon.stop());
+    let offset = daemon.dir.path().join("faketime");
+    fs::write(&offset, "+0\n").expect("the clock offset");
+    daemon.set_env("LD_PRELOAD", library);
+    daemon.set_env("FAKETIME_TIMESTAMP_FILE", &offset.to_string_lossy());
+    daemon.set_env("FAKETIME_NO_CACHE", "1");
+    daemon.set_env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
+    daemon.spawn();
+
+    let allocate = |owner: &str, ttl: Option<Duration>, require_auth: bool| {
+        let request = AllocRequest {
+            owner: owner.to_owned(),
+            ttl,
+            require_auth,
+            ..AllocRequest::default()
+        };
+        daemon
+            .api(|client| client.alloc(&request))
+            .expect("allocate")
+    };
+    let long = allocate("long", Some(Duration::from_hours(2)), false).id;
+    let short = allocate("short", Some(Duration::from_mins(30)), false).id;
+    let guarded = allocate("guarded", None, true).id;
+    let grant = |ip: &str, ttl: u64| {
+        let request = portgate::api::GrantRequest {
+            ip: ip.parse().expect("an address"),
+            ttl: Duration::from_secs(ttl),
+        };
+        daemon
+            .api(|client| client.grant(guarded, &request))
+            .expect("grant");
+    };
+    grant("127.0.0.1", 120);
+    let grants_left = || -> BTreeMap<String, Duration> {
+        daemon
+            .api(|client| client.grants(guarded))
+            .expect("grants")
+            .into_iter()
+            .map(|grant| (grant.ip.to_string(), grant.expires_in))
+            .collect()
+    };
+
+    // An hour forward.
+    fs::write(&offset, "+1h\n").expect("step the clock forward");
+    thread::sleep(Duration::from_secs(1));
+    let forward = allocate("after-forward", None, false);
+    let skew = i64::try_from(forward.timeline.allocated_at).expect("a time") - real_now_ms();
+    assert!(
+        (3_540_000..3_660_000).contains(&skew),
+        "the daemon's clock is not an hour ahead (libfaketime not in effect?): {skew} ms"
+    );
+    assert_eq!(
+        view_of(&daemon, long).map(|view| view.status),
+        Some(PortStatus::Active),
+        "a lease with two hours left expired when the clock stepped an hour forward"
+    );
+    let left = grants_left();
+    assert!(
+        left.get("127.0.0.1")
+            .is_some_and(|left| *left > Duration::from_secs(100)),
+        "a grant (kept on the monotonic clock) moved with the wall clock: {left:?}"
+    );
+    let short_after_forward = view_of(&daemon, short).map(|view| view.status);
+
+    // Two hours back: an hour behind the real clock.
+    fs::write(&offset, "-1h\n").expect("step the clock back");
+    thread::sleep(Duration::from_secs(1));
+    let back = allocate("after-back", None, false);
+    let skew = i64::try_from(back.timeline.allocated_at).expect("a time") - real_now_ms();
+    assert!(
+        (-3_660_000..-3_540_000).contains(&skew),
+        "the daemon's clock is not an hour behind: {skew} ms"
+    );
+    assert_eq!(
+        view_of(&daemon, long).map(|view| view.status),
+        Some(PortStatus::Active)
+    );
+    // A short grant still ends on time.
+    grant("127.0.0.2", 3);
+    let granted_at = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(15), || !grants_left()
+            .contains_key("127.0.0.2")),
+        "a 3 s grant outlived the clock stepped back"
+    );
+    let grant_lasted = granted_at.elapsed();
+    assert!(grant_lasted >= Duration::from_secs(2), "{grant_lasted:?}");
+    // The audit log's times follow the daemon's clock.
+    let audited = daemon.audit();
+    let last = audited
+        .last()
+        .and_then(|record| record["time"].as_str())
+        .expect("an audit time");
+    let audited_at = humantime::parse_rfc3339(last).expect("an RFC 3339 time");
+    let audited_skew = std::time::SystemTime::now()
+        .duration_since(audited_at)
+        .unwrap_or_default();
+    assert!(
+        audited_skew > Duration::from_secs(3_500),
+        "the audit time {last} is not the daemon's clock"
+    );
+
+    // kill -9 and a start on the stepped clock: everything is there, kernel equal to store.
+    let before: BTreeMap<PortId, String> = daemon
+        .allocations()
+        .into_iter()
+        .map(|(id, view)| (id, view.owner))
+        .collect();
+    daemon.kill9();
+    daemon.spawn();
+    let after: BTreeMap<PortId, String> = daemon
+        .assert_consistent()
+        .into_iter()
+        .map(|(id, view)| (id, view.owner))
+        .collect();
+    assert_eq!(after, before);
+    let short_after_back = view_of(&daemon, short).map(|view| view.status);
+    report(
+        "lifecycle",
+        "The daemon ran under libfaketime, its wall clock stepped an hour forward and then two hours back (an hour behind), with leases of 2 h and 30 min, an authentication grant of 120 s and then one of 3 s, then was killed with kill -9 and started on the stepped clock.",
+        "The 2 h lease stayed Active through both steps; grants, kept on the monotonic clock, neither lost nor gained time (the 3 s grant ended after 3 s with the clock an hour back); new allocations and the audit log took the daemon's clock; after kill -9 every allocation was there and the kernel maps equalled the store. Leases, drain timeouts and quarantine are wall-clock deadlines (stored so that they survive restarts), so a step moves them: the 30 min lease's status is reported.",
+        &serde_json::json!({
+            "short_lease_after_forward": format!("{short_after_forward:?}"),
+            "short_lease_after_back": format!("{short_after_back:?}"),
+            "grant_3s_lasted_ms": grant_lasted.as_millis(),
+        }),
+    );
+    fs::write(&offset, "+0\n").expect("the clock back to real");
+}
