@@ -12,6 +12,7 @@
 //! same verdict runs in userspace ([`PortSecurity`]).
 
 pub mod allocator;
+mod clock;
 pub mod error;
 pub mod fleet;
 pub mod keys;
@@ -56,7 +57,7 @@ use crate::{
     host::{self, sockets::SocketTable},
     model::{
         AccessChange, Allocation, AllocationRequest, DropReason, HostPort, Issuer, PortId,
-        PortReport, PortStatus, Protocol, UnixMillis, now_millis,
+        PortReport, PortStatus, Protocol, UnixMillis,
     },
     store::{HostChanges, Store},
     text::Chain,
@@ -93,9 +94,36 @@ struct State {
     gate: Option<Gate>,
     /// What the last look at owner cgroups and namespaces found gone.
     gone: Gone,
+    /// The wall clock as the last change read it, to tell its steps (see [`clock`]).
+    clock: clock::WallClock,
+    /// Allocations whose deadlines moved with a step of the wall clock, as they were
+    /// before (as the store holds them): written by the next lifecycle tick.
+    moved: BTreeMap<PortId, Allocation>,
 }
 
 impl State {
+    /// The wall clock now, for a change made under the state lock. When it stepped since
+    /// the last reading, every allocation's pending deadlines are moved with it first (see
+    /// [`clock`]).
+    fn now(&mut self) -> UnixMillis {
+        let (now, step) = self.clock.read();
+        if step != 0 {
+            log::warn!(
+                "the wall clock stepped by {step} ms: lease, drain and quarantine deadlines move with it, each keeping the time it had left"
+            );
+            let held: Vec<Allocation> = self.allocator.allocations().cloned().collect();
+            for before in held {
+                let mut moved = before.clone();
+                clock::shift_deadlines(&mut moved.timeline, step);
+                if moved != before {
+                    self.allocator.set(before.id, Some(moved));
+                    self.moved.entry(before.id).or_insert(before);
+                }
+            }
+        }
+        now
+    }
+
     /// Established connections of a port (0 without the gate, or for UDP).
     fn connections(&self, id: PortId) -> u64 {
         self.slots_of(id).established
@@ -210,7 +238,8 @@ impl PortManager {
             // Again under the lock: a request queued behind a failed commit must not pass.
             self.refuse_after_store_failure()?;
             quota::check_new_port(&state.allocator, &self.config, actor, &request)?;
-            let allocation = state.allocator.claim(request, now_millis(), &bound)?;
+            let now = state.now();
+            let allocation = state.allocator.claim(request, now, &bound)?;
             let pending = self.apply(&mut state, vec![(allocation.id, None)])?;
             (allocation, pending)
         };
@@ -506,11 +535,21 @@ impl PortManager {
     async fn lifecycle_steps(&self) -> Result<Vec<Transition>> {
         let (steps, pending) = {
             let mut state = self.state.lock().await;
+            let now = state.now();
             let State {
-                allocator, gate, ..
+                allocator,
+                gate,
+                moved,
+                ..
             } = &mut *state;
-            let ticked = allocator.tick(now_millis(), |id| slots_in(gate.as_ref(), id).established);
-            if ticked.steps.is_empty() {
+            let mut ticked = allocator.tick(now, |id| slots_in(gate.as_ref(), id).established);
+            // Deadlines moved by a step of the wall clock are written with the steps.
+            for (id, before) in std::mem::take(moved) {
+                if !ticked.before.iter().any(|held| held.id == id) {
+                    ticked.before.push(before);
+                }
+            }
+            if ticked.before.is_empty() {
                 return Ok(Vec::new());
             }
             self.apply_steps(&mut state, ticked, "the lifecycle step")
@@ -559,8 +598,9 @@ impl PortManager {
         }
         let (after, pending) = {
             let mut state = self.state.lock().await;
+            let now = state.now();
             let before = self.changeable(&state, id, actor)?;
-            step(&mut state.allocator, &before, now_millis())?;
+            step(&mut state.allocator, &before, now)?;
             let after = state
                 .allocator
                 .allocation(id)

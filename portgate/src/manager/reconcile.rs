@@ -101,6 +101,8 @@ impl PortManager {
                 security,
                 gate,
                 gone: super::Gone::default(),
+                clock: super::clock::WallClock::default(),
+                moved: std::collections::BTreeMap::new(),
             }),
             monitor: PortMonitor::new(),
             store,
