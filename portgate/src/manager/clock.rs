@@ -12,18 +12,25 @@
 //! they are. Time the machine spends suspended (which the monotonic clock does not count) is
 //! taken as a step too: a deadline does not run while the machine sleeps.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
-use crate::model::{Timeline, UnixMillis, now_millis};
+use super::{State, Ticked};
+use crate::model::{Allocation, PortId, Timeline, UnixMillis, now_millis};
 
 /// How far the wall clock may move from the monotonic clock between two readings before it
 /// counts as a step (readings come at least every lifecycle tick, 200 ms apart).
 pub const STEP_TOLERANCE: Duration = Duration::from_secs(2);
 
-/// The last reading of the wall clock, with the monotonic clock's at the same moment.
+/// The last reading of the wall clock, with the monotonic clock's at the same moment, and
+/// the allocations whose deadlines a step moved, as they were before (as the store holds
+/// them) until the next lifecycle tick writes them.
 #[derive(Debug, Default)]
 pub(super) struct WallClock {
     last: Option<(Instant, UnixMillis)>,
+    moved: BTreeMap<PortId, Allocation>,
 }
 
 impl WallClock {
@@ -47,6 +54,47 @@ impl WallClock {
         });
         self.last = Some((monotonic, wall));
         (wall, step)
+    }
+}
+
+impl State {
+    /// The wall clock now, for a change made under the state lock. When it stepped since
+    /// the last reading, every allocation's pending deadlines are moved with it first (see
+    /// the module's documentation).
+    pub(super) fn now(&mut self) -> UnixMillis {
+        let (now, step) = self.clock.read();
+        if step != 0 {
+            log::warn!(
+                "the wall clock stepped by {step} ms: lease, drain and quarantine deadlines move with it, each keeping the time it had left"
+            );
+            let held: Vec<Allocation> = self.allocator.allocations().cloned().collect();
+            for before in held {
+                let mut moved = before.clone();
+                shift_deadlines(&mut moved.timeline, step);
+                if moved != before {
+                    self.allocator.set(before.id, Some(moved));
+                    self.clock.moved.entry(before.id).or_insert(before);
+                }
+            }
+        }
+        now
+    }
+
+    /// The lifecycle steps due now ([`super::PortAllocator::tick`]), with the allocations
+    /// whose deadlines a step of the wall clock moved added to what is written (as they
+    /// were before), so that the store holds the moved deadlines too.
+    pub(super) fn lifecycle_tick(&mut self) -> Ticked {
+        let now = self.now();
+        let gate = self.gate.as_ref();
+        let mut ticked = self
+            .allocator
+            .tick(now, |id| super::slots_in(gate, id).established);
+        for (id, before) in std::mem::take(&mut self.clock.moved) {
+            if !ticked.before.iter().any(|held| held.id == id) {
+                ticked.before.push(before);
+            }
+        }
+        ticked
     }
 }
 

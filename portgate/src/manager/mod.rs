@@ -94,36 +94,11 @@ struct State {
     gate: Option<Gate>,
     /// What the last look at owner cgroups and namespaces found gone.
     gone: Gone,
-    /// The wall clock as the last change read it, to tell its steps (see [`clock`]).
+    /// The wall clock's last reading and what its steps moved (see [`clock`]).
     clock: clock::WallClock,
-    /// Allocations whose deadlines moved with a step of the wall clock, as they were
-    /// before (as the store holds them): written by the next lifecycle tick.
-    moved: BTreeMap<PortId, Allocation>,
 }
 
 impl State {
-    /// The wall clock now, for a change made under the state lock. When it stepped since
-    /// the last reading, every allocation's pending deadlines are moved with it first (see
-    /// [`clock`]).
-    fn now(&mut self) -> UnixMillis {
-        let (now, step) = self.clock.read();
-        if step != 0 {
-            log::warn!(
-                "the wall clock stepped by {step} ms: lease, drain and quarantine deadlines move with it, each keeping the time it had left"
-            );
-            let held: Vec<Allocation> = self.allocator.allocations().cloned().collect();
-            for before in held {
-                let mut moved = before.clone();
-                clock::shift_deadlines(&mut moved.timeline, step);
-                if moved != before {
-                    self.allocator.set(before.id, Some(moved));
-                    self.moved.entry(before.id).or_insert(before);
-                }
-            }
-        }
-        now
-    }
-
     /// Established connections of a port (0 without the gate, or for UDP).
     fn connections(&self, id: PortId) -> u64 {
         self.slots_of(id).established
@@ -535,20 +510,7 @@ impl PortManager {
     async fn lifecycle_steps(&self) -> Result<Vec<Transition>> {
         let (steps, pending) = {
             let mut state = self.state.lock().await;
-            let now = state.now();
-            let State {
-                allocator,
-                gate,
-                moved,
-                ..
-            } = &mut *state;
-            let mut ticked = allocator.tick(now, |id| slots_in(gate.as_ref(), id).established);
-            // Deadlines moved by a step of the wall clock are written with the steps.
-            for (id, before) in std::mem::take(moved) {
-                if !ticked.before.iter().any(|held| held.id == id) {
-                    ticked.before.push(before);
-                }
-            }
+            let ticked = state.lifecycle_tick();
             if ticked.before.is_empty() {
                 return Ok(Vec::new());
             }

@@ -102,7 +102,6 @@ impl PortManager {
                 gate,
                 gone: super::Gone::default(),
                 clock: super::clock::WallClock::default(),
-                moved: std::collections::BTreeMap::new(),
             }),
             monitor: PortMonitor::new(),
             store,
