@@ -39,6 +39,9 @@ pub fn portgate_bin() -> PathBuf {
     bin
 }
 
+/// The daemon's state directory, in its temporary directory.
+const STATE_SUBDIR: &str = "state";
+
 /// What a CLI run printed to stderr.
 pub fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -72,6 +75,8 @@ pub struct Daemon {
     client: Client,
     /// Where [`Daemon::api`] runs the client's calls, made on first use.
     runtime: OnceLock<tokio::runtime::Runtime>,
+    /// Environment variables the daemon is started with (see [`Daemon::set_env`]).
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -147,7 +152,7 @@ kernel_log = false
 listen = ""
 window = "30s"
 "#,
-                state = dir.path().join("state").display(),
+                state = dir.path().join(STATE_SUBDIR).display(),
                 pins = pins.path().display(),
                 cgroup = cgroup.path().display(),
                 socket = socket.display(),
@@ -159,6 +164,7 @@ window = "30s"
             child: Mutex::new(None),
             client: Client::new(&socket),
             runtime: OnceLock::new(),
+            env: Vec::new(),
             config,
             socket,
             audit_log,
@@ -188,6 +194,11 @@ window = "30s"
         fs::write(&self.config, changed.join("\n") + "\n").expect("write the config");
     }
 
+    /// Starts the daemon from now on with `key=value` in its environment (e.g. `LD_PRELOAD`).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.push((key.to_owned(), value.to_owned()));
+    }
+
     /// Appends `text` (a section of its own, e.g. `[cluster]`) to the configuration.
     pub fn append_config(&self, text: &str) {
         let mut config = fs::read_to_string(&self.config).expect("read the config");
@@ -212,6 +223,7 @@ window = "30s"
     pub fn daemon_command_with(&self, config: &Path) -> Command {
         let mut command = self.command_in_ns("daemon", config);
         command.env("RUST_LOG", "info");
+        command.envs(self.env.iter().map(|(key, value)| (key, value)));
         command
     }
 
@@ -250,6 +262,14 @@ window = "30s"
 
     /// Starts the daemon process (again) and waits until its socket answers.
     pub fn spawn(&mut self) {
+        if let Err(printed) = self.try_spawn() {
+            panic!("the daemon exited at start:\n{printed}");
+        }
+    }
+
+    /// Starts the daemon process (again) and waits until its socket answers; when it exits
+    /// at start instead, returns what it printed.
+    pub fn try_spawn(&mut self) -> Result<(), String> {
         assert!(self.pid().is_none(), "the daemon is running already");
         let log = fs::File::create(self.dir.path().join("daemon.log")).expect("daemon log");
         let spawned = self
@@ -259,17 +279,44 @@ window = "30s"
             .spawn()
             .expect("start the daemon");
         *self.child_lock() = Some(spawned);
+        let mut exited = false;
         let up = eventually(Duration::from_secs(20), || {
-            if let Some(status) = self
-                .child_lock()
+            let mut child = self.child_lock();
+            if child
                 .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some())
             {
-                panic!("the daemon exited at start ({status}):\n{}", self.log());
+                *child = None;
+                exited = true;
+                return true;
             }
             UnixStream::connect(&self.socket).is_ok()
         });
+        if exited {
+            return Err(self.log());
+        }
         assert!(up, "the daemon did not come up in 20 s:\n{}", self.log());
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the daemon to exit by itself; its exit status, or `None`
+    /// when it still runs.
+    pub fn wait_exit(&self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let mut status = None;
+        eventually(timeout, || {
+            let mut child = self.child_lock();
+            status = child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            if status.is_some() {
+                *child = None;
+            }
+            status.is_some()
+        });
+        status
+    }
+
+    /// Its state directory (`daemon.state_dir`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join(STATE_SUBDIR)
     }
 
     /// What the daemon wrote to stderr.
@@ -393,6 +440,40 @@ window = "30s"
             .lines()
             .map(|line| serde_json::from_str(line).expect("a JSON line"))
             .collect()
+    }
+
+    /// Checks what must hold whatever came before (a `kill -9`, a store fault): the
+    /// kernel's policies are those of the allocations the daemon holds (which it read from
+    /// its store at start), and each protocol's managed ports are counted once, as
+    /// allocated in one status or as free. Returns the allocations.
+    pub fn assert_consistent(&self) -> BTreeMap<PortId, AllocationView> {
+        let allocations = self.allocations();
+        let held: BTreeSet<PortId> = allocations.keys().copied().collect();
+        assert_eq!(
+            self.kernel_policies(),
+            held,
+            "the kernel's policies are not the store's allocations"
+        );
+        let status = self.api(Client::status).expect("status");
+        let managed = u64::from(status.max_port - status.min_port) + 1
+            - u64::try_from(status.reserved_ports.len()).expect("a count");
+        for usage in &status.usage {
+            let of_protocol = allocations
+                .values()
+                .filter(|view| view.id.protocol == usage.proto)
+                .count();
+            assert_eq!(
+                usage.active + usage.draining + usage.closed,
+                u64::try_from(of_protocol).expect("a count"),
+                "status counts other allocations than the list: {usage:?}"
+            );
+            assert_eq!(
+                usage.active + usage.draining + usage.closed + usage.free,
+                managed,
+                "a port is both allocated and free, or neither: {usage:?}"
+            );
+        }
+        allocations
     }
 
     /// Every allocation, by port (`GET /v1/ports`).

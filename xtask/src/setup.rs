@@ -226,6 +226,14 @@ pub fn host_checks(fix: bool) -> Vec<String> {
     } else {
         problems.push("nftables' `nft` is missing: `apt-get install nftables`".to_owned());
     }
+    // The lifecycle tests step the daemon's wall clock with libfaketime (LD_PRELOAD).
+    if Path::new("/usr/bin/faketime").exists() {
+        println!("ok: faketime (the lifecycle tests step the daemon's wall clock with it)");
+    } else if fix && apt_install("faketime").is_ok() {
+        println!("installed: faketime");
+    } else {
+        problems.push("faketime is missing: `apt-get install faketime`".to_owned());
+    }
     problems.extend(fleet_tools(fix));
     problems
 }

@@ -114,19 +114,7 @@ async fn serve(config: Config, mut warnings: Vec<String>) -> anyhow::Result<()> 
     let pin_lock = claim_host(daemon)?;
     // The store next: its file lock keeps a second daemon out, and what it holds must fit
     // the configuration before the gate's range or policies are touched.
-    // Root's alone when it is made here (the store in it holds client keys' secrets).
-    std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
-        .create(&daemon.state_dir)
-        .with_context(|| format!("creating {}", daemon.state_dir.display()))?;
-    let store_path = daemon.state_dir.join(paths::STORE_FILE);
-    let store = Arc::new(RedbStore::open(&store_path)?);
-    let stored = store.load()?;
-    manager::validate_stored(ports, &stored).with_context(|| {
-        format!(
-            "checking {} against the configuration",
-            store_path.display()
-        )
-    })?;
+    let (store, stored, store_path) = open_store(&config)?;
     let (gate, installed) = install_gate(&config)?;
     let (manager, start_report) = open_manager(&config, &store, stored, gate, &mut warnings)?;
     for warning in manager.reserve_ephemeral().await? {
@@ -417,6 +405,62 @@ fn lock_pin_dir(pin_dir: &Path) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
             }
         },
     )
+}
+
+/// Opens the store in the state directory (made root's alone when it is made here: the
+/// store holds client keys' secrets) and reads it, refusing a lost one over enforced pins,
+/// a damaged one, and one the configuration no longer fits.
+fn open_store(config: &Config) -> anyhow::Result<(Arc<RedbStore>, StoredState, PathBuf)> {
+    let daemon = &config.daemon;
+    std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&daemon.state_dir)
+        .with_context(|| format!("creating {}", daemon.state_dir.display()))?;
+    let store_path = daemon.state_dir.join(paths::STORE_FILE);
+    refuse_a_lost_store(&store_path, &daemon.pin_dir)?;
+    let store = Arc::new(RedbStore::open(&store_path)?);
+    let stored = store.load().with_context(|| {
+        format!(
+            "reading {}: restore it from a backup (the kernel keeps enforcing the ports it held meanwhile), or move it aside and run `portgate uninstall` before starting afresh",
+            store_path.display()
+        )
+    })?;
+    manager::validate_stored(&config.ports, &stored).with_context(|| {
+        format!(
+            "checking {} against the configuration",
+            store_path.display()
+        )
+    })?;
+    Ok((store, stored, store_path))
+}
+
+/// Refuses to start with a new store (its file missing, or empty: redb would make a new
+/// database in it) while the gate pinned under `pin_dir` enforces ports: the new store
+/// would not hold them, and making the kernel equal to it would free them all, to be handed
+/// to others while their owners still use them.
+fn refuse_a_lost_store(store: &Path, pin_dir: &Path) -> anyhow::Result<()> {
+    let new = match fs::metadata(store) {
+        Ok(found) => found.len() == 0,
+        Err(err) => err.kind() == std::io::ErrorKind::NotFound,
+    };
+    if !new {
+        return Ok(());
+    }
+    // No gate (or one of another layout, which installing reports): nothing enforced.
+    let Ok(gate) = Gate::open(pin_dir) else {
+        return Ok(());
+    };
+    let enforced = gate
+        .policies()
+        .with_context(|| format!("reading the policies pinned in {}", pin_dir.display()))?
+        .len();
+    if enforced > 0 {
+        bail!(
+            "the store {} is missing or empty, but the kernel enforces {enforced} ports that an earlier run allocated (pinned in {}): an empty store would free them all. Restore the store from a backup, or run `portgate uninstall` (which takes those ports out of the kernel) to start afresh",
+            store.display(),
+            pin_dir.display()
+        );
+    }
+    Ok(())
 }
 
 /// Fails when a daemon answers on `socket`.

@@ -12,6 +12,7 @@
 //! same verdict runs in userspace ([`PortSecurity`]).
 
 pub mod allocator;
+mod clock;
 pub mod error;
 pub mod fleet;
 mod gate_watch;
@@ -60,7 +61,7 @@ use crate::{
     host::{self, sockets::SocketTable},
     model::{
         AccessChange, Allocation, AllocationRequest, DropReason, HostPort, Issuer, PortId,
-        PortReport, PortStatus, Protocol, UnixMillis, now_millis,
+        PortReport, PortStatus, Protocol, UnixMillis,
     },
     store::{HostChanges, Store},
     text::Chain,
@@ -97,6 +98,8 @@ struct State {
     gate: Option<Gate>,
     /// What the last look at owner cgroups and namespaces found gone.
     gone: Gone,
+    /// The wall clock's last reading and what its steps moved (see [`clock`]).
+    clock: clock::WallClock,
 }
 
 impl State {
@@ -214,7 +217,8 @@ impl PortManager {
             // Again under the lock: a request queued behind a failed commit must not pass.
             self.refuse_after_store_failure()?;
             quota::check_new_port(&state.allocator, &self.config, actor, &request)?;
-            let allocation = state.allocator.claim(request, now_millis(), &bound)?;
+            let now = state.now();
+            let allocation = state.allocator.claim(request, now, &bound)?;
             let pending = self.apply(&mut state, vec![(allocation.id, None)])?;
             (allocation, pending)
         };
@@ -488,11 +492,8 @@ impl PortManager {
     async fn lifecycle_steps(&self) -> Result<Vec<Transition>> {
         let (steps, pending) = {
             let mut state = self.state.lock().await;
-            let State {
-                allocator, gate, ..
-            } = &mut *state;
-            let ticked = allocator.tick(now_millis(), |id| slots_in(gate.as_ref(), id).established);
-            if ticked.steps.is_empty() {
+            let ticked = state.lifecycle_tick();
+            if ticked.before.is_empty() {
                 return Ok(Vec::new());
             }
             self.apply_steps(&mut state, ticked, "the lifecycle step")
@@ -541,8 +542,9 @@ impl PortManager {
         }
         let (after, pending) = {
             let mut state = self.state.lock().await;
+            let now = state.now();
             let before = self.changeable(&state, id, actor)?;
-            step(&mut state.allocator, &before, now_millis())?;
+            step(&mut state.allocator, &before, now)?;
             let after = state
                 .allocator
                 .allocation(id)

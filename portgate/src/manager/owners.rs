@@ -16,7 +16,7 @@ use std::{
 };
 
 use super::{PortManager, Result, Transition, allocator::Gone, error::PortError};
-use crate::{config::OwnerExit, host, model::now_millis};
+use crate::{config::OwnerExit, host};
 
 /// How often owner cgroups and namespaces are looked at: a port whose owner went is
 /// drained, or closed, at most this long (and a lifecycle period) later.
@@ -95,7 +95,8 @@ impl PortManager {
         let drain = self.config.on_owner_exit == OwnerExit::Drain;
         let (steps, pending) = {
             let mut state = self.state.lock().await;
-            let ticked = state.allocator.take_gone(&gone, drain, now_millis());
+            let now = state.now();
+            let ticked = state.allocator.take_gone(&gone, drain, now);
             state.gone = gone;
             if ticked.steps.is_empty() {
                 return Ok(Vec::new());

@@ -105,6 +105,7 @@ impl PortManager {
                 security,
                 gate,
                 gone: super::Gone::default(),
+                clock: super::clock::WallClock::default(),
             }),
             monitor,
             store,

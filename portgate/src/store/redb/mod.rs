@@ -3,17 +3,28 @@
 //! One writer thread owns every write. It takes whatever submissions are queued, applies them
 //! in submission order in one transaction and commits once, so concurrent submitters share one
 //! fsync (group commit). Reads run beside it on their own snapshots.
+//!
+//! The file is checked for damage when opened (every page's checksum): a damaged store is
+//! refused with what to do, never trusted. While the store is open, the writer looks every
+//! second (and before each commit) whether the file is still at its path: a file deleted
+//! under the daemon (`rm -rf` of the state directory) would take every later commit with it
+//! when the process ends, so the writer puts a copy of the open file back at its path and
+//! goes on writing there; a path that now names another file (a backup put in its place)
+//! fails every later commit, so that the daemon stops and its restart reads that file.
 
 use std::{
     fmt,
+    fs::File,
+    os::unix::fs::OpenOptionsExt as _,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, PoisonError, RwLock, mpsc},
     thread,
+    time::Duration,
 };
 
 use prometheus_client::metrics::histogram::Histogram;
 use redb::{
-    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    Database, DatabaseError, ReadableDatabase, ReadableTable, ReadableTableMetadata, StorageError,
     TableDefinition, WriteTransaction,
 };
 use serde::Serialize;
@@ -56,6 +67,13 @@ const SCHEMA_VERSION_2: u32 = 2;
 const MAX_BATCH: usize = 4096;
 /// Name of the writer thread (shown by `top -H` and in panics).
 const WRITER_THREAD: &str = "portgate-store";
+/// How often the writer looks whether its file is still at its path when no submission
+/// wakes it sooner.
+const FILE_CHECK_PERIOD: Duration = Duration::from_secs(1);
+/// What to do about a damaged store file, said with every error that finds one.
+const DAMAGED_ADVICE: &str = "the file is damaged: restore it from a backup (the kernel keeps \
+     enforcing the ports it held meanwhile), or move it aside and run `portgate uninstall` \
+     before starting afresh with an empty store";
 
 /// What the writer has committed since the store was opened: fewer batches than submissions
 /// means submissions shared transactions.
@@ -79,14 +97,36 @@ struct Submission {
 ///
 /// Dropping it (or [`RedbStore::shutdown`]) writes everything already submitted first.
 pub struct RedbStore {
-    path: PathBuf,
-    database: Arc<Database>,
+    shared: Arc<Shared>,
     /// The writer's queue; `None` once shut down.
     submissions: RwLock<Option<mpsc::Sender<Submission>>>,
     writer: Mutex<Option<thread::JoinHandle<()>>>,
-    stats: Arc<Mutex<CommitStats>>,
+}
+
+/// What the writer thread and the readers share.
+struct Shared {
+    path: PathBuf,
+    /// The database; the writer replaces it when it puts a deleted file back.
+    database: RwLock<Arc<Database>>,
+    stats: Mutex<CommitStats>,
     /// How long each transaction took to write and sync, failed ones included.
     commit_latency: Histogram,
+    /// What became of the file while the store was open (deleted and put back, replaced),
+    /// for [`Store::describe`]; `None` while nothing has.
+    file_note: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn database(&self) -> Arc<Database> {
+        Arc::clone(&self.database.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn note(&self, note: String) {
+        *self
+            .file_note
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(note);
+    }
 }
 
 impl RedbStore {
@@ -112,51 +152,47 @@ impl RedbStore {
             })?;
         }
         // The store holds client keys' secrets: root's alone, from its first byte on.
-        restrict_to_owner(path)
+        let file = restrict_to_owner(path)
             .map_err(|error| open_failed(format!("making {} private: {error}", path.display())))?;
-        let database = Database::create(path).map_err(|error| {
-            open_failed(match error {
-                DatabaseError::DatabaseAlreadyOpen => {
-                    "another process has it open; stop the other portgate daemon first".to_owned()
-                }
-                other => other.to_string(),
-            })
-        })?;
+        let database = open_database(path).map_err(open_failed)?;
         prepare(&database).map_err(open_failed)?;
 
-        let database = Arc::new(database);
-        let stats = Arc::new(Mutex::new(CommitStats::default()));
-        let commit_latency = super::commit_histogram();
+        let shared = Arc::new(Shared {
+            path: path.to_owned(),
+            database: RwLock::new(Arc::new(database)),
+            stats: Mutex::new(CommitStats::default()),
+            commit_latency: super::commit_histogram(),
+            file_note: Mutex::new(None),
+        });
         let (sender, receiver) = mpsc::channel();
         let writer = thread::Builder::new()
             .name(WRITER_THREAD.to_owned())
             .spawn({
-                let database = Arc::clone(&database);
-                let stats = Arc::clone(&stats);
-                let latency = commit_latency.clone();
-                move || write_loop(&database, &receiver, &stats, &latency)
+                let shared = Arc::clone(&shared);
+                move || write_loop(&shared, file, &receiver)
             })
             .map_err(|error| open_failed(format!("starting the writer thread: {error}")))?;
         Ok(Self {
-            path: path.to_owned(),
-            database,
+            shared,
             submissions: RwLock::new(Some(sender)),
             writer: Mutex::new(Some(writer)),
-            stats,
-            commit_latency,
         })
     }
 
     /// The database file.
     #[must_use]
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.shared.path
     }
 
     /// What the writer has committed so far.
     #[must_use]
     pub fn commit_stats(&self) -> CommitStats {
-        *self.stats.lock().unwrap_or_else(PoisonError::into_inner)
+        *self
+            .shared
+            .stats
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Writes everything already submitted, then stops the writer; later submissions resolve
@@ -182,7 +218,11 @@ impl RedbStore {
     }
 
     fn allocation_count(&self) -> Result<u64, StoreError> {
-        let transaction = self.database.begin_read().map_err(failed("reading"))?;
+        let transaction = self
+            .shared
+            .database()
+            .begin_read()
+            .map_err(failed("reading"))?;
         let host = transaction
             .open_table(ALLOCATIONS)
             .map_err(failed("reading"))?;
@@ -202,7 +242,7 @@ impl Drop for RedbStore {
 impl fmt::Debug for RedbStore {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedbStore")
-            .field("path", &self.path)
+            .field("path", &self.shared.path)
             .field("commit_stats", &self.commit_stats())
             .finish_non_exhaustive()
     }
@@ -210,7 +250,11 @@ impl fmt::Debug for RedbStore {
 
 impl Store for RedbStore {
     fn load(&self) -> Result<StoredState, StoreError> {
-        let transaction = self.database.begin_read().map_err(failed("reading"))?;
+        let transaction = self
+            .shared
+            .database()
+            .begin_read()
+            .map_err(failed("reading"))?;
 
         let host = transaction
             .open_table(ALLOCATIONS)
@@ -269,16 +313,58 @@ impl Store for RedbStore {
     }
 
     fn commit_latency(&self) -> Option<Histogram> {
-        Some(self.commit_latency.clone())
+        Some(self.shared.commit_latency.clone())
     }
 
     fn describe(&self) -> String {
         // The count is a header field, not a scan; a failed read just leaves it out.
-        match self.allocation_count() {
-            Ok(count) => format!("redb at {} ({count} allocations)", self.path.display()),
-            Err(_) => format!("redb at {}", self.path.display()),
+        let mut line = match self.allocation_count() {
+            Ok(count) => format!("redb at {} ({count} allocations)", self.path().display()),
+            Err(_) => format!("redb at {}", self.path().display()),
+        };
+        if let Some(note) = self
+            .shared
+            .file_note
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            line.push_str("; ");
+            line.push_str(note);
         }
+        line
     }
+}
+
+/// Opens (or creates) the database at `path`, checking every page of an existing one, so
+/// that a file damaged outside redb is refused with what to do rather than trusted (redb
+/// may panic on one it trusts).
+fn open_database(path: &Path) -> Result<Database, String> {
+    Database::builder()
+        .set_check_integrity_on_open(true)
+        .create(path)
+        .map_err(|error| match error {
+            DatabaseError::DatabaseAlreadyOpen => {
+                "another process has it open; stop the other portgate daemon first".to_owned()
+            }
+            DatabaseError::Storage(StorageError::Corrupted(why)) => {
+                format!("{why}: {DAMAGED_ADVICE}")
+            }
+            // What redb says of a file that is not one of its databases (damaged header).
+            DatabaseError::Storage(StorageError::Io(io)) if is_damage(&io) => {
+                format!("{io}: {DAMAGED_ADVICE}")
+            }
+            other => other.to_string(),
+        })
+}
+
+/// Whether an I/O error of an open says the file's contents are wrong (a bad header, or
+/// a file cut shorter than its header), rather than that it could not be read.
+fn is_damage(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+    )
 }
 
 /// Creates the tables of a new database, or checks the schema version of an existing one
@@ -325,22 +411,36 @@ fn prepare(database: &Database) -> Result<(), String> {
 }
 
 /// The writer thread: commits queued submissions in batches until every sender is gone and
-/// the queue is empty.
-fn write_loop(
-    database: &Database,
-    submissions: &mpsc::Receiver<Submission>,
-    stats: &Mutex<CommitStats>,
-    latency: &Histogram,
-) {
-    while let Ok(first) = submissions.recv() {
+/// the queue is empty. `file` is the store's file as opened: before each batch, and every
+/// [`FILE_CHECK_PERIOD`] without one, the writer checks that the path still names it
+/// ([`file::keep_at_path`]).
+fn write_loop(shared: &Shared, mut file: File, submissions: &mpsc::Receiver<Submission>) {
+    loop {
+        let first = match submissions.recv_timeout(FILE_CHECK_PERIOD) {
+            Ok(first) => Some(first),
+            Err(mpsc::RecvTimeoutError::Timeout) => None,
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let at_path = file::keep_at_path(shared, &mut file);
+        let Some(first) = first else {
+            if let Err(error) = at_path {
+                log::error!("{error}");
+            }
+            continue;
+        };
         let mut batch = vec![first];
         batch.extend(submissions.try_iter().take(MAX_BATCH - 1));
 
-        let started = std::time::Instant::now();
-        let outcome = write_batch(database, &batch);
-        latency.observe(started.elapsed().as_secs_f64());
+        let outcome = at_path.and_then(|()| {
+            let started = std::time::Instant::now();
+            let written = write_batch(&shared.database(), &batch);
+            shared
+                .commit_latency
+                .observe(started.elapsed().as_secs_f64());
+            written
+        });
         if outcome.is_ok() {
-            let mut stats = stats.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut stats = shared.stats.lock().unwrap_or_else(PoisonError::into_inner);
             stats.batches += 1;
             stats.submissions += batch.len() as u64;
             stats.changes += batch
@@ -528,16 +628,19 @@ fn read_records<T: serde::de::DeserializeOwned>(
 }
 
 /// Creates `path` if it is missing, readable and writable by its owner only, and makes an
-/// existing one so.
-fn restrict_to_owner(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    std::fs::OpenOptions::new()
+/// existing one so; returns it open (for reading: the writer's copy if it is deleted).
+fn restrict_to_owner(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
         .create(true)
         .append(true)
         .mode(0o600)
         .open(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(file)
 }
 
+mod file;
 #[cfg(test)]
 mod tests;

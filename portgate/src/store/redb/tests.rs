@@ -375,3 +375,109 @@ fn the_store_file_is_its_owners_alone_new_or_found_open_to_others() {
         "and still opens"
     );
 }
+
+#[test]
+fn a_file_deleted_under_the_store_is_put_back_with_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = database_path(&dir);
+    let store = RedbStore::open(&path).unwrap();
+    commit(
+        &store,
+        vec![Change::Put(sample_allocation(20001, Protocol::Tcp))],
+    );
+    std::fs::remove_dir_all(path.parent().unwrap()).unwrap();
+    // The next commit finds the file gone first, puts it back and is written there.
+    commit(
+        &store,
+        vec![Change::Put(sample_allocation(20002, Protocol::Tcp))],
+    );
+    assert!(path.exists(), "put back");
+    assert!(
+        store
+            .describe()
+            .contains("was deleted while the daemon ran and was put back"),
+        "{}",
+        store.describe()
+    );
+    let (before, after) = (store.load().unwrap(), {
+        // What a process that never saw the old file reads.
+        drop(store);
+        RedbStore::open(&path).unwrap().load().unwrap()
+    });
+    assert_eq!(before.allocations.len(), 2);
+    assert_eq!(after, before);
+}
+
+#[test]
+fn a_file_deleted_under_an_idle_store_is_put_back_within_a_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = database_path(&dir);
+    let store = RedbStore::open(&path).unwrap();
+    commit(
+        &store,
+        vec![Change::Put(sample_allocation(20001, Protocol::Tcp))],
+    );
+    std::fs::remove_file(&path).unwrap();
+    let deadline = std::time::Instant::now() + 5 * FILE_CHECK_PERIOD;
+    while !path.exists() {
+        assert!(std::time::Instant::now() < deadline, "not put back");
+        thread::sleep(Duration::from_millis(20));
+    }
+    drop(store);
+    let reopened = RedbStore::open(&path).unwrap();
+    assert_eq!(reopened.load().unwrap().allocations.len(), 1);
+}
+
+#[test]
+fn a_file_replaced_under_the_store_fails_every_later_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = database_path(&dir);
+    let store = RedbStore::open(&path).unwrap();
+    commit(
+        &store,
+        vec![Change::Put(sample_allocation(20001, Protocol::Tcp))],
+    );
+    // A backup put in its place (a rename over it).
+    let other = dir.path().join("backup.redb");
+    drop(RedbStore::open(&other).unwrap());
+    std::fs::rename(&other, &path).unwrap();
+    for port in [20002, 20003] {
+        let refused = store
+            .submit(vec![Change::Put(sample_allocation(port, Protocol::Tcp))])
+            .wait_blocking()
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("another file took its place"),
+            "{refused}"
+        );
+    }
+    assert!(store.describe().contains("now names another file"));
+    drop(store);
+    assert!(
+        RedbStore::open(&path)
+            .unwrap()
+            .load()
+            .unwrap()
+            .allocations
+            .is_empty(),
+        "the file put in its place was left alone"
+    );
+}
+
+#[test]
+fn a_damaged_file_is_refused_with_what_to_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = database_path(&dir);
+    drop(RedbStore::open(&path).unwrap());
+    let good = std::fs::read(&path).unwrap();
+    for damaged in [
+        good[..100].to_vec(),
+        good[..good.len() / 2].to_vec(),
+        [b"not redb".as_slice(), &good[8..]].concat(),
+    ] {
+        std::fs::write(&path, &damaged).unwrap();
+        let refused = RedbStore::open(&path).unwrap_err().to_string();
+        assert!(refused.contains(&path.display().to_string()), "{refused}");
+        assert!(refused.contains("restore it from a backup"), "{refused}");
+    }
+}
