@@ -206,21 +206,10 @@ fn idle_slow_and_deaf_clients_do_not_stall_the_others() {
     let socket = daemon.socket.clone();
     // Enough ports that one answer (the metrics of every port) outgrows the socket's buffer.
     let ports = size(200, 300);
-    for n in 0..ports {
-        let request = AllocRequest {
-            owner: format!("abuse-{n}"),
-            ..AllocRequest::default()
-        };
-        daemon
-            .api(|client| client.alloc(&request))
-            .expect("allocate a port");
-    }
-    let probe = daemon
-        .allocations()
-        .into_keys()
-        .next()
-        .expect("a port")
-        .port;
+    let probe = allocate_ports(&daemon, ports, |n| AllocRequest {
+        owner: format!("abuse-{n}"),
+        ..AllocRequest::default()
+    });
     let samples = size(200, 2000);
     let quiet = timed_requests(&socket, probe, samples, Duration::ZERO, &|| false);
 
@@ -519,24 +508,13 @@ fn a_user_reading_everything_at_once_does_not_hold_the_others_up() {
     raise_open_files();
     // Ports with allowlists: `GET /v1/stats` walks every kernel map under the manager's lock.
     let ports = size(300, 400);
-    for n in 0..ports {
-        let request = AllocRequest {
-            owner: format!("walked-{n}"),
-            allow: (0..20)
-                .map(|k| format!("10.{}.{k}.0/24", n % 256).parse().expect("prefix"))
-                .collect(),
-            ..AllocRequest::default()
-        };
-        daemon
-            .api(|client| client.alloc(&request))
-            .expect("allocate a port");
-    }
-    let probe = daemon
-        .allocations()
-        .into_keys()
-        .next()
-        .expect("a port")
-        .port;
+    let probe = allocate_ports(&daemon, ports, |n| AllocRequest {
+        owner: format!("walked-{n}"),
+        allow: (0..20)
+            .map(|k| format!("10.{}.{k}.0/24", n % 256).parse().expect("prefix"))
+            .collect(),
+        ..AllocRequest::default()
+    });
     let quiet = timed_requests(&daemon.socket, probe, 100, Duration::ZERO, &|| false);
     let window = Duration::from_secs(size(3, 10));
     let mut runs = Vec::new();
@@ -585,4 +563,20 @@ fn a_user_reading_everything_at_once_does_not_hold_the_others_up() {
             "beside_root_p50_ms": root.p50, "beside_root_p99_ms": root.p99, "beside_root_max_ms": root.max,
         }),
     );
+}
+
+/// Allocates `ports` ports, the `n`-th as `request(n)` asks; returns one of them to probe.
+fn allocate_ports(daemon: &Daemon, ports: usize, request: impl Fn(usize) -> AllocRequest) -> u16 {
+    for n in 0..ports {
+        let request = request(n);
+        daemon
+            .api(|client| client.alloc(&request))
+            .expect("allocate a port");
+    }
+    daemon
+        .allocations()
+        .into_keys()
+        .next()
+        .expect("a port")
+        .port
 }
