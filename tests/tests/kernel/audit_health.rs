@@ -106,7 +106,9 @@ fn the_audit_log_rotates_under_load_within_its_bound_and_no_record_is_torn() {
     if !require_privileges!() {
         return;
     }
-    let mut daemon = Daemon::start(47_000, 47_199);
+    // Released ports wait out a 3 s quarantine: the stress size's hundreds of allocations
+    // a second need a wider range (each daemon has a namespace of its own).
+    let mut daemon = Daemon::start(47_000, size(47_199, 48_999));
     restart_with(
         &mut daemon,
         &format!("audit_max_bytes = {MAX_BYTES}\naudit_keep = {KEEP}"),
@@ -310,7 +312,7 @@ fn a_full_disk_under_the_audit_log_fails_no_request_and_the_log_resumes() {
     }
     let tmpfs = SmallTmpfs::new(256 << 10);
     let live = tmpfs.path().join("audit.log");
-    let mut daemon = Daemon::start(47_300, 47_499);
+    let mut daemon = Daemon::start(47_300, size(47_499, 48_999));
     daemon.set_config("audit_log", &format!("{:?}", live.display().to_string()));
     restart_with(&mut daemon, "audit_max_bytes = 1048576");
     daemon.audit_log.clone_from(&live);
