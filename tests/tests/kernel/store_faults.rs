@@ -308,8 +308,11 @@ fn a_full_state_directory_refuses_changes_clearly_and_loses_nothing() {
         .api(|client| client.release(after.id))
         .expect("a release once there is room");
     guarded.assert_enforced(&daemon, "after the disk had room again");
-    drop(daemon);
+    // The daemon stopped, its tmpfs unmounted, then its directory removed: removing a
+    // directory with a mount in it fails and leaves it behind.
+    let _stopped = daemon.stop();
     drop(tmpfs);
+    drop(daemon);
     report(
         "store",
         "The state directory was a 2 MiB tmpfs filled to the last byte under the running daemon, then allocations were made until one failed; the daemon was started again on the full disk, then once the space was freed.",
@@ -366,8 +369,11 @@ fn a_read_only_state_directory_is_refused_at_start_and_the_kernel_keeps_enforcin
     daemon.spawn();
     assert_kept(&daemon, &acknowledged);
     guarded.assert_enforced(&daemon, "after the store was writable again");
-    drop(daemon);
+    // The daemon stopped, its tmpfs unmounted, then its directory removed: removing a
+    // directory with a mount in it fails and leaves it behind.
+    let _stopped = daemon.stop();
     drop(tmpfs);
+    drop(daemon);
     report(
         "store",
         "The state directory (a tmpfs) was remounted read-only under the running daemon, then with the daemon stopped, and the daemon started on it.",
