@@ -25,6 +25,7 @@ pub mod gate;
 pub mod packet;
 pub mod podman;
 pub mod recording;
+pub mod tmpfs;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

@@ -8,7 +8,6 @@
 use std::{
     collections::BTreeSet,
     fs,
-    io::Write as _,
     os::unix::fs::PermissionsExt as _,
     path::{Path, PathBuf},
     time::{Duration, Instant},
@@ -19,7 +18,7 @@ use portgate::{
     model::{AccessChange, PortId},
 };
 use portgate_tests::{
-    common::eventually,
+    common::{eventually, tmpfs::Tmpfs},
     daemon::Daemon,
     require_privileges,
     stress::{report, size},
@@ -251,52 +250,6 @@ fn audit_records_carry_what_each_request_asked_for() {
     );
 }
 
-/// A tmpfs of `size` bytes mounted on a directory the test made; unmounted (then the
-/// directory removed) when dropped, even on failure.
-struct SmallTmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl SmallTmpfs {
-    fn new(size: u64) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("portgate-audit-tmpfs-")
-            .tempdir()
-            .expect("temporary directory");
-        nix::mount::mount(
-            Some("tmpfs"),
-            dir.path(),
-            Some("tmpfs"),
-            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-            Some(format!("size={size},mode=0755").as_str()),
-        )
-        .expect("mount a small tmpfs");
-        Self { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Fills it: a file written until the disk refuses more.
-    fn fill(&self) -> PathBuf {
-        let path = self.path().join("filler");
-        let mut file = fs::File::create(&path).expect("create the filler");
-        let block = vec![0_u8; 4096];
-        while file.write_all(&block).is_ok() {}
-        let _ = file.write_all(&[0]);
-        path
-    }
-}
-
-impl Drop for SmallTmpfs {
-    fn drop(&mut self) {
-        if let Err(err) = nix::mount::umount2(self.dir.path(), nix::mount::MntFlags::MNT_DETACH) {
-            eprintln!("clean-up: unmounting {}: {err}", self.dir.path().display());
-        }
-    }
-}
-
 fn audit_errors(daemon: &Daemon) -> u64 {
     count(
         &metrics(daemon),
@@ -310,14 +263,14 @@ fn a_full_disk_under_the_audit_log_fails_no_request_and_the_log_resumes() {
     if !require_privileges!() {
         return;
     }
-    let tmpfs = SmallTmpfs::new(256 << 10);
+    let tmpfs = Tmpfs::in_temp_dir(256 << 10);
     let live = tmpfs.path().join("audit.log");
     let mut daemon = Daemon::start(47_300, size(47_499, 48_999));
     daemon.set_config("audit_log", &format!("{:?}", live.display().to_string()));
     restart_with(&mut daemon, "audit_max_bytes = 1048576");
     daemon.audit_log.clone_from(&live);
     assert_eq!(audit_errors(&daemon), 0);
-    let filler = tmpfs.fill();
+    let (filler, _) = tmpfs.fill();
 
     let requests = size(40, 200);
     let mut held = Vec::new();

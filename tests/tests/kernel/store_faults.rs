@@ -9,9 +9,6 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::Write as _,
-    path::{Path, PathBuf},
-    process::Command,
     time::{Duration, Instant},
 };
 
@@ -24,7 +21,7 @@ use portgate::{
 use portgate_tests::{
     common::{
         CONNECT_WITHIN, EchoServer, LOCAL, OTHER_LOCAL, REFUSED_WITHIN, connect_from, eventually,
-        listen_in, loopback,
+        listen_in, loopback, tmpfs::Tmpfs,
     },
     daemon::Daemon,
     require_privileges,
@@ -34,73 +31,6 @@ use portgate_tests::{
 /// How long the daemon may take to stop after the store refused a change (it looks every
 /// 200 ms), on a loaded machine.
 const STOPS_WITHIN: Duration = Duration::from_secs(15);
-
-/// A tmpfs mounted over a directory for one test; unmounted on drop (lazily, so that a
-/// daemon still holding a file in it cannot keep it), also when the test fails.
-struct Tmpfs {
-    path: PathBuf,
-}
-
-impl Tmpfs {
-    /// Mounts a tmpfs of `size` bytes (mode 0700, as the daemon makes its state directory)
-    /// on `path`, made when missing.
-    fn mount(path: &Path, size: u64) -> Self {
-        fs::create_dir_all(path).expect("the mount point");
-        mount(&[
-            "-t",
-            "tmpfs",
-            "-o",
-            &format!("size={size},mode=0700"),
-            "tmpfs",
-            &path.to_string_lossy(),
-        ])
-        .expect("mount a tmpfs");
-        Self {
-            path: path.to_owned(),
-        }
-    }
-
-    /// `mount -o remount,<options>`: what `mount` printed when it fails.
-    fn remount(&self, options: &str) -> Result<(), String> {
-        mount(&[
-            "-o",
-            &format!("remount,{options}"),
-            &self.path.to_string_lossy(),
-        ])
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        if let Err(err) = Command::new("umount")
-            .arg("-l")
-            .arg(&self.path)
-            .output()
-            .map_err(|err| err.to_string())
-            .and_then(|out| {
-                if out.status.success() {
-                    Ok(())
-                } else {
-                    Err(String::from_utf8_lossy(&out.stderr).into_owned())
-                }
-            })
-        {
-            eprintln!("clean-up: unmounting {}: {err}", self.path.display());
-        }
-    }
-}
-
-fn mount(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("mount")
-        .args(args)
-        .output()
-        .map_err(|err| format!("running mount: {err}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).trim().to_owned())
-    }
-}
 
 /// Stops `daemon`, moves its state directory onto a new tmpfs of `size` bytes and starts it
 /// again there.
@@ -197,7 +127,6 @@ fn summary(held: &BTreeMap<PortId, AllocationView>) -> BTreeMap<PortId, String> 
 }
 
 #[test]
-#[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
 fn a_full_state_directory_refuses_changes_clearly_and_loses_nothing() {
     if !require_privileges!() {
         return;
@@ -209,17 +138,7 @@ fn a_full_state_directory_refuses_changes_clearly_and_loses_nothing() {
     let state = daemon.state_dir();
 
     // Fill the tmpfs to the last byte.
-    let filler_path = state.join("filler");
-    let mut filler = fs::File::create(&filler_path).expect("the filler");
-    let chunk = vec![0xa5_u8; 4096];
-    let mut filler_bytes = 0_usize;
-    while let Ok(written) = filler.write(&chunk) {
-        if written == 0 {
-            break;
-        }
-        filler_bytes += written;
-    }
-    drop(filler);
+    let (filler_path, filler_bytes) = tmpfs.fill();
 
     // Changes go on while redb finds room in pages its file already has, then one is
     // refused: with a 500 that names the store and the cause, and undone.
@@ -342,7 +261,7 @@ fn a_read_only_state_directory_is_refused_at_start_and_the_kernel_keeps_enforcin
 
     // Linux does not make a filesystem read-only while a file on it is open for writing
     // (the daemon's store): the remount is refused and the daemon goes on.
-    let under_the_daemon = tmpfs.remount("ro");
+    let under_the_daemon = tmpfs.remount(true);
     let busy = under_the_daemon
         .as_ref()
         .expect_err("a filesystem with the open store was made read-only");
@@ -353,7 +272,7 @@ fn a_read_only_state_directory_is_refused_at_start_and_the_kernel_keeps_enforcin
     // Stopped, the directory is made read-only: the daemon refuses to start, naming the
     // file and the cause, and the kernel enforces meanwhile.
     assert!(daemon.stop());
-    tmpfs.remount("ro").expect("remount read-only");
+    tmpfs.remount(true).expect("remount read-only");
     let printed = daemon
         .try_spawn()
         .expect_err("the daemon started on a read-only store");
@@ -365,7 +284,7 @@ fn a_read_only_state_directory_is_refused_at_start_and_the_kernel_keeps_enforcin
     assert!(printed.contains("Read-only file system"), "{printed}");
     guarded.assert_enforced(&daemon, "with the store read-only");
 
-    tmpfs.remount("rw").expect("remount read-write");
+    tmpfs.remount(false).expect("remount read-write");
     daemon.spawn();
     assert_kept(&daemon, &acknowledged);
     guarded.assert_enforced(&daemon, "after the store was writable again");
