@@ -42,8 +42,7 @@ pub(super) fn lookup_all(
         in_batch[..4].copy_from_slice(&index.to_ne_bytes());
         first = false;
     }
-    let raw_fd =
-        u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    let raw_fd = raw_fd(fd)?;
     loop {
         // SAFETY: bpf_attr is a plain C union of integers; all zero is its empty value.
         let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
@@ -90,8 +89,7 @@ pub(super) fn update_all(
     values: &[u8],
     count: usize,
 ) -> io::Result<()> {
-    let raw_fd =
-        u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    let raw_fd = raw_fd(fd)?;
     let count = u32::try_from(count).map_err(|_| io::Error::from_raw_os_error(libc::E2BIG))?;
     // SAFETY: bpf_attr is a plain C union of integers; all zero is its empty value.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
@@ -104,6 +102,11 @@ pub(super) fn update_all(
     // SAFETY: the buffers hold `count` keys and values of the map's sizes (the caller's
     // contract) and outlive the call; the kernel only reads them.
     unsafe { bpf(bpf_cmd::BPF_MAP_UPDATE_BATCH, &mut attr) }.map(drop)
+}
+
+/// `fd` as the `bpf()` attributes hold a descriptor.
+pub(super) fn raw_fd(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))
 }
 
 /// The `bpf()` syscall with command `cmd` and attributes `attr`: what it returned (a new

@@ -18,7 +18,7 @@ use std::{
     ffi::CString,
     fs, io,
     os::{
-        fd::{AsFd as _, AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
+        fd::{AsFd as _, BorrowedFd, FromRawFd as _, OwnedFd},
         unix::{ffi::OsStrExt as _, fs::MetadataExt as _},
     },
     path::{Path, PathBuf},
@@ -26,7 +26,11 @@ use std::{
 
 use aya_obj::generated::{bpf_attr, bpf_cmd, bpf_link_info, bpf_link_type};
 
-use super::{CGROUP_LINKS, Gate, GateError, SKB_LINK, SKB_SK_LINK, batch::bpf, paths};
+use super::{
+    CGROUP_LINKS, Gate, GateError, SKB_LINK, SKB_SK_LINK,
+    batch::{bpf, raw_fd},
+    paths,
+};
 use crate::host::{self, HostError};
 
 /// Descriptors on the gate's pinned objects, by path under the pin directory
@@ -202,8 +206,7 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
 /// Pins the object behind `fd` at `path` (`BPF_OBJ_PIN`).
 fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
     let path = c_path(path)?;
-    let raw_fd =
-        u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    let raw_fd = raw_fd(fd)?;
     // SAFETY: bpf_attr is a plain C union of integers; all zero is its empty value.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     // SAFETY: writing the object-pinning member of the union, as BPF_OBJ_PIN reads it.
@@ -219,8 +222,7 @@ fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
 fn link_cgroup_id(fd: BorrowedFd<'_>) -> io::Result<Option<u64>> {
     // SAFETY: bpf_link_info is plain C data; all zero is its empty value.
     let mut info: bpf_link_info = unsafe { std::mem::zeroed() };
-    let raw_fd =
-        u32::try_from(fd.as_raw_fd()).map_err(|_| io::Error::from_raw_os_error(libc::EBADF))?;
+    let raw_fd = raw_fd(fd)?;
     // SAFETY: bpf_attr is a plain C union of integers; all zero is its empty value.
     let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
     // SAFETY: writing the info member of the union, as BPF_OBJ_GET_INFO_BY_FD reads it.
