@@ -127,15 +127,16 @@ pub fn run(args: &TestArgs) -> Result<()> {
         crate::setup::status("cargo", &["build", "-p", "portgate", "--bins"])?;
         let mut test_args = vec!["--test-threads=1".to_owned()];
         test_args.extend(args.passthrough.iter().cloned());
-        let podman: &[(&str, &str)] = if args.podman {
-            &[("PORTGATE_TEST_PODMAN", "1")]
-        } else {
-            &[]
-        };
+        // The API test runs the schemathesis the set-up installed.
+        let schemathesis = setup::schemathesis_path()?.to_string_lossy().into_owned();
+        let mut env = vec![("PORTGATE_SCHEMATHESIS", schemathesis.as_str())];
+        if args.podman {
+            env.push(("PORTGATE_TEST_PODMAN", "1"));
+        }
         let kernel = cargo_test(
             &["-p", "portgate-tests", "--test", "kernel"],
             &test_args,
-            podman,
+            &env,
         )?;
         println!(
             "kernel tests: {} ran ({} passed, {} failed), {} skipped, {} ignored",
