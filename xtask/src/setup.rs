@@ -32,6 +32,7 @@ pub struct SetupArgs {
 pub fn run(args: &SetupArgs) -> Result<()> {
     toolchain(args.check)?;
     let mut problems = host_checks(!args.check);
+    problems.extend(test_tools(!args.check));
     if args.podman {
         problems.extend(podman_tools(!args.check));
     }
@@ -226,7 +227,15 @@ pub fn host_checks(fix: bool) -> Vec<String> {
     } else {
         problems.push("nftables' `nft` is missing: `apt-get install nftables`".to_owned());
     }
-    // Tools single tests run, from the distribution: each is checked where it is installed.
+    problems.extend(fleet_tools(fix));
+    problems
+}
+
+/// What single tests run beside the kernel: faketime, tmux and promtool from the
+/// distribution, schemathesis from the Python Package Index. Installed (when `fix`) when missing; returns the
+/// problems left. Not needed to run portgate, so `cargo xtask run` leaves them alone.
+pub fn test_tools(fix: bool) -> Vec<String> {
+    let mut problems = Vec::new();
     for (program, package, why) in [
         (
             "/usr/bin/faketime",
@@ -253,7 +262,6 @@ pub fn host_checks(fix: bool) -> Vec<String> {
         }
     }
     problems.extend(schemathesis(fix).err());
-    problems.extend(fleet_tools(fix));
     problems
 }
 

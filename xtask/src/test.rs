@@ -90,6 +90,7 @@ impl Totals {
 pub fn run(args: &TestArgs) -> Result<()> {
     setup::toolchain(false)?;
     let mut problems = setup::host_checks(true);
+    problems.extend(setup::test_tools(true));
     if args.podman {
         problems.extend(setup::podman_tools(true));
     }
