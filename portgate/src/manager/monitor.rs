@@ -388,8 +388,11 @@ const PORT_COUNTERS: [CounterFamily; 4] = [
     }),
 ];
 
-/// The per-port gauges: name, help, and how to read them.
-const PORT_GAUGES: [(&str, &str, fn(&PortSample) -> u64); 2] = [
+/// A per-port gauge family: name, help, and how to read it.
+type GaugeFamily = (&'static str, &'static str, fn(&PortSample) -> u64);
+
+/// The per-port gauges.
+const PORT_GAUGES: [GaugeFamily; 2] = [
     (
         "port_active_connections",
         "Established TCP connections, per port",

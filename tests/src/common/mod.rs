@@ -88,7 +88,8 @@ fn missing_privileges() -> Option<String> {
     None
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+/// Where `program` is on `PATH`, if it is.
+pub fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join(program))

@@ -14,7 +14,11 @@ fn the_exposition_keeps_its_bytes() {
         id,
         netns: netns.to_owned(),
         status,
-        max_connections: if netns == "host" && id.port == 20001 { 3 } else { 0 },
+        max_connections: if netns == "host" && id.port == 20001 {
+            3
+        } else {
+            0
+        },
         metrics,
     };
     let snapshot = PortsSnapshot {
