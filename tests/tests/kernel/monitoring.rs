@@ -30,18 +30,16 @@ use portgate_tests::{
         CONNECT_WITHIN, EchoServer, LOCAL, REFUSED_WITHIN, connect_from, eventually, listen_in,
         loopback, which,
     },
-    daemon::Daemon,
     require_privileges,
 };
+
+use crate::knock::{LISTENER, knocking_daemon};
 
 const RULES: &str = "dist/prometheus/portgate-alerts.yml";
 const RULE_TESTS: &str = "dist/prometheus/portgate-alerts.test.yml";
 const DASHBOARD: &str = "dist/grafana/portgate.json";
 const GUIDE: &str = "docs/monitoring.md";
 const GOLDEN: &str = "portgate/src/manager/testdata/metrics.txt";
-
-/// The knock listener of the daemon below, in its namespace.
-const LISTENER: u16 = 62_201;
 
 /// A file of the repository.
 fn repo_file(path: &str) -> PathBuf {
@@ -309,11 +307,8 @@ fn a_real_daemon_exports_what_the_rules_and_dashboard_use_and_the_guide_document
     };
     // Ports with a limit, an allowlist and knock authentication, and traffic on each, so
     // that every family has series (the API latency's and the knocks' appear once used).
-    let mut daemon = Daemon::start(41_800, 41_809);
-    assert!(daemon.stop());
-    daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));
-    daemon.spawn();
-    let (limited, listed, knocked, unallocated) = (41_801_u16, 41_802_u16, 41_803_u16, 41_805);
+    let (daemon, knocked, _knocked_server) = knocking_daemon(41_800);
+    let (limited, listed, unallocated) = (41_801_u16, 41_802_u16, 41_805);
     let alloc = |port: u16, extra: &[&str]| {
         let port = port.to_string();
         let mut args = vec!["alloc", "--owner", "web", "--port", &port];
@@ -322,8 +317,7 @@ fn a_real_daemon_exports_what_the_rules_and_dashboard_use_and_the_guide_document
     };
     alloc(limited, &["--max-conns", "2"]);
     alloc(listed, &["--allow", "10.99.0.0/16"]);
-    alloc(knocked, &["--require-auth"]);
-    let _servers: Vec<EchoServer> = [limited, listed, knocked]
+    let _servers: Vec<EchoServer> = [limited, listed]
         .into_iter()
         .map(|port| {
             daemon
