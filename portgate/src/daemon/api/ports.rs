@@ -5,11 +5,15 @@ use std::net::IpAddr;
 
 use axum::{body::Bytes, extract::rejection::BytesRejection, http::StatusCode, response::Response};
 
-use super::{ApiError, Caller, PortCall, json_body, placement};
+use super::{
+    ApiError, Caller, PortCall, json_body,
+    openapi::{PortQuery, examples},
+    placement,
+};
 use crate::{
     api::{
-        AllocRequest, AllocationView, CheckResponse, GrantInfoView, GrantRequest, OwnerSpec,
-        RenewRequest,
+        AllocRequest, AllocationView, CheckResponse, ErrorBody, GrantInfoView, GrantRequest,
+        OwnerSpec, RenewRequest,
     },
     daemon::audit::AuditParams,
     manager::PortError,
@@ -18,6 +22,24 @@ use crate::{
 
 type Body = Result<Bytes, BytesRejection>;
 
+/// Allocates a port.
+#[utoipa::path(
+    post,
+    path = "/v1/ports",
+    tag = "ports",
+    operation_id = "alloc",
+    request_body(content = AllocRequest, example = examples::alloc_request),
+    responses(
+        (status = 201, description = "The allocation", body = AllocationView, example = examples::allocation),
+        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
+        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
+        (status = 409, description = "The port is taken, or the range is full (`port_unavailable`, `range_exhausted`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than 1 MiB (`bad_body`)", body = ErrorBody),
+        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
+        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn alloc(caller: Caller, body: Body) -> Response {
     caller
         .answer("alloc", StatusCode::CREATED, async |audit| {
@@ -79,6 +101,17 @@ fn owner_params(spec: &OwnerSpec) -> AuditParams {
     }
 }
 
+/// Every allocation.
+#[utoipa::path(
+    get,
+    path = "/v1/ports",
+    tag = "ports",
+    operation_id = "list",
+    responses(
+        (status = 200, description = "Every allocation", body = Vec<AllocationView>, example = examples::allocations),
+        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn list(caller: Caller) -> Response {
     caller
         .answer("list", StatusCode::OK, async |_| {
@@ -94,6 +127,24 @@ pub(super) async fn list(caller: Caller) -> Response {
         .await
 }
 
+/// One allocation.
+#[utoipa::path(
+    get,
+    path = "/v1/ports/{port}",
+    tag = "ports",
+    operation_id = "show",
+    params(
+        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
+        PortQuery,
+    ),
+    responses(
+        (status = 200, description = "The allocation", body = AllocationView, example = examples::allocation),
+        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
+        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
+        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
+        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn show(call: PortCall) -> Response {
     call.answer("show", StatusCode::OK, async |app, id, _, _| {
         let held = app
@@ -118,14 +169,75 @@ async fn release_as(call: PortCall, action: &'static str) -> Response {
     .await
 }
 
+/// Releases a port: it goes Draining (as `drain`).
+#[utoipa::path(
+    delete,
+    path = "/v1/ports/{port}",
+    tag = "ports",
+    operation_id = "release",
+    params(
+        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
+        PortQuery,
+    ),
+    responses(
+        (status = 200, description = "The allocation, now draining", body = AllocationView, example = examples::draining),
+        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
+        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
+        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
+        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
+        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn release(call: PortCall) -> Response {
     release_as(call, "release").await
 }
 
+/// Drains a port: no new connections (as `release`).
+#[utoipa::path(
+    post,
+    path = "/v1/ports/{port}/drain",
+    tag = "ports",
+    operation_id = "drain",
+    params(
+        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
+        PortQuery,
+    ),
+    responses(
+        (status = 200, description = "The allocation, now draining", body = AllocationView, example = examples::draining),
+        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
+        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
+        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
+        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
+        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn drain(call: PortCall) -> Response {
     release_as(call, "drain").await
 }
 
+/// Renews a port's lease (an empty body keeps its length).
+#[utoipa::path(
+    post,
+    path = "/v1/ports/{port}/renew",
+    tag = "ports",
+    operation_id = "renew",
+    params(
+        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
+        PortQuery,
+    ),
+    request_body(content = Option<RenewRequest>, description = "The new lease; none (an empty body) keeps its length", example = examples::renew_request),
+    responses(
+        (status = 200, description = "The allocation with its new lease", body = AllocationView, example = examples::allocation),
+        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
+        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
+        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than 1 MiB (`bad_body`)", body = ErrorBody),
+        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
+        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn renew(call: PortCall, body: Body) -> Response {
     call.change("renew", StatusCode::OK, async |app, actor, id, audit| {
         let request: RenewRequest = if body.as_ref().is_ok_and(Bytes::is_empty) {
@@ -140,6 +252,28 @@ pub(super) async fn renew(call: PortCall, body: Body) -> Response {
     .await
 }
 
+/// Changes a port's access control.
+#[utoipa::path(
+    patch,
+    path = "/v1/ports/{port}/access",
+    tag = "ports",
+    operation_id = "access",
+    params(
+        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
+        PortQuery,
+    ),
+    request_body(content = AccessChange, example = examples::access_change),
+    responses(
+        (status = 200, description = "The allocation with its new access control", body = AllocationView, example = examples::allocation),
+        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
+        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
+        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than 1 MiB (`bad_body`)", body = ErrorBody),
+        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
+        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn access(call: PortCall, body: Body) -> Response {
     call.change("access", StatusCode::OK, async |app, actor, id, audit| {
         let change: AccessChange = json_body(body)?;
@@ -164,6 +298,28 @@ pub(super) async fn access(call: PortCall, body: Body) -> Response {
 /// `PATCH /v1/ports/{port}/owner`: moves the port to the cgroup a request names (a
 /// container restarted into a new cgroup). A process or container named must be in the
 /// port's own namespace.
+/// Moves a port to a new owner cgroup.
+#[utoipa::path(
+    patch,
+    path = "/v1/ports/{port}/owner",
+    tag = "ports",
+    operation_id = "owner",
+    params(
+        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
+        PortQuery,
+    ),
+    request_body(content = OwnerSpec, example = examples::owner_spec),
+    responses(
+        (status = 200, description = "The allocation with its new owner", body = AllocationView, example = examples::allocation),
+        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
+        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
+        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than 1 MiB (`bad_body`)", body = ErrorBody),
+        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
+        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn owner(call: PortCall, body: Body) -> Response {
     call.change("owner", StatusCode::OK, async |app, actor, id, audit| {
         let spec: OwnerSpec = json_body(body)?;
@@ -191,6 +347,28 @@ pub(super) async fn owner(call: PortCall, body: Body) -> Response {
     .await
 }
 
+/// Grants a source address new connections to a port that requires authentication.
+#[utoipa::path(
+    post,
+    path = "/v1/ports/{port}/grants",
+    tag = "ports",
+    operation_id = "grant",
+    params(
+        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
+        PortQuery,
+    ),
+    request_body(content = GrantRequest, example = examples::grant_request),
+    responses(
+        (status = 204, description = "Granted"),
+        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
+        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
+        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
+        (status = 413, description = "The body is larger than 1 MiB (`bad_body`)", body = ErrorBody),
+        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
+        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn grant(call: PortCall, body: Body) -> Response {
     call.change(
         "grant",
@@ -208,6 +386,25 @@ pub(super) async fn grant(call: PortCall, body: Body) -> Response {
     .await
 }
 
+/// A port's grants.
+#[utoipa::path(
+    get,
+    path = "/v1/ports/{port}/grants",
+    tag = "ports",
+    operation_id = "grants",
+    params(
+        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
+        PortQuery,
+    ),
+    responses(
+        (status = 200, description = "Its grants", body = Vec<GrantInfoView>, example = examples::grants),
+        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
+        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
+        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
+        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
+        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn grants(call: PortCall) -> Response {
     let actor = call.caller.actor();
     call.answer("grants", StatusCode::OK, async |app, id, _, _| {
@@ -224,6 +421,26 @@ pub(super) async fn grants(call: PortCall) -> Response {
     .await
 }
 
+/// Revokes a source address's grant.
+#[utoipa::path(
+    delete,
+    path = "/v1/ports/{port}/grants",
+    tag = "ports",
+    operation_id = "revoke_grant",
+    params(
+        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
+        PortQuery,
+        ("ip" = String, Query, description = "The source address", example = "192.0.2.10"),
+    ),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
+        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
+        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
+        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
+        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn revoke_grant(call: PortCall) -> Response {
     let actor = call.caller.actor();
     call.answer(
@@ -250,6 +467,23 @@ fn query_ip(query: &std::collections::HashMap<String, String>) -> Result<IpAddr,
     })
 }
 
+/// Whether a new connection from a source address would get in.
+#[utoipa::path(
+    get,
+    path = "/v1/ports/{port}/check",
+    tag = "ports",
+    operation_id = "check",
+    params(
+        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
+        PortQuery,
+        ("ip" = String, Query, description = "The source address", example = "192.0.2.10"),
+    ),
+    responses(
+        (status = 200, description = "The verdict", body = CheckResponse, example = examples::check),
+        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
+        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn check(call: PortCall) -> Response {
     call.answer("check", StatusCode::OK, async |app, id, query, _| {
         let ip = query_ip(&query)?;
