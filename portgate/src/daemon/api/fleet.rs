@@ -3,7 +3,10 @@
 
 use axum::{http::StatusCode, response::Response};
 
-use super::{Caller, json_body, openapi::examples};
+use super::{
+    Caller, json_body,
+    openapi::{Busy, Forbidden, MapFull, TooLarge, examples},
+};
 use crate::api::{ErrorBody, NodeView, RepairRequest, RepairView};
 
 type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
@@ -18,7 +21,7 @@ type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
         (status = 200, description = "The live nodes", body = Vec<NodeView>, example = examples::nodes),
         (status = 400, description = "This daemon is not in fleet mode (`invalid_port_request`)", body = ErrorBody),
         (status = 500, description = "etcd could not be reached (`state_tracking`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        Busy,
     ),
 )]
 pub(super) async fn nodes(caller: Caller) -> Response {
@@ -50,11 +53,8 @@ pub(super) async fn nodes(caller: Caller) -> Response {
     responses(
         (status = 200, description = "The ports taken over and released", body = RepairView, example = examples::repair),
         (status = 400, description = "The request is wrong, the node is this one or alive, or this daemon is not in fleet mode (`bad_json`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 413, description = "The body is larger than 1 MiB (`bad_body`)", body = ErrorBody),
         (status = 500, description = "etcd could not be reached (`state_tracking`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
-        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+        Forbidden, TooLarge, Busy, MapFull,
     ),
 )]
 pub(super) async fn repair(caller: Caller, body: Body) -> Response {

@@ -3,7 +3,10 @@
 
 use axum::{extract::Path as UrlPath, http::StatusCode, response::Response};
 
-use super::{ApiError, Caller, json_body, openapi::examples};
+use super::{
+    ApiError, Caller, json_body,
+    openapi::{Busy, Failed, Forbidden, TooLarge, examples},
+};
 use crate::{
     api::{ErrorBody, KeyCreated, KeyPort, KeyRequestBody, KeyView},
     daemon::audit::AuditParams,
@@ -24,10 +27,7 @@ type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
     responses(
         (status = 201, description = "The key and its key file", body = KeyCreated, example = examples::key_created),
         (status = 400, description = "The request is wrong (`bad_json`, `invalid_port_request`: a bad name, or a key of that name exists)", body = ErrorBody),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 413, description = "The body is larger than 1 MiB (`bad_body`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        Forbidden, TooLarge, Failed, Busy,
     ),
 )]
 pub(super) async fn add(caller: Caller, body: Body) -> Response {
@@ -76,8 +76,7 @@ pub(super) async fn add(caller: Caller, body: Body) -> Response {
     operation_id = "key_list",
     responses(
         (status = 200, description = "The keys", body = Vec<KeyView>, example = examples::keys),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        Forbidden, Busy,
     ),
 )]
 pub(super) async fn list(caller: Caller) -> Response {
@@ -112,9 +111,7 @@ pub(super) async fn list(caller: Caller) -> Response {
     responses(
         (status = 204, description = "Revoked"),
         (status = 400, description = "No key has that name (`invalid_port_request`)", body = ErrorBody),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        Forbidden, Failed, Busy,
     ),
 )]
 pub(super) async fn revoke(caller: Caller, UrlPath(name): UrlPath<String>) -> Response {

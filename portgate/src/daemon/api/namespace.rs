@@ -5,7 +5,11 @@ use std::{collections::BTreeSet, path::Path};
 
 use axum::{http::StatusCode, response::Response};
 
-use super::{ApiError, ApiResult, Caller, QueryMap, openapi::examples, placement, query_map};
+use super::{
+    ApiError, ApiResult, Caller, QueryMap,
+    openapi::{Busy, Failed, examples},
+    placement, query_map,
+};
 use crate::{
     api::{ErrorBody, NetnsView},
     host::netns,
@@ -28,8 +32,7 @@ use crate::{
         (status = 400, description = "The name is missing or not a namespace (`missing_name`, `invalid_netns`, `ambiguous_netns`)", body = ErrorBody),
         (status = 403, description = "Only an administrator may name a namespace by path (`access_denied`)", body = ErrorBody),
         (status = 404, description = "No such namespace (`unknown_netns`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        Failed, Busy,
     ),
 )]
 pub(super) async fn find(caller: Caller, query: QueryMap) -> Response {

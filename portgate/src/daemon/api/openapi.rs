@@ -4,7 +4,7 @@
 //! with `PORTGATE_BLESS=1 cargo test -p portgate --lib openapi`.
 
 use axum::{http::StatusCode, response::Response};
-use utoipa::{IntoParams, OpenApi, openapi};
+use utoipa::{IntoParams, IntoResponses, OpenApi, openapi};
 
 use super::{Caller, fleet, keys, namespace, ports, reads};
 use crate::{
@@ -108,6 +108,39 @@ caller holds too many connections at once.
 )]
 struct ApiDoc;
 
+/// Declares an error answer of the document: a status, what it means, and the
+/// [`ErrorBody`] it carries (read by the document only).
+macro_rules! error_answer {
+    ($($(#[$doc:meta])* $name:ident = $status:literal, $description:literal;)*) => {
+        $(
+            $(#[$doc])*
+            #[derive(IntoResponses)]
+            #[response(status = $status, description = $description)]
+            #[expect(dead_code, reason = "read by the document only: handlers answer ApiError")]
+            pub(super) struct $name(ErrorBody);
+        )*
+    };
+}
+
+error_answer! {
+    /// A request that is wrong: its body, its port, its query, or what it asks for.
+    BadRequest = 400, "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)";
+    /// A caller without the right.
+    Forbidden = 403, "The caller may not do this (`access_denied`)";
+    /// A port that is not allocated.
+    NotAllocated = 404, "No such allocation (`not_allocated`)";
+    /// A port that cannot be had.
+    Conflict = 409, "The port is taken, or the range is full (`port_unavailable`, `range_exhausted`)";
+    /// A body over [`crate::api::MAX_BODY_BYTES`].
+    TooLarge = 413, "The body is larger than 1 MiB (`bad_body`)";
+    /// A failure of the daemon, its store or the kernel.
+    Failed = 500, "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)";
+    /// A caller over its connection limits (any route).
+    Busy = 503, "Too many connections (`too_many_connections`)";
+    /// A kernel map with no room left.
+    MapFull = 507, "A kernel map is full (`kernel_map_full`)";
+}
+
 /// The query of a call on one port: its protocol and namespace.
 #[derive(IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -121,6 +154,37 @@ pub(super) struct PortQuery {
     /// The namespace: its cookie (`netns` of the views), or `host` (the default).
     #[param(value_type = Option<String>, pattern = "^(host|[0-9]+)$", example = "host")]
     netns: Option<String>,
+}
+
+/// The parameters of a call on one port: the path's `{port}`, then [`PortQuery`].
+pub(super) struct PortParams;
+
+impl IntoParams for PortParams {
+    fn into_params(
+        _: impl Fn() -> Option<openapi::path::ParameterIn>,
+    ) -> Vec<openapi::path::Parameter> {
+        use utoipa::openapi::{
+            Required,
+            path::{ParameterBuilder, ParameterIn},
+            schema::{KnownFormat, ObjectBuilder, SchemaFormat, Type},
+        };
+        let port = ParameterBuilder::new()
+            .name("port")
+            .parameter_in(ParameterIn::Path)
+            .required(Required::True)
+            .description(Some("The port"))
+            .schema(Some(
+                ObjectBuilder::new()
+                    .schema_type(Type::Integer)
+                    .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int32)))
+                    .minimum(Some(1))
+                    .maximum(Some(u16::MAX)),
+            ))
+            .build();
+        let mut params = vec![port];
+        params.extend(PortQuery::into_params(|| Some(ParameterIn::Query)));
+        params
+    }
 }
 
 /// The API's `OpenAPI` document.
@@ -147,7 +211,7 @@ pub fn document_json() -> String {
     operation_id = "openapi",
     responses(
         (status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        Busy,
     ),
 )]
 pub(super) async fn openapi_json(caller: Caller) -> Response {

@@ -7,7 +7,10 @@ use axum::{body::Bytes, extract::rejection::BytesRejection, http::StatusCode, re
 
 use super::{
     ApiError, Caller, PortCall, json_body,
-    openapi::{PortQuery, examples},
+    openapi::{
+        BadRequest, Busy, Conflict, Failed, Forbidden, MapFull, NotAllocated, PortParams, TooLarge,
+        examples,
+    },
     placement,
 };
 use crate::{
@@ -31,13 +34,7 @@ type Body = Result<Bytes, BytesRejection>;
     request_body(content = AllocRequest, example = examples::alloc_request),
     responses(
         (status = 201, description = "The allocation", body = AllocationView, example = examples::allocation),
-        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 409, description = "The port is taken, or the range is full (`port_unavailable`, `range_exhausted`)", body = ErrorBody),
-        (status = 413, description = "The body is larger than 1 MiB (`bad_body`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
-        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+        BadRequest, Forbidden, Conflict, TooLarge, Failed, Busy, MapFull,
     ),
 )]
 pub(super) async fn alloc(caller: Caller, body: Body) -> Response {
@@ -109,7 +106,7 @@ fn owner_params(spec: &OwnerSpec) -> AuditParams {
     operation_id = "list",
     responses(
         (status = 200, description = "Every allocation", body = Vec<AllocationView>, example = examples::allocations),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        Busy,
     ),
 )]
 pub(super) async fn list(caller: Caller) -> Response {
@@ -133,16 +130,10 @@ pub(super) async fn list(caller: Caller) -> Response {
     path = "/v1/ports/{port}",
     tag = "ports",
     operation_id = "show",
-    params(
-        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
-        PortQuery,
-    ),
+    params(PortParams),
     responses(
         (status = 200, description = "The allocation", body = AllocationView, example = examples::allocation),
-        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        BadRequest, NotAllocated, Failed, Busy,
     ),
 )]
 pub(super) async fn show(call: PortCall) -> Response {
@@ -175,18 +166,10 @@ async fn release_as(call: PortCall, action: &'static str) -> Response {
     path = "/v1/ports/{port}",
     tag = "ports",
     operation_id = "release",
-    params(
-        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
-        PortQuery,
-    ),
+    params(PortParams),
     responses(
         (status = 200, description = "The allocation, now draining", body = AllocationView, example = examples::draining),
-        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
-        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+        BadRequest, Forbidden, NotAllocated, Failed, Busy, MapFull,
     ),
 )]
 pub(super) async fn release(call: PortCall) -> Response {
@@ -199,18 +182,10 @@ pub(super) async fn release(call: PortCall) -> Response {
     path = "/v1/ports/{port}/drain",
     tag = "ports",
     operation_id = "drain",
-    params(
-        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
-        PortQuery,
-    ),
+    params(PortParams),
     responses(
         (status = 200, description = "The allocation, now draining", body = AllocationView, example = examples::draining),
-        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
-        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+        BadRequest, Forbidden, NotAllocated, Failed, Busy, MapFull,
     ),
 )]
 pub(super) async fn drain(call: PortCall) -> Response {
@@ -223,19 +198,11 @@ pub(super) async fn drain(call: PortCall) -> Response {
     path = "/v1/ports/{port}/renew",
     tag = "ports",
     operation_id = "renew",
-    params(
-        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
-        PortQuery,
-    ),
+    params(PortParams),
     request_body(content = Option<RenewRequest>, description = "The new lease; none (an empty body) keeps its length", example = examples::renew_request),
     responses(
         (status = 200, description = "The allocation with its new lease", body = AllocationView, example = examples::allocation),
-        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
-        (status = 413, description = "The body is larger than 1 MiB (`bad_body`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        BadRequest, Forbidden, NotAllocated, TooLarge, Failed, Busy,
     ),
 )]
 pub(super) async fn renew(call: PortCall, body: Body) -> Response {
@@ -258,20 +225,11 @@ pub(super) async fn renew(call: PortCall, body: Body) -> Response {
     path = "/v1/ports/{port}/access",
     tag = "ports",
     operation_id = "access",
-    params(
-        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
-        PortQuery,
-    ),
+    params(PortParams),
     request_body(content = AccessChange, example = examples::access_change),
     responses(
         (status = 200, description = "The allocation with its new access control", body = AllocationView, example = examples::allocation),
-        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
-        (status = 413, description = "The body is larger than 1 MiB (`bad_body`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
-        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+        BadRequest, Forbidden, NotAllocated, TooLarge, Failed, Busy, MapFull,
     ),
 )]
 pub(super) async fn access(call: PortCall, body: Body) -> Response {
@@ -295,29 +253,21 @@ pub(super) async fn access(call: PortCall, body: Body) -> Response {
     .await
 }
 
+/// Moves a port to a new owner cgroup.
+///
 /// `PATCH /v1/ports/{port}/owner`: moves the port to the cgroup a request names (a
 /// container restarted into a new cgroup). A process or container named must be in the
 /// port's own namespace.
-/// Moves a port to a new owner cgroup.
 #[utoipa::path(
     patch,
     path = "/v1/ports/{port}/owner",
     tag = "ports",
     operation_id = "owner",
-    params(
-        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
-        PortQuery,
-    ),
+    params(PortParams),
     request_body(content = OwnerSpec, example = examples::owner_spec),
     responses(
         (status = 200, description = "The allocation with its new owner", body = AllocationView, example = examples::allocation),
-        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
-        (status = 413, description = "The body is larger than 1 MiB (`bad_body`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
-        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+        BadRequest, Forbidden, NotAllocated, TooLarge, Failed, Busy, MapFull,
     ),
 )]
 pub(super) async fn owner(call: PortCall, body: Body) -> Response {
@@ -353,20 +303,11 @@ pub(super) async fn owner(call: PortCall, body: Body) -> Response {
     path = "/v1/ports/{port}/grants",
     tag = "ports",
     operation_id = "grant",
-    params(
-        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
-        PortQuery,
-    ),
+    params(PortParams),
     request_body(content = GrantRequest, example = examples::grant_request),
     responses(
         (status = 204, description = "Granted"),
-        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
-        (status = 413, description = "The body is larger than 1 MiB (`bad_body`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
-        (status = 507, description = "A kernel map is full (`kernel_map_full`)", body = ErrorBody),
+        BadRequest, Forbidden, NotAllocated, TooLarge, Failed, Busy, MapFull,
     ),
 )]
 pub(super) async fn grant(call: PortCall, body: Body) -> Response {
@@ -392,17 +333,10 @@ pub(super) async fn grant(call: PortCall, body: Body) -> Response {
     path = "/v1/ports/{port}/grants",
     tag = "ports",
     operation_id = "grants",
-    params(
-        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
-        PortQuery,
-    ),
+    params(PortParams),
     responses(
         (status = 200, description = "Its grants", body = Vec<GrantInfoView>, example = examples::grants),
-        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        BadRequest, Forbidden, NotAllocated, Failed, Busy,
     ),
 )]
 pub(super) async fn grants(call: PortCall) -> Response {
@@ -428,17 +362,12 @@ pub(super) async fn grants(call: PortCall) -> Response {
     tag = "ports",
     operation_id = "revoke_grant",
     params(
-        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
-        PortQuery,
+        PortParams,
         ("ip" = String, Query, description = "The source address", example = "192.0.2.10"),
     ),
     responses(
         (status = 204, description = "Revoked"),
-        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 403, description = "The caller may not do this (`access_denied`)", body = ErrorBody),
-        (status = 404, description = "No such allocation (`not_allocated`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        BadRequest, Forbidden, NotAllocated, Failed, Busy,
     ),
 )]
 pub(super) async fn revoke_grant(call: PortCall) -> Response {
@@ -474,14 +403,12 @@ fn query_ip(query: &std::collections::HashMap<String, String>) -> Result<IpAddr,
     tag = "ports",
     operation_id = "check",
     params(
-        ("port" = u16, Path, description = "The port", minimum = 1, maximum = 65535),
-        PortQuery,
+        PortParams,
         ("ip" = String, Query, description = "The source address", example = "192.0.2.10"),
     ),
     responses(
         (status = 200, description = "The verdict", body = CheckResponse, example = examples::check),
-        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        BadRequest, Busy,
     ),
 )]
 pub(super) async fn check(call: PortCall) -> Response {

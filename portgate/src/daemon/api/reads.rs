@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use super::{
     ApiError, Caller, QueryMap, netns,
-    openapi::{PortQuery, examples},
+    openapi::{BadRequest, Busy, Failed, PortQuery, examples},
     protocol, query_map,
 };
 use crate::{
@@ -36,9 +36,7 @@ use crate::{
     ),
     responses(
         (status = 200, description = "The ports' policies, grants and counters", body = Vec<PortReport>, example = examples::stats),
-        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        BadRequest, Failed, Busy,
     ),
 )]
 pub(super) async fn stats(caller: Caller, query: QueryMap) -> Response {
@@ -75,7 +73,7 @@ pub(super) async fn stats(caller: Caller, query: QueryMap) -> Response {
     responses(
         (status = 200, description = "One `EventView` a line", content_type = "application/x-ndjson", body = String, example = examples::events),
         (status = 400, description = "The query is wrong (`bad_query`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        Busy,
     ),
 )]
 pub(super) async fn events(caller: Caller, query: QueryMap) -> Response {
@@ -176,8 +174,7 @@ fn json_line(value: &impl Serialize) -> Bytes {
     operation_id = "status",
     responses(
         (status = 200, description = "The status", body = StatusView, example = examples::status),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        Failed, Busy,
     ),
 )]
 pub(super) async fn status(caller: Caller) -> Response {
@@ -265,8 +262,7 @@ fn fleet_view(app: &crate::daemon::App) -> Option<crate::api::FleetView> {
     operation_id = "metrics",
     responses(
         (status = 200, description = "The OpenMetrics text exposition", content_type = "application/openmetrics-text", body = String, example = examples::metrics),
-        (status = 500, description = "The daemon could not keep its state or read the kernel (`state_tracking`, `metric_collection`, `resource_monitoring`, `configuration`)", body = ErrorBody),
-        (status = 503, description = "Too many connections (`too_many_connections`)", body = ErrorBody),
+        Failed, Busy,
     ),
 )]
 pub(super) async fn metrics(caller: Caller) -> Response {
