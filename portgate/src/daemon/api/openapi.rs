@@ -124,7 +124,7 @@ macro_rules! error_answer {
 
 error_answer! {
     /// A request that is wrong: its body, its port, its query, or what it asks for.
-    BadRequest = 400, "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_port_request`, `policy_violation`)";
+    BadRequest = 400, "The request is wrong (`bad_json`, `invalid_port`, `invalid_proto`, `invalid_netns`, `bad_query`, `invalid_ip`, `missing_ip`, `invalid_port_request`, `policy_violation`)";
     /// A caller without the right.
     Forbidden = 403, "The caller may not do this (`access_denied`)";
     /// A port that is not allocated.
