@@ -15,8 +15,8 @@ use super::{
 };
 use crate::{
     api::{
-        AllocRequest, AllocationView, CheckResponse, ErrorBody, GrantInfoView, GrantRequest,
-        OwnerSpec, RenewRequest,
+        AllocRequest, AllocationView, CheckResponse, GrantInfoView, GrantRequest, OwnerSpec,
+        RenewRequest,
     },
     daemon::audit::AuditParams,
     manager::PortError,
