@@ -21,6 +21,8 @@
 //! `require_auth`, as it always has.
 //! - `GET /v1/events[?follow=true]` → [`EventView`] JSON lines
 //! - `GET /v1/status` → [`StatusView`]; `GET /metrics` → Prometheus text
+//! - `GET /v1/openapi.json` → the `OpenAPI` document of every route, with examples
+//!   (`docs/openapi.json`; see `docs/api.md`)
 //!
 //! Errors answer a 4xx/5xx status with [`ErrorBody`].
 
@@ -30,6 +32,7 @@ use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 pub use self::checks::decode_body;
 #[doc(no_inline)]
@@ -49,22 +52,25 @@ use crate::{
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 /// `POST /v1/ports`: what `portgate alloc` asks for.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AllocRequest {
     /// Owner name.
     pub owner: String,
     /// A specific port; any free one when absent.
     #[serde(default)]
+    #[schema(maximum = 65535)]
     pub port: Option<u16>,
     /// Protocol (tcp when absent).
     #[serde(default)]
     pub proto: Option<Protocol>,
     /// The owner's cgroup2 directory (bind ownership).
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "/sys/fs/cgroup/web.slice")]
     pub cgroup: Option<PathBuf>,
     /// A process whose cgroup owns the port, in whose network namespace the port is.
     #[serde(default)]
+    #[schema(format = Int64, maximum = 4_294_967_295_u32)]
     pub pid: Option<u32>,
     /// A container (docker, podman, containerd, CRI-O) or Kubernetes pod, by id: its cgroup
     /// owns the port, which is in its network namespace.
@@ -73,6 +79,7 @@ pub struct AllocRequest {
     /// The port's network namespace (`/run/netns/NAME`, `/proc/PID/ns/net`); the host's
     /// when no namespace is named (here, or through `pid` or `container`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, example = "/run/netns/web")]
     pub netns: Option<PathBuf>,
     /// Publish the port on a host port (`"auto"` or a port of the managed range) that a
     /// container runtime forwards to it with DNAT.
@@ -80,16 +87,19 @@ pub struct AllocRequest {
     pub publish: Option<HostPort>,
     /// Allowed source prefixes; empty allows every source.
     #[serde(default)]
+    #[schema(value_type = Vec<String>, example = json!(["10.0.0.0/8"]))]
     pub allow: Vec<IpNet>,
     /// Connection limit (0 or absent: unlimited). `max_connections` is accepted too, as
     /// in the access change.
     #[serde(default, alias = "max_connections")]
+    #[schema(format = Int64, maximum = 4_294_967_295_u32)]
     pub max_conns: Option<u32>,
     /// New connections need a grant. `require_authentication` is accepted too.
     #[serde(default, alias = "require_authentication")]
     pub require_auth: bool,
     /// Lease length ("30s", "5m"); none holds the port until released.
     #[serde(default, with = "humantime_serde")]
+    #[schema(value_type = Option<String>, example = "1h")]
     pub ttl: Option<Duration>,
 }
 
@@ -121,50 +131,58 @@ impl AllocRequest {
 ///
 /// `PATCH /v1/ports/{port}/owner` takes it (without `netns`) to move a port to a new owner
 /// cgroup, as when a container restarts.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OwnerSpec {
     /// The owner's cgroup2 directory.
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "/sys/fs/cgroup/web.slice")]
     pub cgroup: Option<PathBuf>,
     /// A process: its cgroup, and its network namespace.
     #[serde(default)]
+    #[schema(format = Int64, maximum = 4_294_967_295_u32)]
     pub pid: Option<u32>,
     /// A container or pod: its cgroup, and its network namespace.
     #[serde(default)]
     pub container: Option<String>,
     /// A network namespace path.
     #[serde(default)]
+    #[schema(value_type = Option<String>, example = "/run/netns/web")]
     pub netns: Option<PathBuf>,
 }
 
 /// `POST /v1/ports/{port}/renew`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RenewRequest {
     /// New lease length; the allocation's own when absent.
     #[serde(default, with = "humantime_serde")]
+    #[schema(value_type = Option<String>, example = "1h")]
     pub ttl: Option<Duration>,
 }
 
 /// `POST /v1/ports/{port}/grants`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrantRequest {
     /// The source address that authenticated.
+    #[schema(value_type = String, example = "192.0.2.10")]
     pub ip: IpAddr,
     /// How long the grant lasts.
     #[serde(with = "humantime_serde")]
+    #[schema(value_type = String, example = "10m")]
     pub ttl: Duration,
 }
 
 /// `GET /v1/ports/{port}/grants`: one grant.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct GrantInfoView {
     /// The address it lets in.
+    #[schema(value_type = String, example = "192.0.2.10")]
     pub ip: IpAddr,
     /// How long it still lasts.
     #[serde(with = "humantime_serde")]
+    #[schema(value_type = String, example = "9m 58s")]
     pub expires_in: Duration,
     /// Who issued it (`administrator`, `uid N`, `key NAME`); absent when unknown (issued
     /// before the daemon last started).
@@ -174,10 +192,11 @@ pub struct GrantInfoView {
 
 /// A port a client key may open: `{"port": 5432, "proto": "tcp"}` (`proto` defaults to
 /// TCP).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyPort {
     /// The port.
+    #[schema(maximum = 65535)]
     pub port: u16,
     /// Its protocol.
     #[serde(default = "tcp")]
@@ -189,7 +208,7 @@ const fn tcp() -> Protocol {
 }
 
 /// `POST /v1/keys`: a new client key for the knock (administrators only).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyRequestBody {
     /// Its name.
@@ -199,6 +218,7 @@ pub struct KeyRequestBody {
     pub ports: Vec<KeyPort>,
     /// The longest grant a knock with it gets.
     #[serde(with = "humantime_serde", default = "default_key_max_ttl")]
+    #[schema(value_type = String, example = "5m")]
     pub max_ttl: Duration,
     /// Whether a knock may name the address its grant is for (clients behind NAT).
     #[serde(default)]
@@ -212,7 +232,7 @@ pub const fn default_key_max_ttl() -> Duration {
 }
 
 /// A client key as the API shows it: never its secret.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct KeyView {
     /// Its name.
     pub name: String,
@@ -220,6 +240,7 @@ pub struct KeyView {
     pub ports: Vec<KeyPort>,
     /// The longest grant a knock with it gets.
     #[serde(with = "humantime_serde")]
+    #[schema(value_type = String, example = "5m")]
     pub max_ttl: Duration,
     /// Whether a knock may name the address its grant is for.
     pub any_source: bool,
@@ -228,7 +249,7 @@ pub struct KeyView {
 }
 
 /// `POST /v1/keys`' answer: the key, and the key file its client keeps, shown this once.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct KeyCreated {
     /// The key.
     #[serde(flatten)]
@@ -247,11 +268,12 @@ impl std::fmt::Debug for KeyCreated {
 }
 
 /// An allocation as the API shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct AllocationView {
     /// The port (keys `port`, `proto`, and `netns` with the namespace's cookie when it is
     /// not the host's).
     #[serde(flatten, with = "spelling::PortIdFields")]
+    #[schema(value_type = spelling::PortIdFields)]
     pub id: PortId,
     /// The namespace's label (its name under /run/netns, the container's id, or
     /// `net:[INODE]`); absent for the host's.
@@ -259,17 +281,21 @@ pub struct AllocationView {
     pub netns_label: Option<String>,
     /// The host port it is published on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 65535)]
     pub published: Option<u16>,
     /// Active, Draining or Closed.
     pub status: PortStatus,
     /// Owner name.
     pub owner: String,
     /// uid of the local user that allocated it (`None`: root, the admin group or the daemon).
+    #[schema(format = Int64, maximum = 4_294_967_295_u32)]
     pub owner_uid: Option<u32>,
     /// Owner cgroup directory, when bind ownership is enforced.
+    #[schema(value_type = Option<String>, example = "/sys/fs/cgroup/web.slice")]
     pub cgroup: Option<PathBuf>,
     /// Its access control (keys `allow`, `max_connections`, `require_auth`).
     #[serde(flatten, with = "spelling::AccessFields")]
+    #[schema(value_type = spelling::AccessFields)]
     pub access: PortAccessControl,
     /// When it was allocated, its lease, when it went Draining and Closed (milliseconds
     /// since the epoch).
@@ -299,7 +325,7 @@ impl AllocationView {
 }
 
 /// `GET /v1/netns?name=`: the namespace a name means.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NetnsView {
     /// Its cookie: what `?netns=` takes (0 for the host's).
     pub netns: NetnsId,
@@ -308,12 +334,14 @@ pub struct NetnsView {
 }
 
 /// `GET /v1/ports/{port}/check`: would a new connection from `ip` get in?
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct CheckResponse {
     /// The port (keys `port`, `proto`).
     #[serde(flatten, with = "spelling::PortIdFields")]
+    #[schema(value_type = spelling::PortIdFields)]
     pub id: PortId,
     /// Source address checked.
+    #[schema(value_type = String, example = "192.0.2.10")]
     pub ip: IpAddr,
     /// Whether it gets in.
     pub allowed: bool,
@@ -328,18 +356,21 @@ pub struct CheckResponse {
 }
 
 /// A deny event as the API sends it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct EventView {
     /// When the daemon read it (ms since the epoch).
+    #[schema(value_type = u64)]
     pub time: UnixMillis,
     /// The port (keys `port`, `proto`, and `netns` when it is not the host's).
     #[serde(flatten, with = "spelling::PortIdFields")]
+    #[schema(value_type = spelling::PortIdFields)]
     pub id: PortId,
     /// The label of the port's namespace, when it is not the host's and an allocation
     /// names it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub netns_label: Option<String>,
     /// Source address (bind denials: the address bound).
+    #[schema(value_type = String, example = "192.0.2.10")]
     pub addr: IpAddr,
     /// Reason (`not_allowed`, ..., `bind_denied`).
     pub reason: String,
@@ -348,6 +379,7 @@ pub struct EventView {
     /// Bind denials: the caller's cgroup id.
     pub cgroup_id: u64,
     /// Bind denials: the caller's pid.
+    #[schema(format = Int64, maximum = 4_294_967_295_u32)]
     pub pid: u32,
 }
 
@@ -369,7 +401,7 @@ impl EventView {
 }
 
 /// How full the range is, per protocol.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RangeUsage {
     /// Protocol.
     pub proto: Protocol,
@@ -384,23 +416,27 @@ pub struct RangeUsage {
 }
 
 /// `GET /v1/status`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct StatusView {
     /// The daemon's version.
     pub version: String,
     /// The daemon's pid.
+    #[schema(format = Int64, maximum = 4_294_967_295_u32)]
     pub pid: u32,
     /// Seconds since it started.
     pub uptime_secs: u64,
     /// Managed range.
+    #[schema(maximum = 65535)]
     pub min_port: u16,
     /// Managed range.
+    #[schema(maximum = 65535)]
     pub max_port: u16,
     /// Reserved ports inside it.
     pub reserved_ports: Vec<u16>,
     /// Whether the kernel gate is driven.
     pub kernel_gate: bool,
     /// bpffs pin directory.
+    #[schema(value_type = String, example = "/sys/fs/bpf/portgate")]
     pub pin_dir: PathBuf,
     /// Attached programs (link pins).
     pub attachments: Vec<String>,
@@ -422,7 +458,7 @@ pub struct StatusView {
 }
 
 /// `POST /v1/fleet/repair`: the repair pass for a dead node (administrators only).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RepairRequest {
     /// The dead node's name.
@@ -430,7 +466,7 @@ pub struct RepairRequest {
 }
 
 /// `POST /v1/fleet/repair`'s answer: the ports taken over and released.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct RepairView {
     /// The node repaired.
     pub node: String,
@@ -439,7 +475,7 @@ pub struct RepairView {
 }
 
 /// A live node of the fleet (`GET /v1/fleet/nodes`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct NodeView {
     /// Its name.
     pub node: String,
@@ -450,7 +486,7 @@ pub struct NodeView {
 }
 
 /// A node's place in its fleet, as `status` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct FleetView {
     /// This node's name.
     pub node: String,
@@ -466,14 +502,15 @@ pub struct FleetView {
 }
 
 /// An error answer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[schema(example = json!({"error": {"code": "not_allocated", "category": "allocation", "message": "port 20050/tcp is not allocated: see `portgate list`"}}))]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
 }
 
 /// What went wrong.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// Stable code (`range_exhausted`, `access_denied`, `bad_request`, ...).
     pub code: String,

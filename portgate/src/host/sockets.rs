@@ -24,16 +24,29 @@ use crate::{model::Protocol, paths};
 
 /// A socket that takes traffic on a local port: a TCP socket in LISTEN, or a bound UDP socket.
 #[derive(
-    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    utoipa::ToSchema,
 )]
 pub struct Listener {
     /// The local port.
+    #[schema(maximum = 65535)]
     pub port: u16,
     /// Its protocol.
     pub protocol: Protocol,
     /// The local address (`0.0.0.0` or `::` when bound to every address).
+    #[schema(value_type = String, example = "0.0.0.0")]
     pub addr: IpAddr,
     /// The socket owner's uid.
+    #[schema(format = Int64, maximum = 4_294_967_295_u32)]
     pub uid: u32,
     /// The socket's inode, which `/proc/<pid>/fd` links name as `socket:[inode]`: the way
     /// to find the process holding it.

@@ -16,7 +16,9 @@ use crate::{
 pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 
 /// The specification's error categories.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCategory {
     /// Handing out ports.

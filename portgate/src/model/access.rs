@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use indexmap::IndexSet;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// A port's allowlist: the source prefixes allowed to connect; empty allows every source.
 ///
@@ -16,6 +17,23 @@ use serde::{Deserialize, Serialize};
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct Allowlist(IndexSet<IpNet>);
+
+/// As serde spells it: a list of prefixes (`10.0.0.0/8`, `2001:db8::/32`, or an address).
+impl utoipa::PartialSchema for Allowlist {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ArrayBuilder, ObjectBuilder, SchemaType, Type};
+        ArrayBuilder::new()
+            .items(
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::Type(Type::String))
+                    .description(Some("An IPv4 or IPv6 prefix, or an address")),
+            )
+            .examples([serde_json::json!(["10.0.0.0/8", "2001:db8::/32"])])
+            .into()
+    }
+}
+
+impl ToSchema for Allowlist {}
 
 impl Allowlist {
     /// How many prefixes it holds.
@@ -94,7 +112,7 @@ pub struct PortAccessControl {
 
 /// A change to a port's access control: a patch of [`PortAccessControl`]. What is `None`
 /// (or an empty list) stays as it is.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct AccessChange {
     /// Prefixes to add to the allowlist.
@@ -104,6 +122,7 @@ pub struct AccessChange {
     /// A new connection limit (0 is unlimited). `max_conns` is accepted too, as in an
     /// allocation request.
     #[serde(alias = "max_conns")]
+    #[schema(format = Int64, maximum = 4_294_967_295_u32)]
     pub max_connections: Option<u32>,
     /// Whether new connections need a grant. `require_auth` is accepted too.
     #[serde(alias = "require_auth")]

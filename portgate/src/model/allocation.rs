@@ -31,23 +31,29 @@ pub fn add_duration(millis: UnixMillis, duration: Duration) -> UnixMillis {
 }
 
 /// When an allocation's lifecycle steps happened, and when its lease runs out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Timeline {
     /// When it was allocated.
+    #[schema(value_type = u64)]
     pub allocated_at: UnixMillis,
     /// The lease length, when the allocation has one.
     #[serde(with = "humantime_serde", default)]
+    #[schema(value_type = Option<String>, example = "1h")]
     pub ttl: Option<Duration>,
     /// When the lease runs out (Active goes Draining then).
+    #[schema(value_type = Option<u64>)]
     pub lease_expires_at: Option<UnixMillis>,
     /// When it went Draining.
+    #[schema(value_type = Option<u64>)]
     pub draining_since: Option<UnixMillis>,
     /// When it went Closed; it becomes Available once quarantine has passed.
+    #[schema(value_type = Option<u64>)]
     pub closed_at: Option<UnixMillis>,
     /// When its network namespace was found gone: it went Closed then, and nothing of it
     /// stays in the kernel while it waits out quarantine. Absent while the namespace lives
     /// (and always for the host's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<u64>)]
     pub netns_gone_at: Option<UnixMillis>,
 }
 
@@ -162,6 +168,32 @@ pub enum HostPort {
     #[serde(untagged)]
     Port(u16),
 }
+
+/// As serde spells it: the string `auto`, or a port number (`#[serde(untagged)]`, which
+/// the schema derive does not read).
+impl utoipa::PartialSchema for HostPort {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, OneOfBuilder, SchemaType, Type};
+        OneOfBuilder::new()
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::Type(Type::String))
+                    .enum_values(Some(["auto"])),
+            )
+            .item(
+                ObjectBuilder::new()
+                    .schema_type(SchemaType::Type(Type::Integer))
+                    .minimum(Some(0))
+                    .maximum(Some(u16::MAX)),
+            )
+            .description(Some(
+                "`auto` (any free port of the managed range) or a port of the managed range",
+            ))
+            .into()
+    }
+}
+
+impl utoipa::ToSchema for HostPort {}
 
 impl AllocationRequest {
     /// Any free TCP port of the host's namespace for `owner`, no policy, no lease.

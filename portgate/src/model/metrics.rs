@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 use super::{
     access::PortAccessControl,
@@ -12,7 +13,7 @@ use super::{
 };
 
 /// Drops by reason, with the spec's names as keys.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct DropCounts {
     /// No allocation.
     pub unallocated: u64,
@@ -52,7 +53,7 @@ impl DropCounts {
 }
 
 /// The specification's metrics of one port, as the kernel counts them over every hook.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PortMetrics {
     /// New connections let in.
     pub accepted: u64,
@@ -88,9 +89,10 @@ pub(crate) fn sample_metrics() -> PortMetrics {
 }
 
 /// A grant as shown to a person.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct GrantView {
     /// Source address granted.
+    #[schema(value_type = String, example = "192.0.2.10")]
     pub addr: IpAddr,
     /// Milliseconds until it expires; 0 when expired.
     pub expires_in_ms: u64,
@@ -98,19 +100,22 @@ pub struct GrantView {
 
 /// One port's live state in the kernel: policy, allowlist, grants, counters and active
 /// connections (what `portgate maps` and `GET /v1/stats` show).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct PortReport {
     /// The port (keys `port`, `proto`, and `netns`, the namespace's cookie, when it is
     /// not the host's).
     #[serde(flatten, with = "spelling::PortIdFields")]
+    #[schema(value_type = spelling::PortIdFields)]
     pub id: PortId,
     /// The host port it is published on (the kernel judges that host port as this one).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 65535)]
     pub published: Option<u16>,
     /// Status; `available` for a managed port without policy that still has counters.
     pub status: PortStatus,
     /// Its access control (keys `allow`, `max_connections`, `require_auth`).
     #[serde(flatten, with = "spelling::AccessFields")]
+    #[schema(value_type = spelling::AccessFields)]
     pub access: PortAccessControl,
     /// Owner cgroup id; `None` when anyone may bind.
     pub owner_cgroup: Option<u64>,

@@ -4,9 +4,12 @@ use std::{fmt, str::FromStr};
 
 use portgate_common::{proto, status};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// A managed transport protocol.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// TCP.
@@ -75,9 +78,21 @@ impl FromStr for Protocol {
 /// keys it by, never given to two namespaces while the system runs), or
 /// [`NetnsId::HOST`] for the host's own, the namespace the daemon runs in.
 #[derive(
-    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    ToSchema,
 )]
 #[serde(transparent)]
+#[schema(example = 4_026_532_001_u64)]
 pub struct NetnsId(pub u64);
 
 impl NetnsId {
@@ -133,12 +148,15 @@ pub struct NetnsInfo {
 ///
 /// A bare port number means TCP in the host's namespace (`--proto` defaults to tcp and the
 /// namespace to the host's wherever a port is named).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 pub struct PortId {
     /// The network namespace; absent in JSON for the host's.
     #[serde(default, skip_serializing_if = "NetnsId::is_host")]
     pub netns: NetnsId,
     /// The port number.
+    #[schema(maximum = 65535)]
     pub port: u16,
     /// The transport protocol.
     pub protocol: Protocol,
@@ -198,7 +216,7 @@ impl fmt::Display for PortId {
 }
 
 /// The specification's port status.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum PortStatus {
     /// Not allocated (no policy in the kernel).

@@ -20,6 +20,7 @@ use portgate::{
     model::{Allowlist, PortAccessControl, PortPolicy},
 };
 
+pub mod bridge;
 pub mod container;
 pub mod gate;
 pub mod packet;

@@ -243,6 +243,22 @@ fn bad_requests_are_refused_and_change_nothing() {
             400,
             "invalid_ip",
         ),
+        // A query that selects nothing is still checked.
+        (
+            "GET",
+            "/v1/stats?proto=sctp",
+            Vec::new(),
+            400,
+            "invalid_proto",
+        ),
+        (
+            "GET",
+            "/v1/stats?netns=web",
+            Vec::new(),
+            400,
+            "invalid_netns",
+        ),
+        ("GET", "/v1/events?follow=yes", Vec::new(), 400, "bad_query"),
         ("GET", "/v1/nothing-here", Vec::new(), 404, "unknown_route"),
         ("PUT", "/v1/ports", Vec::new(), 405, "method_not_allowed"),
     ];

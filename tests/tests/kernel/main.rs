@@ -35,6 +35,7 @@ mod lifecycle_abuse;
 mod load;
 mod maps;
 mod monitoring;
+mod openapi;
 mod owners;
 mod parsing;
 mod podman;

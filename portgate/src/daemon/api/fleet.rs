@@ -3,11 +3,27 @@
 
 use axum::{http::StatusCode, response::Response};
 
-use super::{Caller, json_body};
-use crate::api::{NodeView, RepairRequest, RepairView};
+use super::{
+    Caller, json_body,
+    openapi::{Busy, Forbidden, MapFull, TooLarge, examples},
+};
+use crate::api::{ErrorBody, NodeView, RepairRequest, RepairView};
 
 type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
 
+/// The live nodes of the fleet.
+#[utoipa::path(
+    get,
+    path = "/v1/fleet/nodes",
+    tag = "fleet",
+    operation_id = "fleet_nodes",
+    responses(
+        (status = 200, description = "The live nodes", body = Vec<NodeView>, example = examples::nodes),
+        (status = 400, description = "This daemon is not in fleet mode (`invalid_port_request`)", body = ErrorBody),
+        (status = 500, description = "etcd could not be reached (`state_tracking`)", body = ErrorBody),
+        Busy,
+    ),
+)]
 pub(super) async fn nodes(caller: Caller) -> Response {
     caller
         .answer("fleet_nodes", StatusCode::OK, async |_| {
@@ -27,6 +43,20 @@ pub(super) async fn nodes(caller: Caller) -> Response {
         .await
 }
 
+/// The repair pass for a dead node: its ports are taken over and released.
+#[utoipa::path(
+    post,
+    path = "/v1/fleet/repair",
+    tag = "fleet",
+    operation_id = "fleet_repair",
+    request_body(content = RepairRequest, example = examples::repair_request),
+    responses(
+        (status = 200, description = "The ports taken over and released", body = RepairView, example = examples::repair),
+        (status = 400, description = "The request is wrong, the node is this one or alive, or this daemon is not in fleet mode (`bad_json`, `invalid_port_request`, `policy_violation`)", body = ErrorBody),
+        (status = 500, description = "etcd could not be reached (`state_tracking`)", body = ErrorBody),
+        Forbidden, TooLarge, Busy, MapFull,
+    ),
+)]
 pub(super) async fn repair(caller: Caller, body: Body) -> Response {
     caller
         .answer("fleet_repair", StatusCode::OK, async |audit| {

@@ -3,9 +3,12 @@
 
 use axum::{extract::Path as UrlPath, http::StatusCode, response::Response};
 
-use super::{ApiError, Caller, json_body};
+use super::{
+    ApiError, Caller, json_body,
+    openapi::{Busy, Failed, Forbidden, TooLarge, examples},
+};
 use crate::{
-    api::{KeyCreated, KeyPort, KeyRequestBody, KeyView},
+    api::{ErrorBody, KeyCreated, KeyPort, KeyRequestBody, KeyView},
     daemon::audit::AuditParams,
     knock::{self, KeyFile},
     manager::keys::KeyRequest,
@@ -14,6 +17,19 @@ use crate::{
 
 type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
 
+/// Makes a client key; its key file is answered this once.
+#[utoipa::path(
+    post,
+    path = "/v1/keys",
+    tag = "keys",
+    operation_id = "key_add",
+    request_body(content = KeyRequestBody, example = examples::key_request),
+    responses(
+        (status = 201, description = "The key and its key file", body = KeyCreated, example = examples::key_created),
+        (status = 400, description = "The request is wrong (`bad_json`, `invalid_port_request`: a bad name, or a key of that name exists)", body = ErrorBody),
+        Forbidden, TooLarge, Failed, Busy,
+    ),
+)]
 pub(super) async fn add(caller: Caller, body: Body) -> Response {
     caller
         .answer("key_add", StatusCode::CREATED, async |audit| {
@@ -52,6 +68,17 @@ pub(super) async fn add(caller: Caller, body: Body) -> Response {
         .await
 }
 
+/// Every client key (never their secrets).
+#[utoipa::path(
+    get,
+    path = "/v1/keys",
+    tag = "keys",
+    operation_id = "key_list",
+    responses(
+        (status = 200, description = "The keys", body = Vec<KeyView>, example = examples::keys),
+        Forbidden, Busy,
+    ),
+)]
 pub(super) async fn list(caller: Caller) -> Response {
     caller
         .answer("key_list", StatusCode::OK, async |_| {
@@ -72,6 +99,21 @@ pub(super) async fn list(caller: Caller) -> Response {
         .await
 }
 
+/// Revokes a client key.
+#[utoipa::path(
+    delete,
+    path = "/v1/keys/{name}",
+    tag = "keys",
+    operation_id = "key_revoke",
+    params(
+        ("name" = String, Path, description = "The key's name"),
+    ),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 400, description = "No key has that name (`invalid_port_request`)", body = ErrorBody),
+        Forbidden, Failed, Busy,
+    ),
+)]
 pub(super) async fn revoke(caller: Caller, UrlPath(name): UrlPath<String>) -> Response {
     caller
         .answer("key_revoke", StatusCode::NO_CONTENT, async |audit| {

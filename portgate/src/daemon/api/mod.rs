@@ -11,6 +11,7 @@ pub mod connections;
 mod fleet;
 mod keys;
 mod namespace;
+pub mod openapi;
 mod placement;
 mod ports;
 mod reads;
@@ -69,6 +70,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/v1/events", get(reads::events))
         .route("/v1/status", get(reads::status))
         .route("/metrics", get(reads::metrics))
+        .route("/v1/openapi.json", get(openapi::openapi_json))
         .fallback(async |caller| refuse(caller, &UNKNOWN_ROUTE).await)
         .method_not_allowed_fallback(async |caller| refuse(caller, &WRONG_METHOD).await)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -248,18 +250,7 @@ impl Caller {
                 format!("{raw:?} is not a port number: give 1-65535"),
             )
         })?;
-        let netns = match query.get("netns").map(String::as_str) {
-            None => NetnsId::HOST,
-            Some(name) if name == NetnsId::HOST_NAME => NetnsId::HOST,
-            Some(raw) => NetnsId(raw.parse().map_err(|_| {
-                ApiError::bad(
-                    "invalid_netns",
-                    format!(
-                        "{raw:?} is not a namespace cookie: give the `netns` number `portgate list --json` shows, or leave it out for the host's"
-                    ),
-                )
-            })?),
-        };
+        let netns = netns(query)?;
         let config = self.app.manager.config();
         if netns.is_host() && !(config.min_port..=config.max_port).contains(&port) {
             return Err(ApiError::Port(PortError::InvalidPortRequest(format!(
@@ -338,6 +329,22 @@ impl PortCall {
             call(app, actor?, id, audit).await
         })
         .await
+    }
+}
+
+/// The query's `netns`: a cookie, or `host` (the default).
+fn netns(query: &HashMap<String, String>) -> ApiResult<NetnsId> {
+    match query.get("netns").map(String::as_str) {
+        None => Ok(NetnsId::HOST),
+        Some(name) if name == NetnsId::HOST_NAME => Ok(NetnsId::HOST),
+        Some(raw) => raw.parse().map(NetnsId).map_err(|_| {
+            ApiError::bad(
+                "invalid_netns",
+                format!(
+                    "{raw:?} is not a namespace cookie: give the `netns` number `portgate list --json` shows, or leave it out for the host's"
+                ),
+            )
+        }),
     }
 }
 

@@ -5,7 +5,11 @@ use std::{collections::BTreeSet, path::Path};
 
 use axum::{http::StatusCode, response::Response};
 
-use super::{ApiError, ApiResult, Caller, QueryMap, placement, query_map};
+use super::{
+    ApiError, ApiResult, Caller, QueryMap,
+    openapi::{Busy, Failed, examples},
+    placement, query_map,
+};
 use crate::{
     api::{ErrorBody, NetnsView},
     host::netns,
@@ -13,6 +17,24 @@ use crate::{
     model::{Allocation, NetnsId},
 };
 
+/// The namespace a name means: `host`, an allocation's label, a cookie, or a path
+/// (administrators only).
+#[utoipa::path(
+    get,
+    path = "/v1/netns",
+    tag = "views",
+    operation_id = "netns",
+    params(
+        ("name" = String, Query, description = "A label, a cookie, `host`, or a path", example = "host"),
+    ),
+    responses(
+        (status = 200, description = "The namespace", body = NetnsView, example = examples::netns),
+        (status = 400, description = "The name is missing or not a namespace (`missing_name`, `invalid_netns`, `ambiguous_netns`)", body = ErrorBody),
+        (status = 403, description = "Only an administrator may name a namespace by path (`access_denied`)", body = ErrorBody),
+        (status = 404, description = "No such namespace (`unknown_netns`)", body = ErrorBody),
+        Failed, Busy,
+    ),
+)]
 pub(super) async fn find(caller: Caller, query: QueryMap) -> Response {
     caller
         .answer("netns", StatusCode::OK, async |_| {

@@ -5,7 +5,14 @@ use std::net::IpAddr;
 
 use axum::{body::Bytes, extract::rejection::BytesRejection, http::StatusCode, response::Response};
 
-use super::{ApiError, Caller, PortCall, json_body, placement};
+use super::{
+    ApiError, Caller, PortCall, json_body,
+    openapi::{
+        BadRequest, Busy, Conflict, Failed, Forbidden, MapFull, NotAllocated, PortParams, TooLarge,
+        examples,
+    },
+    placement,
+};
 use crate::{
     api::{
         AllocRequest, AllocationView, CheckResponse, GrantInfoView, GrantRequest, OwnerSpec,
@@ -18,6 +25,18 @@ use crate::{
 
 type Body = Result<Bytes, BytesRejection>;
 
+/// Allocates a port.
+#[utoipa::path(
+    post,
+    path = "/v1/ports",
+    tag = "ports",
+    operation_id = "alloc",
+    request_body(content = AllocRequest, example = examples::alloc_request),
+    responses(
+        (status = 201, description = "The allocation", body = AllocationView, example = examples::allocation),
+        BadRequest, Forbidden, Conflict, TooLarge, Failed, Busy, MapFull,
+    ),
+)]
 pub(super) async fn alloc(caller: Caller, body: Body) -> Response {
     caller
         .answer("alloc", StatusCode::CREATED, async |audit| {
@@ -79,6 +98,17 @@ fn owner_params(spec: &OwnerSpec) -> AuditParams {
     }
 }
 
+/// Every allocation.
+#[utoipa::path(
+    get,
+    path = "/v1/ports",
+    tag = "ports",
+    operation_id = "list",
+    responses(
+        (status = 200, description = "Every allocation", body = Vec<AllocationView>, example = examples::allocations),
+        Busy,
+    ),
+)]
 pub(super) async fn list(caller: Caller) -> Response {
     caller
         .answer("list", StatusCode::OK, async |_| {
@@ -94,6 +124,18 @@ pub(super) async fn list(caller: Caller) -> Response {
         .await
 }
 
+/// One allocation.
+#[utoipa::path(
+    get,
+    path = "/v1/ports/{port}",
+    tag = "ports",
+    operation_id = "show",
+    params(PortParams),
+    responses(
+        (status = 200, description = "The allocation", body = AllocationView, example = examples::allocation),
+        BadRequest, NotAllocated, Failed, Busy,
+    ),
+)]
 pub(super) async fn show(call: PortCall) -> Response {
     call.answer("show", StatusCode::OK, async |app, id, _, _| {
         let held = app
@@ -118,14 +160,51 @@ async fn release_as(call: PortCall, action: &'static str) -> Response {
     .await
 }
 
+/// Releases a port: it goes Draining (as `drain`).
+#[utoipa::path(
+    delete,
+    path = "/v1/ports/{port}",
+    tag = "ports",
+    operation_id = "release",
+    params(PortParams),
+    responses(
+        (status = 200, description = "The allocation, now draining", body = AllocationView, example = examples::draining),
+        BadRequest, Forbidden, NotAllocated, Failed, Busy, MapFull,
+    ),
+)]
 pub(super) async fn release(call: PortCall) -> Response {
     release_as(call, "release").await
 }
 
+/// Drains a port: no new connections (as `release`).
+#[utoipa::path(
+    post,
+    path = "/v1/ports/{port}/drain",
+    tag = "ports",
+    operation_id = "drain",
+    params(PortParams),
+    responses(
+        (status = 200, description = "The allocation, now draining", body = AllocationView, example = examples::draining),
+        BadRequest, Forbidden, NotAllocated, Failed, Busy, MapFull,
+    ),
+)]
 pub(super) async fn drain(call: PortCall) -> Response {
     release_as(call, "drain").await
 }
 
+/// Renews a port's lease (an empty body keeps its length).
+#[utoipa::path(
+    post,
+    path = "/v1/ports/{port}/renew",
+    tag = "ports",
+    operation_id = "renew",
+    params(PortParams),
+    request_body(content = Option<RenewRequest>, description = "The new lease; none (an empty body) keeps its length", example = examples::renew_request),
+    responses(
+        (status = 200, description = "The allocation with its new lease", body = AllocationView, example = examples::allocation),
+        BadRequest, Forbidden, NotAllocated, TooLarge, Failed, Busy,
+    ),
+)]
 pub(super) async fn renew(call: PortCall, body: Body) -> Response {
     call.change("renew", StatusCode::OK, async |app, actor, id, audit| {
         let request: RenewRequest = if body.as_ref().is_ok_and(Bytes::is_empty) {
@@ -140,6 +219,19 @@ pub(super) async fn renew(call: PortCall, body: Body) -> Response {
     .await
 }
 
+/// Changes a port's access control.
+#[utoipa::path(
+    patch,
+    path = "/v1/ports/{port}/access",
+    tag = "ports",
+    operation_id = "access",
+    params(PortParams),
+    request_body(content = AccessChange, example = examples::access_change),
+    responses(
+        (status = 200, description = "The allocation with its new access control", body = AllocationView, example = examples::allocation),
+        BadRequest, Forbidden, NotAllocated, TooLarge, Failed, Busy, MapFull,
+    ),
+)]
 pub(super) async fn access(call: PortCall, body: Body) -> Response {
     call.change("access", StatusCode::OK, async |app, actor, id, audit| {
         let change: AccessChange = json_body(body)?;
@@ -161,9 +253,23 @@ pub(super) async fn access(call: PortCall, body: Body) -> Response {
     .await
 }
 
+/// Moves a port to a new owner cgroup.
+///
 /// `PATCH /v1/ports/{port}/owner`: moves the port to the cgroup a request names (a
 /// container restarted into a new cgroup). A process or container named must be in the
 /// port's own namespace.
+#[utoipa::path(
+    patch,
+    path = "/v1/ports/{port}/owner",
+    tag = "ports",
+    operation_id = "owner",
+    params(PortParams),
+    request_body(content = OwnerSpec, example = examples::owner_spec),
+    responses(
+        (status = 200, description = "The allocation with its new owner", body = AllocationView, example = examples::allocation),
+        BadRequest, Forbidden, NotAllocated, TooLarge, Failed, Busy, MapFull,
+    ),
+)]
 pub(super) async fn owner(call: PortCall, body: Body) -> Response {
     call.change("owner", StatusCode::OK, async |app, actor, id, audit| {
         let spec: OwnerSpec = json_body(body)?;
@@ -191,6 +297,19 @@ pub(super) async fn owner(call: PortCall, body: Body) -> Response {
     .await
 }
 
+/// Grants a source address new connections to a port that requires authentication.
+#[utoipa::path(
+    post,
+    path = "/v1/ports/{port}/grants",
+    tag = "ports",
+    operation_id = "grant",
+    params(PortParams),
+    request_body(content = GrantRequest, example = examples::grant_request),
+    responses(
+        (status = 204, description = "Granted"),
+        BadRequest, Forbidden, NotAllocated, TooLarge, Failed, Busy, MapFull,
+    ),
+)]
 pub(super) async fn grant(call: PortCall, body: Body) -> Response {
     call.change(
         "grant",
@@ -208,6 +327,18 @@ pub(super) async fn grant(call: PortCall, body: Body) -> Response {
     .await
 }
 
+/// A port's grants.
+#[utoipa::path(
+    get,
+    path = "/v1/ports/{port}/grants",
+    tag = "ports",
+    operation_id = "grants",
+    params(PortParams),
+    responses(
+        (status = 200, description = "Its grants", body = Vec<GrantInfoView>, example = examples::grants),
+        BadRequest, Forbidden, NotAllocated, Failed, Busy,
+    ),
+)]
 pub(super) async fn grants(call: PortCall) -> Response {
     let actor = call.caller.actor();
     call.answer("grants", StatusCode::OK, async |app, id, _, _| {
@@ -224,6 +355,21 @@ pub(super) async fn grants(call: PortCall) -> Response {
     .await
 }
 
+/// Revokes a source address's grant.
+#[utoipa::path(
+    delete,
+    path = "/v1/ports/{port}/grants",
+    tag = "ports",
+    operation_id = "revoke_grant",
+    params(
+        PortParams,
+        ("ip" = String, Query, description = "The source address", example = "192.0.2.10"),
+    ),
+    responses(
+        (status = 204, description = "Revoked"),
+        BadRequest, Forbidden, NotAllocated, Failed, Busy,
+    ),
+)]
 pub(super) async fn revoke_grant(call: PortCall) -> Response {
     let actor = call.caller.actor();
     call.answer(
@@ -250,6 +396,21 @@ fn query_ip(query: &std::collections::HashMap<String, String>) -> Result<IpAddr,
     })
 }
 
+/// Whether a new connection from a source address would get in.
+#[utoipa::path(
+    get,
+    path = "/v1/ports/{port}/check",
+    tag = "ports",
+    operation_id = "check",
+    params(
+        PortParams,
+        ("ip" = String, Query, description = "The source address", example = "192.0.2.10"),
+    ),
+    responses(
+        (status = 200, description = "The verdict", body = CheckResponse, example = examples::check),
+        BadRequest, Busy,
+    ),
+)]
 pub(super) async fn check(call: PortCall) -> Response {
     call.answer("check", StatusCode::OK, async |app, id, query, _| {
         let ip = query_ip(&query)?;

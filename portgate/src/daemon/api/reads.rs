@@ -13,20 +13,43 @@ use axum::{
 use futures_util::stream;
 use serde::Serialize;
 
-use super::{ApiError, Caller, QueryMap, query_map};
+use super::{
+    ApiError, Caller, QueryMap, netns,
+    openapi::{BadRequest, Busy, Failed, PortQuery, examples},
+    protocol, query_map,
+};
 use crate::{
-    api::{EventView, RangeUsage, StatusView},
+    api::{ErrorBody, EventView, RangeUsage, StatusView},
     daemon::App,
-    model::{NetnsId, PortStatus},
+    model::{NetnsId, PortReport, PortStatus},
 };
 
+/// The kernel's view of every managed port, or of one (`?port=`).
+#[utoipa::path(
+    get,
+    path = "/v1/stats",
+    tag = "views",
+    operation_id = "stats",
+    params(
+        ("port" = Option<u16>, Query, description = "Only this port", minimum = 1, maximum = 65535),
+        PortQuery,
+    ),
+    responses(
+        (status = 200, description = "The ports' policies, grants and counters", body = Vec<PortReport>, example = examples::stats),
+        BadRequest, Failed, Busy,
+    ),
+)]
 pub(super) async fn stats(caller: Caller, query: QueryMap) -> Response {
     caller
         .answer("stats", StatusCode::OK, async |audit| {
             let query = query_map(query)?;
-            let only = match query.get("port") {
-                Some(port) => Some(caller.port_id(port, &query)?),
-                None => None,
+            let only = if let Some(port) = query.get("port") {
+                Some(caller.port_id(port, &query)?)
+            } else {
+                // Without a port they select nothing, but a wrong one is still wrong.
+                protocol(&query)?;
+                netns(&query)?;
+                None
             };
             audit.id = only;
             let manager = &caller.app.manager;
@@ -38,9 +61,24 @@ pub(super) async fn stats(caller: Caller, query: QueryMap) -> Response {
         .await
 }
 
+/// The recent deny events, then (`?follow=true`) each new one: JSON lines.
+#[utoipa::path(
+    get,
+    path = "/v1/events",
+    tag = "views",
+    operation_id = "events",
+    params(
+        ("follow" = Option<bool>, Query, description = "`true`: keep the answer open and send each new event (until the daemon stops)"),
+    ),
+    responses(
+        (status = 200, description = "One `EventView` a line", content_type = "application/x-ndjson", body = String, example = examples::events),
+        (status = 400, description = "The query is wrong (`bad_query`)", body = ErrorBody),
+        Busy,
+    ),
+)]
 pub(super) async fn events(caller: Caller, query: QueryMap) -> Response {
-    let query = match query_map(query) {
-        Ok(query) => query,
+    let follow = match query_map(query).and_then(|query| follow(&query)) {
+        Ok(follow) => follow,
         Err(err) => {
             return caller
                 .answer("events", StatusCode::OK, async |_| -> Result<(), _> {
@@ -49,7 +87,6 @@ pub(super) async fn events(caller: Caller, query: QueryMap) -> Response {
                 .await;
         }
     };
-    let follow = matches!(query.get("follow").map(String::as_str), Some("true" | "1"));
     let app = &caller.app;
     let receiver = app.manager.monitor().subscribe();
     let mut labels = NetnsLabels::default();
@@ -88,6 +125,18 @@ pub(super) async fn events(caller: Caller, query: QueryMap) -> Response {
     ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response()
 }
 
+/// The query's `follow`: `true` keeps the answer open, `false` or none ends it.
+fn follow(query: &std::collections::HashMap<String, String>) -> Result<bool, ApiError> {
+    match query.get("follow").map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(raw) => Err(ApiError::bad(
+            "bad_query",
+            format!("follow={raw:?} is not a boolean: give true or false"),
+        )),
+    }
+}
+
 /// The labels of the namespaces events name, as their allocations label them. A cookie's
 /// label never changes (cookies are not reused), so the allocations are read again only for
 /// a namespace not seen yet.
@@ -117,6 +166,17 @@ fn json_line(value: &impl Serialize) -> Bytes {
     Bytes::from(line)
 }
 
+/// The daemon's status.
+#[utoipa::path(
+    get,
+    path = "/v1/status",
+    tag = "views",
+    operation_id = "status",
+    responses(
+        (status = 200, description = "The status", body = StatusView, example = examples::status),
+        Failed, Busy,
+    ),
+)]
 pub(super) async fn status(caller: Caller) -> Response {
     caller
         .answer("status", StatusCode::OK, async |_| {
@@ -194,6 +254,17 @@ fn fleet_view(app: &crate::daemon::App) -> Option<crate::api::FleetView> {
     ))
 }
 
+/// The Prometheus metrics.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "views",
+    operation_id = "metrics",
+    responses(
+        (status = 200, description = "The OpenMetrics text exposition", content_type = "application/openmetrics-text", body = String, example = examples::metrics),
+        Failed, Busy,
+    ),
+)]
 pub(super) async fn metrics(caller: Caller) -> Response {
     match caller.app.manager.metrics_text().await {
         Ok(text) => {
