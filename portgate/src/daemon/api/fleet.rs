@@ -15,7 +15,7 @@ type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
 #[utoipa::path(
     get,
     path = "/v1/fleet/nodes",
-    tag = "fleet",
+    tag = "management",
     operation_id = "fleet_nodes",
     responses(
         (status = 200, description = "The live nodes", body = Vec<NodeView>, example = examples::nodes),
@@ -47,7 +47,7 @@ pub(super) async fn nodes(caller: Caller) -> Response {
 #[utoipa::path(
     post,
     path = "/v1/fleet/repair",
-    tag = "fleet",
+    tag = "management",
     operation_id = "fleet_repair",
     request_body(content = RepairRequest, example = examples::repair_request),
     responses(

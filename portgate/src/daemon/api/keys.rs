@@ -21,7 +21,7 @@ type Body = Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>;
 #[utoipa::path(
     post,
     path = "/v1/keys",
-    tag = "keys",
+    tag = "security",
     operation_id = "key_add",
     request_body(content = KeyRequestBody, example = examples::key_request),
     responses(
@@ -72,7 +72,7 @@ pub(super) async fn add(caller: Caller, body: Body) -> Response {
 #[utoipa::path(
     get,
     path = "/v1/keys",
-    tag = "keys",
+    tag = "security",
     operation_id = "key_list",
     responses(
         (status = 200, description = "The keys", body = Vec<KeyView>, example = examples::keys),
@@ -103,7 +103,7 @@ pub(super) async fn list(caller: Caller) -> Response {
 #[utoipa::path(
     delete,
     path = "/v1/keys/{name}",
-    tag = "keys",
+    tag = "security",
     operation_id = "key_revoke",
     params(
         ("name" = String, Path, description = "The key's name"),

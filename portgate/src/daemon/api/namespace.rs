@@ -22,7 +22,7 @@ use crate::{
 #[utoipa::path(
     get,
     path = "/v1/netns",
-    tag = "views",
+    tag = "management",
     operation_id = "netns",
     params(
         ("name" = String, Query, description = "A label, a cookie, `host`, or a path", example = "host"),

@@ -99,11 +99,13 @@ caller holds too many connections at once.
         ErrorBody,
         ErrorDetail,
     )),
+    // The specification's five parts of the API.
     tags(
-        (name = "ports", description = "Allocations and their policy"),
-        (name = "keys", description = "Client keys of the knock (administrators only)"),
-        (name = "fleet", description = "The fleet (fleet mode only)"),
-        (name = "views", description = "What the daemon and the kernel hold"),
+        (name = "allocation", description = "Ports handed out and given back: allocate, list, show, renew a lease, release"),
+        (name = "security", description = "Who may bind and connect: access rules, the owner, grants, client keys of the knock (administrators only), and the check of a source"),
+        (name = "monitoring", description = "What the kernel counted and refused, and the daemon's state"),
+        (name = "management", description = "Draining a port, namespaces' names, the fleet (fleet mode only), this document"),
+        (name = "metrics", description = "The Prometheus exposition"),
     ),
 )]
 struct ApiDoc;
@@ -207,7 +209,7 @@ pub fn document_json() -> String {
 #[utoipa::path(
     get,
     path = "/v1/openapi.json",
-    tag = "views",
+    tag = "management",
     operation_id = "openapi",
     responses(
         (status = 200, description = "The OpenAPI document", content_type = "application/json", body = Object),

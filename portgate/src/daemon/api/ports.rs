@@ -29,7 +29,7 @@ type Body = Result<Bytes, BytesRejection>;
 #[utoipa::path(
     post,
     path = "/v1/ports",
-    tag = "ports",
+    tag = "allocation",
     operation_id = "alloc",
     request_body(content = AllocRequest, example = examples::alloc_request),
     responses(
@@ -102,7 +102,7 @@ fn owner_params(spec: &OwnerSpec) -> AuditParams {
 #[utoipa::path(
     get,
     path = "/v1/ports",
-    tag = "ports",
+    tag = "allocation",
     operation_id = "list",
     responses(
         (status = 200, description = "Every allocation", body = Vec<AllocationView>, example = examples::allocations),
@@ -128,7 +128,7 @@ pub(super) async fn list(caller: Caller) -> Response {
 #[utoipa::path(
     get,
     path = "/v1/ports/{port}",
-    tag = "ports",
+    tag = "allocation",
     operation_id = "show",
     params(PortParams),
     responses(
@@ -164,7 +164,7 @@ async fn release_as(call: PortCall, action: &'static str) -> Response {
 #[utoipa::path(
     delete,
     path = "/v1/ports/{port}",
-    tag = "ports",
+    tag = "allocation",
     operation_id = "release",
     params(PortParams),
     responses(
@@ -180,7 +180,7 @@ pub(super) async fn release(call: PortCall) -> Response {
 #[utoipa::path(
     post,
     path = "/v1/ports/{port}/drain",
-    tag = "ports",
+    tag = "management",
     operation_id = "drain",
     params(PortParams),
     responses(
@@ -196,7 +196,7 @@ pub(super) async fn drain(call: PortCall) -> Response {
 #[utoipa::path(
     post,
     path = "/v1/ports/{port}/renew",
-    tag = "ports",
+    tag = "allocation",
     operation_id = "renew",
     params(PortParams),
     request_body(content = Option<RenewRequest>, description = "The new lease; none (an empty body) keeps its length", example = examples::renew_request),
@@ -223,7 +223,7 @@ pub(super) async fn renew(call: PortCall, body: Body) -> Response {
 #[utoipa::path(
     patch,
     path = "/v1/ports/{port}/access",
-    tag = "ports",
+    tag = "security",
     operation_id = "access",
     params(PortParams),
     request_body(content = AccessChange, example = examples::access_change),
@@ -261,7 +261,7 @@ pub(super) async fn access(call: PortCall, body: Body) -> Response {
 #[utoipa::path(
     patch,
     path = "/v1/ports/{port}/owner",
-    tag = "ports",
+    tag = "security",
     operation_id = "owner",
     params(PortParams),
     request_body(content = OwnerSpec, example = examples::owner_spec),
@@ -301,7 +301,7 @@ pub(super) async fn owner(call: PortCall, body: Body) -> Response {
 #[utoipa::path(
     post,
     path = "/v1/ports/{port}/grants",
-    tag = "ports",
+    tag = "security",
     operation_id = "grant",
     params(PortParams),
     request_body(content = GrantRequest, example = examples::grant_request),
@@ -331,7 +331,7 @@ pub(super) async fn grant(call: PortCall, body: Body) -> Response {
 #[utoipa::path(
     get,
     path = "/v1/ports/{port}/grants",
-    tag = "ports",
+    tag = "security",
     operation_id = "grants",
     params(PortParams),
     responses(
@@ -359,7 +359,7 @@ pub(super) async fn grants(call: PortCall) -> Response {
 #[utoipa::path(
     delete,
     path = "/v1/ports/{port}/grants",
-    tag = "ports",
+    tag = "security",
     operation_id = "revoke_grant",
     params(
         PortParams,
@@ -400,7 +400,7 @@ fn query_ip(query: &std::collections::HashMap<String, String>) -> Result<IpAddr,
 #[utoipa::path(
     get,
     path = "/v1/ports/{port}/check",
-    tag = "ports",
+    tag = "security",
     operation_id = "check",
     params(
         PortParams,

@@ -28,7 +28,7 @@ use crate::{
 #[utoipa::path(
     get,
     path = "/v1/stats",
-    tag = "views",
+    tag = "monitoring",
     operation_id = "stats",
     params(
         ("port" = Option<u16>, Query, description = "Only this port", minimum = 1, maximum = 65535),
@@ -65,7 +65,7 @@ pub(super) async fn stats(caller: Caller, query: QueryMap) -> Response {
 #[utoipa::path(
     get,
     path = "/v1/events",
-    tag = "views",
+    tag = "monitoring",
     operation_id = "events",
     params(
         ("follow" = Option<bool>, Query, description = "`true`: keep the answer open and send each new event (until the daemon stops)"),
@@ -170,7 +170,7 @@ fn json_line(value: &impl Serialize) -> Bytes {
 #[utoipa::path(
     get,
     path = "/v1/status",
-    tag = "views",
+    tag = "monitoring",
     operation_id = "status",
     responses(
         (status = 200, description = "The status", body = StatusView, example = examples::status),
@@ -258,7 +258,7 @@ fn fleet_view(app: &crate::daemon::App) -> Option<crate::api::FleetView> {
 #[utoipa::path(
     get,
     path = "/metrics",
-    tag = "views",
+    tag = "metrics",
     operation_id = "metrics",
     responses(
         (status = 200, description = "The OpenMetrics text exposition", content_type = "application/openmetrics-text", body = String, example = examples::metrics),
