@@ -45,13 +45,11 @@ pub fn draw(frame: &mut Frame, top: &Top, interval: Duration) {
     frame.render_widget(ports_table(top), ports);
     frame.render_widget(Paragraph::new(drops_line(top)), drops);
     frame.render_widget(Paragraph::new(warnings), warned);
-    let lines: Vec<Line> = top
-        .events()
-        .map(|event| Line::from(events::row(event)))
+    let lines: Vec<Line> = std::iter::once(Line::from(events::header()).bold())
+        .chain(top.events().map(|event| Line::from(events::row(event))))
         .collect();
-    let title = format!(" deny events, newest first: {} ", events::header());
     frame.render_widget(
-        Paragraph::new(lines).block(Block::bordered().title(title)),
+        Paragraph::new(lines).block(Block::bordered().title(" deny events, newest first ")),
         deny,
     );
     frame.render_widget(Paragraph::new(footer_line(top)), footer);
