@@ -85,6 +85,12 @@ impl Tmux {
         self.run(&["send-keys", "-t", "0", key]);
     }
 
+    /// The process id of the pane's shell.
+    pub fn pane_pid(&self) -> u32 {
+        let pid = self.run(&["display-message", "-p", "-t", "0", "#{pane_pid}"]);
+        pid.trim().parse().expect("a pid")
+    }
+
     /// The screen's text now, a line per row.
     pub fn screen(&self) -> String {
         self.run(&["capture-pane", "-p", "-t", "0"])

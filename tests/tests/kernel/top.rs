@@ -1,8 +1,9 @@
 //! `portgate top` in a real terminal (a tmux session of a fixed size) over a real daemon:
 //! allowed, limited and refused connections on loopback in the daemon's namespace, then
 //! the screen read with `tmux capture-pane`: the ports' rows, connections against their
-//! limits, drops by reason with their rates, the deny events, a sort key, and `q` ending
-//! it with status 0 and the terminal as it was.
+//! limits, drops by reason with their rates, the deny events, a sort key, and `q`, Esc,
+//! Ctrl-C and SIGTERM ending it with status 0 and the terminal as it was; run by a user
+//! other than root, and through a daemon that stops and starts again.
 
 use std::{
     net::TcpStream,
@@ -38,6 +39,17 @@ fn totals_line(screen: &str) -> &str {
         .lines()
         .find(|line| line.starts_with("all ports' drops:"))
         .unwrap_or_default()
+}
+
+/// Whether `screen` shows what `echo` printed after `words`: an exit status, where the
+/// command line typed shows `$?`.
+fn echoed(screen: &str, words: &str) -> bool {
+    screen.match_indices(words).any(|(at, _)| {
+        screen[at + words.len()..]
+            .chars()
+            .next()
+            .is_some_and(|next| next.is_ascii_digit())
+    })
 }
 
 /// The deny event line of 127.0.0.2 refused on `port` for not being allowed.
@@ -220,9 +232,8 @@ fn top_shows_ports_drops_and_events_sorts_and_quits() {
     });
 
     tmux.press("q");
-    // The line `echo` printed, not the command line that holds the same words.
     let screen = tmux.wait_for("the shell again", SHOWN_WITHIN, |screen| {
-        screen.lines().any(|line| line.starts_with("top exited"))
+        echoed(screen, "top exited ")
     });
     assert!(screen.contains("top exited 0 tty restored"), "{screen}");
     assert!(
@@ -233,7 +244,7 @@ fn top_shows_ports_drops_and_events_sorts_and_quits() {
 }
 
 #[test]
-fn top_runs_for_another_user_keeps_trying_without_the_daemon_and_quits_on_escape_and_ctrl_c() {
+fn top_runs_for_another_user_keeps_trying_without_the_daemon_and_quits_on_keys_and_sigterm() {
     if !require_tmux!() {
         return;
     }
@@ -249,8 +260,10 @@ fn top_runs_for_another_user_keeps_trying_without_the_daemon_and_quits_on_escape
         daemon.shared_bin().display(),
         daemon.socket.display()
     );
-    for (key, run) in [("Escape", 1), ("C-c", 2)] {
-        tmux.type_line(&format!("{as_nobody}; echo \"run {run} exited $?\""));
+    for (quit, run) in [("Escape", 1), ("C-c", 2), ("SIGTERM", 3)] {
+        tmux.type_line(&format!(
+            "S=$(stty -g); {as_nobody}; echo \"run {run} exited $? tty $([ \"$(stty -g)\" = \"$S\" ] && echo restored || echo changed)\""
+        ));
         let screen = tmux.wait_for("both ports", SHOWN_WITHIN, |screen| {
             port_line(screen, 42_310).is_some() && port_line(screen, 42_311).is_some()
         });
@@ -271,10 +284,27 @@ fn top_runs_for_another_user_keeps_trying_without_the_daemon_and_quits_on_escape
                 screen.contains("portgate top: daemon") && port_line(screen, 42_311).is_some()
             });
         }
-        tmux.press(key);
-        tmux.wait_for("the exit status", SHOWN_WITHIN, |screen| {
-            screen.contains(&format!("run {run} exited 0"))
+        if quit == "SIGTERM" {
+            // The shell's one child is top (setpriv runs it in its own place).
+            let shell = tmux.pane_pid();
+            let children = std::fs::read_to_string(format!("/proc/{shell}/task/{shell}/children"))
+                .expect("the shell's children");
+            let top: i32 = children.trim().parse().expect("one child, top");
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(top),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .expect("SIGTERM to top");
+        } else {
+            tmux.press(quit);
+        }
+        let screen = tmux.wait_for("the exit status", SHOWN_WITHIN, |screen| {
+            echoed(screen, &format!("run {run} exited "))
         });
+        assert!(
+            screen.contains(&format!("run {run} exited 0 tty restored")),
+            "{quit}:\n{screen}"
+        );
     }
     // A socket nobody answers on: the client's error, before the screen is touched.
     let output = std::process::Command::new(portgate_bin())

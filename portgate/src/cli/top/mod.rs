@@ -15,7 +15,8 @@
 //! answers again.
 //!
 //! The terminal is restored (raw mode off, the alternate screen left) on every way out:
-//! the keys that quit, an error (a guard's drop), a panic (ratatui's panic hook).
+//! the keys that quit, SIGTERM, SIGHUP and SIGINT, an error (a guard's drop), a panic
+//! (ratatui's panic hook). Only SIGKILL leaves it as it was drawn.
 
 pub mod model;
 pub mod view;
@@ -75,6 +76,8 @@ enum Update {
     EventsOpened,
     /// A deny event.
     Event(EventView),
+    /// A signal asked the view to end.
+    Quit,
 }
 
 /// Runs `portgate top`: the live view of the daemon `client` talks to, read every
@@ -91,6 +94,13 @@ pub fn run(client: Client, args: &TopArgs) -> Result<(), TopError> {
     top.observe(first, Instant::now());
     let (sender, updates) = mpsc::channel();
     runtime.spawn(poll(client.clone(), interval, sender.clone()));
+    let signals = {
+        let _inside = runtime.enter();
+        QuitSignals::register()
+    };
+    if let Some(signals) = signals {
+        runtime.spawn(signals.quit(sender.clone()));
+    }
     runtime.spawn(follow_events(client, interval, sender));
     let shown = show(&mut top, &updates, interval);
     // The tasks may be inside a call: they stop where they are.
@@ -115,7 +125,9 @@ fn show(top: &mut Top, updates: &Receiver<Update>, interval: Duration) -> Result
     let mut dirty = true;
     loop {
         while let Ok(update) = updates.try_recv() {
-            apply(top, update);
+            if apply(top, update).is_break() {
+                return Ok(());
+            }
             dirty = true;
         }
         if dirty {
@@ -162,14 +174,16 @@ fn on_key(top: &mut Top, key: KeyEvent) -> ControlFlow<()> {
     ControlFlow::Continue(())
 }
 
-/// Hands an update to the model.
-fn apply(top: &mut Top, update: Update) {
+/// Hands an update to the model; breaks on [`Update::Quit`].
+fn apply(top: &mut Top, update: Update) -> ControlFlow<()> {
     match update {
         Update::Read(reading, at) => top.observe(*reading, at),
         Update::Lost(why) => top.lost(why),
         Update::EventsOpened => top.events_reopened(),
         Update::Event(event) => top.event(event),
+        Update::Quit => return ControlFlow::Break(()),
     }
+    ControlFlow::Continue(())
 }
 
 /// The terminal in raw mode on the alternate screen; dropping it restores both.
@@ -219,6 +233,40 @@ async fn poll(client: Client, interval: Duration, updates: Sender<Update>) {
         if updates.send(update).is_err() {
             return;
         }
+    }
+}
+
+/// SIGTERM, SIGHUP and SIGINT, registered before the screen is touched, so that from then
+/// on each one ends the view as `q` does and the terminal is put back before the process
+/// exits (raw mode turns Ctrl-C into a key; these come from `kill` or a closed terminal).
+struct QuitSignals([tokio::signal::unix::Signal; 3]);
+
+impl QuitSignals {
+    /// Registers them; must run inside the runtime. `None` when one could not be: they
+    /// keep their default action, and the keys still quit.
+    fn register() -> Option<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let each = [
+            SignalKind::terminate(),
+            SignalKind::hangup(),
+            SignalKind::interrupt(),
+        ]
+        .map(|kind| signal(kind).ok());
+        let [Some(terminate), Some(hangup), Some(interrupt)] = each else {
+            return None;
+        };
+        Some(Self([terminate, hangup, interrupt]))
+    }
+
+    /// Waits for one, then asks the loop to end.
+    async fn quit(self, updates: Sender<Update>) {
+        let Self([mut terminate, mut hangup, mut interrupt]) = self;
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = hangup.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+        let _gone = updates.send(Update::Quit);
     }
 }
 
