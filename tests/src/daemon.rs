@@ -375,7 +375,7 @@ window = "30s"
 
     /// The copy of the binary that other users run, made on first use; it goes with the
     /// daemon's directory.
-    fn shared_bin(&self) -> &Path {
+    pub fn shared_bin(&self) -> &Path {
         self.shared_bin.get_or_init(|| {
             let copy = self.dir.path().join("portgate");
             fs::copy(portgate_bin(), &copy).expect("copy the portgate binary");

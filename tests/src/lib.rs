@@ -36,12 +36,20 @@ pub mod stress;
 /// starts with `if !require_privileges!() { return; }`.
 #[macro_export]
 macro_rules! require_privileges {
+    () => {
+        $crate::common::require_privileges($crate::test_name!())
+    };
+}
+
+/// The calling test's name as libtest prints it (`allowlist::allowlist_is_enforced_...`),
+/// found from where the macro is expanded: what the `require_*!` gates print and fail with.
+#[macro_export]
+macro_rules! test_name {
     () => {{
         fn here() {}
         // `kernel::allowlist::the_test::here`: the crate, the test's path, this function.
         let path = ::std::any::type_name_of_val(&here);
         let test = path.strip_suffix("::here").unwrap_or(path);
-        let test = test.split_once("::").map_or(test, |(_crate, test)| test);
-        $crate::common::require_privileges(test)
+        test.split_once("::").map_or(test, |(_crate, test)| test)
     }};
 }

@@ -58,13 +58,13 @@ pub async fn run(client: &Client, args: &EventsArgs, output: OutputFormat) -> an
 
 /// The column names, aligned as [`row`] aligns the values (the stream cannot be measured
 /// before it is printed).
-fn header() -> String {
+pub(crate) fn header() -> String {
     line(["TIME", "PORT", "PROTO", "ADDR", "REASON", "HOOK"])
 }
 
 /// One event as a table line; after it, in parentheses, the port's namespace when it is
 /// not the host's, and the process of a bind denial.
-fn row(event: &EventView) -> String {
+pub(crate) fn row(event: &EventView) -> String {
     let mut line = line([
         &format::time(event.time),
         &event.id.port.to_string(),

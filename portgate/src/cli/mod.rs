@@ -1,7 +1,8 @@
 //! The `portgate` command line: clap derive, one module per verb.
 //!
 //! Verbs that talk to the daemon go through [`crate::client`] on a current-thread runtime;
-//! `maps` reads the kernel's pins directly, `daemon` and `uninstall` run in this process.
+//! `maps` reads the kernel's pins directly, `daemon` and `uninstall` run in this process;
+//! `top` runs its own loop over the client.
 //!
 //! Exit codes: [`EXIT_OK`] when the verb did what was asked (and `check` found the connection
 //! allowed), [`EXIT_DENIED`] when `check` found it refused, [`EXIT_FAILURE`] for every failure
@@ -20,6 +21,7 @@ pub mod grants;
 pub mod key;
 pub mod knock;
 pub mod list;
+pub mod man;
 pub mod maps;
 pub mod release;
 pub mod renew;
@@ -27,6 +29,7 @@ pub mod show;
 pub mod stats;
 pub mod status;
 pub mod table;
+pub mod top;
 
 use std::{collections::BTreeMap, ffi::OsString, net::IpAddr, path::PathBuf, process::ExitCode};
 
@@ -123,10 +126,24 @@ pub enum Command {
     Events(events::EventsArgs),
     /// The daemon, its range, the kernel gate and what needs attention.
     Status(status::StatusArgs),
+    /// A live view of ports, connections, drops and deny events (q quits).
+    ///
+    /// Every port with its owner, status, connections against its limit, new connections
+    /// and drops per second by reason; every port's drops together; the deny events as
+    /// they arrive, newest first; the daemon's warnings. Keys: q, Esc or Ctrl-C quit; p, o,
+    /// s, c, a, d sort by port, owner, status, connections, connections per second, drops
+    /// per second (the same key again, or r, reverses). See docs/top.md.
+    Top(top::TopArgs),
     /// Show the live kernel maps (no daemon needed).
     Maps(maps::MapsArgs),
     /// Print a shell completion script.
     Completions(completions::CompletionsArgs),
+    /// Print the manual page, or write every command's page to a directory.
+    ///
+    /// Without --dir the main page goes to stdout (`portgate man | man -l -`); with it, one
+    /// page per command (portgate.1, portgate-alloc.1, portgate-key-add.1, ...) is written
+    /// to DIR, e.g. /usr/local/share/man/man1.
+    Man(man::ManArgs),
     /// Run the daemon.
     Daemon(daemon::ConfigArgs),
     /// Detach and unpin everything portgate put in the kernel.
@@ -243,8 +260,10 @@ pub fn run(cli: Cli) -> anyhow::Result<Outcome> {
         Command::Stats(args) => on_daemon(stats::run(&client, &args, output))?,
         Command::Events(args) => on_daemon(events::run(&client, &args, output))?,
         Command::Status(args) => on_daemon(status::run(&client, &args, output))?,
+        Command::Top(args) => top::run(client, &args)?,
         Command::Maps(args) => maps::run(&client, &args, output)?,
         Command::Completions(args) => completions::run(&args)?,
+        Command::Man(args) => man::run(&args)?,
         Command::Daemon(args) => daemon::run(args)?,
         Command::Uninstall(args) => daemon::uninstall(args)?,
     }

@@ -27,6 +27,7 @@ pub mod packet;
 pub mod podman;
 pub mod recording;
 pub mod tmpfs;
+pub mod tmux;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

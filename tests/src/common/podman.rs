@@ -63,13 +63,10 @@ pub fn require_podman(test: &str) -> bool {
 /// `SKIPPED` line at most. A podman test starts with `if !require_podman!() { return; }`.
 #[macro_export]
 macro_rules! require_podman {
-    () => {{
-        fn here() {}
-        let path = ::std::any::type_name_of_val(&here);
-        let test = path.strip_suffix("::here").unwrap_or(path);
-        let test = test.split_once("::").map_or(test, |(_crate, test)| test);
-        $crate::common::podman::require_podman(test) && $crate::require_privileges!()
-    }};
+    () => {
+        $crate::common::podman::require_podman($crate::test_name!())
+            && $crate::require_privileges!()
+    };
 }
 
 /// Runs `podman args...`, returning its trimmed standard output; panics on failure.

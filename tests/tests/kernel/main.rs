@@ -42,5 +42,6 @@ mod podman;
 mod reservations;
 mod restart;
 mod store_faults;
+mod top;
 mod topology;
 mod udp;
