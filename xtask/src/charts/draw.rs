@@ -316,7 +316,10 @@ pub fn tick(value: f64) -> String {
 }
 
 /// [`tick`] as plotters' label formatter, which hands a reference.
-#[expect(clippy::trivially_copy_pass_by_ref, reason = "plotters' formatter signature")]
+#[expect(
+    clippy::trivially_copy_pass_by_ref,
+    reason = "plotters' formatter signature"
+)]
 fn tick_label(value: &f64) -> String {
     tick(*value)
 }

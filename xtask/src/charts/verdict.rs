@@ -182,7 +182,13 @@ pub fn chart(report: &Report, against: Against) -> Result<String> {
                 .iter()
                 .enumerate()
                 .map(|(i, verdict)| {
-                    Key::new(verdict.as_str(), draw::colour(i), Mark::Line(Dash::Solid))
+                    // The bench's `pass` is an established flow's segment (a SYN that
+                    // passes is `new connection`).
+                    let label = match verdict.as_str() {
+                        "pass" => "pass (established flow)",
+                        other => other,
+                    };
+                    Key::new(label, draw::colour(i), Mark::Line(Dash::Solid))
                 })
                 .collect();
             entries.push(Key::new("", BLACK, Mark::Nothing));
