@@ -32,6 +32,7 @@ pub struct SetupArgs {
 pub fn run(args: &SetupArgs) -> Result<()> {
     toolchain(args.check)?;
     let mut problems = host_checks(!args.check);
+    problems.extend(test_tools(!args.check));
     if args.podman {
         problems.extend(podman_tools(!args.check));
     }
@@ -226,16 +227,107 @@ pub fn host_checks(fix: bool) -> Vec<String> {
     } else {
         problems.push("nftables' `nft` is missing: `apt-get install nftables`".to_owned());
     }
-    // The lifecycle tests step the daemon's wall clock with libfaketime (LD_PRELOAD).
-    if Path::new("/usr/bin/faketime").exists() {
-        println!("ok: faketime (the lifecycle tests step the daemon's wall clock with it)");
-    } else if fix && apt_install("faketime").is_ok() {
-        println!("installed: faketime");
-    } else {
-        problems.push("faketime is missing: `apt-get install faketime`".to_owned());
-    }
     problems.extend(fleet_tools(fix));
     problems
+}
+
+/// What single tests run beside the kernel: faketime, tmux and promtool from the
+/// distribution, schemathesis from the Python Package Index. Installed (when `fix`) when missing; returns the
+/// problems left. Not needed to run portgate, so `cargo xtask run` leaves them alone.
+pub fn test_tools(fix: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (program, package, why) in [
+        (
+            "/usr/bin/faketime",
+            "faketime",
+            "the lifecycle tests step the daemon's wall clock with it",
+        ),
+        (
+            "/usr/bin/tmux",
+            "tmux",
+            "the `portgate top` test drives the live view in it",
+        ),
+        (
+            "/usr/bin/promtool",
+            "prometheus",
+            "the monitoring tests check dist/prometheus with its promtool",
+        ),
+    ] {
+        if Path::new(program).exists() {
+            println!("ok: {package} ({why})");
+        } else if fix && apt_install(package).is_ok() {
+            println!("installed: {package} ({why})");
+        } else {
+            problems.push(format!("{program} is missing: `apt-get install {package}`"));
+        }
+    }
+    problems.extend(schemathesis(fix).err());
+    problems
+}
+
+/// schemathesis version the API test checks the daemon with (from `PyPI`, in its own venv).
+const SCHEMATHESIS_VERSION: &str = "4.32.5";
+
+/// Where `cargo xtask setup` installs schemathesis: a Python venv under the user's cache, so
+/// that nothing of the system's Python changes.
+pub fn schemathesis_path() -> Result<PathBuf> {
+    Ok(cache_dir()?
+        .join("portgate")
+        .join("schemathesis")
+        .join("bin")
+        .join("schemathesis"))
+}
+
+/// schemathesis for the API test (`tests/tests/kernel/openapi.rs`), installed (when `fix`)
+/// with pip into its venv. Returns the problem left when it cannot be had.
+fn schemathesis(fix: bool) -> Result<(), String> {
+    let path = schemathesis_path().map_err(|err| format!("{err:#}"))?;
+    let program = path.to_string_lossy().into_owned();
+    if let Ok(version) = output(&program, &["--version"])
+        && version.contains(SCHEMATHESIS_VERSION)
+    {
+        println!(
+            "ok: {} (the API test checks the daemon with it)",
+            version.trim()
+        );
+        return Ok(());
+    }
+    let advice = format!(
+        "schemathesis {SCHEMATHESIS_VERSION} is missing at {}: run `cargo xtask setup` (it needs python3 with its venv module, and PyPI)",
+        path.display()
+    );
+    if !fix {
+        return Err(advice);
+    }
+    let venv = path
+        .parent()
+        .and_then(Path::parent)
+        .ok_or_else(|| advice.clone())?;
+    if output("python3", &["-m", "venv", "--help"]).is_err() && apt_install("python3-venv").is_err()
+    {
+        return Err(advice);
+    }
+    let pip = venv.join("bin").join("pip");
+    let installed = status("python3", &["-m", "venv", &venv.to_string_lossy()]).and_then(|()| {
+        status(
+            &pip.to_string_lossy(),
+            &[
+                "install",
+                "-q",
+                &format!("schemathesis=={SCHEMATHESIS_VERSION}"),
+            ],
+        )
+    });
+    match installed {
+        Ok(()) => {
+            println!(
+                "installed: schemathesis {SCHEMATHESIS_VERSION} in {}",
+                venv.display()
+            );
+            Ok(())
+        }
+        Err(err) => Err(format!("{advice} ({err:#})")),
+    }
 }
 
 /// What fleet mode's tests need: the distribution's etcd server (the tests start it as a

@@ -90,6 +90,7 @@ impl Totals {
 pub fn run(args: &TestArgs) -> Result<()> {
     setup::toolchain(false)?;
     let mut problems = setup::host_checks(true);
+    problems.extend(setup::test_tools(true));
     if args.podman {
         problems.extend(setup::podman_tools(true));
     }
@@ -127,15 +128,16 @@ pub fn run(args: &TestArgs) -> Result<()> {
         crate::setup::status("cargo", &["build", "-p", "portgate", "--bins"])?;
         let mut test_args = vec!["--test-threads=1".to_owned()];
         test_args.extend(args.passthrough.iter().cloned());
-        let podman: &[(&str, &str)] = if args.podman {
-            &[("PORTGATE_TEST_PODMAN", "1")]
-        } else {
-            &[]
-        };
+        // The API test runs the schemathesis the set-up installed.
+        let schemathesis = setup::schemathesis_path()?.to_string_lossy().into_owned();
+        let mut env = vec![("PORTGATE_SCHEMATHESIS", schemathesis.as_str())];
+        if args.podman {
+            env.push(("PORTGATE_TEST_PODMAN", "1"));
+        }
         let kernel = cargo_test(
             &["-p", "portgate-tests", "--test", "kernel"],
             &test_args,
-            podman,
+            &env,
         )?;
         println!(
             "kernel tests: {} ran ({} passed, {} failed), {} skipped, {} ignored",

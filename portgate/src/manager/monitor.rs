@@ -44,6 +44,8 @@ pub struct PortSample {
     pub netns: String,
     /// Its status.
     pub status: PortStatus,
+    /// Its connection limit (`max_connections`); 0: none.
+    pub max_connections: u32,
     /// Its counters.
     pub metrics: PortMetrics,
 }
@@ -85,6 +87,7 @@ pub(super) fn snapshot(state: &State) -> Result<PortsSnapshot> {
             id: held.id,
             netns: held.id.netns.name(held.netns_label()),
             status: held.status,
+            max_connections: held.access.max_connections,
             metrics: counters.metrics(active),
         });
     }
@@ -344,7 +347,7 @@ struct PortsCollector {
 type Labels = Vec<(&'static str, String)>;
 
 /// A port's labels, `port`, `proto` and `netns` in that order (then `reason` where a family
-/// has one), encoded without allocating (a scrape writes 10 series per port).
+/// has one), encoded without allocating (a scrape writes 11 series per port).
 #[derive(Clone, Copy, Debug)]
 struct PortLabels<'a> {
     port: u16,
@@ -385,6 +388,23 @@ const PORT_COUNTERS: [CounterFamily; 4] = [
     }),
 ];
 
+/// A per-port gauge family: name, help, and how to read it.
+type GaugeFamily = (&'static str, &'static str, fn(&PortSample) -> u64);
+
+/// The per-port gauges.
+const PORT_GAUGES: [GaugeFamily; 2] = [
+    (
+        "port_active_connections",
+        "Established TCP connections, per port",
+        |sample| sample.metrics.active,
+    ),
+    (
+        "port_max_connections",
+        "The most TCP connections each port holds at once (its max_connections; 0: no limit)",
+        |sample| u64::from(sample.max_connections),
+    ),
+];
+
 fn gauge(value: impl TryInto<i64>) -> ConstGauge<i64> {
     ConstGauge::new(value.try_into().unwrap_or(i64::MAX))
 }
@@ -415,14 +435,11 @@ impl PortsCollector {
                     .encode(family.encode_family(&labels)?)?;
             }
         }
-        let mut family = encoder.encode_descriptor(
-            "port_active_connections",
-            "Established TCP connections, per port",
-            None,
-            MetricType::Gauge,
-        )?;
-        for sample in ports {
-            gauge(sample.metrics.active).encode(family.encode_family(&PortLabels::of(sample))?)?;
+        for (name, help, value) in PORT_GAUGES {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+            for sample in ports {
+                gauge(value(sample)).encode(family.encode_family(&PortLabels::of(sample))?)?;
+            }
         }
         Ok(())
     }
@@ -601,97 +618,4 @@ impl Collector for PortsCollector {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::{PortMonitor, PortSample, PortsSnapshot, gate_warnings};
-    use crate::gate::GateStats;
-    use crate::manager::health::{ErrorSource, HealthSnapshot, ProcessStats};
-    use crate::model::{NetnsId, PortId, PortMetrics, PortStatus, Protocol, sample_metrics};
-
-    /// The exposition as portgate writes it (`testdata/metrics.txt`): names, help, labels
-    /// and their order (`port`, `proto`, `netns`, then `reason`), with a port of the host's
-    /// namespace, and one of a container's beside a host port of the same number.
-    #[test]
-    fn the_exposition_keeps_its_bytes() {
-        let sample = |id: PortId, netns: &str, status, metrics| PortSample {
-            id,
-            netns: netns.to_owned(),
-            status,
-            metrics,
-        };
-        let snapshot = PortsSnapshot {
-            ports: vec![
-                sample(
-                    PortId::new(20001, Protocol::Tcp),
-                    "host",
-                    PortStatus::Active,
-                    sample_metrics(),
-                ),
-                sample(
-                    PortId::new(20002, Protocol::Udp),
-                    "host",
-                    PortStatus::Draining,
-                    PortMetrics::default(),
-                ),
-                sample(
-                    PortId {
-                        netns: NetnsId(4097),
-                        ..PortId::new(20001, Protocol::Tcp)
-                    },
-                    "3f2a9c1b0d4e",
-                    PortStatus::Active,
-                    PortMetrics {
-                        accepted: 31,
-                        ..PortMetrics::default()
-                    },
-                ),
-            ],
-            unallocated_drops: vec![(Protocol::Tcp, 11), (Protocol::Udp, 12)],
-            free: vec![(Protocol::Tcp, 13), (Protocol::Udp, 14)],
-            gate: GateStats {
-                events_lost_full: 15,
-                events_rate_limited: 16,
-                pending_full: 17,
-                sockets_full: 18,
-                pending_sweeps: 19,
-                pending_port_full: 20,
-                unparsable: 21,
-                unreserved: 22,
-            },
-            handshakes_in_flight: 23,
-            owner_gone: 24,
-            health: HealthSnapshot {
-                maps: vec![crate::gate::MapFill {
-                    map: "PG_POLICY",
-                    entries: 3,
-                    capacity: 262_144,
-                }],
-                process: ProcessStats {
-                    cpu_seconds: 1.5,
-                    resident_bytes: 25,
-                    virtual_bytes: 26,
-                    open_fds: 27,
-                    max_fds: 28,
-                    start_time_seconds: 29.0,
-                },
-            },
-        };
-        let monitor = PortMonitor::new();
-        monitor.record_error(ErrorSource::Audit);
-        monitor.error_counter(ErrorSource::Store).inc();
-        let text = monitor.encode(snapshot).unwrap();
-        assert_eq!(text, include_str!("testdata/metrics.txt"));
-    }
-
-    #[test]
-    fn a_full_reservation_map_is_a_warning() {
-        assert!(gate_warnings(&GateStats::default()).is_empty());
-        let warnings = gate_warnings(&GateStats {
-            pending_full: 3,
-            pending_port_full: 4,
-            ..GateStats::default()
-        });
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(warnings[0].contains("reservation map was full: 3 handshakes"));
-        assert!(warnings[1].starts_with("4 handshakes were refused"));
-    }
-}
+mod tests;

@@ -43,16 +43,22 @@ pub fn unique(prefix: &str) -> String {
 /// it through [`crate::require_privileges!`], which names them.
 pub fn require_privileges(test: &str) -> bool {
     if let Some(why) = missing_privileges() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{test}: the kernel test cannot run: {why} (CI is set, so this fails)"
-        );
-        // Straight to the process's stdout: libtest captures `println!` of passing tests,
-        // and a skip must be seen (cargo xtask test counts these lines).
-        let _ignored = writeln!(io::stdout().lock(), "SKIPPED: {test}: {why}");
+        cannot_run(test, &format!("the kernel test cannot run: {why}"));
         return false;
     }
     true
+}
+
+/// Says that `test` cannot run, and `why`: with `CI` set the test fails; otherwise it prints
+/// `SKIPPED: <test>: <why>` (and the caller returns).
+pub fn cannot_run(test: &str, why: &str) {
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: {why} (CI is set, so this fails)"
+    );
+    // Straight to the process's stdout: libtest captures `println!` of passing tests,
+    // and a skip must be seen (cargo xtask test counts these lines).
+    let _ignored = writeln!(io::stdout().lock(), "SKIPPED: {test}: {why}");
 }
 
 /// Pins the calling thread to CPU 0, so that consecutive `BPF_PROG_TEST_RUN` calls see the
@@ -88,7 +94,8 @@ fn missing_privileges() -> Option<String> {
     None
 }
 
-fn which(program: &str) -> Option<PathBuf> {
+/// Where `program` is on `PATH`, if it is.
+pub fn which(program: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|dir| dir.join(program))

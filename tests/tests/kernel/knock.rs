@@ -22,7 +22,8 @@ use portgate_tests::{
     stress::{report, size},
 };
 
-const LISTENER: u16 = 62_201;
+/// The knock listener's port, in the daemon's namespace.
+pub(crate) const LISTENER: u16 = 62_201;
 
 #[test]
 #[expect(clippy::too_many_lines, reason = "one scenario, told in order")]
@@ -254,7 +255,7 @@ const THIRD_LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::n
 /// A daemon on ports `first..=first + 9` with its knock listener on, and the port
 /// `first + 3`, which requires authentication, served by an echo server in the daemon's
 /// cgroup: the daemon, the port and the server.
-fn knocking_daemon(first: u16) -> (Daemon, u16, EchoServer) {
+pub(crate) fn knocking_daemon(first: u16) -> (Daemon, u16, EchoServer) {
     let mut daemon = Daemon::start(first, first + 9);
     assert!(daemon.stop());
     daemon.set_config("listen", &format!("\"127.0.0.1:{LISTENER}\""));

@@ -34,6 +34,7 @@ mod lifecycle;
 mod lifecycle_abuse;
 mod load;
 mod maps;
+mod monitoring;
 mod owners;
 mod parsing;
 mod podman;

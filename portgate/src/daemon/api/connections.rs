@@ -20,7 +20,8 @@
 //! A connection over a limit is answered `503 too_many_connections` once its request head
 //! has arrived (its body is never read) and closed, so it changes nothing; while
 //! [`REFUSALS_AT_ONCE`] refusals are under way, one more is closed unanswered. Every connection refused or cut is counted in
-//! `portgate_api_connections_cut_total{reason}`, beside `portgate_api_connections` (open).
+//! `portgate_api_connections_cut_total{reason}`, beside `portgate_api_connections` (open)
+//! and `portgate_api_connections_limit` ([`Limits::total`]).
 //! Root counts as root only: an admin group member shares the users' limits (telling a
 //! member apart reads the group database, which is not done for every connection).
 
@@ -216,6 +217,15 @@ impl ApiConnections {
             "api_connections",
             "Connections open on the API socket",
             open_gauge.clone(),
+        );
+        // A constant, but the limit in force is lowered when the open-file limit is low
+        // (see [`Limits::fitted`]): an alert on the open connections needs it.
+        let limit_gauge = Gauge::<i64>::default();
+        limit_gauge.set(gauge_value(limits.total));
+        registry.register(
+            "api_connections_limit",
+            "The most connections the API socket takes at once (fewer than 2048 when the open-file limit is low)",
+            limit_gauge,
         );
         let cut = Family::<CutLabel, Counter>::default();
         registry.register(
