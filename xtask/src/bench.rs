@@ -1,11 +1,13 @@
 //! `cargo xtask bench`: set-up (nftables included), release builds, the specification's
 //! load tests at a larger scale, then the benchmark binary, which prints the markdown table
-//! and writes it with the raw numbers as JSON under `target/bench/`.
+//! and writes it with the raw numbers as JSON under `target/bench/`; then the charts of the
+//! run ([`crate::charts`]) beside them. `--charts-from FILE` draws the charts of a saved
+//! run beside FILE, without running anything.
 
 use std::{
     fs,
     io::{BufRead as _, BufReader},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     time::Instant,
 };
@@ -13,7 +15,7 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use clap::Args;
 
-use crate::{setup, test::Totals};
+use crate::{charts, setup, test::Totals};
 
 /// Options of `cargo xtask bench`.
 #[derive(Debug, Args)]
@@ -24,6 +26,10 @@ pub struct BenchArgs {
     /// Only these benchmark sections (1-8), comma-separated.
     #[arg(long, value_delimiter = ',')]
     pub only: Vec<u8>,
+    /// Run nothing: draw the charts of the run saved in FILE (a `latest.json`) as SVG files
+    /// beside it.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["quick", "only"])]
+    pub charts_from: Option<PathBuf>,
 }
 
 /// Where the report goes.
@@ -35,6 +41,9 @@ const LOAD_SCALE_QUICK: u32 = 3;
 
 /// Runs `cargo xtask bench`.
 pub fn run(args: &BenchArgs) -> Result<()> {
+    if let Some(results) = &args.charts_from {
+        return charts(results);
+    }
     setup::toolchain(false)?;
     let problems = setup::host_checks(true);
     if !problems.is_empty() {
@@ -98,6 +107,14 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     if !status.success() {
         bail!("portgate-bench failed ({status})");
     }
+    charts(&PathBuf::from(OUT_DIR).join("latest.json"))
+}
+
+/// Draws the charts of the run saved in `results` beside it.
+fn charts(results: &Path) -> Result<()> {
+    for path in charts::draw_beside(results)? {
+        println!("chart: {}", path.display());
+    }
     Ok(())
 }
 
@@ -117,7 +134,7 @@ fn workspace_target() -> Result<PathBuf> {
 
 /// Runs the load tests at `scale` (release build) and writes what each did to `results`
 /// as JSON: `{"scale": n, "seconds": s, "tests": [{"name": .., "passed": ..}]}`.
-fn load_tests(scale: u32, target: &std::path::Path, results: &std::path::Path) -> Result<()> {
+fn load_tests(scale: u32, target: &Path, results: &Path) -> Result<()> {
     println!("load tests at scale {scale} ...");
     let clock = Instant::now();
     let mut child = Command::new(env!("CARGO"))

@@ -1,6 +1,7 @@
 //! portgate's developer tasks: `cargo xtask setup | test | stress | bench | fuzz | run | lint`.
 
 mod bench;
+mod charts;
 mod fuzz;
 mod lint;
 mod run;
@@ -29,7 +30,8 @@ enum Command {
     /// every fuzz target for a while; writes RELIABILITY.md from what it measured.
     Stress(stress::StressArgs),
     /// Set up (nftables too), build in release mode, run the load tests bigger and the
-    /// benchmarks; prints a markdown table and writes JSON under `target/bench/`.
+    /// benchmarks; prints a markdown table and writes JSON and SVG charts under
+    /// `target/bench/` (`--charts-from FILE`: only the charts of a saved run).
     Bench(bench::BenchArgs),
     /// Fuzz the parsers for a while (cargo-fuzz on nightly, installed when missing); a
     /// failing input fails the run and is kept under `fuzz/artifacts/`.
