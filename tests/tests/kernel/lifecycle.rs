@@ -60,6 +60,9 @@ fn end_to_end_through_the_cli() {
             == 2),
         "two connections shown"
     );
+    // A renewal's answer counts them too (it said 0 once).
+    let renewed: AllocationView = daemon.cli_json(None, &["renew", &port_arg, "--ttl", "10m"]);
+    assert_eq!(renewed.connections, 2, "the renewal's answer: {renewed:?}");
     assert!(
         connect(LOCAL, REFUSED_WITHIN).is_err(),
         "a third is over the limit"

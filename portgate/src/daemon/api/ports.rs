@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use axum::{body::Bytes, extract::rejection::BytesRejection, http::StatusCode, response::Response};
 
 use super::{
-    ApiError, Caller, PortCall, json_body,
+    ApiError, App, Caller, PortCall, json_body,
     openapi::{
         BadRequest, Busy, Conflict, Failed, Forbidden, MapFull, NotAllocated, PortParams, TooLarge,
         examples,
@@ -20,7 +20,7 @@ use crate::{
     },
     daemon::audit::AuditParams,
     manager::PortError,
-    model::{AccessChange, AllocationRequest, NetnsId, Owner, PortId, Protocol},
+    model::{AccessChange, Allocation, AllocationRequest, NetnsId, Owner, PortId, Protocol},
 };
 
 type Body = Result<Bytes, BytesRejection>;
@@ -154,8 +154,7 @@ pub(super) async fn show(call: PortCall) -> Response {
 async fn release_as(call: PortCall, action: &'static str) -> Response {
     call.change(action, StatusCode::OK, async |app, actor, id, _| {
         let held = app.manager.release(id, actor).await?;
-        let connections = app.manager.get_state(id).await.connections;
-        Ok(AllocationView::new(&held, connections))
+        Ok(view(app, id, &held).await)
     })
     .await
 }
@@ -214,7 +213,7 @@ pub(super) async fn renew(call: PortCall, body: Body) -> Response {
         };
         audit.params.ttl = request.ttl.map(AuditParams::duration);
         let held = app.manager.renew(id, request.ttl, actor).await?;
-        Ok(AllocationView::new(&held, 0))
+        Ok(view(app, id, &held).await)
     })
     .await
 }
@@ -247,8 +246,7 @@ pub(super) async fn access(call: PortCall, body: Body) -> Response {
             ..AuditParams::default()
         };
         let held = app.manager.set_access(id, change, actor).await?;
-        let connections = app.manager.get_state(id).await.connections;
-        Ok(AllocationView::new(&held, connections))
+        Ok(view(app, id, &held).await)
     })
     .await
 }
@@ -291,8 +289,7 @@ pub(super) async fn owner(call: PortCall, body: Body) -> Response {
             ))));
         }
         let held = app.manager.set_owner(id, cgroup, actor).await?;
-        let connections = app.manager.get_state(id).await.connections;
-        Ok(AllocationView::new(&held, connections))
+        Ok(view(app, id, &held).await)
     })
     .await
 }
@@ -428,4 +425,10 @@ pub(super) async fn check(call: PortCall) -> Response {
         })
     })
     .await
+}
+
+/// The view of a port the manager just changed, with its connections open now.
+async fn view(app: &App, id: PortId, held: &Allocation) -> AllocationView {
+    let connections = app.manager.get_state(id).await.connections;
+    AllocationView::new(held, connections)
 }
