@@ -1,6 +1,9 @@
 //! The views of the whole daemon: stats, the event stream, status, metrics.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Arc,
+};
 
 use axum::{
     Router,
@@ -126,7 +129,7 @@ pub(super) async fn events(caller: Caller, query: QueryMap) -> Response {
 }
 
 /// The query's `follow`: `true` keeps the answer open, `false` or none ends it.
-fn follow(query: &std::collections::HashMap<String, String>) -> Result<bool, ApiError> {
+fn follow(query: &HashMap<String, String>) -> Result<bool, ApiError> {
     match query.get("follow").map(String::as_str) {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
